@@ -1,0 +1,6 @@
+"""``python -m broker`` is ``credbroker``."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

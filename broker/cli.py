@@ -1,0 +1,258 @@
+"""The ``credbroker`` command: thin, over the ``broker`` library.
+
+It parses, calls the library, prints, and turns a ``BrokerError`` into one
+line on stderr and an exit code (125 unless the error says otherwise). A
+traceback is printed only with ``--debug``. Subcommand groups live in their
+own modules (``cli_audit`` ...) and are imported only when invoked, so
+``credbroker run`` loads nothing it does not use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from .errors import BrokerError
+
+EXIT_BROKER_FAILED = 125
+
+#: name -> "module:attribute" of a click command, imported on first use.
+_LAZY_COMMANDS = {
+    "audit": ("broker.cli_audit:audit", "Verify the audit log and produce the weekly review."),
+    "keyring": ("broker.cli_keyring:keyring_group", "Store, check and delete secrets in the OS keyring."),
+}
+
+
+class _LazyGroup(click.Group):
+    """A click group whose heavier subcommands are imported only when used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS:
+            target, short = _LAZY_COMMANDS[cmd_name]
+            if ctx.resilient_parsing and "--help" not in sys.argv:
+                # Listing commands (help of the group) needs only the short text.
+                return click.Command(cmd_name, short_help=short, help=short)
+            module_name, attr = target.split(":")
+            cmd = getattr(importlib.import_module(module_name), attr)
+            assert isinstance(cmd, click.Command)
+            return cmd
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in _LAZY_COMMANDS:
+                rows.append((name, _LAZY_COMMANDS[name][1]))
+            else:
+                cmd = super().get_command(ctx, name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def fail(err: BrokerError, *, as_json: bool = False) -> NoReturn:
+    """Print one line (or a JSON object) for ``err`` and exit with its code."""
+    if as_json:
+        click.echo(json.dumps(err.to_dict()), err=True)
+    else:
+        click.echo(f"credbroker: {err}", err=True)
+    sys.exit(err.exit_code)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="FILE", help="Config file (default: $CREDBROKER_CONFIG, "
+              "./credbroker.toml, ~/.config/credbroker/config.toml).")
+@click.option("--debug", is_flag=True, help="Print tracebacks for errors (never secret values).")
+@click.version_option(package_name="credbroker", prog_name="credbroker")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
+    """Run trading bots with exchange API secrets from Vault/OpenBao or the OS keyring.
+
+    Secrets are fetched into memory only, injected into the bot's environment
+    (or kept in the broker), and every access is written to an audit log.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+    ctx.obj["debug"] = debug
+
+
+def _load_config(ctx: click.Context) -> Any:
+    from .config import load
+
+    return load(ctx.obj.get("config_path"))
+
+
+RUN_HELP = """Fetch a profile's secrets and run COMMAND with them in its environment.
+
+\b
+  credbroker run --profile um-futures -- python bot.py
+  credbroker run --vault-path secret/credbroker/binance/um-futures \\
+      --env BINANCE_API_KEY=api_key --env BINANCE_API_SECRET=api_secret -- python bot.py
+
+\b
+Behaviour:
+  - Fail closed: every field the profile names must be fetched, or COMMAND is
+    not started; credbroker exits 125 with one line saying what failed and how
+    to fix it.
+  - The child's environment is credbroker's own, minus its Vault credentials
+    (VAULT_TOKEN, BAO_TOKEN, AppRole role/secret ids) and any stale copies of
+    the injected names, plus the profile's variables. CREDBROKER_RUN is set,
+    and running credbroker run inside such a child is refused.
+  - SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 are forwarded to the
+    child (a terminal's Ctrl-C reaches the child directly, once). credbroker
+    exits with the child's status: 128+N if signal N ended it, 126 if COMMAND
+    is not executable, 127 if it is not found.
+  - If credbroker itself is killed (even with SIGKILL), the kernel sends the
+    child SIGTERM (PR_SET_PDEATHSIG): a bot never runs on unsupervised.
+  - Hardening: core dumps off (also for the child), credbroker not dumpable or
+    ptrace-able by other processes, secret memory locked (mlock) where the
+    limits allow, and wiped once the child has started.
+
+\b
+Vault settings come from VAULT_ADDR, VAULT_TOKEN (or ~/.vault-token),
+VAULT_CACERT, VAULT_NAMESPACE (BAO_* too), or [vault] in the config; AppRole
+from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
+"""
+
+
+@cli.command("run", help=RUN_HELP, context_settings={"ignore_unknown_options": False})
+@click.option("-p", "--profile", metavar="NAME", envvar="CREDBROKER_PROFILE", show_envvar=True,
+              help="Profile to use from the config file.")
+@click.option("--vault-path", metavar="MOUNT/PATH", help="One-off: KV v2 secret to read (no config needed).")
+@click.option("--vault-version", type=click.IntRange(min=1), metavar="N", help="Pin a KV v2 version.")
+@click.option("--transit-key", metavar="NAME", help="Transit key that decrypts vault:v1:... fields.")
+@click.option("--keyring-service", metavar="SERVICE", help="One-off: OS keyring service to read.")
+@click.option("-e", "--env", "env_items", multiple=True, metavar="VAR=FIELD",
+              help="Inject secret FIELD as VAR (repeatable; adds to the profile's mapping).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def run_cmd(
+    ctx: click.Context,
+    profile: str | None,
+    vault_path: str | None,
+    vault_version: int | None,
+    transit_key: str | None,
+    keyring_service: str | None,
+    env_items: tuple[str, ...],
+    command: tuple[str, ...],
+) -> None:
+    from . import runner
+    from .config import Profile, parse_env_mapping
+
+    config = _load_config(ctx)
+    base = config.profile(profile) if profile else None
+    if base is not None and not (env_items or vault_path or vault_version or transit_key or keyring_service):
+        prof = base
+    else:
+        prof = Profile.adhoc(
+            env=parse_env_mapping(env_items),
+            vault_path=vault_path,
+            vault_version=vault_version,
+            transit_key=transit_key,
+            keyring_service=keyring_service,
+            base=base,
+        )
+    status = runner.run(prof, list(command), config=config)
+    sys.exit(status)
+
+
+@cli.command("check")
+@click.option("-p", "--profile", metavar="NAME", required=True, help="Profile to check.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def check_cmd(ctx: click.Context, profile: str, as_json: bool) -> None:
+    """Fetch a profile's secrets and report what was found (never the values)."""
+    from .sources import fetch
+
+    config = _load_config(ctx)
+    prof = config.profile(profile)
+    creds = fetch(prof, env=_source_env(config))
+    try:
+        info = {
+            "profile": prof.name,
+            **creds.origin.to_dict(),
+            "fields": {name: {"bytes": len(creds[name])} for name in prof.fields},
+            "env": dict(prof.env),
+        }
+    finally:
+        creds.wipe()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    version = f" v{info['version']}" if info["version"] is not None else ""
+    click.echo(f"profile {prof.name}: ok, {info['source']} {info['path']}{version}")
+    for var, field_name in prof.env.items():
+        click.echo(f"  {var} <- {field_name}")
+
+
+@cli.command("profiles")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def profiles_cmd(ctx: click.Context, as_json: bool) -> None:
+    """List the configured profiles and where the config was found."""
+    config = _load_config(ctx)
+    rows = [
+        {"name": p.name, "source": p.source, **{k: v for k, v in p.options.items()}, "env": list(p.env)}
+        for p in config.profiles.values()
+    ]
+    if as_json:
+        click.echo(json.dumps({"config": str(config.path) if config.path else None, "profiles": rows}, indent=2))
+        return
+    click.echo(f"config: {config.path or 'none found'}")
+    for p in config.profiles.values():
+        ref = p.options.get("path") or p.options.get("service") or f"credbroker/{p.name}"
+        click.echo(f"  {p.name:<20} {p.source:<8} {ref}  -> {', '.join(p.env)}")
+
+
+def _source_env(config: Any) -> dict[str, str]:
+    """The environment sources read settings from, with [vault] config defaults under it."""
+    from .sources.settings import with_config_defaults
+
+    return with_config_defaults(os.environ, config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one line per error, tracebacks only with --debug."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
+    try:
+        cli.main(args=args, prog_name="credbroker", standalone_mode=False)
+    except BrokerError as err:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        fail(err, as_json="--json" in args)
+    except click.exceptions.Abort:
+        click.echo("credbroker: aborted", err=True)
+        sys.exit(EXIT_BROKER_FAILED)
+    except click.ClickException as exc:
+        # Usage errors: one line, exit 125 (credbroker failed before any child ran).
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        click.echo(f"credbroker: {exc.format_message()}{hint}", err=True)
+        sys.exit(EXIT_BROKER_FAILED)
+    except KeyboardInterrupt:
+        click.echo("credbroker: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no tracebacks for users
+        if debug:
+            raise
+        click.echo(
+            f"credbroker: internal error: {type(exc).__name__} (run with --debug for details, and report it)",
+            err=True,
+        )
+        sys.exit(EXIT_BROKER_FAILED)
+    except SystemExit:
+        raise
+    sys.exit(0)

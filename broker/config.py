@@ -1,0 +1,393 @@
+"""Profiles, read from TOML.
+
+Where the file is found, first match wins:
+
+1. ``--config FILE`` (``load(path=...)``)
+2. ``$CREDBROKER_CONFIG``
+3. ``./credbroker.toml``
+4. ``$XDG_CONFIG_HOME/credbroker/config.toml`` (default ``~/.config/credbroker/config.toml``)
+
+A file named by 1 or 2 must exist; 3 and 4 are looked for. No file at all is
+not an error: a one-off run can be described entirely with flags
+(``Profile.adhoc``).
+
+Example::
+
+    [vault]                          # optional; VAULT_ADDR etc. override it
+    addr = "http://127.0.0.1:8200"
+
+    [profiles.um-futures]
+    source = "vault"
+    path = "secret/credbroker/binance/um-futures"   # KV v2: <mount>/<path>
+    env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }
+
+    [profiles.spot]
+    source = "keyring"
+    service = "credbroker/spot"
+    env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }
+
+Every mistake is a ``ConfigError`` naming the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_CONFIG = "CREDBROKER_CONFIG"
+LOCAL_NAME = "credbroker.toml"
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+#: Variables that hold the broker's own powers. They are removed from the child's
+#: environment, so a profile may not inject into them either.
+BROKER_CREDENTIAL_VARS = frozenset(
+    {
+        "VAULT_TOKEN",
+        "BAO_TOKEN",
+        "VAULT_ROLE_ID",
+        "VAULT_SECRET_ID",
+        "BAO_ROLE_ID",
+        "BAO_SECRET_ID",
+        "CREDBROKER_ROLE_ID",
+        "CREDBROKER_SECRET_ID",
+        "CREDBROKER_AUDIT_KEY",
+    }
+)
+
+#: Keys every profile may have, whatever its source. Sections later features read
+#: (signer, policy, rotation) are accepted here and validated by their own module.
+_COMMON_PROFILE_KEYS = frozenset({"source", "env", "description", "signer", "policy", "rotation"})
+
+#: Source-specific keys; the source module validates values when it runs.
+_SOURCE_KEYS: dict[str, frozenset[str]] = {
+    "vault": frozenset({"path", "mount", "version", "transit_key", "transit_mount"}),
+    "keyring": frozenset({"service", "backend"}),
+}
+
+_VAULT_KEYS = frozenset(
+    {"addr", "namespace", "cacert", "timeout", "auth", "approle_mount", "role_id_file", "secret_id_file"}
+)
+
+
+def default_config_path() -> Path:
+    """The user-level config file (XDG)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "credbroker" / "config.toml"
+
+
+def sources() -> tuple[str, ...]:
+    """Names of the secret sources a profile may use."""
+    return tuple(_SOURCE_KEYS)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One named way to fetch a bot's secrets and map them into its environment."""
+
+    name: str
+    source: str
+    #: environment variable name -> secret field name
+    env: Mapping[str, str]
+    #: source-specific options (path, mount, version, service, ...)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    #: other sections of the profile (signer, policy, rotation), raw
+    sections: Mapping[str, Any] = field(default_factory=dict)
+    #: the file this profile came from, for messages; None for a one-off profile
+    origin: str | None = None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The secret field names this profile needs, each once, in a stable order."""
+        return tuple(dict.fromkeys(self.env.values()))
+
+    def where(self, key: str = "") -> str:
+        """``FILE: profiles.NAME.KEY`` for error messages."""
+        loc = f"profiles.{self.name}" + (f".{key}" if key else "")
+        return f"{self.origin}: {loc}" if self.origin else f"--profile {self.name}: {key or 'options'}"
+
+    @classmethod
+    def adhoc(
+        cls,
+        *,
+        env: Mapping[str, str],
+        vault_path: str | None = None,
+        vault_version: int | None = None,
+        transit_key: str | None = None,
+        keyring_service: str | None = None,
+        base: Profile | None = None,
+    ) -> Profile:
+        """A profile from command-line flags, optionally overriding a configured one."""
+        if vault_path and keyring_service:
+            raise ConfigError(
+                "--vault-path and --keyring-service name two sources",
+                "give one of them",
+            )
+        source = base.source if base else None
+        options: dict[str, Any] = dict(base.options) if base else {}
+        if vault_path:
+            if base is not None and base.source != "vault":
+                options = {}
+            source = "vault"
+            options["path"] = vault_path
+            options.pop("mount", None)
+        if keyring_service:
+            if base is not None and base.source != "keyring":
+                options = {}
+            source = "keyring"
+            options["service"] = keyring_service
+        if vault_version is not None:
+            options["version"] = vault_version
+        if transit_key:
+            options["transit_key"] = transit_key
+        if source is None:
+            raise ConfigError(
+                "no profile and no source given",
+                "pass --profile NAME, or --vault-path PATH / --keyring-service NAME with --env VAR=FIELD",
+            )
+        merged_env = dict(base.env) if base else {}
+        merged_env.update(env)
+        name = base.name if base else _adhoc_name(options, source)
+        profile = cls(
+            name=name,
+            source=source,
+            env=merged_env,
+            options=options,
+            sections=dict(base.sections) if base else {},
+            origin=base.origin if base else None,
+        )
+        _check_profile(profile)
+        return profile
+
+
+def _adhoc_name(options: Mapping[str, Any], source: str) -> str:
+    ref = str(options.get("path") or options.get("service") or source)
+    tail = ref.rstrip("/").rsplit("/", 1)[-1]
+    return tail if _PROFILE_NAME.match(tail) else "adhoc"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A parsed configuration file."""
+
+    path: Path | None
+    profiles: Mapping[str, Profile]
+    vault: Mapping[str, Any] = field(default_factory=dict)
+    audit: Mapping[str, Any] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def profile(self, name: str) -> Profile:
+        """The named profile, or a ConfigError listing the ones that exist."""
+        try:
+            return self.profiles[name]
+        except KeyError:
+            where = str(self.path) if self.path else "no config file found"
+            known = ", ".join(sorted(self.profiles)) or "none"
+            raise ConfigError(
+                f"profile {name!r} not found ({where}; profiles: {known})",
+                f"add [profiles.{name}] to the config, or pass --config FILE",
+            ) from None
+
+
+def find_config(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """Apply the documented search order; None when no file exists."""
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found", "check the --config path")
+        return p
+    env_path = os.environ.get(ENV_CONFIG)
+    if env_path:
+        p = Path(env_path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file {p} (from ${ENV_CONFIG}) not found", f"fix or unset {ENV_CONFIG}")
+        return p
+    local = Path(LOCAL_NAME)
+    if local.is_file():
+        return local
+    user = default_config_path()
+    if user.is_file():
+        return user
+    return None
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Find and parse the configuration; an empty Config when there is none."""
+    found = find_config(path)
+    if found is None:
+        return Config(path=None, profiles={})
+    return parse_file(found)
+
+
+def parse_file(path: Path) -> Config:
+    """Parse one TOML file into a Config, or raise one clear ConfigError."""
+    import tomllib
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}", "check the file's permissions") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}", "fix the syntax at that line") from None
+    return parse_dict(raw, origin=str(path), path=path)
+
+
+def parse_dict(raw: Mapping[str, Any], *, origin: str = "<config>", path: Path | None = None) -> Config:
+    """Validate an already-decoded TOML document."""
+    known_top = {"profiles", "vault", "audit"}
+    for key in raw:
+        if key not in known_top:
+            raise ConfigError(
+                f"{origin}: unknown top-level key {key!r}",
+                f"expected one of: {', '.join(sorted(known_top))}",
+            )
+    vault = _table(raw, "vault", origin)
+    for key in vault:
+        if key not in _VAULT_KEYS:
+            raise ConfigError(
+                f"{origin}: vault.{key}: unknown key",
+                f"expected one of: {', '.join(sorted(_VAULT_KEYS))}",
+            )
+    audit = _table(raw, "audit", origin)
+    profiles_raw = _table(raw, "profiles", origin)
+    profiles: dict[str, Profile] = {}
+    for name, table in profiles_raw.items():
+        if not _PROFILE_NAME.match(name):
+            raise ConfigError(
+                f"{origin}: profiles.{name}: invalid profile name",
+                "use letters, digits, '.', '_' or '-' (at most 64)",
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{origin}: profiles.{name}: expected a table", f"write [profiles.{name}]")
+        profiles[name] = _parse_profile(name, table, origin)
+    return Config(path=path, profiles=profiles, vault=vault, audit=audit, raw=raw)
+
+
+def _table(raw: Mapping[str, Any], key: str, origin: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{origin}: {key}: expected a table, got {_kind(value)}", f"write [{key}]")
+    return value
+
+
+def _kind(value: object) -> str:
+    return {str: "a string", int: "an integer", bool: "a boolean", list: "an array", dict: "a table"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _parse_profile(name: str, table: Mapping[str, Any], origin: str) -> Profile:
+    where = f"{origin}: profiles.{name}"
+    source = table.get("source")
+    if source is None:
+        raise ConfigError(f"{where}.source: missing", f"set source = one of {', '.join(_SOURCE_KEYS)}")
+    if not isinstance(source, str) or source not in _SOURCE_KEYS:
+        raise ConfigError(
+            f"{where}.source: unknown source {source!r}",
+            f"use one of: {', '.join(_SOURCE_KEYS)}",
+        )
+    allowed = _COMMON_PROFILE_KEYS | _SOURCE_KEYS[source]
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}.{key}: unknown key for a {source} profile",
+                f"expected one of: {', '.join(sorted(allowed))}",
+            )
+    env = table.get("env")
+    if not isinstance(env, dict) or not env:
+        raise ConfigError(
+            f"{where}.env: missing or empty",
+            'map variables to fields, e.g. env = { BINANCE_API_SECRET = "api_secret" }',
+        )
+    options = {k: v for k, v in table.items() if k in _SOURCE_KEYS[source]}
+    sections = {k: v for k, v in table.items() if k in {"signer", "policy", "rotation"}}
+    profile = Profile(name=name, source=source, env=dict(env), options=options, sections=sections, origin=origin)
+    _check_profile(profile)
+    return profile
+
+
+def _check_profile(profile: Profile) -> None:
+    """Checks shared by file profiles and one-off profiles."""
+    if not profile.env:
+        raise ConfigError(
+            f"{profile.where('env')}: no variables to inject",
+            "pass --env VAR=FIELD, or set env in the profile",
+        )
+    for var, fld in profile.env.items():
+        if not _ENV_NAME.match(var):
+            raise ConfigError(
+                f"{profile.where('env')}: {var!r} is not a valid environment variable name",
+                "use letters, digits and '_', not starting with a digit",
+            )
+        if var in BROKER_CREDENTIAL_VARS or var.startswith("CREDBROKER_"):
+            raise ConfigError(
+                f"{profile.where('env')}: {var} is reserved for credbroker itself",
+                "inject the secret under another name",
+            )
+        if not isinstance(fld, str) or not fld.strip():
+            raise ConfigError(
+                f"{profile.where('env.' + var)}: expected a field name (a non-empty string), got {_kind(fld)}",
+                f'write {var} = "field_name"',
+            )
+    opts = profile.options
+    if profile.source == "vault":
+        path = opts.get("path")
+        if not isinstance(path, str) or not path.strip("/"):
+            raise ConfigError(
+                f"{profile.where('path')}: missing",
+                'set path = "<mount>/<path>" of a KV v2 secret, e.g. "secret/credbroker/binance/um-futures"',
+            )
+        mount = opts.get("mount")
+        if mount is not None and (not isinstance(mount, str) or not mount.strip("/")):
+            raise ConfigError(f"{profile.where('mount')}: expected a mount name", 'e.g. mount = "secret"')
+        if mount is None and "/" not in path.strip("/"):
+            raise ConfigError(
+                f"{profile.where('path')}: {path!r} has no mount",
+                'write "<mount>/<path>", e.g. "secret/bots/um-futures"',
+            )
+        version = opts.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+            raise ConfigError(
+                f"{profile.where('version')}: expected a KV version number >= 1, got {version!r}",
+                "omit it to read the latest version",
+            )
+        for key in ("transit_key", "transit_mount"):
+            value = opts.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{profile.where(key)}: expected a non-empty string", f"fix {key}")
+    elif profile.source == "keyring":
+        service = opts.get("service")
+        if service is not None and (not isinstance(service, str) or not service):
+            raise ConfigError(f"{profile.where('service')}: expected a non-empty string", 'e.g. "credbroker/spot"')
+        backend = opts.get("backend")
+        if backend is not None and (not isinstance(backend, str) or not backend):
+            raise ConfigError(
+                f"{profile.where('backend')}: expected a keyring backend class name",
+                'e.g. "keyring.backends.SecretService.Keyring", or omit it',
+            )
+
+
+def parse_env_mapping(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``--env VAR=FIELD`` flags into a mapping (``--env VAR`` means field ``var``)."""
+    env: dict[str, str] = {}
+    for item in items:
+        var, sep, fld = item.partition("=")
+        var = var.strip()
+        fld = fld.strip() if sep else var.lower()
+        if not var or not fld:
+            raise ConfigError(f"--env {item!r}: expected VAR=FIELD", "e.g. --env BINANCE_API_SECRET=api_secret")
+        env[var] = fld
+    return env

