@@ -25,6 +25,7 @@ EXIT_BROKER_FAILED = 125
 _LAZY_COMMANDS = {
     "audit": ("broker.cli_audit:audit", "Verify the audit log and produce the weekly review."),
     "keyring": ("broker.cli_keyring:keyring_group", "Store, check and delete secrets in the OS keyring."),
+    "import": ("broker.cli_import:import_cmd", "Move a plaintext creds.yml / .env key file into Vault or the keyring."),
 }
 
 
