@@ -135,6 +135,7 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
 @click.option("--keyring-service", metavar="SERVICE", help="One-off: OS keyring service to read.")
 @click.option("-e", "--env", "env_items", multiple=True, metavar="VAR=FIELD",
               help="Inject secret FIELD as VAR (repeatable; adds to the profile's mapping).")
+@click.option("-v", "--verbose", is_flag=True, help="Say which variables were injected (names, never values).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def run_cmd(
@@ -145,6 +146,7 @@ def run_cmd(
     transit_key: str | None,
     keyring_service: str | None,
     env_items: tuple[str, ...],
+    verbose: bool,
     command: tuple[str, ...],
 ) -> None:
     from . import runner
@@ -163,7 +165,7 @@ def run_cmd(
             keyring_service=keyring_service,
             base=base,
         )
-    status = runner.run(prof, list(command), config=config)
+    status = runner.run(prof, list(command), config=config, verbose=verbose)
     sys.exit(status)
 
 

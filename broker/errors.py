@@ -23,7 +23,7 @@ class BrokerError(Exception):
 
     def __str__(self) -> str:
         if self.remedy:
-            return f"{self.message} ({self.remedy})"
+            return f"{self.message}; fix: {self.remedy}"
         return self.message
 
     def to_dict(self) -> dict[str, object]:

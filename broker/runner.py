@@ -1,0 +1,284 @@
+"""`credbroker run`: fetch, inject, start, supervise, return the child's status.
+
+The order is chosen so that nothing is fetched for a run that cannot start:
+
+1. refuse to nest (``CREDBROKER_RUN`` is set in a child of ``credbroker run``);
+2. harden the broker (no core dumps, not dumpable);
+3. resolve the command on the child's PATH (127 not found, 126 not executable);
+4. fetch every field the profile names (fail closed: exit 125 on any failure);
+5. build the child's environment: the broker's own, minus its Vault
+   credentials and stale copies of the injected names, plus the secrets;
+6. start the child with the forwarded signals unblocked and a parent-death
+   signal, wipe the broker's copies of the secrets, and supervise it.
+
+Signals: SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 are blocked in
+the broker and read with ``sigtimedwait``, which tells who sent each one. A
+signal some process sent to the broker is forwarded to the child. A signal
+the terminal sent (``si_code == SI_KERNEL``: Ctrl-C, Ctrl-\\, hang-up) already
+went to the whole foreground process group, child included, so it is not sent
+a second time.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import BROKER_CREDENTIAL_VARS, Profile
+from .errors import BrokerError, CommandNotExecutable, CommandNotFound, NestedRunError, RunError
+from .secret import Credentials
+
+FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+SI_KERNEL = 0x80  # Linux: the signal came from the kernel (a terminal), not kill(2)
+
+#: Set in every child; its presence makes a nested `credbroker run` refuse.
+NEST_VAR = "CREDBROKER_RUN"
+
+
+def check_not_nested(environ: Mapping[str, str]) -> None:
+    """Refuse to run inside a child of `credbroker run` (as aws-vault does)."""
+    if environ.get(NEST_VAR):
+        raise NestedRunError(
+            f"already inside `credbroker run` ({NEST_VAR}={environ[NEST_VAR]}: this shell is a child of that broker)",
+            f"run the command directly (its secrets are already in the environment), or `env -u {NEST_VAR}` "
+            "to nest on purpose",
+        )
+
+
+def resolve_command(name: str, path: str | None) -> str:
+    """The executable to run, resolved like execvp; raises 127/126 errors as `env` does."""
+    if not name:
+        raise CommandNotFound("empty command", "give the command to run after --")
+    if "/" in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(d or ".", name) for d in (path or os.defpath).split(os.pathsep)]
+    not_executable: str | None = None
+    for cand in candidates:
+        try:
+            st = os.stat(cand)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            not_executable = not_executable or cand
+            continue
+        if os.access(cand, os.X_OK):
+            return cand
+        not_executable = not_executable or cand
+    if not_executable:
+        raise CommandNotExecutable(f"command not executable: {not_executable}", "check its permissions (chmod +x)")
+    raise CommandNotFound(f"command not found: {name}", "check the name and PATH")
+
+
+def child_environment(
+    parent: Mapping[str, str],
+    profile: Profile,
+    creds: Credentials,
+    extra: Mapping[str, str] | None = None,
+) -> dict[bytes, bytes]:
+    """The child's environment, as bytes (the only place secrets leave ``Secret``).
+
+    The broker's own powers (``VAULT_TOKEN``, ``BAO_TOKEN``, AppRole ids, the
+    audit key) and any stale copy of an injected name are removed first.
+    """
+    env: dict[bytes, bytes] = {}
+    drop = BROKER_CREDENTIAL_VARS | set(profile.env) | {"CREDBROKER_ROLE_ID_FILE", "CREDBROKER_SECRET_ID_FILE"}
+    for key, value in parent.items():
+        if key in drop:
+            continue
+        env[os.fsencode(key)] = os.fsencode(value)
+    markers = {
+        NEST_VAR: str(os.getpid()),
+        "CREDBROKER_PROFILE": profile.name,
+        "CREDBROKER_ENV_MAP": json.dumps(dict(profile.env), separators=(",", ":")),
+        **(extra or {}),
+    }
+    for key, value in markers.items():
+        env[key.encode()] = value.encode()
+    for var, field_name in profile.env.items():
+        value = creds[field_name].reveal()
+        if b"\0" in value:
+            raise RunError(
+                f"field {field_name!r} contains a NUL byte and cannot be passed in the environment variable {var}",
+                "store the value as text (e.g. base64)",
+            )
+        env[var.encode()] = value
+    return env
+
+
+def exit_status(returncode: int) -> int:
+    """Popen's returncode as a shell reports it: 128+N when signal N ended the child."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@dataclass
+class Child:
+    """A started child process and what the audit log wants to know about it."""
+
+    proc: subprocess.Popen[bytes]
+    argv: list[str]
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes]) -> Child:
+    """Start the child with the forwarded signals unblocked and a parent-death signal."""
+    parent = os.getpid()
+    from .hardening import die_with_parent
+
+    def setup() -> None:  # runs in the child between fork and exec
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (*FORWARDED_SIGNALS, signal.SIGCHLD))
+        die_with_parent(parent, signal.SIGTERM)
+
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - the user's own command, no shell
+            list(argv),
+            executable=executable,
+            env=env,
+            close_fds=True,
+            preexec_fn=setup,  # noqa: PLW1509 - single-threaded here; needed for PDEATHSIG
+        )
+    except PermissionError as exc:
+        raise CommandNotExecutable(f"permission denied executing {argv[0]}", "check its permissions") from exc
+    except FileNotFoundError as exc:
+        raise CommandNotFound(
+            f"cannot execute {argv[0]}: it or its interpreter (#! line) was not found", "check the command"
+        ) from exc
+    except OSError as exc:
+        if exc.errno == errno.ENOEXEC:
+            raise CommandNotExecutable(f"cannot execute {argv[0]}: not a valid executable (exec format error)",
+                                       "add a #! line or run it through its interpreter") from exc
+        raise RunError(f"cannot start {argv[0]}: {exc.strerror}", "check the command") from exc
+    return Child(proc=proc, argv=list(argv))
+
+
+def supervise(child: Child, *, tick: Callable[[], None] | None = None, interval: float | None = None) -> int:
+    """Forward signals to the child until it exits; return its exit status.
+
+    The forwarded signals and SIGCHLD must already be blocked (``run`` does
+    that before spawning, so that no signal is lost in between). ``tick`` is
+    called every ``interval`` seconds while the child runs (rotation checks).
+    """
+    waitset = {*FORWARDED_SIGNALS, signal.SIGCHLD}
+    while True:
+        rc = child.proc.poll()
+        if rc is not None:
+            return exit_status(rc)
+        info = signal.sigtimedwait(waitset, interval if tick is not None and interval else 3600.0)
+        if info is None:
+            if tick is not None:
+                tick()
+            continue
+        if info.si_signo == signal.SIGCHLD:
+            continue  # poll() at the top of the loop reaps it
+        if info.si_code == SI_KERNEL and os.getpgrp() == os.getpgid(child.pid):
+            continue  # from the terminal: the child, in our process group, got it too
+        try:
+            os.kill(child.pid, info.si_signo)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class RunResult:
+    """What happened, for the caller and the audit log."""
+
+    status: int
+    pid: int
+    duration: float
+
+
+Recorder = Callable[[str, dict[str, Any]], None]
+
+
+def run(
+    profile: Profile,
+    command: Sequence[str],
+    *,
+    config: Any = None,
+    environ: Mapping[str, str] | None = None,
+    record: Recorder | None = None,
+    verbose: bool = False,
+) -> int:
+    """Fetch the profile's secrets, run ``command`` with them, return its exit status."""
+    from . import sources
+    from .hardening import harden_process
+    from .sources.settings import with_config_defaults
+
+    env = dict(os.environ if environ is None else environ)
+    check_not_nested(env)
+    if not command:
+        raise CommandNotFound("no command given", "put the command after --, e.g. credbroker run -p P -- python bot.py")
+    harden_process()
+    executable = resolve_command(command[0], env.get("PATH"))
+    rec = record or (lambda event, fields: None)
+
+    try:
+        creds = sources.fetch(profile, env=with_config_defaults(env, config))
+    except BrokerError as exc:
+        rec("refused", {"profile": profile.name, "source": profile.source, "error": type(exc).__name__,
+                        "reason": exc.message, "command": list(command)})
+        raise
+    rec("secret_fetched", {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields)})
+
+    blocked = (*FORWARDED_SIGNALS, signal.SIGCHLD)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        try:
+            child_env = child_environment(env, profile, creds)
+            child = spawn(command, executable, child_env)
+        finally:
+            child_env = {}  # drop our bytes copies; the Secrets are wiped next
+            creds.wipe()
+        del child_env
+        if verbose:
+            origin = creds.origin
+            version = f" v{origin.version}" if origin.version is not None else ""
+            print(
+                f"credbroker: started pid {child.pid} with {', '.join(profile.env)} "
+                f"from {origin.source} {origin.path}{version}",
+                file=sys.stderr,
+            )
+        rec("secret_injected", {
+            "profile": profile.name, "version": creds.origin.version, "variables": list(profile.env),
+            "command": list(command), "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
+        })
+        status = supervise(child)
+        rec("child_exited", {"profile": profile.name, "pid": child.pid, "status": status,
+                             "duration_s": round(time.monotonic() - child.started, 3)})
+        return status
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.getuid())
+
+
+def _host() -> str:
+    return os.uname().nodename

@@ -1,0 +1,125 @@
+"""OS keyring source, through the ``keyring`` library.
+
+A profile names a service (default ``credbroker/<profile>``); each secret
+field is one entry of that service (``keyring``'s "username"). The backend is
+whatever ``keyring`` selects for this session (Secret Service, macOS Keychain,
+Windows Credential Locker, KWallet), unless the profile names one.
+
+Fail closed: no usable backend, a locked keyring or a missing entry is an
+error naming the service and field, never an empty value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import Profile
+from ..errors import ConfigError, KeyringError, KeyringLocked, KeyringNotFound, KeyringUnavailable
+from ..secret import Credentials, Origin, Secret
+
+
+def service_for(profile: Profile) -> str:
+    """The keyring service a profile's entries live under."""
+    return str(profile.options.get("service") or f"credbroker/{profile.name}")
+
+
+def backend_for(profile: Profile | None = None) -> Any:
+    """The keyring backend to use; raises KeyringUnavailable when there is none."""
+    import keyring
+    import keyring.errors
+
+    name = profile.options.get("backend") if profile is not None else None
+    try:
+        if name:
+            from keyring.core import load_keyring
+
+            backend = load_keyring(str(name))
+        else:
+            backend = keyring.get_keyring()
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(
+            f"keyring backend {name!r} cannot be loaded ({type(exc).__name__})",
+            "name a class as module.Class, e.g. keyring.backends.SecretService.Keyring, or omit backend",
+        ) from exc
+    except keyring.errors.KeyringError as exc:
+        raise KeyringUnavailable(f"keyring backend {name!r} is not usable: {exc}", "omit backend") from exc
+    kind = f"{type(backend).__module__}.{type(backend).__qualname__}"
+    if kind.startswith(("keyring.backends.fail.", "keyring.backends.null.")):
+        raise KeyringUnavailable(
+            "no OS keyring is available in this session (no Secret Service on D-Bus, Keychain or Locker)",
+            "start the desktop keyring (on a server: gnome-keyring-daemon in a D-Bus session), or use a vault profile",
+        )
+    return backend
+
+
+def _call(what: str, service: str, fn: Any, *args: Any) -> Any:
+    import keyring.errors
+
+    try:
+        return fn(*args)
+    except keyring.errors.KeyringLocked as exc:
+        raise KeyringLocked(
+            f"the OS keyring is locked; cannot {what} service {service!r}",
+            "unlock it (log in to the desktop, or `gnome-keyring-daemon --unlock` with the password on stdin)",
+        ) from exc
+    except keyring.errors.NoKeyringError as exc:
+        raise KeyringUnavailable(
+            f"no OS keyring is available to {what} service {service!r}",
+            "start the desktop keyring, or use a vault profile",
+        ) from exc
+    except keyring.errors.InitError as exc:
+        raise KeyringUnavailable(f"the OS keyring failed to start ({type(exc).__name__})",
+                                 "check the D-Bus session and the keyring daemon") from exc
+    except keyring.errors.KeyringError as exc:
+        raise KeyringError(f"the OS keyring failed to {what} service {service!r}: {type(exc).__name__}",
+                           "check the keyring daemon") from exc
+    except Exception as exc:  # D-Bus transport errors come from secretstorage/jeepney
+        raise KeyringUnavailable(
+            f"the OS keyring did not answer while trying to {what} service {service!r} ({type(exc).__name__})",
+            "check that the D-Bus session and the keyring daemon are running",
+        ) from exc
+
+
+def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
+    """Read every field the profile names from the keyring (fail closed)."""
+    backend = backend_for(profile)
+    service = service_for(profile)
+    fields: dict[str, Secret] = {}
+    try:
+        for name in profile.fields:
+            value = _call("read", service, backend.get_password, service, name)
+            if value is None or value == "":
+                raise KeyringNotFound(
+                    f"the OS keyring has no entry {name!r} for service {service!r}",
+                    f"store it with `credbroker keyring set {profile.name} {name}`",
+                )
+            fields[name] = Secret(value)
+            del value
+    except BaseException:
+        for secret in fields.values():
+            secret.wipe()
+        raise
+    return Credentials(profile=profile.name, origin=Origin(source="keyring", path=service), fields=fields)
+
+
+def store(profile: Profile, field: str, value: Secret) -> None:
+    """Store one field's value in the keyring (used by `credbroker keyring set`)."""
+    backend = backend_for(profile)
+    service = service_for(profile)
+    _call("write to", service, backend.set_password, service, field, value.reveal_str())
+
+
+def delete(profile: Profile, field: str) -> None:
+    """Delete one field's entry; KeyringNotFound when there is none."""
+    import keyring.errors
+
+    backend = backend_for(profile)
+    service = service_for(profile)
+    try:
+        _call("delete from", service, backend.delete_password, service, field)
+    except KeyringError as exc:
+        if isinstance(exc.__cause__, keyring.errors.PasswordDeleteError):
+            raise KeyringNotFound(f"the OS keyring has no entry {field!r} for service {service!r}",
+                                  "nothing to delete") from None
+        raise
