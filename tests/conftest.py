@@ -197,21 +197,15 @@ class SecretService:
     home: Path
 
 
-@pytest.fixture(scope="session")
-def secret_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretService]:
-    """Start dbus-daemon + gnome-keyring-daemon in a temporary HOME.
-
-    Sets DBUS_SESSION_BUS_ADDRESS (and HOME-derived XDG folders) in this
-    process for the rest of the session, so the keyring library's real
-    SecretService backend is what `keyring.get_keyring()` returns.
-    """
+def start_secret_service(home: Path) -> tuple[SecretService, list[subprocess.Popen[str]]]:
+    """A private dbus-daemon + unlocked gnome-keyring-daemon with HOME=home (env not applied here)."""
     dbus = shutil.which("dbus-daemon")
     gkd = shutil.which("gnome-keyring-daemon")
     if not dbus or not gkd:
         service_missing("gnome-keyring / dbus not installed (apt-get install gnome-keyring dbus)")
-    home = tmp_path_factory.mktemp("keyring-home")
+        raise AssertionError("unreachable")
     runtime = home / "run"
-    runtime.mkdir(mode=0o700)
+    runtime.mkdir(mode=0o700, exist_ok=True)
     env = dict(os.environ)
     env.update(
         HOME=str(home),
@@ -231,10 +225,9 @@ def secret_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretS
         daemon.kill()
         service_missing("dbus-daemon did not start")
     env["DBUS_SESSION_BUS_ADDRESS"] = address
-    password = secrets.token_hex(8)
     unlock = subprocess.run(
         [gkd, "--unlock", "--components=secrets", "--daemonize"],
-        input=password,
+        input=secrets.token_hex(8),
         env=env,
         capture_output=True,
         text=True,
@@ -243,29 +236,48 @@ def secret_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretS
     if unlock.returncode != 0:
         daemon.kill()
         service_missing(f"gnome-keyring-daemon failed: {unlock.stderr.strip()}")
-    saved = {k: os.environ.get(k) for k in ("DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "XDG_DATA_HOME")}
-    os.environ["DBUS_SESSION_BUS_ADDRESS"] = address
-    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-    os.environ["XDG_DATA_HOME"] = env["XDG_DATA_HOME"]
+    return SecretService(env=env, home=home), [daemon]
+
+
+def stop_secret_service(service: SecretService, procs: list[subprocess.Popen[str]]) -> None:
+    # gnome-keyring-daemon exits when its D-Bus session goes away.
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def secret_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretService]:
+    """The real Secret Service for the whole session, applied to this process.
+
+    Sets DBUS_SESSION_BUS_ADDRESS (and XDG folders under a temporary HOME)
+    in os.environ, so the keyring library's real SecretService backend is
+    what `keyring.get_keyring()` returns, and no keyring of the machine is
+    touched.
+    """
+    service, procs = start_secret_service(tmp_path_factory.mktemp("keyring-home"))
+    keys = ("DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "XDG_DATA_HOME")
+    saved = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        os.environ[k] = service.env[k]
     import keyring
     import keyring.core
 
     keyring.core._keyring_backend = None  # re-detect now that the bus exists
-    backend = keyring.core.init_backend()
+    backend = keyring.get_keyring()
     name = f"{type(backend).__module__}.{type(backend).__qualname__}"
     if "SecretService" not in name:
         service_missing(f"Secret Service not selected by keyring (got {name})")
     try:
-        yield SecretService(env=env, home=home)
+        yield service
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        subprocess.run(["pkill", "-u", str(os.getuid()), "-f", f"gnome-keyring-daemon.*"], check=False)
-        daemon.terminate()
-        daemon.wait(timeout=10)
+        keyring.core._keyring_backend = None
+        stop_secret_service(service, procs)
 
 
 def write_config(path: Path, text: str) -> Path:
