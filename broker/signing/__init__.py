@@ -1,0 +1,309 @@
+"""``get_signer()``: sign Binance requests in code, the key local or inside Vault's transit engine.
+
+::
+
+    from broker import get_signer
+
+    signer = get_signer()                      # inside `credbroker run --profile P -- python bot.py`
+    signer = get_signer(profile="um-futures")  # anywhere else: fetched like `run`, audited
+
+    query = signer.sign_params({"symbol": "BTCUSDT", "side": "BUY", "type": "MARKET", "quantity": "0.01"})
+    requests.post(BASE + "/fapi/v1/order?" + query, headers=signer.headers())
+    requests.get(BASE + "/fapi/v2/account", auth=signer)         # signs, and records key trouble
+
+Signer kinds (one module each, one interface: ``base.Signer``): HMAC-SHA256
+(hex), Ed25519 (base64), RSA PKCS#1 v1.5 SHA-256 (base64), and Vault transit
+(Ed25519 inside Vault, base64). The kind comes from ``[profiles.P.signer]
+type`` or, by default, from the stored key: a PEM block is Ed25519 or RSA, a
+plain string is an HMAC secret.
+
+Binance answers that mean key trouble (-1021, -1022, -2014, -2015, HTTP 401)
+become ``signature_failure`` audit events: automatically when the signer is
+``requests`` auth, through ``report_response(...)`` for any other client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, SigningError
+from ..secret import Secret
+from .base import ApiKey, Signer
+from .failures import SignatureFailure, report_response
+from .settings import SignerSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Config, Profile
+    from ..secret import Credentials
+
+__all__ = [
+    "ApiKey",
+    "SignatureFailure",
+    "Signer",
+    "SignerSettings",
+    "child_env",
+    "get_signer",
+    "make_signer",
+    "report_response",
+]
+
+#: Set by ``credbroker run`` in its child (see broker.runner).
+RUN_VAR = "CREDBROKER_RUN"
+PROFILE_VAR = "CREDBROKER_PROFILE"
+ENV_MAP_VAR = "CREDBROKER_ENV_MAP"
+#: Set by ``child_env``: the signer settings (JSON, no secret) and, for transit, the scoped token.
+SIGNER_VAR = "CREDBROKER_SIGNER"
+SIGNER_TOKEN_VAR = "CREDBROKER_SIGNER_TOKEN"
+
+
+def get_signer(
+    profile: str | Profile | None = None,
+    *,
+    config: Config | str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    recv_window: int | None = None,
+    record_failures: bool = True,
+) -> Signer:
+    """A Signer for ``profile``, or for the profile ``credbroker run`` started this process with.
+
+    With no profile, this must run inside ``credbroker run``: the signer is
+    built from what the broker provided (the mapped variables, and for a
+    transit profile a token that can only sign). With a profile, its secrets
+    are fetched through the same sources and config as ``run``, the access is
+    recorded in the audit log (``secret_fetched``), and the fetched copies are
+    wiped once the signer holds its key. Raises a BrokerError subclass.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    name = getattr(profile, "name", profile)
+    if environ.get(RUN_VAR) and (profile is None or (isinstance(profile, str) and profile == environ.get(PROFILE_VAR))):
+        return _from_run(environ, recv_window=recv_window, record_failures=record_failures)
+    if profile is None:
+        raise ConfigError(
+            "get_signer() without a profile works only inside `credbroker run`",
+            'pass get_signer(profile="NAME"), or start the bot with `credbroker run --profile NAME -- ...`',
+        )
+    from ..config import Config as _Config
+    from ..config import Profile as _Profile
+    from ..config import load
+
+    cfg = config if isinstance(config, _Config) else load(config)
+    prof = profile if isinstance(profile, _Profile) else cfg.profile(str(name))
+    settings = SignerSettings.for_profile(prof)
+    from ..sources import fetch
+    from ..sources.settings import with_config_defaults
+
+    source_env = with_config_defaults(environ, cfg)
+    creds = fetch(prof, env=source_env)
+    try:
+        _record_fetch(creds, prof, cfg)
+        fields = {f: creds[f] for f in creds}
+        client = None
+        vault_settings = None
+        if settings.type == "transit":
+            from ..sources.settings import VaultSettings
+            from ..sources.vault import client_for
+
+            vault_settings = VaultSettings.from_env(source_env)
+            client = client_for(prof, source_env, settings=vault_settings)
+        return make_signer(
+            settings,
+            fields,
+            profile=prof.name,
+            where=prof.where("signer"),
+            recv_window=recv_window,
+            audit_config=cfg.audit or None,
+            record_failures=record_failures,
+            vault_client=client,
+            vault_settings=vault_settings,
+        )
+    finally:
+        creds.wipe()
+
+
+def make_signer(
+    settings: SignerSettings,
+    fields: Mapping[str, Secret],
+    *,
+    profile: str | None = None,
+    where: str = "signer",
+    recv_window: int | None = None,
+    audit_config: Mapping[str, Any] | None = None,
+    record_failures: bool = True,
+    vault_client: Any = None,
+    vault_settings: Any = None,
+    token_ttl: float | None = None,
+) -> Signer:
+    """Build the signer ``settings`` call for from secret ``fields`` (by KV field name)."""
+    common: dict[str, Any] = {
+        "recv_window": recv_window if recv_window is not None else settings.recv_window,
+        "profile": profile,
+        "audit_config": audit_config,
+        "record_failures": record_failures,
+    }
+    api_key = fields.get(settings.api_key_field)
+    if settings.type == "transit":
+        from .transit import TransitSigner
+
+        if vault_client is None:
+            raise SigningError(f"{where}: a transit signer needs a Vault client", "this is a credbroker bug")
+        assert settings.transit_key is not None
+        return TransitSigner(api_key, vault_client, vault_settings, key=settings.transit_key,
+                             mount=settings.transit_mount, token_ttl=token_ttl, **common)
+    if api_key is None:
+        raise ConfigError(
+            f"{where}: no {settings.api_key_field!r} field was fetched for the API key",
+            f'map it in the profile\'s env, e.g. BINANCE_API_KEY = "{settings.api_key_field}"',
+        )
+    key_field = settings.key_field or next((f for f in ("private_key", "api_secret") if f in fields), None)
+    if key_field is None or key_field not in fields:
+        wanted = settings.key_field or "private_key or api_secret"
+        raise ConfigError(
+            f"{where}: no signing key field ({wanted}) was fetched",
+            'map it in the profile\'s env, e.g. BINANCE_API_SECRET = "api_secret"',
+        )
+    secret = fields[key_field]
+    from . import core
+
+    detected = core.detect_kind(secret.reveal())
+    if settings.type not in ("auto", detected):
+        raise ConfigError(
+            f"{where}.type is {settings.type!r} but the key stored in {key_field!r} is {detected}",
+            "fix the signer type, or store the right key",
+        )
+    if detected == "hmac":
+        from .hmac_sha256 import HmacSigner
+
+        return HmacSigner(api_key, secret, **common)
+    passphrase = fields.get(settings.passphrase_field)
+    if detected == "ed25519":
+        from .ed25519 import Ed25519Signer
+
+        return Ed25519Signer(api_key, secret, passphrase, **common)
+    from .rsa import RsaSigner
+
+    return RsaSigner(api_key, secret, passphrase, **common)
+
+
+def _record_fetch(creds: Credentials, profile: Profile, cfg: Config) -> None:
+    from .audit_bridge import record_event
+
+    record_event(
+        "secret_fetched",
+        {
+            "profile": profile.name,
+            **creds.origin.to_dict(),
+            "fields": sorted(creds),
+            "by": "get_signer",
+            "pid": os.getpid(),
+        },
+        audit_config=cfg.audit or None,
+    )
+
+
+def _json_env(environ: Mapping[str, str], var: str, default: Any) -> Any:
+    raw = environ.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise SigningError(f"{var} is not valid JSON", "it is set by `credbroker run`; do not edit it") from None
+
+
+def _from_run(environ: Mapping[str, str], *, recv_window: int | None, record_failures: bool) -> Signer:
+    """The signer inside a child of ``credbroker run``: from the variables the broker set."""
+    profile = environ.get(PROFILE_VAR) or None
+    env_map = _json_env(environ, ENV_MAP_VAR, None)
+    if not isinstance(env_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env_map.items()):
+        raise SigningError(f"{ENV_MAP_VAR} is missing or malformed", "start the bot with `credbroker run --profile NAME`")
+    raw_settings = _json_env(environ, SIGNER_VAR, {})
+    if not isinstance(raw_settings, dict):
+        raise SigningError(f"{SIGNER_VAR} is malformed", "it is set by `credbroker run`; do not edit it")
+    vault: dict[str, Any] = raw_settings.pop("vault", None) or {}
+    ttl = raw_settings.pop("token_ttl_seconds", None)
+    settings = SignerSettings.from_mapping(raw_settings, f"{SIGNER_VAR} (profile {profile})")
+    fields: dict[str, Secret] = {}
+    for var, field_name in env_map.items():
+        value = environ.get(var)
+        if value:
+            fields[field_name] = Secret(value)
+    client = vault_settings = None
+    if settings.type == "transit":
+        client, vault_settings = _child_vault_client(environ, vault)
+    try:
+        return make_signer(settings, fields, profile=profile, where=f"profile {profile!r}: signer",
+                           recv_window=recv_window, record_failures=record_failures,
+                           vault_client=client, vault_settings=vault_settings,
+                           token_ttl=float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None)
+    finally:
+        for secret in fields.values():
+            secret.wipe()
+
+
+def _child_vault_client(environ: Mapping[str, str], vault: Mapping[str, Any]) -> tuple[Any, Any]:
+    token = environ.get(SIGNER_TOKEN_VAR)
+    if not token:
+        raise SigningError(
+            f"this transit profile has no signing token ({SIGNER_TOKEN_VAR} is not set)",
+            "start the bot with a credbroker whose runner calls broker.signing.child_env",
+        )
+    addr = vault.get("addr")
+    if not isinstance(addr, str) or not addr.startswith(("http://", "https://")):
+        raise SigningError(f"{SIGNER_VAR} has no Vault address", "it is set by `credbroker run`; do not edit it")
+    import hvac
+
+    from ..sources.settings import VaultSettings
+    from ..sources.vault import _session
+
+    settings = VaultSettings(
+        addr=addr,
+        token=None,
+        token_source=SIGNER_TOKEN_VAR,
+        cacert=vault.get("cacert"),
+        namespace=vault.get("namespace"),
+        timeout=float(vault.get("timeout") or 10.0),
+    )
+    client = hvac.Client(url=addr, token=token, verify=settings.cacert or True, timeout=settings.timeout,
+                         namespace=settings.namespace, session=_session())
+    return client, settings
+
+
+def child_env(profile: Profile, *, env: Mapping[str, str]) -> dict[str, str]:
+    """Variables the runner adds to the child's environment so ``get_signer()`` works there.
+
+    - ``CREDBROKER_CONFIG``: the profile's config file (absolute), so signature
+      failures the child records go to the same audit log.
+    - ``CREDBROKER_SIGNER``: the profile's signer settings as JSON (no secret).
+    - transit profiles only: ``CREDBROKER_SIGNER_TOKEN``, a new token that may
+      only sign with the profile's transit key (and read its public key),
+      short-lived (``signer.token_ttl``) and renewed by the child while it
+      runs. The broker's own token never reaches the child.
+
+    ``env`` is the broker's source environment (VAULT_ADDR, VAULT_TOKEN...).
+    Raises a BrokerError (fail closed) when the token cannot be issued.
+    """
+    settings = SignerSettings.for_profile(profile)
+    out: dict[str, str] = {}
+    if profile.origin:
+        out["CREDBROKER_CONFIG"] = str(Path(profile.origin).expanduser().resolve())
+    payload: dict[str, Any] = settings.to_dict()
+    if settings.type == "transit":
+        from ..sources.settings import VaultSettings
+        from ..sources.vault import client_for
+        from .transit import child_token
+
+        vs = VaultSettings.from_env(env)
+        client = client_for(profile, env, settings=vs)
+        assert settings.transit_key is not None
+        token, lease = child_token(client, vs, mount=settings.transit_mount, key=settings.transit_key,
+                                   profile=profile.name, ttl=settings.token_ttl, role=settings.token_role)
+        payload["vault"] = {"addr": vs.addr, "cacert": vs.cacert, "namespace": vs.namespace, "timeout": vs.timeout}
+        payload["token_ttl_seconds"] = lease or settings.ttl_seconds()
+        out[SIGNER_TOKEN_VAR] = token.reveal_str()
+        token.wipe()
+    out[SIGNER_VAR] = json.dumps(payload, separators=(",", ":"))
+    return out

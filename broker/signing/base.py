@@ -1,0 +1,227 @@
+"""The Signer interface: one class per signer kind, all built on this base.
+
+A subclass implements ``_sign_bytes(payload) -> str`` (and, when asymmetric,
+``public_key_pem()``); everything Binance-specific lives here and in
+``binance.py``, so every kind signs requests the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from ..errors import SigningError
+from ..secret import Secret, mask_id
+from . import binance
+from .failures import SignatureFailure, report_response
+
+
+class ApiKey(str):
+    """The exchange API key: a plain ``str`` for headers, masked in ``repr``.
+
+    The API key is not the signing secret, but Binance calls it sensitive, so it
+    never shows up whole in a repr, a log line built with ``%r``, or a traceback.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"ApiKey({mask_id(str(self))!r})"
+
+
+class Signer(ABC):
+    """Signs Binance requests. Usable as ``requests`` auth: ``requests.get(url, params=p, auth=signer)``."""
+
+    #: "hmac" | "ed25519" | "rsa" | "transit"
+    kind: ClassVar[str]
+
+    def __init__(
+        self,
+        api_key: Secret | str | None,
+        *,
+        recv_window: int | None = binance.DEFAULT_RECV_WINDOW,
+        profile: str | None = None,
+        audit_config: Mapping[str, Any] | None = None,
+        record_failures: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(api_key, Secret):
+            api_key = api_key.reveal_str()
+        if api_key is not None:
+            api_key = api_key.strip()
+            if not api_key or any(c.isspace() or not c.isprintable() for c in api_key):
+                raise SigningError("the API key is empty or contains spaces or control characters",
+                                   "check the api_key field stored for this profile")
+        self._api_key = ApiKey(api_key) if api_key is not None else None
+        self.recv_window = binance.check_recv_window(recv_window) if recv_window is not None else None
+        self.profile = profile
+        self._audit_config = audit_config
+        self._record_failures = record_failures
+        self._clock = clock
+        #: The last signature failure seen through ``check_response`` (or the requests hook).
+        self.last_failure: SignatureFailure | None = None
+
+    # -- identity ----------------------------------------------------------------------
+    @property
+    def api_key(self) -> ApiKey:
+        """The API key sent in ``X-MBX-APIKEY`` (a ``str``; masked in ``repr``)."""
+        if self._api_key is None:
+            raise SigningError(
+                f"no API key for profile {self.profile or '?'}",
+                "store it in the profile's api_key field and map it, e.g. BINANCE_API_KEY = \"api_key\"",
+            )
+        return self._api_key
+
+    def __repr__(self) -> str:
+        key = mask_id(str(self._api_key)) if self._api_key is not None else None
+        return f"{type(self).__name__}(kind={self.kind!r}, profile={self.profile!r}, api_key={key!r})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Signer cannot be pickled")
+
+    def public_key_pem(self) -> str:
+        """The public key to register with the exchange (asymmetric kinds only)."""
+        raise SigningError(f"a {self.kind} signer has no public key", "HMAC keys are shared secrets")
+
+    def close(self) -> None:
+        """Forget the key material held by this signer. Idempotent."""
+
+    def __enter__(self) -> Signer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- signing -----------------------------------------------------------------------
+    @abstractmethod
+    def _sign_bytes(self, payload: bytes) -> str:
+        """The signature of ``payload`` in the kind's text form (hex or base64)."""
+
+    def sign(self, payload: str | bytes) -> str:
+        """Sign exactly ``payload`` (Binance's totalParams) and return the signature text."""
+        if type(payload) is str:  # the hot path: a query string
+            return self._sign_bytes(payload.encode("utf-8"))
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            return self._sign_bytes(bytes(payload))
+        if isinstance(payload, str):
+            return self._sign_bytes(str(payload).encode("utf-8"))
+        raise SigningError(f"cannot sign a {type(payload).__name__}", "pass the query string (str or bytes)")
+
+    def timestamp(self) -> int:
+        """The current time in milliseconds (Binance's ``timestamp``)."""
+        return binance.timestamp_ms(self._clock)
+
+    def _timing(self, existing: set[str], timestamp: int | None, recv_window: int | None | bool
+                ) -> list[tuple[str, str]]:
+        extra: list[tuple[str, str]] = []
+        window = self.recv_window if recv_window is True else recv_window
+        if window is not None and window is not False and "recvWindow" not in existing:
+            extra.append(("recvWindow", str(binance.check_recv_window(window))))
+        if "timestamp" not in existing:
+            extra.append(("timestamp", str(self.timestamp() if timestamp is None else int(timestamp))))
+        return extra
+
+    def sign_params(self, params: binance.Params | None = None, *, timestamp: int | None = None,
+                    recv_window: int | None | bool = True) -> str:
+        """The full signed query string: params, ``recvWindow``, ``timestamp``, ``signature``.
+
+        Order is kept as given; ``recvWindow`` (the signer's default unless
+        given or ``recv_window=None``) and ``timestamp`` (now, in ms) are added
+        when absent. Send the result as the query string (GET/DELETE) or as the
+        form body (POST/PUT), unchanged.
+        """
+        items = binance.param_items(params)
+        items += self._timing({k for k, _ in items}, timestamp, recv_window)
+        query = binance.encode(items)
+        return f"{query}&signature={binance.quote_signature(self.sign(query))}"
+
+    def headers(self) -> dict[str, str]:
+        """The headers a signed Binance request needs: ``{"X-MBX-APIKEY": api_key}``."""
+        return {binance.API_KEY_HEADER: str(self.api_key)}
+
+    # -- requests integration --------------------------------------------------------------
+    def __call__(self, request: Any) -> Any:
+        """``requests`` auth hook: add timing params, sign query + body as sent, set the header.
+
+        Placement follows Binance's examples: with a form body, ``recvWindow``,
+        ``timestamp`` and ``signature`` go at the end of the body (example 3);
+        otherwise at the end of the query string (example 2). The signature
+        covers the query string followed by the body, byte for byte.
+        """
+        parts = urlsplit(request.url)
+        query = parts.query
+        body = request.body
+        if body is None or body == b"" or body == "":
+            body_text = ""
+        elif isinstance(body, (bytes, str)):
+            body_text = body.decode("utf-8") if isinstance(body, bytes) else body
+            ctype = str(request.headers.get("Content-Type", ""))
+            if ctype and "application/x-www-form-urlencoded" not in ctype:
+                raise SigningError(
+                    f"cannot sign a {ctype.split(';')[0]} body: Binance signs query strings and form bodies",
+                    "pass the parameters with params= or data= (a dict), not json=",
+                )
+        else:
+            raise SigningError("cannot sign a streamed request body", "pass the parameters as a dict")
+        existing = {k for k, _ in parse_qsl(query, keep_blank_values=True)}
+        existing |= {k for k, _ in parse_qsl(body_text, keep_blank_values=True)}
+        if "signature" in existing:
+            raise SigningError("the request is already signed", "do not pass signature= yourself")
+        extra = binance.encode(self._timing(existing, None, True))
+        if body_text:
+            body_text = f"{body_text}&{extra}" if extra else body_text
+        else:
+            query = f"{query}&{extra}" if query and extra else (query or extra)
+        signature = binance.quote_signature(self.sign(binance.total_params(query, body_text)))
+        if body_text:
+            body_text = f"{body_text}&signature={signature}"
+            request.body = body_text.encode("utf-8") if isinstance(body, bytes) else body_text
+            request.headers["Content-Length"] = str(len(body_text.encode("utf-8")))
+        else:
+            query = f"{query}&signature={signature}" if query else f"signature={signature}"
+        request.url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+        request.headers[binance.API_KEY_HEADER] = str(self.api_key)
+        if self._record_failures:
+            request.register_hook("response", self._response_hook)
+        return request
+
+    def _response_hook(self, response: Any, *args: Any, **kwargs: Any) -> Any:
+        if response.status_code >= 400:
+            self.check_response(response, raise_on_audit_error=False)
+        return response
+
+    def check_response(self, response: Any, *, raise_on_audit_error: bool = True) -> SignatureFailure | None:
+        """Record a requests-like response in the audit log if it means key trouble."""
+        status = getattr(response, "status_code", None)
+        if status is None or status < 400:
+            return None
+        req = getattr(response, "request", None)
+        url = getattr(req, "url", None) or getattr(response, "url", "") or ""
+        failure = report_response(
+            status,
+            getattr(response, "content", None),
+            url,
+            method=getattr(req, "method", None),
+            profile=self.profile,
+            api_key=str(self._api_key) if self._api_key is not None else None,
+            audit_config=self._audit_config,
+            raise_on_audit_error=raise_on_audit_error,
+        )
+        if failure is not None:
+            self.last_failure = failure
+        return failure
+
+    def report(self, status: int | None, body: Any, endpoint: str, *, method: str | None = None
+               ) -> SignatureFailure | None:
+        """``report_response`` with this signer's profile, API key and audit settings."""
+        failure = report_response(status, body, endpoint, method=method, profile=self.profile,
+                                  api_key=str(self._api_key) if self._api_key is not None else None,
+                                  audit_config=self._audit_config)
+        if failure is not None:
+            self.last_failure = failure
+        return failure

@@ -1,0 +1,133 @@
+"""Binance's request-signing rules, from Binance's API documentation.
+
+Sources (spot REST API docs, "SIGNED (TRADE and USER_DATA) Endpoint security"
+and "Timing security"; the USDⓈ-M futures docs state the same rules):
+
+- ``totalParams`` is the query string concatenated with the request body, with
+  nothing in between (example 3 of "SIGNED Endpoint Examples for POST
+  /api/v3/order": "There is no & between "GTC" and "quantity=1"").
+- The signature covers exactly those bytes as sent; it goes in a ``signature``
+  parameter, in the query string or the body.
+- ``timestamp`` is the millisecond time the request was made; ``recvWindow``
+  (default 5000, at most 60000) is how long after it the request stays valid.
+- The API key travels in the ``X-MBX-APIKEY`` header.
+- RSA and Ed25519 signatures are base64 and case sensitive; base64 carries
+  ``+``, ``/`` and ``=``, so they are percent-encoded in a query string.
+- Error payloads are ``{"code": -1022, "msg": "..."}``; errors.md lists the
+  codes below.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from ..errors import SigningError
+
+API_KEY_HEADER = "X-MBX-APIKEY"
+DEFAULT_RECV_WINDOW = 5000
+MAX_RECV_WINDOW = 60000
+
+#: Error codes that mean key trouble (errors.md), recorded as ``signature_failure``.
+KEY_TROUBLE_CODES: Mapping[int, str] = {
+    -1021: "timestamp outside recvWindow",
+    -1022: "invalid signature",
+    -2014: "API-key format invalid",
+    -2015: "invalid API-key, IP, or permissions for action",
+}
+
+Params = Mapping[str, Any] | Iterable[tuple[str, Any]]
+
+
+def timestamp_ms(clock: Any = time.time) -> int:
+    """Milliseconds since the epoch, as Binance's ``timestamp`` parameter wants."""
+    return int(clock() * 1000)
+
+
+def check_recv_window(value: object) -> int:
+    """Validate a ``recvWindow`` (milliseconds, 1..60000) or raise SigningError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_RECV_WINDOW:
+        raise SigningError(
+            f"recvWindow must be a whole number of milliseconds from 1 to {MAX_RECV_WINDOW}, got {value!r}",
+            "Binance recommends 5000 or less",
+        )
+    return value
+
+
+def _value(name: str, value: Any) -> str:
+    if isinstance(value, bool):  # Binance spells booleans in lower case
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        # Binance takes arrays as compact JSON (e.g. symbols=["BTCUSDT","BNBUSDT"]).
+        return json.dumps(list(value), separators=(",", ":"))
+    # Decimal and the like: their str() is what a person expects to send.
+    if type(value).__name__ == "Decimal":
+        return str(value)
+    raise SigningError(f"parameter {name!r} has a value of type {type(value).__name__}", "pass str, int, float or bool")
+
+
+def param_items(params: Params | None) -> list[tuple[str, str]]:
+    """Params as (name, value) strings, in the caller's order, None values dropped."""
+    if params is None:
+        return []
+    items = params.items() if isinstance(params, Mapping) else params
+    out: list[tuple[str, str]] = []
+    for name, value in items:
+        if value is None:
+            continue
+        if name == "signature":
+            raise SigningError("the parameters already contain a signature", "pass the parameters unsigned")
+        out.append((str(name), _value(str(name), value)))
+    return out
+
+
+def encode(items: Iterable[tuple[str, str]]) -> str:
+    """``name=value&...`` percent-encoded per RFC 3986 (space as %20), order kept."""
+    return urlencode(list(items), quote_via=quote, safe="")
+
+
+def total_params(query: str, body: str = "") -> str:
+    """What is signed: the query string followed by the body, with no separator."""
+    return query + body
+
+
+def quote_signature(signature: str) -> str:
+    """A signature as it goes into a query string or form body (base64's + / = escaped)."""
+    return quote(signature, safe="")
+
+
+def parse_error(body: Any) -> tuple[int | None, str | None]:
+    """(code, msg) of a Binance error payload; (None, None) when it is not one."""
+    data = body
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            data = json.loads(bytes(body).decode("utf-8", "replace"))
+        except ValueError:
+            return None, None
+    elif isinstance(body, str):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None, None
+    if not isinstance(data, Mapping):
+        return None, None
+    code = data.get("code")
+    msg = data.get("msg")
+    if isinstance(code, str):
+        try:
+            code = int(code)
+        except ValueError:
+            code = None
+    if isinstance(code, bool) or not isinstance(code, int):
+        code = None
+    return code, (str(msg) if msg is not None else None)
+
+
+def is_key_trouble(status: int | None, code: int | None) -> bool:
+    """True for the answers that mean key trouble: the codes above, or HTTP 401."""
+    return status == 401 or (code is not None and code in KEY_TROUBLE_CODES)

@@ -1,0 +1,205 @@
+"""Vault/OpenBao transit signer: the Ed25519 private key never leaves Vault.
+
+Vault API (transit secrets engine):
+- ``POST <mount>/sign/<key>`` with ``input`` = base64 of the payload; for an
+  ``ed25519`` key Vault signs the input itself (pure Ed25519, as Binance
+  expects) and answers ``vault:v<N>:<base64 signature>``.
+- ``GET <mount>/keys/<key>`` gives ``type``, ``exportable`` and, per version,
+  ``public_key`` (for ed25519: base64 of the 32 raw bytes).
+
+Inside a child of ``credbroker run`` the bot never gets the broker's token:
+``child_token`` creates a separate, short-lived token whose only policy
+allows ``update`` on ``<mount>/sign/<key>`` and ``read`` on
+``<mount>/keys/<key>``; the child renews it while it runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import SigningError, VaultPermissionDenied
+from ..secret import Secret
+from . import core
+from .base import Signer
+
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def policy_name(mount: str, key: str) -> str:
+    """The name of the narrow policy that may only sign with ``key`` (and read its public key)."""
+    return "credbroker-sign-" + _NAME_CHARS.sub("-", f"{mount.strip('/')}-{key}").strip("-")
+
+
+def policy_hcl(mount: str, key: str) -> str:
+    """HCL of that policy. The sign path alone: no export, no rotate, no other key."""
+    m = mount.strip("/")
+    return (
+        f'# Written by credbroker: sign with transit key "{key}" and read its public key, nothing else.\n'
+        f'path "{m}/sign/{key}" {{\n  capabilities = ["update"]\n}}\n'
+        f'path "{m}/keys/{key}" {{\n  capabilities = ["read"]\n}}\n'
+    )
+
+
+def _vault_mapped(settings: Any, action: str, path: str, client: Any) -> Any:
+    """The sources' mapping of hvac/requests errors to VaultErrors (one exception tree)."""
+    from ..sources.vault import _mapped, _token_valid
+
+    return _mapped(settings, action, path, _token_valid(client))
+
+
+class TransitSigner(Signer):
+    """Signs through Vault's transit engine with a non-exportable Ed25519 key; returns base64."""
+
+    kind = "transit"
+
+    def __init__(
+        self,
+        api_key: Secret | str | None,
+        client: Any,
+        settings: Any,
+        *,
+        key: str,
+        mount: str = "transit",
+        token_ttl: float | None = None,
+        check_key: bool = True,
+        monotonic: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(api_key, **kwargs)
+        if not key or "/" in key:
+            raise SigningError(f"invalid transit key name {key!r}", "set signer.transit_key to the key's name")
+        self._client: Any = client
+        self._settings = settings
+        self.key = key
+        self.mount = mount.strip("/") or "transit"
+        self._token_ttl = token_ttl
+        self._monotonic = monotonic
+        self._issued = monotonic()
+        #: key version of the last signature (``vault:vN:``): changes when an admin rotates the key
+        self.key_version: int | None = None
+        if check_key:
+            self._describe_key()
+
+    # -- Vault calls -------------------------------------------------------------------
+    def _call(self, action: str, path: str, fn: Callable[[], Any]) -> Any:
+        if self._client is None:
+            raise SigningError("this signer has been closed", "get a new one with get_signer()")
+        with _vault_mapped(self._settings, action, path, self._client):
+            return fn()
+
+    def _describe_key(self) -> dict[str, Any]:
+        path = f"{self.mount}/keys/{self.key}"
+        resp = self._call("read the transit key", path,
+                          lambda: self._client.secrets.transit.read_key(name=self.key, mount_point=self.mount))
+        data = resp.get("data") if isinstance(resp, dict) else None
+        if not isinstance(data, dict):
+            raise SigningError(f"Vault returned no description of transit key {path}", "check the mount and key name")
+        if data.get("type") != "ed25519":
+            raise SigningError(
+                f"transit key {path} is of type {data.get('type')!r}, not ed25519",
+                "create an Ed25519 key: scripts/transit-key NAME",
+            )
+        if data.get("exportable") or data.get("allow_plaintext_backup"):
+            raise SigningError(
+                f"transit key {path} is exportable: its private key can leave Vault",
+                "create a new non-exportable key with scripts/transit-key and register its public key",
+            )
+        return data
+
+    def _maybe_renew(self) -> None:
+        ttl = self._token_ttl
+        if not ttl or self._monotonic() - self._issued < ttl / 2:
+            return
+        resp = self._call("renew the signing token at", "auth/token/renew-self",
+                          lambda: self._client.auth.token.renew_self())
+        lease = resp.get("auth", {}).get("lease_duration") if isinstance(resp, dict) else None
+        self._issued = self._monotonic()
+        if isinstance(lease, int) and lease > 0:
+            self._token_ttl = float(lease)
+
+    def _sign_bytes(self, payload: bytes) -> str:
+        self._maybe_renew()
+        path = f"{self.mount}/sign/{self.key}"
+        b64 = base64.b64encode(payload).decode("ascii")
+        resp = self._call("sign with", path, lambda: self._client.secrets.transit.sign_data(
+            name=self.key, hash_input=b64, mount_point=self.mount))
+        sig = resp.get("data", {}).get("signature") if isinstance(resp, dict) else None
+        if not isinstance(sig, str):
+            raise SigningError(f"Vault returned no signature from {path}", "check the transit mount and key")
+        self.key_version, signature = core.strip_transit_prefix(sig)
+        return signature
+
+    def public_key_pem(self, version: int | None = None) -> str:
+        """The PEM public key to register with Binance (latest key version unless given)."""
+        data = self._describe_key()
+        keys = data.get("keys")
+        if not isinstance(keys, dict) or not keys:
+            raise SigningError(f"Vault returned no public keys for {self.mount}/keys/{self.key}", "check the key")
+        want = str(version if version is not None else data.get("latest_version") or max(int(k) for k in keys))
+        entry = keys.get(want)
+        pub = entry.get("public_key") if isinstance(entry, dict) else None
+        if not isinstance(pub, str):
+            raise SigningError(f"transit key {self.key} has no public key for version {want}", "check the version")
+        if pub.lstrip().startswith("-----BEGIN"):
+            return pub
+        return core.ed25519_raw_public_to_pem(pub)
+
+    def close(self) -> None:
+        self._client = None
+
+
+def child_token(client: Any, settings: Any, *, mount: str, key: str, profile: str, ttl: str,
+                role: str | None = None) -> tuple[Secret, int]:
+    """A new token that may only sign with ``key``: (token, ttl in seconds).
+
+    Writes the narrow policy first when the broker's token may (an admin can
+    also write it beforehand: ``scripts/transit-key`` does). Without a token
+    role, Vault lets a non-root token create children only with policies it
+    holds itself; with ``role`` (``signer.token_role``) the role's
+    ``allowed_policies`` decide.
+    """
+    import hvac.exceptions as hx
+
+    name = policy_name(mount, key)
+    try:
+        with _vault_mapped(settings, "write policy", f"sys/policies/acl/{name}", client):
+            client.sys.create_or_update_acl_policy(name=name, policy=policy_hcl(mount, key))
+    except VaultPermissionDenied:
+        pass  # the admin manages policies; the token request below says if it is missing
+    create_path = f"auth/token/create/{role}" if role else "auth/token/create"
+    try:
+        with _vault_mapped(settings, "create a signing token at", create_path, client):
+            resp = client.auth.token.create(
+                policies=[name],
+                ttl=ttl,
+                renewable=True,
+                display_name=f"credbroker-signer-{profile}",
+                meta={"profile": profile, "transit_key": f"{mount}/{key}"},
+                role_name=role,
+            )
+    except SigningError:
+        raise
+    except hx.VaultError as exc:  # pragma: no cover - _mapped converts these
+        raise SigningError(f"cannot create a signing token: {type(exc).__name__}", "check the broker's policy") from exc
+    except Exception as exc:
+        message = getattr(exc, "message", str(exc))
+        raise SigningError(
+            f"cannot create a transit signing token for profile {profile!r}: {message}",
+            f"give the broker's token policy {name} (scripts/transit-key writes it), or set signer.token_role",
+        ) from exc
+    auth = resp.get("auth") if isinstance(resp, dict) else None
+    token = auth.get("client_token") if isinstance(auth, dict) else None
+    if not isinstance(token, str) or not token:
+        raise SigningError("Vault returned no token for the transit signer", "check the server")
+    policies = auth.get("policies") or []
+    if name not in policies:
+        raise SigningError(
+            f"the signing token Vault issued lacks policy {name}",
+            f"allow {name} in signer.token_role's allowed_policies, or write the policy (scripts/transit-key)",
+        )
+    lease = auth.get("lease_duration")
+    return Secret(token), int(lease) if isinstance(lease, int) else 0
