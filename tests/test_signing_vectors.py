@@ -164,7 +164,7 @@ def _connector():  # type: ignore[no-untyped-def]
     try:
         from binance.lib import authentication  # binance-connector (test-only dependency)
     except ImportError:
-        from conftest import service_missing
+        from tests.conftest import service_missing
 
         service_missing("binance-connector not installed (pip install binance-connector)")
     return authentication

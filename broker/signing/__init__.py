@@ -168,7 +168,13 @@ def make_signer(
     secret = fields[key_field]
     from . import core
 
-    detected = core.detect_kind(secret.reveal())
+    passphrase = fields.get(settings.passphrase_field)
+    pem = secret.reveal()
+    if core.looks_like_pem(pem):
+        detected, key = core.load_private_key(pem, passphrase.reveal() if passphrase else None)
+    else:
+        detected, key = "hmac", None
+    del pem
     if settings.type not in ("auto", detected):
         raise ConfigError(
             f"{where}.type is {settings.type!r} but the key stored in {key_field!r} is {detected}",
@@ -178,14 +184,13 @@ def make_signer(
         from .hmac_sha256 import HmacSigner
 
         return HmacSigner(api_key, secret, **common)
-    passphrase = fields.get(settings.passphrase_field)
     if detected == "ed25519":
         from .ed25519 import Ed25519Signer
 
-        return Ed25519Signer(api_key, secret, passphrase, **common)
+        return Ed25519Signer(api_key, key, **common)
     from .rsa import RsaSigner
 
-    return RsaSigner(api_key, secret, passphrase, **common)
+    return RsaSigner(api_key, key, **common)
 
 
 def _record_fetch(creds: Credentials, profile: Profile, cfg: Config) -> None:
