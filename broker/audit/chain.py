@@ -1,0 +1,139 @@
+"""The record format and the hash chain, shared by the writer and the verifier.
+
+One record is one line of JSON (JSON Lines), written in this exact layout::
+
+    {"v":1,"seq":7,"ts":"2026-11-24T04:00:00.123456Z","event":"secret_fetched",
+     "prev":"<64 hex>","alg":"hmac-sha256","kid":"<16 hex>",
+     "data":{...},"host":"bot-1","pid":4242,"user":"trader","hash":"<64 hex>"}
+
+(on one line). The header (``v`` .. ``kid``) comes first in a fixed order, the
+rest is compact JSON with sorted keys, and ``hash`` is last. ``hash`` is
+computed over the line's exact bytes up to (not including) ``,"hash":``::
+
+    unkeyed: SHA-256(b"credbroker/audit/v1/sha256\\0" || prefix)
+    keyed:   HMAC-SHA256(key, b"credbroker/audit/v1/hmac\\0" || prefix)
+
+The prefix holds ``prev`` (the previous record's ``hash``; 64 zeros for the
+first record ever), so every record commits to all before it. The labels
+separate the two algorithms' domains (and this use of the key from the key id).
+Hashing bytes rather than re-serialised JSON means no canonicalisation can
+disagree, and lets the verifier read ``seq``/``prev`` with one regular
+expression instead of a JSON parse (the report streams 10^6 records).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+FORMAT_VERSION = 1
+GENESIS = "0" * 64
+ALG_SHA256 = "sha256"
+ALG_HMAC = "hmac-sha256"
+_LABELS = {ALG_SHA256: b"credbroker/audit/v1/sha256\x00", ALG_HMAC: b"credbroker/audit/v1/hmac\x00"}
+#: `,"hash":"` + 64 hex + `"}`
+HASH_SUFFIX_LEN = 9 + 64 + 2
+_HASH_KEY = b',"hash":"'
+#: A record longer than this is refused: the writer's tail scan and the verifier assume it.
+MAX_LINE = 64 * 1024
+
+_HEADER = re.compile(
+    rb'\{"v":1,"seq":([1-9][0-9]{0,17}),"ts":"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]{8,15}Z)",'
+    rb'"event":"([a-z][a-z0-9_]{0,63})","prev":"([0-9a-f]{64})","alg":"(sha256|hmac-sha256)",'
+    rb'(?:"kid":"([0-9a-f]{16})",)?'
+)
+EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+Hasher = Callable[[bytes], str]
+
+
+def make_hasher(key: bytes | None) -> tuple[str, Hasher]:
+    """(alg, function(prefix) -> hex) for an unkeyed or keyed chain."""
+    if key is None:
+        label = _LABELS[ALG_SHA256]
+
+        def sha(prefix: bytes) -> str:
+            return hashlib.sha256(label + prefix).hexdigest()
+
+        return ALG_SHA256, sha
+    base = hmac.new(key, _LABELS[ALG_HMAC], hashlib.sha256)
+
+    def mac(prefix: bytes) -> str:
+        h = base.copy()
+        h.update(prefix)
+        return h.hexdigest()
+
+    return ALG_HMAC, mac
+
+
+def build_prefix(seq: int, ts: str, event: str, prev: str, alg: str, kid: str | None, rest: str) -> bytes:
+    """The hashed part of a line. ``rest`` is the sorted compact JSON of the other keys, braces stripped."""
+    kid_part = f'"kid":"{kid}",' if kid else ""
+    return (
+        f'{{"v":{FORMAT_VERSION},"seq":{seq},"ts":"{ts}","event":"{event}","prev":"{prev}","alg":"{alg}",'
+        f"{kid_part}{rest}"
+    ).encode("ascii")
+
+
+def encode_rest(body: dict[str, Any]) -> str:
+    """Compact, sorted, ASCII-only JSON of a record's non-header keys, without the outer braces."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)[1:-1]
+
+
+def finish_line(prefix: bytes, digest: str) -> bytes:
+    """prefix + the hash key, newline-terminated."""
+    return prefix + _HASH_KEY + digest.encode("ascii") + b'"}\n'
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the verifier needs from a line, read without a JSON parse."""
+
+    seq: int
+    ts: str
+    event: str
+    prev: str
+    alg: str
+    kid: str | None
+    digest: str
+    prefix: bytes
+
+
+def parse_header(line: bytes) -> Header | None:
+    """The header of a complete line (no trailing newline), or None if it is not a record."""
+    if len(line) < HASH_SUFFIX_LEN + 40 or not line.endswith(b'"}'):
+        return None
+    cut = len(line) - HASH_SUFFIX_LEN
+    if line[cut : cut + 9] != _HASH_KEY:
+        return None
+    m = _HEADER.match(line)
+    if m is None:
+        return None
+    digest = line[cut + 9 : cut + 9 + 64]
+    try:
+        digest_text = digest.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if len(digest_text) != 64 or digest_text.strip("0123456789abcdef"):
+        return None
+    kid = m.group(6)
+    return Header(
+        seq=int(m.group(1)),
+        ts=m.group(2).decode("ascii"),
+        event=m.group(3).decode("ascii"),
+        prev=m.group(4).decode("ascii"),
+        alg=m.group(5).decode("ascii"),
+        kid=kid.decode("ascii") if kid else None,
+        digest=digest_text,
+        prefix=line[:cut],
+    )
+
+
+def digest_matches(expected_hex: str, actual_hex: str) -> bool:
+    """Constant-time comparison of two hex digests (STYLE.md: MACs via compare_digest)."""
+    return hmac.compare_digest(expected_hex.encode("ascii"), actual_hex.encode("ascii"))

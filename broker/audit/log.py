@@ -1,0 +1,456 @@
+"""The writer: one append path for every event, durable, safe with many writers.
+
+How an append works (issue 3, "Durability and concurrency"):
+
+1. ``flock(LOCK_EX)`` on ``audit.log.lock``: several brokers on one host take
+   turns, so records never interleave. (A separate lock file, because the log
+   itself is renamed when it rotates.)
+2. If the file was renamed by another writer (rotation), reopen it. If it
+   changed since this process last wrote, read its tail for the last ``seq``
+   and ``hash``.
+3. A tail without a final newline is what a crash mid-write leaves. It is
+   terminated and a ``partial_tail`` record naming its offset, length and
+   SHA-256 is written right after it, so ``verify`` can tell it from tampering.
+4. Rotate if due (weekly / daily / size), then write every pending line in one
+   ``write(2)`` and ``fdatasync(2)`` before the lock is released: a
+   ``durable=True`` record is on disk when ``record()`` returns (the runner
+   records the fetch/inject before the child starts).
+5. Update ``audit.log.head`` with the last seq and hash (truncation check).
+
+Batched appends (signatures, high-rate events) are the same path with many
+records per write and per fsync (group commit)::
+
+    with log.batch():                 # flushes at the end of the block
+        for ... in ...:
+            log.record("sign", {...}, durable=False)
+
+or ``log.record(..., durable=False)`` and later ``log.flush()``. Pending
+records are also flushed when 1000 are waiting, when the oldest has waited a
+second (checked at the next ``record``), by any durable record (order is
+kept), and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import AuditError
+from ..secret import Secret
+from .chain import (
+    ALG_HMAC,
+    ALG_SHA256,
+    EVENT_NAME,
+    FORMAT_VERSION,
+    GENESIS,
+    MAX_LINE,
+    build_prefix,
+    encode_rest,
+    finish_line,
+    make_hasher,
+)
+from .files import encode_head, first_header, head_path, last_header, lock_path, read_tail, rotated_files
+from .keys import key_id
+from .settings import AuditSettings, ensure_private_folder
+
+BATCH_MAX = 1000
+BATCH_MAX_AGE = 1.0
+
+#: Event names other modules write (issue 3). The schema stays open: any name
+#: matching ``[a-z][a-z0-9_]*`` is accepted.
+SECRET_FETCHED = "secret_fetched"
+SECRET_INJECTED = "secret_injected"
+CHILD_EXITED = "child_exited"
+REFUSED = "refused"
+SIGNATURE_FAILURE = "signature_failure"
+ROTATION_DETECTED = "rotation_detected"
+#: Written by the audit log itself.
+PARTIAL_TAIL = "partial_tail"
+PRUNED = "pruned"
+AUDIT_KEYED = "audit_keyed"
+
+
+def utc_timestamp(now: float | None = None) -> str:
+    """``2026-11-24T04:00:00.123456Z``."""
+    dt = datetime.fromtimestamp(time.time() if now is None else now, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.getuid())
+
+
+def check_fields(value: Any, where: str = "fields") -> Any:
+    """A JSON-ready copy of ``value``; AuditError for a secret or anything not plain data.
+
+    The guard that keeps secret values out of the log: a ``Secret`` (or a
+    ``Credentials``, whose values are Secrets) anywhere in the fields is refused.
+    """
+    if isinstance(value, Secret):
+        raise AuditError(
+            f"refusing to write a secret value into the audit log ({where})",
+            "record field names, versions and paths, never values",
+        )
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise AuditError(f"audit field {where} is not a finite number", "record a finite number")
+        return value
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise AuditError(f"audit field {where} has a non-string key", "use string keys")
+            out[k] = check_fields(v, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [check_fields(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raise AuditError(f"refusing raw bytes in the audit log ({where})", "record names or lengths, never bytes")
+    raise AuditError(
+        f"audit field {where} is a {type(value).__name__}, not plain data",
+        "pass str, int, float, bool, None, lists and dicts",
+    )
+
+
+@dataclass
+class _Pending:
+    ts: str
+    event: str
+    rest: str
+    record: dict[str, Any]
+
+
+@dataclass
+class _State:
+    ino: int
+    size: int
+    seq: int
+    hash: str
+    alg: str | None
+    kid: str | None
+
+
+_LIVE: weakref.WeakSet[AuditLog] = weakref.WeakSet()
+
+
+def _flush_all_at_exit() -> None:
+    for log in list(_LIVE):
+        try:
+            log.flush()
+        except Exception:  # noqa: BLE001 - at exit, nowhere left to raise to
+            pass
+
+
+atexit.register(_flush_all_at_exit)
+
+
+class AuditLog:
+    """An append-only, hash-chained audit log (see the module docstring)."""
+
+    def __init__(self, settings: AuditSettings, key: Secret | None = None) -> None:
+        self.settings = settings
+        self.path: Path = settings.path
+        raw_key = key.reveal() if key is not None else None
+        self.key_id: str | None = key_id(raw_key) if raw_key is not None else None
+        # The hmac object keeps its own copy of the key for the process lifetime.
+        self.alg, self._hash = make_hasher(raw_key)
+        del raw_key
+        self._thread_lock = threading.RLock()
+        self._pending: list[_Pending] = []
+        self._pending_since = 0.0
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._state: _State | None = None
+        self._first_ts: tuple[int, str | None] | None = None  # (ino, ts of the file's first record)
+        self._host = os.uname().nodename
+        self._user = _user()
+        _LIVE.add(self)
+
+    # -- public API ---------------------------------------------------------------------
+    def record(self, event: str, fields: Mapping[str, Any], *, durable: bool = True) -> dict[str, Any]:
+        """Append one event; return the record (completed with seq/hash once committed).
+
+        ``durable=True``: written and fsync'ed before this returns. ``durable=False``:
+        queued for a group commit (``flush()``, ``batch()``, or automatically).
+        """
+        if not isinstance(event, str) or not EVENT_NAME.match(event):
+            raise AuditError(f"invalid audit event name {event!r}", "use lower-case letters, digits and '_'")
+        data = check_fields(fields if fields is not None else {}, "fields")
+        if not isinstance(data, dict):
+            raise AuditError("audit fields must be a mapping", "pass a dict of field name -> value")
+        pid = os.getpid()
+        try:
+            rest = encode_rest({"data": data, "host": self._host, "pid": pid, "user": self._user})
+        except (TypeError, ValueError) as exc:
+            raise AuditError(f"audit fields cannot be written as JSON: {type(exc).__name__}", "pass plain data") from None
+        if len(rest) > MAX_LINE - 400:
+            raise AuditError(f"audit record for {event} is too large ({len(rest)} bytes)", "record less detail")
+        ts = utc_timestamp()
+        rec: dict[str, Any] = {"v": FORMAT_VERSION, "ts": ts, "event": event, "data": data, "host": self._host,
+                               "pid": pid, "user": self._user}
+        with self._thread_lock:
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending.append(_Pending(ts, event, rest, rec))
+            if durable or len(self._pending) >= BATCH_MAX or time.monotonic() - self._pending_since >= BATCH_MAX_AGE:
+                self.flush()
+        return rec
+
+    def flush(self) -> None:
+        """Commit every pending record: one write, one fsync, under the file lock."""
+        with self._thread_lock:
+            if not self._pending:
+                return
+            pending, self._pending = self._pending, []
+            try:
+                self._commit(pending)
+            except OSError as exc:
+                raise AuditError(
+                    f"cannot write the audit log {self.path}: {exc.strerror or type(exc).__name__}",
+                    "check the folder's permissions and free space, or set [audit] path",
+                ) from exc
+
+    @contextmanager
+    def batch(self) -> Iterator[AuditLog]:
+        """Group-commit every ``record(..., durable=False)`` made inside the block."""
+        try:
+            yield self
+        finally:
+            self.flush()
+
+    def rotate(self) -> Path | None:
+        """Rotate the active file now (if it holds any record); return the rotated file's path."""
+        with self._thread_lock, self._locked():
+            fd = self._open_active()
+            if os.fstat(fd).st_size == 0:
+                return None
+            return self._rotate_locked()
+
+    def close(self) -> None:
+        """Flush and release the file descriptors."""
+        with self._thread_lock:
+            try:
+                self.flush()
+            finally:
+                for fd in (self._fd, self._lock_fd):
+                    if fd is not None:
+                        os.close(fd)
+                self._fd = self._lock_fd = None
+                self._state = None
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+    def __repr__(self) -> str:
+        keyed = f"keyed, key id {self.key_id}" if self.key_id else "unkeyed"
+        return f"AuditLog({str(self.path)!r}, {keyed})"
+
+    # -- internals ----------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self._lock_fd is None:
+            ensure_private_folder(self.path.parent)
+            self._lock_fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                    0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _open_active(self) -> int:
+        """The active file's fd, reopened if another writer rotated it away."""
+        if self._fd is not None:
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    return self._fd
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+            self._state = None
+        ensure_private_folder(self.path.parent)
+        existed = self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.fchmod(fd, 0o600)  # 0600, whatever the umask or an earlier tool did
+        if not existed:
+            _fsync_dir(self.path.parent)
+        self._fd = fd
+        return fd
+
+    def _current_state(self, fd: int) -> tuple[_State, int | None, bytes]:
+        """Last seq/hash, plus any partial last line a crash left (its offset and bytes)."""
+        st = os.fstat(fd)
+        cached = self._state
+        if cached is not None and cached.ino == st.st_ino and cached.size == st.st_size:
+            return cached, None, b""
+        tail = read_tail(fd, str(self.path))
+        if tail.last is not None:
+            h = tail.last
+            state = _State(st.st_ino, st.st_size, h.seq, h.digest, h.alg, h.kid)
+        else:
+            prev = None
+            rotated = rotated_files(self.path)
+            if rotated:
+                prev = last_header(rotated[-1])
+                if prev is None:
+                    raise AuditError(
+                        f"cannot find the last record of {rotated[-1]}",
+                        "run `credbroker audit verify` to see what is wrong with it",
+                    )
+            state = _State(st.st_ino, st.st_size, prev.seq if prev else 0, prev.digest if prev else GENESIS,
+                           prev.alg if prev else None, prev.kid if prev else None)
+        return state, tail.partial_offset, tail.partial
+
+    def _recovery_line(self, state: _State, offset: int, partial: bytes) -> bytes:
+        """Terminate a crash's partial line and record it in the chain itself."""
+        import hashlib
+
+        return b"\n" + self._line(state, utc_timestamp(), PARTIAL_TAIL, encode_rest({
+            "data": {"offset": offset, "bytes": len(partial), "sha256": hashlib.sha256(partial).hexdigest()},
+            "host": self._host, "pid": os.getpid(), "user": self._user}), None)
+
+    def _line(self, state: _State, ts: str, event: str, rest: str, rec: dict[str, Any] | None) -> bytes:
+        """Build the next line on ``state`` and advance it."""
+        seq = state.seq + 1
+        prefix = build_prefix(seq, ts, event, state.hash, self.alg, self.key_id, rest)
+        digest = self._hash(prefix)
+        if rec is not None:
+            rec.update(seq=seq, prev=state.hash, alg=self.alg, hash=digest)
+            if self.key_id:
+                rec["kid"] = self.key_id
+        state.seq, state.hash, state.alg, state.kid = seq, digest, self.alg, self.key_id
+        return finish_line(prefix, digest)
+
+    def _check_key_continuity(self, state: _State) -> bool:
+        """Refuse a downgrade or a key change; True when the chain switches from unkeyed to keyed."""
+        if state.alg is None:
+            return False
+        if state.alg == ALG_HMAC and self.alg == ALG_SHA256:
+            raise AuditError(
+                f"the audit log {self.path} is keyed (key id {state.kid}) but no audit key is configured",
+                "set [audit] key or CREDBROKER_AUDIT_KEY to the same key",
+            )
+        if state.alg == ALG_HMAC and state.kid != self.key_id:
+            raise AuditError(
+                f"the audit log {self.path} is keyed with key id {state.kid}, not the configured {self.key_id}",
+                "configure the same key, or move the log aside to start a new chain",
+            )
+        return state.alg == ALG_SHA256 and self.alg == ALG_HMAC
+
+    def _keyed_marker(self, state: _State) -> bytes:
+        """The first keyed record after unkeyed ones says so (verify accepts the unkeyed prefix)."""
+        return self._line(state, utc_timestamp(), AUDIT_KEYED, encode_rest({
+            "data": {"kid": self.key_id, "unkeyed_through": state.seq},
+            "host": self._host, "pid": os.getpid(), "user": self._user}), None)
+
+    def _rotation_due(self, fd: int, size: int, adding: int) -> bool:
+        if size == 0:
+            return False
+        if size + adding > self.settings.max_size:
+            return True
+        if self.settings.rotate == "size":
+            return False
+        ino = os.fstat(fd).st_ino
+        if self._first_ts is None or self._first_ts[0] != ino:
+            first = first_header(self.path)
+            self._first_ts = (ino, first.ts if first else None)
+        first_ts = self._first_ts[1]
+        if first_ts is None:
+            return False
+        now = datetime.now(timezone.utc)
+        then = datetime.strptime(first_ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+        if self.settings.rotate == "daily":
+            return then.date() != now.date()
+        return then.isocalendar()[:2] != now.isocalendar()[:2]
+
+    def _rotate_locked(self) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = self.path.with_name(f"{self.path.name}.{stamp}")
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.{stamp}-{n}")
+        os.rename(self.path, target)
+        _fsync_dir(self.path.parent)
+        state = self._state
+        self._open_active()  # a new, empty active file
+        if state is not None and self._fd is not None:
+            # The chain carries on from the rotated file's last record.
+            self._state = _State(os.fstat(self._fd).st_ino, 0, state.seq, state.hash, state.alg, state.kid)
+        return target
+
+    def _commit(self, pending: list[_Pending]) -> None:
+        with self._locked():
+            fd = self._open_active()
+            state, partial_offset, partial = self._current_state(fd)
+            switch_to_keyed = self._check_key_continuity(state)  # raises before anything is written
+            if partial_offset is not None:
+                _write_all(fd, self._recovery_line(state, partial_offset, partial))
+                state.size = os.fstat(fd).st_size
+            chunks = [self._keyed_marker(state)] if switch_to_keyed else []
+            estimate = sum(len(p.rest) + 300 for p in pending)
+            if self._rotation_due(fd, state.size, estimate):
+                self._state = state
+                self._rotate_locked()
+                fd = self._open_active()
+                assert self._state is not None
+                state = self._state
+            for p in pending:
+                chunks.append(self._line(state, p.ts, p.event, p.rest, p.record))
+            data = b"".join(chunks)
+            _write_all(fd, data)
+            os.fdatasync(fd)
+            state.size = os.fstat(fd).st_size
+            state.ino = os.fstat(fd).st_ino
+            self._state = state
+            self._write_head(state)
+
+    def _write_head(self, state: _State) -> None:
+        fd = os.open(head_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.pwrite(fd, encode_head(state.seq, state.hash, self.path.name), 0)
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)

@@ -1,0 +1,155 @@
+"""The ``[audit]`` table: validated once, into a frozen value.
+
+Keys (all optional)::
+
+    [audit]
+    path = "~/.local/state/credbroker/audit.log"   # where the active log lives
+    key = "vault:secret/credbroker/audit#key"      # keyed chain (or "keyring:SERVICE:FIELD")
+    rotate = "weekly"                              # "weekly" (default), "daily" or "size"
+    max_size = "64MiB"                             # rotate earlier when the file grows past this
+    keep = "90d"                                   # default of `credbroker audit prune --keep`
+    work_hours = "06-22"                           # UTC hours the report treats as usual
+
+Where the log is, first match wins (documented in the README):
+
+1. ``[audit] path`` (``~`` expanded; a relative path is taken from the current folder)
+2. ``$CREDBROKER_AUDIT_LOG``
+3. ``$XDG_STATE_HOME/credbroker/audit.log`` (default ``~/.local/state/credbroker/audit.log``)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+ENV_LOG = "CREDBROKER_AUDIT_LOG"
+ENV_KEY = "CREDBROKER_AUDIT_KEY"
+
+KNOWN_KEYS = frozenset({"path", "key", "rotate", "max_size", "keep", "work_hours"})
+ROTATE_CHOICES = ("weekly", "daily", "size")
+DEFAULT_MAX_SIZE = 64 * 1024 * 1024
+DEFAULT_KEEP = timedelta(days=90)
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|K|M|G)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_HOURS = re.compile(r"^\s*(\d{1,2})\s*-\s*(\d{1,2})\s*$")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Validated audit settings. Holds a key *reference*, never a key."""
+
+    path: Path
+    key_spec: str | None = None
+    rotate: str = "weekly"
+    max_size: int = DEFAULT_MAX_SIZE
+    keep: timedelta = DEFAULT_KEEP
+    #: (start, end) UTC hours that are usual, end exclusive; None = learn from history
+    work_hours: tuple[int, int] | None = None
+
+
+def default_log_path(env: Mapping[str, str]) -> Path:
+    """``$XDG_STATE_HOME/credbroker/audit.log`` (XDG base directory spec's state folder)."""
+    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local" / "state")
+    return Path(base) / "credbroker" / "audit.log"
+
+
+def parse_duration(text: str, what: str = "duration") -> timedelta:
+    """``90d``, ``12h``, ``2w``, ``30m``, ``45s`` -> timedelta, or ConfigError."""
+    m = _DURATION.match(str(text))
+    if not m or int(m.group(1)) <= 0:
+        raise ConfigError(f"{what}: invalid duration {text!r}", "write a number and a unit, e.g. 7d, 12h, 2w, 90d")
+    return timedelta(seconds=int(m.group(1)) * _DURATION_UNITS[m.group(2)])
+
+
+def parse_size(value: object, what: str = "[audit] max_size") -> int:
+    """``64MiB`` / ``1000000`` -> bytes, or ConfigError."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size, got a boolean", 'write e.g. max_size = "64MiB"')
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ConfigError(f"{what}: invalid size {value!r}", 'write e.g. max_size = "64MiB"')
+        size = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    if size < 4096:
+        raise ConfigError(f"{what}: {size} bytes is too small", "use at least 4KiB")
+    return size
+
+
+def parse_hours(value: object, what: str = "[audit] work_hours") -> tuple[int, int]:
+    """``"06-22"`` -> (6, 22): UTC hours [start, end); a range may wrap past midnight."""
+    m = _HOURS.match(str(value)) if isinstance(value, str) else None
+    if not m:
+        raise ConfigError(f"{what}: invalid hours {value!r}", 'write a UTC range, e.g. work_hours = "06-22"')
+    start, end = int(m.group(1)), int(m.group(2))
+    if not (0 <= start <= 23 and 0 <= end <= 24) or start == end:
+        raise ConfigError(f"{what}: invalid hours {value!r}", "hours run from 0 to 24 and the range is not empty")
+    return start, end
+
+
+def load_settings(audit_config: Mapping[str, Any] | None, env: Mapping[str, str]) -> AuditSettings:
+    """Validate ``[audit]`` (as ``Config.audit`` passes it, raw) against ``env``."""
+    cfg = dict(audit_config or {})
+    for key in cfg:
+        if key not in KNOWN_KEYS:
+            raise ConfigError(f"[audit] {key}: unknown key", f"expected one of: {', '.join(sorted(KNOWN_KEYS))}")
+
+    raw_path = cfg.get("path")
+    if raw_path is not None:
+        if not isinstance(raw_path, str) or not raw_path.strip():
+            raise ConfigError("[audit] path: expected a file path", 'write e.g. path = "/var/lib/bots/audit.log"')
+        path = Path(raw_path).expanduser()
+    elif env.get(ENV_LOG):
+        path = Path(env[ENV_LOG]).expanduser()
+    else:
+        path = default_log_path(env)
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    if path.name in ("", ".", ".."):
+        raise ConfigError(f"audit log path {path} names a folder", "name a file, e.g. .../audit.log")
+
+    key_spec = cfg.get("key")
+    if key_spec is not None:
+        from .keys import parse_key_spec
+
+        if not isinstance(key_spec, str):
+            raise ConfigError("[audit] key: expected a string", 'write key = "vault:MOUNT/PATH#FIELD" or "keyring:SERVICE:FIELD"')
+        parse_key_spec(key_spec)  # validate the reference now; fetch only when used
+
+    rotate = cfg.get("rotate", "weekly")
+    if rotate not in ROTATE_CHOICES:
+        raise ConfigError(f"[audit] rotate: unknown value {rotate!r}", f"use one of: {', '.join(ROTATE_CHOICES)}")
+    max_size = parse_size(cfg["max_size"]) if "max_size" in cfg else DEFAULT_MAX_SIZE
+    keep = parse_duration(str(cfg["keep"]), "[audit] keep") if "keep" in cfg else DEFAULT_KEEP
+    hours = parse_hours(cfg["work_hours"]) if "work_hours" in cfg else None
+    return AuditSettings(path=path, key_spec=key_spec, rotate=str(rotate), max_size=max_size, keep=keep,
+                         work_hours=hours)
+
+
+def ensure_private_folder(folder: Path) -> None:
+    """Create the log's folder 0700 (and its parents as needed)."""
+    if not folder.is_dir():
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
+        except OSError as exc:
+            from ..errors import AuditError
+
+            raise AuditError(
+                f"cannot create the audit log folder {folder}: {exc.strerror or exc}",
+                "check the permissions of its parent, or set [audit] path",
+            ) from exc
