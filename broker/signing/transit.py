@@ -73,6 +73,10 @@ class TransitSigner(Signer):
         if not key or "/" in key:
             raise SigningError(f"invalid transit key name {key!r}", "set signer.transit_key to the key's name")
         self._client: Any = client
+        if settings is None:  # for messages only: where the server is, which token
+            from ..sources.settings import VaultSettings
+
+            settings = VaultSettings(addr=str(getattr(client, "url", "Vault")), token_source="the signer's token")
         self._settings = settings
         self.key = key
         self.mount = mount.strip("/") or "transit"
