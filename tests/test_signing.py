@@ -6,6 +6,7 @@ import base64
 import json
 import pickle
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -396,3 +397,29 @@ def test_signature_placement_matches_docs_example_3_against_server(verifier: Bin
         **signer.headers(), "Content-Type": "application/x-www-form-urlencoded"}, timeout=10)
     assert r.json()["code"] == -1022
     assert dict(parse_qsl(urlsplit(r.request.url).query)) == {"symbol": "LTCBTC"}
+
+
+# -- the real audit log ----------------------------------------------------------------------------
+
+def _audit_records() -> list[dict[str, Any]]:
+    from broker.audit import open_log
+
+    path = Path(open_log(None).path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_signature_failure_lands_in_the_real_audit_log(verifier: BinanceVerifier) -> None:
+    wrong_secret = "wrong-secret-" + "z" * 40
+    wrong = HmacSigner(API_KEY, Secret(wrong_secret), profile="um-futures")
+    resp = requests.get(verifier.url + "/fapi/v2/account", params={"symbol": "BTCUSDT"}, auth=wrong, timeout=10)
+    assert resp.status_code == 400
+    records = [r for r in _audit_records() if r.get("event") == "signature_failure"]
+    assert len(records) == 1
+    text = json.dumps(records)
+    assert "-1022" in text and "/fapi/v2/account" in text
+    sent_sig = unquote(resp.request.url.rsplit("signature=", 1)[1])
+    from broker.audit import open_log
+
+    raw = Path(open_log(None).path).read_text()
+    for needle in (wrong_secret, sent_sig, API_KEY, "symbol=BTCUSDT"):
+        assert needle not in raw

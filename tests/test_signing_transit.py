@@ -162,7 +162,7 @@ def test_child_token_can_only_sign(openbao: OpenBao, tmp_path: Path, recorded: l
     with pytest.raises(hx.Forbidden):
         child.secrets.transit.sign_data(name=other, hash_input=base64.b64encode(b"x").decode())
     with pytest.raises(hx.Forbidden):
-        child.secrets.kv.v2.read_secret_version(path="bots/" + name, mount_point="secret")
+        child.secrets.kv.v2.read_secret_version(path="bots/" + name, mount_point="secret", raise_on_deleted_version=True)
     with pytest.raises(hx.Forbidden):
         child.secrets.transit.rotate_key(name=name)
     # The child's get_signer() builds a working signer from those variables alone.
