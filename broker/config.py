@@ -34,9 +34,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 
@@ -72,9 +71,6 @@ _SOURCE_KEYS: dict[str, frozenset[str]] = {
     "keyring": frozenset({"service", "backend"}),
 }
 
-_VAULT_KEYS = frozenset(
-    {"addr", "namespace", "cacert", "timeout", "auth", "approle_mount", "role_id_file", "secret_id_file"}
-)
 
 
 def default_config_path() -> Path:
@@ -88,8 +84,13 @@ def sources() -> tuple[str, ...]:
     return tuple(_SOURCE_KEYS)
 
 
-@dataclass(frozen=True)
-class Profile:
+# Value types here are NamedTuples, not dataclasses: they are immutable and typed
+# just the same, and `credbroker run` does not pay the ~10 ms that importing
+# `dataclasses` (and `inspect`) costs at every bot start. Treat the mappings
+# they hold as read-only.
+
+
+class Profile(NamedTuple):
     """One named way to fetch a bot's secrets and map them into its environment."""
 
     name: str
@@ -97,9 +98,9 @@ class Profile:
     #: environment variable name -> secret field name
     env: Mapping[str, str]
     #: source-specific options (path, mount, version, service, ...)
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = {}
     #: other sections of the profile (signer, policy, rotation), raw
-    sections: Mapping[str, Any] = field(default_factory=dict)
+    sections: Mapping[str, Any] = {}
     #: the file this profile came from, for messages; None for a one-off profile
     origin: str | None = None
 
@@ -173,15 +174,14 @@ def _adhoc_name(options: Mapping[str, Any], source: str) -> str:
     return tail if _PROFILE_NAME.match(tail) else "adhoc"
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """A parsed configuration file."""
 
     path: Path | None
     profiles: Mapping[str, Profile]
-    vault: Mapping[str, Any] = field(default_factory=dict)
-    audit: Mapping[str, Any] = field(default_factory=dict)
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    vault: Mapping[str, Any] = {}
+    audit: Mapping[str, Any] = {}
+    raw: Mapping[str, Any] = {}
 
     def profile(self, name: str) -> Profile:
         """The named profile, or a ConfigError listing the ones that exist."""
@@ -256,10 +256,10 @@ def parse_dict(raw: Mapping[str, Any], *, origin: str = "<config>", path: Path |
             )
     vault = _table(raw, "vault", origin)
     for key in vault:
-        if key not in _VAULT_KEYS:
+        if key not in VAULT_CONFIG_ENV:
             raise ConfigError(
                 f"{origin}: vault.{key}: unknown key",
-                f"expected one of: {', '.join(sorted(_VAULT_KEYS))}",
+                f"expected one of: {', '.join(sorted(VAULT_CONFIG_ENV))}",
             )
     audit = _table(raw, "audit", origin)
     profiles_raw = _table(raw, "profiles", origin)
@@ -378,6 +378,42 @@ def _check_profile(profile: Profile) -> None:
                 f"{profile.where('backend')}: expected a keyring backend class name",
                 'e.g. "keyring.backends.SecretService.Keyring", or omit it',
             )
+
+
+#: [vault] config key -> the environment variable that overrides it.
+VAULT_CONFIG_ENV = {
+    "addr": "VAULT_ADDR",
+    "namespace": "VAULT_NAMESPACE",
+    "cacert": "VAULT_CACERT",
+    "timeout": "CREDBROKER_VAULT_TIMEOUT",
+    "auth": "CREDBROKER_VAULT_AUTH",
+    "approle_mount": "CREDBROKER_APPROLE_MOUNT",
+    "role_id_file": "CREDBROKER_ROLE_ID_FILE",
+    "secret_id_file": "CREDBROKER_SECRET_ID_FILE",
+}
+
+
+def with_config_defaults(environ: Mapping[str, str], config: Config | None) -> dict[str, str]:
+    """The environment, with ``[vault]`` config values filled in where no variable is set.
+
+    Sources read their settings from this one mapping: environment first (as
+    the Vault CLI does), then the config file.
+    """
+    env = dict(environ)
+    if config is None:
+        return env
+    origin = str(config.path or "<config>")
+    for key, value in config.vault.items():
+        var = VAULT_CONFIG_ENV[key]
+        if key == "timeout":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{origin}: vault.timeout: expected seconds > 0, got {value!r}", "e.g. timeout = 10")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{origin}: vault.{key}: expected a string, got {value!r}", f"quote the {key} value")
+        if key == "addr" and "BAO_ADDR" in env:
+            continue
+        env.setdefault(var, str(value))
+    return env
 
 
 def parse_env_mapping(items: tuple[str, ...] | list[str]) -> dict[str, str]:

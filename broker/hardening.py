@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -34,8 +34,7 @@ def _prctl(option: int, arg: int) -> int:
     return int(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0))
 
 
-@dataclass(frozen=True)
-class HardeningReport:
+class HardeningReport(NamedTuple):
     """What could be applied, for `--verbose` and tests."""
 
     core_dumps_off: bool

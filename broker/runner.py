@@ -24,14 +24,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from .config import BROKER_CREDENTIAL_VARS, Profile
@@ -128,13 +126,15 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-@dataclass
 class Child:
     """A started child process and what the audit log wants to know about it."""
 
-    proc: subprocess.Popen[bytes]
-    argv: list[str]
-    started: float = field(default_factory=time.monotonic)
+    __slots__ = ("proc", "argv", "started")
+
+    def __init__(self, proc: subprocess.Popen[bytes], argv: list[str]) -> None:
+        self.proc = proc
+        self.argv = argv
+        self.started = time.monotonic()
 
     @property
     def pid(self) -> int:
@@ -199,15 +199,6 @@ def supervise(child: Child, *, tick: Callable[[], None] | None = None, interval:
             pass
 
 
-@dataclass
-class RunResult:
-    """What happened, for the caller and the audit log."""
-
-    status: int
-    pid: int
-    duration: float
-
-
 Recorder = Callable[[str, dict[str, Any]], None]
 
 
@@ -223,7 +214,7 @@ def run(
     """Fetch the profile's secrets, run ``command`` with them, return its exit status."""
     from . import sources
     from .hardening import harden_process
-    from .sources.settings import with_config_defaults
+    from .config import with_config_defaults
 
     env = dict(os.environ if environ is None else environ)
     check_not_nested(env)

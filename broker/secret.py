@@ -13,11 +13,8 @@ log.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import hmac
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 _MASK = "********"
 
@@ -39,9 +36,10 @@ class _Libc:
     def get(cls) -> ctypes.CDLL | None:
         if not cls._tried:
             cls._tried = True
-            name = ctypes.util.find_library("c") or "libc.so.6"
             try:
-                lib = ctypes.CDLL(name, use_errno=True)
+                # The process's own symbol table already has libc; find_library
+                # would run `ldconfig -p` in a subprocess at every start.
+                lib = ctypes.CDLL(None, use_errno=True)
                 lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
                 lib.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
                 cls._lib = lib
@@ -128,6 +126,8 @@ class Secret:
         return repr(self)
 
     def __eq__(self, other: object) -> bool:
+        import hmac  # constant-time comparison; imported here to keep start-up lean
+
         if isinstance(other, Secret):
             return hmac.compare_digest(self.reveal(), other.reveal())
         if isinstance(other, (bytes, bytearray)):
@@ -146,8 +146,7 @@ class Secret:
         raise TypeError("a Secret cannot be copied; pass the same object")
 
 
-@dataclass(frozen=True)
-class Origin:
+class Origin(NamedTuple):
     """Where a set of secrets came from, for the audit log. Holds no secret."""
 
     source: str  # "vault" | "keyring" | ...
@@ -159,13 +158,21 @@ class Origin:
         return {"source": self.source, "path": self.path, "version": self.version, "address": self.address}
 
 
-@dataclass(frozen=True)
 class Credentials(Mapping[str, Secret]):
-    """The secret fields of one profile, by field name, with their origin."""
+    """The secret fields of one profile, by field name, with their origin. Immutable."""
 
+    __slots__ = ("profile", "origin", "fields")
     profile: str
     origin: Origin
-    fields: Mapping[str, Secret] = field(repr=False)
+    fields: Mapping[str, Secret]
+
+    def __init__(self, profile: str, origin: Origin, fields: Mapping[str, Secret]) -> None:
+        object.__setattr__(self, "profile", profile)
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "fields", dict(fields))
+
+    def __setattr__(self, name: str, value: Any) -> NoReturn:
+        raise AttributeError("Credentials are immutable")
 
     def __getitem__(self, name: str) -> Secret:
         return self.fields[name]

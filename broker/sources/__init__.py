@@ -47,9 +47,20 @@ def get(name: str) -> SourceModule:
     return module
 
 
-def fetch(profile: Profile, *, env: Mapping[str, str] | None = None) -> Credentials:
-    """Fetch every field the profile names, or raise (fail closed)."""
-    creds = get(profile.source).fetch(profile, env=os.environ if env is None else env)
+def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon: bool = True) -> Credentials:
+    """Fetch every field the profile names, or raise (fail closed).
+
+    A vault profile goes through a running ``credbroker daemon`` when there is
+    one (hvac already loaded there; see ``broker.daemon``), else in-process.
+    """
+    env = os.environ if env is None else env
+    creds = None
+    if use_daemon and profile.source == "vault":
+        from .. import daemon
+
+        creds = daemon.fetch(profile, env)
+    if creds is None:
+        creds = get(profile.source).fetch(profile, env=env)
     missing = [f for f in profile.fields if f not in creds.fields]
     if missing:  # a source bug must never turn into a partially configured bot
         creds.wipe()

@@ -14,44 +14,13 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from ..config import with_config_defaults  # noqa: F401 - re-exported for callers
 from ..errors import ConfigError, VaultAuthError
 from ..secret import Secret
 
 DEFAULT_ADDR = "https://127.0.0.1:8200"  # the Vault CLI's own default
 DEFAULT_TIMEOUT = 10.0
-
-#: [vault] config key -> the environment variable that overrides it.
-_CONFIG_TO_ENV = {
-    "addr": "VAULT_ADDR",
-    "namespace": "VAULT_NAMESPACE",
-    "cacert": "VAULT_CACERT",
-    "timeout": "CREDBROKER_VAULT_TIMEOUT",
-    "auth": "CREDBROKER_VAULT_AUTH",
-    "approle_mount": "CREDBROKER_APPROLE_MOUNT",
-    "role_id_file": "CREDBROKER_ROLE_ID_FILE",
-    "secret_id_file": "CREDBROKER_SECRET_ID_FILE",
-}
-
-
-def with_config_defaults(environ: Mapping[str, str], config: Any) -> dict[str, str]:
-    """The environment, with ``[vault]`` config values filled in where no variable is set."""
-    env = dict(environ)
-    vault_cfg: Mapping[str, Any] = getattr(config, "vault", None) or {}
-    origin = str(getattr(config, "path", None) or "<config>")
-    for key, value in vault_cfg.items():
-        var = _CONFIG_TO_ENV[key]
-        if key == "timeout":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{origin}: vault.timeout: expected seconds > 0, got {value!r}", "e.g. timeout = 10")
-        elif not isinstance(value, str):
-            raise ConfigError(f"{origin}: vault.{key}: expected a string, got {value!r}", f"quote the {key} value")
-        if key == "addr" and ("BAO_ADDR" in env or var in env):
-            continue
-        env.setdefault(var, str(value))
-    return env
-
 
 def _first(env: Mapping[str, str], *names: str) -> str | None:
     for name in names:

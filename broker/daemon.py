@@ -1,0 +1,252 @@
+"""A resident fetch process: hvac stays loaded, so `credbroker run` starts fast.
+
+``import hvac`` (it pulls in requests, urllib3, charset_normalizer, certifi)
+costs more than the whole run of the Go ``bao``/``vault`` CLI. ``credbroker
+daemon`` imports it once and serves Vault fetches over a private Unix socket;
+``credbroker run`` (and ``broker.sources.fetch``) use it when it is running
+and fall back to fetching in-process when it is not.
+
+It holds no credential between requests: each request carries the caller's
+own Vault settings (address, token or AppRole ids), exactly what the caller
+could use itself, and the daemon answers with the fields it fetched. So it
+grants a same-user caller no power it did not have.
+
+Protections:
+
+* the socket lives in a folder only the user can enter (0700, checked by both
+  sides before use), the socket itself is 0600;
+* both ends check the other's uid with ``SO_PEERCRED``: the daemon serves only
+  its own user, and a client never sends a token to a socket another user
+  planted;
+* the daemon is hardened like the broker (no core dumps, not dumpable);
+* it never logs a request's contents.
+
+What it costs: one resident process of about the broker's size, a socket to
+protect, a restart after upgrading credbroker (a version mismatch makes the
+client fall back to the slow path), and the secret crossing a Unix socket
+(kernel memory, same user) once per fetch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Profile
+from .errors import BrokerError
+from .secret import Credentials, Origin, Secret
+
+PROTOCOL = 1
+_MAX_MESSAGE = 1 << 20
+_HEADER = struct.Struct("!I")
+
+#: Only these variables are sent to the daemon: what the Vault source reads.
+_ENV_PREFIXES = ("VAULT_", "BAO_", "CREDBROKER_VAULT_", "CREDBROKER_ROLE_ID", "CREDBROKER_SECRET_ID",
+                 "CREDBROKER_APPROLE_")
+
+
+def socket_path(env: Mapping[str, str]) -> Path:
+    """``$CREDBROKER_DAEMON_SOCKET``, else ``$XDG_RUNTIME_DIR/credbroker/daemon.sock``."""
+    explicit = env.get("CREDBROKER_DAEMON_SOCKET")
+    if explicit:
+        return Path(explicit)
+    runtime = env.get("XDG_RUNTIME_DIR") or f"/tmp/credbroker-{os.getuid()}"
+    return Path(runtime) / "credbroker" / "daemon.sock"
+
+
+def _private_dir(path: Path, *, create: bool) -> bool:
+    """True when ``path`` is a folder owned by us with mode 0700 (created if asked)."""
+    try:
+        if create:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _send(sock: socket.socket, obj: Mapping[str, Any]) -> None:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _recv(sock: socket.socket) -> Any:
+    header = _recv_exact(sock, _HEADER.size)
+    (length,) = _HEADER.unpack(header)
+    if length > _MAX_MESSAGE:
+        raise ValueError("message too large")
+    return json.loads(_recv_exact(sock, length))
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+# -- client --------------------------------------------------------------------------
+
+
+def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
+    """Fetch through a running daemon; None when there is no usable daemon.
+
+    A BrokerError from the daemon (sealed, denied, missing field...) is raised
+    here exactly as the in-process fetch would raise it.
+    """
+    if env.get("CREDBROKER_DAEMON") == "0":
+        return None
+    path = socket_path(env)
+    if not _private_dir(path.parent, create=False):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(float(env.get("CREDBROKER_VAULT_TIMEOUT") or 10) + 5)
+        sock.connect(str(path))
+        if _peer_uid(sock) != os.getuid():
+            return None  # someone else's socket: never send it a token
+        request = {
+            "op": "fetch",
+            "protocol": PROTOCOL,
+            "version": __version__,
+            "profile": {"name": profile.name, "source": profile.source, "env": dict(profile.env),
+                        "options": dict(profile.options)},
+            "env": {k: v for k, v in env.items() if k.startswith(_ENV_PREFIXES) or k == "HOME"},
+        }
+        _send(sock, request)
+        del request
+        reply = _recv(sock)
+    except (OSError, ValueError, ConnectionError):
+        return None  # no daemon, a stale socket or a dead one: fetch in-process
+    finally:
+        sock.close()
+    if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL or reply.get("version") != __version__:
+        return None
+    if not reply.get("ok"):
+        raise _error_from(reply.get("error"))
+    origin = reply["origin"]
+    fields = {name: Secret(base64.b64decode(value)) for name, value in reply["fields"].items()}
+    reply.clear()
+    return Credentials(profile=profile.name, origin=Origin(**origin), fields=fields)
+
+
+def _error_from(data: Any) -> BrokerError:
+    from . import errors
+
+    if not isinstance(data, dict):
+        return BrokerError("the credbroker daemon answered with an invalid error", "restart `credbroker daemon`")
+    cls = getattr(errors, str(data.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, BrokerError)):
+        cls = BrokerError
+    return cls(str(data.get("message", "unknown error")), data.get("remedy"))
+
+
+# -- server --------------------------------------------------------------------------
+
+
+def _handle(request: Any) -> dict[str, Any]:
+    from .sources import fetch as source_fetch
+
+    base = {"protocol": PROTOCOL, "version": __version__}
+    if not isinstance(request, dict) or request.get("op") != "fetch" or request.get("protocol") != PROTOCOL:
+        return {**base, "ok": False, "error": {"type": "BrokerError", "message": "unsupported request",
+                                               "remedy": "use the same credbroker version as the daemon"}}
+    try:
+        p = request["profile"]
+        profile = Profile(name=str(p["name"]), source=str(p["source"]), env=dict(p["env"]),
+                          options=dict(p["options"]))
+        if profile.source != "vault":
+            raise BrokerError("the daemon only serves vault profiles", "fetch keyring profiles in-process")
+        env = {str(k): str(v) for k, v in dict(request["env"]).items()}
+        creds = source_fetch(profile, env=env, use_daemon=False)
+    except BrokerError as exc:
+        return {**base, "ok": False, "error": {"type": type(exc).__name__, "message": exc.message,
+                                               "remedy": exc.remedy}}
+    except (KeyError, TypeError, ValueError):
+        return {**base, "ok": False, "error": {"type": "BrokerError", "message": "malformed request",
+                                               "remedy": "use the same credbroker version as the daemon"}}
+    try:
+        fields = {name: base64.b64encode(secret.reveal()).decode() for name, secret in creds.items()}
+        return {**base, "ok": True, "origin": creds.origin.to_dict(), "fields": fields}
+    finally:
+        creds.wipe()
+
+
+def serve(path: Path, *, ready: Any = None) -> None:
+    """Serve fetches on ``path`` until SIGTERM/SIGINT. Single-threaded: fetches are short."""
+    from .hardening import harden_process
+
+    harden_process()
+    import hvac  # noqa: F401 - the whole point: load it once, here
+
+    from .sources import vault  # noqa: F401
+
+    if not _private_dir(path.parent, create=True):
+        raise BrokerError(f"{path.parent} is not a folder private to this user (owner and mode 0700)",
+                          "remove it or choose another --socket")
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    server.listen(16)
+    if ready is not None:
+        ready(path)
+    try:
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                try:
+                    conn.settimeout(30)
+                    if _peer_uid(conn) != os.getuid():
+                        continue
+                    reply = _handle(_recv(conn))
+                    try:
+                        _send(conn, reply)
+                    finally:
+                        reply.clear()
+                except (OSError, ValueError, ConnectionError):
+                    continue
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def main_loop(path: Path) -> None:
+    """Run the daemon in the foreground, exiting cleanly on SIGTERM."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    serve(path, ready=lambda p: print(f"credbroker daemon: serving on {p}", file=sys.stderr, flush=True))
