@@ -199,7 +199,8 @@ def supervise(child: Child, *, tick: Callable[[], None] | None = None, interval:
             pass
 
 
-Recorder = Callable[[str, dict[str, Any]], None]
+#: Called as record(event, fields); broker.audit.AuditLog.record fits.
+Recorder = Callable[[str, dict[str, Any]], Any]
 
 
 def run(
@@ -221,14 +222,31 @@ def run(
     if not command:
         raise CommandNotFound("no command given", "put the command after --, e.g. credbroker run -p P -- python bot.py")
     harden_process()
-    executable = resolve_command(command[0], env.get("PATH"))
-    rec = record or (lambda event, fields: None)
+    source_env = with_config_defaults(env, config)
+    if record is None:
+        # Every access is audited; a log that cannot be written stops the run
+        # here, before any secret is fetched (fail closed).
+        from .audit import open_log
+
+        record = open_log(getattr(config, "audit", None), env=source_env).record
+    rec: Recorder = record
+
+    def refused(exc: BrokerError) -> None:
+        try:
+            rec("refused", {"profile": profile.name, "source": profile.source, "error": type(exc).__name__,
+                            "reason": exc.message, "command": list(command)})
+        except BrokerError:
+            pass  # the original failure is what the operator must see
 
     try:
-        creds = sources.fetch(profile, env=with_config_defaults(env, config))
+        executable = resolve_command(command[0], env.get("PATH"))
     except BrokerError as exc:
-        rec("refused", {"profile": profile.name, "source": profile.source, "error": type(exc).__name__,
-                        "reason": exc.message, "command": list(command)})
+        refused(exc)
+        raise
+    try:
+        creds = sources.fetch(profile, env=source_env)
+    except BrokerError as exc:
+        refused(exc)
         raise
     rec("secret_fetched", {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields)})
 

@@ -355,3 +355,42 @@ def test_check_and_profiles_have_json(setup: tuple[dict[str, str], Path]) -> Non
     assert SECRET not in res.stdout
     listing = json.loads(broker(["profiles", "--json"], env).stdout)
     assert listing["profiles"][0]["name"] == "um-futures"
+
+
+def test_run_is_audited_and_the_fetch_is_on_disk_before_the_child_starts(
+    setup: tuple[dict[str, str], Path],
+) -> None:
+    import json
+
+    env, tmp = setup
+    log = tmp / "audit" / "audit.log"
+    env = {**env, "CREDBROKER_AUDIT_LOG": str(log)}
+    seen = tmp / "seen-by-child"
+    res = broker(["run", "-p", "um-futures", "--", "sh", "-c", f"cat {log} > {seen}; exit 4"], env)
+    assert res.returncode == 4, res.stderr
+    at_start = [json.loads(line)["event"] for line in seen.read_text().splitlines()]
+    assert at_start[-1] == "secret_fetched", at_start
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    events = [r["event"] for r in records]
+    assert events[-3:] == ["secret_fetched", "secret_injected", "child_exited"]
+    assert records[-3]["data"]["version"] is not None and records[-3]["data"]["fields"] == ["api_key", "api_secret"]
+    assert records[-1]["data"]["status"] == 4
+    assert SECRET not in log.read_text() and API_KEY not in log.read_text()
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+
+    refused = broker(["run", "--vault-path", "secret/credbroker/none", "--env", "X=api_key", "--", "true"], env)
+    assert refused.returncode == 125
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["event"] == "refused" and last["data"]["error"] == "VaultNotFound"
+
+
+def test_unwritable_audit_log_fails_closed(setup: tuple[dict[str, str], Path]) -> None:
+    env, tmp = setup
+    blocker = tmp / "not-a-folder"
+    blocker.write_text("")
+    marker = tmp / "started"
+    res = broker(["run", "-p", "um-futures", "--", "touch", str(marker)],
+                 {**env, "CREDBROKER_AUDIT_LOG": str(blocker / "audit.log")})
+    assert res.returncode == 125, res.stderr
+    assert "audit" in res.stderr.lower()
+    assert not marker.exists()
