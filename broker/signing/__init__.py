@@ -93,8 +93,8 @@ def get_signer(
     cfg = config if isinstance(config, _Config) else load(config)
     prof = profile if isinstance(profile, _Profile) else cfg.profile(str(name))
     settings = SignerSettings.for_profile(prof)
+    from ..config import with_config_defaults
     from ..sources import fetch
-    from ..sources.settings import with_config_defaults
 
     source_env = with_config_defaults(environ, cfg)
     creds = fetch(prof, env=source_env)
@@ -259,7 +259,7 @@ def _child_vault_client(environ: Mapping[str, str], vault: Mapping[str, Any]) ->
     addr = vault.get("addr")
     if not isinstance(addr, str) or not addr.startswith(("http://", "https://")):
         raise SigningError(f"{SIGNER_VAR} has no Vault address", "it is set by `credbroker run`; do not edit it")
-    import hvac
+    import hvac  # type: ignore[import-untyped]
 
     from ..sources.settings import VaultSettings
     from ..sources.vault import _session

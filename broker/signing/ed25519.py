@@ -37,12 +37,13 @@ class Ed25519Signer(Signer):
 
 def _load(private_key: Secret | Any, passphrase: Secret | None, want: str) -> Any:
     """A key object from a Secret holding PEM (or an already-loaded key object)."""
+    kind: str
     if isinstance(private_key, Secret):
         kind, key = core.load_private_key(private_key.reveal(), passphrase.reveal() if passphrase else None)
     else:
         key = private_key
-        kind = type(key).__name__.lower()
-        kind = "ed25519" if "ed25519" in kind else "rsa" if "rsa" in kind else kind
+        name = type(key).__name__.lower()
+        kind = "ed25519" if "ed25519" in name else "rsa" if "rsa" in name else name
     if kind != want:
         raise SigningError(f"the stored private key is {kind}, not {want}",
                            f"fix [signer] type, or store an {want} key")

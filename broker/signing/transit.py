@@ -166,7 +166,7 @@ def child_token(client: Any, settings: Any, *, mount: str, key: str, profile: st
     holds itself; with ``role`` (``signer.token_role``) the role's
     ``allowed_policies`` decide.
     """
-    import hvac.exceptions as hx
+    import hvac.exceptions as hx  # type: ignore[import-untyped]
 
     name = policy_name(mount, key)
     try:
@@ -196,9 +196,9 @@ def child_token(client: Any, settings: Any, *, mount: str, key: str, profile: st
             f"give the broker's token policy {name} (scripts/transit-key writes it), or set signer.token_role",
         ) from exc
     auth = resp.get("auth") if isinstance(resp, dict) else None
-    token = auth.get("client_token") if isinstance(auth, dict) else None
-    if not isinstance(token, str) or not token:
+    if not isinstance(auth, dict) or not isinstance(auth.get("client_token"), str) or not auth["client_token"]:
         raise SigningError("Vault returned no token for the transit signer", "check the server")
+    token: str = auth["client_token"]
     policies = auth.get("policies") or []
     if name not in policies:
         raise SigningError(
