@@ -236,3 +236,21 @@ def test_child_env_fails_closed_without_vault(tmp_path: Path) -> None:
         child_env(load().profile("x"), env={"VAULT_ADDR": "http://127.0.0.1:9", "VAULT_TOKEN": "tok-" + "q" * 20})
     assert err.value.exit_code == 125 and "127.0.0.1:9" in str(err.value)
     assert "q" * 20 not in str(err.value)
+
+
+def test_release_child_env_revokes_the_signing_token(openbao: OpenBao, tmp_path: Path) -> None:
+    from broker.config import load
+    from broker.signing import release_child_env
+
+    name = "rel-" + secrets.token_hex(4)
+    assert transit_key(openbao, name).returncode == 0
+    write_profile(tmp_path, "r", name, "bots/" + name)
+    out = child_env(load().profile("r"), env=openbao.env())
+    token = out["CREDBROKER_SIGNER_TOKEN"]
+    assert openbao.client(token=token).auth.token.lookup_self()["data"]["policies"]
+    release_child_env(out, env=openbao.env())
+    import hvac.exceptions as hx
+
+    with pytest.raises(hx.Forbidden):
+        openbao.client(token=token).auth.token.lookup_self()
+    release_child_env(out, env=openbao.env())  # twice: harmless

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, SigningError
+from ..errors import BrokerError, ConfigError, SigningError
 from ..secret import Secret
 from .base import ApiKey, Signer
 from .failures import SignatureFailure, report_response
@@ -46,6 +46,7 @@ __all__ = [
     "Signer",
     "SignerSettings",
     "child_env",
+    "release_child_env",
     "get_signer",
     "make_signer",
     "report_response",
@@ -136,6 +137,7 @@ def make_signer(
     vault_client: Any = None,
     vault_settings: Any = None,
     token_ttl: float | None = None,
+    missing_settings: bool = False,
 ) -> Signer:
     """Build the signer ``settings`` call for from secret ``fields`` (by KV field name)."""
     common: dict[str, Any] = {
@@ -163,7 +165,9 @@ def make_signer(
         wanted = settings.key_field or "private_key or api_secret"
         raise ConfigError(
             f"{where}: no signing key field ({wanted}) was fetched",
-            'map it in the profile\'s env, e.g. BINANCE_API_SECRET = "api_secret"',
+            'map it in the profile\'s env, e.g. BINANCE_API_SECRET = "api_secret"'
+            + ("; for a transit profile, the runner must pass broker.signing.child_env() to the child"
+               if missing_settings else ""),
         )
     secret = fields[key_field]
     from . import core
@@ -243,7 +247,8 @@ def _from_run(environ: Mapping[str, str], *, recv_window: int | None, record_fai
         return make_signer(settings, fields, profile=profile, where=f"profile {profile!r}: signer",
                            recv_window=recv_window, record_failures=record_failures,
                            vault_client=client, vault_settings=vault_settings,
-                           token_ttl=float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None)
+                           token_ttl=float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None,
+                           missing_settings=not environ.get(SIGNER_VAR))
     finally:
         for secret in fields.values():
             secret.wipe()
@@ -312,3 +317,24 @@ def child_env(profile: Profile, *, env: Mapping[str, str]) -> dict[str, str]:
         token.wipe()
     out[SIGNER_VAR] = json.dumps(payload, separators=(",", ":"))
     return out
+
+
+def release_child_env(extra: Mapping[str, str], *, env: Mapping[str, str]) -> None:
+    """Revoke the signing token ``child_env`` issued, once the child has exited (best effort).
+
+    The token would expire on its own after ``signer.token_ttl``; revoking it
+    at once closes the window in which a copy of it could still sign.
+    """
+    token = extra.get(SIGNER_TOKEN_VAR)
+    raw = extra.get(SIGNER_VAR)
+    if not token or not raw:
+        return
+    try:
+        vault = json.loads(raw).get("vault") or {}
+        client, settings = _child_vault_client({SIGNER_TOKEN_VAR: token}, vault)
+        from .transit import _vault_mapped
+
+        with _vault_mapped(settings, "revoke the signing token at", "auth/token/revoke-self", client):
+            client.auth.token.revoke_self()
+    except (ValueError, AttributeError, BrokerError):
+        pass  # already expired or revoked, or Vault is gone: the TTL bounds it anyway
