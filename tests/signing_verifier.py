@@ -127,6 +127,13 @@ class BinanceVerifier:
 
         class Handler(BaseHTTPRequestHandler):
             def _handle(self) -> None:
+                if self.path.startswith("/redirect"):  # for the redirect tests: 302 to ?to=URL
+                    target = dict(parse_qsl(urlsplit(self.path).query)).get("to", "/")
+                    self.send_response(302)
+                    self.send_header("Location", target)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length).decode() if length else ""
                 status, payload = verifier.check(self.command, self.path, self.headers, body)

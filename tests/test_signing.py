@@ -423,3 +423,19 @@ def test_signature_failure_lands_in_the_real_audit_log(verifier: BinanceVerifier
     raw = Path(open_log(None).path).read_text()
     for needle in (wrong_secret, sent_sig, API_KEY, "symbol=BTCUSDT"):
         assert needle not in raw
+
+
+def test_redirect_to_another_host_is_refused(verifier: BinanceVerifier) -> None:
+    """requests keeps custom headers across redirects: the signer refuses to carry the API key away."""
+    other = BinanceVerifier().start()
+    try:
+        target = other.url.replace("127.0.0.1", "localhost") + "/api/v3/account"
+        with pytest.raises(SigningError, match="refusing to follow a redirect"):
+            requests.get(verifier.url + "/redirect", params={"to": target}, auth=hmac_signer(), timeout=10)
+        assert other.seen == []
+        # Same origin: followed (the redirected request is not re-signed, so the server rejects it).
+        same = requests.get(verifier.url + "/redirect", params={"to": "/api/v3/account"}, auth=hmac_signer(),
+                            timeout=10)
+        assert same.status_code == 400
+    finally:
+        other.stop()

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urljoin as requests_urljoin
 
 from ..errors import SigningError
 from ..secret import Secret, mask_id
@@ -193,6 +194,18 @@ class Signer(ABC):
     def _response_hook(self, response: Any, *args: Any, **kwargs: Any) -> Any:
         if response.status_code >= 400:
             self.check_response(response, raise_on_audit_error=False)
+        elif getattr(response, "is_redirect", False):
+            # requests would follow it carrying X-MBX-APIKEY (it strips only Authorization):
+            # never hand the API key to another origin (STYLE.md: redirects and custom headers).
+            location = response.headers.get("Location", "")
+            here = urlsplit(response.request.url)
+            there = urlsplit(requests_urljoin(response.request.url, location))
+            if (there.scheme, there.netloc) != (here.scheme, here.netloc):
+                raise SigningError(
+                    f"refusing to follow a redirect from {here.scheme}://{here.netloc} to another host "
+                    f"({there.scheme}://{there.netloc}) with the API key",
+                    "check the base URL of the exchange",
+                )
         return response
 
     def check_response(self, response: Any, *, raise_on_audit_error: bool = True) -> SignatureFailure | None:
