@@ -115,6 +115,14 @@ Behaviour:
     is not executable, 127 if it is not found.
   - If credbroker itself is killed (even with SIGKILL), the kernel sends the
     child SIGTERM (PR_SET_PDEATHSIG): a bot never runs on unsupervised.
+  - Rotation (--on-rotate): every --rotate-interval the secret's KV version
+    is checked. restart: the new version is fetched first, then the bot gets
+    SIGTERM, --grace to exit, SIGKILL, and starts again with the new values;
+    signal:NAME: the bot gets that signal; ignore: only recorded. One action
+    per version; a Vault outage never stops a healthy bot (retried with
+    backoff). The broker renews its token, or logs in again with AppRole.
+  - --restart on-failure restarts a bot that exits non-zero by itself, with
+    backoff (1 s doubling to 60 s), from the secret already in memory.
   - Hardening: core dumps off (also for the child), credbroker not dumpable or
     ptrace-able by other processes, secret memory locked (mlock) where the
     limits allow, and wiped once the child has started.
@@ -136,6 +144,14 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
 @click.option("-e", "--env", "env_items", multiple=True, metavar="VAR=FIELD",
               help="Inject secret FIELD as VAR (repeatable; adds to the profile's mapping).")
 @click.option("-v", "--verbose", is_flag=True, help="Say which variables were injected (names, never values).")
+@click.option("--on-rotate", metavar="POLICY",
+              help="Follow key rotation in Vault: restart | signal:NAME | ignore (default: the profile's "
+                   "[rotation] on_rotate; unset = do not watch).")
+@click.option("--rotate-interval", metavar="DURATION", help="How often to check the secret's version (default 60s).")
+@click.option("--grace", metavar="DURATION", help="On a rotation restart: time between SIGTERM and SIGKILL "
+              "(default 10s).")
+@click.option("--restart", "restart_policy", type=click.Choice(["no", "on-failure"]), default="no",
+              show_default=True, help="Restart a bot that fails by itself, with backoff, from the secret in memory.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def run_cmd(
@@ -147,6 +163,10 @@ def run_cmd(
     keyring_service: str | None,
     env_items: tuple[str, ...],
     verbose: bool,
+    on_rotate: str | None,
+    rotate_interval: str | None,
+    grace: str | None,
+    restart_policy: str,
     command: tuple[str, ...],
 ) -> None:
     from . import runner
@@ -165,7 +185,13 @@ def run_cmd(
             keyring_service=keyring_service,
             base=base,
         )
-    status = runner.run(prof, list(command), config=config, verbose=verbose)
+    policy = None
+    if on_rotate or prof.sections.get("rotation"):
+        from .rotation import policy_from
+
+        policy = policy_from(prof, on_rotate, rotate_interval, grace)
+    status = runner.run(prof, list(command), config=config, verbose=verbose, rotation=policy,
+                        restart=restart_policy)
     sys.exit(status)
 
 

@@ -129,12 +129,13 @@ def exit_status(returncode: int) -> int:
 class Child:
     """A started child process and what the audit log wants to know about it."""
 
-    __slots__ = ("proc", "argv", "started")
+    __slots__ = ("proc", "argv", "started", "stopping")
 
     def __init__(self, proc: subprocess.Popen[bytes], argv: list[str]) -> None:
         self.proc = proc
         self.argv = argv
         self.started = time.monotonic()
+        self.stopping = False  # a stop signal (INT/TERM/HUP/QUIT) was passed on
 
     @property
     def pid(self) -> int:
@@ -172,12 +173,20 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes]) -> C
     return Child(proc=proc, argv=list(argv))
 
 
-def supervise(child: Child, *, tick: Callable[[], None] | None = None, interval: float | None = None) -> int:
+#: Signals after which a child's exit is an intended stop, never restarted.
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+
+
+def supervise(child: Child, *, tick: Callable[[], bool] | None = None, interval: float | None = None
+              ) -> int | None:
     """Forward signals to the child until it exits; return its exit status.
 
     The forwarded signals and SIGCHLD must already be blocked (``run`` does
     that before spawning, so that no signal is lost in between). ``tick`` is
-    called every ``interval`` seconds while the child runs (rotation checks).
+    called every ``interval`` seconds while the child runs (rotation checks);
+    when it returns True supervision stops and None is returned (the caller
+    restarts the child). ``child.stopping`` is set once a stop signal
+    (INT, TERM, HUP, QUIT) reached the child.
     """
     waitset = {*FORWARDED_SIGNALS, signal.SIGCHLD}
     while True:
@@ -186,11 +195,13 @@ def supervise(child: Child, *, tick: Callable[[], None] | None = None, interval:
             return exit_status(rc)
         info = signal.sigtimedwait(waitset, interval if tick is not None and interval else 3600.0)
         if info is None:
-            if tick is not None:
-                tick()
+            if tick is not None and tick():
+                return None
             continue
         if info.si_signo == signal.SIGCHLD:
             continue  # poll() at the top of the loop reaps it
+        if info.si_signo in _STOP_SIGNALS:
+            child.stopping = True
         if info.si_code == SI_KERNEL and os.getpgrp() == os.getpgid(child.pid):
             continue  # from the terminal: the child, in our process group, got it too
         try:
@@ -199,8 +210,40 @@ def supervise(child: Child, *, tick: Callable[[], None] | None = None, interval:
             pass
 
 
+def stop_gracefully(child: Child, grace: float) -> int:
+    """SIGTERM, up to ``grace`` seconds to exit, then SIGKILL; returns the exit status."""
+    deadline = time.monotonic() + grace
+    try:
+        os.kill(child.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    while child.proc.poll() is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            child.proc.kill()
+            child.proc.wait()
+            break
+        signal.sigtimedwait({signal.SIGCHLD}, left)
+    return exit_status(child.proc.returncode)
+
+
+def _pause(seconds: float) -> int | None:
+    """Sleep while no child runs; a forwarded signal ends the pause and is returned."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        info = signal.sigtimedwait(set(FORWARDED_SIGNALS), left)
+        if info is not None and info.si_signo in _STOP_SIGNALS:
+            return int(info.si_signo)
+    return None
+
+
 #: Called as record(event, fields); broker.audit.AuditLog.record fits.
 Recorder = Callable[[str, dict[str, Any]], Any]
+
+#: Restart policies for a child that exits by itself (like Docker's).
+RESTART_POLICIES = ("no", "on-failure")
+_MAX_RESTART_DELAY = 60.0
+_HEALTHY_AFTER = 60.0  # a child that ran this long resets the restart backoff
 
 
 def run(
@@ -211,12 +254,21 @@ def run(
     environ: Mapping[str, str] | None = None,
     record: Recorder | None = None,
     verbose: bool = False,
+    rotation: Any = None,
+    restart: str = "no",
 ) -> int:
-    """Fetch the profile's secrets, run ``command`` with them, return its exit status."""
-    from . import sources
-    from .hardening import harden_process
-    from .config import with_config_defaults
+    """Fetch the profile's secrets, run ``command`` with them, return its exit status.
 
+    ``rotation`` (a ``broker.rotation.RotationPolicy``) follows new versions of
+    a vault secret; ``restart="on-failure"`` restarts a child that fails by
+    itself, with backoff, from the secret already held (no new Vault read).
+    """
+    from . import sources
+    from .config import with_config_defaults
+    from .hardening import harden_process
+
+    if restart not in RESTART_POLICIES:
+        raise RunError(f"unknown restart policy {restart!r}", f"use one of: {', '.join(RESTART_POLICIES)}")
     env = dict(os.environ if environ is None else environ)
     check_not_nested(env)
     if not command:
@@ -250,34 +302,115 @@ def run(
         raise
     rec("secret_fetched", {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields)})
 
-    blocked = (*FORWARDED_SIGNALS, signal.SIGCHLD)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
+    # Keep the secret (mlocked) only when the broker may need it again.
+    keep = restart != "no" or (rotation is not None and rotation.action == "restart")
+
+    def start(creds: Credentials) -> Child:
         try:
             child_env = child_environment(env, profile, creds)
             child = spawn(command, executable, child_env)
         finally:
-            child_env = {}  # drop our bytes copies; the Secrets are wiped next
-            creds.wipe()
+            child_env = {}  # drop our bytes copies of the secrets
+            if not keep:
+                creds.wipe()
         del child_env
+        origin = creds.origin
         if verbose:
-            origin = creds.origin
             version = f" v{origin.version}" if origin.version is not None else ""
-            print(
-                f"credbroker: started pid {child.pid} with {', '.join(profile.env)} "
-                f"from {origin.source} {origin.path}{version}",
-                file=sys.stderr,
-            )
+            print(f"credbroker: started pid {child.pid} with {', '.join(profile.env)} "
+                  f"from {origin.source} {origin.path}{version}", file=sys.stderr, flush=True)
         rec("secret_injected", {
-            "profile": profile.name, "version": creds.origin.version, "variables": list(profile.env),
+            "profile": profile.name, "version": origin.version, "variables": list(profile.env),
             "command": list(command), "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
         })
-        status = supervise(child)
-        rec("child_exited", {"profile": profile.name, "pid": child.pid, "status": status,
+        return child
+
+    def exited(child: Child, status: int, reason: str) -> None:
+        rec("child_exited", {"profile": profile.name, "pid": child.pid, "status": status, "reason": reason,
                              "duration_s": round(time.monotonic() - child.started, 3)})
-        return status
+
+    watcher = None
+    if rotation is not None:
+        from .rotation import Watcher
+
+        watcher = Watcher(profile, source_env, rec, creds.origin.version, rotation.interval)
+    pending: list[Credentials] = []  # the rotated credentials a restart will use
+
+    def tick() -> bool:
+        assert watcher is not None and rotation is not None
+        new_version = watcher.poll()
+        if new_version is None:
+            return False
+        old_version = watcher.version
+        event = {"profile": profile.name, "old_version": old_version, "new_version": new_version,
+                 "action": rotation.action}
+        if rotation.action == "restart":
+            try:
+                new_creds = sources.fetch(profile, env=watcher.env)
+            except BrokerError as exc:
+                watcher.fetch_failed(exc)
+                return False
+            rec("secret_fetched", {"profile": profile.name, **new_creds.origin.to_dict(),
+                                   "fields": list(profile.fields), "reason": "rotation"})
+            pending.append(new_creds)
+        rec("rotation_detected", event)
+        watcher.acted(new_version)
+        _say(f"key rotated (v{old_version} -> v{new_version}): "
+             + {"restart": "restarting the bot", "ignore": "ignored by policy",
+                "signal": f"sent {signal.Signals(rotation.signum or 0).name if rotation.signum else ''} to the bot"}
+             [rotation.action])
+        if rotation.action == "signal" and rotation.signum:
+            watcher.version = new_version
+            try:
+                os.kill(child.pid, rotation.signum)
+            except ProcessLookupError:
+                pass
+        elif rotation.action == "ignore":
+            pass
+        return rotation.action == "restart"
+
+    blocked = (*FORWARDED_SIGNALS, signal.SIGCHLD)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        child = start(creds)
+        delay = 1.0
+        while True:
+            status = supervise(child, tick=tick if watcher else None,
+                               interval=rotation.interval if rotation is not None else None)
+            if status is None:  # a rotation asked for a restart, with the new secret in hand
+                exited(child, stop_gracefully(child, rotation.grace), "rotation")
+                creds.wipe()
+                creds = pending.pop()
+                assert watcher is not None
+                watcher.version = creds.origin.version
+                child = start(creds)
+                continue
+            if restart == "on-failure" and status != 0 and not child.stopping:
+                exited(child, status, "failed")
+                if time.monotonic() - child.started >= _HEALTHY_AFTER:
+                    delay = 1.0
+                rec("child_restarting", {"profile": profile.name, "status": status, "delay_s": delay,
+                                         "version": creds.origin.version})
+                _say(f"the bot exited with status {status}; restarting in {delay:g} s from the secret in memory")
+                stop = _pause(delay)
+                if stop is not None:
+                    return 128 + stop
+                delay = min(delay * 2, _MAX_RESTART_DELAY)
+                child = start(creds)
+                continue
+            exited(child, status, "stopped" if child.stopping else "exited")
+            return status
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        creds.wipe()
+        for c in pending:
+            c.wipe()
+        if watcher is not None:
+            watcher.close()
+
+
+def _say(message: str) -> None:
+    print(f"credbroker: {message}", file=sys.stderr, flush=True)
 
 
 def _user() -> str:

@@ -1,0 +1,239 @@
+"""Following key rotation while a bot runs, and keeping the broker's Vault token alive.
+
+An admin rotates with the Vault CLI (`vault kv put`, or `scripts/rotate-key`);
+the running broker notices a new ``current_version`` in the secret's KV v2
+metadata and acts by policy:
+
+* ``restart``: fetch the new version first (the old bot keeps running if that
+  fails), then stop the bot gracefully (SIGTERM, a grace period, SIGKILL) and
+  start it again with the new environment;
+* ``signal:NAME``: send the bot that signal (for bots that re-read their key
+  themselves, e.g. through ``get_signer()``);
+* ``ignore``: record it and carry on.
+
+Each new version is acted on once (no restart storms), and a failure to read
+it is retried with backoff. Vault being unreachable never touches a healthy
+bot: it is recorded and retried.
+
+For runs of days the watcher renews its token before it expires; when the
+token can no longer be renewed (not renewable, at its max TTL, revoked) it
+logs in again with AppRole if AppRole credentials are configured. Every such
+step is an audit event (``token_renewed``, ``token_relogin``,
+``token_failed``).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from .config import Profile
+from .errors import BrokerError, ConfigError
+
+Recorder = Callable[[str, dict[str, Any]], Any]
+
+#: Backoff between failed attempts: doubles from the interval up to this.
+MAX_BACKOFF = 300.0
+
+
+class RotationPolicy(NamedTuple):
+    """What to do when the secret's version changes. ``action`` is restart|signal|ignore."""
+
+    action: str
+    signum: int | None = None
+    interval: float = 60.0
+    grace: float = 10.0
+
+    @classmethod
+    def parse(cls, spec: str, *, interval: float = 60.0, grace: float = 10.0) -> RotationPolicy:
+        """``restart``, ``ignore`` or ``signal:HUP`` (any signal name, with or without SIG)."""
+        text = spec.strip()
+        if text in ("restart", "ignore"):
+            return cls(text, None, interval, grace)
+        if text.startswith("signal:"):
+            name = text.split(":", 1)[1].upper()
+            name = name if name.startswith("SIG") else "SIG" + name
+            try:
+                signum = int(signal.Signals[name])
+            except KeyError:
+                raise ConfigError(f"--on-rotate {spec!r}: unknown signal {name}", "e.g. signal:HUP") from None
+            return cls("signal", signum, interval, grace)
+        raise ConfigError(f"--on-rotate {spec!r} is not a rotation policy", "use restart, signal:HUP or ignore")
+
+
+def parse_seconds(value: object, what: str) -> float:
+    """``30s``/``5m``/``1h`` or a number of seconds -> float seconds, or ConfigError."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        from .audit.settings import parse_duration
+
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = parse_duration(text, what).total_seconds()
+    if seconds <= 0:
+        raise ConfigError(f"{what}: expected a duration > 0, got {value!r}", "e.g. 30s, 5m")
+    return seconds
+
+
+def policy_from(profile: Profile, on_rotate: str | None, interval: str | None, grace: str | None
+                ) -> RotationPolicy | None:
+    """The rotation policy from flags, else the profile's ``[rotation]`` table; None = do not watch."""
+    table = profile.sections.get("rotation") or {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{profile.where('rotation')}: expected a table", "write [profiles.NAME.rotation]")
+    unknown = set(table) - {"on_rotate", "interval", "grace"}
+    if unknown:
+        raise ConfigError(f"{profile.where('rotation')}: unknown key {sorted(unknown)[0]!r}",
+                          "expected on_rotate, interval, grace")
+    spec = on_rotate or table.get("on_rotate")
+    if not spec:
+        return None
+    if profile.source != "vault":
+        raise ConfigError(f"profile {profile.name!r}: rotation is watched in Vault; this profile reads the "
+                          f"{profile.source}", "drop --on-rotate, or use a vault profile")
+    if profile.options.get("version"):
+        raise ConfigError(f"profile {profile.name!r} pins version {profile.options['version']}: nothing to follow",
+                          "remove the pinned version to follow rotation")
+    return RotationPolicy.parse(
+        str(spec),
+        interval=parse_seconds(interval or table.get("interval", 60), "rotation interval"),
+        grace=parse_seconds(grace or table.get("grace", 10), "rotation grace"),
+    )
+
+
+def _warn(message: str) -> None:
+    print(f"credbroker: {message}", file=sys.stderr, flush=True)
+
+
+class Watcher:
+    """Polls a vault profile's ``current_version``; renews or replaces its token."""
+
+    def __init__(self, profile: Profile, env: Mapping[str, str], record: Recorder, version: int | None,
+                 interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.profile = profile
+        self.env = env
+        self.record = record
+        self.version = version  # the version the running bot holds
+        self.interval = interval
+        self.clock = clock
+        self._client: Any = None
+        self._token_expires: float | None = None  # monotonic time; None = no expiry / unknown
+        self._renewable = False
+        self._acted: set[int] = set()
+        self._next_try = 0.0
+        self._backoff = interval
+        self._vault_down = False
+
+    # -- token lifecycle --------------------------------------------------------------
+    def _login(self) -> Any:
+        from .sources.vault import client_for
+
+        client = client_for(self.profile, self.env)
+        self._learn_token(client)
+        return client
+
+    def _learn_token(self, client: Any) -> None:
+        try:
+            data = client.auth.token.lookup_self()["data"]
+            ttl = float(data.get("ttl") or 0)
+            self._renewable = bool(data.get("renewable"))
+        except Exception:  # noqa: BLE001 - unknown lifetime: renewals are then skipped
+            ttl, self._renewable = 0.0, False
+        self._token_expires = self.clock() + ttl if ttl > 0 else None
+
+    def _keep_token_alive(self) -> None:
+        """Renew when less than two intervals (or half the TTL) remain; else log in again."""
+        if self._client is None:
+            self._client = self._login()
+            return
+        if self._token_expires is None:
+            return
+        remaining = self._token_expires - self.clock()
+        if remaining > max(2 * self.interval, 5.0):
+            return
+        if self._renewable and remaining > 0:
+            try:
+                resp = self._client.auth.token.renew_self()
+                ttl = float(resp["auth"]["lease_duration"])
+                if ttl > remaining:  # at max TTL, Vault "renews" without extending it
+                    self._token_expires = self.clock() + ttl
+                    self.record("token_renewed", {"profile": self.profile.name, "ttl_s": int(ttl)})
+                    return
+            except Exception:  # noqa: BLE001 - fall through to a fresh login
+                pass
+        settings_has_approle = bool(self.env.get("VAULT_ROLE_ID") or self.env.get("CREDBROKER_ROLE_ID")
+                                    or self.env.get("BAO_ROLE_ID") or self.env.get("CREDBROKER_ROLE_ID_FILE"))
+        if not settings_has_approle:
+            if remaining <= 0:
+                self.record("token_failed", {"profile": self.profile.name,
+                                             "reason": "token expired and no AppRole credentials to log in again"})
+                _warn("the Vault token expired and cannot be renewed; rotation is no longer followed "
+                      "(configure AppRole for long runs)")
+                self._token_expires = None
+            return
+        env = {k: v for k, v in self.env.items() if k not in ("VAULT_TOKEN", "BAO_TOKEN")}
+        self.env = env
+        try:
+            self._client = self._login()
+        except BrokerError as exc:
+            self.record("token_failed", {"profile": self.profile.name, "reason": exc.message})
+            _warn(f"AppRole login to keep following rotation failed: {exc}")
+            raise
+        self.record("token_relogin", {"profile": self.profile.name, "method": "approle"})
+
+    # -- polling ----------------------------------------------------------------------
+    def due(self) -> bool:
+        return self.clock() >= self._next_try
+
+    def _failed(self, what: str, exc: BrokerError) -> None:
+        delay = self._backoff
+        self._next_try = self.clock() + delay
+        self._backoff = min(delay * 2, MAX_BACKOFF)
+        if not self._vault_down:
+            self._vault_down = True
+            _warn(f"{what} failed, retrying with backoff; the bot keeps running: {exc}")
+        self.record("rotation_check_failed", {"profile": self.profile.name, "error": type(exc).__name__,
+                                              "reason": exc.message, "retry_in_s": delay})
+
+    def poll(self) -> int | None:
+        """A version newer than the bot's, not yet acted on; None otherwise (never raises BrokerError)."""
+        if not self.due():
+            return None
+        from .sources.vault import current_version
+
+        try:
+            self._keep_token_alive()
+            latest = current_version(self.profile, self.env, client=self._client)
+        except BrokerError as exc:
+            self._client = None if "token" in exc.message.lower() else self._client
+            self._failed("checking for a rotated key", exc)
+            return None
+        self._next_try = self.clock() + self.interval
+        self._backoff = self.interval
+        if self._vault_down:
+            self._vault_down = False
+            _warn("Vault answers again; following rotation")
+        if latest is None or self.version is None or latest <= self.version or latest in self._acted:
+            return None
+        return latest
+
+    def acted(self, version: int) -> None:
+        """Remember that ``version`` was handled (restart done, signal sent, or ignored)."""
+        self._acted.add(version)
+
+    def fetch_failed(self, exc: BrokerError) -> None:
+        """The new version could not be read: back off, keep the old bot."""
+        self._failed("reading the rotated key", exc)
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.adapter.close()
+            except Exception:  # noqa: BLE001
+                pass

@@ -1,0 +1,243 @@
+"""Rotation while a bot runs, restart policy and token lifecycle, against real OpenBao."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.config import Profile
+from broker.errors import ConfigError
+from broker.rotation import RotationPolicy, Watcher, policy_from
+
+from .conftest import REPO, OpenBao, credbroker_bin
+
+pytestmark = pytest.mark.vault
+
+# The bot writes "<pid> <secret>" to its log at start, reacts to HUP, and exits 0 on TERM.
+BOT = r"""
+import os, signal, sys, time
+log = sys.argv[1]
+def line(text):
+    with open(log, "a") as f:
+        f.write(text + "\n")
+line(f"start {os.getpid()} {os.environ['BINANCE_API_SECRET']}")
+signal.signal(signal.SIGHUP, lambda s, f: line(f"hup {os.getpid()}"))
+signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
+end = time.time() + 90
+while time.time() < end:
+    time.sleep(0.05)
+"""
+
+
+def wait_for(path: Path, pattern: str, timeout: float = 20) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, path.read_text() if path.exists() else "")
+        if m:
+            return m
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} not in {path.read_text() if path.exists() else '<missing>'!r}")
+
+
+def audit_events(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def start_bot(server: OpenBao, tmp: Path, bot_name: str, *flags: str, env: dict[str, str] | None = None
+              ) -> tuple[subprocess.Popen[str], Path, Path]:
+    bot = tmp / "bot.py"
+    bot.write_text(BOT)
+    out = tmp / f"{bot_name}.log"
+    audit = tmp / f"{bot_name}-audit.log"
+    run_env = {**(env or server.env()), "CREDBROKER_AUDIT_LOG": str(audit), "HOME": str(tmp)}
+    proc = subprocess.Popen(
+        [credbroker_bin(), "run", "--vault-path", f"secret/credbroker/{bot_name}", "--env", "BINANCE_API_SECRET=api_secret",
+         *flags, "--", sys.executable, str(bot), str(out)],
+        env=run_env, stderr=subprocess.PIPE, text=True,
+    )
+    return proc, out, audit
+
+
+def rotate(server: OpenBao, bot_name: str, value: str) -> int:
+    """Rotate with the admin script, the new value on stdin as documented."""
+    env = server.env()
+    env["PATH"] = f"{Path(server.binary).parent}{os.pathsep}{env['PATH']}"
+    env["CREDBROKER_VAULT_CLI"] = server.binary
+    res = subprocess.run([str(REPO / "scripts" / "rotate-key"), "--by", "test", bot_name],
+                         input=value + "\n", env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip())
+
+
+def stop(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=20)
+
+
+def test_restart_on_rotation_with_the_rotation_script(openbao: OpenBao, tmp_path: Path) -> None:
+    v1 = openbao.kv_put("credbroker/rot-restart", api_key="AK", api_secret="secret-v1")
+    proc, out, audit = start_bot(openbao, tmp_path, "rot-restart", "--on-rotate", "restart",
+                                 "--rotate-interval", "1s", "--grace", "3s")
+    try:
+        first = wait_for(out, r"start (\d+) secret-v1")
+        t0 = time.monotonic()
+        v2 = rotate(openbao, "rot-restart", "secret-v2")
+        assert v2 == v1 + 1
+        second = wait_for(out, r"start (\d+) secret-v2", timeout=1 + 3 + 5)
+        assert time.monotonic() - t0 <= 1 + 3 + 5  # interval + grace, plus slack for a busy machine
+        assert first.group(1) != second.group(1)
+        time.sleep(2.5)  # more checks: still one restart for this version
+        assert out.read_text().count("start ") == 2
+    finally:
+        assert stop(proc) == 0
+    events = audit_events(audit)
+    detected = [e for e in events if e["event"] == "rotation_detected"]
+    assert len(detected) == 1
+    assert detected[0]["data"]["old_version"] == v1 and detected[0]["data"]["new_version"] == v2
+    injected = [e["data"]["version"] for e in events if e["event"] == "secret_injected"]
+    assert injected == [v1, v2]
+    assert "secret-v2" not in audit.read_text()
+
+
+def test_signal_on_rotation(openbao: OpenBao, tmp_path: Path) -> None:
+    openbao.kv_put("credbroker/rot-signal", api_secret="s1")
+    proc, out, audit = start_bot(openbao, tmp_path, "rot-signal", "--on-rotate", "signal:HUP",
+                                 "--rotate-interval", "1s")
+    try:
+        pid = wait_for(out, r"start (\d+) s1").group(1)
+        rotate(openbao, "rot-signal", "s2")
+        wait_for(out, rf"hup {pid}")
+        time.sleep(2.5)
+        assert out.read_text().count("hup ") == 1 and out.read_text().count("start ") == 1
+    finally:
+        assert stop(proc) == 0
+    assert [e["data"]["action"] for e in audit_events(audit) if e["event"] == "rotation_detected"] == ["signal"]
+
+
+def test_ignore_on_rotation(openbao: OpenBao, tmp_path: Path) -> None:
+    openbao.kv_put("credbroker/rot-ignore", api_secret="s1")
+    proc, out, audit = start_bot(openbao, tmp_path, "rot-ignore", "--on-rotate", "ignore", "--rotate-interval", "1s")
+    try:
+        wait_for(out, r"start \d+ s1")
+        rotate(openbao, "rot-ignore", "s2")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "rotation_detected" not in audit.read_text():
+            time.sleep(0.1)
+        time.sleep(1.5)
+        assert out.read_text().count("start ") == 1 and "hup" not in out.read_text()
+    finally:
+        assert stop(proc) == 0
+    detected = [e for e in audit_events(audit) if e["event"] == "rotation_detected"]
+    assert len(detected) == 1 and detected[0]["data"]["action"] == "ignore"
+
+
+def test_vault_stopped_mid_run_leaves_the_bot_running(fresh_openbao: OpenBao, tmp_path: Path) -> None:
+    fresh_openbao.kv_put("credbroker/rot-down", api_secret="s1")
+    proc, out, audit = start_bot(fresh_openbao, tmp_path, "rot-down", "--on-rotate", "restart",
+                                 "--rotate-interval", "1s")
+    try:
+        pid = int(wait_for(out, r"start (\d+) s1").group(1))
+        fresh_openbao.stop()
+        time.sleep(4)
+        os.kill(pid, 0)  # still alive
+        assert proc.poll() is None
+        assert out.read_text().count("start ") == 1
+    finally:
+        assert stop(proc) == 0
+    assert any(e["event"] == "rotation_check_failed" for e in audit_events(audit))
+
+
+def test_token_that_expires_is_replaced_by_an_approle_login(openbao: OpenBao, tmp_path: Path) -> None:
+    openbao.kv_put("credbroker/rot-token", api_secret="t1")
+    openbao.cli("auth", "enable", "approle", check=False)
+    openbao.cli("policy", "write", "rot-token", "-", input=(
+        'path "secret/data/credbroker/rot-token" { capabilities = ["read"] }\n'
+        'path "secret/metadata/credbroker/rot-token" { capabilities = ["read"] }\n'))
+    openbao.cli("write", "auth/approle/role/rot-token", "token_policies=rot-token", "token_ttl=4s",
+                "token_max_ttl=4s")
+    role_id = openbao.cli("read", "-field=role_id", "auth/approle/role/rot-token/role-id").strip()
+    secret_id = openbao.cli("write", "-f", "-field=secret_id", "auth/approle/role/rot-token/secret-id").strip()
+    env = {k: v for k, v in openbao.env().items() if k != "VAULT_TOKEN"}
+    env.update(VAULT_ROLE_ID=role_id, VAULT_SECRET_ID=secret_id)
+    proc, out, audit = start_bot(openbao, tmp_path, "rot-token", "--on-rotate", "restart",
+                                 "--rotate-interval", "1s", env=env)
+    try:
+        wait_for(out, r"start \d+ t1")
+        time.sleep(6)  # the first token is past its max TTL by now
+        openbao.kv_put("credbroker/rot-token", api_secret="t2")
+        wait_for(out, r"start \d+ t2", timeout=15)
+    finally:
+        assert stop(proc) == 0
+    events = [e["event"] for e in audit_events(audit)]
+    assert "token_relogin" in events
+    assert "rotation_detected" in events
+    assert secret_id not in audit.read_text()
+
+
+def test_crash_looping_bot_restarts_from_memory_with_backoff(openbao: OpenBao, tmp_path: Path) -> None:
+    openbao.kv_put("credbroker/crashy", api_secret="c1")
+    counter = tmp_path / "count"
+    script = (f"import os, sys; p = {str(counter)!r}; n = int(open(p).read()) if os.path.exists(p) else 0\n"
+              "open(p, 'w').write(str(n + 1))\n"
+              "assert os.environ['S'] == 'c1'\n"
+              "sys.exit(3 if n < 2 else 0)\n")
+    audit = tmp_path / "audit.log"
+    res = subprocess.run(
+        [credbroker_bin(), "run", "--vault-path", "secret/credbroker/crashy", "--env", "S=api_secret",
+         "--restart", "on-failure", "--", sys.executable, "-c", script],
+        env={**openbao.env(), "CREDBROKER_AUDIT_LOG": str(audit)}, capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert counter.read_text() == "3"
+    events = audit_events(audit)
+    assert [e["event"] for e in events].count("secret_fetched") == 1  # Vault read once
+    delays = [e["data"]["delay_s"] for e in events if e["event"] == "child_restarting"]
+    assert delays == [1.0, 2.0]
+    assert "restarting in 1 s" in res.stderr
+
+
+def test_policy_parsing_and_refusals() -> None:
+    assert RotationPolicy.parse("signal:hup").signum == signal.SIGHUP
+    assert RotationPolicy.parse("signal:SIGUSR1").signum == signal.SIGUSR1
+    assert RotationPolicy.parse("restart", interval=5).interval == 5
+    with pytest.raises(ConfigError, match="unknown signal"):
+        RotationPolicy.parse("signal:NOPE")
+    with pytest.raises(ConfigError, match="not a rotation policy"):
+        RotationPolicy.parse("reboot")
+    vault = Profile(name="p", source="vault", env={"S": "s"}, options={"path": "secret/p"})
+    assert policy_from(vault, None, None, None) is None
+    p = policy_from(vault, "restart", "30s", "5s")
+    assert p is not None and (p.interval, p.grace) == (30, 5)
+    with pytest.raises(ConfigError, match="pins version"):
+        policy_from(vault._replace(options={"path": "secret/p", "version": 2}), "restart", None, None)
+    with pytest.raises(ConfigError, match="watched in Vault"):
+        policy_from(Profile(name="k", source="keyring", env={"S": "s"}), "restart", None, None)
+    with pytest.raises(ConfigError, match="rotation interval"):
+        policy_from(vault, "restart", "0s", None)
+    configured = vault._replace(sections={"rotation": {"on_rotate": "signal:USR2", "interval": "2m"}})
+    cp = policy_from(configured, None, None, None)
+    assert cp is not None and cp.signum == signal.SIGUSR2 and cp.interval == 120
+
+
+def test_watcher_backs_off_while_vault_is_down() -> None:
+    now = [0.0]
+    events: list[tuple[str, dict[str, object]]] = []
+    profile = Profile(name="p", source="vault", env={"S": "s"}, options={"path": "secret/p"})
+    w = Watcher(profile, {"VAULT_ADDR": "http://127.0.0.1:9", "VAULT_TOKEN": "t", "CREDBROKER_VAULT_TIMEOUT": "1"},
+                lambda e, f: events.append((e, f)), version=1, interval=10, clock=lambda: now[0])
+    assert w.poll() is None
+    retry = [f["retry_in_s"] for e, f in events if e == "rotation_check_failed"]
+    assert retry == [10]
+    assert not w.due()
+    now[0] = 10.5
+    assert w.due()
+    w.poll()
+    assert [f["retry_in_s"] for e, f in events if e == "rotation_check_failed"] == [10, 20]
