@@ -1,0 +1,311 @@
+"""The audit log writer: location, permissions, record shape, secret guard, batching,
+rotation, keyed chain continuity, several processes at once, kill -9 mid-write."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.audit import open_log
+from broker.audit.chain import GENESIS, parse_header
+from broker.audit.log import AuditLog
+from broker.audit.settings import AuditSettings, load_settings
+from broker.audit.verify import verify_files
+from broker.errors import AuditError, ConfigError
+from broker.secret import Credentials, Origin, Secret
+
+KEY_HEX = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+KEY = bytes.fromhex(KEY_HEX)
+
+
+# -- helpers shared by the other test_audit_* files ---------------------------------------
+def make_log(path: Path, key: bytes | None = None, **kw: Any) -> AuditLog:
+    """A fresh writer (not the open_log cache) on ``path``."""
+    return AuditLog(AuditSettings(path=path, **kw), Secret(key) if key else None)
+
+
+def lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines(path)]
+
+
+# -- location and permissions --------------------------------------------------------------
+def test_default_location_is_the_xdg_state_folder(tmp_path: Path) -> None:
+    log = open_log()
+    assert log.path == tmp_path / "state" / "credbroker" / "audit.log"
+    log.record("secret_fetched", {"profile": "p"})
+    assert stat.S_IMODE(log.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(log.path.parent.stat().st_mode) == 0o700
+
+
+def test_location_order_config_then_env_then_xdg(tmp_path: Path) -> None:
+    env = {"CREDBROKER_AUDIT_LOG": str(tmp_path / "env.log"), "XDG_STATE_HOME": str(tmp_path / "x")}
+    assert load_settings({"path": str(tmp_path / "cfg.log")}, env).path == tmp_path / "cfg.log"
+    assert load_settings(None, env).path == tmp_path / "env.log"
+    assert load_settings(None, {"XDG_STATE_HOME": str(tmp_path / "x")}).path == tmp_path / "x/credbroker/audit.log"
+    assert load_settings(None, {"HOME": str(tmp_path)}).path == tmp_path / ".local/state/credbroker/audit.log"
+
+
+def test_permissions_hold_under_a_permissive_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        log = make_log(tmp_path / "deep" / "er" / "audit.log")
+        log.record("secret_fetched", {"profile": "p"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "deep/er/audit.log").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "deep/er").stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize(
+    "table, needle",
+    [
+        ({"colour": "red"}, "unknown key"),
+        ({"rotate": "hourly"}, "rotate"),
+        ({"max_size": "lots"}, "max_size"),
+        ({"keep": "forever"}, "keep"),
+        ({"key": "s3:bucket"}, "key"),
+        ({"key": "vault:nomount#f"}, "key"),
+        ({"key": "keyring:onlyservice"}, "key"),
+        ({"work_hours": "9 to 5"}, "work_hours"),
+        ({"path": ""}, "path"),
+    ],
+)
+def test_bad_audit_table_is_one_clear_config_error(table: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(table, {})
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+# -- records ---------------------------------------------------------------------------------
+def test_record_shape_and_chain(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "audit.log")
+    r1 = log.record("secret_fetched", {"profile": "um", "version": 3, "fields": ["api_key", "api_secret"]})
+    r2 = log.record("child_exited", {"profile": "um", "status": 0, "duration_s": 1.5})
+    assert (r1["seq"], r2["seq"]) == (1, 2)
+    assert r1["prev"] == GENESIS and r2["prev"] == r1["hash"]
+    assert r1["ts"].endswith("Z") and r1["data"]["fields"] == ["api_key", "api_secret"]
+    on_disk = records(tmp_path / "audit.log")
+    assert on_disk[0] == r1 and on_disk[1] == r2
+    assert {"host", "pid", "user", "alg"} <= set(on_disk[0])
+    head = json.loads((tmp_path / "audit.log.head").read_text())
+    assert head["seq"] == 2 and head["hash"] == r2["hash"]
+
+
+def test_a_secret_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "audit.log")
+    value = b"sk_live_never_in_the_log_123"
+    secret = Secret(value)
+    creds = Credentials("p", Origin("vault", "secret/x", 1), {"api_secret": Secret(value)})
+    for fields in ({"value": secret}, {"nested": {"deep": [secret]}}, {"creds": creds}, {"raw": value}):
+        with pytest.raises(AuditError) as info:
+            log.record("secret_fetched", fields)
+        assert value.decode() not in str(info.value)
+    assert not (tmp_path / "audit.log").exists() or value not in (tmp_path / "audit.log").read_bytes()
+
+
+@pytest.mark.parametrize("event", ["", "Secret", "has space", "x" * 65, "1abc"])
+def test_bad_event_names(tmp_path: Path, event: str) -> None:
+    with pytest.raises(AuditError):
+        make_log(tmp_path / "audit.log").record(event, {})
+
+
+def test_unserialisable_values_are_refused(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "audit.log")
+    for bad in ({"x": {1, 2}}, {"x": float("nan")}, {1: "int key"}, {"x": object()}):
+        with pytest.raises(AuditError):
+            log.record("sign", bad)  # type: ignore[arg-type]
+
+
+def test_open_log_returns_one_shared_writer_per_log() -> None:
+    assert open_log() is open_log()
+    assert open_log({"rotate": "daily"}) is not open_log()
+
+
+# -- batching --------------------------------------------------------------------------------
+def test_batched_records_are_group_committed_in_order(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "audit.log")
+    with log.batch():
+        recs = [log.record("sign", {"i": i}, durable=False) for i in range(50)]
+        assert not (tmp_path / "audit.log").exists()  # still in memory
+    assert [r["seq"] for r in recs] == list(range(1, 51))
+    assert [r["data"]["i"] for r in records(tmp_path / "audit.log")] == list(range(50))
+
+
+def test_a_durable_record_flushes_pending_ones_first(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "audit.log")
+    log.record("sign", {"i": 0}, durable=False)
+    log.record("secret_fetched", {"profile": "p"})
+    assert [r["event"] for r in records(tmp_path / "audit.log")] == ["sign", "secret_fetched"]
+
+
+def test_pending_records_are_flushed_at_interpreter_exit(tmp_path: Path) -> None:
+    code = textwrap.dedent(f"""
+        from broker.audit import open_log
+        log = open_log({{"path": {str(tmp_path / 'audit.log')!r}}})
+        for i in range(10):
+            log.record("sign", {{"i": i}}, durable=False)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert len(records(tmp_path / "audit.log")) == 10
+
+
+# -- rotation ----------------------------------------------------------------------------------
+def test_size_rotation_keeps_one_chain_across_files(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = make_log(path, rotate="size", max_size=4096)
+    for i in range(60):
+        log.record("secret_fetched", {"profile": "p", "i": i, "pad": "x" * 100})
+    rotated = sorted(tmp_path.glob("audit.log.2*"))
+    assert len(rotated) >= 2
+    for f in rotated:
+        assert f.stat().st_size <= 4096
+    result = verify_files(None, active=path)
+    assert result.ok and result.records == 60 and len(result.files) == len(rotated) + 1
+    first_of_active = parse_header(lines(path)[0].rstrip(b"\n"))
+    last_of_rotated = parse_header(lines(rotated[-1])[-1].rstrip(b"\n"))
+    assert first_of_active is not None and last_of_rotated is not None
+    assert first_of_active.prev == last_of_rotated.digest
+
+
+def test_weekly_rotation_when_the_week_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import broker.audit.log as logmod
+
+    path = tmp_path / "audit.log"
+    log = make_log(path)
+    monkeypatch.setattr(logmod, "utc_timestamp", lambda now=None: "2020-01-01T10:00:00.000000Z")
+    log.record("secret_fetched", {"profile": "p"})
+    monkeypatch.undo()
+    log.record("secret_fetched", {"profile": "p"})  # now is years later: a new week
+    assert len(list(tmp_path.glob("audit.log.2*"))) == 1
+    assert verify_files(None, active=path).ok
+
+
+def test_another_writer_follows_a_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    a, b = make_log(path), make_log(path)
+    a.record("sign", {"w": "a"})
+    b.record("sign", {"w": "b"})
+    a.rotate()
+    b.record("sign", {"w": "b2"})  # b's fd points at the rotated file: it must reopen
+    a.record("sign", {"w": "a2"})
+    assert [r["data"]["w"] for r in records(path)] == ["b2", "a2"]
+    result = verify_files(None, active=path)
+    assert result.ok and result.records == 4
+
+
+# -- keyed chain continuity ----------------------------------------------------------------------
+def test_keyed_log_refuses_an_unkeyed_writer_and_another_key(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    make_log(path, KEY).record("sign", {})
+    with pytest.raises(AuditError, match="keyed"):
+        make_log(path).record("sign", {})
+    with pytest.raises(AuditError, match="key id"):
+        make_log(path, b"k" * 32).record("sign", {})
+    assert len(lines(path)) == 1
+
+
+def test_adding_a_key_later_marks_the_switch(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    make_log(path).record("sign", {"n": 1})
+    make_log(path, KEY).record("sign", {"n": 2})
+    assert [r["event"] for r in records(path)] == ["sign", "audit_keyed", "sign"]
+    assert verify_files(None, active=path, key=KEY).ok
+
+
+def test_env_key_is_hex_and_is_never_echoed(tmp_path: Path) -> None:
+    from broker.audit.keys import from_env
+
+    assert from_env({"CREDBROKER_AUDIT_KEY": KEY_HEX}).reveal() == KEY  # type: ignore[union-attr]
+    with pytest.raises(AuditError) as info:
+        from_env({"CREDBROKER_AUDIT_KEY": "not-hex-but-a-secret-value-0123456789"})
+    assert "not-hex-but-a-secret" not in str(info.value)
+    with pytest.raises(AuditError):
+        from_env({"CREDBROKER_AUDIT_KEY": "abcd"})  # too short
+    log = open_log(env={**os.environ, "CREDBROKER_AUDIT_KEY": KEY_HEX, "XDG_STATE_HOME": str(tmp_path / "k")})
+    rec = log.record("sign", {})
+    assert rec["alg"] == "hmac-sha256" and len(rec["kid"]) == 16
+    assert KEY_HEX not in repr(log) and KEY_HEX.encode() not in log.path.read_bytes()
+
+
+# -- many writers, and crashes -------------------------------------------------------------------
+WRITER = textwrap.dedent("""
+    import sys
+    from broker.audit import open_log
+    path, name, n, batched = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+    log = open_log({"path": path, "rotate": "size", "max_size": sys.argv[5]})
+    for i in range(n):
+        log.record("sign" if batched else "secret_fetched", {"writer": name, "i": i, "pad": "y" * 200},
+                   durable=not batched)
+    log.flush()
+""")
+
+
+def test_several_processes_writing_at_once_lose_and_corrupt_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"w{k}", "300", str(k % 2), "200KiB"])
+        for k in range(6)
+    ]
+    for p in procs:
+        assert p.wait(timeout=300) == 0
+    result = verify_files(None, active=path)
+    assert result.ok, result.summary()
+    assert result.records == 1800 and result.first_seq == 1 and result.last_seq == 1800
+    seen = []
+    for f in result.files:
+        seen += [(r["data"]["writer"], r["data"]["i"]) for r in records(Path(f))]
+    assert sorted(seen) == sorted((f"w{k}", i) for k in range(6) for i in range(300))
+
+
+CRASHER = textwrap.dedent("""
+    import sys
+    from broker.audit import open_log
+    log = open_log({"path": sys.argv[1], "rotate": "size", "max_size": "256KiB"})
+    i = 0
+    while True:
+        for _ in range(200):
+            log.record("sign", {"i": i, "pad": "z" * 2000}, durable=False)
+            i += 1
+        log.flush()
+""")
+
+
+def test_kill_9_during_heavy_writing_leaves_a_verifiable_log(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    for round_no in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(path)])
+        deadline = time.monotonic() + 120
+        start = sum(f.stat().st_size for f in tmp_path.glob("audit.log*"))
+        while sum(f.stat().st_size for f in tmp_path.glob("audit.log*")) < start + 1_500_000:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        result = verify_files(None, active=path)
+        assert result.ok, f"round {round_no}: {result.summary()}"
+        assert {n.kind for n in result.notes} <= {"partial_tail", "after_head"}
+    # A simulated crash mid-line, then a new writer: recorded, written past, still verifies.
+    with path.open("ab") as fh:
+        fh.write(b'{"v":1,"seq":999999,"ts":"2026-')
+    cut = verify_files(None, active=path)
+    assert cut.ok and any(n.kind == "partial_tail" and "crash" in n.message for n in cut.notes)
+    rec = make_log(path).record("secret_fetched", {"profile": "after-crash"})
+    after = verify_files(None, active=path)
+    assert after.ok and after.last_seq == rec["seq"]
+    assert any("recorded by the next writer" in n.message for n in after.notes)
+    marker = [json.loads(x) for x in lines(path) if b'"event":"partial_tail"' in x]
+    assert marker and marker[-1]["data"]["bytes"] == len(b'{"v":1,"seq":999999,"ts":"2026-')
