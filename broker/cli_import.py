@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -38,6 +39,8 @@ Steps:
      --delete (or --yes) does it without asking, --keep never; with neither,
      a terminal asks, and anything else keeps the file. A file that also
      holds keys that were not imported is never deleted.
+  The audit log records secret_imported and plaintext_deleted (file, store,
+  version, field names; never a value).
 
 Copy-on-write filesystems, SSDs, snapshots and backups may keep old copies
 of the file whatever any program does: if the key was ever copied, treat it
@@ -45,16 +48,13 @@ as exposed and rotate it at the exchange.
 """
 
 
-def _target(ctx: click.Context, profile_name: str | None, vault_path: str | None, keyring_service: str | None
+def _target(config: Any, profile_name: str | None, vault_path: str | None, keyring_service: str | None
             ) -> tuple[Profile | None, str, str, str]:
     """(profile or None, "vault"|"keyring", mount or "", path or service)."""
-    from .config import load
-
     if sum(x is not None for x in (profile_name, vault_path, keyring_service)) != 1:
         raise ConfigError("say where to store the keys", "give one of --profile, --vault-path, --keyring-service")
     prof: Profile | None = None
     if profile_name is not None:
-        config = load(ctx.obj.get("config_path") if ctx.obj else None)
         prof = config.profile(profile_name)
         if prof.source == "vault":
             from .sources.vault import split_path
@@ -70,22 +70,11 @@ def _target(ctx: click.Context, profile_name: str | None, vault_path: str | None
         from .sources.vault import split_path
 
         mount, path = split_path(Profile(name="import", source="vault", env={}, options={"path": vault_path}))
-        if not path:
-            raise ConfigError(f"--vault-path {vault_path!r} names no secret", 'write "<mount>/<path>"')
         return None, "vault", mount, path
     assert keyring_service is not None
     if not keyring_service.strip():
         raise ConfigError("--keyring-service is empty", "name the service, e.g. credbroker/spot")
     return None, "keyring", "", keyring_service
-
-
-def _env(ctx: click.Context) -> dict[str, str]:
-    import os
-
-    from .config import load
-    from .sources.settings import with_config_defaults
-
-    return with_config_defaults(os.environ, load(ctx.obj.get("config_path") if ctx.obj else None))
 
 
 def _parse_mapping(items: tuple[str, ...]) -> dict[str, str]:
@@ -117,42 +106,42 @@ def _parse_mapping(items: tuple[str, ...]) -> dict[str, str]:
 def import_cmd(ctx: click.Context, file: str, profile_name: str | None, vault_path: str | None,
                keyring_service: str | None, fmt: str | None, field_items: tuple[str, ...], force: bool,
                delete: bool | None, yes: bool, as_json: bool) -> None:
+    import os
+
     from . import migrate
+    from .audit import open_log
+    from .config import load
+    from .sources.settings import with_config_defaults
 
     if yes and delete is False:
         raise ConfigError("--yes and --keep contradict each other", "give one of them")
     if yes:
         delete = True
     mapping = _parse_mapping(field_items)
-    prof, target, mount, where = _target(ctx, profile_name, vault_path, keyring_service)
-    env = _env(ctx) if target == "vault" else {}
+    config = load(ctx.obj.get("config_path") if ctx.obj else None)
+    prof, target, mount, location = _target(config, profile_name, vault_path, keyring_service)
+    env = with_config_defaults(os.environ, config)
+    # Open the audit log first: an import that cannot be recorded does not start.
+    record = open_log(config.audit or None, env=env).record
 
-    plain = migrate.read_plaintext(file, fmt)
-    try:
-        sel = migrate.select_fields(plain, mapping or None, prof)
-        if target == "vault":
-            stored = migrate.store_vault(env, mount, where, sel.fields, force=force)
-            migrate.verify_vault(env, mount, where, stored, sel.fields)
-        else:
-            stored = migrate.store_keyring(where, sel.fields, force=force, profile=prof)
-            migrate.verify_keyring(stored, sel.fields, profile=prof)
-    finally:
-        plain.wipe()
-
-    names = ", ".join(f"{sel.sources[f]}->{f}" if sel.sources[f] != f else f for f in stored.fields)
+    result = migrate.import_plaintext(file, target=target, location=location, mount=mount, env=env, profile=prof,
+                                      mapping=mapping or None, fmt=fmt, force=force, record=record)
+    stored = result.stored
+    names = ", ".join(f"{result.sources[f]}->{f}" if result.sources[f] != f else f for f in stored.fields)
     version = f" version {stored.version}" if stored.version is not None else ""
-    log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    log(f"imported {len(stored.fields)} field(s) ({names}) from {plain.path} into {target} {stored.location}"
+    def log(message: str) -> None:
+        # With --json, stdout holds only the JSON object; the sentences go to stderr.
+        click.echo(message, err=as_json)
+
+    log(f"imported {len(stored.fields)} field(s) ({names}) from {result.file} into {target} {stored.location}"
         f"{version}; read back and verified")
 
-    result: dict[str, Any] = {"file": str(plain.path), **stored.to_dict(), "verified": True,
-                              "left_out": list(sel.left_out), "deleted": False}
-    shredded = _maybe_delete(plain.path, sel.left_out, delete, log)
+    out: dict[str, Any] = {**result.to_dict(), "deleted": False}
+    shredded = _maybe_delete(result, delete, log, record)
     if shredded is not None:
-        result.update(deleted=True, bytes_overwritten=shredded.bytes_overwritten,
-                      other_links=shredded.other_links)
+        out.update(deleted=True, bytes_overwritten=shredded.bytes_overwritten, other_links=shredded.other_links)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(out, indent=2))
 
 
 def _interactive() -> bool:
@@ -160,19 +149,16 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def _maybe_delete(path: Any, left_out: tuple[str, ...], delete: bool | None, log: Any) -> Any:
+def _maybe_delete(result: Any, delete: bool | None, log: Callable[[str], None], record: Any) -> Any:
     from . import migrate
 
+    path = result.file
     if delete is False:
         log(f"kept {path}; delete it once the bot runs from the store (credbroker import --delete, or by hand)")
         return None
-    if left_out:
-        message = (f"kept {path}: it also holds {', '.join(left_out)}, which were not imported "
-                   "(import them with --field, or move them out of the file, then delete it)")
-        if delete:
-            raise ConfigError(f"not deleting {path}: it also holds {', '.join(left_out)}, which were not imported",
-                              "import them with --field, or move them out of the file, then delete it")
-        log(message)
+    if result.left_out and not delete:
+        log(f"kept {path}: it also holds {', '.join(result.left_out)}, which were not imported "
+            "(import them with --field, or move them out of the file, then delete it)")
         return None
     if delete is None:
         if not _interactive():
@@ -182,8 +168,8 @@ def _maybe_delete(path: Any, left_out: tuple[str, ...], delete: bool | None, log
         if not click.confirm(f"Overwrite and delete {path} now?", default=False, err=True):
             log(f"kept {path}")
             return None
-    shredded = migrate.shred(path)
-    links = (f"; {shredded.other_links} other hard link(s) to it remain (now random bytes): remove them too"
+    shredded = migrate.delete_plaintext(result, record=record)
+    links = (f"; {shredded.other_links} other hard link(s) to it remain (now empty): remove them too"
              if shredded.other_links else "")
     log(f"deleted {path} ({shredded.bytes_overwritten} bytes overwritten, flushed, unlinked){links}")
     if delete:  # the warning was not shown at a prompt: always say it

@@ -15,6 +15,11 @@ The steps (issue 5, part 6), each a function a program can call:
 4. ``shred(path)`` overwrites the file in place, flushes it to the disk and
    unlinks it. That is all software can do: ``SHRED_WARNING`` says honestly
    what it cannot reach.
+
+``import_plaintext`` runs steps 1-3 and records a ``secret_imported`` audit
+event; ``delete_plaintext`` runs step 4 and records ``plaintext_deleted``.
+Audit events name the file, the store, the version and the field names, never
+a value.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import hmac
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -543,3 +548,76 @@ def shred(path: str | os.PathLike[str]) -> Shredded:
     except OSError:
         pass  # some filesystems cannot fsync a folder; the unlink itself succeeded
     return Shredded(path=p, bytes_overwritten=size, other_links=max(0, st.st_nlink - 1))
+
+
+# -- the whole import, as `credbroker import` runs it ----------------------------------------
+#: ``record(event, fields)``: the audit log's ``AuditLog.record``, or a test's list.append.
+Recorder = Callable[[str, Mapping[str, Any]], object]
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """A verified import (no secret): what was stored where, and what the file still holds."""
+
+    file: Path
+    stored: Stored
+    #: store field -> the file key it came from
+    sources: Mapping[str, str]
+    left_out: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"file": str(self.file), **self.stored.to_dict(), "verified": True, "left_out": list(self.left_out)}
+
+
+def import_plaintext(
+    path: str | os.PathLike[str],
+    *,
+    target: str,
+    location: str,
+    mount: str = "",
+    env: Mapping[str, str] | None = None,
+    profile: Profile | None = None,
+    mapping: Mapping[str, str] | None = None,
+    fmt: str | None = None,
+    force: bool = False,
+    record: Recorder | None = None,
+) -> ImportResult:
+    """Read ``path``, store its values in Vault (``mount``/``location``) or the keyring
+    (service ``location``), read them back and verify; the plaintext file is left alone."""
+    if target not in ("vault", "keyring"):
+        raise ConfigError(f"unknown import target {target!r}", 'use "vault" or "keyring"')
+    plain = read_plaintext(path, fmt)
+    try:
+        sel = select_fields(plain, mapping, profile)
+        if target == "vault":
+            environ = os.environ if env is None else env
+            stored = store_vault(environ, mount, location, sel.fields, force=force)
+            verify_vault(environ, mount, location, stored, sel.fields)
+        else:
+            stored = store_keyring(location, sel.fields, force=force, profile=profile)
+            verify_keyring(stored, sel.fields, profile=profile)
+    finally:
+        plain.wipe()
+    result = ImportResult(file=plain.path, stored=stored, sources=dict(sel.sources), left_out=sel.left_out)
+    if record is not None:
+        record("secret_imported", {
+            "file": str(plain.path.resolve()), "target": stored.target, "location": stored.location,
+            "version": stored.version, "address": stored.address, "fields": list(stored.fields),
+            "profile": profile.name if profile is not None else None, "forced": force,
+        })
+    return result
+
+
+def delete_plaintext(result: ImportResult, *, record: Recorder | None = None) -> Shredded:
+    """Shred the imported file; refused while it holds keys that were not imported."""
+    if result.left_out:
+        raise ConfigError(
+            f"not deleting {result.file}: it also holds {', '.join(result.left_out)}, which were not imported",
+            "import them with --field, or move them out of the file, then delete it",
+        )
+    full = str(result.file.resolve())
+    shredded = shred(result.file)
+    if record is not None:
+        record("plaintext_deleted", {"file": full, "bytes_overwritten": shredded.bytes_overwritten,
+                                     "other_links": shredded.other_links})
+    return shredded

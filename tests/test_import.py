@@ -418,3 +418,42 @@ def test_import_creds_yml_into_a_keyring_profile(secret_service: SecretService, 
 def test_errors_are_broker_errors() -> None:
     for cls in (migrate.PlaintextFormatError, migrate.ImportVerifyError, migrate.ShredError):
         assert issubclass(cls, BrokerError)
+
+
+# -- audit events ------------------------------------------------------------------------------
+@pytest.mark.vault
+def test_import_and_delete_are_audited_without_values(openbao: OpenBao, tmp_path: Path) -> None:
+    f = tmp_path / "creds.yml"
+    f.write_text(CREDS_YML)
+    res = _invoke(["import", str(f), "--vault-path", "secret/credbroker/imp10", "--delete"], _vault_env(openbao))
+    assert res.exit_code == 0, res.output
+    log = Path(os.environ["XDG_STATE_HOME"]) / "credbroker" / "audit.log"
+    text = log.read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    events = {r["event"]: r["data"] for r in records}
+    assert events["secret_imported"]["location"] == "secret/credbroker/imp10"
+    assert events["secret_imported"]["version"] == 1
+    assert events["secret_imported"]["fields"] == ["api_key", "api_secret"]
+    assert events["plaintext_deleted"]["file"] == str(f.resolve())
+    assert SECRET not in text and API_KEY not in text
+    verify = CliRunner().invoke(cli, ["audit", "verify"])
+    assert verify.exit_code == 0, verify.output
+
+
+@pytest.mark.vault
+def test_library_import_with_a_recorder(openbao: OpenBao, tmp_path: Path) -> None:
+    f = tmp_path / "bot.env"
+    f.write_text(DOT_ENV)
+    events: list[tuple[str, dict[str, Any]]] = []
+    result = migrate.import_plaintext(
+        f, target="vault", mount="secret", location="credbroker/imp11", env=_vault_env(openbao),
+        mapping={"BINANCE_API_SECRET": "api_secret"}, record=lambda e, d: events.append((e, dict(d))),
+    )
+    assert result.stored.version == 1 and result.left_out == ("BINANCE_API_KEY",)
+    assert SECRET not in repr(result)
+    assert [e for e, _ in events] == ["secret_imported"]
+    with pytest.raises(ConfigError, match="also holds BINANCE_API_KEY"):
+        migrate.delete_plaintext(result)
+    assert f.exists()
+    with pytest.raises(ConfigError, match="unknown import target"):
+        migrate.import_plaintext(f, target="s3", location="x")
