@@ -28,6 +28,7 @@ cb_die() {  # cb_die MESSAGE [REMEDY]
 }
 
 cb_usage_error() {  # cb_usage_error MESSAGE
+  # shellcheck disable=SC2016 # the backquotes are literal text
   printf '%s: %s (see `%s --help`)\n' "$CB_PROG" "$1" "$CB_PROG" >&2
   exit 2
 }
@@ -93,6 +94,7 @@ cb_json_str() {  # cb_json_str VALUE -> sets CB_JSON
   fi
   s=${s//\\/\\\\}
   s=${s//\"/\\\"}
+  # shellcheck disable=SC2034 # read by the sourcing script
   CB_JSON="\"$s\""
 }
 
@@ -116,6 +118,7 @@ cb_read_secret() {  # cb_read_secret LABEL
   fi
   a=${a%$'\r'}
   [[ -n $a ]] || cb_die "empty value for $label" "give a non-empty value"
+  # shellcheck disable=SC2034 # read by the sourcing script
   CB_SECRET=$a
 }
 
