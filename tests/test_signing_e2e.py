@@ -91,9 +91,15 @@ def test_bot_under_run_signs_and_bad_signature_shows_in_audit_report(
     assert {s.code for s in verifier.seen} == {-1022}
     assert "key trouble recorded in the audit log: -1022" in bad.stderr
 
-    report = audit_report(run_broker, env)
-    assert "signature_failure" in report and "-1022" in report
-    assert "/fapi/v2/balance" in report
+    report = json.loads(audit_report(run_broker, env))
+    failures = report["signature_failures"]
+    assert failures["total"] == 3
+    (group,) = failures["by_code"]
+    assert group["code"] == "-1022" and group["reason"] == "invalid signature" and group["count"] == 3
+    assert any(e.endswith("/fapi/v2/balance") for e in group["endpoints"])
+    text = run_broker(["audit", "report"], env=env)  # what the operator reads every week
+    assert text.returncode == 0, text.stderr
+    assert "SIGNATURE FAILURES: 3" in text.stdout and "-1022" in text.stdout
     # Nothing secret anywhere in the log: not the secret, not the key, not a signature, not a query.
     log = audit_text()
     assert "signature_failure" in log
