@@ -439,3 +439,31 @@ def test_redirect_to_another_host_is_refused(verifier: BinanceVerifier) -> None:
         assert same.status_code == 400
     finally:
         other.stop()
+
+
+def test_hmac_path_stays_lean() -> None:
+    """`from broker import get_signer` and HMAC signing load no requests, hvac or cryptography."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from broker import get_signer\n"
+            "from broker.signing import make_signer, SignerSettings\n"
+            "from broker.secret import Secret\n"
+            "s = make_signer(SignerSettings(), {'api_key': Secret('k' * 64), 'api_secret': Secret('s' * 64)})\n"
+            "s.sign_params({'a': 1})\n"
+            "print(sorted(m for m in ('requests', 'hvac', 'cryptography', 'keyring') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(("value", "kind"), [(SECRET.encode(), "hmac"), (b"  -----BEGIN PRIVATE KEY-----x", None)])
+def test_detect_kind(value: bytes, kind: str | None) -> None:
+    from broker.signing import core
+
+    if kind is None:
+        with pytest.raises(SigningError, match="not a valid PEM"):
+            core.detect_kind(value)
+    else:
+        assert core.detect_kind(value) == kind
+        assert core.detect_kind(ed_pem()) == "ed25519"
