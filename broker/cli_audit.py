@@ -186,3 +186,24 @@ def prune_cmd(ctx: click.Context, keep_text: str | None, dry_run: bool, as_json:
     click.echo(f"{verb} {len(result.removed)} file(s) through seq {result.through_seq}; kept {result.kept}")
     for name in result.removed:
         click.echo(f"  {name}")
+
+
+@audit.command("enable-key")
+@click.pass_context
+def enable_key_cmd(ctx: click.Context) -> None:
+    """Continue an unkeyed log with the configured key (an explicit, recorded switch).
+
+    Writers never switch on their own: someone who re-chained the file without
+    the key must not get that history accepted by the next keyed writer. Run
+    `credbroker audit verify` first.
+    """
+    from . import audit as audit_pkg
+
+    settings, env, config = _context(ctx)
+    if settings.key_spec is None and not env.get("CREDBROKER_AUDIT_KEY"):
+        raise AuditError("no audit key is configured", "set [audit] key or CREDBROKER_AUDIT_KEY")
+    log = audit_pkg.open_log(config.audit or None, env=env)
+    if log.enable_key():
+        click.echo(f"audit log {log.path}: keyed from seq {log.last_seq()} on, key id {log.key_id}")
+    else:
+        click.echo(f"audit log {log.path}: already keyed or empty (key id {log.key_id}); nothing to do")

@@ -218,10 +218,15 @@ def test_keyed_log_refuses_an_unkeyed_writer_and_another_key(tmp_path: Path) -> 
     assert len(lines(path)) == 1
 
 
-def test_adding_a_key_later_marks_the_switch(tmp_path: Path) -> None:
+def test_adding_a_key_later_is_an_explicit_marked_switch(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     make_log(path).record("sign", {"n": 1})
-    make_log(path, KEY).record("sign", {"n": 2})
+    keyed = make_log(path, KEY)
+    with pytest.raises(AuditError, match="enable-key"):
+        keyed.record("sign", {"n": 2})  # never implicit: it would bless a re-chained file
+    assert keyed.enable_key() is True
+    keyed.record("sign", {"n": 2})
+    assert keyed.enable_key() is False
     assert [r["event"] for r in records(path)] == ["sign", "audit_keyed", "sign"]
     assert verify_files(None, active=path, key=KEY).ok
 

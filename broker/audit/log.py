@@ -175,6 +175,7 @@ class AuditLog:
         self._thread_lock = threading.RLock()
         self._pending: list[_Pending] = []
         self._pending_since = 0.0
+        self._upgrade_ok = False
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._state: _State | None = None
@@ -234,6 +235,22 @@ class AuditLog:
             yield self
         finally:
             self.flush()
+
+    def enable_key(self) -> bool:
+        """Continue an unkeyed log keyed: write an ``audit_keyed`` record. False if already keyed."""
+        if self.key_id is None:
+            raise AuditError("no audit key is configured", "set [audit] key or CREDBROKER_AUDIT_KEY")
+        with self._thread_lock:
+            self.flush()
+            self._upgrade_ok = True
+            try:
+                return self._commit([])
+            finally:
+                self._upgrade_ok = False
+
+    def last_seq(self) -> int | None:
+        """The seq of the last record this writer committed (None before its first commit)."""
+        return self._state.seq if self._state is not None else None
 
     def rotate(self) -> Path | None:
         """Rotate the active file now (if it holds any record); return the rotated file's path."""
@@ -358,7 +375,17 @@ class AuditLog:
                 f"the audit log {self.path} is keyed with key id {state.kid}, not the configured {self.key_id}",
                 "configure the same key, or move the log aside to start a new chain",
             )
-        return state.alg == ALG_SHA256 and self.alg == ALG_HMAC
+        if state.alg == ALG_SHA256 and self.alg == ALG_HMAC:
+            if not self._upgrade_ok:
+                # Not implicit: someone who re-chained the file without the key must not
+                # get their history blessed by the next keyed writer.
+                raise AuditError(
+                    f"the audit log {self.path} is unkeyed but an audit key is configured",
+                    "check it with `credbroker audit verify`, then run `credbroker audit enable-key` "
+                    "to continue the chain keyed (or move the log aside)",
+                )
+            return True
+        return False
 
     def _keyed_marker(self, state: _State) -> bytes:
         """The first keyed record after unkeyed ones says so (verify accepts the unkeyed prefix)."""
@@ -402,7 +429,7 @@ class AuditLog:
             self._state = _State(os.fstat(self._fd).st_ino, 0, state.seq, state.hash, state.alg, state.kid)
         return target
 
-    def _commit(self, pending: list[_Pending]) -> None:
+    def _commit(self, pending: list[_Pending]) -> bool:
         with self._locked():
             fd = self._open_active()
             state, partial_offset, partial = self._current_state(fd)
@@ -411,6 +438,8 @@ class AuditLog:
                 _write_all(fd, self._recovery_line(state, partial_offset, partial))
                 state.size = os.fstat(fd).st_size
             chunks = [self._keyed_marker(state)] if switch_to_keyed else []
+            if not pending and not chunks:
+                return False
             estimate = sum(len(p.rest) + 300 for p in pending)
             if self._rotation_due(fd, state.size, estimate):
                 self._state = state
@@ -427,6 +456,7 @@ class AuditLog:
             state.ino = os.fstat(fd).st_ino
             self._state = state
             self._write_head(state)
+            return True
 
     def _write_head(self, state: _State) -> None:
         fd = os.open(head_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)

@@ -388,7 +388,7 @@ class Verifier:
                 "after_head", self.head_file or "", self._last_line[1],
                 f"{self._last_seq - self.head.seq} record(s) after the last committed head (seq {self.head.seq}): "
                 "a writer was cut off before updating the head, or records were appended outside the broker"))
-        if self._mac is not None and self.records and not self._keyed_seen:
+        if self._mac is not None and self.records and ALG_HMAC not in self._algs:
             self._problem("forged", self.files[0] if self.files else "", 1,
                           "no record is keyed although an audit key is configured: the chain was recomputed "
                           "without the key (or nothing was written since the key was configured)", pos=(0, 0))
