@@ -219,7 +219,11 @@ class ReportBuilder:
             inside = start <= hour < end if start < end else (hour >= start or hour < end)
             return not inside
         total = sum(base.hours.values())
-        return total >= MIN_BASELINE_FOR_HOURS and base.hours[hour] == 0
+        # Learned: unusual when neither this hour nor its neighbours saw an access before
+        # the period (one hour of slack either side; bots drift).
+        return total >= MIN_BASELINE_FOR_HOURS and not any(
+            base.hours[(hour + d) % 24] for d in (-1, 0, 1)
+        )
 
     def _on_secret_fetched(self, ts: str, in_period: bool, profile: str, host: str, user: str,
                            data: Mapping[str, Any]) -> None:
@@ -353,8 +357,8 @@ class ReportBuilder:
             "unusual_hours": self.unusual.to_dict(),
             "unusual_hours_rule": (f"outside {self.work_hours[0]:02d}-{self.work_hours[1]:02d} UTC"
                                    if self.work_hours else
-                                   f"an hour (UTC) with no access to the profile before the period "
-                                   f"(needs {MIN_BASELINE_FOR_HOURS}+ earlier accesses)"),
+                                   f"an hour (UTC), give or take one, with no access to the profile before "
+                                   f"the period (needs {MIN_BASELINE_FOR_HOURS}+ earlier accesses)"),
             "refusals": self.refusals.to_dict(),
             "events": dict(sorted(self.events.items())),
             "records_in_period": self.records_in_period,
