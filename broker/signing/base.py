@@ -141,6 +141,9 @@ class Signer(ABC):
         query = binance.encode(items)
         return f"{query}&signature={binance.quote_signature(self.sign(query))}"
 
+    #: DESIGN.md's name for the same call.
+    sign_query = sign_params
+
     def headers(self) -> dict[str, str]:
         """The headers a signed Binance request needs: ``{"X-MBX-APIKEY": api_key}``."""
         return {binance.API_KEY_HEADER: str(self.api_key)}

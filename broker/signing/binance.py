@@ -23,7 +23,7 @@ import json
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from ..errors import SigningError
 
@@ -86,9 +86,19 @@ def param_items(params: Params | None) -> list[tuple[str, str]]:
     return out
 
 
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
+
+
+def _quote(text: str) -> str:
+    # Most Binance values (symbols, numbers, enums) need no escaping: skip quote() for them.
+    if text.isascii() and (text.isalnum() or _UNRESERVED.issuperset(text)):
+        return text
+    return quote(text, safe="")
+
+
 def encode(items: Iterable[tuple[str, str]]) -> str:
     """``name=value&...`` percent-encoded per RFC 3986 (space as %20), order kept."""
-    return urlencode(list(items), quote_via=quote, safe="")
+    return "&".join(f"{_quote(k)}={_quote(v)}" for k, v in items)
 
 
 def total_params(query: str, body: str = "") -> str:
