@@ -467,3 +467,22 @@ def test_detect_kind(value: bytes, kind: str | None) -> None:
     else:
         assert core.detect_kind(value) == kind
         assert core.detect_kind(ed_pem()) == "ed25519"
+
+
+def test_events_go_through_the_broker_relay_when_given(verifier: BinanceVerifier,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CREDBROKER_AUDIT_FD (a keyed log the child cannot write), failures go to the broker as JSON lines."""
+    import os
+
+    read_fd, write_fd = os.pipe()
+    try:
+        monkeypatch.setenv("CREDBROKER_AUDIT_FD", str(write_fd))
+        wrong = HmacSigner(API_KEY, Secret("wrong-" + "w" * 30), profile="p")
+        requests.get(verifier.url + "/api/v3/account", auth=wrong, timeout=10)
+        line = os.read(read_fd, 65536).decode()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    msg = json.loads(line)
+    assert msg["event"] == "signature_failure" and msg["fields"]["code"] == -1022
+    assert "w" * 30 not in line and API_KEY not in line

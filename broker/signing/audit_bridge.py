@@ -3,6 +3,12 @@
 ``open_log(config_audit_mapping_or_None).record(event, fields, durable=True)``.
 Inside a child of ``credbroker run`` the audit settings come from the config
 file the broker used (``CREDBROKER_CONFIG``, set by ``child_env``).
+
+A keyed audit log cannot be written by the child (the key stays with the
+broker). When the broker gives the child a relay, ``CREDBROKER_AUDIT_FD``
+(an inherited pipe/socket), events go through it instead, one JSON line
+each: ``{"event": "signature_failure", "fields": {...}}``; the broker checks
+the event name and records it with its own key.
 """
 
 from __future__ import annotations
@@ -12,6 +18,25 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import AuditError, BrokerError
+
+
+RELAY_FD_VAR = "CREDBROKER_AUDIT_FD"
+
+
+def _relay(fd: int, event: str, fields: Mapping[str, Any]) -> None:
+    """Send one event to the broker over the inherited relay descriptor."""
+    import json
+
+    line = json.dumps({"event": event, "fields": dict(fields)}, separators=(",", ":"), default=str) + "\n"
+    data = line.encode("utf-8")
+    if fd < 0 or len(data) > 4096:  # one write <= PIPE_BUF is atomic: no interleaving between threads
+        raise AuditError(f"cannot relay the {event} event to credbroker ({RELAY_FD_VAR} is unusable)",
+                         "this is a credbroker bug; please report it")
+    try:
+        os.write(fd, data)
+    except OSError as exc:
+        raise AuditError(f"cannot relay the {event} event to credbroker: {exc.strerror or type(exc).__name__}",
+                         "the broker may have exited") from exc
 
 
 def audit_config_from_env(env: Mapping[str, str] | None = None) -> Mapping[str, Any] | None:
@@ -27,6 +52,10 @@ def audit_config_from_env(env: Mapping[str, str] | None = None) -> Mapping[str, 
 def record_event(event: str, fields: Mapping[str, Any], *, audit_config: Mapping[str, Any] | None = None,
                  durable: bool = True) -> None:
     """Append one event; AuditError (a BrokerError) when it cannot be written."""
+    relay = os.environ.get(RELAY_FD_VAR)
+    if relay:
+        _relay(int(relay) if relay.isdigit() else -1, event, fields)
+        return
     try:
         from ..audit import open_log
     except ImportError as exc:  # the audit module is missing: fail closed, say why
