@@ -15,12 +15,15 @@ from typing import Any
 
 import pytest
 
+from broker.signing.transit import policy_hcl, policy_name
+
 from .conftest import OpenBao
 from .vaultadmin import POLICIES, bot_policy_hcl, start_openbao_with_config
 
 pytestmark = pytest.mark.vault
 
 KV = "secret"
+SIGN_POLICY = "credbroker-sign-transit-credbroker-alpha"
 B64 = base64.b64encode(b"GET /api/v3/account?timestamp=1").decode()
 
 
@@ -36,6 +39,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
         root.sys.create_or_update_policy("credbroker-auditor", (POLICIES / "credbroker-auditor.hcl").read_text())
         for bot in ("alpha", "beta", "enc"):
             root.sys.create_or_update_policy(f"credbroker-bot-{bot}", bot_policy_hcl(bot))
+        # The signer policy broker.signing.transit gives a bot's child token.
+        root.sys.create_or_update_policy(SIGN_POLICY, policy_hcl("transit", "credbroker-alpha"))
         for name, kind in (("credbroker-alpha", "ed25519"), ("credbroker-beta", "ed25519"),
                            ("credbroker-enc", "aes256-gcm96"), ("other-key", "aes256-gcm96")):
             root.secrets.transit.create_key(name=name, key_type=kind)
@@ -49,7 +54,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
 
 
 def _token(server: OpenBao, policy: str) -> Any:
-    token = server.client().auth.token.create(policies=[policy], ttl="30m")["auth"]["client_token"]
+    token = server.client().auth.token.create(policies=policy.split("+"), ttl="30m")["auth"]["client_token"]
     return server.client(token=token)
 
 
@@ -225,9 +230,46 @@ AUDITOR_DENIED: dict[str, Case] = {
     "read policies": lambda c, s: c.sys.read_acl_policy("credbroker-admin"),
 }
 
+def _child(policies: list[str], **extra: Any) -> Case:
+    return lambda c, s: c.auth.token.create(policies=policies, ttl="10m", **extra)
+
+
+def _as_child(request_fn: Case) -> Case:
+    """Run ``request_fn`` with the signing child token the bot's token creates."""
+    def call(c: Any, s: OpenBao) -> object:
+        child = c.auth.token.create(policies=[SIGN_POLICY], ttl="10m")["auth"]["client_token"]
+        return request_fn(s.client(token=child), s)
+
+    return call
+
+
+# A bot enrolled with `setup-vault --transit-key`: its AppRole token holds its
+# bot policy and the signer policy, and hands the bot process a child token
+# that may only sign (broker.signing.transit.child_token).
+SIGNER_ALLOWED: dict[str, Case] = {
+    "create the signing child token": _child([SIGN_POLICY]),
+    "create it with the string form of policies": _raw("post", "/v1/auth/token/create", policies=SIGN_POLICY),
+    "child signs with the bot's key": _as_child(_sign("credbroker-alpha")),
+    "child reads the key's public half": _as_child(lambda c, s: c.secrets.transit.read_key(name="credbroker-alpha")),
+}
+SIGNER_DENIED: dict[str, Case] = {
+    "create a child with its own bot policy": _child(["credbroker-bot-alpha"]),
+    "create a child with both policies": _child([SIGN_POLICY, "credbroker-bot-alpha"]),
+    "create a child without naming policies": lambda c, s: c.auth.token.create(ttl="10m"),
+    "create an orphan token": _child([SIGN_POLICY], no_parent=True),
+    "create a periodic token": _child([SIGN_POLICY], period="24h"),
+    "create a token with a chosen id": _child([SIGN_POLICY], id="chosen-token-id"),
+    "create a token through a token role": lambda c, s: c.auth.token.create(policies=[SIGN_POLICY],
+                                                                            role_name="any"),
+    "child reads the bot's secret": _as_child(_read("credbroker/alpha")),
+    "child creates tokens": _as_child(_child([SIGN_POLICY])),
+    "child signs with another key": _as_child(_sign("credbroker-beta")),
+}
+
 MATRIX = [
     ("credbroker-bot-alpha", BOT_ALLOWED, BOT_DENIED),
     ("credbroker-bot-enc", ENC_ALLOWED, ENC_DENIED),
+    (f"credbroker-bot-alpha+{SIGN_POLICY}", SIGNER_ALLOWED, SIGNER_DENIED),
     ("credbroker-admin", ADMIN_ALLOWED, ADMIN_DENIED),
     ("credbroker-auditor", AUDITOR_ALLOWED, AUDITOR_DENIED),
 ]
@@ -279,8 +321,16 @@ def test_bot_policy_template_only_takes_safe_names() -> None:
         assert pattern.match(good)
     for bad in ("a/b", "*", "a+", "../x", "", "a b", 'a"b', "-x"):
         assert not pattern.match(bad)
-    rules = "\n".join(line for line in (POLICIES / "credbroker-bot.hcl").read_text().splitlines()
-                      if not line.lstrip().startswith("#"))
+    text = (POLICIES / "credbroker-bot.hcl").read_text()
+    paths = re.findall(r'^path "([^"]+)"', text, re.M)
     # Exact paths only (no glob, no "+" segment wildcard) and never "list".
-    assert '"list"' not in rules and "*" not in rules and "+" not in rules
-    assert rules.count("__BOT__") == 5
+    assert paths and all("*" not in p and "+" not in p for p in paths)
+    assert sum("__BOT__" in p for p in paths) == 5
+    rules = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert '"list"' not in rules
+
+
+def test_signer_policy_name_matches_the_signing_module() -> None:
+    # The bot template allows exactly the policy broker.signing.transit asks for.
+    assert policy_name("transit", "credbroker-alpha") == SIGN_POLICY
+    assert SIGN_POLICY.replace("alpha", "__BOT__") in (POLICIES / "credbroker-bot.hcl").read_text()

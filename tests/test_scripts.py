@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from broker.signing.transit import policy_hcl, policy_name
+
 from .conftest import OpenBao
 from .vaultadmin import SCRIPTS, Scripts, mode, parse_kv_lines, start_openbao_with_config
 
@@ -84,7 +86,9 @@ def test_setup_enables_engines_audit_and_policies(api_server: OpenBao, set_up: d
         key = c.secrets.transit.read_key(name=f"credbroker-{bot}")["data"]
         assert key["type"] == "ed25519" and key["exportable"] is False
         role = c.auth.approle.read_role(role_name=f"credbroker-{bot}")["data"]
-        assert role["token_policies"] == [f"credbroker-bot-{bot}"]
+        sign_policy = policy_name("transit", f"credbroker-{bot}")
+        assert role["token_policies"] == [f"credbroker-bot-{bot}", sign_policy]
+        assert c.sys.read_acl_policy(sign_policy)["data"]["policy"] == policy_hcl("transit", f"credbroker-{bot}")
         assert role["bind_secret_id"] is True
 
 
@@ -106,7 +110,8 @@ def test_setup_output_and_handover_via_unwrap(api_server: OpenBao, set_up: dict[
     assert mode(out) == 0o600
     secret_id = out.read_text().strip()
     auth = _login(api_server, role_id, secret_id)
-    assert sorted(auth["token_policies"]) == ["credbroker-bot-alpha", "default"]  # type: ignore[arg-type]
+    assert sorted(auth["token_policies"]) == [  # type: ignore[arg-type]
+        "credbroker-bot-alpha", "credbroker-sign-transit-credbroker-alpha", "default"]
     # The login token reads its own bot's secret, and nothing else.
     api_server.kv_put("credbroker/alpha", api_secret="alpha-s")
     api_server.kv_put("credbroker/beta", api_secret="beta-s")
@@ -436,3 +441,31 @@ def test_rotation_metadata_is_visible_to_the_auditor_not_the_value(api_server: O
     meta = auditor.secrets.kv.v2.read_secret_metadata(path="credbroker/rot7", mount_point="secret")["data"]
     assert meta["custom_metadata"]["rotated_by"] == "bob"
     assert "S7" not in json.dumps(meta)
+
+
+def test_enrolled_bot_gets_a_sign_only_child_token(api_server: OpenBao, set_up: dict[str, object],
+                                                    tmp_path: Path) -> None:
+    """What `credbroker run` does for a transit signer, with the AppRole setup-vault made."""
+    import base64
+
+    import hvac.exceptions
+
+    from broker.signing.transit import child_token
+    from broker.sources.settings import VaultSettings
+
+    scripts = Scripts(api_server, tmp_path)
+    rec = parse_kv_lines(scripts.run("setup-vault", "--audit-file", str(set_up["audit"]), "--transit-key",
+                                     "signer1").stdout)[0]
+    assert _unwrap(scripts, "signer1", rec["wrapped_secret_id"], tmp_path / "sid").returncode == 0
+    auth = _login(api_server, rec["role_id"], (tmp_path / "sid").read_text().strip())
+    broker_client = api_server.client(token=str(auth["client_token"]))
+    token, ttl = child_token(broker_client, VaultSettings.from_env({"VAULT_ADDR": api_server.addr}),
+                             mount="transit", key="credbroker-signer1", profile="signer1", ttl="10m")
+    assert ttl > 0
+    child = api_server.client(token=token.reveal_str())
+    sig = child.secrets.transit.sign_data(name="credbroker-signer1", hash_input=base64.b64encode(b"q").decode())
+    assert sig["data"]["signature"].startswith("vault:v1:")
+    api_server.kv_put("credbroker/signer1", api_key="AK")
+    with pytest.raises(hvac.exceptions.Forbidden):
+        child.secrets.kv.v2.read_secret_version(path="credbroker/signer1", mount_point="secret",
+                                                raise_on_deleted_version=True)

@@ -40,3 +40,28 @@ path "transit/sign/credbroker-__BOT__" {
 path "transit/keys/credbroker-__BOT__" {
   capabilities = ["read"]
 }
+
+# Signing inside Vault (broker.signing.transit): `credbroker run` gives the bot
+# process its own short-lived token that may only sign, never the broker's
+# token. Creating it needs auth/token/create, constrained here to exactly the
+# signer policy credbroker-sign-transit-credbroker-BOT (written, and attached
+# to the AppRole, by `setup-vault --transit-key`); Vault also refuses a child
+# any policy its parent lacks. Orphan tokens, periodic tokens and token roles
+# stay denied, so a child never outlives the broker's token.
+path "auth/token/create" {
+  capabilities = ["update"]
+  # Without "policies" a child would inherit every policy of its parent.
+  required_parameters = ["policies"]
+  allowed_parameters = {
+    # Both forms Vault accepts: a JSON list (as hvac sends it) and a string.
+    "policies" = [["credbroker-sign-transit-credbroker-__BOT__"], "credbroker-sign-transit-credbroker-__BOT__"]
+    "*"        = []
+  }
+  denied_parameters = {
+    "no_parent"    = [true, "true"]
+    "period"       = []
+    "id"           = []
+    "type"         = []
+    "entity_alias" = []
+  }
+}
