@@ -302,12 +302,28 @@ def run(
         raise
     rec("secret_fetched", {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields)})
 
+    # What get_signer() needs in the child: the config (so its audit records go
+    # to the same log) and, for a profile with a [signer] table, the signer
+    # settings (and for transit a narrowly scoped token; never ours).
+    extra: dict[str, str] = {}
+    if getattr(config, "path", None):
+        extra["CREDBROKER_CONFIG"] = str(os.path.abspath(config.path))
+    if "signer" in profile.sections:
+        from .signing import child_env as signer_env
+
+        try:
+            extra.update(signer_env(profile, env=source_env))
+        except BrokerError as exc:
+            creds.wipe()
+            refused(exc)
+            raise
+
     # Keep the secret (mlocked) only when the broker may need it again.
     keep = restart != "no" or (rotation is not None and rotation.action == "restart")
 
     def start(creds: Credentials) -> Child:
         try:
-            child_env = child_environment(env, profile, creds)
+            child_env = child_environment(env, profile, creds, extra)
             child = spawn(command, executable, child_env)
         finally:
             child_env = {}  # drop our bytes copies of the secrets
@@ -407,6 +423,10 @@ def run(
             c.wipe()
         if watcher is not None:
             watcher.close()
+        if extra:
+            from .signing import release_child_env
+
+            release_child_env(extra, env=source_env)
 
 
 def _say(message: str) -> None:
