@@ -8,7 +8,9 @@
 # [A-Za-z0-9_-] so a name can never widen a path (no "/", "*", "+").
 #
 # Paths are exact: no glob, so bot "alpha" cannot read "alpha2" or "alpha/x".
-# There is no "list" anywhere: a bot cannot discover other bots.
+# There is no "list" and no write anywhere: a bot cannot discover other bots
+# or change a secret. The one thing it may create is the sign-only child
+# token of the last rule (for a bot enrolled with --transit-key).
 # The token also carries Vault's built-in `default` policy (token
 # lookup-self / renew-self / revoke-self), which the broker needs for runs of
 # days (issue 5, part 5).
