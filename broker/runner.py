@@ -111,13 +111,13 @@ def child_environment(
     for key, value in markers.items():
         env[key.encode()] = value.encode()
     for var, field_name in profile.env.items():
-        value = creds[field_name].reveal()
-        if b"\0" in value:
+        secret_bytes = creds[field_name].reveal()
+        if b"\0" in secret_bytes:
             raise RunError(
                 f"field {field_name!r} contains a NUL byte and cannot be passed in the environment variable {var}",
                 "store the value as text (e.g. base64)",
             )
-        env[var.encode()] = value
+        env[var.encode()] = secret_bytes
     return env
 
 
@@ -381,9 +381,7 @@ def run(
                 os.kill(child.pid, rotation.signum)
             except ProcessLookupError:
                 pass
-        elif rotation.action == "ignore":
-            pass
-        return rotation.action == "restart"
+        return bool(rotation.action == "restart")
 
     blocked = (*FORWARDED_SIGNALS, signal.SIGCHLD)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)

@@ -65,8 +65,8 @@ def _session() -> Any:
 
     class _TokenSafeSession(requests.Session):
         def rebuild_auth(self, prepared_request: Any, response: Any) -> None:
-            super().rebuild_auth(prepared_request, response)
-            if self.should_strip_auth(response.request.url, prepared_request.url):
+            super().rebuild_auth(prepared_request, response)  # type: ignore[no-untyped-call]
+            if self.should_strip_auth(response.request.url, prepared_request.url):  # type: ignore[no-untyped-call]
                 prepared_request.headers.pop("X-Vault-Token", None)
                 prepared_request.headers.pop("X-Vault-Namespace", None)
 
