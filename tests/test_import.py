@@ -457,3 +457,25 @@ def test_library_import_with_a_recorder(openbao: OpenBao, tmp_path: Path) -> Non
     assert f.exists()
     with pytest.raises(ConfigError, match="unknown import target"):
         migrate.import_plaintext(f, target="s3", location="x")
+
+
+@pytest.mark.vault
+def test_import_writes_the_secret_to_no_file_under_strace(openbao: OpenBao, tmp_path: Path) -> None:
+    """Read from the file, sent to Vault over the socket; never written anywhere else."""
+    import subprocess
+
+    from .conftest import credbroker_bin
+    from .vaultadmin import secret_writes, strace_prefix
+
+    secret = "STRACE" + os.urandom(12).hex()
+    f = tmp_path / "creds.yml"
+    f.write_text(CREDS_YML.replace(SECRET, secret))
+    log = tmp_path / "strace.log"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}, **_vault_env(openbao)}
+    res = subprocess.run([*strace_prefix(log), credbroker_bin(), "import", str(f), "--vault-path",
+                          "secret/credbroker/imp12", "--delete"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    to_files, in_transit = secret_writes(log, secret)
+    assert to_files == []
+    assert any(t.startswith(("TCP", "socket:")) for t in in_transit), in_transit
+    assert not f.exists()

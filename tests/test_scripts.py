@@ -21,7 +21,15 @@ import pytest
 from broker.signing.transit import policy_hcl, policy_name
 
 from .conftest import OpenBao
-from .vaultadmin import SCRIPTS, Scripts, mode, parse_kv_lines, start_openbao_with_config
+from .vaultadmin import (
+    SCRIPTS,
+    Scripts,
+    mode,
+    parse_kv_lines,
+    secret_writes,
+    start_openbao_with_config,
+    strace_prefix,
+)
 
 pytestmark = pytest.mark.vault
 
@@ -469,3 +477,19 @@ def test_enrolled_bot_gets_a_sign_only_child_token(api_server: OpenBao, set_up: 
     with pytest.raises(hvac.exceptions.Forbidden):
         child.secrets.kv.v2.read_secret_version(path="credbroker/signer1", mount_point="secret",
                                                 raise_on_deleted_version=True)
+
+
+def test_rotate_writes_the_secret_to_no_file_under_strace(api_server: OpenBao, set_up: dict[str, object],
+                                                           scripts: Scripts, tmp_path: Path) -> None:
+    """The new value crosses pipes and the socket to Vault, never a (temp) file."""
+    api_server.kv_put("credbroker/rot8", api_secret="S-old")
+    secret = "STRACE" + os.urandom(12).hex()
+    log = tmp_path / "strace.log"
+    res = subprocess.run([*strace_prefix(log), str(SCRIPTS / "rotate-key"), "rot8"],
+                         env=scripts.env(str(set_up["admin"])), input=secret + "\n", capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    to_files, in_transit = secret_writes(log, secret)
+    assert to_files == []
+    assert any(t.startswith(("TCP", "socket:")) for t in in_transit), in_transit  # the trace did see it
+    assert _data(api_server, "rot8") == {"api_secret": secret}

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 import subprocess
@@ -132,3 +133,40 @@ def parse_kv_lines(text: str) -> list[dict[str, str]]:
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
+
+
+STRACE_WRITES = "write,pwrite64,writev,pwritev,sendto,sendmsg"
+
+
+def strace_prefix(log: Path) -> list[str]:
+    """strace over a whole process tree, with each fd annotated by what it is (-y)."""
+    import shutil
+
+    import pytest
+
+    exe = shutil.which("strace")
+    if not exe:
+        service_missing("strace not installed (apt-get install strace)")
+    probe = subprocess.run([exe or "strace", "-f", "-o", "/dev/null", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {probe.stderr.strip()[:200]}")
+    return [exe or "strace", "-f", "-y", "-s", "65536", "-e", f"trace={STRACE_WRITES}", "-o", str(log)]
+
+
+_FD = re.compile(r"^\d+\s+(?:\w+)\(\d+<([^>]*)>")
+
+
+def secret_writes(log: Path, secret: str) -> tuple[list[str], list[str]]:
+    """(writes of ``secret`` into files, writes of it into pipes/sockets) from an strace -y log."""
+    to_files: list[str] = []
+    in_transit: list[str] = []
+    for line in log.read_text(errors="replace").splitlines():
+        if secret not in line:
+            continue
+        m = _FD.match(line)
+        target = m.group(1) if m else "?"
+        if target.startswith(("pipe:", "socket:", "TCP", "UDP", "UNIX", "/dev/null")):
+            in_transit.append(target)
+        else:
+            to_files.append(line[:200].replace(secret, "<SECRET>"))
+    return to_files, in_transit
