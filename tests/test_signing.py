@@ -486,3 +486,4 @@ def test_events_go_through_the_broker_relay_when_given(verifier: BinanceVerifier
     msg = json.loads(line)
     assert msg["event"] == "signature_failure" and msg["fields"]["code"] == -1022
     assert "w" * 30 not in line and API_KEY not in line
+

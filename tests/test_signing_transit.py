@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import subprocess
 import sys
@@ -117,9 +118,15 @@ def test_transit_signer_each_signature_verifies(openbao: OpenBao, tmp_path: Path
     unsigned, _, sig = signed.partition("&signature=")
     verify(pem, requests.utils.unquote(sig), unsigned.encode())
     assert signer.key_version == 1
-    # The fetch was audited (the fake captures it; the audit log's own tests cover writing).
-    assert recorded[0][0] == "secret_fetched" and recorded[0][1]["profile"] == "um-transit"
-    assert api_key not in repr(recorded)
+    # The fetch was audited, in the real audit log, without the API key.
+    from broker.audit import open_log
+
+    raw = Path(open_log(None).path).read_text()
+    records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    fetched = [r for r in records if r["event"] == "secret_fetched"]
+    assert len(fetched) == 1 and fetched[0]["data"]["profile"] == "um-transit"
+    assert fetched[0]["data"]["by"] == "get_signer"
+    assert api_key not in raw
 
 
 def test_transit_signer_against_binance_style_server(openbao: OpenBao, tmp_path: Path, recorded: list[Any]) -> None:
@@ -254,3 +261,36 @@ def test_release_child_env_revokes_the_signing_token(openbao: OpenBao, tmp_path:
     with pytest.raises(hx.Forbidden):
         openbao.client(token=token).auth.token.lookup_self()
     release_child_env(out, env=openbao.env())  # twice: harmless
+
+
+def test_failed_fetch_is_recorded_as_refused(openbao: OpenBao, tmp_path: Path) -> None:
+    from broker.audit import open_log
+    from broker.errors import VaultNotFound
+
+    write_profile(tmp_path, "gone", "k", "no/such/secret-" + secrets.token_hex(3))
+    with pytest.raises(VaultNotFound):
+        get_signer(profile="gone", env=openbao.env())
+    records = [json.loads(line) for line in Path(open_log(None).path).read_text().splitlines() if line.strip()]
+    assert [r["event"] for r in records] == ["refused"]
+    assert records[0]["data"]["error"] == "VaultNotFound" and records[0]["data"]["by"] == "get_signer"
+
+
+def test_unwritable_audit_log_means_no_signer(openbao: OpenBao, tmp_path: Path) -> None:
+    """Fail closed: a fetch that cannot be audited yields no signer (the fetched copies are wiped)."""
+    from broker.errors import AuditError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    openbao.kv_put("bots/audited", api_key="A" * 64, api_secret="s" * 64)
+    (tmp_path / "credbroker.toml").write_text(f"""
+[audit]
+path = "{blocker}/audit.log"
+
+[profiles.p]
+source = "vault"
+path = "secret/bots/audited"
+env = {{ BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }}
+""")
+    with pytest.raises(AuditError) as err:
+        get_signer(profile="p", env=openbao.env())
+    assert err.value.exit_code == 125 and err.value.remedy and "s" * 64 not in str(err.value)

@@ -38,7 +38,6 @@ from .settings import SignerSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config, Profile
-    from ..secret import Credentials
 
 __all__ = [
     "ApiKey",
@@ -98,9 +97,22 @@ def get_signer(
     from ..sources import fetch
 
     source_env = with_config_defaults(environ, cfg)
-    creds = fetch(prof, env=source_env)
+    from .audit_bridge import open_audit, write
+
+    # As `credbroker run` does: a log that cannot be written stops us before any fetch (fail closed).
+    log = open_audit(cfg.audit or None, source_env)
     try:
-        _record_fetch(creds, prof, cfg)
+        creds = fetch(prof, env=source_env)
+    except BrokerError as exc:
+        try:
+            write(log, "refused", {"profile": prof.name, "source": prof.source, "error": type(exc).__name__,
+                                   "reason": exc.message, "by": "get_signer", "pid": os.getpid()})
+        except BrokerError:
+            pass  # the fetch failure is what the caller must see
+        raise
+    try:
+        write(log, "secret_fetched", {"profile": prof.name, **creds.origin.to_dict(), "fields": sorted(creds),
+                                      "by": "get_signer", "pid": os.getpid()})
         fields = {f: creds[f] for f in creds}
         client = None
         vault_settings = None
@@ -195,22 +207,6 @@ def make_signer(
     from .rsa import RsaSigner
 
     return RsaSigner(api_key, key, **common)
-
-
-def _record_fetch(creds: Credentials, profile: Profile, cfg: Config) -> None:
-    from .audit_bridge import record_event
-
-    record_event(
-        "secret_fetched",
-        {
-            "profile": profile.name,
-            **creds.origin.to_dict(),
-            "fields": sorted(creds),
-            "by": "get_signer",
-            "pid": os.getpid(),
-        },
-        audit_config=cfg.audit or None,
-    )
 
 
 def _json_env(environ: Mapping[str, str], var: str, default: Any) -> Any:

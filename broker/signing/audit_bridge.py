@@ -49,23 +49,40 @@ def audit_config_from_env(env: Mapping[str, str] | None = None) -> Mapping[str, 
     return config.audit or None
 
 
-def record_event(event: str, fields: Mapping[str, Any], *, audit_config: Mapping[str, Any] | None = None,
-                 durable: bool = True) -> None:
-    """Append one event; AuditError (a BrokerError) when it cannot be written."""
-    relay = os.environ.get(RELAY_FD_VAR)
-    if relay:
-        _relay(int(relay) if relay.isdigit() else -1, event, fields)
-        return
+def open_audit(audit_config: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> Any:
+    """The audit log (``broker.audit.open_log``), or AuditError/ConfigError when it cannot be opened."""
     try:
         from ..audit import open_log
     except ImportError as exc:  # the audit module is missing: fail closed, say why
         raise AuditError("the audit log module (broker.audit) is not available", "reinstall credbroker") from exc
-    if audit_config is None:
-        audit_config = audit_config_from_env()
     try:
-        open_log(audit_config).record(event, dict(fields), durable=durable)
+        return open_log(audit_config, env=env)
+    except BrokerError:
+        raise
+    except OSError as exc:
+        raise AuditError(f"cannot open the audit log: {exc.strerror or type(exc).__name__}",
+                         "check the audit log's folder and permissions") from exc
+
+
+def write(log: Any, event: str, fields: Mapping[str, Any], *, durable: bool = True) -> None:
+    """``log.record(...)`` with OS errors turned into AuditError."""
+    try:
+        log.record(event, dict(fields), durable=durable)
     except BrokerError:
         raise
     except OSError as exc:
         raise AuditError(f"cannot write the audit log: {exc.strerror or type(exc).__name__}",
                          "check the audit log's folder and permissions") from exc
+
+
+def record_event(event: str, fields: Mapping[str, Any], *, audit_config: Mapping[str, Any] | None = None,
+                 durable: bool = True, env: Mapping[str, str] | None = None) -> None:
+    """Append one event; AuditError (a BrokerError) when it cannot be written."""
+    environ = os.environ if env is None else env
+    relay = environ.get(RELAY_FD_VAR)
+    if relay:
+        _relay(int(relay) if relay.isdigit() else -1, event, fields)
+        return
+    if audit_config is None:
+        audit_config = audit_config_from_env(environ)
+    write(open_audit(audit_config, environ), event, fields, durable=durable)

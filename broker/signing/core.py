@@ -73,7 +73,7 @@ def load_private_key(pem: bytes, passphrase: bytes | None = None) -> tuple[KeyKi
 
     try:
         key = load_pem_private_key(pem.strip(), password=passphrase or None)
-    except TypeError as exc:
+    except TypeError:
         if passphrase:
             raise SigningError(
                 "the private key is not encrypted but a passphrase was given",
@@ -82,7 +82,7 @@ def load_private_key(pem: bytes, passphrase: bytes | None = None) -> tuple[KeyKi
         raise SigningError(
             "the private key is encrypted and no passphrase was given",
             "store its passphrase in the private_key_passphrase field, or store the key unencrypted in Vault",
-        ) from exc.__cause__
+        ) from None
     except ValueError:
         # Message of cryptography's error may quote structure details: keep ours generic.
         raise SigningError(
