@@ -260,7 +260,7 @@ def _child_vault_client(environ: Mapping[str, str], vault: Mapping[str, Any]) ->
     addr = vault.get("addr")
     if not isinstance(addr, str) or not addr.startswith(("http://", "https://")):
         raise SigningError(f"{SIGNER_VAR} has no Vault address", "it is set by `credbroker run`; do not edit it")
-    import hvac  # type: ignore[import-untyped]
+    import hvac
 
     from ..sources.settings import VaultSettings
     from ..sources.vault import _session

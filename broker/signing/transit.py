@@ -166,7 +166,7 @@ def child_token(client: Any, settings: Any, *, mount: str, key: str, profile: st
     holds itself; with ``role`` (``signer.token_role``) the role's
     ``allowed_policies`` decide.
     """
-    import hvac.exceptions as hx  # type: ignore[import-untyped]
+    import hvac.exceptions as hx
 
     name = policy_name(mount, key)
     try:
