@@ -345,11 +345,14 @@ def test_rotate_missing_secret_needs_create(api_server: OpenBao, set_up: dict[st
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        ([], "name the BOT"),
+        ([], "name the BOT whose key to rotate (or --path)"),
         (["rot1", "s3cr3t!VALUE=="], "invalid field name"),
         (["rot1", "--value", "x"], "unknown option --value"),
         (["rot1", "api_secret", "api_secret"], "named twice"),
         (["bad/bot"], "invalid bot name"),
+        (["--path", "credbroker/../other"], "invalid --path"),
+        (["--path", "credbroker//x"], "invalid --path"),
+        (["rot1", "--path", "credbroker/x"], "not both"),
     ],
 )
 def test_rotate_bad_usage(scripts: Scripts, args: list[str], needle: str) -> None:
@@ -493,3 +496,18 @@ def test_rotate_writes_the_secret_to_no_file_under_strace(api_server: OpenBao, s
     assert to_files == []
     assert any(t.startswith(("TCP", "socket:")) for t in in_transit), in_transit  # the trace did see it
     assert _data(api_server, "rot8") == {"api_secret": secret}
+
+
+def test_rotate_any_path_inside_the_mount(api_server: OpenBao, set_up: dict[str, object], scripts: Scripts) -> None:
+    v = api_server.kv_put("credbroker/binance/um-futures", api_key="AK", api_secret="S-old")
+    res = scripts.run("rotate-key", "--path", "credbroker/binance/um-futures", "api_secret",
+                      token=str(set_up["admin"]), input="S-new\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"{v + 1}\n"
+    data = api_server.client().secrets.kv.v2.read_secret_version(
+        path="credbroker/binance/um-futures", mount_point="secret", raise_on_deleted_version=True)["data"]["data"]
+    assert data == {"api_key": "AK", "api_secret": "S-new"}
+    # The admin policy stops at credbroker/: other paths are refused.
+    api_server.kv_put("elsewhere/x", api_secret="S")
+    res = scripts.run("rotate-key", "--path", "elsewhere/x", token=str(set_up["admin"]), input="S2\n")
+    assert res.returncode == 1 and "permission denied" in res.stderr
