@@ -487,3 +487,12 @@ def test_events_go_through_the_broker_relay_when_given(verifier: BinanceVerifier
     assert msg["event"] == "signature_failure" and msg["fields"]["code"] == -1022
     assert "w" * 30 not in line and API_KEY not in line
 
+
+
+def test_signer_registry() -> None:
+    from broker.signing import signer_class
+
+    assert {signer_class(k).kind for k in ("hmac", "ed25519", "rsa", "transit")} == {"hmac", "ed25519", "rsa",
+                                                                                      "transit"}
+    with pytest.raises(ConfigError, match="unknown signer type"):
+        signer_class("dsa")
