@@ -496,3 +496,14 @@ def test_signer_registry() -> None:
                                                                                       "transit"}
     with pytest.raises(ConfigError, match="unknown signer type"):
         signer_class("dsa")
+
+
+def test_record_failures_off_still_guards_redirects(verifier: BinanceVerifier, recorded: list[Any]) -> None:
+    quiet = HmacSigner(API_KEY, Secret("wrong-" + "q" * 30), record_failures=False)
+    r = requests.get(verifier.url + "/api/v3/account", auth=quiet, timeout=10)
+    assert r.status_code == 400 and recorded == []
+    with pytest.raises(SigningError, match="redirect"):
+        requests.get(verifier.url + "/redirect", params={"to": "http://localhost:9/x"}, auth=quiet, timeout=10)
+    with pytest.raises(SigningError, match="not UTF-8"):
+        quiet(_prepared("POST", "https://x/api", data=b"\xff\xfe", headers={
+            "Content-Type": "application/x-www-form-urlencoded"}))

@@ -163,7 +163,11 @@ class Signer(ABC):
         if body is None or body == b"" or body == "":
             body_text = ""
         elif isinstance(body, (bytes, str)):
-            body_text = body.decode("utf-8") if isinstance(body, bytes) else body
+            try:
+                body_text = body.decode("utf-8") if isinstance(body, bytes) else body
+            except UnicodeDecodeError:
+                raise SigningError("cannot sign a request body that is not UTF-8 text",
+                                   "pass the parameters as a dict") from None
             ctype = str(request.headers.get("Content-Type", ""))
             if ctype and "application/x-www-form-urlencoded" not in ctype:
                 raise SigningError(
@@ -190,13 +194,13 @@ class Signer(ABC):
             query = f"{query}&signature={signature}" if query else f"signature={signature}"
         request.url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
         request.headers[binance.API_KEY_HEADER] = str(self.api_key)
-        if self._record_failures:
-            request.register_hook("response", self._response_hook)
+        request.register_hook("response", self._response_hook)
         return request
 
     def _response_hook(self, response: Any, *args: Any, **kwargs: Any) -> Any:
         if response.status_code >= 400:
-            self.check_response(response, raise_on_audit_error=False)
+            if self._record_failures:
+                self.check_response(response, raise_on_audit_error=False)
         elif getattr(response, "is_redirect", False):
             # requests would follow it carrying X-MBX-APIKEY (it strips only Authorization):
             # never hand the API key to another origin (STYLE.md: redirects and custom headers).
