@@ -294,3 +294,21 @@ env = {{ BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }}
     with pytest.raises(AuditError) as err:
         get_signer(profile="p", env=openbao.env())
     assert err.value.exit_code == 125 and err.value.remedy and "s" * 64 not in str(err.value)
+
+
+def test_transit_key_rotation_and_pinned_version(openbao: OpenBao, tmp_path: Path, recorded: list[Any]) -> None:
+    """After an admin rotates the transit key, a pinned signer keeps signing with the registered version."""
+    name = "rot-" + secrets.token_hex(4)
+    v1_pem = transit_key(openbao, name).stdout
+    openbao.client().secrets.transit.rotate_key(name=name)
+    latest = TransitSigner("A" * 64, openbao.client(), None, key=name)
+    assert latest.public_key_pem() != v1_pem
+    sig = latest.sign("a=1")
+    assert latest.key_version == 2
+    verify(latest.public_key_pem(), sig, b"a=1")
+    openbao.kv_put("bots/" + name, api_key="A" * 64)
+    write_profile(tmp_path, "pinned", name, "bots/" + name, "transit_key_version = 1")
+    pinned = get_signer(profile="pinned", env=openbao.env())
+    assert pinned.public_key_pem() == v1_pem
+    verify(v1_pem, pinned.sign("a=1"), b"a=1")
+    assert pinned.key_version == 1  # type: ignore[attr-defined]

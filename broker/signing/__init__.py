@@ -189,7 +189,8 @@ def make_signer(
         assert settings.transit_key is not None
         transit: Any = signer_class("transit")  # subclasses' constructors differ from the base's
         made: Signer = transit(api_key, vault_client, vault_settings, key=settings.transit_key,
-                               mount=settings.transit_mount, token_ttl=token_ttl, **common)
+                               mount=settings.transit_mount, token_ttl=token_ttl,
+                               key_version=settings.transit_key_version, **common)
         return made
     if api_key is None:
         raise ConfigError(

@@ -12,6 +12,7 @@ Example::
     transit_mount = "transit"         # default
     token_ttl = "1h"                  # the child's signing token; renewed while the bot runs
     # token_role = "credbroker-signer"  # optional Vault token role that may issue it
+    # transit_key_version = 1           # pin the version registered with Binance (rotation-safe)
 
 KV fields read (names can be changed with ``api_key_field``/``key_field``):
 ``api_key`` (the exchange API key), and the signing key in ``private_key``
@@ -49,6 +50,7 @@ class SignerSettings:
     transit_mount: str = "transit"
     token_ttl: str = "1h"
     token_role: str | None = None
+    transit_key_version: int | None = None  # pin the version registered with the exchange
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], where: str) -> SignerSettings:
@@ -78,6 +80,10 @@ class SignerSettings:
         if not isinstance(ttl, str) or not _TTL.match(ttl):
             raise ConfigError(f"{where}.token_ttl: expected a duration like \"1h\", \"30m\" or 3600, got {ttl!r}",
                               'e.g. token_ttl = "1h"')
+        version = table.get("transit_key_version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+            raise ConfigError(f"{where}.transit_key_version: expected a key version >= 1, got {version!r}",
+                              "omit it to sign with the latest version")
         settings = cls(
             type=kind,
             recv_window=rw,
@@ -88,6 +94,7 @@ class SignerSettings:
             transit_mount=str(table.get("transit_mount", "transit")).strip("/"),
             token_ttl=ttl,
             token_role=table.get("token_role"),
+            transit_key_version=version,
         )
         if settings.type == "transit" and not settings.transit_key:
             raise ConfigError(f"{where}.transit_key: missing for a transit signer",

@@ -65,6 +65,7 @@ class TransitSigner(Signer):
         key: str,
         mount: str = "transit",
         token_ttl: float | None = None,
+        key_version: int | None = None,
         check_key: bool = True,
         monotonic: Callable[[], float] = time.monotonic,
         **kwargs: Any,
@@ -83,6 +84,8 @@ class TransitSigner(Signer):
         self._token_ttl = token_ttl
         self._monotonic = monotonic
         self._issued = monotonic()
+        #: Sign with this key version (the one registered with the exchange); None: Vault's latest.
+        self.pinned_version = key_version
         #: key version of the last signature (``vault:vN:``): changes when an admin rotates the key
         self.key_version: int | None = None
         if check_key:
@@ -130,7 +133,7 @@ class TransitSigner(Signer):
         path = f"{self.mount}/sign/{self.key}"
         b64 = base64.b64encode(payload).decode("ascii")
         resp = self._call("sign with", path, lambda: self._client.secrets.transit.sign_data(
-            name=self.key, hash_input=b64, mount_point=self.mount))
+            name=self.key, hash_input=b64, key_version=self.pinned_version, mount_point=self.mount))
         sig = resp.get("data", {}).get("signature") if isinstance(resp, dict) else None
         if not isinstance(sig, str):
             raise SigningError(f"Vault returned no signature from {path}", "check the transit mount and key")
@@ -138,11 +141,13 @@ class TransitSigner(Signer):
         return signature
 
     def public_key_pem(self, version: int | None = None) -> str:
-        """The PEM public key to register with Binance (latest key version unless given)."""
+        """The PEM public key to register with Binance (the pinned, else the latest key version)."""
         data = self._describe_key()
         keys = data.get("keys")
         if not isinstance(keys, dict) or not keys:
             raise SigningError(f"Vault returned no public keys for {self.mount}/keys/{self.key}", "check the key")
+        if version is None:
+            version = self.pinned_version
         want = str(version if version is not None else data.get("latest_version") or max(int(k) for k in keys))
         entry = keys.get(want)
         pub = entry.get("public_key") if isinstance(entry, dict) else None
