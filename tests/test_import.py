@@ -479,3 +479,14 @@ def test_import_writes_the_secret_to_no_file_under_strace(openbao: OpenBao, tmp_
     assert to_files == []
     assert any(t.startswith(("TCP", "socket:")) for t in in_transit), in_transit
     assert not f.exists()
+
+
+def test_import_command_is_loaded_only_when_used() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, broker, broker.cli; "
+            "print(sorted(m for m in ('broker.migrate', 'broker.cli_import', 'hvac', 'keyring') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
