@@ -289,13 +289,23 @@ CRASHER = textwrap.dedent("""
 """)
 
 
+def _total_size(folder: Path) -> int:
+    total = 0
+    for f in folder.glob("audit.log*"):
+        try:
+            total += f.stat().st_size
+        except FileNotFoundError:
+            pass  # renamed by a rotation between glob and stat
+    return total
+
+
 def test_kill_9_during_heavy_writing_leaves_a_verifiable_log(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     for round_no in range(3):
         proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(path)])
         deadline = time.monotonic() + 120
-        start = sum(f.stat().st_size for f in tmp_path.glob("audit.log*"))
-        while sum(f.stat().st_size for f in tmp_path.glob("audit.log*")) < start + 1_500_000:
+        start = _total_size(tmp_path)
+        while _total_size(tmp_path) < start + 1_500_000:
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)

@@ -88,7 +88,7 @@ def open_log(
     """
     environ = os.environ if env is None else env
     settings = load_settings(audit_config, environ)
-    from .keys import ENV_KEY
+    from .settings import ENV_KEY
 
     env_key = environ.get(ENV_KEY) or ""
     explicit = key.reveal() if isinstance(key, Secret) else key

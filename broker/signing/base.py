@@ -113,6 +113,10 @@ class Signer(ABC):
             return self._sign_bytes(str(payload).encode("utf-8"))
         raise SigningError(f"cannot sign a {type(payload).__name__}", "pass the query string (str or bytes)")
 
+    def _sign_request(self, query: str, body: str, path: str, method: str | None) -> str:
+        """Sign one request's totalParams; the signing agent's client also passes the parts and the path on."""
+        return self.sign(binance.total_params(query, body))
+
     def timestamp(self) -> int:
         """The current time in milliseconds (Binance's ``timestamp``)."""
         return binance.timestamp_ms(self._clock)
@@ -185,7 +189,7 @@ class Signer(ABC):
             body_text = f"{body_text}&{extra}" if extra else body_text
         else:
             query = f"{query}&{extra}" if query and extra else (query or extra)
-        signature = binance.quote_signature(self.sign(binance.total_params(query, body_text)))
+        signature = binance.quote_signature(self._sign_request(query, body_text, parts.path, request.method))
         if body_text:
             body_text = f"{body_text}&signature={signature}"
             request.body = body_text.encode("utf-8") if isinstance(body, bytes) else body_text
