@@ -24,7 +24,7 @@ def _context(ctx: click.Context) -> tuple[Any, dict[str, str], Any]:
     """(settings, env) from the config file the root command was given."""
     from .audit.settings import load_settings
     from .config import load
-    from .sources.settings import with_config_defaults
+    from .config import with_config_defaults
 
     root = ctx.find_root().obj or {}
     config = load(root.get("config_path"))
