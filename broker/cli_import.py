@@ -111,7 +111,7 @@ def import_cmd(ctx: click.Context, file: str, profile_name: str | None, vault_pa
     from . import migrate
     from .audit import open_log
     from .config import load
-    from .sources.settings import with_config_defaults
+    from .config import with_config_defaults
 
     if yes and delete is False:
         raise ConfigError("--yes and --keep contradict each other", "give one of them")
