@@ -1,0 +1,113 @@
+"""The audit relay: the child reports signature failures through the broker.
+
+A keyed audit log can only be extended by whoever holds the chain key, and
+that is the broker, never the bot. So ``credbroker run`` hands its child one
+end of a pipe (``CREDBROKER_AUDIT_FD``); ``broker.signing`` inside the child
+writes one JSON line per event to it, and a thread here records each one in
+the broker's log with the broker's key.
+
+What the child may send is narrow: only the events in ``RELAYED_EVENTS``,
+as a flat JSON object of short scalar values (or short lists of them), at
+most one 4 KiB line each (a pipe write of that size is atomic, so lines from
+several threads never interleave). Anything else is dropped and counted,
+never recorded. Every relayed record carries ``relayed_from`` (the pid the
+broker started), so a reviewer knows the bot, not the broker, said it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+RELAY_FD_VAR = "CREDBROKER_AUDIT_FD"
+RELAYED_EVENTS = frozenset({"signature_failure"})
+MAX_LINE = 4096
+_MAX_VALUE = 512
+_MAX_FIELDS = 32
+
+
+def _clean(fields: Any) -> dict[str, Any] | None:
+    """The fields if they are a small flat JSON object of scalars; None otherwise."""
+    if not isinstance(fields, dict) or len(fields) > _MAX_FIELDS:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if not isinstance(key, str) or len(key) > 64:
+            return None
+        if isinstance(value, list):
+            if len(value) > _MAX_FIELDS or not all(_scalar(v) for v in value):
+                return None
+        elif not _scalar(value):
+            return None
+        out[key] = value
+    return out
+
+
+def _scalar(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= _MAX_VALUE
+    return value is None or isinstance(value, (bool, int, float))
+
+
+class AuditRelay:
+    """One pipe for the whole run (restarts included) and a thread that records what arrives."""
+
+    def __init__(self, record: Callable[[str, dict[str, Any]], Any]) -> None:
+        self._record = record
+        self._read_fd, self._write_fd = os.pipe()
+        self.child_pid: int | None = None
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._pump, name="credbroker-audit-relay", daemon=True)
+        self._thread.start()
+
+    @property
+    def child_fd(self) -> int:
+        """The descriptor the child inherits (pass it in ``pass_fds``)."""
+        return self._write_fd
+
+    def child_env(self) -> dict[str, str]:
+        """What to add to the child's environment."""
+        return {RELAY_FD_VAR: str(self._write_fd)}
+
+    def _pump(self) -> None:
+        buf = b""
+        with os.fdopen(self._read_fd, "rb", buffering=0) as pipe:
+            while True:
+                chunk = pipe.read(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    self._handle(line)
+                if len(buf) > MAX_LINE:  # a line too long to be ours: drop it whole
+                    self.dropped += 1
+                    buf = b""
+
+    def _handle(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            message = json.loads(line) if len(line) <= MAX_LINE else None
+        except ValueError:
+            message = None
+        event = message.get("event") if isinstance(message, dict) else None
+        fields = _clean(message.get("fields")) if isinstance(message, dict) else None
+        if event not in RELAYED_EVENTS or fields is None:
+            self.dropped += 1
+            return
+        fields["relayed_from"] = self.child_pid
+        try:
+            self._record(str(event), fields)
+        except Exception:  # noqa: BLE001 - a relay failure must not kill the broker's supervision
+            self.dropped += 1
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Close the broker's copy of the write end and wait for the child's last lines."""
+        if self._write_fd >= 0:
+            os.close(self._write_fd)
+            self._write_fd = -1
+        self._thread.join(timeout)

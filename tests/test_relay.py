@@ -1,0 +1,48 @@
+"""The audit relay: only small signature_failure events from the child get recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from broker.relay import AuditRelay
+
+
+def test_relays_signature_failures_and_drops_everything_else() -> None:
+    got: list[tuple[str, dict[str, object]]] = []
+    relay = AuditRelay(lambda event, fields: got.append((event, fields)))
+    relay.child_pid = 4242
+    fd = relay.child_fd
+    good = {"event": "signature_failure", "fields": {"code": -1022, "endpoint": "/fapi/v1/order", "status": 400,
+                                                     "params": ["symbol", "side"]}}
+    lines = [
+        json.dumps(good),
+        json.dumps({"event": "secret_fetched", "fields": {"profile": "x"}}),  # not relayable
+        json.dumps({"event": "signature_failure", "fields": {"nested": {"a": 1}}}),  # not flat
+        json.dumps({"event": "signature_failure", "fields": {"msg": "x" * 1000}}),  # value too long
+        "not json",
+        "",
+    ]
+    # Split one write across the line boundary to check reassembly.
+    data = ("\n".join(lines) + "\n").encode()
+    os.write(fd, data[:10])
+    os.write(fd, data[10:])
+    assert relay.child_env() == {"CREDBROKER_AUDIT_FD": str(fd)}
+    relay.close()
+    assert got == [("signature_failure", {**good["fields"], "relayed_from": 4242})]  # type: ignore[dict-item]
+    assert relay.dropped == 4
+
+
+def test_a_failing_recorder_does_not_kill_the_relay() -> None:
+    calls = []
+
+    def boom(event: str, fields: dict[str, object]) -> None:
+        calls.append(event)
+        raise OSError("disk full")
+
+    relay = AuditRelay(boom)
+    line = json.dumps({"event": "signature_failure", "fields": {"code": -2015}}) + "\n"
+    os.write(relay.child_fd, line.encode() * 2)
+    relay.close()
+    assert calls == ["signature_failure", "signature_failure"]
+    assert relay.dropped == 2
