@@ -123,6 +123,13 @@ Behaviour:
     backoff). The broker renews its token, or logs in again with AppRole.
   - --restart on-failure restarts a bot that exits non-zero by itself, with
     backoff (1 s doubling to 60 s), from the secret already in memory.
+  - --mask replaces every injected secret value in the child's stdout and
+    stderr with [credbroker:masked], also when a value is split across
+    writes (a tail that may start a value is held until the next write, the
+    end of the output, or 0.1 s of quiet). When credbroker's stdout is a
+    terminal, the child gets a pseudo-terminal (isatty() is true; colours
+    and full-screen programs work; keys and window size are passed on, the
+    terminal is restored at exit); otherwise pipes. Not with --agent.
   - Hardening: core dumps off (also for the child), credbroker not dumpable or
     ptrace-able by other processes, secret memory locked (mlock) where the
     limits allow, and wiped once the child has started.
@@ -152,6 +159,8 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
               "(default 10s).")
 @click.option("--restart", "restart_policy", type=click.Choice(["no", "on-failure"]), default="no",
               show_default=True, help="Restart a bot that fails by itself, with backoff, from the secret in memory.")
+@click.option("--mask", is_flag=True, help="Replace injected secret values in the bot's stdout and stderr with "
+              "[credbroker:masked] (a pseudo-terminal when stdout is a terminal).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def run_cmd(
@@ -167,6 +176,7 @@ def run_cmd(
     rotate_interval: str | None,
     grace: str | None,
     restart_policy: str,
+    mask: bool,
     command: tuple[str, ...],
 ) -> None:
     from . import runner
@@ -191,7 +201,7 @@ def run_cmd(
 
         policy = policy_from(prof, on_rotate, rotate_interval, grace)
     status = runner.run(prof, list(command), config=config, verbose=verbose, rotation=policy,
-                        restart=restart_policy)
+                        restart=restart_policy, mask=mask)
     sys.exit(status)
 
 

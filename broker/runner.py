@@ -142,14 +142,20 @@ class Child:
         return self.proc.pid
 
 
-def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes]) -> Child:
-    """Start the child with the forwarded signals unblocked and a parent-death signal."""
+def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdio: Any = None) -> Child:
+    """Start the child with the forwarded signals unblocked and a parent-death signal.
+
+    ``stdio`` (a ``broker.masking.ChildStdio``, for ``--mask``) gives the
+    child a pty or pipes whose output the broker masks.
+    """
     parent = os.getpid()
     from .hardening import die_with_parent
 
     def setup() -> None:  # runs in the child between fork and exec
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (*FORWARDED_SIGNALS, signal.SIGCHLD))
         die_with_parent(parent, signal.SIGTERM)
+        if stdio is not None:
+            stdio.in_child()
 
     try:
         proc = subprocess.Popen(  # noqa: S603 - the user's own command, no shell
@@ -158,6 +164,7 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes]) -> C
             env=env,
             close_fds=True,
             preexec_fn=setup,  # noqa: PLW1509 - single-threaded here; needed for PDEATHSIG
+            **(stdio.popen_args() if stdio is not None else {}),
         )
     except PermissionError as exc:
         raise CommandNotExecutable(f"permission denied executing {argv[0]}", "check its permissions") from exc
@@ -170,6 +177,9 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes]) -> C
             raise CommandNotExecutable(f"cannot execute {argv[0]}: not a valid executable (exec format error)",
                                        "add a #! line or run it through its interpreter") from exc
         raise RunError(f"cannot start {argv[0]}: {exc.strerror}", "check the command") from exc
+    finally:
+        if stdio is not None:
+            stdio.spawned()  # close the child's ends here; the masking thread starts now
     return Child(proc=proc, argv=list(argv))
 
 
@@ -256,12 +266,15 @@ def run(
     verbose: bool = False,
     rotation: Any = None,
     restart: str = "no",
+    mask: bool = False,
 ) -> int:
     """Fetch the profile's secrets, run ``command`` with them, return its exit status.
 
     ``rotation`` (a ``broker.rotation.RotationPolicy``) follows new versions of
     a vault secret; ``restart="on-failure"`` restarts a child that fails by
     itself, with backoff, from the secret already held (no new Vault read).
+    ``mask=True`` replaces every injected value in the child's stdout and
+    stderr with a marker (``broker.masking``; a pty when stdout is a terminal).
     """
     from . import sources
     from .config import with_config_defaults
@@ -321,10 +334,17 @@ def run(
     # Keep the secret (mlocked) only when the broker may need it again.
     keep = restart != "no" or (rotation is not None and rotation.action == "restart")
 
+    output = None
+    if mask:
+        from .masking import MaskedOutput
+
+        output = MaskedOutput()
+
     def start(creds: Credentials) -> Child:
         try:
             child_env = child_environment(env, profile, creds, extra)
-            child = spawn(command, executable, child_env)
+            stdio = output.child_stdio(creds[f] for f in profile.env.values()) if output is not None else None
+            child = spawn(command, executable, child_env, stdio)
         finally:
             child_env = {}  # drop our bytes copies of the secrets
             if not keep:
@@ -415,6 +435,8 @@ def run(
             exited(child, status, "stopped" if child.stopping else "exited")
             return status
     finally:
+        if output is not None:
+            output.close()  # drain the child's output, restore the terminal
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         creds.wipe()
         for c in pending:
