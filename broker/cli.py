@@ -123,6 +123,19 @@ Behaviour:
     backoff). The broker renews its token, or logs in again with AppRole.
   - --restart on-failure restarts a bot that exits non-zero by itself, with
     backoff (1 s doubling to 60 s), from the secret already in memory.
+  - --agent keeps the signing key in credbroker: the bot gets the API key
+    and CREDBROKER_AGENT_SOCKET, a private socket (folder 0700, socket 0600)
+    that only the bot and its children may use; get_signer() in the bot
+    signs through it. The profile's [policy] (rate limit, symbols, quantity
+    and notional caps, recvWindow ceiling, denied endpoints and parameters;
+    withdrawals denied by default) is checked first; every signature and
+    every refusal is an audit record, fsynced before the bot gets its answer.
+  - Key preflight (on by default with --agent when the exchange is
+    reachable; --preflight requires it, --no-preflight skips it): Binance's
+    GET /sapi/v1/account/apiRestrictions must show enableWithdrawals false
+    and ipRestrict true, or the bot is not started, unless
+    --unsafe-allow-withdrawals / --unsafe-no-ip-restriction (warned at every
+    start). Base URL: --preflight-url or CREDBROKER_PREFLIGHT_URL.
   - --mask replaces every injected secret value in the child's stdout and
     stderr with [credbroker:masked], also when a value is split across
     writes (a tail that may start a value is held until the next write, the
@@ -161,6 +174,17 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
               show_default=True, help="Restart a bot that fails by itself, with backoff, from the secret in memory.")
 @click.option("--mask", is_flag=True, help="Replace injected secret values in the bot's stdout and stderr with "
               "[credbroker:masked] (a pseudo-terminal when stdout is a terminal).")
+@click.option("--agent", is_flag=True, help="Keep the signing key in credbroker; the bot signs through a private "
+              "socket (get_signer()), checked by the profile's [policy]. The bot gets the API key only.")
+@click.option("--preflight/--no-preflight", "preflight_flag", default=None,
+              help="Check the key's restrictions on the exchange before starting (default: on with --agent when "
+                   "the exchange is reachable, off otherwise).")
+@click.option("--preflight-url", metavar="URL", help="Exchange base URL for the preflight (default "
+              "$CREDBROKER_PREFLIGHT_URL, else https://api.binance.com).")
+@click.option("--unsafe-allow-withdrawals", is_flag=True,
+              help="UNSAFE: start even though the key can withdraw funds (warned at every start).")
+@click.option("--unsafe-no-ip-restriction", is_flag=True,
+              help="UNSAFE: start even though the key is not restricted to trusted IPs (warned at every start).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def run_cmd(
@@ -177,6 +201,11 @@ def run_cmd(
     grace: str | None,
     restart_policy: str,
     mask: bool,
+    agent: bool,
+    preflight_flag: bool | None,
+    preflight_url: str | None,
+    unsafe_allow_withdrawals: bool,
+    unsafe_no_ip_restriction: bool,
     command: tuple[str, ...],
 ) -> None:
     from . import runner
@@ -200,8 +229,21 @@ def run_cmd(
         from .rotation import policy_from
 
         policy = policy_from(prof, on_rotate, rotate_interval, grace)
+    preflight = None
+    if agent and ctx.params.get("mask"):
+        from .errors import ConfigError
+
+        raise ConfigError("--agent and --mask exclude each other",
+                          "with --agent the bot holds no secret to mask; drop --mask")
+    if agent or preflight_flag or preflight_url or unsafe_allow_withdrawals or unsafe_no_ip_restriction:
+        from .preflight import PreflightOptions
+
+        mode = "on" if preflight_flag else "off" if preflight_flag is False else ("auto" if agent else "off")
+        preflight = PreflightOptions.build(mode=mode, base_url=preflight_url,
+                                           unsafe_allow_withdrawals=unsafe_allow_withdrawals,
+                                           unsafe_no_ip_restriction=unsafe_no_ip_restriction)
     status = runner.run(prof, list(command), config=config, verbose=verbose, rotation=policy,
-                        restart=restart_policy, mask=mask)
+                        restart=restart_policy, agent=agent, preflight=preflight, mask=mask)
     sys.exit(status)
 
 

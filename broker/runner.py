@@ -266,6 +266,8 @@ def run(
     verbose: bool = False,
     rotation: Any = None,
     restart: str = "no",
+    agent: bool = False,
+    preflight: Any = None,
     mask: bool = False,
 ) -> int:
     """Fetch the profile's secrets, run ``command`` with them, return its exit status.
@@ -273,6 +275,11 @@ def run(
     ``rotation`` (a ``broker.rotation.RotationPolicy``) follows new versions of
     a vault secret; ``restart="on-failure"`` restarts a child that fails by
     itself, with backoff, from the secret already held (no new Vault read).
+    ``agent=True`` (``--agent``, issue 6): the signing key stays in the broker;
+    the child gets the public API key and ``CREDBROKER_AGENT_SOCKET`` only, and
+    ``get_signer()`` there signs through ``broker.agent``. ``preflight`` (a
+    ``broker.preflight.PreflightOptions``; ``auto`` by default in agent mode,
+    off otherwise) checks the key's restrictions on the exchange first.
     ``mask=True`` replaces every injected value in the child's stdout and
     stderr with a marker (``broker.masking``; a pty when stdout is a terminal).
     """
@@ -288,13 +295,20 @@ def run(
         raise CommandNotFound("no command given", "put the command after --, e.g. credbroker run -p P -- python bot.py")
     harden_process()
     source_env = with_config_defaults(env, config)
+    audit_log: Any = None
     if record is None:
         # Every access is audited; a log that cannot be written stops the run
         # here, before any secret is fetched (fail closed).
         from .audit import open_log
 
-        record = open_log(getattr(config, "audit", None), env=source_env).record
+        audit_log = open_log(getattr(config, "audit", None), env=source_env)
+        record = audit_log.record
     rec: Recorder = record
+    signing: Any = None
+    if agent or (preflight is not None and preflight.mode != "off"):
+        from .agent import RunSigning
+
+        signing = RunSigning.prepare(profile, agent=agent, preflight=preflight, env=env)
 
     def refused(exc: BrokerError) -> None:
         try:
@@ -314,6 +328,13 @@ def run(
         refused(exc)
         raise
     rec("secret_fetched", {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields)})
+    if signing is not None:
+        try:
+            signing.check_key(creds, record=rec, audit_config=getattr(config, "audit", None))
+        except BrokerError as exc:
+            creds.wipe()
+            refused(exc)
+            raise
 
     # What get_signer() needs in the child: the config (so its audit records go
     # to the same log) and, for a profile with a [signer] table, the signer
@@ -321,7 +342,7 @@ def run(
     extra: dict[str, str] = {}
     if getattr(config, "path", None):
         extra["CREDBROKER_CONFIG"] = str(os.path.abspath(config.path))
-    if "signer" in profile.sections:
+    if "signer" in profile.sections and not agent:
         from .signing import child_env as signer_env
 
         try:
@@ -332,7 +353,9 @@ def run(
             raise
 
     # Keep the secret (mlocked) only when the broker may need it again.
-    keep = restart != "no" or (rotation is not None and rotation.action == "restart")
+    keep = agent or restart != "no" or (rotation is not None and rotation.action == "restart")
+    # In agent mode the child sees the API key variable only; the secret stays here.
+    child_parent, child_profile = signing.child_view(env, profile) if agent else (env, profile)
 
     output = None
     if mask:
@@ -342,7 +365,9 @@ def run(
 
     def start(creds: Credentials) -> Child:
         try:
-            child_env = child_environment(env, profile, creds, extra)
+            if agent:
+                signing.use(creds)
+            child_env = child_environment(child_parent, child_profile, creds, extra)
             stdio = output.child_stdio(creds[f] for f in profile.env.values()) if output is not None else None
             child = spawn(command, executable, child_env, stdio)
         finally:
@@ -350,13 +375,15 @@ def run(
             if not keep:
                 creds.wipe()
         del child_env
+        if agent:
+            signing.started(child.pid)
         origin = creds.origin
         if verbose:
             version = f" v{origin.version}" if origin.version is not None else ""
-            print(f"credbroker: started pid {child.pid} with {', '.join(profile.env)} "
+            print(f"credbroker: started pid {child.pid} with {', '.join(child_profile.env)} "
                   f"from {origin.source} {origin.path}{version}", file=sys.stderr, flush=True)
         rec("secret_injected", {
-            "profile": profile.name, "version": origin.version, "variables": list(profile.env),
+            "profile": profile.name, "version": origin.version, "variables": list(child_profile.env),
             "command": list(command), "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
         })
         return child
@@ -406,6 +433,9 @@ def run(
     blocked = (*FORWARDED_SIGNALS, signal.SIGCHLD)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
+        if agent:
+            # With the signals blocked: the agent's thread inherits the mask and never receives them.
+            extra.update(signing.start_agent(audit_log, rec))
         child = start(creds)
         delay = 1.0
         while True:
@@ -437,6 +467,8 @@ def run(
     finally:
         if output is not None:
             output.close()  # drain the child's output, restore the terminal
+        if signing is not None:
+            signing.stop()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         creds.wipe()
         for c in pending:

@@ -81,6 +81,10 @@ def get_signer(
     environ: Mapping[str, str] = os.environ if env is None else env
     name = getattr(profile, "name", profile)
     if environ.get(RUN_VAR) and (profile is None or (isinstance(profile, str) and profile == environ.get(PROFILE_VAR))):
+        if environ.get("CREDBROKER_AGENT_SOCKET"):  # `credbroker run --agent`: the broker signs (issue 6)
+            from .agent import from_environment
+
+            return from_environment(environ, recv_window=recv_window, record_failures=record_failures)
         return _from_run(environ, recv_window=recv_window, record_failures=record_failures)
     if profile is None:
         raise ConfigError(

@@ -1,0 +1,266 @@
+"""Key preflight: ask the exchange what the key may do before the bot starts (issue 6, item 4).
+
+Binance documents ``GET /sapi/v1/account/apiRestrictions`` ("Get API Key
+Permission (USER_DATA)", wallet API, weight 1): a SIGNED request (``timestamp``,
+optional ``recvWindow``, the ``X-MBX-APIKEY`` header) answered with a JSON
+object such as::
+
+    {"ipRestrict": false, "createTime": 1698645219000, "enableReading": true,
+     "enableWithdrawals": false, "enableInternalTransfer": false, "enableFutures": false,
+     "enableSpotAndMarginTrading": false, "permitsUniversalTransfer": false, ...}
+
+A trading bot's key must not be able to withdraw, and must be bound to the
+server's IP (Binance: "You must apply the IP Access Restriction filter in
+order to enable withdrawals"). So credbroker refuses to start the bot when
+``enableWithdrawals`` is true or ``ipRestrict`` is false, unless the operator
+passes the override named for exactly that danger
+(``--unsafe-allow-withdrawals``, ``--unsafe-no-ip-restriction``), which then
+prints a warning at every start and is recorded in the audit log.
+
+Modes:
+
+* ``on`` (``--preflight``): the check must succeed; anything else stops the
+  run (exit 125).
+* ``auto`` (the default in agent mode): the check runs "when the exchange is
+  reachable". Reachable means: the host name resolves and a TCP connection
+  (and, for https, a verified TLS handshake) to the base URL succeeds within
+  the timeout. Only a failure at that stage (no DNS, refused, connect timeout,
+  no route) skips the check, with a warning and a ``preflight`` audit record
+  saying ``skipped``. Once the exchange answered, every other outcome is a
+  refusal (fail closed): a TLS certificate that does not verify, an HTTP
+  error such as -2015 (invalid key or IP), a read timeout, a redirect, a body
+  that is not the documented object, a missing or non-boolean field.
+* ``off`` (``--no-preflight``, and the default outside agent mode).
+
+The base URL is ``https://api.binance.com`` unless ``--preflight-url`` or
+``$CREDBROKER_PREFLIGHT_URL`` names another one; plain ``http://`` is
+accepted only for a loopback host (the tests' local server), so the API key
+never crosses a network in clear text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+from .errors import BrokerError, ConfigError
+
+DEFAULT_BASE_URL = "https://api.binance.com"
+PATH = "/sapi/v1/account/apiRestrictions"
+URL_VAR = "CREDBROKER_PREFLIGHT_URL"
+MODES = ("auto", "on", "off")
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+class PreflightError(BrokerError):
+    """The key preflight refused to start the bot, or could not complete."""
+
+
+class ExchangeUnreachable(PreflightError):
+    """The exchange could not be reached at all (DNS, connect): ``auto`` mode skips the check."""
+
+
+class PreflightOptions(NamedTuple):
+    """How ``credbroker run`` checks the key before starting the bot."""
+
+    mode: str = "auto"
+    base_url: str = DEFAULT_BASE_URL
+    unsafe_allow_withdrawals: bool = False
+    unsafe_no_ip_restriction: bool = False
+    timeout: float = 5.0
+    recv_window: int = 5000
+
+    @classmethod
+    def build(cls, *, mode: str, base_url: str | None = None, env: Mapping[str, str] | None = None,
+              unsafe_allow_withdrawals: bool = False, unsafe_no_ip_restriction: bool = False,
+              timeout: float = 5.0) -> PreflightOptions:
+        """Validated options; the URL from the argument, else ``$CREDBROKER_PREFLIGHT_URL``, else Binance."""
+        if mode not in MODES:
+            raise ConfigError(f"unknown preflight mode {mode!r}", f"use one of: {', '.join(MODES)}")
+        environ = os.environ if env is None else env
+        url = (base_url or environ.get(URL_VAR) or DEFAULT_BASE_URL).rstrip("/")
+        check_base_url(url)
+        return cls(mode=mode, base_url=url, unsafe_allow_withdrawals=unsafe_allow_withdrawals,
+                   unsafe_no_ip_restriction=unsafe_no_ip_restriction, timeout=timeout)
+
+    @property
+    def overrides(self) -> list[str]:
+        """The unsafe overrides in force, by flag name."""
+        out = []
+        if self.unsafe_allow_withdrawals:
+            out.append("--unsafe-allow-withdrawals")
+        if self.unsafe_no_ip_restriction:
+            out.append("--unsafe-no-ip-restriction")
+        return out
+
+
+class PreflightResult(NamedTuple):
+    """What the preflight found: ``passed``, ``overridden`` (ran on an unsafe override) or ``skipped``."""
+
+    outcome: str
+    restrictions: Mapping[str, Any]
+    warnings: tuple[str, ...] = ()
+
+
+def check_base_url(url: str) -> None:
+    """https anywhere; http only to a loopback host. Raises ConfigError."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"preflight URL {url!r} is not an http(s) URL", "e.g. https://api.binance.com")
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        raise ConfigError(f"preflight URL {url!r} would send the API key unencrypted",
+                          "use https (plain http is accepted for a loopback test server only)")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"preflight URL {url!r} has a query or fragment", "give the base URL only")
+
+
+def fetch_restrictions(signer: Any, options: PreflightOptions) -> dict[str, Any]:
+    """GET apiRestrictions, signed by ``signer``; the decoded JSON object.
+
+    Raises ``ExchangeUnreachable`` when no connection could be made and
+    ``PreflightError`` for everything after that (fail closed).
+    """
+    import http.client
+    import ssl
+
+    parts = urlsplit(options.base_url)
+    host = parts.hostname or ""
+    port = parts.port
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(host, port, timeout=options.timeout, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=options.timeout)
+    where = f"{parts.scheme}://{parts.netloc}"
+    try:
+        try:
+            conn.connect()
+        except ssl.SSLError as exc:
+            # Something answered, but not with a certificate we trust: never "unreachable".
+            raise PreflightError(f"key preflight: TLS with {where} failed ({exc.reason or type(exc).__name__})",
+                                 "check the preflight URL and the system's CA certificates") from None
+        except (OSError, socket.timeout) as exc:
+            raise ExchangeUnreachable(f"key preflight: cannot reach {where} ({_why(exc)})",
+                                      "check the network, or pass --no-preflight") from None
+        query = signer.sign_params({}, recv_window=options.recv_window)
+        target = (parts.path.rstrip("/") + PATH) + "?" + query
+        try:
+            conn.request("GET", target, headers={"X-MBX-APIKEY": str(signer.api_key), "Accept": "application/json",
+                                                 "User-Agent": "credbroker-preflight"})
+            response = conn.getresponse()
+            body = response.read(1 << 20)
+        except (OSError, socket.timeout, http.client.HTTPException) as exc:
+            raise PreflightError(f"key preflight: {where} did not answer ({_why(exc)})",
+                                 "retry, or pass --no-preflight to start without the check") from None
+        del query
+    finally:
+        conn.close()
+    if response.status != 200:
+        from .signing.binance import parse_error
+
+        code, msg = parse_error(body)
+        detail = f"{code} {msg}" if code is not None else (msg or response.reason or "")
+        raise PreflightError(f"key preflight: the exchange answered HTTP {response.status} {detail}".strip(),
+                             "check the API key and its IP allow-list on the exchange, or pass --no-preflight")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise PreflightError("key preflight: the exchange's answer is not a JSON object",
+                             "check the preflight URL (it must be Binance's API)")
+    return data
+
+
+def check(restrictions: Mapping[str, Any], options: PreflightOptions) -> PreflightResult:
+    """Judge the restrictions; raise PreflightError, or return passed/overridden with warnings."""
+    for field in ("enableWithdrawals", "ipRestrict"):
+        if not isinstance(restrictions.get(field), bool):
+            raise PreflightError(f"key preflight: the answer has no boolean {field}",
+                                 "check the preflight URL (it must be Binance's apiRestrictions)")
+    warnings: list[str] = []
+    if restrictions["enableWithdrawals"]:
+        if not options.unsafe_allow_withdrawals:
+            raise PreflightError("key preflight: this API key can withdraw funds (enableWithdrawals is true)",
+                                 "turn off \"Enable Withdrawals\" for the key on the exchange "
+                                 "(or pass --unsafe-allow-withdrawals, not recommended)")
+        warnings.append("UNSAFE: this API key can withdraw funds (enableWithdrawals is true); "
+                        "started anyway because of --unsafe-allow-withdrawals")
+    if not restrictions["ipRestrict"]:
+        if not options.unsafe_no_ip_restriction:
+            raise PreflightError("key preflight: this API key is not restricted to trusted IPs (ipRestrict is false)",
+                                 "restrict the key to this server's IP on the exchange "
+                                 "(or pass --unsafe-no-ip-restriction, not recommended)")
+        warnings.append("UNSAFE: this API key works from any IP address (ipRestrict is false); "
+                        "started anyway because of --unsafe-no-ip-restriction")
+    return PreflightResult("overridden" if warnings else "passed", dict(restrictions), tuple(warnings))
+
+
+#: The fields of the answer kept in the audit record (booleans and times only).
+_AUDITED = ("ipRestrict", "enableWithdrawals", "enableReading", "enableSpotAndMarginTrading", "enableFutures",
+            "enableMargin", "enableInternalTransfer", "permitsUniversalTransfer", "enableVanillaOptions",
+            "enablePortfolioMarginTrading", "createTime", "tradingAuthorityExpirationTime")
+
+
+def run_preflight(
+    signer: Any,
+    options: PreflightOptions,
+    *,
+    profile: str,
+    record: Callable[[str, dict[str, Any]], Any],
+    warn: Callable[[str], None] | None = None,
+) -> PreflightResult | None:
+    """Run the preflight as ``options.mode`` says; record it; raise PreflightError to stop the run.
+
+    Returns None when the mode is ``off``. Warnings go to ``warn`` (stderr by default), every time.
+    """
+    say = warn or (lambda m: print(f"credbroker: {m}", file=sys.stderr, flush=True))
+    if options.mode == "off":
+        for flag in options.overrides:
+            say(f"WARNING: {flag} is given but the key preflight is off, so it has no effect")
+        return None
+    base = {"profile": profile, "url": options.base_url + PATH, "mode": options.mode, "overrides": options.overrides}
+    try:
+        restrictions = fetch_restrictions(signer, options)
+    except ExchangeUnreachable as exc:
+        if options.mode == "on":
+            record("preflight", {**base, "outcome": "refused", "reason": exc.message})
+            raise
+        record("preflight", {**base, "outcome": "skipped", "reason": exc.message})
+        say(f"WARNING: {exc.message}; the key's restrictions were NOT checked (pass --preflight to require it)")
+        for flag in options.overrides:
+            say(f"WARNING: {flag} is given; it would have let an unsafe key start")
+        return PreflightResult("skipped", {}, (exc.message,))
+    except PreflightError as exc:
+        record("preflight", {**base, "outcome": "refused", "reason": exc.message})
+        raise
+    audited = {k: restrictions[k] for k in _AUDITED if isinstance(restrictions.get(k), (bool, int))}
+    try:
+        result = check(restrictions, options)
+    except PreflightError as exc:
+        record("preflight", {**base, "outcome": "refused", "reason": exc.message, "restrictions": audited})
+        raise
+    record("preflight", {**base, "outcome": result.outcome, "restrictions": audited})
+    for line in result.warnings:
+        say(line)
+    # An override that is not needed is still a loaded gun: say so at every start.
+    if options.unsafe_allow_withdrawals and not restrictions["enableWithdrawals"]:
+        say("WARNING: --unsafe-allow-withdrawals is given but this key cannot withdraw; remove the flag")
+    if options.unsafe_no_ip_restriction and restrictions["ipRestrict"]:
+        say("WARNING: --unsafe-no-ip-restriction is given but this key is IP-restricted; remove the flag")
+    return result
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, socket.gaierror):
+        return "name not resolved"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__

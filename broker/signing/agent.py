@@ -1,0 +1,202 @@
+"""The bot's side of the signing agent: a Signer that asks the broker to sign (issue 6).
+
+Under ``credbroker run --agent`` the child's environment holds the public API
+key and ``CREDBROKER_AGENT_SOCKET``, never the secret. ``get_signer()`` then
+returns an ``AgentSigner``: the same interface as every other signer
+(``sign``, ``sign_params``, ``headers()``, ``requests`` auth), but each
+signature is a round trip to the broker, which checks the profile's signing
+policy, records the signature in the audit log, and answers.
+
+A request the policy refuses raises ``PolicyRefused`` (a ``SigningError``)
+with the broker's one-line reason; so does any other refusal.
+
+Thread-safe: each thread keeps its own connection, so a bot's threads sign
+concurrently (and the broker commits their audit records together).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import BrokerError, SigningError
+from . import binance
+from .base import Signer
+
+SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
+PROTOCOL = 1
+_HEADER = struct.Struct("!I")
+_MAX_MESSAGE = 1 << 20
+
+
+class AgentSigner(Signer):
+    """Signs through the broker's signing agent; holds no key."""
+
+    kind: ClassVar[str] = "agent"
+
+    def __init__(self, api_key: str | None, socket_path: str | os.PathLike[str], *,
+                 timeout: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(api_key, **kwargs)
+        self.socket_path = Path(socket_path)
+        self.timeout = timeout
+        self._local = threading.local()
+        self._closed = False
+        #: The broker's signer kind (hmac, ed25519, rsa), from the agent's hello.
+        self.remote_kind: str | None = None
+        hello = self._call({"op": "hello"})
+        self.remote_kind = hello.get("kind") if isinstance(hello.get("kind"), str) else None
+        if kwargs.get("recv_window", binance.DEFAULT_RECV_WINDOW) == binance.DEFAULT_RECV_WINDOW:
+            window = hello.get("recv_window")
+            if isinstance(window, int) and not isinstance(window, bool):
+                self.recv_window = binance.check_recv_window(window)
+
+    # -- signing -------------------------------------------------------------------------
+    def _sign_bytes(self, payload: bytes) -> str:
+        return self._remote_sign(payload.decode("utf-8"), "", None, None)
+
+    def _sign_request(self, query: str, body: str, path: str, method: str | None) -> str:
+        return self._remote_sign(query, body, path or None, method)
+
+    def sign_params(self, params: binance.Params | None = None, *, timestamp: int | None = None,
+                    recv_window: int | None | bool = True, endpoint: str | None = None,
+                    method: str | None = None) -> str:
+        """As ``Signer.sign_params``; ``endpoint`` (the URL path) lets the broker's policy see where it goes."""
+        items = binance.param_items(params)
+        items += self._timing({k for k, _ in items}, timestamp, recv_window)
+        query = binance.encode(items)
+        return f"{query}&signature={binance.quote_signature(self._remote_sign(query, '', endpoint, method))}"
+
+    sign_query = sign_params
+
+    def _remote_sign(self, query: str, body: str, endpoint: str | None, method: str | None) -> str:
+        reply = self._call({"op": "sign", "q": query, "b": body, "e": endpoint, "m": method})
+        signature = reply.get("sig")
+        if not isinstance(signature, str):
+            raise SigningError("the signing agent answered without a signature", "restart the bot under credbroker")
+        return signature
+
+    # -- transport -----------------------------------------------------------------------
+    def _connect(self) -> socket.socket:
+        sock: socket.socket | None = getattr(self._local, "sock", None)
+        if sock is not None:
+            return sock
+        if self._closed:
+            raise SigningError("this signer has been closed", "get a new one with get_signer()")
+        from ..daemon import _peer_uid, _private_dir
+
+        if not _private_dir(self.socket_path.parent, create=False):
+            raise SigningError(f"the signing agent's folder {self.socket_path.parent} is missing or not private",
+                               "start the bot with `credbroker run --agent`; the agent ends with the broker")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.socket_path))
+            if _peer_uid(sock) != os.getuid():
+                raise SigningError("the signing agent's socket belongs to another user",
+                                   "start the bot with `credbroker run --agent`")
+        except OSError as exc:
+            sock.close()
+            raise SigningError(f"cannot reach the signing agent at {self.socket_path}: {exc.strerror or exc}",
+                               "the broker has exited; start the bot with `credbroker run --agent`") from None
+        except BrokerError:
+            sock.close()
+            raise
+        self._local.sock = sock
+        return sock
+
+    def _call(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        sock = self._connect()
+        data = json.dumps(request, separators=(",", ":")).encode()
+        try:
+            try:
+                sock.sendall(_HEADER.pack(len(data)) + data)
+            except OSError:
+                # The agent may have refused this connection and closed it: its one-line
+                # reason is still waiting to be read.
+                pass
+            (length,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+            if length > _MAX_MESSAGE:
+                raise ValueError("reply too large")
+            reply = json.loads(_recv_exact(sock, length))
+        except (OSError, ValueError, ConnectionError) as exc:
+            self._forget()
+            raise SigningError(f"the signing agent did not answer ({type(exc).__name__})",
+                               "the broker may have exited; check credbroker's output") from None
+        if not isinstance(reply, dict):
+            raise SigningError("the signing agent answered something malformed", "use the same credbroker version")
+        if not reply.get("ok"):
+            self._raise(reply.get("error"))
+        return reply
+
+    def _raise(self, error: Any) -> None:
+        if not isinstance(error, dict):
+            raise SigningError("the signing agent refused without a reason", "check the audit log")
+        kind = str(error.get("type") or "")
+        message = str(error.get("message") or "refused")
+        remedy = error.get("remedy") if isinstance(error.get("remedy"), str) else None
+        if kind == "PolicyRefused":
+            from ..signing_policy import PolicyRefused
+
+            raise PolicyRefused.from_wire(str(error.get("rule") or "policy"), message, remedy)
+        if kind == "AgentRefused":
+            from ..agent import AgentRefused
+
+            self._forget()
+            raise AgentRefused(message, remedy)
+        from .. import errors
+
+        cls = getattr(errors, kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, BrokerError)):
+            cls = SigningError
+        raise cls(message, remedy)
+
+    def _forget(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        self._local.sock = None
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        """Close this thread's connection; the signer refuses to sign afterwards."""
+        self._closed = True
+        self._forget()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def from_environment(environ: Mapping[str, str], *, recv_window: int | None = None,
+                     record_failures: bool = True) -> AgentSigner:
+    """The AgentSigner for a child of ``credbroker run --agent`` (what ``get_signer()`` returns there)."""
+    path = environ.get(SOCKET_VAR)
+    if not path:
+        raise SigningError(f"{SOCKET_VAR} is not set", "start the bot with `credbroker run --agent`")
+    profile = environ.get("CREDBROKER_PROFILE") or None
+    api_key: str | None = None
+    try:
+        env_map = json.loads(environ.get("CREDBROKER_ENV_MAP") or "{}")
+    except ValueError:
+        env_map = {}
+    if isinstance(env_map, dict):
+        for var in env_map:
+            if isinstance(var, str) and environ.get(var):
+                api_key = environ[var]
+                break
+    audit_config = None
+    kwargs: dict[str, Any] = {"profile": profile, "audit_config": audit_config, "record_failures": record_failures}
+    if recv_window is not None:
+        kwargs["recv_window"] = recv_window
+    return AgentSigner(api_key, path, **kwargs)

@@ -1,0 +1,501 @@
+"""The signing policy: what the signing agent agrees to sign for a profile (issue 6, item 3).
+
+In agent mode (``credbroker run --agent``) the bot never holds the secret; it
+asks the broker to sign. Before signing, the broker checks the request against
+the profile's ``[profiles.NAME.policy]`` table::
+
+    [profiles.um-futures.policy]
+    rate_limit = "20/s"            # signatures per s | m | h (token bucket)
+    burst = 40                     # bucket size (default: the count in rate_limit)
+    symbols = ["BTCUSDT", "ETHUSDT"]           # allowed symbols (unset: any)
+    max_quantity = 0.5                          # or per symbol: { BTCUSDT = 0.01, ETHUSDT = 0.5 }
+    max_notional = 5000                         # quote asset; or per symbol, like max_quantity
+    max_recv_window = 5000                      # ms; a request without recvWindow counts as 5000
+    deny_kinds = ["withdraw", "transfer"]       # default ["withdraw"]; [] allows everything
+    deny_params = ["address"]                   # parameter names never signed
+    deny_endpoints = ["/sapi/v1/sub-account/*"] # fnmatch patterns on the URL path
+    require_endpoint = false                    # true: refuse requests whose URL path is unknown
+
+How each rule reads a request (Binance REST conventions; the parameters are
+those of totalParams, i.e. the query string and the form body):
+
+- a parameter name that occurs twice is refused: Binance itself answers -1101
+  ("Duplicate values for a parameter detected"), and a policy that read the
+  first copy while the exchange read the second would be bypassed;
+- ``symbol``, ``symbols`` (a JSON array) and every order inside ``batchOrders``
+  (a JSON array of orders, USDⓈ-M futures ``POST /fapi/v1/batchOrders``) are
+  checked against ``symbols``; a request without a symbol (account queries)
+  passes that rule;
+- ``quantity`` is checked against ``max_quantity``; the notional is
+  ``quoteOrderQty`` (spot), else ``quantity`` x ``price`` (else ``stopPrice``).
+  An order with a quantity but no price (a MARKET order) has no notional the
+  agent can compute (it has no market data): with ``max_notional`` set it is
+  refused, unless ``max_quantity`` also bounds that symbol, which then is the
+  limit that applies;
+- ``deny_kinds`` names built-in groups of endpoints and parameters that a
+  trading bot never needs (``KINDS`` below). "withdraw" is denied by default,
+  also when a profile has no policy table: an operator must write
+  ``deny_kinds = []`` to let the agent sign a withdrawal;
+- ``rate_limit`` counts every signature the agent would otherwise give.
+
+Every refusal raises ``PolicyRefused`` (a ``SigningError``) naming the rule;
+the agent records it as a ``policy_refused`` audit event and the bot gets the
+same one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from fnmatch import fnmatchcase
+from typing import Any, NamedTuple
+
+from .errors import ConfigError, SigningError
+
+#: Binance's default recvWindow (ms), used when a request carries none.
+DEFAULT_RECV_WINDOW = 5000
+
+#: Built-in request kinds for ``deny_kinds``: URL path patterns and parameter names.
+#: Sources: Binance wallet docs ("Withdraw (USER_DATA)": POST /sapi/v1/capital/withdraw/apply,
+#: parameters coin, network, address, addressTag, amount, withdrawOrderId...; the retired
+#: POST /wapi/v3/withdraw.html), "User Universal Transfer" (POST /sapi/v1/asset/transfer),
+#: futures "New Future Account Transfer" (POST /sapi/v1/futures/transfer), the sub-account
+#: transfer endpoints, and "API Key Management" endpoints that change a key's own powers.
+KINDS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "withdraw": (
+        ("/sapi/v1/capital/withdraw/*", "/wapi/*/withdraw*", "/sapi/v1/localentity/withdraw/*"),
+        ("address", "addressTag", "withdrawOrderId"),
+    ),
+    "transfer": (
+        ("/sapi/v1/asset/transfer", "/sapi/v1/futures/transfer", "/sapi/v1/sub-account/*transfer*",
+         "/sapi/v*/sub-account/*/transfer", "/sapi/v1/margin/transfer", "/sapi/v1/asset/dust",
+         "/sapi/v1/pay/*"),
+        (),
+    ),
+    "api_key_management": (
+        ("/sapi/v1/sub-account/subAccountApi/*", "/sapi/v*/sub-account/subAccountApi/*", "/sapi/v1/margin/apiKey*"),
+        (),
+    ),
+}
+
+_RATE = re.compile(r"^\s*([1-9][0-9]*)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+_KNOWN = frozenset({"rate_limit", "burst", "symbols", "max_quantity", "max_notional", "max_recv_window",
+                    "deny_kinds", "deny_params", "deny_endpoints", "require_endpoint"})
+
+
+class PolicyRefused(SigningError):
+    """The signing policy refused a request; ``rule`` names the rule (``symbols``, ``rate_limit``...)."""
+
+    def __init__(self, rule: str, message: str, remedy: str | None = None) -> None:
+        super().__init__(f"signing policy refused the request ({rule}): {message}",
+                         remedy or f"change the bot, or the profile's [policy] {rule.split(':')[0]} "
+                         "if this request is intended")
+        self.rule = rule
+
+    @classmethod
+    def from_wire(cls, rule: str, message: str, remedy: str | None) -> PolicyRefused:
+        """Rebuild the broker's refusal in the bot (the message already says it is the policy)."""
+        exc = cls(rule, message, remedy)
+        exc.message = " ".join(message.split())
+        exc.args = (exc.message,)
+        return exc
+
+
+class SignRequest(NamedTuple):
+    """What the agent is asked to sign: the parameters of totalParams, and where they go."""
+
+    params: Sequence[tuple[str, str]]
+    endpoint: str | None = None  # the URL path, when the client told it
+    method: str | None = None
+
+    @classmethod
+    def from_parts(cls, query: str, body: str = "", endpoint: str | None = None,
+                   method: str | None = None) -> SignRequest:
+        """Parse the query string and the form body (percent-decoded, order kept)."""
+        from urllib.parse import unquote
+
+        params: list[tuple[str, str]] = []
+        for part in (query, body):
+            if not part:
+                continue
+            for item in part.split("&"):
+                # Strict, unlike parse_qsl: each parameter is exactly NAME=VALUE with a non-empty name.
+                # A raw sign(query + body) glues the last query value to the first body item; a value
+                # holding '=' (or an item without one) is how that shows, and what the exchange would
+                # parse differently from us, so it is refused rather than guessed.
+                name, sep, value = item.partition("=")
+                if not sep or not name or "=" in value:
+                    raise PolicyRefused("malformed", f"the parameter {item[:40]!r} is not NAME=VALUE",
+                                        "percent-encode values, and sign query and body through sign_params "
+                                        "or the requests auth hook")
+                params.append((unquote(name.replace("+", " ")), unquote(value.replace("+", " "))))
+        return cls(params=params, endpoint=endpoint or None, method=(method or "").upper() or None)
+
+    def summary(self) -> dict[str, Any]:
+        """What the audit record keeps: parameter names and the order's public fields, never timestamps."""
+        out: dict[str, Any] = {"endpoint": self.endpoint, "method": self.method,
+                               "params": [k for k, _ in self.params if k not in ("timestamp", "signature")]}
+        values = dict(self.params)
+        for key in ("symbol", "side", "type", "quantity", "price", "quoteOrderQty"):
+            if key in values:
+                out[key] = values[key][:64]
+        if "batchOrders" in values:
+            out["batch_orders"] = len(_batch_orders(values["batchOrders"]) or [])
+        return out
+
+
+class Limit(NamedTuple):
+    """A cap that is either global or per symbol."""
+
+    default: Decimal | None
+    per_symbol: Mapping[str, Decimal]
+
+    def for_symbol(self, symbol: str | None) -> Decimal | None:
+        if symbol is not None and symbol in self.per_symbol:
+            return self.per_symbol[symbol]
+        return self.default
+
+    @property
+    def set(self) -> bool:
+        return self.default is not None or bool(self.per_symbol)
+
+
+_NO_LIMIT = Limit(None, {})
+
+
+class RateLimiter:
+    """A token bucket: ``rate`` tokens a second, at most ``burst`` saved up. Thread-safe."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Take one token; False when the bucket is empty."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return True
+            return False
+
+
+class SigningPolicy:
+    """A validated ``[policy]`` table; ``check(request)`` raises ``PolicyRefused`` or returns."""
+
+    def __init__(
+        self,
+        *,
+        rate: tuple[int, float] | None = None,
+        burst: int | None = None,
+        symbols: frozenset[str] | None = None,
+        max_quantity: Limit = _NO_LIMIT,
+        max_notional: Limit = _NO_LIMIT,
+        max_recv_window: int | None = None,
+        deny_kinds: tuple[str, ...] = ("withdraw",),
+        deny_params: frozenset[str] = frozenset(),
+        deny_endpoints: tuple[str, ...] = (),
+        require_endpoint: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self.symbols = symbols
+        self.max_quantity = max_quantity
+        self.max_notional = max_notional
+        self.max_recv_window = max_recv_window
+        self.deny_kinds = deny_kinds
+        self.require_endpoint = require_endpoint
+        params = set(deny_params)
+        endpoints = list(deny_endpoints)
+        for kind in deny_kinds:
+            kind_endpoints, kind_params = KINDS[kind]
+            endpoints.extend(kind_endpoints)
+            params.update(kind_params)
+        self.deny_params = frozenset(params)
+        self.deny_endpoints = tuple(endpoints)
+        self.limiter: RateLimiter | None = None
+        if rate is not None:
+            count, per = rate
+            self.limiter = RateLimiter(count / per, burst or count, clock)
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any] | None, where: str, *,
+                     clock: Callable[[], float] = time.monotonic) -> SigningPolicy:
+        """Validate a raw ``[policy]`` table; ``where`` names it in errors (``FILE: profiles.X.policy``)."""
+        if table is None:
+            return cls(clock=clock)
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: expected a table", "write [profiles.NAME.policy]")
+        for key in table:
+            if key not in _KNOWN:
+                raise ConfigError(f"{where}.{key}: unknown key", f"expected one of: {', '.join(sorted(_KNOWN))}")
+        rate = None
+        if "rate_limit" in table:
+            raw = table["rate_limit"]
+            m = _RATE.match(raw) if isinstance(raw, str) else None
+            if m is None:
+                raise ConfigError(f"{where}.rate_limit: expected \"COUNT/s\", \"COUNT/m\" or \"COUNT/h\", got {raw!r}",
+                                  'e.g. rate_limit = "20/s"')
+            rate = (int(m.group(1)), _UNITS[m.group(2)])
+        burst = table.get("burst")
+        if burst is not None:
+            if rate is None:
+                raise ConfigError(f"{where}.burst: set without rate_limit", 'add rate_limit = "20/s", or remove burst')
+            if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+                raise ConfigError(f"{where}.burst: expected a whole number >= 1, got {burst!r}", "e.g. burst = 40")
+        symbols = None
+        if "symbols" in table:
+            raw = table["symbols"]
+            if not isinstance(raw, list) or not raw or not all(isinstance(s, str) and s.strip() for s in raw):
+                raise ConfigError(f"{where}.symbols: expected a non-empty list of symbols",
+                                  'e.g. symbols = ["BTCUSDT"]; remove the key to allow any symbol')
+            symbols = frozenset(s.strip().upper() for s in raw)
+        max_quantity = _limit(table, "max_quantity", where)
+        max_notional = _limit(table, "max_notional", where)
+        max_rw = table.get("max_recv_window")
+        if max_rw is not None and (isinstance(max_rw, bool) or not isinstance(max_rw, int) or not 0 < max_rw <= 60000):
+            raise ConfigError(f"{where}.max_recv_window: expected milliseconds 1..60000, got {max_rw!r}",
+                              "e.g. max_recv_window = 5000")
+        deny_kinds = table.get("deny_kinds", ["withdraw"])
+        if not isinstance(deny_kinds, list) or not all(isinstance(k, str) for k in deny_kinds):
+            raise ConfigError(f"{where}.deny_kinds: expected a list of names", f"use some of: {', '.join(KINDS)}")
+        for kind in deny_kinds:
+            if kind not in KINDS:
+                raise ConfigError(f"{where}.deny_kinds: unknown kind {kind!r}", f"use some of: {', '.join(KINDS)}")
+        deny_params = _names(table, "deny_params", where)
+        deny_endpoints = _names(table, "deny_endpoints", where)
+        for pattern in deny_endpoints:
+            if not pattern.startswith("/"):
+                raise ConfigError(f"{where}.deny_endpoints: {pattern!r} is not a URL path",
+                                  'write paths like "/sapi/v1/capital/*"')
+        require = table.get("require_endpoint", False)
+        if not isinstance(require, bool):
+            raise ConfigError(f"{where}.require_endpoint: expected true or false, got {require!r}",
+                              "e.g. require_endpoint = true")
+        if symbols is not None:
+            for lim, key in ((max_quantity, "max_quantity"), (max_notional, "max_notional")):
+                stray = sorted(set(lim.per_symbol) - symbols)
+                if stray:
+                    raise ConfigError(f"{where}.{key}: {', '.join(stray)} not in symbols",
+                                      "add the symbol to symbols, or remove its limit")
+        return cls(rate=rate, burst=burst, symbols=symbols, max_quantity=max_quantity, max_notional=max_notional,
+                   max_recv_window=max_rw, deny_kinds=tuple(dict.fromkeys(deny_kinds)),
+                   deny_params=frozenset(deny_params), deny_endpoints=tuple(deny_endpoints),
+                   require_endpoint=require, clock=clock)
+
+    @classmethod
+    def for_profile(cls, profile: Any, *, clock: Callable[[], float] = time.monotonic) -> SigningPolicy:
+        """The policy of a ``broker.config.Profile`` (defaults when it has no ``[policy]`` table)."""
+        sections = getattr(profile, "sections", None) or {}
+        return cls.from_mapping(sections.get("policy"), profile.where("policy"), clock=clock)
+
+    def describe(self) -> dict[str, Any]:
+        """The policy as plain data (for the audit record of an agent start and ``--verbose``)."""
+        def lim(limit: Limit) -> Any:
+            if not limit.set:
+                return None
+            return {"default": str(limit.default) if limit.default is not None else None,
+                    **{s: str(v) for s, v in limit.per_symbol.items()}}
+        return {
+            "rate_limit": f"{self.rate[0]}/{_per(self.rate[1])}" if self.rate else None,
+            "burst": self.limiter.burst if self.limiter else None,
+            "symbols": sorted(self.symbols) if self.symbols is not None else None,
+            "max_quantity": lim(self.max_quantity),
+            "max_notional": lim(self.max_notional),
+            "max_recv_window": self.max_recv_window,
+            "deny_kinds": list(self.deny_kinds),
+            "deny_params": sorted(self.deny_params),
+            "deny_endpoints": list(self.deny_endpoints),
+            "require_endpoint": self.require_endpoint,
+        }
+
+    # -- checking ---------------------------------------------------------------------------
+    def check(self, request: SignRequest) -> None:
+        """Raise ``PolicyRefused`` when ``request`` breaks a rule; the rate limit is checked last."""
+        names = [k for k, _ in request.params]
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise PolicyRefused("duplicate_param", f"parameter {name!r} appears more than once",
+                                    "send each parameter once (Binance refuses duplicates with -1101)")
+            seen.add(name)
+        if "signature" in seen:
+            raise PolicyRefused("already_signed", "the request already carries a signature",
+                                "do not pass signature= yourself")
+        endpoint = request.endpoint
+        if endpoint is None and self.require_endpoint:
+            raise PolicyRefused("require_endpoint", "the request's URL path is unknown",
+                                "sign through the requests auth hook (auth=signer) or pass endpoint= to sign_params")
+        if endpoint is not None:
+            path = endpoint.split("?", 1)[0]
+            for pattern in self.deny_endpoints:
+                if fnmatchcase(path, pattern):
+                    raise PolicyRefused(self._rule_for_endpoint(pattern), f"{path} is a denied endpoint")
+        for name in names:
+            if name in self.deny_params:
+                raise PolicyRefused(self._rule_for_param(name), f"parameter {name!r} is denied")
+        values = dict(request.params)
+        self._check_recv_window(values)
+        orders: list[Mapping[str, Any]] = [values]
+        if "batchOrders" in values:
+            batch = _batch_orders(values["batchOrders"])
+            if batch is None:
+                raise PolicyRefused("batchOrders", "batchOrders is not a JSON list of orders",
+                                    "send batchOrders as Binance documents it: a JSON array of order objects")
+            orders.extend(batch)
+        if "symbols" in values and self.symbols is not None:
+            try:
+                listed = json.loads(values["symbols"])
+            except ValueError:
+                listed = None
+            if not isinstance(listed, list) or not all(isinstance(s, str) for s in listed):
+                raise PolicyRefused("symbols", "the symbols parameter is not a JSON list of symbols")
+            for sym in listed:
+                self._check_symbol(sym)
+        for order in orders:
+            self._check_order(order)
+        if self.limiter is not None and not self.limiter.take():
+            assert self.rate is not None
+            raise PolicyRefused("rate_limit", f"more than {self.rate[0]} signatures per {_per(self.rate[1])}",
+                                "slow the bot down, or raise rate_limit / burst in the profile's [policy]")
+
+    def _rule_for_endpoint(self, pattern: str) -> str:
+        for kind in self.deny_kinds:
+            if pattern in KINDS[kind][0]:
+                return f"deny_kinds:{kind}"
+        return "deny_endpoints"
+
+    def _rule_for_param(self, name: str) -> str:
+        for kind in self.deny_kinds:
+            if name in KINDS[kind][1]:
+                return f"deny_kinds:{kind}"
+        return "deny_params"
+
+    def _check_recv_window(self, values: Mapping[str, str]) -> None:
+        if self.max_recv_window is None:
+            return
+        raw = values.get("recvWindow")
+        try:
+            window = Decimal(raw) if raw is not None else Decimal(DEFAULT_RECV_WINDOW)
+        except InvalidOperation:
+            raise PolicyRefused("max_recv_window", "recvWindow is not a number") from None
+        if not window.is_finite() or window > self.max_recv_window:
+            shown = raw if raw is not None else f"{DEFAULT_RECV_WINDOW} (Binance's default, none sent)"
+            raise PolicyRefused("max_recv_window", f"recvWindow {shown} is above the ceiling {self.max_recv_window}",
+                                f"send recvWindow={self.max_recv_window} or less")
+
+    def _check_symbol(self, symbol: Any) -> None:
+        if self.symbols is None:
+            return
+        if not isinstance(symbol, str) or symbol.strip().upper() not in self.symbols:
+            raise PolicyRefused("symbols", f"symbol {str(symbol)[:32]!r} is not allowed "
+                                           f"(allowed: {', '.join(sorted(self.symbols))})",
+                                "trade an allowed symbol, or add it to the profile's [policy] symbols")
+
+    def _check_order(self, order: Mapping[str, Any]) -> None:
+        symbol = order.get("symbol")
+        if symbol is not None:
+            self._check_symbol(symbol)
+        sym = str(symbol).strip().upper() if symbol is not None else None
+        quantity = _decimal(order, "quantity")
+        cap = self.max_quantity.for_symbol(sym)
+        if quantity is not None and cap is not None and quantity > cap:
+            raise PolicyRefused("max_quantity", f"quantity {quantity} is above the cap {cap}"
+                                + (f" for {sym}" if sym else ""), "send a smaller order, or raise max_quantity")
+        notional_cap = self.max_notional.for_symbol(sym)
+        if notional_cap is None:
+            return
+        notional = _decimal(order, "quoteOrderQty")
+        if notional is None and quantity is not None:
+            price = _decimal(order, "price")
+            if price is None or price == 0:
+                price = _decimal(order, "stopPrice")
+            if price is not None and price != 0:
+                notional = quantity * price
+            elif cap is None:
+                raise PolicyRefused("max_notional", "the order has a quantity but no price, so its notional "
+                                    "cannot be checked", "send a price (LIMIT), quoteOrderQty, or also set "
+                                    "max_quantity for this symbol")
+        if notional is not None and notional > notional_cap:
+            raise PolicyRefused("max_notional", f"notional {notional.normalize():f} is above the cap {notional_cap}"
+                                + (f" for {sym}" if sym else ""), "send a smaller order, or raise max_notional")
+
+
+def _per(seconds: float) -> str:
+    return {1.0: "second", 60.0: "minute", 3600.0: "hour"}.get(seconds, f"{seconds:g} s")
+
+
+def _decimal(order: Mapping[str, Any], key: str) -> Decimal | None:
+    raw = order.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = Decimal(str(raw))
+    except InvalidOperation:
+        raise PolicyRefused("max_quantity" if key == "quantity" else "max_notional",
+                            f"{key} {str(raw)[:32]!r} is not a number") from None
+    if not value.is_finite() or value < 0:
+        raise PolicyRefused("max_quantity" if key == "quantity" else "max_notional",
+                            f"{key} {str(raw)[:32]!r} is not a finite, non-negative number")
+    return value
+
+
+def _batch_orders(raw: str) -> list[Mapping[str, Any]] | None:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, list) or not all(isinstance(o, dict) for o in data):
+        return None
+    return data
+
+
+def _limit(table: Mapping[str, Any], key: str, where: str) -> Limit:
+    raw = table.get(key)
+    if raw is None:
+        return _NO_LIMIT
+    if isinstance(raw, Mapping):
+        per: dict[str, Decimal] = {}
+        default = None
+        for sym, value in raw.items():
+            number = _positive(value, f"{where}.{key}.{sym}")
+            if sym == "default":
+                default = number
+            else:
+                per[str(sym).strip().upper()] = number
+        if not per and default is None:
+            raise ConfigError(f"{where}.{key}: empty table", f"give a number, or {{ BTCUSDT = 0.01 }}")
+        return Limit(default, per)
+    return Limit(_positive(raw, f"{where}.{key}"), {})
+
+
+def _positive(value: Any, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where}: expected a positive number, got {value!r}", "e.g. 0.5")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(f"{where}: expected a positive number, got {value!r}", "e.g. 0.5") from None
+    if not number.is_finite() or number <= 0:
+        raise ConfigError(f"{where}: expected a positive number, got {value!r}", "e.g. 0.5")
+    return number
+
+
+def _names(table: Mapping[str, Any], key: str, where: str) -> list[str]:
+    raw = table.get(key, [])
+    if not isinstance(raw, list) or not all(isinstance(v, str) and v.strip() for v in raw):
+        raise ConfigError(f"{where}.{key}: expected a list of names", f'e.g. {key} = ["..."]')
+    return [v.strip() for v in raw]
+
