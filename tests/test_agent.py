@@ -1,0 +1,405 @@
+"""`credbroker run --agent`: the bot signs through the broker and never holds the secret (issue 6).
+
+End to end against a real OpenBao (the secret's source) and the Binance-style
+verifier of tests/signing_verifier.py: the bot's requests are accepted, its
+/proc/PID/environ and a dump of its memory hold no byte of the secret, a
+process outside the bot's tree is refused, every signature is an audit
+record, and each policy rule refuses with a clear error in the bot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.agent import Agent, RecorderSink, in_tree, parent_pid
+from broker.errors import BrokerError
+from broker.secret import Secret
+from broker.signing.agent import AgentSigner
+from broker.signing.hmac_sha256 import HmacSigner
+from broker.signing_policy import PolicyRefused, SigningPolicy
+from tests.conftest import REPO, OpenBao, credbroker_bin
+from tests.signing_verifier import BinanceVerifier
+
+BOT = Path(__file__).resolve().parent / "agent_bot.py"
+
+
+@pytest.fixture
+def verifier() -> Any:
+    v = BinanceVerifier().start()
+    try:
+        yield v
+    finally:
+        v.stop()
+
+
+def setup_profile(server: OpenBao, tmp: Path, policy: str = "") -> tuple[str, str]:
+    api_key = "K" + secrets.token_hex(31)
+    secret = "S" + secrets.token_hex(31)
+    kv = f"credbroker/binance/agent-{secrets.token_hex(3)}"
+    server.kv_put(kv, api_key=api_key, api_secret=secret)
+    (tmp / "credbroker.toml").write_text(f"""
+[profiles.bot]
+source = "vault"
+path = "secret/{kv}"
+env = {{ BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }}
+{policy}
+""")
+    return api_key, secret
+
+
+def broker_env(server: OpenBao, **extra: str) -> dict[str, str]:
+    env = server.env()
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def audit_records() -> list[dict[str, Any]]:
+    from broker.audit import open_log
+
+    path = Path(open_log(None).path)
+    out = []
+    for p in sorted(path.parent.glob(path.name + "*")):
+        if p.suffix in (".lock", ".head"):
+            continue
+        out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return out
+
+
+def memory_holds(pid: int, needle: bytes) -> tuple[bool, int]:
+    """Search every readable mapping of ``pid`` for ``needle``; (found, bytes read)."""
+    found, total = False, 0
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, OverflowError, ValueError):
+                continue
+            total += len(chunk)
+            if needle in chunk:
+                found = True
+    return found, total
+
+
+def test_bot_signs_through_the_agent_and_holds_no_secret(
+        openbao: OpenBao, tmp_path: Path, verifier: BinanceVerifier) -> None:
+    api_key, secret = setup_profile(openbao, tmp_path)
+    verifier.add_hmac(api_key, secret)
+    state = tmp_path / "state-bot"
+    state.mkdir()
+    # A stale copy of the secret in the broker's own environment must not reach the bot either.
+    env = broker_env(openbao, BINANCE_API_SECRET="stale-" + secrets.token_hex(8))
+    proc = subprocess.Popen([credbroker_bin(), "run", "--agent", "--no-preflight", "--profile", "bot", "--",
+                             sys.executable, str(BOT), verifier.url, str(state), "sign"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (state / "pid").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the bot never got ready"
+            time.sleep(0.05)
+        pid = int((state / "pid").read_text())
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        variables = dict(v.split(b"=", 1) for v in environ.split(b"\0") if b"=" in v)
+        # The bot has the API key and the socket, never the secret (nor the stale copy).
+        assert variables[b"BINANCE_API_KEY"] == api_key.encode()
+        assert b"BINANCE_API_SECRET" not in variables
+        assert secret.encode() not in environ
+        assert b"VAULT_TOKEN" not in variables
+        sock_path = Path(variables[b"CREDBROKER_AGENT_SOCKET"].decode())
+        assert (sock_path.parent.stat().st_mode & 0o777) == 0o700
+        assert (sock_path.stat().st_mode & 0o777) == 0o600
+        found, read = memory_holds(pid, secret.encode())
+        assert read > 1_000_000  # the dump really covered the interpreter's memory
+        assert not found, "the secret is in the bot's memory"
+        # The same search finds the API key, which the bot does hold: the dump is real.
+        assert memory_holds(pid, api_key.encode())[0]
+
+        # A process outside the bot's tree (a child of this test) is refused, with one clear line.
+        outsider = subprocess.run(
+            [sys.executable, "-c", "import sys\nfrom broker.signing.agent import AgentSigner\n"
+             "try:\n    AgentSigner(None, sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n",
+             str(sock_path)], capture_output=True, text=True, env=broker_env(openbao), timeout=30)
+        assert outsider.stdout.startswith("AgentRefused the credbroker signing agent refused this process"), \
+            outsider.stdout + outsider.stderr
+        assert "is not the bot" in outsider.stdout
+        (state / "go").touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        (state / "go").touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out + err
+    assert "remote=hmac" in out
+    assert "bot-child: GET /fapi/v2/account -> 200" in out
+    assert [s.status for s in verifier.seen] == [200, 200, 200, 200]
+    assert secret not in out + err
+    # The agent is gone with the broker, and its folder removed.
+    assert not sock_path.exists() and not sock_path.parent.exists()
+
+    records = audit_records()
+    signed = [r["data"] for r in records if r["event"] == "signed"]
+    assert len(signed) == 4
+    assert {s["endpoint"] for s in signed} == {"/fapi/v2/balance", "/fapi/v1/order", "/fapi/v1/openOrders",
+                                               "/fapi/v2/account"}
+    order = next(s for s in signed if s["endpoint"] == "/fapi/v1/order")
+    assert order["method"] == "POST" and order["symbol"] == "BTCUSDT" and order["quantity"] == "0.001"
+    assert pid in {s["pid"] for s in signed} and len({s["pid"] for s in signed}) == 2  # the bot and its child
+    refused = [r["data"] for r in records if r["event"] == "agent_refused"]
+    assert len(refused) == 1 and "is not the bot" in refused[0]["reason"]
+    injected = next(r["data"] for r in records if r["event"] == "secret_injected")
+    assert injected["variables"] == ["BINANCE_API_KEY"]
+    assert any(r["event"] == "agent_started" for r in records)
+    stopped = next(r["data"] for r in records if r["event"] == "agent_stopped")
+    assert stopped["signed"] == 4 and stopped["refused"] == 1
+    text = "".join(json.dumps(r) for r in records)
+    for needle in (secret, "signature=", "timestamp="):
+        assert needle not in text
+
+
+POLICY = """
+[profiles.bot.policy]
+rate_limit = "1/m"
+burst = 3
+symbols = ["BTCUSDT", "ETHUSDT"]
+max_quantity = { BTCUSDT = 0.5, ETHUSDT = 10 }
+max_notional = 2000
+max_recv_window = 5000
+deny_params = ["newClientOrderId"]
+"""
+
+
+def test_each_policy_rule_refuses_in_the_bot_and_in_the_audit_log(
+        openbao: OpenBao, tmp_path: Path, verifier: BinanceVerifier, run_broker: Any) -> None:
+    api_key, secret = setup_profile(openbao, tmp_path, POLICY)
+    verifier.add_hmac(api_key, secret)
+    res = run_broker(["run", "--agent", "--no-preflight", "--profile", "bot", "--",
+                      sys.executable, str(BOT), verifier.url, str(tmp_path), "policy"], env=broker_env(openbao))
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    verdicts = [line.split(" | ")[0] for line in lines]
+    assert verdicts == [
+        "signed allowed",
+        "refused symbols",
+        "refused max_quantity",
+        "refused max_notional",
+        "refused max_recv_window",
+        "refused deny_kinds:withdraw",
+        "refused deny_params",
+        "signed rate", "signed rate", "refused rate_limit", "refused rate_limit", "refused rate_limit",
+        "refused deny_kinds:withdraw",
+    ], res.stdout
+    # Each refusal is one clear line the bot can print.
+    assert "symbol 'DOGEUSDT' is not allowed (allowed: BTCUSDT, ETHUSDT)" in res.stdout
+    assert "quantity 5 is above the cap 0.5 for BTCUSDT" in res.stdout
+    assert "notional 3000 is above the cap 2000" in res.stdout
+    assert "recvWindow 60000 is above the ceiling 5000" in res.stdout
+    assert "/sapi/v1/capital/withdraw/apply is a denied endpoint" in res.stdout
+    assert "more than 1 signatures per minute" in res.stdout
+    assert not verifier.seen  # the refused withdrawal never left the bot
+
+    refusals = [r["data"] for r in audit_records() if r["event"] == "policy_refused"]
+    assert [r["rule"] for r in refusals] == [
+        "symbols", "max_quantity", "max_notional", "max_recv_window", "deny_kinds:withdraw", "deny_params",
+        "rate_limit", "rate_limit", "rate_limit", "deny_kinds:withdraw"]
+    withdraw = refusals[-1]
+    assert withdraw["endpoint"] == "/sapi/v1/capital/withdraw/apply" and withdraw["method"] == "POST"
+    assert "address" in withdraw["params"]
+    assert secret not in json.dumps(refusals)
+
+
+def test_agent_refuses_a_transit_profile_and_mask(openbao: OpenBao, tmp_path: Path, run_broker: Any) -> None:
+    setup_profile(openbao, tmp_path, '[profiles.bot.signer]\ntype = "transit"\ntransit_key = "k"\n')
+    res = run_broker(["run", "--agent", "--profile", "bot", "--", "true"], env=broker_env(openbao))
+    assert res.returncode == 125
+    assert "--agent does not apply to a transit signer" in res.stderr and "Traceback" not in res.stderr
+    res = run_broker(["run", "--agent", "--mask", "--profile", "bot", "--", "true"], env=broker_env(openbao))
+    assert res.returncode == 125 and "--agent and --mask exclude each other" in res.stderr
+
+
+def test_bad_policy_table_is_one_line_naming_file_and_key(openbao: OpenBao, tmp_path: Path, run_broker: Any) -> None:
+    setup_profile(openbao, tmp_path, '[profiles.bot.policy]\nrate_limit = "fast"\n')
+    res = run_broker(["run", "--agent", "--no-preflight", "--profile", "bot", "--", "true"], env=broker_env(openbao))
+    assert res.returncode == 125
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert "credbroker.toml: profiles.bot.policy.rate_limit" in res.stderr
+
+
+# -- the agent in-process: peer checks, group commit, fail closed -----------------------------------
+
+
+class FakeLog:
+    """An AuditSink that remembers what was committed, and can be made to fail."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, dict[str, Any]]] = []
+        self.committed: list[tuple[str, dict[str, Any]]] = []
+        self.flushes = 0
+        self.fail = False
+
+    def record(self, event: str, fields: Any, *, durable: bool = True) -> None:
+        self.pending.append((event, dict(fields)))
+        if durable:
+            self.flush()
+
+    def flush(self) -> None:
+        from broker.errors import AuditError
+
+        if self.fail:
+            self.pending.clear()
+            raise AuditError("cannot write the audit log /x: No space left on device", "free some space")
+        self.flushes += 1
+        self.committed += self.pending
+        self.pending = []
+
+
+def make_agent(log: Any, policy: SigningPolicy | None = None) -> tuple[Agent, HmacSigner]:
+    ref = HmacSigner("KEY-" + "k" * 20, Secret(b"s3cret-s3cret"))
+    agent = Agent(HmacSigner("KEY-" + "k" * 20, Secret(b"s3cret-s3cret")), profile="p",
+                  policy=policy or SigningPolicy.from_mapping(None, "x"), audit=log)
+    agent.start()
+    agent.set_child(os.getpid())
+    return agent, ref
+
+
+def test_agent_signature_matches_local_signing_and_is_recorded_before_the_answer() -> None:
+    log = FakeLog()
+    agent, ref = make_agent(log)
+    try:
+        assert agent.path is not None
+        signer = AgentSigner(ref.api_key, agent.path, profile="p")
+        q = signer.sign_params({"symbol": "BTCUSDT", "side": "SELL"}, timestamp=1700000000000)
+        assert q == ref.sign_params({"symbol": "BTCUSDT", "side": "SELL"}, timestamp=1700000000000)
+        # The record was committed (flushed) before the answer came back.
+        assert [e for e, _ in log.committed] == ["signed"] and not log.pending
+        assert log.committed[0][1]["pid"] == os.getpid()
+        signer.close()
+    finally:
+        agent.stop()
+
+
+def test_group_commit_shares_one_flush_between_concurrent_requests() -> None:
+    import threading
+
+    log = FakeLog()
+    agent, ref = make_agent(log)
+    try:
+        assert agent.path is not None
+        signer = AgentSigner(ref.api_key, agent.path, profile="p")
+        barrier = threading.Barrier(8)
+
+        def work() -> None:
+            barrier.wait()
+            for _ in range(50):
+                signer.sign("symbol=BTCUSDT&timestamp=1")
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(log.committed) == 400
+        assert log.flushes <= 400  # never more than one flush per record; usually far fewer
+    finally:
+        agent.stop()
+
+
+def test_unwritable_audit_log_means_no_signature() -> None:
+    log = FakeLog()
+    agent, ref = make_agent(log)
+    try:
+        assert agent.path is not None
+        signer = AgentSigner(ref.api_key, agent.path, profile="p")
+        log.fail = True
+        with pytest.raises(BrokerError, match="cannot write the audit log"):
+            signer.sign("symbol=BTCUSDT&timestamp=1")
+        log.fail = False
+        assert signer.sign("symbol=BTCUSDT&timestamp=1") == ref.sign("symbol=BTCUSDT&timestamp=1")
+    finally:
+        agent.stop()
+
+
+def test_process_outside_the_tree_and_other_uid_are_refused(tmp_path: Path) -> None:
+    log = FakeLog()
+    agent, ref = make_agent(log)
+    try:
+        assert agent.path is not None
+        # A process started by us IS in our tree ...
+        inside = subprocess.run([sys.executable, "-c", "import sys\nfrom broker.signing.agent import AgentSigner\n"
+                                 "print(AgentSigner(None, sys.argv[1]).sign('a=1'))", str(agent.path)],
+                                capture_output=True, text=True, cwd=REPO, timeout=30)
+        assert inside.stdout.strip() == ref.sign("a=1"), inside.stderr
+        # ... but not once the agent serves another child.
+        agent.set_child(parent_pid(os.getpid()) or 1)
+        agent.set_child(999_999_999)
+        outside = subprocess.run([sys.executable, "-c", "import sys\nfrom broker.signing.agent import AgentSigner\n"
+                                  "AgentSigner(None, sys.argv[1])", str(agent.path)],
+                                 capture_output=True, text=True, cwd=REPO, timeout=30)
+        assert outside.returncode == 1 and "AgentRefused: the credbroker signing agent refused" in outside.stderr
+        refused = [f for e, f in log.committed if e == "agent_refused"]
+        assert len(refused) == 1 and refused[0]["pid"] > 0
+    finally:
+        agent.stop()
+    assert not agent.path.exists() and not agent.path.parent.exists()
+
+
+def test_in_tree_walks_parents() -> None:
+    me = os.getpid()
+    assert in_tree(me, me)
+    parent = parent_pid(me)
+    assert parent is not None and in_tree(me, parent)
+    assert not in_tree(parent, me)
+    assert not in_tree(me, 999_999_999)
+
+
+def test_policy_refusal_reaches_the_bot_as_policy_refused() -> None:
+    log = FakeLog()
+    agent, ref = make_agent(log, SigningPolicy.from_mapping({"symbols": ["BTCUSDT"]}, "f: profiles.p.policy"))
+    try:
+        assert agent.path is not None
+        signer = AgentSigner(ref.api_key, agent.path, profile="p")
+        with pytest.raises(PolicyRefused) as info:
+            signer.sign_params({"symbol": "XRPUSDT"})
+        assert info.value.rule == "symbols"
+        assert str(info.value).startswith("signing policy refused the request (symbols): symbol 'XRPUSDT'")
+        # A raw payload that glues query and body is refused, not guessed.
+        with pytest.raises(PolicyRefused, match="not NAME=VALUE"):
+            signer.sign("symbol=BTCUSDT&timeInForce=GTCquantity=1")
+        assert [e for e, _ in log.committed] == ["policy_refused", "policy_refused"]
+    finally:
+        agent.stop()
+
+
+def test_socket_folder_is_private_and_a_missing_agent_is_a_clear_error(tmp_path: Path) -> None:
+    log = FakeLog()
+    agent, ref = make_agent(log)
+    path = agent.path
+    assert path is not None
+    assert (path.parent.stat().st_mode & 0o777) == 0o700 and (path.stat().st_mode & 0o777) == 0o600
+    agent.stop()
+    with pytest.raises(BrokerError, match="signing agent's folder .* is missing or not private"):
+        AgentSigner(None, path)
+    # A socket in a folder others can enter is never used.
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(open_dir / "agent.sock"))
+        with pytest.raises(BrokerError, match="not private"):
+            AgentSigner(None, open_dir / "agent.sock")
