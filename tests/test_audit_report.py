@@ -274,3 +274,13 @@ def test_report_streams_without_holding_the_log(tmp_path: Path, monkeypatch: pyt
     large = peak_for(40_000)  # 21x the records
     assert path.stat().st_size > 5_000_000
     assert large < small * 2 + 1_000_000
+
+
+@pytest.mark.parametrize("tamper", [False, True])
+def test_parallel_and_single_pass_reports_agree(report_log: Path, tamper: bool) -> None:
+    if tamper:  # the chain status travels back from the verifier process too
+        report_log.write_bytes(report_log.read_bytes().replace(b'"code":-2015', b'"code":-2014', 1))
+    one = _report(report_log, parallel=False)
+    two = _report(report_log, parallel=True)
+    assert one == two
+    assert (one["chain"]["status"] == "broken") is tamper

@@ -178,13 +178,24 @@ class Verifier:
     # -- the walk -----------------------------------------------------------------------
     def walk(self, paths: Sequence[Path]) -> Iterator[Entry]:
         """Yield every record-shaped line of ``paths`` (in chain order), checking as it goes."""
+        return self._walk(paths, emit=True)
+
+    def check(self, paths: Sequence[Path]) -> VerifyResult:
+        """Walk ``paths`` without yielding anything; return the result."""
+        for _ in self._walk(paths, emit=False):
+            pass
+        return self.result()
+
+    def _walk(self, paths: Sequence[Path], *, emit: bool) -> Iterator[Entry]:
         # The common case (the next seq, linked, the expected algorithm, nothing pending)
-        # is checked inline: the report streams 10^6 records through here.
+        # runs inline on local variables: the report streams 10^6 records through here.
+        # Anything else goes through _feed with the state written back first.
         fast_alg, fast_kid = (ALG_HMAC, self.key_id) if self._mac is not None else (ALG_SHA256, None)
         fast_hash = self._mac if self._mac is not None else self._sha
         special = ("pruned", "audit_keyed", "partial_tail")
         head_seq = self.head.seq if self.head is not None else -1
         compare = hmac.compare_digest
+        parse = parse_header
         for index, path in enumerate(paths):
             self._file_index = index
             name = str(path)
@@ -197,9 +208,16 @@ class Verifier:
             with fh:
                 offset = 0
                 lineno = 0
+                fast = 0  # records taken by the fast path since the state was last synced
+                last_seq = self._last_seq
+                last_hash = self._last_hash
+                before_last = self._before_last_hash
+                clean = self._fast_ok(fast_kid)
                 for raw in fh:
                     lineno += 1
                     if raw[-1:] != b"\n":
+                        self._sync(fast, last_seq, last_hash, before_last, name, lineno - 1)
+                        fast = 0
                         if last_file:
                             self.notes.append(Finding(
                                 "partial_tail", name, lineno,
@@ -209,36 +227,51 @@ class Verifier:
                             self._problem("truncated", name, lineno, "a rotated file ends in a partial line")
                         break
                     line = raw[:-1]
-                    h = parse_header(line)
+                    h = parse(line)
                     if (
-                        h is not None
-                        and not self._broken
-                        and self._bad is None
-                        and self._gap is None
-                        and self._last_seq is not None
-                        and h.seq == self._last_seq + 1
+                        clean
+                        and h is not None
+                        and h.seq == last_seq + 1  # type: ignore[operator]
                         and h.alg == fast_alg
                         and h.kid == fast_kid
-                        and (fast_kid is None or self._keyed_seen)
                         and h.seq != head_seq
                         and h.event not in special
                         and compare(fast_hash(h.prefix), h.digest)
-                        and compare(h.prev, self._last_hash)
+                        and compare(h.prev, last_hash)
                     ):
-                        self.records += 1
-                        self._before_last_hash = self._last_hash
-                        self._last_seq = h.seq
-                        self._last_hash = h.digest
-                        self._last_line = (name, lineno)
-                        entry: Entry | None = Entry(h, line, name, lineno)
+                        fast += 1
+                        before_last = last_hash
+                        last_seq = h.seq
+                        last_hash = h.digest
+                        entry: Entry | None = Entry(h, line, name, lineno) if emit else None
                     else:
+                        self._sync(fast, last_seq, last_hash, before_last, name, lineno - 1)
+                        fast = 0
                         entry = self._feed(h, name, lineno, offset, line)
+                        last_seq, last_hash, before_last = self._last_seq, self._last_hash, self._before_last_hash
+                        clean = self._fast_ok(fast_kid)
                     offset += len(raw)
                     if entry is not None:
                         yield entry
+                else:
+                    self._sync(fast, last_seq, last_hash, before_last, name, lineno)
                 if self._bad is not None and self._bad.file == name:
                     self._bad_line_unexplained()
         self._finish()
+
+    def _fast_ok(self, fast_kid: str | None) -> bool:
+        return (not self._broken and self._bad is None and self._gap is None and self._last_seq is not None
+                and (fast_kid is None or self._keyed_seen))
+
+    def _sync(self, fast: int, last_seq: int | None, last_hash: str, before_last: str | None, name: str,
+              lineno: int) -> None:
+        """Write the fast path's local state back (only when it took any record)."""
+        if fast:
+            self.records += fast
+            self._last_seq = last_seq
+            self._last_hash = last_hash
+            self._before_last_hash = before_last
+            self._last_line = (name, lineno)
 
     def _bad_line_unexplained(self) -> None:
         bad = self._bad
@@ -477,6 +510,4 @@ def verify_files(files: Sequence[Path] | None, *, active: Path, key: bytes | Non
         if not paths:
             raise AuditError(f"no audit log at {active}", "check [audit] path / $CREDBROKER_AUDIT_LOG")
         verifier = make_verifier(active, paths, key)
-    for _ in verifier.walk(paths):
-        pass
-    return verifier.result()
+    return verifier.check(paths)
