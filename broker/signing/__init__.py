@@ -68,6 +68,7 @@ def get_signer(
     env: Mapping[str, str] | None = None,
     recv_window: int | None = None,
     record_failures: bool = True,
+    refresh_interval: float | None = None,
 ) -> Signer:
     """A Signer for ``profile``, or for the profile ``credbroker run`` started this process with.
 
@@ -76,7 +77,10 @@ def get_signer(
     transit profile a token that can only sign). With a profile, its secrets
     are fetched through the same sources and config as ``run``, the access is
     recorded in the audit log (``secret_fetched``), and the fetched copies are
-    wiped once the signer holds its key. Raises a BrokerError subclass.
+    wiped once the signer holds its key. Such a signer follows key rotation
+    without a restart (``signer.refresh()``, every ``refresh_interval``
+    seconds, and after a key error from the exchange; see ``refresh``).
+    Raises a BrokerError subclass.
     """
     environ: Mapping[str, str] = os.environ if env is None else env
     name = getattr(profile, "name", profile)
@@ -106,40 +110,60 @@ def get_signer(
 
     # As `credbroker run` does: a log that cannot be written stops us before any fetch (fail closed).
     log = open_audit(cfg.audit or None, source_env)
-    try:
-        creds = fetch(prof, env=source_env)
-    except BrokerError as exc:
-        try:
-            write(log, "refused", {"profile": prof.name, "source": prof.source, "error": type(exc).__name__,
-                                   "reason": exc.message, "by": "get_signer", "pid": os.getpid()})
-        except BrokerError:
-            pass  # the fetch failure is what the caller must see
-        raise
-    try:
-        write(log, "secret_fetched", {"profile": prof.name, **creds.origin.to_dict(), "fields": sorted(creds),
-                                      "by": "get_signer", "pid": os.getpid()})
-        fields = {f: creds[f] for f in creds}
-        client = None
-        vault_settings = None
-        if settings.type == "transit":
-            from ..sources.settings import VaultSettings
-            from ..sources.vault import client_for
 
-            vault_settings = VaultSettings.from_env(source_env)
-            client = client_for(prof, source_env, settings=vault_settings)
-        return make_signer(
-            settings,
-            fields,
-            profile=prof.name,
-            where=prof.where("signer"),
-            recv_window=recv_window,
-            audit_config=cfg.audit or None,
-            record_failures=record_failures,
-            vault_client=client,
-            vault_settings=vault_settings,
-        )
-    finally:
-        creds.wipe()
+    def build() -> tuple[Signer, int | None]:
+        """Fetch (audited) and build the signer; the fetched copies are wiped once it holds its key."""
+        try:
+            creds = fetch(prof, env=source_env)
+        except BrokerError as exc:
+            try:
+                write(log, "refused", {"profile": prof.name, "source": prof.source, "error": type(exc).__name__,
+                                       "reason": exc.message, "by": "get_signer", "pid": os.getpid()})
+            except BrokerError:
+                pass  # the fetch failure is what the caller must see
+            raise
+        try:
+            write(log, "secret_fetched", {"profile": prof.name, **creds.origin.to_dict(), "fields": sorted(creds),
+                                          "by": "get_signer", "pid": os.getpid()})
+            fields = {f: creds[f] for f in creds}
+            client = None
+            vault_settings = None
+            if settings.type == "transit":
+                from ..sources.settings import VaultSettings
+                from ..sources.vault import client_for
+
+                vault_settings = VaultSettings.from_env(source_env)
+                client = client_for(prof, source_env, settings=vault_settings)
+            signer = make_signer(
+                settings,
+                fields,
+                profile=prof.name,
+                where=prof.where("signer"),
+                recv_window=recv_window,
+                audit_config=cfg.audit or None,
+                record_failures=record_failures,
+                vault_client=client,
+                vault_settings=vault_settings,
+            )
+            return signer, creds.origin.version
+        finally:
+            creds.wipe()
+
+    # Follow rotation in-process (issue 5): a vault secret that is not pinned has
+    # a cheap version check; other sources are re-fetched on refresh().
+    latest = None
+    pinned = prof.options.get("version") is not None
+    if prof.source == "vault" and not pinned:
+        from ..sources.vault import current_version
+
+        def latest() -> int | None:
+            return current_version(prof, source_env)
+
+    from .refresh import RefreshingSigner
+
+    interval = refresh_interval if refresh_interval is not None else settings.refresh_interval
+    return RefreshingSigner(build, latest=latest, record=lambda event, fields: write(log, event, fields),
+                            profile=prof.name, interval=None if pinned else interval)
 
 
 #: Signer kind -> "module:class". A new kind is a new module and a line here

@@ -92,6 +92,14 @@ class Signer(ABC):
     def close(self) -> None:
         """Forget the key material held by this signer. Idempotent."""
 
+    def refresh(self) -> bool:
+        """Switch to a rotated key; only signers from ``get_signer(profile=...)`` can."""
+        raise SigningError(
+            f"this {self.kind} signer cannot fetch a rotated key itself (it was built from what "
+            "`credbroker run` injected)",
+            "run the bot with `credbroker run --on-rotate restart` (or --agent), or use get_signer(profile=...)",
+        )
+
     def __enter__(self) -> Signer:
         return self
 

@@ -51,6 +51,7 @@ class SignerSettings:
     token_ttl: str = "1h"
     token_role: str | None = None
     transit_key_version: int | None = None  # pin the version registered with the exchange
+    refresh_interval: float | None = None  # seconds; get_signer(profile=...) checks for a rotated key
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], where: str) -> SignerSettings:
@@ -84,6 +85,11 @@ class SignerSettings:
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
             raise ConfigError(f"{where}.transit_key_version: expected a key version >= 1, got {version!r}",
                               "omit it to sign with the latest version")
+        refresh = table.get("refresh_interval")
+        if refresh is not None:
+            from ..rotation import parse_seconds
+
+            refresh = parse_seconds(refresh, f"{where}.refresh_interval")
         settings = cls(
             type=kind,
             recv_window=rw,
@@ -95,6 +101,7 @@ class SignerSettings:
             token_ttl=ttl,
             token_role=table.get("token_role"),
             transit_key_version=version,
+            refresh_interval=refresh,
         )
         if settings.type == "transit" and not settings.transit_key:
             raise ConfigError(f"{where}.transit_key: missing for a transit signer",
