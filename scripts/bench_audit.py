@@ -87,7 +87,7 @@ def generate(path: Path, n: int, days: int = 90) -> None:
     def stamp(now: float | None = None) -> str:
         return (start + timedelta(seconds=clock["i"] * step)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
-    logmod.utc_timestamp = stamp  # type: ignore[assignment]
+    logmod.utc_timestamp = stamp
     pid = 1000
     with log.batch():
         for i in range(n):
@@ -129,18 +129,22 @@ t = time.perf_counter()
 r = build_report(log_set(active), since=now - timedelta(days=7), until=now, active=active)
 wall = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(wall, rss, r["chain"]["status"], r["chain"]["records"], r["records_in_period"])
+child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the chain verifier, if forked
+print(wall, rss, r["chain"]["status"], r["chain"]["records"], r["records_in_period"], child)
 """
 
 READ_CHILD = """
-import sys, time, resource
+import sys, time, resource, json
 from pathlib import Path
 from broker.audit.files import log_set
+parse = sys.argv[2] == "json"
 t = time.perf_counter()
 n = 0
 for p in log_set(Path(sys.argv[1])):
     with p.open("rb", buffering=1 << 20) as fh:
         for line in fh:
+            if parse:
+                json.loads(line)
             n += 1
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, n)
 """
@@ -172,15 +176,19 @@ def main() -> None:
         print(f"generated {args.records:,} records over 90 days ({size / 1e6:.0f} MB, {nfiles} files) "
               f"in {gen:.1f} s")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        out = subprocess.run([sys.executable, "-c", READ_CHILD, str(active)], capture_output=True, text=True,
-                             env=env, check=True).stdout.split()
-        ref_wall, ref_rss = float(out[0]), float(out[1])
+        refs = {}
+        for kind in ("read", "json"):
+            out = subprocess.run([sys.executable, "-c", READ_CHILD, str(active), kind], capture_output=True,
+                                 text=True, env=env, check=True).stdout.split()
+            refs[kind] = float(out[0])
         out = subprocess.run([sys.executable, "-c", REPORT_CHILD, str(active)], capture_output=True, text=True,
                              env=env, check=True).stdout.split()
-        wall, rss, status, records = float(out[0]), float(out[1]), out[2], int(out[3])
-        print(f"report (verify + weekly report, one pass): {wall:.2f} s, peak RSS {rss:.0f} MB, chain {status}, "
-              f"{records:,} records; reading the lines alone {ref_wall:.2f} s ({ref_rss:.0f} MB); "
-              f"ratio {wall / ref_wall:.1f}")
+        wall, rss, status, records, child = float(out[0]), float(out[1]), out[2], int(out[3]), float(out[5])
+        print(f"report (chain verified in a forked child while the report streams): {wall:.2f} s, "
+              f"peak RSS {rss:.0f} MB + verifier child {child:.0f} MB, chain {status}, {records:,} records")
+        print(f"  references: reading the lines {refs['read']:.2f} s; json.loads of every line (no chain, no "
+              f"report) {refs['json']:.2f} s; report / json.loads ratio {wall / refs['json']:.2f}")
+        rss = rss + child  # both processes at their peaks, added: the honest upper bound
         verdict = "met" if wall <= 5 and rss <= 100 else "NOT met"
         print(f"report target (<= 5 s and <= 100 MB for 1,000,000 records): {verdict}"
               + ("" if args.records == 1_000_000 else f" (measured at {args.records:,} records)"))

@@ -284,3 +284,15 @@ def test_parallel_and_single_pass_reports_agree(report_log: Path, tamper: bool) 
     two = _report(report_log, parallel=True)
     assert one == two
     assert (one["chain"]["status"] == "broken") is tamper
+
+
+def test_installed_cli_report(report_log: Path, run_broker) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    env = {**os.environ, "CREDBROKER_AUDIT_LOG": str(report_log)}
+    res = run_broker(["audit", "report", "--json", "--since", SINCE.isoformat(), "--until", NOW.isoformat()],
+                     env=env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["signature_failures"]["total"] == 3
+    res = run_broker(["audit", "report", "--since", "yesterday-ish"], env=env)
+    assert res.returncode == 125 and "--since" in res.stderr and res.stderr.count("\n") == 1
