@@ -223,6 +223,16 @@ def test_each_policy_rule_refuses_in_the_bot_and_in_the_audit_log(
     assert "address" in withdraw["params"]
     assert secret not in json.dumps(refusals)
 
+    # The weekly report counts the refusals, by rule.
+    report = run_broker(["audit", "report", "--json"], env=broker_env(openbao))
+    assert report.returncode == 0, report.stderr
+    counted = json.loads(report.stdout)["policy_refusals"]
+    assert counted["total"] == 10
+    assert {(i["rule"], i["count"]) for i in counted["by_rule"]} >= {("rate_limit", 3), ("deny_kinds:withdraw", 2),
+                                                                     ("symbols", 1)}
+    text = run_broker(["audit", "report"], env=broker_env(openbao))
+    assert "SIGNING POLICY REFUSALS: 10" in text.stdout
+
 
 def test_agent_refuses_a_transit_profile_and_mask(openbao: OpenBao, tmp_path: Path, run_broker: Any) -> None:
     setup_profile(openbao, tmp_path, '[profiles.bot.signer]\ntype = "transit"\ntransit_key = "k"\n')

@@ -21,6 +21,7 @@ Fields read from records (what other modules write; extra fields are ignored):
 - ``refused``: profile, error, reason, command
 - ``signature_failure``: profile, code, endpoint, status, message
 - ``rotation_detected``: profile, old_version, new_version
+- ``policy_refused``: profile, rule (the signing agent's policy, issue 6)
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from .verify import Verifier
 
 LIST_CAP = 200  # per list in the report; counts stay exact
 DETAIL_EVENTS = frozenset(
-    {"secret_fetched", "secret_injected", "child_exited", "refused", "signature_failure", "rotation_detected"}
+    {"secret_fetched", "secret_injected", "child_exited", "refused", "signature_failure", "rotation_detected",
+     "policy_refused"}
 )
 #: Learned "usual hours" need some history before an hour can be called unusual.
 MIN_BASELINE_FOR_HOURS = 20
@@ -131,6 +133,7 @@ class ReportBuilder:
         self.unusual = _Capped()
         self.refusals = _Capped()
         self.rotations = _Capped()
+        self.policy_refused: dict[tuple[str, str], int] = {}  # (profile, rule) -> count; signing agent (issue 6)
         self._flagged: set[tuple[str, str, str]] = set()
         self.events: Counter[str] = Counter()
         self.records_in_period = 0
@@ -302,6 +305,12 @@ class ReportBuilder:
         if len(g["times"]) < LIST_CAP:
             g["times"].append(ts)
 
+    def _on_policy_refused(self, ts: str, in_period: bool, profile: str, host: str, user: str,
+                           data: Mapping[str, Any]) -> None:
+        if in_period:
+            key = (profile, str(data.get("rule") or "?"))
+            self.policy_refused[key] = self.policy_refused.get(key, 0) + 1
+
     def _on_rotation_detected(self, ts: str, in_period: bool, profile: str, host: str, user: str,
                               data: Mapping[str, Any]) -> None:
         new = _version(data.get("new_version"))
@@ -364,6 +373,9 @@ class ReportBuilder:
                                    f"an hour (UTC), give or take one, with no access to the profile before "
                                    f"the period (needs {MIN_BASELINE_FOR_HOURS}+ earlier accesses)"),
             "refusals": self.refusals.to_dict(),
+            "policy_refusals": {"total": sum(self.policy_refused.values()),
+                                "by_rule": [{"profile": p, "rule": rule, "count": n}
+                                            for (p, rule), n in sorted(self.policy_refused.items())]},
             "events": dict(sorted(self.events.items())),
             "records_in_period": self.records_in_period,
             "daily": daily,
@@ -552,6 +564,11 @@ def render_text(r: Mapping[str, Any]) -> str:
             lambda i: [_short(i["ts"]), i["profile"], i["host"], _clip(i.get("command") or "(fetch)", 50)])
     section("FAIL-CLOSED REFUSALS", r["refusals"], ["when", "profile", "error", "reason"],
             lambda i: [_short(i["ts"]), i["profile"], str(i.get("error")), _clip(i.get("reason") or "", 60)])
+    pr = r.get("policy_refusals") or {"total": 0, "by_rule": []}
+    out.append("")
+    out.append(f"SIGNING POLICY REFUSALS: {pr['total']}")
+    if pr["by_rule"]:
+        out += _table([[i["profile"], i["rule"], str(i["count"])] for i in pr["by_rule"]], ["profile", "rule", "count"])
     vault = r.get("vault_audit")
     if vault is not None:
         out.append("")
