@@ -65,8 +65,13 @@ class AuditRelay:
 
     @property
     def child_fd(self) -> int:
-        """The descriptor the child inherits (pass it in ``pass_fds``)."""
+        """The descriptor the child inherits."""
         return self._write_fd
+
+    @property
+    def child_fds(self) -> tuple[int, ...]:
+        """For ``spawn(pass_fds=...)``: empty once closed."""
+        return (self._write_fd,) if self._write_fd >= 0 else ()
 
     def child_env(self) -> dict[str, str]:
         """What to add to the child's environment."""

@@ -142,11 +142,13 @@ class Child:
         return self.proc.pid
 
 
-def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdio: Any = None) -> Child:
+def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdio: Any = None,
+          pass_fds: Sequence[int] = ()) -> Child:
     """Start the child with the forwarded signals unblocked and a parent-death signal.
 
     ``stdio`` (a ``broker.masking.ChildStdio``, for ``--mask``) gives the
-    child a pty or pipes whose output the broker masks.
+    child a pty or pipes whose output the broker masks. ``pass_fds`` are
+    inherited (the audit relay); every other descriptor is closed.
     """
     parent = os.getpid()
     from .hardening import die_with_parent
@@ -163,6 +165,7 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
             executable=executable,
             env=env,
             close_fds=True,
+            pass_fds=tuple(pass_fds),
             preexec_fn=setup,  # noqa: PLW1509 - single-threaded here; needed for PDEATHSIG
             **(stdio.popen_args() if stdio is not None else {}),
         )
@@ -369,12 +372,13 @@ def run(
                 signing.use(creds)
             child_env = child_environment(child_parent, child_profile, creds, extra)
             stdio = output.child_stdio(creds[f] for f in profile.env.values()) if output is not None else None
-            child = spawn(command, executable, child_env, stdio)
+            child = spawn(command, executable, child_env, stdio, pass_fds=relay.child_fds)
         finally:
             child_env = {}  # drop our bytes copies of the secrets
             if not keep:
                 creds.wipe()
         del child_env
+        relay.child_pid = child.pid
         if agent:
             signing.started(child.pid)
         origin = creds.origin
@@ -432,6 +436,12 @@ def run(
 
     blocked = (*FORWARDED_SIGNALS, signal.SIGCHLD)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    # Started with the signals blocked, so its thread never receives them: the
+    # child's signature failures reach our (possibly keyed) log through it.
+    from .relay import AuditRelay
+
+    relay = AuditRelay(rec)
+    extra.update(relay.child_env())
     try:
         if agent:
             # With the signals blocked: the agent's thread inherits the mask and never receives them.
@@ -465,6 +475,7 @@ def run(
             exited(child, status, "stopped" if child.stopping else "exited")
             return status
     finally:
+        relay.close()  # the child's last reports are recorded before we return
         if output is not None:
             output.close()  # drain the child's output, restore the terminal
         if signing is not None:
@@ -475,7 +486,7 @@ def run(
             c.wipe()
         if watcher is not None:
             watcher.close()
-        if extra:
+        if "CREDBROKER_SIGNER_TOKEN" in extra:  # a transit profile's scoped token: revoke it now
             from .signing import release_child_env
 
             release_child_env(extra, env=source_env)

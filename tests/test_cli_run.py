@@ -396,3 +396,31 @@ def test_unwritable_audit_log_fails_closed(setup: tuple[dict[str, str], Path]) -
     assert res.returncode == 125, res.stderr
     assert "audit" in res.stderr.lower()
     assert not marker.exists()
+
+
+def test_child_signature_failures_reach_a_keyed_log_through_the_broker(setup: tuple[dict[str, str], Path]) -> None:
+    import json
+    import secrets as pysecrets
+
+    env, tmp = setup
+    log = tmp / "keyed" / "audit.log"
+    key = pysecrets.token_hex(32)
+    env = {**env, "CREDBROKER_AUDIT_LOG": str(log), "CREDBROKER_AUDIT_KEY": key}
+    bot = (
+        "import os\n"
+        "assert 'CREDBROKER_AUDIT_KEY' not in os.environ  # the chain key stays with the broker\n"
+        "from broker.signing import report_response\n"
+        "report_response(400, {'code': -1022, 'msg': 'Signature for this request is not valid.'},"
+        " 'https://fapi.binance.com/fapi/v1/order')\n"
+    )
+    res = broker(["run", "-p", "um-futures", "--", sys.executable, "-c", bot], env)
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    failures = [r for r in records if r["event"] == "signature_failure"]
+    assert len(failures) == 1
+    assert failures[0]["data"]["code"] == -1022
+    assert failures[0]["data"]["relayed_from"] == next(
+        r["data"]["pid"] for r in records if r["event"] == "secret_injected")
+    verify = broker(["audit", "verify", str(log)], env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert SECRET not in log.read_text()
