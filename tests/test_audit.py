@@ -324,3 +324,18 @@ def test_kill_9_during_heavy_writing_leaves_a_verifiable_log(tmp_path: Path) -> 
     assert any("recorded by the next writer" in n.message for n in after.notes)
     marker = [json.loads(x) for x in lines(path) if b'"event":"partial_tail"' in x]
     assert marker and marker[-1]["data"]["bytes"] == len(b'{"v":1,"seq":999999,"ts":"2026-')
+
+
+def test_a_forked_child_does_not_write_the_parents_pending_batch(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "audit.log")
+    log.record("sign", {"who": "parent"}, durable=False)
+    pid = os.fork()
+    if pid == 0:  # the child: a normal exit runs atexit, which flushes what it holds
+        try:
+            log.record("sign", {"who": "child"})
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    log.flush()
+    assert sorted(r["data"]["who"] for r in records(tmp_path / "audit.log")) == ["child", "parent"]
+    assert verify_files(None, active=tmp_path / "audit.log").ok

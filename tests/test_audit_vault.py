@@ -188,6 +188,12 @@ def test_vault_audit_cross_check_finds_a_read_made_outside_the_broker(audited_op
     # A read of a path no bot uses is not the report's business.
     server.cli("kv", "get", "secret/credbroker/binance/other")
 
+    # A broker record with no read behind it (written by hand, or the Vault log lost it). Matching is
+    # by path, KV version and time, so it must differ from the CLI read in one of them to stand out.
+    log.record("secret_fetched", {"profile": "um", "source": "vault", "path": "secret/credbroker/binance/um",
+                                  "version": 7, "fields": ["api_secret"]})
+    server.cli("kv", "get", "secret/credbroker/binance/other")  # the Vault log goes on past it
+
     env = {**server.env(broker_token), "CREDBROKER_AUDIT_LOG": str(log_path)}
     res = CliRunner().invoke(cli, ["audit", "report", "--json", "--vault-audit", str(vault_log)], env=env,
                              catch_exceptions=False)
@@ -198,6 +204,7 @@ def test_vault_audit_cross_check_finds_a_read_made_outside_the_broker(audited_op
     assert read["path"] == "secret/credbroker/binance/um" and read["version"] == 1
     assert read["token"] == "another token"  # matched through sys/audit-hash of the broker's token
     assert va["token_check"] is True
+    assert va["broker_reads_without_vault_entry"] == 1
     # The text report says it too.
     res = CliRunner().invoke(cli, ["audit", "report", "--vault-audit", str(vault_log)], env=env,
                              catch_exceptions=False)

@@ -161,6 +161,20 @@ def _flush_all_at_exit() -> None:
 atexit.register(_flush_all_at_exit)
 
 
+def _forget_after_fork() -> None:
+    """In a forked child: drop the parent's pending records, descriptors and locks.
+
+    Otherwise a child that exits normally would write the parent's batch a second
+    time, and an unlock on the shared lock description would release the parent's lock.
+    """
+    for log in list(_LIVE):
+        log._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 class AuditLog:
     """An append-only, hash-chained audit log (see the module docstring)."""
 
@@ -271,6 +285,12 @@ class AuditLog:
                         os.close(fd)
                 self._fd = self._lock_fd = None
                 self._state = None
+
+    def _after_fork(self) -> None:
+        self._thread_lock = threading.RLock()
+        self._pending = []
+        self._fd = self._lock_fd = None  # O_CLOEXEC: gone at exec; never used by this child
+        self._state = None
 
     def __enter__(self) -> AuditLog:
         return self
