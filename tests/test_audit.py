@@ -339,3 +339,18 @@ def test_a_forked_child_does_not_write_the_parents_pending_batch(tmp_path: Path)
     log.flush()
     assert sorted(r["data"]["who"] for r in records(tmp_path / "audit.log")) == ["child", "parent"]
     assert verify_files(None, active=tmp_path / "audit.log").ok
+
+
+def test_an_unwritable_log_fails_closed_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "not-a-folder").write_text("x")
+    with pytest.raises(AuditError) as info:
+        make_log(tmp_path / "not-a-folder" / "audit.log").record("secret_fetched", {"profile": "p"})
+    assert "audit log folder" in str(info.value) and "\n" not in str(info.value)
+    # A symlink planted where the log goes is not followed (O_NOFOLLOW).
+    (tmp_path / "logs").mkdir(mode=0o700)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("")
+    (tmp_path / "logs" / "audit.log").symlink_to(target)
+    with pytest.raises(AuditError, match="cannot write the audit log"):
+        make_log(tmp_path / "logs" / "audit.log").record("secret_fetched", {"profile": "p"})
+    assert target.read_text() == ""

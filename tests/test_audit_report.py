@@ -296,3 +296,12 @@ def test_installed_cli_report(report_log: Path, run_broker) -> None:  # type: ig
     assert json.loads(res.stdout)["signature_failures"]["total"] == 3
     res = run_broker(["audit", "report", "--since", "yesterday-ish"], env=env)
     assert res.returncode == 125 and "--since" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_an_empty_log_reports_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    path.write_bytes(b"")
+    r = _report(path)
+    assert r["chain"]["status"] == "empty" and r["profiles"] == [] and r["signature_failures"]["total"] == 0
+    assert "chain: no records" in render_text(r)
+    assert 'data-status="empty"' in render_html(r)

@@ -125,7 +125,9 @@ def render_html(r: Mapping[str, Any]) -> str:
 
     chain = r["chain"]
     out.append('<section id="chain"><h2>Audit chain</h2>')
-    if chain["ok"]:
+    if chain["status"] == "empty":
+        out.append('<p class="muted" data-status="empty">The log holds no records yet.</p>')
+    elif chain["ok"]:
         out.append(f'<p class="ok" data-status="{_e(chain["status"])}">Intact: {int(chain["records"])} records, '
                    f'seq {_e(chain["first_seq"])} to {_e(chain["last_seq"])}, {_e(chain["alg"])} chain'
                    + (f', key id {_e(chain["key_id"])}' if chain.get("key_id") else "") + ".</p>")
