@@ -133,13 +133,16 @@ class SignRequest(NamedTuple):
                     raise PolicyRefused("malformed", f"the parameter {item[:40]!r} is not NAME=VALUE",
                                         "percent-encode values, and sign query and body through sign_params "
                                         "or the requests auth hook")
-                params.append((unquote(name.replace("+", " ")), unquote(value.replace("+", " "))))
+                if "%" in item or "+" in item:  # most Binance parameters need no decoding
+                    name, value = unquote(name.replace("+", " ")), unquote(value.replace("+", " "))
+                params.append((name, value))
         return cls(params=params, endpoint=endpoint or None, method=(method or "").upper() or None)
 
     def summary(self) -> dict[str, Any]:
         """What the audit record keeps: parameter names and the order's public fields, never timestamps."""
+        # Parameter names as one comma-separated string: one field for the audit writer to check, not a list.
         out: dict[str, Any] = {"endpoint": self.endpoint, "method": self.method,
-                               "params": [k for k, _ in self.params if k not in ("timestamp", "signature")]}
+                               "params": ",".join(k for k, _ in self.params if k not in ("timestamp", "signature"))}
         values = dict(self.params)
         for key in ("symbol", "side", "type", "quantity", "price", "quoteOrderQty"):
             if key in values:

