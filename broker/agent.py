@@ -363,6 +363,8 @@ class Agent:
             return False
         if not data:
             return False
+        if len(conn.outbuf) > 4 * MAX_MESSAGE:
+            return False  # a client that sends without ever reading its answers: drop it, not our memory
         buf = conn.inbuf
         buf += data
         while len(buf) >= _HEADER.size:

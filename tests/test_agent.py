@@ -413,3 +413,41 @@ def test_socket_folder_is_private_and_a_missing_agent_is_a_clear_error(tmp_path:
         s.bind(str(open_dir / "agent.sock"))
         with pytest.raises(BrokerError, match="not private"):
             AgentSigner(None, open_dir / "agent.sock")
+
+
+def test_run_signing_swaps_the_key_on_rotation_and_hides_the_secret_variables() -> None:
+    from broker.agent import RunSigning
+    from broker.config import Profile
+    from broker.secret import Credentials, Origin
+
+    prof = Profile(name="p", source="vault", env={"BINANCE_API_KEY": "api_key", "BINANCE_API_SECRET": "api_secret"},
+                   origin="/x/credbroker.toml")
+    signing = RunSigning.prepare(prof, agent=True, preflight=None, env={"CREDBROKER_PREFLIGHT_URL": "http://127.0.0.1:9"})
+    assert signing.preflight.mode == "auto" and signing.policy is not None
+
+    def creds(secret: str) -> Credentials:
+        return Credentials("p", Origin("vault", "secret/x", 1),
+                           {"api_key": Secret("KEY-" + "k" * 20), "api_secret": Secret(secret)})
+
+    signing.preflight = signing.preflight._replace(mode="off")
+    first = creds("first-secret")
+    records: list[tuple[str, dict[str, Any]]] = []
+    signing.check_key(first, record=lambda e, f: records.append((e, f)))
+    parent, child_prof = signing.child_view({"BINANCE_API_SECRET": "stale", "PATH": "/bin",
+                                             "CREDBROKER_AGENT_SOCKET": "/elsewhere"}, prof)
+    assert parent == {"PATH": "/bin"} and dict(child_prof.env) == {"BINANCE_API_KEY": "api_key"}
+    env = signing.start_agent(None, lambda e, f: records.append((e, f)))
+    try:
+        signing.started(os.getpid())
+        client = AgentSigner(None, env["CREDBROKER_AGENT_SOCKET"])
+        before = client.sign("a=1")
+        assert before == HmacSigner("K" * 12, Secret("first-secret")).sign("a=1")
+        second = creds("second-secret")
+        signing.use(second)  # what a rotation restart does before starting the new bot
+        assert client.sign("a=1") == HmacSigner("K" * 12, Secret("second-secret")).sign("a=1")
+    finally:
+        signing.stop()
+    events = [e for e, _ in records]
+    assert events[0] == "agent_started" and events[-1] == "agent_stopped"
+    assert records[-1][1]["signed"] == 2
+    assert "first-secret" not in repr(records) and "second-secret" not in repr(records)
