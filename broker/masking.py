@@ -88,7 +88,12 @@ IDLE_FLUSH = 0.1
 #: without reaching end of file (a background process of the child holds it).
 DRAIN_IDLE = 0.5
 
+#: Read size: below glibc's mmap threshold, so the buffers are reused heap
+#: memory (1 MiB reads measured 2x slower: fresh pages every read).
 _READ_SIZE = 1 << 16
+#: The pipe buffer asked for (Linux lets any user have 1 MiB,
+#: /proc/sys/fs/pipe-max-size): the child blocks less often on a busy broker.
+_PIPE_SIZE = 1 << 20
 
 
 class _Revealable(Protocol):
@@ -101,23 +106,34 @@ class Masker:
     ``feed(data)`` returns what can be shown now; ``flush()`` returns the rest
     (call it at the end of the stream, or when the stream goes idle).
     ``wipe()`` zeroes the values held.
+
+    Semantics: every byte of every occurrence is hidden; occurrences that
+    overlap (or nest) form one run under one marker; occurrences that merely
+    touch get one marker each.
     """
 
-    __slots__ = ("_values", "_marker", "_firsts", "_longest", "_carry", "_run")
+    __slots__ = ("_values", "_marker", "_carry", "_run", "_conflicts", "_plain")
 
     def __init__(self, values: Iterable[bytes | bytearray], marker: bytes = MARKER) -> None:
         seen: list[bytearray] = []
         for v in values:
             if v and not any(v == s for s in seen):
                 seen.append(bytearray(v))
+        seen.sort(key=len, reverse=True)  # longest first: a value inside another goes with it
         self._values = seen
         self._marker = bytes(marker)
-        self._firsts = frozenset(v[0] for v in seen)
-        self._longest = max((len(v) for v in seen), default=0)
         self._carry = b""  # held back: may start a value (or continue a masked run)
         # An open masked run: its marker is out and it covers this many bytes
         # at the start of _carry; an occurrence starting there extends it.
         self._run: int | None = None
+        # Fast path (C-speed bytes.replace, longest value first) is exact for a
+        # piece of output where no two occurrences partly overlap. They can
+        # only where the output holds one of these strings: two values (or
+        # one twice) overlapping. Values that overlap the marker text itself
+        # would make replacement order matter: never the fast path then.
+        self._conflicts = _overlap_strings(seen)
+        m = self._marker
+        self._plain = not any(m in v or v in m or _overlaps(v, m) or _overlaps(m, v) for v in seen)
 
     @property
     def pending(self) -> int:
@@ -140,39 +156,58 @@ class Masker:
 
     def wipe(self) -> None:
         """Zero the values held (in place: they are bytearrays owned here)."""
-        for v in self._values:
+        for v in (*self._values, *self._conflicts):
             v[:] = bytes(len(v))
         self._values = []
-        self._firsts = frozenset()
+        self._conflicts = []
         self._carry = b""
         self._run = None
 
     def _hold_from(self, buf: bytes) -> int:
         """Start of the longest suffix of ``buf`` that is a proper prefix of a value."""
         n = len(buf)
-        lo = max(0, n - self._longest + 1)
-        firsts = self._firsts
-        for i in range(lo, n):
-            if buf[i] in firsts:
-                tail = buf[i:]
-                for v in self._values:
-                    if len(v) > n - i and v.startswith(tail):
-                        return i
-        return n
+        best = n
+        for v in self._values:
+            first = v[0]
+            # A proper prefix is shorter than v: it starts after n - len(v).
+            i = buf.find(first, max(0, n - len(v) + 1), best)  # memchr: only where v could start
+            while i != -1:
+                if v.startswith(buf[i:]):
+                    best = i
+                    break
+                i = buf.find(first, i + 1, best)
+        return best
+
+    def _crosses(self, buf: bytes, hold: int) -> bool:
+        """Does an occurrence start before ``hold`` and end after it?"""
+        if hold >= len(buf):
+            return False
+        for v in self._values:
+            i = buf.find(v, max(0, hold - len(v) + 1))
+            if i != -1 and i < hold:
+                return True
+        return False
 
     def _process(self, buf: bytes, *, final: bool) -> bytes:
-        run = self._run
         hold = len(buf) if final else self._hold_from(buf)
-        # Occurrences of every value (overlapping ones too), as [start, end).
+        if (self._plain and self._run is None and not self._crosses(buf, hold)
+                and not (self._conflicts and any(c in buf for c in self._conflicts))):
+            head = buf[:hold] if hold < len(buf) else buf
+            for v in self._values:  # longest first; split+join: replace() is slower with many matches
+                head = self._marker.join(head.split(v))
+            self._carry = b"" if final else buf[hold:]
+            return head
+        return self._process_spans(buf, hold, final=final)
+
+    def _process_spans(self, buf: bytes, hold: int, *, final: bool) -> bytes:
+        """The general case: every occurrence as a span, overlapping spans merged."""
+        run = self._run
         spans: list[tuple[int, int]] = []
         for v in self._values:
             i = buf.find(v)
             while i != -1:
                 spans.append((i, i + len(v)))
                 i = buf.find(v, i + 1)
-        if not spans and run is None:  # the common case: nothing to mask
-            self._carry = buf[hold:]
-            return buf[:hold] if hold < len(buf) else buf
         if run is not None:
             spans.append((0, run))  # the masked run whose marker is already out
         spans.sort()
@@ -182,27 +217,45 @@ class Masker:
         i = 0
         while i < len(spans):
             start, end = spans[i]
-            continued = run is not None and i == 0  # sorted first: (0, run) is the smallest at 0
+            continued = run is not None and i == 0  # every span at 0 merges with (0, run)
             if start >= hold and not continued:
                 break  # starts in the held tail: decided with the next data
             i += 1
-            # Overlapping or touching occurrences are one run under one marker.
-            while i < len(spans) and spans[i][0] <= end:
+            while i < len(spans) and spans[i][0] < end:  # overlapping: one run, one marker
                 end = max(end, spans[i][1])
                 i += 1
             out.append(buf[pos:start])
             if not continued:
                 out.append(self._marker)
             pos = run_end = end
-        if run_end is not None and run_end >= hold and not final:
-            # The run reaches the held tail: its marker is out, so the covered
-            # bytes are never shown, and an occurrence starting there extends it.
+        if run_end is not None and run_end > hold and not final:
+            # The run reaches into the held tail: its marker is out, so the
+            # covered bytes are never shown, and an occurrence overlapping
+            # them extends it.
             self._run = run_end - hold
         else:
             out.append(buf[pos:hold])
             self._run = None
         self._carry = b"" if final else buf[hold:]
         return b"".join(out)
+
+
+def _overlaps(a: bytes | bytearray, b: bytes | bytearray) -> bool:
+    """Does a proper suffix of ``a`` equal a proper prefix of ``b``?"""
+    return any(a.endswith(b[:k]) for k in range(1, min(len(a), len(b))))
+
+
+def _overlap_strings(values: list[bytearray]) -> list[bytearray]:
+    """Every string in which two values (or one value twice) partly overlap."""
+    out: list[bytearray] = []
+    for a in values:
+        for b in values:
+            for k in range(1, min(len(a), len(b))):
+                if a.endswith(b[:k]):
+                    c = a + b[k:]
+                    if c not in out:
+                        out.append(c)
+    return out
 
 
 def mask_all(data: bytes, values: Iterable[bytes | bytearray], marker: bytes = MARKER) -> bytes:
@@ -249,6 +302,14 @@ def _copy_winsize(src: int, dst: int) -> None:
             fcntl.ioctl(dst, termios.TIOCSWINSZ, size)  # the kernel sends the child SIGWINCH
         except OSError:
             pass
+
+
+def _grow_pipe(fd: int) -> None:
+    """Ask for a larger pipe buffer: fewer, larger reads (best effort; Linux)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except (AttributeError, OSError):
+        pass
 
 
 def _raw_input_mode(mode: list[Any]) -> list[Any]:
@@ -417,6 +478,8 @@ class MaskedOutput:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
             child_ends += [out_w, err_w]
+            for fd in (out_r, err_r):
+                _grow_pipe(fd)
             streams.append(_Stream(out_r, self.stdout_fd, Masker(values), is_pipe=True))
             streams.append(_Stream(err_r, self.stderr_fd, Masker(values), is_pipe=True))
             pump = _Pump(streams, values=values)
@@ -565,6 +628,32 @@ class _Pump(threading.Thread):
         except OSError:
             s.broken = True
 
+    def _read_stream(self, sel: selectors.BaseSelector, s: _Stream) -> None:
+        """Read what the child wrote (a few full reads in a row while there is more), mask, emit."""
+        fd = s.src
+        for _ in range(16):
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EIO:  # EIO: a pty with no slave left is at its end
+                    raise
+                data = b""
+            if not data:
+                self._emit(s, s.masker.flush())
+                sel.unregister(fd)
+                self._close_stream(s)
+                return
+            self._emit(s, s.masker.feed(data))
+            if s.broken and s.is_pipe:
+                sel.unregister(fd)
+                self._close_stream(s)  # the child's next write gets EPIPE, as in a shell pipeline
+                return
+            if len(data) < _READ_SIZE:
+                break
+        s.last = time.monotonic()
+
     def _loop(self) -> None:
         sel = selectors.DefaultSelector()
         by_fd: dict[int, _Stream] = {}
@@ -669,28 +758,7 @@ class _Pump(threading.Thread):
                         pending_in.clear()
                     update(fd)
                 if mask & selectors.EVENT_READ and fd in by_fd:
-                    s = by_fd[fd]
-                    try:
-                        data = os.read(fd, _READ_SIZE)
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        if exc.errno != errno.EIO:  # EIO: a pty with no slave left is at its end
-                            raise
-                        data = b""
-                    if not data:
-                        self._emit(s, s.masker.flush())
-                        try:
-                            sel.unregister(fd)
-                        except KeyError:
-                            pass
-                        self._close_stream(s)
-                        continue
-                    s.last = time.monotonic()
-                    self._emit(s, s.masker.feed(data))
-                    if s.broken and s.is_pipe:
-                        sel.unregister(fd)
-                        self._close_stream(s)  # the child's next write gets EPIPE
+                    self._read_stream(sel, by_fd[fd])
             now = time.monotonic()
             for s in self.streams:
                 if s.open and s.masker.pending and now - s.last >= IDLE_FLUSH:
