@@ -81,6 +81,8 @@ def generate(path: Path, mp: pytest.MonkeyPatch) -> dict[str, Any]:
     w.at(start + timedelta(days=2, hours=9), "refused", profile="spot", source="vault",
          error="VaultPermissionDenied", reason="permission denied reading secret/credbroker/binance/spot",
          command=["python", "spot.py"])
+    # the signing agent refused a request by policy (issue 6)
+    w.at(start + timedelta(days=4, hours=15), "policy_refused", profile="um-futures", rule="symbols")
     # high-rate events the report only counts
     for i in range(40):
         w.at(start + timedelta(days=4, hours=15, seconds=i), "sign", profile="um-futures")
@@ -226,7 +228,8 @@ def test_html_report_is_self_contained_and_its_chart_matches_the_data(report_log
     sig_bars = [b for b in page.bars if b["data-series"] == "signature_failures" and int(b["data-value"])]
     assert len(sig_bars) == 1 and int(sig_bars[0]["data-value"]) == 3
     # the anomalies are on the page
-    for needle in ("python grid.py", "python evil.py --dump", "laptop", "VaultPermissionDenied", "Intact"):
+    for needle in ("python grid.py", "python evil.py --dump", "laptop", "VaultPermissionDenied", "Intact",
+                   "Signing policy refusals (1)", "symbols"):
         assert needle in seen, needle
 
 

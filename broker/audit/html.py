@@ -191,6 +191,15 @@ def render_html(r: Mapping[str, Any]) -> str:
     listing("rotations", "Rotations detected", r["rotations"], ["When", "Profile", "Old", "New"],
             lambda i: [_Raw(_ts(i["ts"])), i["profile"], i["old_version"], i["new_version"]])
 
+    pr = r.get("policy_refusals") or {"total": 0, "by_rule": []}
+    out.append(f'<section id="policy-refusals"><h2>Signing policy refusals ({int(pr["total"])})</h2>')
+    if pr["by_rule"]:
+        out.append(_table(["Profile", "Rule", "Count"], [[i["profile"], i["rule"], i["count"]] for i in pr["by_rule"]],
+                          num=(2,), table_id="policy-refusals-table"))
+    else:
+        out.append('<p class="muted">None.</p>')
+    out.append("</section>")
+
     vault = r.get("vault_audit")
     if vault is not None:
         out.append('<section id="vault-audit"><h2>Vault audit cross-check</h2>')
