@@ -38,6 +38,8 @@ _LABELS = {ALG_SHA256: b"credbroker/audit/v1/sha256\x00", ALG_HMAC: b"credbroker
 #: `,"hash":"` + 64 hex + `"}`
 HASH_SUFFIX_LEN = 9 + 64 + 2
 _HASH_KEY = b',"hash":"'
+#: ``2026-11-24T04:00:00.123456Z``: the writer always writes microseconds.
+TS_LEN = 27
 #: A record longer than this is refused: the writer's tail scan and the verifier assume it.
 MAX_LINE = 64 * 1024
 
