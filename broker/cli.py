@@ -139,10 +139,12 @@ Behaviour:
   - --mask replaces every injected secret value in the child's stdout and
     stderr with [credbroker:masked], also when a value is split across
     writes (a tail that may start a value is held until the next write, the
-    end of the output, or 0.1 s of quiet). When credbroker's stdout is a
-    terminal, the child gets a pseudo-terminal (isatty() is true; colours
-    and full-screen programs work; keys and window size are passed on, the
-    terminal is restored at exit); otherwise pipes. Not with --agent.
+    end of the output, or a pause: 0.1 s on a terminal, 1 s on pipes; a
+    value written in pieces further apart is not recognised). When
+    credbroker's stdout is a terminal, the child gets a pseudo-terminal
+    (isatty() is true; colours and full-screen programs work; keys and
+    window size are passed on, the terminal is restored at exit);
+    otherwise pipes. Not with --agent.
   - Hardening: core dumps off (also for the child), credbroker not dumpable or
     ptrace-able by other processes, secret memory locked (mlock) where the
     limits allow, and wiped once the child has started.

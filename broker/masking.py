@@ -11,13 +11,15 @@ Two layers:
   ``len(longest) - 1`` bytes). Ordinary output, which rarely ends in the
   first bytes of a secret, is passed on at once. ``flush()`` releases that
   tail; the plumbing calls it at the end of a stream and after the stream
-  has been quiet for ``IDLE_FLUSH`` seconds, so a prompt or a typed echo is
-  never held back. Without idle flushes the streamed result equals masking
+  has been quiet for a moment (``IDLE_FLUSH_TTY``, 0.1 s, on a terminal,
+  so a prompt or a typed echo is never visibly held back;
+  ``IDLE_FLUSH_PIPE``, 1 s, on pipes, where nobody types and a log line
+  rarely ends in the first bytes of a secret). Without idle flushes the streamed result equals masking
   the whole output at once, for every way of cutting it into reads
   (tests/test_masking.py checks every split point).
 
   The trade-off of the idle flush: a value written in pieces more than
-  ``IDLE_FLUSH`` apart is no longer seen whole. Masking is a guard against
+  that pause apart is no longer seen whole. Masking is a guard against
   accidents (a bot that logs its config or environment, a crash dump of
   ``os.environ``), which write a value in one go or in pieces microseconds
   apart; it is not a defence against a child that means to leak (that child
@@ -82,7 +84,8 @@ from .errors import RunError
 MARKER = b"[credbroker:masked]"
 
 #: A stream quiet this long releases the tail held back (see the module doc).
-IDLE_FLUSH = 0.1
+IDLE_FLUSH_TTY = 0.1
+IDLE_FLUSH_PIPE = 1.0
 
 #: After the child exited: stop reading a stream that stays quiet this long
 #: without reaching end of file (a background process of the child holds it).
@@ -440,20 +443,27 @@ class MaskedOutput:
         """Streams for the next child, masking ``secrets`` (every injected field)."""
         self.finish_child()
         values = secret_values(secrets)
+        opened: list[int] = []
         try:
-            return self._child_stdio(values)
+            return self._child_stdio(values, opened)
         except OSError as exc:
             for v in values:
                 v[:] = bytes(len(v))
+            for fd in opened:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
             raise RunError(f"cannot set up output masking: {exc.strerror or exc}",
                            "run without --mask, or check the limits on open files and ptys") from exc
 
-    def _child_stdio(self, values: list[bytearray]) -> ChildStdio:
+    def _child_stdio(self, values: list[bytearray], opened: list[int]) -> ChildStdio:
         streams: list[_Stream] = []
         child_ends: list[int] = []
         if self.use_pty:
             self._setup_terminal()
             master, slave = os.openpty()
+            opened += [master, slave]
             child_ends.append(slave)
             mode = self._pty_mode()
             if mode is not None:
@@ -466,6 +476,7 @@ class MaskedOutput:
             stderr = slave
             if not _is_tty(self.stderr_fd):
                 err_r, stderr = os.pipe()
+                opened += [err_r, stderr]
                 child_ends.append(stderr)
                 streams.append(_Stream(err_r, self.stderr_fd, Masker(values), is_pipe=True))
             stdin: int | None = slave if (self._forward_stdin or _is_tty(self.stdin_fd)) else None
@@ -476,7 +487,9 @@ class MaskedOutput:
                                child_ends=child_ends, _pump=pump)
         else:
             out_r, out_w = os.pipe()
+            opened += [out_r, out_w]
             err_r, err_w = os.pipe()
+            opened += [err_r, err_w]
             child_ends += [out_w, err_w]
             for fd in (out_r, err_r):
                 _grow_pipe(fd)
@@ -524,13 +537,15 @@ def _ignore_signal(signum: int, frame: object) -> None:
 class _Stream:
     """One output of the child: where it is read, where it goes, its masker."""
 
-    __slots__ = ("src", "dst", "masker", "is_pipe", "last", "open", "broken")
+    __slots__ = ("src", "dst", "masker", "is_pipe", "idle", "last", "open", "broken")
 
     def __init__(self, src: int, dst: int, masker: Masker, *, is_pipe: bool = False) -> None:
         self.src = src
         self.dst = dst
         self.masker = masker
         self.is_pipe = is_pipe
+        # How long a held-back tail may wait for more output (module doc).
+        self.idle = IDLE_FLUSH_PIPE if is_pipe and not _is_tty(dst) else IDLE_FLUSH_TTY
         self.last = time.monotonic()
         self.open = True
         self.broken = False  # the broker's own output is gone (EPIPE)
@@ -703,7 +718,7 @@ class _Pump(threading.Thread):
             timeout: float | None = None
             for s in self.streams:
                 if s.open and s.masker.pending:
-                    left = s.last + IDLE_FLUSH - now
+                    left = s.last + s.idle - now
                     timeout = left if timeout is None else min(timeout, left)
             if draining:
                 last = max([drain_since] + [s.last for s in self.streams if s.open])
@@ -761,7 +776,7 @@ class _Pump(threading.Thread):
                     self._read_stream(sel, by_fd[fd])
             now = time.monotonic()
             for s in self.streams:
-                if s.open and s.masker.pending and now - s.last >= IDLE_FLUSH:
+                if s.open and s.masker.pending and now - s.last >= s.idle:
                     self._emit(s, s.masker.flush())
             if draining:
                 last = max([drain_since] + [s.last for s in self.streams if s.open])
@@ -780,7 +795,7 @@ def check_not_agent(mask: bool, agent: bool) -> None:
                        "so its output has nothing to mask", "drop --mask (or --agent)")
 
 
-__all__ = ["MARKER", "IDLE_FLUSH", "DRAIN_IDLE", "Masker", "mask_all", "MaskedOutput", "ChildStdio",
+__all__ = ["MARKER", "IDLE_FLUSH_TTY", "IDLE_FLUSH_PIPE", "DRAIN_IDLE", "Masker", "mask_all", "MaskedOutput", "ChildStdio",
            "check_not_agent", "secret_values"]
 
 if sys.platform == "win32":  # pragma: no cover - credbroker run is POSIX-only

@@ -250,6 +250,32 @@ def test_a_pty_when_stdout_is_a_terminal_in_process() -> None:
     assert read_all(err_r) == MARKER + b" tty=False\n"
 
 
+def test_a_held_tail_is_released_when_the_stream_goes_quiet() -> None:
+    # A prompt that happens to end in the first bytes of a secret is shown
+    # after a short pause, without waiting for more output or the end.
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    output = MaskedOutput(stdin_fd=0, stdout_fd=out_w, stderr_fd=err_w)
+    code = ("import os, sys, time\n"
+            "sys.stdout.write('enter amount> ' + os.environ['S'][:4]); sys.stdout.flush()\n"
+            "time.sleep(30)\n")
+    proc = spawn_masked(output, code, SECRET)
+    try:
+        r, _, _ = select.select([out_r], [], [], 20)
+        assert r, "the held tail was never released"
+        shown = b""
+        while not shown.endswith(SECRET[:4].encode()):
+            shown += os.read(out_r, 100)
+        assert shown == b"enter amount> " + SECRET[:4].encode()
+        assert proc.poll() is None  # released by the pause, not by the end of the stream
+    finally:
+        proc.kill()
+        proc.wait()
+        output.close()
+        for fd in (out_r, out_w, err_r, err_w):
+            os.close(fd)
+
+
 def test_all_output_is_drained_before_close_returns() -> None:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
