@@ -245,7 +245,12 @@ class Masker:
 
 def _overlaps(a: bytes | bytearray, b: bytes | bytearray) -> bool:
     """Does a proper suffix of ``a`` equal a proper prefix of ``b``?"""
-    return any(a.endswith(b[:k]) for k in range(1, min(len(a), len(b))))
+    return any(_suffix_is_prefix(a, b, k) for k in range(1, min(len(a), len(b))))
+
+
+def _suffix_is_prefix(a: bytes | bytearray, b: bytes | bytearray, k: int) -> bool:
+    # memoryviews compare without copying: no stray copies of secret bytes
+    return memoryview(a)[len(a) - k:] == memoryview(b)[:k]
 
 
 def _overlap_strings(values: list[bytearray]) -> list[bytearray]:
@@ -254,9 +259,13 @@ def _overlap_strings(values: list[bytearray]) -> list[bytearray]:
     for a in values:
         for b in values:
             for k in range(1, min(len(a), len(b))):
-                if a.endswith(b[:k]):
-                    c = a + b[k:]
-                    if c not in out:
+                if _suffix_is_prefix(a, b, k):
+                    c = bytearray(len(a) + len(b) - k)  # sized once: no reallocation leaves a copy behind
+                    c[:len(a)] = a
+                    c[len(a):] = memoryview(b)[k:]
+                    if c in out:
+                        c[:] = bytes(len(c))
+                    else:
                         out.append(c)
     return out
 

@@ -78,6 +78,8 @@ CASES: list[tuple[bytes, list[bytes]]] = [
     (b"<abc><abcdef><abcde>", [b"abc", b"abcdef"]),
     # overlapping secrets: no byte of either may show
     (b"xxabcdefxx abcd cdef", [b"abcd", b"cdef"]),
+    # secrets that could overlap, in output where they do not (the fast path)
+    (b"abcd cdef abcd|cdef", [b"abcd", b"cdef"]),
     # self-overlapping secret, and a near miss at the end
     (b"aabaabaab aaba aab", [b"aabaab"]),
     # a secret that is a suffix of another
@@ -225,8 +227,13 @@ def test_pipes_mask_stdout_and_stderr_in_process() -> None:
     output = MaskedOutput(stdin_fd=0, stdout_fd=out_w, stderr_fd=err_w)
     assert not output.use_pty
     proc = spawn_masked(output, PIECES, SECRET)
+    pump = output._pump  # noqa: SLF001 - checking the wipe
+    assert pump is not None
+    held = [*pump.values, *(v for s in pump.streams for v in s.masker._values)]  # noqa: SLF001
+    assert held and all(bytes(v) == SECRET.encode() for v in held)
     assert proc.wait(timeout=20) == 0
     output.close()
+    assert all(not any(v) for v in held)  # every copy zeroed once the child's output is done
     os.close(out_w)
     os.close(err_w)
     out, err = read_all(out_r), read_all(err_r)
