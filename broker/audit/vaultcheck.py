@@ -103,6 +103,7 @@ def cross_check(
             by_path.setdefault(path.strip("/"), []).append((t, version))
     for lst in by_path.values():
         lst.sort(key=lambda x: x[0])
+    times_by_path = {p: [c[0] for c in lst] for p, lst in by_path.items()}
     used: dict[str, set[int]] = {p: set() for p in by_path}
     reads = matched = denied = 0
     unmatched: list[dict[str, Any]] = []
@@ -142,7 +143,8 @@ def cross_check(
             resp = entry.get("response") or {}
             meta = ((resp.get("data") or {}).get("metadata") or {}) if isinstance(resp, dict) else {}
             version = meta.get("version") if isinstance(meta.get("version"), int) else None
-            if _claim(by_path.get(logical, []), used.setdefault(logical, set()), t, version, tolerance):
+            if _claim(by_path.get(logical, []), times_by_path.get(logical, []), used.setdefault(logical, set()), t,
+                      version, tolerance):
                 matched += 1
                 continue
             unmatched_total += 1
@@ -178,10 +180,9 @@ def cross_check(
     }
 
 
-def _claim(candidates: list[tuple[float, int | None]], used: set[int], t: float, version: int | None,
-           tolerance: float) -> bool:
+def _claim(candidates: list[tuple[float, int | None]], times: list[float], used: set[int], t: float,
+           version: int | None, tolerance: float) -> bool:
     """Mark the nearest unused broker read within tolerance (same version if both known) as used."""
-    times = [c[0] for c in candidates]
     i = bisect.bisect_left(times, t - tolerance)
     best: int | None = None
     while i < len(candidates) and candidates[i][0] <= t + tolerance:
