@@ -432,8 +432,11 @@ class Agent:
             return self._sign(request, pid)
         if op == "hello":
             signer = self._signer
+            # The public API key too, for a profile that maps no variable to it (it is not the secret).
+            api_key = getattr(signer, "_api_key", None)
             return {"ok": True, "protocol": PROTOCOL, "profile": self.profile,
-                    "kind": getattr(signer, "kind", None), "recv_window": getattr(signer, "recv_window", None)}
+                    "kind": getattr(signer, "kind", None), "recv_window": getattr(signer, "recv_window", None),
+                    "api_key": str(api_key) if api_key is not None else None}
         return _error("SigningError", f"the signing agent does not know the operation {str(op)[:32]!r}",
                       "use the same credbroker version in the bot as in the broker")
 

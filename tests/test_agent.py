@@ -293,6 +293,7 @@ def test_agent_signature_matches_local_signing_and_is_recorded_before_the_answer
     agent, ref = make_agent(log)
     try:
         assert agent.path is not None
+        assert AgentSigner(None, agent.path).api_key == ref.api_key  # from the agent's hello
         signer = AgentSigner(ref.api_key, agent.path, profile="p")
         q = signer.sign_params({"symbol": "BTCUSDT", "side": "SELL"}, timestamp=1700000000000)
         assert q == ref.sign_params({"symbol": "BTCUSDT", "side": "SELL"}, timestamp=1700000000000)

@@ -51,6 +51,10 @@ class AgentSigner(Signer):
         self.remote_kind: str | None = None
         hello = self._call({"op": "hello"})
         self.remote_kind = hello.get("kind") if isinstance(hello.get("kind"), str) else None
+        if self._api_key is None and isinstance(hello.get("api_key"), str) and hello["api_key"]:
+            from .base import ApiKey
+
+            self._api_key = ApiKey(hello["api_key"])
         if kwargs.get("recv_window", binance.DEFAULT_RECV_WINDOW) == binance.DEFAULT_RECV_WINDOW:
             window = hello.get("recv_window")
             if isinstance(window, int) and not isinstance(window, bool):
