@@ -452,3 +452,78 @@ def test_run_signing_swaps_the_key_on_rotation_and_hides_the_secret_variables() 
     assert events[0] == "agent_started" and events[-1] == "agent_stopped"
     assert records[-1][1]["signed"] == 2
     assert "first-secret" not in repr(records) and "second-secret" not in repr(records)
+
+
+def test_ed25519_key_signs_through_the_agent(openbao: OpenBao, tmp_path: Path, verifier: BinanceVerifier,
+                                             run_broker: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    api_key = "E" + secrets.token_hex(31)
+    kv = f"credbroker/binance/agent-ed-{secrets.token_hex(3)}"
+    openbao.kv_put(kv, api_key=api_key, private_key=pem)
+    (tmp_path / "credbroker.toml").write_text(f"""
+[profiles.bot]
+source = "vault"
+path = "secret/{kv}"
+env = {{ BINANCE_API_KEY = "api_key", BINANCE_PRIVATE_KEY = "private_key" }}
+""")
+    verifier.add_public_key(api_key, key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    state = tmp_path / "state-ed"
+    state.mkdir()
+    (state / "go").touch()
+    res = run_broker(["run", "--agent", "--no-preflight", "--profile", "bot", "--",
+                      sys.executable, str(BOT), verifier.url, str(state), "sign"], env=broker_env(openbao))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "remote=ed25519" in res.stdout
+    assert [s.status for s in verifier.seen] == [200, 200, 200, 200]
+
+
+SLEEPER = ("import os, sys, time\nfrom broker import get_signer\n"
+           "s = get_signer(); s.sign('a=1')\n"
+           "open(sys.argv[1], 'w').write(os.environ['CREDBROKER_AGENT_SOCKET'])\n"
+           "time.sleep(60)\n")
+
+
+def start_sleeper(openbao: OpenBao, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    setup_profile(openbao, tmp_path)
+    ready = tmp_path / "socket-path"
+    proc = subprocess.Popen([credbroker_bin(), "run", "--agent", "--no-preflight", "--profile", "bot", "--",
+                             sys.executable, "-c", SLEEPER, str(ready)], env=broker_env(openbao),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (ready.exists() and ready.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc, Path(ready.read_text())
+
+
+def test_a_signal_reaches_the_bot_not_the_agent_and_the_folder_goes(openbao: OpenBao, tmp_path: Path) -> None:
+    import signal
+
+    proc, sock = start_sleeper(openbao, tmp_path)
+    assert sock.exists()
+    proc.send_signal(signal.SIGTERM)  # forwarded to the bot by the main thread; the agent never sees it
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert not sock.parent.exists()
+
+
+def test_the_agent_dies_with_the_broker(openbao: OpenBao, tmp_path: Path) -> None:
+    import signal
+
+    proc, sock = start_sleeper(openbao, tmp_path)
+    proc.send_signal(signal.SIGKILL)  # no cleanup possible: the socket file stays, nobody answers it
+    proc.communicate(timeout=30)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, pytest.raises(ConnectionRefusedError):
+        s.connect(str(sock))
+    with pytest.raises(BrokerError, match="cannot reach the signing agent"):
+        AgentSigner(None, sock)
+    import shutil
+
+    shutil.rmtree(sock.parent, ignore_errors=True)
