@@ -312,6 +312,12 @@ def run(
         from .agent import RunSigning
 
         signing = RunSigning.prepare(profile, agent=agent, preflight=preflight, env=env)
+    elif profile.sections.get("policy"):
+        from .signing_policy import SigningPolicy
+
+        SigningPolicy.for_profile(profile)  # a typo in it is still a one-line error
+        # The bot holds the secret without --agent: nothing can enforce the policy. Say so every time.
+        _say(f"WARNING: {profile.where('policy')} is enforced only with --agent; this bot holds the secret")
 
     def refused(exc: BrokerError) -> None:
         try:

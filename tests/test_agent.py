@@ -527,3 +527,15 @@ def test_the_agent_dies_with_the_broker(openbao: OpenBao, tmp_path: Path) -> Non
     import shutil
 
     shutil.rmtree(sock.parent, ignore_errors=True)
+
+
+def test_policy_without_agent_warns_every_run_and_is_still_validated(openbao: OpenBao, tmp_path: Path,
+                                                                     run_broker: Any) -> None:
+    setup_profile(openbao, tmp_path, '[profiles.bot.policy]\nsymbols = ["BTCUSDT"]\n')
+    for _ in range(2):
+        res = run_broker(["run", "--profile", "bot", "--", "true"], env=broker_env(openbao))
+        assert res.returncode == 0
+        assert "profiles.bot.policy is enforced only with --agent; this bot holds the secret" in res.stderr
+    setup_profile(openbao, tmp_path, '[profiles.bot.policy]\nsymbol = ["BTCUSDT"]\n')
+    res = run_broker(["run", "--profile", "bot", "--", "true"], env=broker_env(openbao))
+    assert res.returncode == 125 and "profiles.bot.policy.symbol: unknown key" in res.stderr
