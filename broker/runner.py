@@ -305,6 +305,7 @@ def run(
         from .audit import open_log
 
         audit_log = open_log(getattr(config, "audit", None), env=source_env)
+        audit_log.check_writable()
         record = audit_log.record
     rec: Recorder = record
     signing: Any = None

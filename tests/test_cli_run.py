@@ -396,6 +396,11 @@ def test_unwritable_audit_log_fails_closed(setup: tuple[dict[str, str], Path]) -
     assert res.returncode == 125, res.stderr
     assert "audit" in res.stderr.lower()
     assert not marker.exists()
+    # Checked before Vault is asked anything: with a bad token too, the audit log is what fails.
+    early = broker(["run", "-p", "um-futures", "--", "touch", str(marker)],
+                   {**env, "VAULT_TOKEN": "hvs.bogus", "CREDBROKER_AUDIT_LOG": str(blocker / "audit.log")})
+    assert early.returncode == 125 and "audit log folder" in early.stderr, early.stderr
+    assert "token" not in early.stderr
 
 
 def test_child_signature_failures_reach_a_keyed_log_through_the_broker(setup: tuple[dict[str, str], Path]) -> None:

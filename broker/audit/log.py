@@ -262,6 +262,19 @@ class AuditLog:
             finally:
                 self._upgrade_ok = False
 
+    def check_writable(self) -> None:
+        """Open the folder, lock and active file now, so a log that cannot be written
+        stops a caller before it touches any secret (fail closed), not after."""
+        with self._thread_lock:
+            try:
+                with self._locked():
+                    self._open_active()
+            except OSError as exc:
+                raise AuditError(
+                    f"cannot write the audit log {self.path}: {exc.strerror or type(exc).__name__}",
+                    "check the folder's permissions and free space, or set [audit] path",
+                ) from exc
+
     def last_seq(self) -> int | None:
         """The seq of the last record this writer committed (None before its first commit)."""
         return self._state.seq if self._state is not None else None

@@ -56,7 +56,9 @@ def open_audit(audit_config: Mapping[str, Any] | None, env: Mapping[str, str] | 
     except ImportError as exc:  # the audit module is missing: fail closed, say why
         raise AuditError("the audit log module (broker.audit) is not available", "reinstall credbroker") from exc
     try:
-        return open_log(audit_config, env=env)
+        log = open_log(audit_config, env=env)
+        log.check_writable()  # before any fetch: an access that cannot be recorded is not made
+        return log
     except BrokerError:
         raise
     except OSError as exc:
