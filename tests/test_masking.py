@@ -383,6 +383,47 @@ def test_run_mask_exit_status_and_signals_unchanged(setup: tuple[dict[str, str],
         proc.wait()
 
 
+def test_run_mask_drains_everything_before_exiting(setup: tuple[dict[str, str], Path]) -> None:
+    env, _ = setup
+    code = ("import os, sys\ns = os.environ['S']\n"
+            "for i in range(30000):\n    sys.stdout.write('%06d %s\\n' % (i, s))\n"
+            "sys.stderr.write('last words ' + s)\n"  # no newline, no flush: written at exit
+            "sys.exit(3)\n")
+    res = broker(["run", "--mask", "-p", "mask", "--", sys.executable, "-c", code], env)
+    assert res.returncode == 3
+    lines = res.stdout.split(b"\n")
+    assert len(lines) == 30001 and lines[29999] == b"029999 " + MARKER
+    assert res.stderr.endswith(b"last words " + MARKER)
+    assert SECRET.encode() not in res.stdout + res.stderr
+
+
+def test_run_mask_child_still_dies_with_the_broker(setup: tuple[dict[str, str], Path]) -> None:
+    env, tmp = setup
+    out = tmp / "bot.log"
+    bot = tmp / "bot.py"
+    bot.write_text(BOT)
+    proc = subprocess.Popen([credbroker_bin(), "run", "--mask", "-p", "mask", "--", sys.executable, str(bot),
+                             str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        text = wait_for(out, r"ready \d+")
+        child_pid = int(re.search(r"ready (\d+)", text).group(1))  # type: ignore[union-attr]
+        proc.kill()  # SIGKILL: the parent-death signal still reaches the child
+        proc.wait()
+        wait_for(out, rf"sig {int(signal.SIGTERM)}\n")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the child outlived its broker")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_run_mask_every_incarnation_is_masked(setup: tuple[dict[str, str], Path]) -> None:
     env, tmp = setup
     flag = tmp / "second"
