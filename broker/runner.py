@@ -292,6 +292,10 @@ def run(
 
     if restart not in RESTART_POLICIES:
         raise RunError(f"unknown restart policy {restart!r}", f"use one of: {', '.join(RESTART_POLICIES)}")
+    if mask and agent:  # the CLI refuses it too; library callers get the same one line
+        from .masking import check_not_agent
+
+        check_not_agent(mask, agent)
     env = dict(os.environ if environ is None else environ)
     check_not_nested(env)
     if not command:

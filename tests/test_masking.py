@@ -169,6 +169,27 @@ def test_mask_and_agent_are_refused_together() -> None:
     assert "\n" not in str(err.value) and "--agent" in str(err.value)
 
 
+def test_run_refuses_mask_with_agent_before_fetching(tmp_path: Path) -> None:
+    from broker.config import Profile
+    from broker.errors import RunError
+    from broker.runner import run
+
+    records: list[tuple[str, dict[str, object]]] = []
+    prof = Profile.adhoc(env={"S": "api_secret"}, vault_path="secret/never/read")
+    with pytest.raises(RunError) as err:
+        run(prof, ["true"], environ={"PATH": os.defpath}, record=lambda e, f: records.append((e, f)),
+            agent=True, mask=True)
+    assert "--mask" in str(err.value) and "\n" not in str(err.value)
+    assert records == []  # nothing fetched, nothing started
+
+
+def test_cli_refuses_mask_with_agent_in_one_line(setup: tuple[dict[str, str], Path]) -> None:
+    env, _ = setup
+    res = broker(["run", "--mask", "--agent", "-p", "mask", "--", "true"], env)
+    assert res.returncode == 125
+    assert res.stderr.count(b"\n") == 1 and b"--mask" in res.stderr
+
+
 def test_run_help_mentions_mask() -> None:
     res = CliRunner().invoke(cli, ["run", "--help"])
     assert res.exit_code == 0
