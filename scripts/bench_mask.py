@@ -5,7 +5,7 @@ Issue 6 target: masking throughput >= 50% of a plain `cat` pipe on the same
 data. Both sides move the same file through one extra process hop, round by
 round in one run:
 
-  cat    cat FILE | cat | cat >/dev/null
+  cat    cat FILE | cat | cat >/dev/null   (first pipe 1 MiB, as masking's)
   mask   cat FILE | <credbroker's masking thread> | cat >/dev/null
          (broker.masking.MaskedOutput in pipe mode, the child started by
          broker.runner.spawn exactly as `credbroker run --mask` starts it)
@@ -23,6 +23,7 @@ ratios, not absolute times.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import secrets
 import statistics
@@ -34,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.masking import MARKER, MaskedOutput  # noqa: E402
+from broker.masking import _PIPE_SIZE, MARKER, MaskedOutput  # noqa: E402
 from broker.runner import spawn  # noqa: E402
 from broker.secret import Secret  # noqa: E402
 
@@ -67,10 +68,14 @@ def make_data(path: Path, size: int, api_key: str, secret: str, every: int) -> i
 
 def run_cat(data: Path) -> float:
     start = time.perf_counter()
-    src = subprocess.Popen(["cat", str(data)], stdout=subprocess.PIPE)
-    mid = subprocess.Popen(["cat"], stdin=src.stdout, stdout=subprocess.PIPE)
-    assert src.stdout is not None
-    src.stdout.close()
+    r, w = os.pipe()
+    # The same pipe size as the masking side asks for on the child's stdout
+    # (broker.masking._PIPE_SIZE): the ratio then measures the masking work.
+    fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    src = subprocess.Popen(["cat", str(data)], stdout=w)
+    os.close(w)
+    mid = subprocess.Popen(["cat"], stdin=r, stdout=subprocess.PIPE)
+    os.close(r)
     sink = subprocess.Popen(["cat"], stdin=mid.stdout, stdout=subprocess.DEVNULL)
     assert mid.stdout is not None
     mid.stdout.close()
