@@ -4,19 +4,24 @@ Two layers:
 
 * ``Masker``: pure and streaming. Every occurrence of a secret value in a
   byte stream becomes ``MARKER``, also when the value is split across reads.
-  Occurrences of several values that overlap (or one inside another) are
-  covered together by one marker: no byte of any occurrence is ever shown.
-  It holds back only the shortest tail it must: the longest suffix of what
-  it has seen that is a proper prefix of some value (at most
+  Occurrences that overlap (or one inside another, e.g. a value that is a
+  prefix of another) are covered together by one marker, so no byte of any
+  occurrence is ever shown; occurrences that merely touch get one marker
+  each. It holds back only the shortest tail it must: the longest suffix of
+  what it has seen that is a proper prefix of some value (at most
   ``len(longest) - 1`` bytes). Ordinary output, which rarely ends in the
   first bytes of a secret, is passed on at once. ``flush()`` releases that
   tail; the plumbing calls it at the end of a stream and after the stream
-  has been quiet for a moment (``IDLE_FLUSH_TTY``, 0.1 s, on a terminal,
-  so a prompt or a typed echo is never visibly held back;
-  ``IDLE_FLUSH_PIPE``, 1 s, on pipes, where nobody types and a log line
-  rarely ends in the first bytes of a secret). Without idle flushes the streamed result equals masking
-  the whole output at once, for every way of cutting it into reads
-  (tests/test_masking.py checks every split point).
+  has been quiet for a moment: ``IDLE_FLUSH_TTY`` (0.1 s) on a terminal, so
+  a prompt or a typed echo is never visibly held back, ``IDLE_FLUSH_PIPE``
+  (1 s) on pipes, where nobody types. Without idle flushes the streamed
+  result equals masking the whole output at once, for every way of cutting
+  it into reads (tests/test_masking.py checks every split point).
+
+  Speed: where no two values can partly overlap in the piece at hand (the
+  usual case: random keys), masking is C-speed ``split``/``join`` per value,
+  longest first; otherwise every occurrence becomes a span and overlapping
+  spans are merged (scripts/bench_mask.py).
 
   The trade-off of the idle flush: a value written in pieces more than
   that pause apart is no longer seen whole. Masking is a guard against
@@ -70,7 +75,6 @@ import select
 import selectors
 import signal
 import struct
-import sys
 import termios
 import threading
 import time
@@ -804,8 +808,5 @@ def check_not_agent(mask: bool, agent: bool) -> None:
                        "so its output has nothing to mask", "drop --mask (or --agent)")
 
 
-__all__ = ["MARKER", "IDLE_FLUSH_TTY", "IDLE_FLUSH_PIPE", "DRAIN_IDLE", "Masker", "mask_all", "MaskedOutput", "ChildStdio",
-           "check_not_agent", "secret_values"]
-
-if sys.platform == "win32":  # pragma: no cover - credbroker run is POSIX-only
-    raise ImportError("broker.masking needs a POSIX system")
+__all__ = ["MARKER", "IDLE_FLUSH_TTY", "IDLE_FLUSH_PIPE", "DRAIN_IDLE", "Masker", "mask_all", "MaskedOutput",
+           "ChildStdio", "check_not_agent", "secret_values"]
