@@ -166,7 +166,12 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
             env=env,
             close_fds=True,
             pass_fds=tuple(pass_fds),
-            preexec_fn=setup,  # noqa: PLW1509 - single-threaded here; needed for PDEATHSIG
+            # PDEATHSIG and the signal mask can only be set in the child. The broker
+            # may have threads by now (audit relay, agent, masking), so `setup` is
+            # kept to C-level calls (pthread_sigmask, prctl through an already
+            # loaded libc, getppid, ioctl): no import, no Python lock that another
+            # thread could hold across the fork.
+            preexec_fn=setup,  # noqa: PLW1509
             **(stdio.popen_args() if stdio is not None else {}),
         )
     except PermissionError as exc:
