@@ -56,12 +56,12 @@ from typing import Any, Protocol
 
 from .errors import BrokerError, RunError
 from .signing_policy import PolicyRefused, SigningPolicy, SignRequest
+from .unixsock import listen_private, peer_credentials, private_dir
 
 PROTOCOL = 1
 SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
 MAX_MESSAGE = 1 << 20
 _HEADER = struct.Struct("!I")
-_PEERCRED = struct.Struct("3i")
 _MAX_TREE_DEPTH = 128
 
 #: Audit event names this module writes.
@@ -98,13 +98,6 @@ class RecorderSink:
 
 
 # -- peer checks ---------------------------------------------------------------------------
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process that connected ``sock`` (Linux ``SO_PEERCRED``)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return int(pid), int(uid), int(gid)
 
 
 def parent_pid(pid: int) -> int | None:
@@ -191,21 +184,13 @@ class Agent:
         try:
             folder = Path(tempfile.mkdtemp(prefix="credbroker-agent-", dir=base))  # 0700
             path = folder / "agent.sock"
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            old_umask = os.umask(0o177)
-            try:
-                listener.bind(str(path))
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, 0o600)
-            listener.listen(64)
+            listener = listen_private(path, 64)
             listener.setblocking(False)
         except OSError as exc:
             raise RunError(f"cannot create the signing agent's socket: {exc.strerror or exc}",
                            "check that $XDG_RUNTIME_DIR (or /tmp) is writable") from exc
-        from .daemon import _private_dir
 
-        if not _private_dir(folder, create=False):  # the same check the fetch daemon's clients make
+        if not private_dir(folder, create=False):  # the same check the fetch daemon's clients make
             raise RunError(f"{folder} is not private to this user", "check the permissions of its parent folder")
         self.folder, self.path, self._listener = folder, path, listener
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)

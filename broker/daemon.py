@@ -33,7 +33,6 @@ import base64
 import json
 import os
 import socket
-import stat
 import struct
 import sys
 from collections.abc import Mapping
@@ -44,6 +43,7 @@ from . import __version__
 from .config import Profile
 from .errors import BrokerError
 from .secret import Credentials, Origin, Secret
+from .unixsock import listen_private, peer_is_me, private_dir, recv_exact
 
 PROTOCOL = 1
 _MAX_MESSAGE = 1 << 20
@@ -63,44 +63,17 @@ def socket_path(env: Mapping[str, str]) -> Path:
     return Path(runtime) / "credbroker" / "daemon.sock"
 
 
-def _private_dir(path: Path, *, create: bool) -> bool:
-    """True when ``path`` is a folder owned by us with mode 0700 (created if asked)."""
-    try:
-        if create:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
-
-
-def _peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
 def _send(sock: socket.socket, obj: Mapping[str, Any]) -> None:
     data = json.dumps(obj, separators=(",", ":")).encode()
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 
 def _recv(sock: socket.socket) -> Any:
-    header = _recv_exact(sock, _HEADER.size)
+    header = recv_exact(sock, _HEADER.size)
     (length,) = _HEADER.unpack(header)
     if length > _MAX_MESSAGE:
         raise ValueError("message too large")
-    return json.loads(_recv_exact(sock, length))
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("connection closed")
-        buf += chunk
-    return bytes(buf)
+    return json.loads(recv_exact(sock, length))
 
 
 # -- client --------------------------------------------------------------------------
@@ -115,13 +88,13 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
     if env.get("CREDBROKER_DAEMON") == "0":
         return None
     path = socket_path(env)
-    if not _private_dir(path.parent, create=False):
+    if not private_dir(path.parent, create=False):
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(float(env.get("CREDBROKER_VAULT_TIMEOUT") or 10) + 5)
         sock.connect(str(path))
-        if _peer_uid(sock) != os.getuid():
+        if not peer_is_me(sock):
             return None  # someone else's socket: never send it a token
         request = {
             "op": "fetch",
@@ -199,21 +172,14 @@ def serve(path: Path, *, ready: Any = None) -> None:
 
     from .sources import vault  # noqa: F401
 
-    if not _private_dir(path.parent, create=True):
+    if not private_dir(path.parent, create=True):
         raise BrokerError(f"{path.parent} is not a folder private to this user (owner and mode 0700)",
                           "remove it or choose another --socket")
     try:
         path.unlink()
     except FileNotFoundError:
         pass
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        server.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    server.listen(16)
+    server = listen_private(path, 16)
     if ready is not None:
         ready(path)
     try:
@@ -222,7 +188,7 @@ def serve(path: Path, *, ready: Any = None) -> None:
             with conn:
                 try:
                     conn.settimeout(30)
-                    if _peer_uid(conn) != os.getuid():
+                    if not peer_is_me(conn):
                         continue
                     reply = _handle(_recv(conn))
                     try:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import BrokerError, SigningError
+from ..unixsock import recv_exact
 from . import binance
 from .base import Signer
 
@@ -92,16 +93,16 @@ class AgentSigner(Signer):
             return sock
         if self._closed:
             raise SigningError("this signer has been closed", "get a new one with get_signer()")
-        from ..daemon import _peer_uid, _private_dir
+        from ..unixsock import peer_is_me, private_dir
 
-        if not _private_dir(self.socket_path.parent, create=False):
+        if not private_dir(self.socket_path.parent, create=False):
             raise SigningError(f"the signing agent's folder {self.socket_path.parent} is missing or not private",
                                "start the bot with `credbroker run --agent`; the agent ends with the broker")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
             sock.connect(str(self.socket_path))
-            if _peer_uid(sock) != os.getuid():
+            if not peer_is_me(sock):
                 raise SigningError("the signing agent's socket belongs to another user",
                                    "start the bot with `credbroker run --agent`")
         except OSError as exc:
@@ -124,10 +125,10 @@ class AgentSigner(Signer):
                 # The agent may have refused this connection and closed it: its one-line
                 # reason is still waiting to be read.
                 pass
-            (length,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+            (length,) = _HEADER.unpack(recv_exact(sock, _HEADER.size))
             if length > _MAX_MESSAGE:
                 raise ValueError("reply too large")
-            reply = json.loads(_recv_exact(sock, length))
+            reply = json.loads(recv_exact(sock, length))
         except (OSError, ValueError, ConnectionError) as exc:
             self._forget()
             raise SigningError(f"the signing agent did not answer ({type(exc).__name__})",
@@ -170,16 +171,6 @@ class AgentSigner(Signer):
         """Close this thread's connection; the signer refuses to sign afterwards."""
         self._closed = True
         self._forget()
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("connection closed")
-        buf += chunk
-    return bytes(buf)
 
 
 def from_environment(environ: Mapping[str, str], *, recv_window: int | None = None,

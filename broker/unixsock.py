@@ -1,0 +1,67 @@
+"""Private Unix sockets, as the fetch daemon and the signing agent use them.
+
+Both ends of every credbroker socket check the other: the folder holding a
+socket must be the user's own with mode 0700 (so nobody else can plant or
+reach it), the socket is created 0600, and the peer's credentials come from
+the kernel (``SO_PEERCRED``), never from anything the peer says.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+
+_PEERCRED = struct.Struct("3i")
+
+
+def private_dir(path: Path, *, create: bool) -> bool:
+    """True when ``path`` is a folder owned by this user with mode 0700 (created if asked)."""
+    try:
+        if create:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of ``sock`` (Linux ``SO_PEERCRED``)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return int(pid), int(uid), int(gid)
+
+
+def peer_is_me(sock: socket.socket) -> bool:
+    """True when the other end runs as this process's user."""
+    return peer_credentials(sock)[1] == os.getuid()
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes, or ConnectionError when the peer closes first."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def listen_private(path: Path, backlog: int) -> socket.socket:
+    """A listening socket at ``path`` created 0600 (no window in which it is wider)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(str(path))
+    except OSError:
+        server.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    server.listen(backlog)
+    return server
