@@ -24,7 +24,7 @@ EXIT_BROKER_FAILED = 125
 #: name -> "module:attribute" of a click command, imported on first use.
 _LAZY_COMMANDS = {
     "audit": ("broker.cli_audit:audit", "Verify the audit log and produce the weekly review."),
-    "keyring": ("broker.cli_keyring:keyring_group", "Store, check and delete secrets in the OS keyring."),
+    "keyring": ("broker.cli_keyring:keyring_group", "Store and delete a profile's secrets in the OS keyring."),
     "import": ("broker.cli_import:import_cmd", "Move a plaintext creds.yml / .env key file into Vault or the keyring."),
 }
 

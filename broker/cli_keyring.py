@@ -56,7 +56,7 @@ def read_secret_input(prompt: str) -> Secret:
 
 @click.group("keyring")
 def keyring_group() -> None:
-    """Store, check and delete a profile's secrets in the OS keyring."""
+    """Store and delete a profile's secrets in the OS keyring (values from a prompt or stdin)."""
 
 
 @keyring_group.command("set")
