@@ -118,7 +118,9 @@ Behaviour:
   - Rotation (--on-rotate): every --rotate-interval the secret's KV version
     is checked. restart: the new version is fetched first, then the bot gets
     SIGTERM, --grace to exit, SIGKILL, and starts again with the new values;
-    signal:NAME: the bot gets that signal; ignore: only recorded. One action
+    signal:NAME: the bot gets that signal (with --agent the agent first
+    switches to the new key, or restarts the bot if the API key changed
+    too); ignore: only recorded. One action
     per version; a Vault outage never stops a healthy bot (retried with
     backoff). The broker renews its token, or logs in again with AppRole.
   - --restart on-failure restarts a bot that exits non-zero by itself, with

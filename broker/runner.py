@@ -420,6 +420,7 @@ def run(
     pending: list[Credentials] = []  # the rotated credentials a restart will use
 
     def tick() -> bool:
+        nonlocal creds
         assert watcher is not None and rotation is not None
         new_version = watcher.poll()
         if new_version is None:
@@ -427,6 +428,38 @@ def run(
         old_version = watcher.version
         event = {"profile": profile.name, "old_version": old_version, "new_version": new_version,
                  "action": rotation.action}
+        if agent and rotation.action == "signal":
+            # The bot keeps running and never held the secret: when only the secret
+            # changed (the API key in its environment is the same), swap the
+            # agent's key in place, then signal the bot as asked.
+            try:
+                new_creds = sources.fetch(profile, env=watcher.env)
+            except BrokerError as exc:
+                watcher.fetch_failed(exc)
+                return False
+            rec("secret_fetched", {"profile": profile.name, **new_creds.origin.to_dict(),
+                                   "fields": list(profile.fields), "reason": "rotation"})
+            if all(f in new_creds and new_creds[f] == creds[f] for f in child_profile.env.values()):
+                signing.use(new_creds)
+                creds.wipe()
+                creds = new_creds
+                watcher.version = new_version
+                watcher.acted(new_version)
+                rec("rotation_detected", {**event, "action": "agent_key_swapped"})
+                _say(f"key rotated (v{old_version} -> v{new_version}): the agent signs with the new key; "
+                     "the bot keeps running")
+                if rotation.signum:
+                    try:
+                        os.kill(child.pid, rotation.signum)
+                    except ProcessLookupError:
+                        pass
+                return False
+            # The API key changed too: the bot must restart to see the new one.
+            pending.append(new_creds)
+            rec("rotation_detected", {**event, "action": "restart"})
+            watcher.acted(new_version)
+            _say(f"key rotated (v{old_version} -> v{new_version}) with a new API key: restarting the bot")
+            return True
         if rotation.action == "restart":
             try:
                 new_creds = sources.fetch(profile, env=watcher.env)

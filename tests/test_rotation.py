@@ -241,3 +241,56 @@ def test_watcher_backs_off_while_vault_is_down() -> None:
     assert w.due()
     w.poll()
     assert [f["retry_in_s"] for e, f in events if e == "rotation_check_failed"] == [10, 20]
+
+
+AGENT_BOT = r"""
+import os, signal, sys, time
+from broker import get_signer
+out = sys.argv[1]
+signer = get_signer()
+def line(text):
+    with open(out, "a") as f:
+        f.write(text + "\n")
+line(f"{os.getpid()} {signer.sign('a=1')}")
+signal.signal(signal.SIGHUP, lambda s, f: line(f"{os.getpid()} {signer.sign('a=1')}"))
+signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
+end = time.time() + 90
+while time.time() < end:
+    time.sleep(0.05)
+"""
+
+
+def _hmac(secret: str) -> str:
+    import hashlib
+    import hmac
+
+    return hmac.new(secret.encode(), b"a=1", hashlib.sha256).hexdigest()
+
+
+def test_agent_mode_swaps_the_key_in_place_when_only_the_secret_rotates(openbao: OpenBao, tmp_path: Path) -> None:
+    openbao.kv_put("credbroker/rot-agent", api_key="AK-same", api_secret="agent-secret-1")
+    bot = tmp_path / "agent_bot.py"
+    bot.write_text(AGENT_BOT)
+    out = tmp_path / "sigs"
+    audit = tmp_path / "audit.log"
+    env = {**openbao.env(), "CREDBROKER_AUDIT_LOG": str(audit),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(
+        [credbroker_bin(), "run", "--agent", "--no-preflight", "--vault-path", "secret/credbroker/rot-agent",
+         "--env", "BINANCE_API_KEY=api_key", "--env", "BINANCE_API_SECRET=api_secret",
+         "--on-rotate", "signal:HUP", "--rotate-interval", "1s", "--", sys.executable, str(bot), str(out)],
+        env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        first = wait_for(out, rf"(\d+) {_hmac('agent-secret-1')}")
+        openbao.kv_put("credbroker/rot-agent", api_key="AK-same", api_secret="agent-secret-2")
+        second = wait_for(out, rf"(\d+) {_hmac('agent-secret-2')}")
+        assert first.group(1) == second.group(1)  # same bot process: no restart
+        # The API key changes too: the bot must restart to see it.
+        openbao.kv_put("credbroker/rot-agent", api_key="AK-new", api_secret="agent-secret-3")
+        third = wait_for(out, rf"(\d+) {_hmac('agent-secret-3')}")
+        assert third.group(1) != first.group(1)
+    finally:
+        assert stop(proc) == 0
+    actions = [e["data"]["action"] for e in audit_events(audit) if e["event"] == "rotation_detected"]
+    assert actions == ["agent_key_swapped", "restart"]
+    assert "agent-secret" not in audit.read_text()
