@@ -46,12 +46,31 @@ from .secret import Credentials, Origin, Secret
 from .unixsock import listen_private, peer_is_me, private_dir, recv_exact
 
 PROTOCOL = 1
+#: The code this daemon process loaded (set when it starts serving).
+_SERVER_CODE: str | None = None
 _MAX_MESSAGE = 1 << 20
 _HEADER = struct.Struct("!I")
 
 #: Only these variables are sent to the daemon: what the Vault source reads.
 _ENV_PREFIXES = ("VAULT_", "BAO_", "CREDBROKER_VAULT_", "CREDBROKER_ROLE_ID", "CREDBROKER_SECRET_ID",
                  "CREDBROKER_APPROLE_")
+
+
+def code_id() -> str:
+    """Names the exact code that fetches: a daemon started before an upgrade
+    (or an edit) differs here even when the version string is the same, and
+    is then not used. Built from the size and mtime of the fetching modules."""
+    import hashlib
+
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256(__version__.encode())
+    for path in sorted([*package.glob("*.py"), *(package / "sources").glob("*.py")]):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
 
 
 def socket_path(env: Mapping[str, str]) -> Path:
@@ -96,10 +115,12 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
         sock.connect(str(path))
         if not peer_is_me(sock):
             return None  # someone else's socket: never send it a token
+        request_code = code_id()
         request = {
             "op": "fetch",
             "protocol": PROTOCOL,
             "version": __version__,
+            "code": request_code,
             "profile": {"name": profile.name, "source": profile.source, "env": dict(profile.env),
                         "options": dict(profile.options)},
             "env": {k: v for k, v in env.items() if k.startswith(_ENV_PREFIXES) or k == "HOME"},
@@ -111,7 +132,7 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
         return None  # no daemon, a stale socket or a dead one: fetch in-process
     finally:
         sock.close()
-    if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL or reply.get("version") != __version__:
+    if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL or reply.get("code") != request_code:
         return None
     if not reply.get("ok"):
         raise _error_from(reply.get("error"))
@@ -138,7 +159,12 @@ def _error_from(data: Any) -> BrokerError:
 def _handle(request: Any) -> dict[str, Any]:
     from .sources import fetch as source_fetch
 
-    base = {"protocol": PROTOCOL, "version": __version__}
+    base = {"protocol": PROTOCOL, "version": __version__, "code": _SERVER_CODE}
+    if isinstance(request, dict) and request.get("code") != _SERVER_CODE:
+        # Different code from the caller's (an upgrade since this daemon started):
+        # answer before touching Vault, so the caller fetches in-process instead
+        # and Vault sees exactly one read for the one fetch the broker records.
+        return {**base, "ok": False, "stale": True}
     if not isinstance(request, dict) or request.get("op") != "fetch" or request.get("protocol") != PROTOCOL:
         return {**base, "ok": False, "error": {"type": "BrokerError", "message": "unsupported request",
                                                "remedy": "use the same credbroker version as the daemon"}}
@@ -167,6 +193,8 @@ def serve(path: Path, *, ready: Any = None) -> None:
     """Serve fetches on ``path`` until SIGTERM/SIGINT. Single-threaded: fetches are short."""
     from .hardening import harden_process
 
+    global _SERVER_CODE
+    _SERVER_CODE = code_id()
     harden_process()
     import hvac  # noqa: F401 - the whole point: load it once, here
 

@@ -94,3 +94,15 @@ def test_daemon_refuses_a_folder_other_users_can_enter(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert res.returncode == 125
     assert "not a folder private to this user" in res.stderr
+
+
+def test_a_daemon_running_other_code_is_not_used(running: tuple[Path, dict[str, str]], openbao: OpenBao,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an upgrade the version string may not change; the code id does, and the daemon steps aside."""
+    _, env = running
+    openbao.kv_put("credbroker/daemon-stale", api_secret=SECRET)
+    assert daemon.fetch(profile("secret/credbroker/daemon-stale"), env) is not None
+    monkeypatch.setattr(daemon, "code_id", lambda: "0123456789abcdef")
+    assert daemon.fetch(profile("secret/credbroker/daemon-stale"), env) is None
+    # ...and the library then fetches in-process, with the same result.
+    assert sources.fetch(profile("secret/credbroker/daemon-stale"), env=env)["api_secret"].reveal_str() == SECRET
