@@ -437,7 +437,7 @@ def verify_vault(env: Mapping[str, str], mount: str, path: str, stored: Stored, 
 
     settings = VaultSettings.from_env(env)
     client = client or client_for(None, env, settings=settings)
-    data, version = read_kv(client, settings, mount, path, stored.version)
+    data, version, _request_id = read_kv(client, settings, mount, path, stored.version)
     try:
         _compare(stored, data, fields, version == stored.version)
     finally:

@@ -153,9 +153,16 @@ class Origin(NamedTuple):
     path: str  # "secret/credbroker/binance/um-futures", or the keyring service
     version: int | None = None  # KV v2 version; None where the source has none
     address: str | None = None  # the Vault server, where there is one
+    #: Vault's request_id of the read: the same id its audit device logs, so the
+    #: weekly review can match each broker fetch to exactly one Vault read.
+    request_id: str | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {"source": self.source, "path": self.path, "version": self.version, "address": self.address}
+        out: dict[str, object] = {"source": self.source, "path": self.path, "version": self.version,
+                                  "address": self.address}
+        if self.request_id is not None:
+            out["request_id"] = self.request_id
+        return out
 
 
 class Credentials(Mapping[str, Secret]):

@@ -216,3 +216,33 @@ def test_vault_audit_cross_check_finds_a_read_made_outside_the_broker(audited_op
     va = json.loads(res.output)["vault_audit"]
     assert va["unmatched_total"] == 2
     assert sorted(u["token"] for u in va["unmatched"]) == ["another token", "your token"]
+
+
+def test_a_forged_broker_record_cannot_hide_an_outside_read(audited_openbao, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Broker fetches carry Vault's request_id, so matching is exact, not by time and version."""
+    server = audited_openbao
+    vault_log = server.extra["audit_log"]
+    server.kv_put("credbroker/binance/forged", api_secret="S" + secrets.token_hex(16))
+    log_path = tmp_path / "audit.log"
+    log = open_log({"path": str(log_path)})
+    profile = Profile(name="f", source="vault", env={"S": "api_secret"},
+                      options={"path": "secret/credbroker/binance/forged"})
+    creds = fetch(profile, env=server.env())
+    assert creds.origin.request_id  # Vault's id of that read
+    log.record("secret_fetched", {"profile": "f", **creds.origin.to_dict(), "fields": ["api_secret"]})
+    creds.wipe()
+    # An outside read, then a hand-written record forged to cover it: same path, version, time,
+    # and a made-up request id.
+    server.cli("kv", "get", "secret/credbroker/binance/forged")
+    log.record("secret_fetched", {"profile": "f", "source": "vault", "path": "secret/credbroker/binance/forged",
+                                  "version": 1, "fields": ["api_secret"],
+                                  "request_id": "00000000-0000-0000-0000-000000000000"})
+    server.kv_put("credbroker/binance/other-path", x="y")
+    server.cli("kv", "get", "secret/credbroker/binance/other-path")  # the Vault log goes on past it
+    env = {**server.env(), "CREDBROKER_AUDIT_LOG": str(log_path)}
+    res = CliRunner().invoke(cli, ["audit", "report", "--json", "--vault-audit", str(vault_log)], env=env,
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    va = json.loads(res.output)["vault_audit"]
+    assert va["matched"] == 1 and va["unmatched_total"] == 1
+    assert va["broker_reads_without_vault_entry"] == 1  # the forged record itself stands out too

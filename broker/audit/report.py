@@ -143,7 +143,8 @@ class ReportBuilder:
         while day <= last:
             self.daily[day.isoformat()] = Counter()
             day += timedelta(days=1)
-        self.vault_reads: list[tuple[str, str, int | None]] = []  # (path, ts, version) in/near the period
+        # (path, ts, version, Vault request_id or None) in/near the period
+        self.vault_reads: list[tuple[str, str, int | None, str | None]] = []
 
     # -- the pass -----------------------------------------------------------------------
     def feed(self, ts: str, event: str, line: bytes) -> None:
@@ -237,7 +238,8 @@ class ReportBuilder:
         version = _version(data.get("version"))
         self._see_version(profile, version, ts)
         if data.get("source") == "vault" and isinstance(data.get("path"), str) and ts >= self._since:
-            self.vault_reads.append((str(data["path"]), ts, version))
+            rid = data.get("request_id")
+            self.vault_reads.append((str(data["path"]), ts, version, rid if isinstance(rid, str) and rid else None))
         if in_period:
             p = self._profile(profile)
             p.accesses += 1
@@ -476,7 +478,7 @@ def build_report(
     if vault_audit is not None:
         from .vaultcheck import cross_check
 
-        known = set(vault_paths) | {p for p, _, _ in builder.vault_reads}
+        known = set(vault_paths) | {read[0] for read in builder.vault_reads}
         vault = cross_check(vault_audit, builder.vault_reads, known, since=builder._since, until=builder._until,
                             token_hash=vault_token_hash)
     return builder.result(chain, vault)

@@ -83,7 +83,7 @@ def token_audit_hash(env: Mapping[str, str], device: str) -> str:
 
 def cross_check(
     vault_file: Path,
-    broker_reads: Iterable[tuple[str, str, int | None]],
+    broker_reads: Iterable[tuple[str, str, int | None] | tuple[str, str, int | None, str | None]],
     paths: Iterable[str],
     *,
     since: str,
@@ -91,16 +91,30 @@ def cross_check(
     token_hash: str | None = None,
     tolerance: float = TOLERANCE,
 ) -> dict[str, Any]:
-    """Reads of ``paths`` in ``vault_file`` (streamed) that no broker record accounts for."""
+    """Reads of ``paths`` in ``vault_file`` (streamed) that no broker record accounts for.
+
+    A broker read that carries Vault's ``request_id`` matches exactly the Vault
+    entry with that ``request.id`` and nothing else, so a forged broker record
+    cannot hide an outside read; older records without one are matched by
+    path, version and time (within ``tolerance``).
+    """
     watched = {p.strip("/") for p in paths}
     lo, hi = _epoch(since), _epoch(until)
     assert lo is not None and hi is not None
-    # Broker reads by path, sorted by time, each usable once.
+    # Broker reads by request id (exact), and the rest by path, sorted by time, each usable once.
+    by_id: dict[str, tuple[str, float]] = {}
     by_path: dict[str, list[tuple[float, int | None]]] = {}
-    for path, ts, version in broker_reads:
+    for read in broker_reads:
+        path, ts, version = read[0], read[1], read[2]
+        request_id = read[3] if len(read) > 3 else None
         t = _epoch(ts)
-        if t is not None:
+        if t is None:
+            continue
+        if request_id:
+            by_id[request_id] = (path.strip("/"), t)
+        else:
             by_path.setdefault(path.strip("/"), []).append((t, version))
+    ids_used: set[str] = set()
     for lst in by_path.values():
         lst.sort(key=lambda x: x[0])
     times_by_path = {p: [c[0] for c in lst] for p, lst in by_path.items()}
@@ -143,6 +157,11 @@ def cross_check(
             resp = entry.get("response") or {}
             meta = ((resp.get("data") or {}).get("metadata") or {}) if isinstance(resp, dict) else {}
             version = meta.get("version") if isinstance(meta.get("version"), int) else None
+            rid = req.get("id")
+            if isinstance(rid, str) and by_id.get(rid, ("", 0.0))[0] == logical:
+                ids_used.add(rid)
+                matched += 1
+                continue
             if _claim(by_path.get(logical, []), times_by_path.get(logical, []), used.setdefault(logical, set()), t,
                       version, tolerance):
                 matched += 1
@@ -164,6 +183,10 @@ def cross_check(
             if i not in used.get(path, set()) and first_t is not None and last_t is not None \
                     and first_t <= t <= last_t + tolerance and lo <= t <= hi:
                 broker_unmatched += 1
+    for rid, (_path, t) in by_id.items():
+        if rid not in ids_used and first_t is not None and last_t is not None \
+                and first_t <= t <= last_t + tolerance and lo <= t <= hi:
+            broker_unmatched += 1
     return {
         "file": str(vault_file),
         "watched_paths": sorted(watched),

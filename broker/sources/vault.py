@@ -231,8 +231,8 @@ def _require(obj: Any, *keys: str, what: str) -> Any:
 
 
 def read_kv(client: Any, settings: VaultSettings, mount: str, path: str, version: int | None
-            ) -> tuple[dict[str, Any], int | None]:
-    """(data, version) of a KV v2 secret; raises a VaultError."""
+            ) -> tuple[dict[str, Any], int | None, str | None]:
+    """(data, version, Vault's request_id) of a KV v2 secret; raises a VaultError."""
     api_path = f"{mount}/data/{path}"
     shown = api_path + (f" (version {version})" if version else "")
     with _mapped(settings, "read", shown, _token_valid(client)):
@@ -247,7 +247,9 @@ def read_kv(client: Any, settings: VaultSettings, mount: str, path: str, version
     if not isinstance(data, dict):
         raise VaultBadResponse(f"{api_path} holds no key/value map", "store fields with `vault kv put`")
     got = meta.get("version") if isinstance(meta, dict) else None
-    return data, got if isinstance(got, int) and not isinstance(got, bool) else None
+    request_id = resp.get("request_id") if isinstance(resp, dict) else None
+    return (data, got if isinstance(got, int) and not isinstance(got, bool) else None,
+            request_id if isinstance(request_id, str) and request_id else None)
 
 
 def current_version(profile: Profile, env: Mapping[str, str], *, client: Any = None) -> int | None:
@@ -292,7 +294,7 @@ def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
     client = client_for(profile, env, settings=settings)
     mount, path = split_path(profile)
     pinned = profile.options.get("version")
-    data, version = read_kv(client, settings, mount, path, pinned)
+    data, version, request_id = read_kv(client, settings, mount, path, pinned)
     fields: dict[str, Secret] = {}
     try:
         for name in profile.fields:
@@ -325,6 +327,7 @@ def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
         client.adapter.close()
     return Credentials(
         profile=profile.name,
-        origin=Origin(source="vault", path=f"{mount}/{path}", version=version, address=settings.addr),
+        origin=Origin(source="vault", path=f"{mount}/{path}", version=version, address=settings.addr,
+                      request_id=request_id),
         fields=fields,
     )
