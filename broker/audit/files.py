@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from ..errors import AuditError
@@ -62,8 +62,7 @@ def lock_path(active: Path) -> Path:
     return active.with_name(active.name + ".lock")
 
 
-@dataclass(frozen=True)
-class Head:
+class Head(NamedTuple):
     """The last committed record as the writer saw it."""
 
     seq: int
@@ -90,8 +89,7 @@ def encode_head(seq: int, digest: str, file_name: str) -> bytes:
     return body + b" " * (HEAD_SIZE - 1 - len(body)) + b"\n"
 
 
-@dataclass(frozen=True)
-class Tail:
+class Tail(NamedTuple):
     """The end of a log file, as the writer needs it."""
 
     size: int

@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import AuditError, BrokerError, ConfigError
 from ..secret import Secret
@@ -38,8 +38,7 @@ _KID_LABEL = b"credbroker/audit/v1/key-id"
 _KEY_FIELD_VAR = "CREDBROKER_AUDIT_KEY_"
 
 
-@dataclass(frozen=True)
-class KeySpec:
+class KeySpec(NamedTuple):
     """A parsed ``[audit] key`` reference (no secret in it)."""
 
     source: str  # "vault" | "keyring"

@@ -40,10 +40,9 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import AuditError
 from ..secret import Secret
@@ -129,22 +128,27 @@ def check_fields(value: Any, where: str = "fields") -> Any:
     )
 
 
-@dataclass
-class _Pending:
+# NamedTuples and a slotted class, not dataclasses: this module is on every
+# `credbroker run`, and each dataclass costs about a millisecond to create.
+class _Pending(NamedTuple):
     ts: str
     event: str
     rest: str
     record: dict[str, Any]
 
 
-@dataclass
 class _State:
-    ino: int
-    size: int
-    seq: int
-    hash: str
-    alg: str | None
-    kid: str | None
+    """What the writer knows of the active file's end (mutable: updated per commit)."""
+
+    __slots__ = ("ino", "size", "seq", "hash", "alg", "kid")
+
+    def __init__(self, ino: int, size: int, seq: int, hash: str, alg: str | None, kid: str | None) -> None:
+        self.ino = ino
+        self.size = size
+        self.seq = seq
+        self.hash = hash
+        self.alg = alg
+        self.kid = kid
 
 
 _LIVE: weakref.WeakSet[AuditLog] = weakref.WeakSet()

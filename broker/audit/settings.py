@@ -22,10 +22,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import ConfigError
 
@@ -47,8 +46,7 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _HOURS = re.compile(r"^\s*(\d{1,2})\s*-\s*(\d{1,2})\s*$")
 
 
-@dataclass(frozen=True)
-class AuditSettings:
+class AuditSettings(NamedTuple):
     """Validated audit settings. Holds a key *reference*, never a key."""
 
     path: Path
