@@ -15,6 +15,7 @@ from broker.config import Profile
 from broker.errors import (
     ConfigError,
     VaultAuthError,
+    VaultBadResponse,
     VaultNotFound,
     VaultPermissionDenied,
     VaultSealed,
@@ -235,3 +236,48 @@ def test_token_never_follows_a_redirect_to_another_origin(redirect_pair) -> None
     assert redirector.seen[0]["X-Vault-Token"] == "hvs.must-not-travel"
     assert target.seen, "the redirect was followed"
     assert all("X-Vault-Token" not in h for h in target.seen)
+
+
+_JUNK = {
+    "html": (200, b"<html>hello</html>", VaultBadResponse),
+    "empty": (200, b"", VaultBadResponse),
+    "wrong-shape": (200, b'{"data": "x"}', VaultBadResponse),
+    "a-list": (200, b"[1, 2, 3]", VaultBadResponse),
+    "deleted": (200, b'{"data": {"data": null, "metadata": {"version": 3}}}', VaultNotFound),
+    "not-a-string": (200, b'{"data": {"data": {"api_key": "k", "api_secret": {"n": 1}}, "metadata": {}}}',
+                     VaultBadResponse),
+    "500": (500, b'{"errors": ["internal error"]}', VaultBadResponse),
+    "502": (502, b"bad gateway", VaultBadResponse),
+    "429": (429, b'{"errors": ["rate limited"]}', VaultUnreachable),
+    "huge-error": (400, b'{"errors": ["' + b"x" * 5000 + b'"]}', VaultBadResponse),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_JUNK))
+def test_junk_answers_are_one_line_errors(kind: str) -> None:
+    status, body, expected = _JUNK[kind]
+
+    class Junk(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Junk)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {"VAULT_ADDR": f"http://127.0.0.1:{server.server_port}", "VAULT_TOKEN": "t",
+               "CREDBROKER_VAULT_TIMEOUT": "5"}
+        with pytest.raises(expected) as info:
+            sources.fetch(profile("secret/credbroker/x"), env=env)
+        message = str(info.value)
+        assert "\n" not in message and "fix:" in message
+        assert len(message) < 600  # a huge error body is cut, not echoed whole
+    finally:
+        server.shutdown()
+        server.server_close()
