@@ -110,9 +110,11 @@ class Profile(NamedTuple):
         return tuple(dict.fromkeys(self.env.values()))
 
     def where(self, key: str = "") -> str:
-        """``FILE: profiles.NAME.KEY`` for error messages."""
+        """``FILE: profiles.NAME.KEY`` for error messages; the flag for a one-off profile."""
+        if self.origin is None:
+            return _FLAG_FOR_KEY.get(key.split(".", 1)[0], "the command line")
         loc = f"profiles.{self.name}" + (f".{key}" if key else "")
-        return f"{self.origin}: {loc}" if self.origin else f"--profile {self.name}: {key or 'options'}"
+        return f"{self.origin}: {loc}"
 
     @classmethod
     def adhoc(
@@ -166,6 +168,17 @@ class Profile(NamedTuple):
         )
         _check_profile(profile)
         return profile
+
+
+#: A one-off profile's keys, named as the flags that set them.
+_FLAG_FOR_KEY = {
+    "path": "--vault-path",
+    "mount": "--vault-path",
+    "version": "--vault-version",
+    "transit_key": "--transit-key",
+    "service": "--keyring-service",
+    "env": "--env",
+}
 
 
 def _adhoc_name(options: Mapping[str, Any], source: str) -> str:

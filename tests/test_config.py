@@ -125,3 +125,10 @@ def test_adhoc_overrides_a_configured_profile(tmp_path: Path) -> None:
     assert p.name == "um-futures"
     assert p.options["version"] == 4
     assert p.env["EXTRA"] == "extra" and p.env["BINANCE_API_KEY"] == "api_key"
+
+
+def test_one_off_profile_errors_name_the_flag() -> None:
+    with pytest.raises(ConfigError, match="^--vault-path: 'x' has no mount"):
+        config.Profile.adhoc(env={"A": "a"}, vault_path="x")
+    with pytest.raises(ConfigError, match="^--env: no variables to inject"):
+        config.Profile.adhoc(env={}, vault_path="secret/x")
