@@ -47,7 +47,6 @@ import json
 import os
 import selectors
 import socket
-import struct
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -56,12 +55,10 @@ from typing import Any, Protocol
 
 from .errors import BrokerError, RunError
 from .signing_policy import PolicyRefused, SigningPolicy, SignRequest
-from .unixsock import listen_private, peer_credentials, private_dir
+from .unixsock import HEADER, MAX_MESSAGE, frame, listen_private, peer_credentials, private_dir
 
 PROTOCOL = 1
 SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
-MAX_MESSAGE = 1 << 20
-_HEADER = struct.Struct("!I")
 _MAX_TREE_DEPTH = 128
 
 #: Audit event names this module writes.
@@ -332,7 +329,7 @@ class Agent:
                  "remedy": "only the bot that `credbroker run --agent` started (and its children) may sign"}
         try:
             sock.settimeout(1.0)
-            sock.sendall(_frame({"ok": False, "protocol": PROTOCOL, "error": error}))
+            sock.sendall(frame({"ok": False, "protocol": PROTOCOL, "error": error}))
         except OSError:
             pass
         finally:
@@ -352,14 +349,14 @@ class Agent:
             return False  # a client that sends without ever reading its answers: drop it, not our memory
         buf = conn.inbuf
         buf += data
-        while len(buf) >= _HEADER.size:
-            (length,) = _HEADER.unpack_from(buf)
+        while len(buf) >= HEADER.size:
+            (length,) = HEADER.unpack_from(buf)
             if length > MAX_MESSAGE:
                 return False
-            end = _HEADER.size + length
+            end = HEADER.size + length
             if len(buf) < end:
                 break
-            raw = bytes(buf[_HEADER.size:end])
+            raw = bytes(buf[HEADER.size:end])
             del buf[:end]
             self._pending_replies.append((conn, self._handle(raw, conn.pid)))
         return True
@@ -379,7 +376,7 @@ class Agent:
             failed = _error("AuditError", failure.message, failure.remedy)
             replies = [(conn, failed) for conn, _ in replies]
         for conn, reply in replies:
-            conn.outbuf += _frame(reply)
+            conn.outbuf += frame(reply)
 
     def _write(self, sel: selectors.BaseSelector, conn: _Conn) -> bool:
         if conn.outbuf:
@@ -470,9 +467,6 @@ def _error(kind: str, message: str, remedy: str | None, *, rule: str | None = No
     return {"ok": False, "error": err}
 
 
-def _frame(obj: Mapping[str, Any]) -> bytes:
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    return _HEADER.pack(len(data)) + data
 
 
 

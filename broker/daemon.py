@@ -30,10 +30,8 @@ client fall back to the slow path), and the secret crossing a Unix socket
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
-import struct
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,13 +41,11 @@ from . import __version__
 from .config import Profile
 from .errors import BrokerError
 from .secret import Credentials, Origin, Secret
-from .unixsock import listen_private, peer_is_me, private_dir, recv_exact
+from .unixsock import frame, listen_private, peer_is_me, private_dir, recv_message
 
 PROTOCOL = 1
 #: The code this daemon process loaded (set when it starts serving).
 _SERVER_CODE: str | None = None
-_MAX_MESSAGE = 1 << 20
-_HEADER = struct.Struct("!I")
 
 #: Only these variables are sent to the daemon: what the Vault source reads.
 _ENV_PREFIXES = ("VAULT_", "BAO_", "CREDBROKER_VAULT_", "CREDBROKER_ROLE_ID", "CREDBROKER_SECRET_ID",
@@ -82,19 +78,6 @@ def socket_path(env: Mapping[str, str]) -> Path:
     return Path(runtime) / "credbroker" / "daemon.sock"
 
 
-def _send(sock: socket.socket, obj: Mapping[str, Any]) -> None:
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    sock.sendall(_HEADER.pack(len(data)) + data)
-
-
-def _recv(sock: socket.socket) -> Any:
-    header = recv_exact(sock, _HEADER.size)
-    (length,) = _HEADER.unpack(header)
-    if length > _MAX_MESSAGE:
-        raise ValueError("message too large")
-    return json.loads(recv_exact(sock, length))
-
-
 # -- client --------------------------------------------------------------------------
 
 
@@ -125,9 +108,9 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
                         "options": dict(profile.options)},
             "env": {k: v for k, v in env.items() if k.startswith(_ENV_PREFIXES) or k == "HOME"},
         }
-        _send(sock, request)
+        sock.sendall(frame(request))
         del request
-        reply = _recv(sock)
+        reply = recv_message(sock)
     except (OSError, ValueError, ConnectionError):
         return None  # no daemon, a stale socket or a dead one: fetch in-process
     finally:
@@ -218,9 +201,9 @@ def serve(path: Path, *, ready: Any = None) -> None:
                     conn.settimeout(30)
                     if not peer_is_me(conn):
                         continue
-                    reply = _handle(_recv(conn))
+                    reply = _handle(recv_message(conn))
                     try:
-                        _send(conn, reply)
+                        conn.sendall(frame(reply))
                     finally:
                         reply.clear()
                 except (OSError, ValueError, ConnectionError):

@@ -8,13 +8,21 @@ the kernel (``SO_PEERCRED``), never from anything the peer says.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
 import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 _PEERCRED = struct.Struct("3i")
+
+#: Every credbroker socket speaks the same frames: a 4-byte big-endian length,
+#: then that many bytes of compact JSON, at most MAX_MESSAGE.
+HEADER = struct.Struct("!I")
+MAX_MESSAGE = 1 << 20
 
 
 def private_dir(path: Path, *, create: bool) -> bool:
@@ -49,6 +57,20 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("connection closed")
         buf += chunk
     return bytes(buf)
+
+
+def frame(obj: Mapping[str, Any]) -> bytes:
+    """One message as it goes on the wire."""
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    return HEADER.pack(len(data)) + data
+
+
+def recv_message(sock: socket.socket) -> Any:
+    """One decoded message; ValueError when it is too large or not JSON, ConnectionError when cut."""
+    (length,) = HEADER.unpack(recv_exact(sock, HEADER.size))
+    if length > MAX_MESSAGE:
+        raise ValueError("message too large")
+    return json.loads(recv_exact(sock, length))
 
 
 def listen_private(path: Path, backlog: int) -> socket.socket:

@@ -19,21 +19,18 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import BrokerError, SigningError
-from ..unixsock import recv_exact
+from ..unixsock import frame, recv_message
 from . import binance
 from .base import Signer
 
 SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
 PROTOCOL = 1
-_HEADER = struct.Struct("!I")
-_MAX_MESSAGE = 1 << 20
 
 
 class AgentSigner(Signer):
@@ -117,18 +114,15 @@ class AgentSigner(Signer):
 
     def _call(self, request: Mapping[str, Any]) -> dict[str, Any]:
         sock = self._connect()
-        data = json.dumps(request, separators=(",", ":")).encode()
+        data = frame(request)
         try:
             try:
-                sock.sendall(_HEADER.pack(len(data)) + data)
+                sock.sendall(data)
             except OSError:
                 # The agent may have refused this connection and closed it: its one-line
                 # reason is still waiting to be read.
                 pass
-            (length,) = _HEADER.unpack(recv_exact(sock, _HEADER.size))
-            if length > _MAX_MESSAGE:
-                raise ValueError("reply too large")
-            reply = json.loads(recv_exact(sock, length))
+            reply = recv_message(sock)
         except (OSError, ValueError, ConnectionError) as exc:
             self._forget()
             raise SigningError(f"the signing agent did not answer ({type(exc).__name__})",
