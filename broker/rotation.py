@@ -25,13 +25,13 @@ step is an audit event (``token_renewed``, ``token_relogin``,
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from .config import Profile
 from .errors import BrokerError, ConfigError
+from .runner import say
 
 Recorder = Callable[[str, dict[str, Any]], Any]
 
@@ -107,10 +107,6 @@ def policy_from(profile: Profile, on_rotate: str | None, interval: str | None, g
     )
 
 
-def _warn(message: str) -> None:
-    print(f"credbroker: {message}", file=sys.stderr, flush=True)
-
-
 class Watcher:
     """Polls a vault profile's ``current_version``; renews or replaces its token."""
 
@@ -173,7 +169,7 @@ class Watcher:
             if remaining <= 0:
                 self.record("token_failed", {"profile": self.profile.name,
                                              "reason": "token expired and no AppRole credentials to log in again"})
-                _warn("the Vault token expired and cannot be renewed; rotation is no longer followed "
+                say("the Vault token expired and cannot be renewed; rotation is no longer followed "
                       "(configure AppRole for long runs)")
                 self._token_expires = None
             return
@@ -183,7 +179,7 @@ class Watcher:
             self._client = self._login()
         except BrokerError as exc:
             self.record("token_failed", {"profile": self.profile.name, "reason": exc.message})
-            _warn(f"AppRole login to keep following rotation failed: {exc}")
+            say(f"AppRole login to keep following rotation failed: {exc}")
             raise
         self.record("token_relogin", {"profile": self.profile.name, "method": "approle"})
 
@@ -197,7 +193,7 @@ class Watcher:
         self._backoff = min(delay * 2, MAX_BACKOFF)
         if not self._vault_down:
             self._vault_down = True
-            _warn(f"{what} failed, retrying with backoff; the bot keeps running: {exc}")
+            say(f"{what} failed, retrying with backoff; the bot keeps running: {exc}")
         self.record("rotation_check_failed", {"profile": self.profile.name, "error": type(exc).__name__,
                                               "reason": exc.message, "retry_in_s": delay})
 
@@ -218,7 +214,7 @@ class Watcher:
         self._backoff = self.interval
         if self._vault_down:
             self._vault_down = False
-            _warn("Vault answers again; following rotation")
+            say("Vault answers again; following rotation")
         if latest is None or self.version is None or latest <= self.version or latest in self._acted:
             return None
         return latest

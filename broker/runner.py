@@ -327,7 +327,7 @@ def run(
 
         SigningPolicy.for_profile(profile)  # a typo in it is still a one-line error
         # The bot holds the secret without --agent: nothing can enforce the policy. Say so every time.
-        _say(f"WARNING: {profile.where('policy')} is enforced only with --agent; this bot holds the secret")
+        say(f"WARNING: {profile.where('policy')} is enforced only with --agent; this bot holds the secret")
 
     def refused(exc: BrokerError) -> None:
         try:
@@ -446,7 +446,7 @@ def run(
                 watcher.version = new_version
                 watcher.acted(new_version)
                 rec("rotation_detected", {**event, "action": "agent_key_swapped"})
-                _say(f"key rotated (v{old_version} -> v{new_version}): the agent signs with the new key; "
+                say(f"key rotated (v{old_version} -> v{new_version}): the agent signs with the new key; "
                      "the bot keeps running")
                 if rotation.signum:
                     try:
@@ -458,7 +458,7 @@ def run(
             pending.append(new_creds)
             rec("rotation_detected", {**event, "action": "restart"})
             watcher.acted(new_version)
-            _say(f"key rotated (v{old_version} -> v{new_version}) with a new API key: restarting the bot")
+            say(f"key rotated (v{old_version} -> v{new_version}) with a new API key: restarting the bot")
             return True
         if rotation.action == "restart":
             try:
@@ -471,7 +471,7 @@ def run(
             pending.append(new_creds)
         rec("rotation_detected", event)
         watcher.acted(new_version)
-        _say(f"key rotated (v{old_version} -> v{new_version}): "
+        say(f"key rotated (v{old_version} -> v{new_version}): "
              + {"restart": "restarting the bot", "ignore": "ignored by policy",
                 "signal": f"sent {signal.Signals(rotation.signum or 0).name if rotation.signum else ''} to the bot"}
              [rotation.action])
@@ -514,7 +514,7 @@ def run(
                     delay = 1.0
                 rec("child_restarting", {"profile": profile.name, "status": status, "delay_s": delay,
                                          "version": creds.origin.version})
-                _say(f"the bot exited with status {status}; restarting in {delay:g} s from the secret in memory")
+                say(f"the bot exited with status {status}; restarting in {delay:g} s from the secret in memory")
                 stop = _pause(delay)
                 if stop is not None:
                     return 128 + stop
@@ -541,7 +541,8 @@ def run(
             release_child_env(extra, env=source_env)
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """One line for the operator on stderr, as credbroker (never a secret value)."""
     print(f"credbroker: {message}", file=sys.stderr, flush=True)
 
 
