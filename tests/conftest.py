@@ -82,8 +82,13 @@ class OpenBao:
     extra: dict[str, object] = field(default_factory=dict)
 
     def env(self, token: str | None = None) -> dict[str, str]:
-        """An environment for the CLI or credbroker pointed at this server."""
+        """An environment for the CLI or credbroker pointed at this server.
+
+        The repository is on PYTHONPATH, so a bot the tests start can import
+        ``broker`` (for ``get_signer()``) whatever way it was installed.
+        """
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         env["VAULT_ADDR"] = self.addr
         env["VAULT_TOKEN"] = token if token is not None else self.token
         return env

@@ -60,7 +60,6 @@ env = {{ BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }}
 def broker_env(server: OpenBao, **extra: str) -> dict[str, str]:
     env = server.env()
     env.update(extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
 

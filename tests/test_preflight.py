@@ -8,7 +8,6 @@ returns the documented object with the flags each test sets.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import sys
@@ -32,7 +31,7 @@ from broker.preflight import (
 )
 from broker.secret import Secret
 from broker.signing.hmac_sha256 import HmacSigner
-from tests.conftest import REPO, OpenBao, free_port
+from tests.conftest import OpenBao, free_port
 from tests.signing_verifier import BinanceVerifier
 
 API_KEY = "K" + "a1" * 20
@@ -254,7 +253,6 @@ env = {{ BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }}
 def env_for(server: OpenBao, url: str) -> dict[str, str]:
     env = server.env()
     env["CREDBROKER_PREFLIGHT_URL"] = url
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
 

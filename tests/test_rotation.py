@@ -273,8 +273,7 @@ def test_agent_mode_swaps_the_key_in_place_when_only_the_secret_rotates(openbao:
     bot.write_text(AGENT_BOT)
     out = tmp_path / "sigs"
     audit = tmp_path / "audit.log"
-    env = {**openbao.env(), "CREDBROKER_AUDIT_LOG": str(audit),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**openbao.env(), "CREDBROKER_AUDIT_LOG": str(audit)}
     proc = subprocess.Popen(
         [credbroker_bin(), "run", "--agent", "--no-preflight", "--vault-path", "secret/credbroker/rot-agent",
          "--env", "BINANCE_API_KEY=api_key", "--env", "BINANCE_API_SECRET=api_secret",

@@ -8,7 +8,6 @@ and answers -1022 when one is wrong; that failure then shows in
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 from pathlib import Path
@@ -51,7 +50,6 @@ env = {{ BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }}
 def broker_env(server: OpenBao, **extra: str) -> dict[str, str]:
     env = server.env()
     env.update(extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
 
