@@ -261,7 +261,9 @@ def check_cmd(ctx: click.Context, profile: str, as_json: bool) -> None:
 
     config = _load_config(ctx)
     prof = config.profile(profile)
-    creds = fetch(prof, env=_source_env(config))
+    from .config import with_config_defaults
+
+    creds = fetch(prof, env=with_config_defaults(os.environ, config))
     try:
         info = {
             "profile": prof.name,
@@ -316,13 +318,6 @@ def daemon_cmd(socket_path: str | None) -> None:
     from . import daemon
 
     daemon.main_loop(Path(socket_path) if socket_path else daemon.socket_path(os.environ))
-
-
-def _source_env(config: Any) -> dict[str, str]:
-    """The environment sources read settings from, with [vault] config defaults under it."""
-    from .config import with_config_defaults
-
-    return with_config_defaults(os.environ, config)
 
 
 def main(argv: list[str] | None = None) -> None:

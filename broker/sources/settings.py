@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import with_config_defaults  # noqa: F401 - re-exported for callers
 from ..errors import ConfigError, VaultAuthError
 from ..secret import Secret
 
