@@ -26,6 +26,7 @@ _LAZY_COMMANDS = {
     "audit": ("broker.cli_audit:audit", "Verify the audit log and produce the weekly review."),
     "keyring": ("broker.cli_keyring:keyring_group", "Store and delete a profile's secrets in the OS keyring."),
     "import": ("broker.cli_import:import_cmd", "Move a plaintext creds.yml / .env key file into Vault or the keyring."),
+    "policy": ("broker.cli_policy:policy_group", "Print the Vault policies credbroker needs (shipped with it)."),
 }
 
 

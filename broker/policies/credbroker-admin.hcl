@@ -1,0 +1,1 @@
+../../vault-policies/credbroker-admin.hcl
