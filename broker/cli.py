@@ -98,7 +98,7 @@ RUN_HELP = """Fetch a profile's secrets and run COMMAND with them in its environ
 
 \b
   credbroker run --profile um-futures -- python bot.py
-  credbroker run --vault-path secret/credbroker/binance/um-futures \\
+  credbroker run --vault-path secret/credbroker/um-futures \\
       --env BINANCE_API_KEY=api_key --env BINANCE_API_SECRET=api_secret -- python bot.py
 
 \b

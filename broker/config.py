@@ -18,7 +18,7 @@ Example::
 
     [profiles.um-futures]
     source = "vault"
-    path = "secret/credbroker/binance/um-futures"   # KV v2: <mount>/<path>
+    path = "secret/credbroker/um-futures"   # KV v2: <mount>/<path>
     env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }
 
     [profiles.spot]
@@ -361,7 +361,7 @@ def _check_profile(profile: Profile) -> None:
         if not isinstance(path, str) or not path.strip("/"):
             raise ConfigError(
                 f"{profile.where('path')}: missing",
-                'set path = "<mount>/<path>" of a KV v2 secret, e.g. "secret/credbroker/binance/um-futures"',
+                'set path = "<mount>/<path>" of a KV v2 secret, e.g. "secret/credbroker/um-futures"',
             )
         mount = opts.get("mount")
         if mount is not None and (not isinstance(mount, str) or not mount.strip("/")):

@@ -150,7 +150,7 @@ class Origin(NamedTuple):
     """Where a set of secrets came from, for the audit log. Holds no secret."""
 
     source: str  # "vault" | "keyring" | ...
-    path: str  # "secret/credbroker/binance/um-futures", or the keyring service
+    path: str  # "secret/credbroker/um-futures", or the keyring service
     version: int | None = None  # KV v2 version; None where the source has none
     address: str | None = None  # the Vault server, where there is one
     #: Vault's request_id of the read: the same id its audit device logs, so the

@@ -8,7 +8,7 @@ The profile maps the secret fields to the variables this bot reads, e.g.::
 
     [profiles.spot]
     source = "vault"
-    path = "secret/credbroker/binance/spot"
+    path = "secret/credbroker/spot"
     env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }
     # an Ed25519/RSA key instead: BINANCE_PRIVATE_KEY = "private_key" (PEM)
 

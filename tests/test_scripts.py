@@ -547,3 +547,44 @@ def test_rotate_any_path_inside_the_mount(api_server: OpenBao, set_up: dict[str,
     api_server.kv_put("elsewhere/x", api_secret="S")
     res = scripts.run("rotate-key", "--path", "elsewhere/x", token=str(set_up["admin"]), input="S2\n")
     assert res.returncode == 1 and "permission denied" in res.stderr
+
+
+def test_following_the_readme_an_approle_bot_reads_its_key(api_server: OpenBao, set_up: dict[str, object],
+                                                           scripts: Scripts, tmp_path: Path) -> None:
+    """The README's path convention and setup-vault's bot policy agree: enrol the bot, store its key where
+    the README says, use the README's profile block verbatim, and the AppRole run succeeds."""
+    import re
+    import sys
+
+    from .conftest import credbroker_bin
+
+    readme = (SCRIPTS.parent / "README.md").read_text()
+    block = re.search(r"```toml\n(\[profiles\.um-futures\]\n.*?)\n\n", readme, re.S)
+    assert block, "the README's um-futures profile block"
+    put = re.search(r"vault kv put -mount=(\S+) (\S+) api_key=YOUR_API_KEY api_secret=-", readme)
+    assert put, "the README's `vault kv put` line"
+    mount, kv_path = put.group(1), put.group(2)
+    assert f'path = "{mount}/{kv_path}"' in block.group(1)  # the two README steps name one secret
+
+    handover = tmp_path / "handover"
+    res = scripts.run("setup-vault", "--audit-file", str(set_up["audit"]), "--handover", str(handover), "um-futures")
+    assert res.returncode == 0, res.stderr
+    sid = tmp_path / "secret_id"
+    wrapped = (handover / "um-futures" / "secret_id.wrapped").read_text().strip()
+    assert _unwrap(scripts, "um-futures", wrapped, sid).returncode == 0
+    # Step 1 as written, the secret on stdin.
+    stored = subprocess.run([api_server.binary, "kv", "put", f"-mount={mount}", kv_path, "api_key=K",
+                             "api_secret=-"], input="readme-secret", env=scripts.env(), capture_output=True,
+                            text=True, timeout=60)
+    assert stored.returncode == 0, stored.stderr
+    config = tmp_path / "credbroker.toml"
+    config.write_text(f'[vault]\naddr = "{api_server.addr}"\nrole_id_file = "{handover / "um-futures" / "role_id"}"\n'
+                      f'secret_id_file = "{sid}"\n\n{block.group(1)}\n')
+    config.chmod(0o600)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"), "LANG": "C.UTF-8",
+           "CREDBROKER_AUDIT_LOG": str(tmp_path / "audit.log")}
+    run = subprocess.run([credbroker_bin(), "--config", str(config), "run", "-p", "um-futures", "--", sys.executable,
+                          "-c", "import os; print(len(os.environ['BINANCE_API_SECRET']))"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(len("readme-secret"))
