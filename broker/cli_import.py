@@ -31,7 +31,9 @@ Steps:
   2. Choose what to store: --field FILEKEY=FIELD (repeatable); else, with
      --profile, the profile's fields (found in the file under the profile's
      variable name, e.g. BINANCE_API_SECRET, or under the field's own name);
-     else every key under its own name.
+     else every key under its canonical field name (BINANCE_API_KEY ->
+     api_key, BINANCE_API_SECRET or secret_key -> api_secret, others
+     lower-cased), and the profile block to paste is printed.
   3. Store: Vault KV v2 as a new secret (refused if one exists, unless
      --force writes a new version), or one keyring entry per field.
   4. Verify: read the stored copy back and compare every byte.
@@ -137,6 +139,12 @@ def import_cmd(ctx: click.Context, file: str, profile_name: str | None, vault_pa
         f"{version}; read back and verified")
 
     out: dict[str, Any] = {**result.to_dict(), "deleted": False}
+    if prof is None:
+        # No profile reads this yet: the block to paste, with the fields as they were stored.
+        name = stored.location.rstrip("/").rsplit("/", 1)[-1] or "bot"
+        snippet = migrate.profile_snippet(name, target, stored.location, result.sources)
+        log("add this profile to credbroker.toml (rename it as you like):\n" + snippet.rstrip("\n"))
+        out["profile_snippet"] = snippet
     shredded = _maybe_delete(result, delete, log, record)
     if shredded is not None:
         out.update(deleted=True, bytes_overwritten=shredded.bytes_overwritten, other_links=shredded.other_links)

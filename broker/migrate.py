@@ -337,13 +337,53 @@ class Selection:
     left_out: tuple[str, ...]
 
 
+#: The field names the README's profiles map (``env = { BINANCE_API_KEY = "api_key", ... }``), by the
+#: names plaintext files use for them (after dropping an exchange prefix and lower-casing).
+_CANONICAL = {
+    "api_key": "api_key", "apikey": "api_key", "key": "api_key",
+    "api_secret": "api_secret", "apisecret": "api_secret", "secret": "api_secret", "secret_key": "api_secret",
+    "api_secret_key": "api_secret",
+    "private_key": "private_key", "api_private_key": "private_key", "private_key_path": "private_key_path",
+    "private_key_passphrase": "private_key_passphrase", "private_key_pass": "private_key_passphrase",
+    "passphrase": "private_key_passphrase",
+}
+_EXCHANGE_PREFIX = re.compile(r"^(binance|bnb|exchange)_", re.I)
+#: canonical field -> the variable the README's bots read it from.
+_SUGGESTED_VAR = {"api_key": "BINANCE_API_KEY", "api_secret": "BINANCE_API_SECRET",
+                  "private_key": "BINANCE_PRIVATE_KEY", "private_key_passphrase": "BINANCE_PRIVATE_KEY_PASSPHRASE"}
+
+
+def canonical_field(file_key: str) -> str:
+    """The store field for a plaintext key: BINANCE_API_SECRET, secretKey, api-secret -> api_secret.
+
+    Unknown keys keep their name, lower-cased (SYMBOL -> symbol)."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", file_key).replace("-", "_").lower()
+    bare = _EXCHANGE_PREFIX.sub("", snake)
+    return _CANONICAL.get(bare, _CANONICAL.get(snake, snake))
+
+
+def profile_snippet(name: str, source: str, location: str, sources: Mapping[str, str]) -> str:
+    """A ``[profiles.NAME]`` block to paste into credbroker.toml for what an import stored.
+
+    ``sources`` is store field -> file key: a .env's variable names are what its bot reads, so they
+    stay the variables; a YAML key becomes the README's variable for its field."""
+    pairs = []
+    for fld, file_key in sources.items():
+        var = file_key if re.fullmatch(r"[A-Z_][A-Z0-9_]*", file_key) else _SUGGESTED_VAR.get(fld, fld.upper())
+        pairs.append(f'{var} = "{fld}"')
+    where = f'path = "{location}"' if source == "vault" else f'service = "{location}"'
+    return f'[profiles.{name}]\nsource = "{source}"\n{where}\nenv = {{ {", ".join(pairs)} }}\n'
+
+
 def select_fields(plain: PlainFile, mapping: Mapping[str, str] | None = None,
                   profile: Profile | None = None) -> Selection:
     """Pick the values to store.
 
     ``mapping`` (file key -> store field, from ``--field``) wins; else a
     profile's env mapping (VAR -> field): the file's VAR, or else a key named
-    like the field, goes to that field; else every key under its own name.
+    like the field, goes to that field; else every key under its canonical
+    field name (``canonical_field``: BINANCE_API_SECRET -> api_secret), the
+    names the README's profiles map.
     Every requested value must be present (fail closed).
     """
     have = plain.fields
@@ -371,7 +411,14 @@ def select_fields(plain: PlainFile, mapping: Mapping[str, str] | None = None,
                     "map it with --field FILEKEY=" + store_field,
                 )
     else:
-        chosen = {k: k for k in have}
+        for file_key in have:
+            store_field = canonical_field(file_key)
+            if store_field in chosen:
+                raise ConfigError(
+                    f"{plain.path}: keys {chosen[store_field]} and {file_key} would both be stored as {store_field}",
+                    f"say which with --field {file_key}=OTHER_FIELD",
+                )
+            chosen[store_field] = file_key
     used = set(chosen.values())
     return Selection(
         fields={f: have[k] for f, k in chosen.items()},

@@ -192,7 +192,8 @@ def test_select_fields_by_profile_mapping_and_explicit_map(tmp_path: Path) -> No
     assert sel.left_out == ("SYMBOL",)
     sel = migrate.select_fields(plain, {"BINANCE_API_SECRET": "secret"})
     assert list(sel.fields) == ["secret"] and sel.left_out == ("BINANCE_API_KEY", "SYMBOL")
-    assert list(migrate.select_fields(plain).fields) == ["BINANCE_API_KEY", "BINANCE_API_SECRET", "SYMBOL"]
+    # Without a mapping: the canonical fields the README's profiles map, not the .env's names.
+    assert list(migrate.select_fields(plain).fields) == ["api_key", "api_secret", "symbol"]
     with pytest.raises(ConfigError, match="has no key NOPE"):
         migrate.select_fields(plain, {"NOPE": "x"})
     other = Profile(name="o", source="vault", env={"OTHER_SECRET": "other"}, options={"path": "secret/x"})
@@ -490,3 +491,43 @@ def test_import_command_is_loaded_only_when_used() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("key", "field"), [
+    ("BINANCE_API_KEY", "api_key"), ("BINANCE_API_SECRET", "api_secret"), ("BINANCE_SECRET_KEY", "api_secret"),
+    ("apiKey", "api_key"), ("secretKey", "api_secret"), ("api-secret", "api_secret"), ("API_SECRET", "api_secret"),
+    ("BINANCE_PRIVATE_KEY", "private_key"), ("PRIVATE_KEY_PASSPHRASE", "private_key_passphrase"),
+    ("api_key", "api_key"), ("SYMBOL", "symbol"), ("BINANCE_TESTNET", "binance_testnet"),
+])
+def test_canonical_field_names(key: str, field: str) -> None:
+    assert migrate.canonical_field(key) == field
+
+
+def test_two_keys_for_one_canonical_field_are_refused(tmp_path: Path) -> None:
+    f = tmp_path / "x.env"
+    f.write_text("BINANCE_API_SECRET=a\nAPI_SECRET=b\n")
+    plain = migrate.read_plaintext(f)
+    with pytest.raises(ConfigError, match="would both be stored as api_secret"):
+        migrate.select_fields(plain)
+
+
+@pytest.mark.vault
+def test_dotenv_import_stores_canonical_fields_and_the_printed_profile_runs(openbao: OpenBao, tmp_path: Path,
+                                                                            run_broker: Any) -> None:
+    """A .env's names become the README's fields (api_key, api_secret), and the printed block, pasted into
+    credbroker.toml, runs a bot that reads the same variables the .env gave it."""
+    f = tmp_path / ".env"
+    f.write_text(DOT_ENV)
+    res = _invoke(["import", str(f), "--vault-path", "secret/credbroker/imp-canon", "--keep", "--json"],
+                  _vault_env(openbao))
+    assert res.exit_code == 0, res.output
+    assert _read(openbao, "credbroker/imp-canon")["data"] == {"api_key": API_KEY, "api_secret": SECRET}
+    snippet = json.loads(res.stdout)["profile_snippet"]
+    assert "[profiles.imp-canon]" in res.stderr  # also said to the person, with --json on stderr
+    assert 'env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }' in snippet
+    (tmp_path / "credbroker.toml").write_text(snippet)
+    ran = run_broker(["run", "-p", "imp-canon", "--", "python3", "-c",
+                      "import os; print(os.environ['BINANCE_API_SECRET'] == os.environ['EXPECT'])"],
+                     env={**openbao.env(), "EXPECT": SECRET}, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "True"
