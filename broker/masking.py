@@ -440,7 +440,9 @@ class MaskedOutput:
         self._winch = (r, w)
 
     def _pty_mode(self) -> list[Any] | None:
-        """Settings for the child's pty: the broker's terminal as it was, Ctrl-Z disabled."""
+        """Settings for the child's pty: the broker's terminal as it was, Ctrl-Z disabled, and no
+        output processing: the broker's own terminal turns LF into CR LF once, as it would for
+        the bot run directly (with both doing it, every line ended CR CR LF)."""
         mode = self._saved_mode
         if mode is None:
             try:
@@ -448,6 +450,7 @@ class MaskedOutput:
             except termios.error:
                 return None
         mode = [*mode[:6], list(mode[6])]
+        mode[1] &= ~termios.OPOST
         mode[6][termios.VSUSP] = 0  # _POSIX_VDISABLE on Linux
         return mode
 

@@ -589,6 +589,24 @@ def test_run_mask_on_a_terminal_gives_the_child_a_pty(setup: tuple[dict[str, str
         term.close()
 
 
+def test_run_mask_on_a_terminal_shows_line_ends_as_the_bot_run_directly(setup: tuple[dict[str, str], Path]) -> None:
+    """The pty in between adds no carriage return: "1\\n" and "2\\r\\n" look as they do without credbroker."""
+    env, _ = setup
+    bot = "import sys; sys.stdout.buffer.write(b'1\\n2\\r\\n3'); sys.stdout.flush()"
+    shown = []
+    for args in (["run", "--mask", "-p", "mask", "--", sys.executable, "-c", bot],
+                 ["run", "-p", "mask", "--", sys.executable, "-c", bot]):
+        term = Terminal(args, env)
+        try:
+            assert term.proc.wait(timeout=30) == 0
+            shown.append(term.pump(0.3))
+        finally:
+            term.close()
+    masked, direct = shown
+    assert direct.endswith(b"1\r\n2\r\r\n3"), direct  # the terminal's own ONLCR, once
+    assert masked.endswith(b"1\r\n2\r\r\n3"), masked
+
+
 def test_run_mask_on_a_terminal_masks_stderr_and_split_writes(setup: tuple[dict[str, str], Path]) -> None:
     env, _ = setup
     term = Terminal(["run", "--mask", "-p", "mask", "--", sys.executable, "-c", BOTH, "5"], env)
