@@ -80,3 +80,10 @@ def test_no_two_installed_packages_write_the_same_file() -> None:
             owners[str(f)].add(dist.metadata["Name"])
     clashes = {path: names for path, names in owners.items() if len(names) > 1}
     assert not clashes, f"installed packages overwrite each other's files: {sorted(clashes.items())[:5]}"
+
+
+def test_the_cli_reference_in_docs_is_current() -> None:
+    """docs/cli.md is every command's --help; regenerate it with scripts/gen-cli-reference."""
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "gen-cli-reference"), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
