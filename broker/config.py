@@ -201,11 +201,15 @@ class Config(NamedTuple):
         try:
             return self.profiles[name]
         except KeyError:
-            where = str(self.path) if self.path else "no config file found"
+            import difflib
+
+            where = str(self.path.resolve()) if self.path else "no config file found"
             known = ", ".join(sorted(self.profiles)) or "none"
+            close = difflib.get_close_matches(name, list(self.profiles), n=1, cutoff=0.6)
             raise ConfigError(
-                f"profile {name!r} not found ({where}; profiles: {known})",
-                f"add [profiles.{name}] to the config, or pass --config FILE",
+                f"profile {name!r} not found ({where}; profiles: {known})"
+                + (f"; did you mean {close[0]!r}?" if close else ""),
+                f"use -p {close[0]}" if close else f"add [profiles.{name}] to the config, or pass --config FILE",
             ) from None
 
 
@@ -320,7 +324,12 @@ def _parse_profile(name: str, table: Mapping[str, Any], origin: str) -> Profile:
                 f"expected one of: {', '.join(sorted(allowed))}",
             )
     env = table.get("env")
-    if not isinstance(env, dict) or not env:
+    if env is not None and not isinstance(env, dict):
+        raise ConfigError(
+            f"{where}.env: must be a table mapping variables to fields, got {_kind(env)}",
+            'write env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }',
+        )
+    if not env:
         raise ConfigError(
             f"{where}.env: missing or empty",
             'map variables to fields, e.g. env = { BINANCE_API_SECRET = "api_secret" }',
@@ -369,9 +378,23 @@ def _check_profile(profile: Profile) -> None:
         if mount is None and "/" not in path.strip("/"):
             raise ConfigError(
                 f"{profile.where('path')}: {path!r} has no mount",
-                'write "<mount>/<path>", e.g. "secret/bots/um-futures"',
+                f'write "<mount>/<path>", e.g. "secret/{path.strip("/")}" for the KV v2 engine at secret/',
             )
+        if mount is None:
+            first, _, rest = path.strip("/").partition("/")
+            inner, _, tail = rest.partition("/")
+            if inner in ("data", "metadata") and tail:
+                # The API path (secret/data/x) in place of the KV path (secret/x): the broker adds data/.
+                raise ConfigError(
+                    f"{profile.where('path')}: {path!r} names the KV v2 API path",
+                    f'drop "{inner}/": write "{first}/{tail}" (credbroker adds data/ itself, as `vault kv get` does)',
+                )
         version = opts.get("version")
+        if isinstance(version, str) and version.strip().isdigit():
+            raise ConfigError(
+                f"{profile.where('version')}: expected a number, got the string {version!r}",
+                f"write version = {version.strip()}, without quotes",
+            )
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
             raise ConfigError(
                 f"{profile.where('version')}: expected a KV version number >= 1, got {version!r}",

@@ -48,8 +48,11 @@ class RotationPolicy(NamedTuple):
     grace: float = 10.0
 
     @classmethod
-    def parse(cls, spec: str, *, interval: float = 60.0, grace: float = 10.0) -> RotationPolicy:
-        """``restart``, ``ignore`` or ``signal:HUP`` (any signal name, with or without SIG)."""
+    def parse(cls, spec: str, *, interval: float = 60.0, grace: float = 10.0,
+              what: str = "--on-rotate") -> RotationPolicy:
+        """``restart``, ``ignore`` or ``signal:HUP`` (any signal name, with or without SIG).
+
+        ``what`` names where ``spec`` came from (the flag, or the config file and key) for errors."""
         text = spec.strip()
         if text in ("restart", "ignore"):
             return cls(text, None, interval, grace)
@@ -59,9 +62,9 @@ class RotationPolicy(NamedTuple):
             try:
                 signum = int(signal.Signals[name])
             except KeyError:
-                raise ConfigError(f"--on-rotate {spec!r}: unknown signal {name}", "e.g. signal:HUP") from None
+                raise ConfigError(f"{what}: {spec!r}: unknown signal {name}", "e.g. signal:HUP") from None
             return cls("signal", signum, interval, grace)
-        raise ConfigError(f"--on-rotate {spec!r} is not a rotation policy", "use restart, signal:HUP or ignore")
+        raise ConfigError(f"{what}: {spec!r} is not a rotation policy", "use restart, signal:HUP or ignore")
 
 
 def parse_seconds(value: object, what: str) -> float:
@@ -75,7 +78,11 @@ def parse_seconds(value: object, what: str) -> float:
         try:
             seconds = float(text)
         except ValueError:
-            seconds = parse_duration(text, what).total_seconds()
+            try:
+                seconds = parse_duration(text, what).total_seconds()
+            except ConfigError:  # its examples are weeks and days, for log retention
+                raise ConfigError(f"{what}: invalid duration {value!r}",
+                                  "write seconds or a number and a unit, e.g. 30s, 5m, 1h") from None
     if seconds <= 0:
         raise ConfigError(f"{what}: expected a duration > 0, got {value!r}", "e.g. 30s, 5m")
     return seconds
@@ -94,16 +101,21 @@ def policy_from(profile: Profile, on_rotate: str | None, interval: str | None, g
     spec = on_rotate or table.get("on_rotate")
     if not spec:
         return None
+    # Errors name what the user wrote: the flag, or the config file and key.
+    spec_from = "--on-rotate" if on_rotate else profile.where("rotation.on_rotate")
     if profile.source != "vault":
-        raise ConfigError(f"profile {profile.name!r}: rotation is watched in Vault; this profile reads the "
-                          f"{profile.source}", "drop --on-rotate, or use a vault profile")
+        raise ConfigError(f"{spec_from}: rotation is watched in Vault; profile {profile.name!r} reads the "
+                          f"{profile.source}", f"remove {spec_from}, or use a vault profile")
     if profile.options.get("version"):
-        raise ConfigError(f"profile {profile.name!r} pins version {profile.options['version']}: nothing to follow",
-                          "remove the pinned version to follow rotation")
+        raise ConfigError(f"{spec_from}: profile {profile.name!r} pins version {profile.options['version']}: "
+                          "nothing to follow", "remove the pinned version to follow rotation")
     return RotationPolicy.parse(
         str(spec),
-        interval=parse_seconds(interval or table.get("interval", 60), "rotation interval"),
-        grace=parse_seconds(grace or table.get("grace", 10), "rotation grace"),
+        interval=parse_seconds(interval or table.get("interval", 60),
+                               "--rotate-interval" if interval else profile.where("rotation.interval")),
+        grace=parse_seconds(grace or table.get("grace", 10),
+                            "--grace" if grace else profile.where("rotation.grace")),
+        what=spec_from,
     )
 
 

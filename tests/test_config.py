@@ -132,3 +132,40 @@ def test_one_off_profile_errors_name_the_flag() -> None:
         config.Profile.adhoc(env={"A": "a"}, vault_path="x")
     with pytest.raises(ConfigError, match="^--env: no variables to inject"):
         config.Profile.adhoc(env={}, vault_path="secret/x")
+
+
+@pytest.mark.parametrize(("body", "needles"), [
+    ('env = "BINANCE_API_KEY"', ["profiles.p.env: must be a table", "got a string"]),
+    ('env = { S = "s" }\nversion = "3"', ["profiles.p.version: expected a number, got the string '3'",
+                                          "version = 3, without quotes"]),
+    ('env = { S = "s" }\npath = "secret/data/credbroker/p"', ["names the KV v2 API path",
+                                                              'drop "data/": write "secret/credbroker/p"']),
+    ('env = { S = "s" }\npath = "secret/metadata/credbroker/p"', ['drop "metadata/"']),
+    ('env = { S = "s" }\npath = "um-futures"', ["'um-futures' has no mount", '"secret/um-futures"']),
+])
+def test_first_hour_mistakes_get_the_message_that_fits(tmp_path: Path, body: str, needles: list[str]) -> None:
+    text = '[profiles.p]\nsource = "vault"\n' + body + "\n"
+    if "path =" not in body:
+        text += 'path = "secret/credbroker/p"\n'
+    f = write(tmp_path / "c.toml", text)
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    message = str(err.value)
+    assert "\n" not in message and str(f) in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_an_explicit_mount_allows_a_folder_named_data(tmp_path: Path) -> None:
+    f = write(tmp_path / "c.toml", '[profiles.p]\nsource = "vault"\nmount = "secret"\npath = "data/x"\nenv = { S = "s" }\n')
+    assert config.load(f).profile("p").options["path"] == "data/x"
+
+
+def test_a_profile_typo_suggests_the_close_name(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path / "c.toml", GOOD))
+    with pytest.raises(ConfigError) as err:
+        cfg.profile("um-futres")
+    assert "did you mean 'um-futures'?" in str(err.value) and str(tmp_path.resolve()) in str(err.value)
+    with pytest.raises(ConfigError) as far:
+        cfg.profile("zzz")
+    assert "did you mean" not in str(far.value)

@@ -220,8 +220,19 @@ def test_policy_parsing_and_refusals() -> None:
         policy_from(vault._replace(options={"path": "secret/p", "version": 2}), "restart", None, None)
     with pytest.raises(ConfigError, match="watched in Vault"):
         policy_from(Profile(name="k", source="keyring", env={"S": "s"}), "restart", None, None)
-    with pytest.raises(ConfigError, match="rotation interval"):
+    with pytest.raises(ConfigError, match="--rotate-interval: "):
         policy_from(vault, "restart", "0s", None)
+    with pytest.raises(ConfigError, match=r"--rotate-interval: invalid duration '30x'.*30s, 5m"):
+        policy_from(vault, "restart", "30x", None)
+    # A mistake in the config's [rotation] table names the file and the key, never a flag not typed.
+    filed = vault._replace(origin="/etc/cb.toml")
+    for table, needle in [({"on_rotate": "reboot"}, "/etc/cb.toml: profiles.p.rotation.on_rotate: 'reboot'"),
+                          ({"on_rotate": "signal:NOPE"}, "/etc/cb.toml: profiles.p.rotation.on_rotate"),
+                          ({"on_rotate": "restart", "interval": "30x"}, "/etc/cb.toml: profiles.p.rotation.interval"),
+                          ({"on_rotate": "restart", "grace": 0}, "/etc/cb.toml: profiles.p.rotation.grace")]:
+        with pytest.raises(ConfigError) as err:
+            policy_from(filed._replace(sections={"rotation": table}), None, None, None)
+        assert needle in str(err.value) and "--on-rotate" not in str(err.value)
     configured = vault._replace(sections={"rotation": {"on_rotate": "signal:USR2", "interval": "2m"}})
     cp = policy_from(configured, None, None, None)
     assert cp is not None and cp.signum == signal.SIGUSR2 and cp.interval == 120
