@@ -167,7 +167,8 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
 @click.option("--transit-key", metavar="NAME", help="Transit key that decrypts vault:v1:... fields.")
 @click.option("--keyring-service", metavar="SERVICE", help="One-off: OS keyring service to read.")
 @click.option("-e", "--env", "env_items", multiple=True, metavar="VAR=FIELD",
-              help="Inject secret FIELD as VAR (repeatable; adds to the profile's mapping).")
+              help="Inject secret FIELD as VAR (repeatable; adds to the profile's mapping). "
+                   "VAR alone means field var, lower-cased: -e BINANCE_API_SECRET reads binance_api_secret.")
 @click.option("-v", "--verbose", is_flag=True, help="Say which variables were injected (names, never values).")
 @click.option("--on-rotate", metavar="POLICY",
               help="Follow key rotation in Vault: restart | signal:NAME | ignore (default: the profile's "
@@ -321,10 +322,54 @@ def daemon_cmd(socket_path: str | None) -> None:
     daemon.main_loop(Path(socket_path) if socket_path else daemon.socket_path(os.environ))
 
 
+def _own_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """``args`` split into credbroker's own arguments and the child's command.
+
+    The child's part starts at ``--``, or at the first word of ``run``'s COMMAND: a child's ``--json``
+    or ``--debug`` is the child's, never credbroker's. Global options given after the subcommand
+    (``credbroker run --debug ...``) are moved before it, where click reads them."""
+    own: list[str] = []
+    front: list[str] = []
+    i, sub = 0, None
+    takes_value = {"--config"}
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            break
+        if sub is None and not arg.startswith("-"):
+            sub = arg
+            own.append(arg)
+            if sub == "run":
+                takes_value = {"--config"} | {opt for p in run_cmd.params if isinstance(p, click.Option)
+                                              and not p.is_flag and not p.count for opt in p.opts}
+            i += 1
+            continue
+        if sub is not None and arg == "--debug":
+            front.append(arg)
+            i += 1
+            continue
+        if sub is not None and (arg == "--config" or arg.startswith("--config=")):
+            front.extend(args[i:i + (1 if "=" in arg else 2)])
+            i += 1 if "=" in arg else 2
+            continue
+        if sub == "run" and not arg.startswith("-"):
+            break  # the bot's command: `credbroker run -p P python bot.py --json`
+        own.append(arg)
+        if arg in takes_value and "=" not in arg:
+            own.extend(args[i + 1:i + 2])
+            i += 1
+        i += 1
+    return front + own, args[i:]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one line per error, tracebacks only with --debug."""
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
+    own, rest = _own_args(sys.argv[1:] if argv is None else list(argv))
+    args = own + rest
+    debug = "--debug" in own
+    if not args:  # bare `credbroker`: the help, as help, not as an error
+        click.echo(cli.get_help(click.Context(cli, info_name="credbroker", **cli.context_settings)))
+        sys.exit(0)
     try:
         cli.main(args=args, prog_name="credbroker", standalone_mode=False)
     except BrokerError as err:
@@ -332,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exc()
-        fail(err, as_json="--json" in args)
+        fail(err, as_json="--json" in own)
     except click.exceptions.Abort:
         click.echo("credbroker: aborted", err=True)
         sys.exit(EXIT_BROKER_FAILED)
@@ -340,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
         # Usage errors: one line, exit 125 (credbroker failed before any child ran).
         ctx = getattr(exc, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        if (isinstance(exc, click.NoSuchOption) and ctx is not None and ctx.command is run_cmd
+                and "--" not in args):
+            hint = " (the bot's command goes after --: credbroker run -p PROFILE -- python -u bot.py)"
         click.echo(f"credbroker: {exc.format_message()}{hint}", err=True)
         sys.exit(EXIT_BROKER_FAILED)
     except KeyboardInterrupt:

@@ -1,0 +1,61 @@
+"""The `credbroker` entry point: what is credbroker's own argument and what is the bot's, help, hints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from broker.cli import _own_args, main
+
+
+def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    out, err = capsys.readouterr()
+    code = exit_.value.code
+    return (code if isinstance(code, int) else 1), out, err
+
+
+def test_bare_credbroker_prints_the_help_as_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _main([], capsys)
+    assert code == 0 and err == ""
+    assert out.startswith("Usage: credbroker") and "Commands:" in out and "-h, --help" in out
+
+
+def test_a_childs_json_flag_is_the_childs(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["run", "-p", "nosuch", "--", "echo", "--json"], ["run", "-p", "nosuch", "echo", "--json"]):
+        code, out, err = _main(args, capsys)
+        assert code == 125 and err.startswith("credbroker: ")
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(err)
+
+
+def test_check_json_is_credbrokers(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _main(["check", "-p", "nosuch", "--json"], capsys)
+    assert code == 125 and json.loads(err)["error"] == "ConfigError"
+
+
+def test_global_options_after_the_subcommand(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
+    code, _, err = _main(["run", "--config", "/nonexistent/c.toml", "-p", "x", "--", "true"], capsys)
+    assert code == 125 and "config file /nonexistent/c.toml not found" in err
+    code, _, err = _main(["run", "--config=/nonexistent/d.toml", "-p", "x", "--", "true"], capsys)
+    assert code == 125 and "/nonexistent/d.toml" in err
+    code, _, err = _main(["run", "--debug", "-p", "nosuch", "--", "true"], capsys)
+    assert code == 125 and "Traceback" in err  # --debug took effect
+
+
+@pytest.mark.parametrize(("args", "own", "rest"), [
+    (["run", "-p", "P", "--", "python", "--debug"], ["run", "-p", "P"], ["--", "python", "--debug"]),
+    (["run", "-p", "P", "python", "--json"], ["run", "-p", "P"], ["python", "--json"]),
+    (["run", "--debug", "-e", "A=a", "x"], ["--debug", "run", "-e", "A=a"], ["x"]),
+    (["--config", "c", "audit", "report", "--json"], ["--config", "c", "audit", "report", "--json"], []),
+    (["audit", "verify", "--config", "c"], ["--config", "c", "audit", "verify"], []),
+])
+def test_own_args_split(args: list[str], own: list[str], rest: list[str]) -> None:
+    assert _own_args(args) == (own, rest)
+
+
+def test_missing_double_dash_gets_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _main(["run", "-p", "P", "python", "-u", "bot.py"], capsys)
+    assert code == 125 and "the bot's command goes after --" in err and err.count("\n") == 1
