@@ -29,8 +29,11 @@ def _profile(ctx: click.Context, name: str, service: str | None) -> Profile:
             prof = Profile(name=prof.name, source="keyring", env=prof.env, options={**prof.options, "service": service},
                            sections=prof.sections, origin=prof.origin)
         return prof
-    # A profile not in the config yet: entries go to credbroker/<name> (or --service).
-    return Profile(name=name, source="keyring", env={"_": "_"}, options={"service": service} if service else {})
+    if not service:
+        # A typo (`sopt` for `spot`) would store the secret where no profile reads it.
+        config.profile(name)  # raises: not found, with the profiles there are and a close match
+    # With --service: entries go to that service, whether or not a profile reads it yet.
+    return Profile(name=name, source="keyring", env={"_": "_"}, options={"service": service})
 
 
 def read_secret_input(prompt: str) -> Secret:
@@ -62,7 +65,8 @@ def keyring_group() -> None:
 @keyring_group.command("set")
 @click.argument("profile")
 @click.argument("field")
-@click.option("--service", help="Keyring service (default: the profile's, or credbroker/PROFILE).")
+@click.option("--service", help="Keyring service (default: the profile's; required for a profile not in "
+              "the config).")
 @click.pass_context
 def set_cmd(ctx: click.Context, profile: str, field: str, service: str | None) -> None:
     """Store FIELD of PROFILE, read from a no-echo prompt or stdin (never argv)."""
@@ -80,7 +84,8 @@ def set_cmd(ctx: click.Context, profile: str, field: str, service: str | None) -
 @keyring_group.command("delete")
 @click.argument("profile")
 @click.argument("field")
-@click.option("--service", help="Keyring service (default: the profile's, or credbroker/PROFILE).")
+@click.option("--service", help="Keyring service (default: the profile's; required for a profile not in "
+              "the config).")
 @click.pass_context
 def delete_cmd(ctx: click.Context, profile: str, field: str, service: str | None) -> None:
     """Delete FIELD of PROFILE from the keyring."""

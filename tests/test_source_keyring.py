@@ -61,8 +61,13 @@ def test_keyring_set_reads_stdin_never_argv(secret_service: SecretService, tmp_p
     import keyring
 
     assert keyring.get_password("credbroker/cli-test", "api_secret") == SECRET
-    empty = cli(["keyring", "set", "cli-test", "api_secret"], env, stdin="")
+    empty = cli(["keyring", "set", "--service", "credbroker/cli-test", "cli-test", "api_secret"], env, stdin="")
     assert empty.returncode == 125 and "empty input" in empty.stderr
+    # A profile the config does not have, without --service: refused before anything is read or stored.
+    typo = cli(["keyring", "set", "cli-tset", "api_secret"], env, stdin=SECRET + "\n")
+    assert typo.returncode == 125 and "profile 'cli-tset' not found" in typo.stderr
+    assert SECRET not in typo.stdout + typo.stderr
+    assert keyring.get_password("credbroker/cli-tset", "api_secret") is None
     gone = cli(["keyring", "delete", "--service", "credbroker/cli-test", "cli-test", "api_secret"], env)
     assert gone.returncode == 0, gone.stderr
     assert keyring.get_password("credbroker/cli-test", "api_secret") is None
