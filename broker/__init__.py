@@ -25,13 +25,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import BrokerError
     from .secret import Credentials, Secret
     from .signing import get_signer
-    from .sources import fetch
+    from .access import fetch
 
 _LAZY = {
     "BrokerError": ("broker.errors", "BrokerError"),
     "Credentials": ("broker.secret", "Credentials"),
     "Secret": ("broker.secret", "Secret"),
-    "fetch": ("broker.sources", "fetch"),
+    "fetch": ("broker.access", "fetch"),
     "load_config": ("broker.config", "load"),
     "get_signer": ("broker.signing", "get_signer"),
 }

@@ -259,13 +259,11 @@ def run_cmd(
 @click.pass_context
 def check_cmd(ctx: click.Context, profile: str, as_json: bool) -> None:
     """Fetch a profile's secrets and report what was found (never the values)."""
-    from .sources import fetch
+    from .access import fetch
 
     config = _load_config(ctx)
     prof = config.profile(profile)
-    from .config import with_config_defaults
-
-    creds = fetch(prof, env=with_config_defaults(os.environ, config))
+    creds = fetch(prof, config=config, by="check")
     try:
         info = {
             "profile": prof.name,

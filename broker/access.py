@@ -1,0 +1,99 @@
+"""The one audited way to read a profile's secrets.
+
+Every reader (``credbroker run``, ``check``, ``get_signer(profile=...)``, the
+public ``broker.fetch``) calls :func:`fetch`: it opens the audit log before
+anything is asked of a source (an access that cannot be recorded is never
+made), fetches through the source registry, and records the outcome in one
+schema, ``secret_fetched`` or ``refused``, each naming the reader (``by``).
+A refusal that came after Vault answered (a field or version missing) carries
+Vault's ``request_id`` too, so the weekly review's Vault cross-check matches
+that read to the broker and never lists it as a read from outside.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import Config, Profile
+from .errors import BrokerError
+from .secret import Credentials
+
+#: ``record(event, fields)``: what every audited reader writes through.
+Recorder = Callable[[str, dict[str, Any]], Any]
+
+
+def config_for(profile: Profile, config: Config | None = None) -> Config:
+    """The config whose ``[vault]`` and ``[audit]`` tables apply to ``profile``: the one given, else the
+    file the profile came from, else the documented search order."""
+    if config is not None:
+        return config
+    from .config import load, parse_file
+
+    return parse_file(Path(profile.origin)) if profile.origin else load()
+
+
+def open_recorder(config: Config, environ: Mapping[str, str]) -> Recorder:
+    """The audit log's ``record``, checked writable before anything is fetched (fail closed)."""
+    from .audit import open_log
+
+    log = open_log(config.audit or None, env=environ)
+    log.check_writable()
+    recorder: Recorder = log.record
+    return recorder
+
+
+def refusal(profile: Profile, exc: BrokerError, by: str, **context: Any) -> dict[str, Any]:
+    """The ``refused`` record's fields for ``exc`` (with Vault's request id when Vault had answered)."""
+    fields: dict[str, Any] = {"profile": profile.name, "source": profile.source, "error": type(exc).__name__,
+                              "reason": exc.message, "by": by, **context}
+    request_id = getattr(exc, "request_id", None)
+    if isinstance(request_id, str) and request_id:
+        fields.update(request_id=request_id, path=getattr(exc, "path", None))
+    return fields
+
+
+def record_refusal(record: Recorder, profile: Profile, exc: BrokerError, by: str, **context: Any) -> None:
+    """Record ``exc`` as a refusal; a failure to record never hides the original error."""
+    try:
+        record("refused", refusal(profile, exc, by, **context))
+    except BrokerError:
+        pass  # the original failure is what the operator must see
+
+
+def fetch(
+    profile: Profile,
+    *,
+    config: Config | None = None,
+    env: Mapping[str, str] | None = None,
+    record: Recorder | None = None,
+    by: str = "library",
+    context: Mapping[str, Any] | None = None,
+    use_daemon: bool = True,
+) -> Credentials:
+    """Every field ``profile`` names, read and recorded, or a ``BrokerError`` (recorded as refused).
+
+    ``env`` is the environment (``VAULT_ADDR``...); the config's ``[vault]`` fills what it does not set.
+    ``record`` defaults to the config's audit log. ``context`` adds fields to both records (the
+    command, the pid)."""
+    from .config import with_config_defaults
+    from .sources import fetch as source_fetch
+
+    cfg = config_for(profile, config)
+    source_env = with_config_defaults(os.environ if env is None else env, cfg)
+    rec = record if record is not None else open_recorder(cfg, source_env)
+    extra = dict(context or {})
+    try:
+        creds = source_fetch(profile, env=source_env, use_daemon=use_daemon)
+    except BrokerError as exc:
+        record_refusal(rec, profile, exc, by, **extra)
+        raise
+    try:
+        rec("secret_fetched", {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields),
+                               "by": by, **extra})
+    except BrokerError:
+        creds.wipe()  # not recorded, not handed out
+        raise
+    return creds
