@@ -97,3 +97,78 @@ def fetch(
         creds.wipe()  # not recorded, not handed out
         raise
     return creds
+
+
+def value_warnings(profile: Profile, creds: Credentials) -> list[str]:
+    """One line per fetched value that would sign wrongly: a trailing newline or space (pasted with the
+    value, or typed before Ctrl-D) makes every signature fail with -1022."""
+    out = []
+    for name in profile.fields:
+        raw = creds[name].reveal()
+        if raw[-1:] in (b"\n", b"\r"):
+            out.append(f"field {name} of profile {profile.name} ends with a newline: every signature made with it "
+                       "will fail (-1022); store it again without one (scripts/rotate-key strips it)")
+        elif raw[-1:] in (b" ", b"\t") or raw[:1] in (b" ", b"\t"):
+            out.append(f"field {name} of profile {profile.name} starts or ends with white space: check that it "
+                       "was stored as the exchange gave it")
+    return out
+
+
+class CheckResult(dict[str, Any]):
+    """What `credbroker check` reports of one profile (JSON-ready; no secret): ``ok``, where the secret was
+    read, each field's size, and ``warnings``/``problems`` found beyond the read itself."""
+
+
+def check(profile: Profile, *, config: Config | None = None, env: Mapping[str, str] | None = None,
+          record: Recorder | None = None) -> CheckResult:
+    """Read ``profile`` as ``credbroker run`` would (audited, ``by="check"``) and validate what a run
+    would need later: the [signer], [policy] and [rotation] tables, and for a vault profile that follows
+    the latest version, that the token may read the metadata rotation watches. Raises on the read."""
+    from .config import with_config_defaults
+
+    cfg = config_for(profile, config)
+    environ = os.environ if env is None else env
+    problems: list[str] = []
+    creds = fetch(profile, config=cfg, env=environ, record=record, by="check")
+    try:
+        result = CheckResult(
+            profile=profile.name, **creds.origin.to_dict(),
+            fields={name: {"bytes": len(creds[name])} for name in profile.fields},
+            env=dict(profile.env), warnings=value_warnings(profile, creds),
+        )
+    finally:
+        creds.wipe()
+    for validate in (_check_signer, _check_policy, _check_rotation):
+        try:
+            validate(profile)
+        except BrokerError as exc:
+            problems.append(str(exc))
+    if profile.source == "vault" and not profile.options.get("version"):
+        from .sources.vault import current_version
+
+        try:
+            current_version(profile, with_config_defaults(environ, cfg))
+        except BrokerError as exc:
+            problems.append(f"rotation cannot be followed: {exc}")
+    result.update(problems=problems, ok=not problems)
+    return result
+
+
+def _check_signer(profile: Profile) -> None:
+    from .signing.settings import SignerSettings
+
+    SignerSettings.for_profile(profile)
+
+
+def _check_policy(profile: Profile) -> None:
+    if profile.sections.get("policy") is not None:
+        from .signing_policy import SigningPolicy
+
+        SigningPolicy.for_profile(profile)
+
+
+def _check_rotation(profile: Profile) -> None:
+    if profile.sections.get("rotation") is not None:
+        from .rotation import policy_from
+
+        policy_from(profile, None, None, None)

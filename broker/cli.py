@@ -254,32 +254,58 @@ def run_cmd(
 
 
 @cli.command("check")
-@click.option("-p", "--profile", metavar="NAME", required=True, help="Profile to check.")
+@click.option("-p", "--profile", metavar="NAME", help="Profile to check.")
+@click.option("--all", "check_all", is_flag=True, help="Check every profile in the config.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def check_cmd(ctx: click.Context, profile: str, as_json: bool) -> None:
-    """Fetch a profile's secrets and report what was found (never the values)."""
-    from .access import fetch
+def check_cmd(ctx: click.Context, profile: str | None, check_all: bool, as_json: bool) -> None:
+    """Fetch a profile's secrets and report what was found (never the values).
+
+    Each read is recorded in the audit log, as a run's is. Beyond the read it
+    checks what a run needs later: the [signer], [policy] and [rotation]
+    tables, and that the token may read the metadata rotation watches. Exit
+    status 125 when anything is wrong; warnings (a value ending with a
+    newline) do not change it.
+    """
+    from .access import check
+    from .errors import ConfigError
 
     config = _load_config(ctx)
-    prof = config.profile(profile)
-    creds = fetch(prof, config=config, by="check")
-    try:
-        info = {
-            "profile": prof.name,
-            **creds.origin.to_dict(),
-            "fields": {name: {"bytes": len(creds[name])} for name in prof.fields},
-            "env": dict(prof.env),
-        }
-    finally:
-        creds.wipe()
+    if check_all == bool(profile):
+        raise ConfigError("say what to check", "give -p PROFILE, or --all for every profile in the config")
+    names = sorted(config.profiles) if check_all else [str(profile)]
+    if check_all and not names:
+        raise ConfigError(f"no profiles in {config.path or 'the config (none found)'}", "add [profiles.NAME]")
+    results: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            results.append(dict(check(config.profile(name), config=config)))
+        except BrokerError as exc:
+            if not check_all:
+                raise
+            results.append({"profile": name, "ok": False, "problems": [str(exc)], "warnings": []})
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps(results if check_all else results[0], indent=2))
+    else:
+        for info in results:
+            _print_check(info)
+    if not all(info["ok"] for info in results):
+        sys.exit(EXIT_BROKER_FAILED)
+
+
+def _print_check(info: dict[str, Any]) -> None:
+    if "source" not in info:  # the read itself failed (--all goes on to the next profile)
+        click.echo(f"profile {info['profile']}: FAILED: {info['problems'][0]}")
         return
-    version = f" v{info['version']}" if info["version"] is not None else ""
-    click.echo(f"profile {prof.name}: ok, {info['source']} {info['path']}{version}")
-    for var, field_name in prof.env.items():
-        click.echo(f"  {var} <- {field_name}")
+    version = f" v{info['version']}" if info.get("version") is not None else ""
+    state = "ok" if info["ok"] else "PROBLEMS"
+    click.echo(f"profile {info['profile']}: {state}, {info['source']} {info['path']}{version}")
+    for var, field_name in info["env"].items():
+        click.echo(f"  {var} <- {field_name} ({info['fields'][field_name]['bytes']} bytes)")
+    for line in info["warnings"]:
+        click.echo(f"  warning: {line}")
+    for line in info["problems"]:
+        click.echo(f"  problem: {line}")
 
 
 @cli.command("profiles")
@@ -288,17 +314,38 @@ def check_cmd(ctx: click.Context, profile: str, as_json: bool) -> None:
 def profiles_cmd(ctx: click.Context, as_json: bool) -> None:
     """List the configured profiles and where the config was found."""
     config = _load_config(ctx)
-    rows = [
-        {"name": p.name, "source": p.source, **{k: v for k, v in p.options.items()}, "env": list(p.env)}
-        for p in config.profiles.values()
-    ]
+    rows = [_profile_row(p) for p in config.profiles.values()]
+    where = str(config.path.resolve()) if config.path else None
     if as_json:
-        click.echo(json.dumps({"config": str(config.path) if config.path else None, "profiles": rows}, indent=2))
+        click.echo(json.dumps({"config": where, "profiles": rows}, indent=2))
         return
-    click.echo(f"config: {config.path or 'none found'}")
-    for p in config.profiles.values():
-        ref = p.options.get("path") or p.options.get("service") or f"credbroker/{p.name}"
-        click.echo(f"  {p.name:<20} {p.source:<8} {ref}  -> {', '.join(p.env)}")
+    click.echo(f"config: {where or 'none found (see credbroker --help for where it is looked for)'}")
+    if not rows:
+        return
+    table = [("PROFILE", "SOURCE", "READS", "VARIABLES", "SIGNER", "ROTATION", "POLICY")] + [
+        (r["name"], r["source"], r["reads"], ", ".join(r["env"]), r["signer"], r["rotation"], r["policy"])
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+
+
+def _profile_row(p: Any) -> dict[str, Any]:
+    """What `profiles` shows of one profile (no secret: where it is read from and how it is used)."""
+    opts = p.options
+    reads = opts.get("path") or opts.get("service") or f"credbroker/{p.name}"
+    if opts.get("version"):
+        reads += f" v{opts['version']}"
+    signer = p.sections.get("signer")
+    rotation = p.sections.get("rotation")
+    policy = p.sections.get("policy")
+    return {
+        "name": p.name, "source": p.source, **dict(opts), "reads": reads, "env": list(p.env),
+        "signer": str(signer.get("type", "auto")) if isinstance(signer, dict) else "auto",
+        "rotation": str(rotation.get("on_rotate", "-")) if isinstance(rotation, dict) else "-",
+        "policy": ", ".join(sorted(policy)) if isinstance(policy, dict) and policy else "-",
+    }
 
 
 @cli.command("daemon")

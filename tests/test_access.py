@@ -80,3 +80,44 @@ def test_no_read_without_a_writable_audit_log(openbao: OpenBao, tmp_path: Path,
     with pytest.raises(BrokerError) as err:
         broker.fetch(broker.load_config(str(cfg)).profile("p"))
     assert "audit" in str(err.value).lower() and os.path.isfile(blocked)
+
+
+def test_check_text_shows_sizes_and_warns_of_a_trailing_newline(openbao: OpenBao, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    openbao.kv_put("credbroker/access-nl", api_secret="s-access-nl\n")
+    cfg = _config(tmp_path, openbao, "credbroker/access-nl")
+    monkeypatch.setenv("VAULT_TOKEN", openbao.token)
+    res = CliRunner().invoke(cli, ["--config", str(cfg), "check", "-p", "p"])
+    assert res.exit_code == 0, res.output  # a warning, not a failure
+    assert "BINANCE_API_SECRET <- api_secret (12 bytes)" in res.output
+    (warning,) = [line for line in res.output.splitlines() if "warning:" in line]
+    assert "api_secret" in warning and "newline" in warning and "s-access-nl" not in res.output
+
+
+def test_check_all_goes_on_past_a_failing_profile_and_fails_at_the_end(
+        openbao: OpenBao, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    openbao.kv_put("credbroker/access-ok", api_secret="s-ok")
+    cfg = _config(tmp_path, openbao, "credbroker/access-ok",
+                  '\n[profiles.q]\nsource = "vault"\npath = "secret/credbroker/access-none"\n'
+                  'env = { BINANCE_API_SECRET = "api_secret" }\n')
+    monkeypatch.setenv("VAULT_TOKEN", openbao.token)
+    res = CliRunner().invoke(cli, ["--config", str(cfg), "check", "--all", "--json"])
+    assert res.exit_code == 125
+    results = {r["profile"]: r for r in json.loads(res.stdout)}
+    assert results["p"]["ok"] is True and results["q"]["ok"] is False and results["q"]["problems"]
+
+
+def test_check_says_when_the_token_cannot_follow_rotation(openbao: OpenBao, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token that may read the secret but not its metadata starts a bot whose every rotation check fails:
+    check says so before that happens."""
+    openbao.kv_put("credbroker/access-meta", api_secret="s-meta")
+    client = openbao.client()
+    client.sys.create_or_update_acl_policy(
+        name="data-only", policy='path "secret/data/credbroker/access-meta" { capabilities = ["read"] }')
+    token = client.auth.token.create(policies=["data-only"], ttl="10m")["auth"]["client_token"]
+    cfg = _config(tmp_path, openbao, "credbroker/access-meta")
+    monkeypatch.setenv("VAULT_TOKEN", token)
+    res = CliRunner().invoke(cli, ["--config", str(cfg), "check", "-p", "p"])
+    assert res.exit_code == 125
+    assert "problem: rotation cannot be followed" in res.output and "metadata" in res.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -59,3 +60,26 @@ def test_own_args_split(args: list[str], own: list[str], rest: list[str]) -> Non
 def test_missing_double_dash_gets_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _main(["run", "-p", "P", "python", "-u", "bot.py"], capsys)
     assert code == 125 and "the bot's command goes after --" in err and err.count("\n") == 1
+
+
+def test_profiles_lists_aligned_columns_with_the_absolute_config_path(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from broker.cli import cli
+
+    (tmp_path / "credbroker.toml").write_text(
+        '[profiles.um-futures]\nsource = "vault"\npath = "secret/credbroker/um-futures"\n'
+        'env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }\n'
+        'rotation = { on_rotate = "restart" }\npolicy = { symbols = ["BTCUSDT"] }\n'
+        'signer = { type = "hmac" }\n'
+        '[profiles.spot]\nsource = "keyring"\nenv = { BINANCE_API_SECRET = "api_secret" }\n')
+    res = CliRunner().invoke(cli, ["profiles"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == f"config: {(tmp_path / 'credbroker.toml').resolve()}"
+    header, fut, spot = lines[1:4]
+    for column in ("SOURCE", "READS", "VARIABLES", "SIGNER", "ROTATION", "POLICY"):
+        at = header.index(column)
+        assert fut[at - 1] == " " and spot[at - 1] == " " and fut[at] != " "  # each column starts aligned
+    assert "hmac" in fut and "restart" in fut and "symbols" in fut
+    assert "credbroker/spot" in spot
