@@ -84,7 +84,7 @@ class Secret:
     @property
     def wiped(self) -> bool:
         """True once ``wipe()`` has run."""
-        return self._buf is None  # type: ignore[comparison-overlap]
+        return self._buf is None
 
     @property
     def memory_locked(self) -> bool:
@@ -94,7 +94,7 @@ class Secret:
     def wipe(self) -> None:
         """Overwrite the buffer with zeros and release it. Idempotent."""
         buf = self._buf
-        if buf is None:  # type: ignore[comparison-overlap]
+        if buf is None:
             return
         n = len(buf)
         if n:
@@ -113,7 +113,7 @@ class Secret:
             pass
 
     def _check_alive(self) -> None:
-        if self._buf is None:  # type: ignore[comparison-overlap]
+        if self._buf is None:
             raise ValueError("this Secret has been wiped")
 
     # -- never shown, never copied ------------------------------------------------------

@@ -43,7 +43,7 @@ def get(name: str) -> SourceModule:
         module_name = _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown source {name!r}", f"use one of: {', '.join(_REGISTRY)}") from None
-    module: SourceModule = importlib.import_module(module_name)  # type: ignore[assignment]
+    module: SourceModule = importlib.import_module(module_name)
     return module
 
 
