@@ -69,19 +69,23 @@ def resolve_command(name: str, path: str | None) -> str:
     else:
         candidates = [os.path.join(d or ".", name) for d in (path or os.defpath).split(os.pathsep)]
     not_executable: str | None = None
+    directory: str | None = None
     for cand in candidates:
         try:
             st = os.stat(cand)
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            not_executable = not_executable or cand
+            directory = directory or cand
             continue
         if os.access(cand, os.X_OK):
             return cand
         not_executable = not_executable or cand
     if not_executable:
         raise CommandNotExecutable(f"command not executable: {not_executable}", "check its permissions (chmod +x)")
+    if directory:
+        raise CommandNotExecutable(f"command is a directory: {directory}",
+                                   f"name the program to run, e.g. -- python {directory.rstrip('/')}/bot.py")
     raise CommandNotFound(f"command not found: {name}", "check the name and PATH")
 
 

@@ -84,8 +84,10 @@ def test_resolve_command(tmp_path: Path) -> None:
     with pytest.raises(CommandNotExecutable) as ne:
         runner.resolve_command("plain", str(tmp_path))
     assert ne.value.exit_code == 126
-    with pytest.raises(CommandNotExecutable):
+    with pytest.raises(CommandNotExecutable) as isdir:
         runner.resolve_command(str(tmp_path), None)  # a directory
+    assert "is a directory" in str(isdir.value) and "chmod" not in str(isdir.value)
+    assert isdir.value.exit_code == 126
     assert not plain.stat().st_mode & stat.S_IXUSR
 
 
