@@ -122,8 +122,10 @@ class CheckResult(dict[str, Any]):
 def check(profile: Profile, *, config: Config | None = None, env: Mapping[str, str] | None = None,
           record: Recorder | None = None) -> CheckResult:
     """Read ``profile`` as ``credbroker run`` would (audited, ``by="check"``) and validate what a run
-    would need later: the [signer], [policy] and [rotation] tables, and for a vault profile that follows
-    the latest version, that the token may read the metadata rotation watches. Raises on the read."""
+    would need later: the [signer], [policy] and [rotation] tables; for a transit signer, that the key
+    exists, can sign and cannot leave Vault, and that the broker may issue the bot's scoped token; for a
+    vault profile that follows the latest version, that the token may read the metadata rotation
+    watches. Raises on the read."""
     from .config import with_config_defaults
 
     cfg = config_for(profile, config)
@@ -143,6 +145,15 @@ def check(profile: Profile, *, config: Config | None = None, env: Mapping[str, s
             validate(profile)
         except BrokerError as exc:
             problems.append(str(exc))
+    if not problems and _signer_type(profile) == "transit":
+        # What run does before the bot starts: check the key and issue (then revoke) the scoped token.
+        from .signing import child_env, release_child_env
+
+        source_env = with_config_defaults(environ, cfg)
+        try:
+            release_child_env(child_env(profile, env=source_env), env=source_env)
+        except BrokerError as exc:
+            problems.append(str(exc))
     if profile.source == "vault" and not profile.options.get("version"):
         from .sources.vault import current_version
 
@@ -152,6 +163,11 @@ def check(profile: Profile, *, config: Config | None = None, env: Mapping[str, s
             problems.append(f"rotation cannot be followed: {exc}")
     result.update(problems=problems, ok=not problems)
     return result
+
+
+def _signer_type(profile: Profile) -> str | None:
+    table = profile.sections.get("signer")
+    return str(table.get("type")) if isinstance(table, dict) and table.get("type") else None
 
 
 def _check_signer(profile: Profile) -> None:

@@ -201,3 +201,35 @@ token_ttl = "5m"
     assert "token-in-child: True" in res.stdout and "TransitSigner(kind='transit'" in res.stdout
     assert [s.status for s in verifier.seen] == [200, 200, 200]
     assert openbao.token not in res.stdout + res.stderr
+
+
+def test_a_mistyped_transit_key_fails_closed_before_the_bot_starts(openbao: OpenBao, tmp_path: Path,
+                                                                   run_broker: Any) -> None:
+    """check reports it and run refuses (125, one line naming the setting), instead of a bot dying in
+    get_signer() with a KV remedy."""
+    import subprocess
+
+    name = "typo-" + secrets.token_hex(4)
+    env = broker_env(openbao)
+    made = subprocess.run([sys.executable, str(REPO / "scripts" / "transit-key"), name], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    kv = f"credbroker/{name}"
+    openbao.kv_put(kv, api_key="K" * 64)
+    (tmp_path / "credbroker.toml").write_text(f"""
+[profiles.um-transit]
+source = "vault"
+path = "secret/{kv}"
+env = {{ BINANCE_API_KEY = "api_key" }}
+
+[profiles.um-transit.signer]
+type = "transit"
+transit_key = "{name}x"
+""")
+    marker = tmp_path / "bot-started"
+    res = run_broker(["run", "--profile", "um-transit", "--", "touch", str(marker)], env=env, cwd=tmp_path)
+    assert res.returncode == 125 and not marker.exists()
+    assert res.stderr.count("\n") == 1 and f"transit key transit/keys/{name}x does not exist" in res.stderr
+    assert "profiles.um-transit.signer.transit_key" in res.stderr and "kv get" not in res.stderr
+    checked = run_broker(["check", "-p", "um-transit"], env=env, cwd=tmp_path)
+    assert checked.returncode == 125 and "does not exist" in checked.stdout

@@ -346,11 +346,14 @@ def child_env(profile: Profile, *, env: Mapping[str, str]) -> dict[str, str]:
     if settings.type == "transit":
         from ..sources.settings import VaultSettings
         from ..sources.vault import client_for
-        from .transit import child_token
+        from .transit import child_token, describe_key
 
         vs = VaultSettings.from_env(env)
         client = client_for(profile, env, settings=vs)
         assert settings.transit_key is not None
+        # Before the bot starts: a mistyped key name fails here (125), not in the bot's get_signer().
+        describe_key(client, vs, mount=settings.transit_mount, key=settings.transit_key,
+                     where=profile.where("signer.transit_key"))
         token, lease = child_token(client, vs, mount=settings.transit_mount, key=settings.transit_key,
                                    profile=profile.name, ttl=settings.token_ttl, role=settings.token_role)
         payload["vault"] = {"addr": vs.addr, "cacert": vs.cacert, "namespace": vs.namespace, "timeout": vs.timeout}

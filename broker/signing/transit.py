@@ -51,6 +51,36 @@ def _vault_mapped(settings: Any, action: str, path: str, client: Any) -> Any:
     return _mapped(settings, action, path, _token_valid(client))
 
 
+def describe_key(client: Any, settings: Any, *, mount: str, key: str, where: str = "signer.transit_key"
+                 ) -> dict[str, Any]:
+    """Vault's description of transit key ``mount``/``key``, checked: it exists, it is Ed25519 (Binance's
+    self-generated key type), and its private half cannot leave Vault. ``where`` names the setting for
+    errors. The broker calls this before any bot starts, so a typo in the key's name fails closed."""
+    from ..errors import VaultNotFound
+
+    path = f"{mount}/keys/{key}"
+    try:
+        with _vault_mapped(settings, "read the transit key", path, client):
+            resp = client.secrets.transit.read_key(name=key, mount_point=mount)
+    except VaultNotFound:
+        raise SigningError(f"transit key {path} does not exist ({where})",
+                           f"check the key's name in {where}, or create it: scripts/transit-key {key}") from None
+    data = resp.get("data") if isinstance(resp, dict) else None
+    if not isinstance(data, dict):
+        raise SigningError(f"Vault returned no description of transit key {path}", "check the mount and key name")
+    if data.get("type") != "ed25519":
+        raise SigningError(
+            f"transit key {path} is of type {data.get('type')!r}, not ed25519",
+            "create an Ed25519 key: scripts/transit-key NAME",
+        )
+    if data.get("exportable") or data.get("allow_plaintext_backup"):
+        raise SigningError(
+            f"transit key {path} is exportable: its private key can leave Vault",
+            "create a new non-exportable key with scripts/transit-key and register its public key",
+        )
+    return data
+
+
 class TransitSigner(Signer):
     """Signs through Vault's transit engine with a non-exportable Ed25519 key; returns base64."""
 
@@ -99,23 +129,9 @@ class TransitSigner(Signer):
             return fn()
 
     def _describe_key(self) -> dict[str, Any]:
-        path = f"{self.mount}/keys/{self.key}"
-        resp = self._call("read the transit key", path,
-                          lambda: self._client.secrets.transit.read_key(name=self.key, mount_point=self.mount))
-        data = resp.get("data") if isinstance(resp, dict) else None
-        if not isinstance(data, dict):
-            raise SigningError(f"Vault returned no description of transit key {path}", "check the mount and key name")
-        if data.get("type") != "ed25519":
-            raise SigningError(
-                f"transit key {path} is of type {data.get('type')!r}, not ed25519",
-                "create an Ed25519 key: scripts/transit-key NAME",
-            )
-        if data.get("exportable") or data.get("allow_plaintext_backup"):
-            raise SigningError(
-                f"transit key {path} is exportable: its private key can leave Vault",
-                "create a new non-exportable key with scripts/transit-key and register its public key",
-            )
-        return data
+        if self._client is None:
+            raise SigningError("this signer has been closed", "get a new one with get_signer()")
+        return describe_key(self._client, self._settings, mount=self.mount, key=self.key)
 
     def _maybe_renew(self) -> None:
         ttl = self._token_ttl
