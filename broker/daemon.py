@@ -60,7 +60,8 @@ def code_id() -> str:
 
     package = Path(__file__).resolve().parent
     h = hashlib.sha256(__version__.encode())
-    for path in sorted([*package.glob("*.py"), *(package / "sources").glob("*.py")]):
+    folders = (package, package / "sources", package / "vault")
+    for path in sorted(p for folder in folders for p in folder.glob("*.py")):
         try:
             st = path.stat()
         except OSError:

@@ -45,10 +45,10 @@ def policy_hcl(mount: str, key: str) -> str:
 
 
 def _vault_mapped(settings: Any, action: str, path: str, client: Any) -> Any:
-    """The sources' mapping of hvac/requests errors to VaultErrors (one exception tree)."""
-    from ..sources.vault import _mapped, _token_valid
+    """The Vault session's mapping of hvac/requests errors to VaultErrors (one exception tree)."""
+    from ..vault.session import mapped
 
-    return _mapped(settings, action, path, _token_valid(client))
+    return mapped(settings, action, path, client)
 
 
 class TransitSigner(Signer):
@@ -71,11 +71,14 @@ class TransitSigner(Signer):
         **kwargs: Any,
     ) -> None:
         super().__init__(api_key, **kwargs)
-        if not key or "/" in key:
-            raise SigningError(f"invalid transit key name {key!r}", "set signer.transit_key to the key's name")
+        from ..vault.paths import PathKind, problem
+
+        if not key or problem(key, PathKind.NAME) or problem(mount, PathKind.MOUNT):
+            raise SigningError(f"invalid transit key name {key!r} or mount {mount!r}",
+                               "set signer.transit_key to the key's name (one segment, no '..' or '%')")
         self._client: Any = client
         if settings is None:  # for messages only: where the server is, which token
-            from ..sources.settings import VaultSettings
+            from ..vault.settings import VaultSettings
 
             settings = VaultSettings(addr=str(getattr(client, "url", "Vault")), token_source="the signer's token")
         self._settings = settings
@@ -106,8 +109,11 @@ class TransitSigner(Signer):
         if not isinstance(data, dict):
             raise SigningError(f"Vault returned no description of transit key {path}", "check the mount and key name")
         if data.get("type") != "ed25519":
+            from ..vault.session import in_hand, server_text
+
+            shown = server_text(repr(data.get("type")), in_hand(self._settings, self._client), limit=40)
             raise SigningError(
-                f"transit key {path} is of type {data.get('type')!r}, not ed25519",
+                f"transit key {path} is of type {shown}, not ed25519",
                 "create an Ed25519 key: scripts/transit-key NAME",
             )
         if data.get("exportable") or data.get("allow_plaintext_backup"):
