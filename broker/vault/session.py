@@ -146,6 +146,8 @@ def new_client(settings: VaultSettings, token: str | None = None) -> hvac.Client
 
 def open_client(settings: VaultSettings) -> hvac.Client:
     """An authenticated hvac client: the token, or an AppRole login. Raises a VaultError."""
+    from .transport import RedirectRefused
+
     client = new_client(settings)
     if settings.auth == "approle":
         if settings.role_id is None or settings.secret_id is None:
@@ -163,6 +165,8 @@ def open_client(settings: VaultSettings) -> hvac.Client:
                     use_token=True,
                 )
         except (VaultBadResponse, VaultPermissionDenied) as exc:
+            if isinstance(exc.__cause__, RedirectRefused):
+                raise  # its remedy (the cluster's addresses) is the right one, not the role_id's
             raise VaultAuthError(
                 f"AppRole login at {settings.addr}/v1/{login_path} failed: {exc.message}",
                 "check the role_id, and issue a new secret_id (they expire and may be single-use)",
@@ -231,7 +235,7 @@ def mapped(settings: VaultSettings, action: str, path: str, client: Any = None, 
             "which is not a configured address; nothing was sent there",
             f"set {where} to the active node, or list that address in [vault] addrs (CREDBROKER_VAULT_ADDRS) "
             "if it belongs to your cluster",
-        ) from None
+        ) from exc
     except DeadlineExceeded as exc:
         raise VaultUnreachable(
             f"Vault at {addr} did not answer within {exc.seconds:g} s (the total deadline of one request) "
