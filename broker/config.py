@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 from .errors import ConfigError
 from .vault.paths import PathKind, check
-from .vault.settings import CONFIG_ENV, FROM_CONFIG_VAR
+from .vault.origins import CONFIG_ENV, FROM_CONFIG_VAR
 
 ENV_CONFIG = "CREDBROKER_CONFIG"
 LOCAL_NAME = "credbroker.toml"

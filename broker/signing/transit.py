@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import SigningError, VaultPermissionDenied
+from ..errors import SigningError, VaultError, VaultPermissionDenied
 from ..secret import Secret
 from . import core
 from .base import Signer
@@ -177,8 +177,6 @@ def child_token(client: Any, settings: Any, *, mount: str, key: str, profile: st
     holds itself; with ``role`` (``signer.token_role``) the role's
     ``allowed_policies`` decide.
     """
-    import hvac.exceptions as hx
-
     name = policy_name(mount, key)
     try:
         with _vault_mapped(settings, "write policy", f"sys/policies/acl/{name}", client):
@@ -196,12 +194,8 @@ def child_token(client: Any, settings: Any, *, mount: str, key: str, profile: st
                 meta={"profile": profile, "transit_key": f"{mount}/{key}"},
                 role_name=role,
             )
-    except SigningError:
-        raise
-    except hx.VaultError as exc:  # pragma: no cover - _mapped converts these
-        raise SigningError(f"cannot create a signing token: {type(exc).__name__}", "check the broker's policy") from exc
-    except Exception as exc:
-        message = getattr(exc, "message", str(exc))
+    except VaultError as exc:  # the session maps every hvac/requests failure to one of these
+        message = exc.message
         raise SigningError(
             f"cannot create a transit signing token for profile {profile!r}: {message}",
             f"give the broker's token policy {name} (scripts/transit-key writes it), or set signer.token_role",

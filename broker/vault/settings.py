@@ -18,7 +18,6 @@ Each value remembers where it came from (``origin(...)``), so an error names
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from collections.abc import Mapping
@@ -28,31 +27,11 @@ from urllib.parse import urlsplit
 
 from ..errors import ConfigError, VaultAuthError
 from ..secret import Secret
+from .origins import CONFIG_ENV, describe
 from .paths import PathKind, check
 
 DEFAULT_ADDR = "https://127.0.0.1:8200"  # the Vault CLI's own default
 DEFAULT_TIMEOUT = 10.0
-
-#: [vault] config key -> the environment variable that overrides it.
-CONFIG_ENV = {
-    "addr": "VAULT_ADDR",
-    "addrs": "CREDBROKER_VAULT_ADDRS",
-    "namespace": "VAULT_NAMESPACE",
-    "cacert": "VAULT_CACERT",
-    "capath": "VAULT_CAPATH",
-    "client_cert": "VAULT_CLIENT_CERT",
-    "client_key": "VAULT_CLIENT_KEY",
-    "tls_server_name": "VAULT_TLS_SERVER_NAME",
-    "timeout": "CREDBROKER_VAULT_TIMEOUT",
-    "auth": "CREDBROKER_VAULT_AUTH",
-    "approle_mount": "CREDBROKER_APPROLE_MOUNT",
-    "role_id_file": "CREDBROKER_ROLE_ID_FILE",
-    "secret_id_file": "CREDBROKER_SECRET_ID_FILE",
-}
-
-#: Written by ``config.with_config_defaults``: {variable: config file} for each value it filled in
-#: from ``[vault]``, so messages can say "[vault] addr in FILE" rather than "VAULT_ADDR".
-FROM_CONFIG_VAR = "CREDBROKER_VAULT_FROM_CONFIG"
 
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool, as the Vault CLI
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
@@ -65,20 +44,6 @@ def _first(env: Mapping[str, str], *names: str) -> tuple[str | None, str | None]
         if value:
             return value, name
     return None, None
-
-
-def describe(env: Mapping[str, str], var: str) -> str:
-    """Where the value of ``var`` in ``env`` came from: the variable, or the ``[vault]`` key and file."""
-    raw = env.get(FROM_CONFIG_VAR)
-    if raw:
-        try:
-            filled = json.loads(raw)
-        except ValueError:
-            filled = {}
-        if isinstance(filled, dict) and var in filled:
-            key = next((k for k, v in CONFIG_ENV.items() if v == var), var)
-            return f"[vault] {key} in {filled[var]}"
-    return var
 
 
 def origin_of(url: str) -> str:
