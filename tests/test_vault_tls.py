@@ -341,3 +341,26 @@ def test_half_a_client_certificate_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="mutual TLS needs both"):
         VaultSettings.from_env({"VAULT_ADDR": "https://v:8200", "VAULT_CLIENT_KEY": "/k.pem"})
+
+
+def test_through_the_daemon_the_pin_holds_and_skip_verify_still_warns(tls_bao: TlsBao, other_ca: Path,
+                                                                      tmp_path: Path) -> None:
+    sock = tmp_path / "rt" / "credbroker" / "daemon.sock"
+    base = {**tls_bao.env(), "CREDBROKER_DAEMON_SOCKET": str(sock)}
+    del base["CREDBROKER_DAEMON"]
+    proc = subprocess.Popen([credbroker_bin(), "daemon"], env=base, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        line = proc.stderr.readline()
+        assert "serving on" in line, line
+        ok = run({**base, "VAULT_CACERT": str(tls_bao.ca)}, *RUN)
+        assert ok.returncode == 0, ok.stderr
+        pinned = run({**base, "VAULT_CACERT": str(other_ca), "REQUESTS_CA_BUNDLE": str(tls_bao.ca)}, *RUN)
+        assert pinned.returncode == 125 and "TLS error" in pinned.stderr, pinned.stderr
+        insecure = run({**base, "VAULT_SKIP_VERIFY": "1"}, *RUN)
+        assert insecure.returncode == 0, insecure.stderr
+        assert "WARNING: VAULT_SKIP_VERIFY is set" in insecure.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert "WARNING: VAULT_SKIP_VERIFY is set" in proc.stderr.read()  # the daemon made that fetch

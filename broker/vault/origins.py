@@ -33,6 +33,19 @@ CONFIG_ENV = {
 FROM_CONFIG_VAR = "CREDBROKER_VAULT_FROM_CONFIG"
 
 
+#: True as Go's strconv.ParseBool reads it, the way the Vault CLI reads VAULT_SKIP_VERIFY.
+TRUE_WORDS = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+FALSE_WORDS = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def skip_verify_var(env: Mapping[str, str]) -> str | None:
+    """The variable that turns TLS checking off in ``env`` (VAULT_SKIP_VERIFY...), when one does."""
+    for var in ("VAULT_SKIP_VERIFY", "BAO_SKIP_VERIFY"):
+        if env.get(var):
+            return var if env[var] in TRUE_WORDS else None
+    return None
+
+
 def describe(env: Mapping[str, str], var: str) -> str:
     """Where the value of ``var`` in ``env`` came from: the variable, or the ``[vault]`` key and file."""
     raw = env.get(FROM_CONFIG_VAR)

@@ -119,9 +119,10 @@ def _scrub_chained(exc: BaseException, secrets: list[Secretish]) -> None:
 
 
 # -- clients -------------------------------------------------------------------------------------
-def _warn_insecure(settings: VaultSettings) -> None:
-    print(f"credbroker: WARNING: {settings.origin('skip_verify')} is set: Vault's TLS certificate is NOT "
-          f"checked, so anyone on the way to {settings.addr} can pose as Vault and take the token and "
+def warn_insecure(where: str, addr: str) -> None:
+    """The warning every use of VAULT_SKIP_VERIFY prints (here, and for a fetch a daemon made)."""
+    print(f"credbroker: WARNING: {where} is set: Vault's TLS certificate is NOT "
+          f"checked, so anyone on the way to {addr} can pose as Vault and take the token and "
           "the secrets (unset it and set VAULT_CACERT to the server's CA)", file=sys.stderr, flush=True)
 
 
@@ -132,7 +133,7 @@ def new_client(settings: VaultSettings, token: str | None = None) -> hvac.Client
     from .transport import TlsPolicy, VaultHTTPSession
 
     if settings.skip_verify and settings.addr.startswith("https://"):
-        _warn_insecure(settings)
+        warn_insecure(settings.origin("skip_verify"), settings.addr)
     tls = TlsPolicy(cacert=settings.cacert, capath=settings.capath, client_cert=settings.client_cert,
                     client_key=settings.client_key, server_name=settings.tls_server_name,
                     skip_verify=settings.skip_verify,

@@ -27,14 +27,12 @@ from urllib.parse import urlsplit
 
 from ..errors import ConfigError, VaultAuthError
 from ..secret import Secret
-from .origins import CONFIG_ENV, describe
+from .origins import CONFIG_ENV, FALSE_WORDS, TRUE_WORDS, describe
 from .paths import PathKind, check
 
 DEFAULT_ADDR = "https://127.0.0.1:8200"  # the Vault CLI's own default
 DEFAULT_TIMEOUT = 10.0
 
-_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool, as the Vault CLI
-_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 
 
 def _first(env: Mapping[str, str], *names: str) -> tuple[str | None, str | None]:
@@ -219,7 +217,7 @@ class VaultSettings:
                 token, token_source = Secret(data), "~/.vault-token"
 
         skip_raw = pick("skip_verify", "VAULT_SKIP_VERIFY", "BAO_SKIP_VERIFY")
-        if skip_raw is not None and skip_raw not in _TRUE | _FALSE:
+        if skip_raw is not None and skip_raw not in TRUE_WORDS | FALSE_WORDS:
             raise ConfigError(f"{origins['skip_verify']}={skip_raw!r} is not true or false",
                               f"unset {origins['skip_verify']} (and set VAULT_CACERT to the server's CA)")
         client_cert = pick("client_cert", "VAULT_CLIENT_CERT", "BAO_CLIENT_CERT")
@@ -248,7 +246,7 @@ class VaultSettings:
             client_cert=client_cert,
             client_key=client_key,
             tls_server_name=pick("tls_server_name", "VAULT_TLS_SERVER_NAME", "BAO_TLS_SERVER_NAME"),
-            skip_verify=skip_raw in _TRUE,
+            skip_verify=skip_raw in TRUE_WORDS,
             addrs=addrs,
             origins=origins,
         )
