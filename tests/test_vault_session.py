@@ -296,3 +296,19 @@ def test_nothing_listens_after_the_deadline(serve: Any) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10):
         pass
     assert len(seen.records) == 1
+
+
+def test_errors_name_where_the_address_came_from(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        addr = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = tmp_path / "cfg" / "credbroker.toml"
+    cfg.parent.mkdir()
+    cfg.write_text(f'[vault]\naddr = "{addr}"\n')
+    env = broker_env(addr, tmp_path, VAULT_TOKEN="t", CREDBROKER_CONFIG=str(cfg))
+    res = run(env, *RUN)  # VAULT_ADDR set: it wins over the file, and the error names it
+    assert res.returncode == 125 and "fix VAULT_ADDR" in res.stderr, res.stderr
+    del env["VAULT_ADDR"]
+    res = run(env, *RUN)
+    assert res.returncode == 125 and f"fix [vault] addr in {cfg}" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1

@@ -158,7 +158,10 @@ class TransitSigner(Signer):
         entry = keys.get(want)
         pub = entry.get("public_key") if isinstance(entry, dict) else None
         if not isinstance(pub, str):
-            raise SigningError(f"transit key {self.key} has no public key for version {want}", "check the version")
+            from ..vault.session import in_hand, server_text
+
+            shown = server_text(want, in_hand(self._settings, self._client), limit=20)  # may be the server's text
+            raise SigningError(f"transit key {self.key} has no public key for version {shown}", "check the version")
         if pub.lstrip().startswith("-----BEGIN"):
             return pub
         return core.ed25519_raw_public_to_pem(pub)
