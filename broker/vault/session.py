@@ -210,6 +210,13 @@ def token_check(client: Any) -> Callable[[], bool]:
 
 
 # -- the mapping ---------------------------------------------------------------------------------
+def _timeout_hint(settings: VaultSettings) -> str:
+    origin = settings.origin("timeout")
+    if origin == "CREDBROKER_VAULT_TIMEOUT" and "timeout" not in settings.origins:
+        return "CREDBROKER_VAULT_TIMEOUT or [vault] timeout"
+    return origin
+
+
 @contextmanager
 def mapped(settings: VaultSettings, action: str, path: str, client: Any = None, *, check_token: bool = True,
            secrets: Iterable[Secretish] = ()) -> Iterator[None]:
@@ -241,8 +248,7 @@ def mapped(settings: VaultSettings, action: str, path: str, client: Any = None, 
         raise VaultUnreachable(
             f"Vault at {addr} did not answer within {exc.seconds:g} s (the total deadline of one request) "
             f"while trying to {action} {path}",
-            f"check that the server is up and not overloaded, or raise the deadline "
-            f"({settings.origin('timeout')})",
+            f"check that the server is up and not overloaded, or raise the deadline ({_timeout_hint(settings)})",
         ) from exc
     except rx.SSLError as exc:
         if settings.cacert or settings.capath:
@@ -256,7 +262,7 @@ def mapped(settings: VaultSettings, action: str, path: str, client: Any = None, 
     except (rx.ConnectTimeout, rx.ReadTimeout, rx.Timeout) as exc:
         raise VaultUnreachable(
             f"Vault at {addr} did not answer within {settings.timeout:g} s while trying to {action} {path}",
-            f"check that the server is up and reachable, or raise {settings.origin('timeout')}",
+            f"check that the server is up and reachable, or raise {_timeout_hint(settings)}",
         ) from exc
     except rx.ConnectionError as exc:
         raise VaultUnreachable(

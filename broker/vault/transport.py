@@ -19,6 +19,8 @@ urllib3. Three things requests does not do on its own:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import socket
 import ssl
@@ -119,7 +121,7 @@ def build_context(tls: TlsPolicy) -> ssl.SSLContext:
 
 # -- total deadline ------------------------------------------------------------------------
 class _Deadline:
-    """Shuts down every socket of one request when ``seconds`` have passed."""
+    """Shuts down every socket of one request when ``seconds`` have passed (the watchdog calls ``fire``)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -127,9 +129,7 @@ class _Deadline:
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         self._done = False
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        _WATCHDOG.add(time.monotonic() + seconds, self)
 
     def watch(self, sock: socket.socket) -> None:
         # A duplicate of the descriptor: shutting it down ends the connection whatever object (plain
@@ -146,7 +146,7 @@ class _Deadline:
             if self.expired:
                 _shutdown(dup)
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
         with self._lock:
             if self._done:
                 return
@@ -157,10 +157,60 @@ class _Deadline:
     def close(self) -> None:
         with self._lock:
             self._done = True
-            self._timer.cancel()
             for sock in self._socks:
                 sock.close()
             self._socks.clear()
+        _WATCHDOG.drop(self)
+
+
+class _Watchdog:
+    """One thread for every deadline of the process (a thread per request would cost more than a signature)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has no thread and maybe a held lock
+
+    def _reset(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._live: set[int] = set()
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, at: float, deadline: _Deadline) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (at, next(self._seq), deadline))
+            self._live.add(id(deadline))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="credbroker-vault-deadline", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def drop(self, deadline: _Deadline) -> None:
+        with self._cv:
+            self._live.discard(id(deadline))
+            # Finished deadlines are dropped from the front at once, so the heap holds only pending ones
+            # (and finished ones behind a pending one, until it passes).
+            while self._heap and id(self._heap[0][2]) not in self._live:
+                heapq.heappop(self._heap)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap:
+                    self._cv.wait()
+                at, _seq, deadline = self._heap[0]
+                wait = at - time.monotonic()
+                if wait > 0:
+                    self._cv.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                due = id(deadline) in self._live
+            if due:
+                deadline.fire()
+
+
+_WATCHDOG = _Watchdog()
 
 
 def _shutdown(sock: socket.socket) -> None:
