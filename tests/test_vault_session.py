@@ -282,6 +282,10 @@ def test_server_text_function() -> None:
     assert token not in out and token[:10] not in out and token[-9:] not in out
     assert out.startswith("line one has [redacted] and [redacted] and [redacted]")
     assert server_text("say tiny", ["tiny"]) == "say [redacted]"
+    # A huge answer made of the token (cut anywhere) shows no piece of it, and costs a bounded scan.
+    for extra in range(len(token)):
+        out = server_text(token * 10000 + token[:extra], [token])
+        assert not any(token[i:i + 4] in out for i in range(len(token) - 3)), out
     assert server_text("plain", []) == "plain"
 
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 MAX_SERVER_TEXT = 200
 _MASK = "[redacted]"
 _GRAM = 8  # a secret's fragments this long or longer are scrubbed too (a server may echo part of it)
+_SCAN = 65536  # server text beyond this is never looked at
 
 Secretish = Secret | str | bytes | bytearray | None
 
@@ -62,8 +63,11 @@ def _texts(secrets: Iterable[Secretish]) -> list[str]:
 
 def server_text(text: object, secrets: Iterable[Secretish] = (), *, limit: int = MAX_SERVER_TEXT) -> str:
     """``text`` from the server as one bounded line without any of ``secrets`` (or a long piece of one)."""
-    line = " ".join("".join(ch if ch.isprintable() else " " for ch in str(text)).split())
+    raw = str(text)
     wanted = _texts(secrets)
+    if len(raw) > _SCAN:  # a huge body costs no more than this; a secret cut at the edge goes with the edge
+        raw = raw[:_SCAN - max((len(w) for w in wanted), default=0)] + " ..."
+    line = " ".join("".join(ch if ch.isprintable() else " " for ch in raw).split())
     if wanted:
         hit = [False] * len(line)
         for secret in wanted:
