@@ -31,6 +31,7 @@ Every mistake is a ``ConfigError`` naming the file, the key and what is wrong.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import ConfigError
+from .vault.paths import PathKind, check
+from .vault.origins import CONFIG_ENV, FROM_CONFIG_VAR
 
 ENV_CONFIG = "CREDBROKER_CONFIG"
 LOCAL_NAME = "credbroker.toml"
@@ -375,6 +378,9 @@ def _check_profile(profile: Profile) -> None:
         mount = opts.get("mount")
         if mount is not None and (not isinstance(mount, str) or not mount.strip("/")):
             raise ConfigError(f"{profile.where('mount')}: expected a mount name", 'e.g. mount = "secret"')
+        check(path, PathKind.KV_PATH, profile.where("path"))
+        if mount is not None:
+            check(mount, PathKind.MOUNT, profile.where("mount"))
         if mount is None and "/" not in path.strip("/"):
             raise ConfigError(
                 f"{profile.where('path')}: {path!r} has no mount",
@@ -404,6 +410,8 @@ def _check_profile(profile: Profile) -> None:
             value = opts.get(key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{profile.where(key)}: expected a non-empty string", f"fix {key}")
+            if value is not None:
+                check(value, PathKind.NAME if key == "transit_key" else PathKind.MOUNT, profile.where(key))
     elif profile.source == "keyring":
         service = opts.get("service")
         if service is not None and (not isinstance(service, str) or not service):
@@ -417,38 +425,42 @@ def _check_profile(profile: Profile) -> None:
 
 
 #: [vault] config key -> the environment variable that overrides it.
-VAULT_CONFIG_ENV = {
-    "addr": "VAULT_ADDR",
-    "namespace": "VAULT_NAMESPACE",
-    "cacert": "VAULT_CACERT",
-    "timeout": "CREDBROKER_VAULT_TIMEOUT",
-    "auth": "CREDBROKER_VAULT_AUTH",
-    "approle_mount": "CREDBROKER_APPROLE_MOUNT",
-    "role_id_file": "CREDBROKER_ROLE_ID_FILE",
-    "secret_id_file": "CREDBROKER_SECRET_ID_FILE",
-}
+VAULT_CONFIG_ENV = CONFIG_ENV
 
 
 def with_config_defaults(environ: Mapping[str, str], config: Config | None) -> dict[str, str]:
     """The environment, with ``[vault]`` config values filled in where no variable is set.
 
     Sources read their settings from this one mapping: environment first (as
-    the Vault CLI does), then the config file.
+    the Vault CLI does), then the config file. Which values came from the file
+    is noted in ``FROM_CONFIG_VAR``, so errors name ``[vault] addr`` rather than
+    ``VAULT_ADDR`` when that is where the address came from.
     """
     env = dict(environ)
+    env.pop(FROM_CONFIG_VAR, None)  # only this function says what came from a file
     if config is None:
         return env
     origin = str(config.path or "<config>")
+    filled: dict[str, str] = {}
     for key, value in config.vault.items():
         var = VAULT_CONFIG_ENV[key]
         if key == "timeout":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{origin}: vault.timeout: expected seconds > 0, got {value!r}", "e.g. timeout = 10")
+        elif key == "addrs":
+            if not isinstance(value, list) or not all(isinstance(a, str) and a.strip() for a in value):
+                raise ConfigError(f"{origin}: vault.addrs: expected a list of addresses, got {value!r}",
+                                  'e.g. addrs = ["https://vault-2.example:8200"]')
+            value = ",".join(value)
         elif not isinstance(value, str):
             raise ConfigError(f"{origin}: vault.{key}: expected a string, got {value!r}", f"quote the {key} value")
         if key == "addr" and "BAO_ADDR" in env:
             continue
-        env.setdefault(var, str(value))
+        if var not in env:
+            env[var] = str(value)
+            filled[var] = origin
+    if filled:
+        env[FROM_CONFIG_VAR] = json.dumps(filled)
     return env
 
 

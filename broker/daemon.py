@@ -42,6 +42,7 @@ from .config import Profile
 from .errors import BrokerError
 from .secret import Credentials, Origin, Secret
 from .unixsock import frame, listen_private, peer_is_me, private_dir, recv_message
+from .vault.origins import skip_verify_var
 
 PROTOCOL = 1
 #: The code this daemon process loaded (set when it starts serving).
@@ -60,7 +61,8 @@ def code_id() -> str:
 
     package = Path(__file__).resolve().parent
     h = hashlib.sha256(__version__.encode())
-    for path in sorted([*package.glob("*.py"), *(package / "sources").glob("*.py")]):
+    folders = (package, package / "sources", package / "vault")
+    for path in sorted(p for folder in folders for p in folder.glob("*.py")):
         try:
             st = path.stat()
         except OSError:
@@ -117,6 +119,11 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
         sock.close()
     if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL or reply.get("code") != request_code:
         return None
+    insecure = skip_verify_var(env)
+    if insecure:  # the daemon's own warning went to its stderr: say it where this run's operator looks
+        from .vault.session import warn_insecure
+
+        warn_insecure(insecure, env.get("VAULT_ADDR") or env.get("BAO_ADDR") or "Vault")
     if not reply.get("ok"):
         raise _error_from(reply.get("error"))
     origin = reply["origin"]

@@ -447,16 +447,19 @@ def store_vault(env: Mapping[str, str], mount: str, path: str, fields: Mapping[s
                 force: bool = False, client: Any = None) -> Stored:
     """Write ``fields`` as a new KV v2 secret (check-and-set 0: only if none exists, unless ``force``)."""
     from .errors import VaultBadResponse
-    from .sources.settings import VaultSettings
-    from .sources.vault import _mapped, _token_valid, client_for
+    from .vault.paths import PathKind, check
+    from .vault.session import mapped, open_client
+    from .vault.settings import VaultSettings
 
+    check(mount, PathKind.MOUNT, "the Vault mount")
+    check(path, PathKind.KV_PATH, "the Vault path")
     settings = VaultSettings.from_env(env)
-    client = client or client_for(None, env, settings=settings)
+    client = client or open_client(settings)
     shown = f"{mount}/{path}"
     data = {name: secret.reveal_str() for name, secret in fields.items()}
     try:
         try:
-            with _mapped(settings, "write", f"{mount}/data/{path}", _token_valid(client)):
+            with mapped(settings, "write", f"{mount}/data/{path}", client, secrets=fields.values()):
                 resp = client.secrets.kv.v2.create_or_update_secret(
                     path=path, secret=data, mount_point=mount, cas=None if force else 0
                 )
@@ -479,11 +482,12 @@ def store_vault(env: Mapping[str, str], mount: str, path: str, fields: Mapping[s
 def verify_vault(env: Mapping[str, str], mount: str, path: str, stored: Stored, fields: Mapping[str, Secret], *,
                  client: Any = None) -> None:
     """Read the written version back and compare every field in constant time."""
-    from .sources.settings import VaultSettings
-    from .sources.vault import client_for, read_kv
+    from .sources.vault import read_kv
+    from .vault.session import open_client
+    from .vault.settings import VaultSettings
 
     settings = VaultSettings.from_env(env)
-    client = client or client_for(None, env, settings=settings)
+    client = client or open_client(settings)
     data, version, _request_id = read_kv(client, settings, mount, path, stored.version)
     try:
         _compare(stored, data, fields, version == stored.version)

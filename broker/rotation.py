@@ -140,9 +140,10 @@ class Watcher:
 
     # -- token lifecycle --------------------------------------------------------------
     def _login(self) -> Any:
-        from .sources.vault import client_for
+        from .vault.session import open_client
+        from .vault.settings import VaultSettings
 
-        client = client_for(self.profile, self.env)
+        client = open_client(VaultSettings.from_env(self.env))
         self._learn_token(client)
         return client
 

@@ -109,6 +109,35 @@ cb_vault_err() {
   printf '%s' "${text:0:240}"
 }
 
+# cb_check_path KIND WHAT VALUE: refuse a Vault path a request would read differently from what it
+# names; the same rules as broker/vault/paths.py (tests/test_vault_paths.py runs both over one table):
+# no empty segment (a leading, doubled or trailing /; a mount may end in one /), no "." or ".."
+# segment, no %, backslash, ? or #, whitespace or control character; KIND name: a single segment.
+# On success CB_PATH holds the value (a mount without its trailing /); else a usage error naming WHAT.
+cb_check_path() {  # cb_check_path path|mount|name WHAT VALUE
+  local kind=$1 what=$2 value=$3 why="" seg
+  local -a segs
+  if [[ $kind == mount && $value == */ && $value != *// ]]; then value=${value%/}; fi
+  if [[ -z $value ]]; then why="it is empty"
+  elif [[ $value == *%* ]]; then why="it has a '%' (percent-encoded characters are refused)"
+  elif [[ $value == *\\* ]]; then why="it has a backslash"
+  elif [[ $value == *[?#]* ]]; then why="it has a '?' or '#'"
+  elif [[ $value =~ [[:space:][:cntrl:]] ]]; then why="it has whitespace or a control character"
+  elif [[ $kind == name && $value == */* ]]; then why="it has a '/' (a name is one segment)"
+  else
+    IFS=/ read -r -a segs <<<"$value/x"  # the sentinel keeps a trailing empty segment visible
+    unset 'segs[${#segs[@]}-1]'
+    for seg in "${segs[@]}"; do
+      if [[ -z $seg ]]; then why="it has an empty segment (a leading, doubled or trailing '/')"; break; fi
+      if [[ $seg == . || $seg == .. ]]; then why="it has a '$seg' segment"; break; fi
+    done
+  fi
+  if [[ -n $why ]]; then
+    cb_usage_error "invalid $what '$(printf '%s' "$value" | tr -d '[:cntrl:]')': $why"
+  fi
+  CB_PATH=$value
+}
+
 cb_check_bot() {  # cb_check_bot NAME
   [[ $1 =~ $CB_BOT_RE ]] || cb_usage_error "invalid bot name '$1': use letters, digits, _ and - (max 63, no /)"
 }

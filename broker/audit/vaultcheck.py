@@ -53,31 +53,43 @@ def kv_logical_path(api_path: str) -> str | None:
 
 def audit_hash(env: Mapping[str, str], device: str, value: str) -> str:
     """``sys/audit-hash/<device>`` of ``value``: the form the audit device logs it in."""
-    from ..sources.vault import client_for
+    from ..vault.paths import PathKind, check
+    from ..vault.session import close, mapped, open_client
+    from ..vault.settings import VaultSettings
 
-    client = client_for(None, env)
+    device = check(device.strip("/"), PathKind.MOUNT, "the audit device")
+    settings = VaultSettings.from_env(env)
+    client = open_client(settings)
+    path = f"sys/audit-hash/{device}"
     try:
-        resp = client.adapter.post(f"/v1/sys/audit-hash/{device.strip('/')}", json={"input": value})
+        with mapped(settings, "hash a value with", path, client, secrets=[value]):
+            resp = client.adapter.post(f"/v1/{path}", json={"input": value})
         data = resp.json() if hasattr(resp, "json") else resp
-        return str(data["data"]["hash"])
-    except BrokerError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - hvac raises many kinds; one clear line
-        raise AuditError(f"sys/audit-hash/{device} failed: {type(exc).__name__}",
-                         "check the audit device's path and that the token may use sys/audit-hash") from exc
+        hashed = data["data"]["hash"] if isinstance(data, dict) and isinstance(data.get("data"), dict) else None
+    except ValueError as exc:  # an answer that is not JSON
+        raise AuditError(f"{path} did not answer like Vault", "check the audit device's path") from exc
+    except BrokerError as exc:
+        raise AuditError(f"{path} failed: {exc.message}",
+                         exc.remedy or "check the audit device's path and that the token may use sys/audit-hash"
+                         ) from exc
     finally:
-        client.adapter.close()
+        close(client)
+    if not isinstance(hashed, str):
+        raise AuditError(f"{path} returned no hash",
+                         "check the audit device's path and that the token may use sys/audit-hash")
+    return hashed
 
 
 def token_audit_hash(env: Mapping[str, str], device: str) -> str:
     """The audit-device hash of the Vault token in ``env`` (never the token itself)."""
-    from ..sources.vault import client_for
+    from ..vault.session import close, open_client
+    from ..vault.settings import VaultSettings
 
-    client = client_for(None, env)
+    client = open_client(VaultSettings.from_env(env))
     try:
         token = client.token
     finally:
-        client.adapter.close()
+        close(client)
     return audit_hash(env, device, token)
 
 

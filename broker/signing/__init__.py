@@ -129,11 +129,11 @@ def get_signer(
             client = None
             vault_settings = None
             if settings.type == "transit":
-                from ..sources.settings import VaultSettings
-                from ..sources.vault import client_for
+                from ..vault.session import open_client
+                from ..vault.settings import VaultSettings
 
                 vault_settings = VaultSettings.from_env(source_env)
-                client = client_for(prof, source_env, settings=vault_settings)
+                client = open_client(vault_settings)
             signer = make_signer(
                 settings,
                 fields,
@@ -306,22 +306,13 @@ def _child_vault_client(environ: Mapping[str, str], vault: Mapping[str, Any]) ->
     addr = vault.get("addr")
     if not isinstance(addr, str) or not addr.startswith(("http://", "https://")):
         raise SigningError(f"{SIGNER_VAR} has no Vault address", "it is set by `credbroker run`; do not edit it")
-    import hvac
+    from ..vault.session import new_client
+    from ..vault.settings import VaultSettings
 
-    from ..sources.settings import VaultSettings
-    from ..sources.vault import _session
-
-    settings = VaultSettings(
-        addr=addr,
-        token=None,
-        token_source=SIGNER_TOKEN_VAR,
-        cacert=vault.get("cacert"),
-        namespace=vault.get("namespace"),
-        timeout=float(vault.get("timeout") or 10.0),
-    )
-    client = hvac.Client(url=addr, token=token, verify=settings.cacert or True, timeout=settings.timeout,
-                         namespace=settings.namespace, session=_session())
-    return client, settings
+    # The broker's connection settings (CA, client certificate, server name, cluster addresses),
+    # never its credentials: the child holds only its own signing token.
+    settings = VaultSettings.from_connection(vault, token_source=SIGNER_TOKEN_VAR)
+    return new_client(settings, token), settings
 
 
 def child_env(profile: Profile, *, env: Mapping[str, str]) -> dict[str, str]:
@@ -344,19 +335,19 @@ def child_env(profile: Profile, *, env: Mapping[str, str]) -> dict[str, str]:
         out["CREDBROKER_CONFIG"] = str(Path(profile.origin).expanduser().resolve())
     payload: dict[str, Any] = settings.to_dict()
     if settings.type == "transit":
-        from ..sources.settings import VaultSettings
-        from ..sources.vault import client_for
+        from ..vault.session import open_client
+        from ..vault.settings import VaultSettings
         from .transit import child_token, describe_key
 
         vs = VaultSettings.from_env(env)
-        client = client_for(profile, env, settings=vs)
+        client = open_client(vs)
         assert settings.transit_key is not None
         # Before the bot starts: a mistyped key name fails here (125), not in the bot's get_signer().
         describe_key(client, vs, mount=settings.transit_mount, key=settings.transit_key,
                      where=profile.where("signer.transit_key"))
         token, lease = child_token(client, vs, mount=settings.transit_mount, key=settings.transit_key,
                                    profile=profile.name, ttl=settings.token_ttl, role=settings.token_role)
-        payload["vault"] = {"addr": vs.addr, "cacert": vs.cacert, "namespace": vs.namespace, "timeout": vs.timeout}
+        payload["vault"] = vs.connection()
         payload["token_ttl_seconds"] = lease or settings.ttl_seconds()
         out[SIGNER_TOKEN_VAR] = token.reveal_str()
         token.wipe()
@@ -377,9 +368,9 @@ def release_child_env(extra: Mapping[str, str], *, env: Mapping[str, str]) -> No
     try:
         vault = json.loads(raw).get("vault") or {}
         client, settings = _child_vault_client({SIGNER_TOKEN_VAR: token}, vault)
-        from .transit import _vault_mapped
+        from ..vault.session import mapped
 
-        with _vault_mapped(settings, "revoke the signing token at", "auth/token/revoke-self", client):
+        with mapped(settings, "revoke the signing token at", "auth/token/revoke-self", client):
             client.auth.token.revoke_self()
     except (ValueError, AttributeError, BrokerError):
         pass  # already expired or revoked, or Vault is gone: the TTL bounds it anyway

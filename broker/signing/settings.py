@@ -75,6 +75,10 @@ class SignerSettings:
             if value is not None and (not isinstance(value, str) or not value.strip() or bad_slash):
                 raise ConfigError(f"{where}.{key}: expected a name (a non-empty string without '/')",
                                   f"fix {key}")
+            if value is not None and key in ("transit_key", "transit_mount", "token_role"):
+                from ..vault.paths import PathKind, check  # these go into Vault request paths
+
+                check(value, PathKind.MOUNT if key == "transit_mount" else PathKind.NAME, f"{where}.{key}")
         ttl = table.get("token_ttl", "1h")
         if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl > 0:
             ttl = f"{ttl}s"

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import SigningError, VaultPermissionDenied
+from ..errors import SigningError, VaultError, VaultPermissionDenied
 from ..secret import Secret
 from . import core
 from .base import Signer
@@ -45,10 +45,10 @@ def policy_hcl(mount: str, key: str) -> str:
 
 
 def _vault_mapped(settings: Any, action: str, path: str, client: Any) -> Any:
-    """The sources' mapping of hvac/requests errors to VaultErrors (one exception tree)."""
-    from ..sources.vault import _mapped, _token_valid
+    """The Vault session's mapping of hvac/requests errors to VaultErrors (one exception tree)."""
+    from ..vault.session import mapped
 
-    return _mapped(settings, action, path, _token_valid(client))
+    return mapped(settings, action, path, client)
 
 
 def describe_key(client: Any, settings: Any, *, mount: str, key: str, where: str = "signer.transit_key"
@@ -69,8 +69,11 @@ def describe_key(client: Any, settings: Any, *, mount: str, key: str, where: str
     if not isinstance(data, dict):
         raise SigningError(f"Vault returned no description of transit key {path}", "check the mount and key name")
     if data.get("type") != "ed25519":
+        from ..vault.session import in_hand, server_text
+
+        shown = server_text(repr(data.get("type")), in_hand(settings, client), limit=40)
         raise SigningError(
-            f"transit key {path} is of type {data.get('type')!r}, not ed25519",
+            f"transit key {path} is of type {shown}, not ed25519",
             "create an Ed25519 key: scripts/transit-key NAME",
         )
     if data.get("exportable") or data.get("allow_plaintext_backup"):
@@ -101,11 +104,14 @@ class TransitSigner(Signer):
         **kwargs: Any,
     ) -> None:
         super().__init__(api_key, **kwargs)
-        if not key or "/" in key:
-            raise SigningError(f"invalid transit key name {key!r}", "set signer.transit_key to the key's name")
+        from ..vault.paths import PathKind, problem
+
+        if not key or problem(key, PathKind.NAME) or problem(mount, PathKind.MOUNT):
+            raise SigningError(f"invalid transit key name {key!r} or mount {mount!r}",
+                               "set signer.transit_key to the key's name (one segment, no '..' or '%')")
         self._client: Any = client
         if settings is None:  # for messages only: where the server is, which token
-            from ..sources.settings import VaultSettings
+            from ..vault.settings import VaultSettings
 
             settings = VaultSettings(addr=str(getattr(client, "url", "Vault")), token_source="the signer's token")
         self._settings = settings
@@ -168,7 +174,10 @@ class TransitSigner(Signer):
         entry = keys.get(want)
         pub = entry.get("public_key") if isinstance(entry, dict) else None
         if not isinstance(pub, str):
-            raise SigningError(f"transit key {self.key} has no public key for version {want}", "check the version")
+            from ..vault.session import in_hand, server_text
+
+            shown = server_text(want, in_hand(self._settings, self._client), limit=20)  # may be the server's text
+            raise SigningError(f"transit key {self.key} has no public key for version {shown}", "check the version")
         if pub.lstrip().startswith("-----BEGIN"):
             return pub
         return core.ed25519_raw_public_to_pem(pub)
@@ -187,8 +196,6 @@ def child_token(client: Any, settings: Any, *, mount: str, key: str, profile: st
     holds itself; with ``role`` (``signer.token_role``) the role's
     ``allowed_policies`` decide.
     """
-    import hvac.exceptions as hx
-
     name = policy_name(mount, key)
     try:
         with _vault_mapped(settings, "write policy", f"sys/policies/acl/{name}", client):
@@ -206,12 +213,8 @@ def child_token(client: Any, settings: Any, *, mount: str, key: str, profile: st
                 meta={"profile": profile, "transit_key": f"{mount}/{key}"},
                 role_name=role,
             )
-    except SigningError:
-        raise
-    except hx.VaultError as exc:  # pragma: no cover - _mapped converts these
-        raise SigningError(f"cannot create a signing token: {type(exc).__name__}", "check the broker's policy") from exc
-    except Exception as exc:
-        message = getattr(exc, "message", str(exc))
+    except VaultError as exc:  # the session maps every hvac/requests failure to one of these
+        message = exc.message
         raise SigningError(
             f"cannot create a transit signing token for profile {profile!r}: {message}",
             f"give the broker's token policy {name} (scripts/transit-key writes it), or set signer.token_role",

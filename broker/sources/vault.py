@@ -2,54 +2,37 @@
 
 Reads a KV v2 secret (latest or a pinned version); a field whose value is a
 transit ciphertext (``vault:v1:...``) is decrypted through the transit engine,
-so its plaintext only ever exists in memory. Every HTTP status and transport
-failure becomes a specific ``VaultError`` with a remedy.
-
-Two protections hvac does not give by default:
-
-* every request has a timeout (``VaultSettings.timeout``);
-* the token never follows a redirect to another origin: ``requests`` strips
-  ``Authorization`` on such redirects but not Vault's custom ``X-Vault-Token``
-  header, so ``_TokenSafeSession`` strips it (and the namespace) too.
+so its plaintext only ever exists in memory. The client, TLS, redirects,
+deadlines and the mapping of every failure to a ``VaultError`` with a remedy
+are ``broker.vault.session``'s; this module only knows KV v2 and profiles.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..config import Profile
-from ..errors import (
-    ConfigError,
-    VaultAuthError,
-    VaultBadResponse,
-    VaultError,
-    VaultNotFound,
-    VaultPermissionDenied,
-    VaultSealed,
-    VaultUnreachable,
-)
+from ..errors import ConfigError, VaultBadResponse, VaultNotFound
 from ..secret import Credentials, Origin, Secret
-from .settings import VaultSettings
+from ..vault.paths import PathKind, check
+from ..vault.session import close, mapped, open_client
+from ..vault.settings import VaultSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     import hvac
 
-T = TypeVar("T")
-
 TRANSIT_PREFIX = "vault:v"
-_MAX_ERR = 200
 
 
 def split_path(profile: Profile) -> tuple[str, str]:
-    """(mount, path inside the mount) of a vault profile's KV v2 secret."""
-    path = str(profile.options["path"]).strip("/")
+    """(mount, path inside the mount) of a vault profile's KV v2 secret; refuses ``..`` and the like."""
+    path = check(profile.options["path"], PathKind.KV_PATH, profile.where("path"))
     mount = profile.options.get("mount")
     if mount:
-        mount = str(mount).strip("/")
+        mount = check(mount, PathKind.MOUNT, profile.where("mount"))
         if path.startswith(mount + "/"):
             path = path[len(mount) + 1 :]
         return mount, path
@@ -59,166 +42,10 @@ def split_path(profile: Profile) -> tuple[str, str]:
     return mount, rest
 
 
-def _session() -> Any:
-    """A requests Session that drops Vault's token header on a cross-origin redirect."""
-    import requests
-
-    class _TokenSafeSession(requests.Session):
-        def rebuild_auth(self, prepared_request: Any, response: Any) -> None:
-            super().rebuild_auth(prepared_request, response)  # type: ignore[no-untyped-call]
-            if self.should_strip_auth(response.request.url, prepared_request.url):  # type: ignore[no-untyped-call]
-                prepared_request.headers.pop("X-Vault-Token", None)
-                prepared_request.headers.pop("X-Vault-Namespace", None)
-
-    return _TokenSafeSession()
-
-
-def _describe(exc: BaseException) -> str:
-    errors = getattr(exc, "errors", None)
-    if isinstance(errors, (list, tuple)) and errors:
-        text = "; ".join(str(e) for e in errors)
-    else:
-        text = type(exc).__name__
-    text = " ".join(text.split())
-    return text[:_MAX_ERR] + ("..." if len(text) > _MAX_ERR else "")
-
-
-@contextmanager
-def _mapped(settings: VaultSettings, action: str, path: str, token_check: Callable[[], bool] | None = None
-            ) -> Iterator[None]:
-    """Turn hvac/requests failures during ``action`` on ``path`` into VaultErrors."""
-    import hvac.exceptions as hx
-    import requests.exceptions as rx
-
-    addr = settings.addr
-    try:
-        yield
-    except VaultError:
-        raise
-    except rx.SSLError as exc:
-        raise VaultUnreachable(
-            f"TLS error talking to Vault at {addr}",
-            "set VAULT_CACERT to the server's CA certificate, or check VAULT_ADDR",
-        ) from exc
-    except (rx.ConnectTimeout, rx.ReadTimeout, rx.Timeout) as exc:
-        raise VaultUnreachable(
-            f"Vault at {addr} did not answer within {settings.timeout:g} s while trying to {action} {path}",
-            "check that the server is up and reachable, or raise CREDBROKER_VAULT_TIMEOUT",
-        ) from exc
-    except rx.ConnectionError as exc:
-        raise VaultUnreachable(
-            f"cannot reach Vault at {addr} (connection failed) to {action} {path}",
-            "start the server or fix VAULT_ADDR",
-        ) from exc
-    except rx.RequestException as exc:
-        raise VaultUnreachable(f"request to Vault at {addr} failed: {type(exc).__name__}", "check VAULT_ADDR") from exc
-    except hx.VaultDown as exc:
-        raise VaultSealed(
-            f"Vault at {addr} is sealed (or in standby and unavailable) while trying to {action} {path}",
-            "unseal it: `vault operator unseal` (or `bao operator unseal`)",
-        ) from exc
-    except hx.VaultNotInitialized as exc:
-        raise VaultSealed(f"Vault at {addr} is not initialized", "run `vault operator init`") from exc
-    except hx.Unauthorized as exc:
-        raise VaultAuthError(
-            f"Vault rejected the credentials while trying to {action} {path}: {_describe(exc)}",
-            "run `vault login` or set VAULT_TOKEN",
-        ) from exc
-    except hx.Forbidden as exc:
-        # Vault answers 403 both for a bad token and for a policy that denies
-        # this path; ask about the token itself to tell the two apart.
-        if token_check is not None and not token_check():
-            where = settings.token_source or "the token"
-            raise VaultAuthError(
-                f"Vault at {addr} rejected the token from {where} (invalid, expired or revoked)",
-                "run `vault login`, or set VAULT_TOKEN to a valid token",
-            ) from exc
-        raise VaultPermissionDenied(
-            f"permission denied: the token may not {action} {path}",
-            f"grant it in the bot's policy; check with `vault token capabilities {path}`",
-        ) from exc
-    except hx.InvalidPath as exc:
-        raise VaultNotFound(
-            f"nothing found at {path} on {addr} while trying to {action} it",
-            "check the path with `vault kv get` (and that secret engine is mounted as KV v2)",
-        ) from exc
-    except hx.RateLimitExceeded as exc:
-        raise VaultUnreachable(f"Vault at {addr} is rate limiting requests", "retry later") from exc
-    except hx.InvalidRequest as exc:
-        raise VaultBadResponse(
-            f"Vault refused the request to {action} {path}: {_describe(exc)}", "check the path and settings"
-        ) from exc
-    except hx.VaultError as exc:
-        raise VaultBadResponse(
-            f"Vault at {addr} failed to {action} {path}: {_describe(exc)}", "check the server's logs"
-        ) from exc
-    except ValueError as exc:  # bad JSON from something that is not Vault
-        raise VaultBadResponse(
-            f"the server at {addr} did not answer like Vault while trying to {action} {path}",
-            "check VAULT_ADDR points at Vault/OpenBao",
-        ) from exc
-
-
 def client_for(profile: Profile | None, env: Mapping[str, str], *, settings: VaultSettings | None = None
                ) -> hvac.Client:
-    """An authenticated hvac client: token, or AppRole login. Raises VaultError."""
-    import hvac
-
-    s = settings or VaultSettings.from_env(env)
-    verify: bool | str = s.cacert or True
-    client = hvac.Client(
-        url=s.addr,
-        token=None,
-        verify=verify,
-        timeout=s.timeout,
-        namespace=s.namespace,
-        session=_session(),
-    )
-    if s.auth == "approle":
-        if s.role_id is None or s.secret_id is None:
-            raise VaultAuthError(
-                "Vault auth is approle but no role_id/secret_id is set",
-                "set VAULT_ROLE_ID and VAULT_SECRET_ID, or role_id_file/secret_id_file in [vault]",
-            )
-        login_path = f"auth/{s.approle_mount}/login"
-        try:
-            with _mapped(s, "log in at", login_path):
-                resp = client.auth.approle.login(
-                    role_id=s.role_id.reveal_str(),
-                    secret_id=s.secret_id.reveal_str(),
-                    mount_point=s.approle_mount,
-                    use_token=True,
-                )
-        except (VaultBadResponse, VaultPermissionDenied) as exc:
-            raise VaultAuthError(
-                f"AppRole login at {s.addr}/v1/{login_path} failed: {exc.message}",
-                "check the role_id, and issue a new secret_id (they expire and may be single-use)",
-            ) from exc
-        if not isinstance(resp, dict) or not isinstance(resp.get("auth"), dict):
-            raise VaultBadResponse(f"AppRole login at {login_path} returned no token", "check the server")
-    else:
-        if s.token is None:
-            raise VaultAuthError(
-                f"no Vault token for {s.addr}",
-                "set VAULT_TOKEN, run `vault login` (writes ~/.vault-token), or configure AppRole",
-            )
-        client.token = s.token.reveal_str()
-    return client
-
-
-def _token_valid(client: Any) -> Callable[[], bool]:
-    def check() -> bool:
-        import hvac.exceptions as hx
-
-        try:
-            client.auth.token.lookup_self()
-            return True
-        except (hx.Forbidden, hx.Unauthorized):
-            return False
-        except Exception:  # noqa: BLE001 - unknown: assume the token is fine, report the 403
-            return True
-
-    return check
+    """An authenticated hvac client for ``env``'s settings (built by ``broker.vault.session``)."""
+    return open_client(settings or VaultSettings.from_env(env))
 
 
 def _require(obj: Any, *keys: str, what: str) -> Any:
@@ -233,9 +60,11 @@ def _require(obj: Any, *keys: str, what: str) -> Any:
 def read_kv(client: Any, settings: VaultSettings, mount: str, path: str, version: int | None
             ) -> tuple[dict[str, Any], int | None, str | None]:
     """(data, version, Vault's request_id) of a KV v2 secret; raises a VaultError."""
+    check(mount, PathKind.MOUNT, "the KV mount")  # every caller's path, whatever checked it before
+    check(path, PathKind.KV_PATH, "the KV path")
     api_path = f"{mount}/data/{path}"
     shown = api_path + (f" (version {version})" if version else "")
-    with _mapped(settings, "read", shown, _token_valid(client)):
+    with mapped(settings, "read", shown, client):
         resp = client.secrets.kv.v2.read_secret_version(
             path=path, version=version, mount_point=mount, raise_on_deleted_version=True
         )
@@ -255,23 +84,25 @@ def read_kv(client: Any, settings: VaultSettings, mount: str, path: str, version
 def current_version(profile: Profile, env: Mapping[str, str], *, client: Any = None) -> int | None:
     """The KV v2 ``current_version`` of a vault profile's secret (for rotation)."""
     settings = VaultSettings.from_env(env)
-    client = client or client_for(profile, env, settings=settings)
     mount, path = split_path(profile)
-    with _mapped(settings, "read metadata of", f"{mount}/metadata/{path}", _token_valid(client)):
+    client = client or client_for(profile, env, settings=settings)
+    with mapped(settings, "read metadata of", f"{mount}/metadata/{path}", client):
         resp = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount)
     value = _require(resp, "data", "current_version", what=f"{mount}/metadata/{path}")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _decrypt(client: Any, settings: VaultSettings, profile: Profile, field: str, ciphertext: str) -> Secret:
+def _decrypt(client: Any, settings: VaultSettings, profile: Profile, field: str, ciphertext: str,
+             held: list[Any]) -> Secret:
     key = profile.options.get("transit_key")
     if not key:
         raise ConfigError(
             f"profile {profile.name!r}: field {field} is transit ciphertext (vault:v...) but no transit_key is set",
             "set transit_key in the profile (or pass --transit-key NAME)",
         )
-    mount = str(profile.options.get("transit_mount") or "transit")
-    with _mapped(settings, "decrypt with", f"{mount}/decrypt/{key}", _token_valid(client)):
+    key = check(key, PathKind.NAME, profile.where("transit_key"))
+    mount = check(profile.options.get("transit_mount") or "transit", PathKind.MOUNT, profile.where("transit_mount"))
+    with mapped(settings, "decrypt with", f"{mount}/decrypt/{key}", client, secrets=held):
         resp = client.secrets.transit.decrypt_data(name=key, ciphertext=ciphertext, mount_point=mount)
     plaintext_b64 = _require(resp, "data", "plaintext", what=f"{mount}/decrypt/{key}")
     if not isinstance(plaintext_b64, str):
@@ -291,8 +122,8 @@ def _decrypt(client: Any, settings: VaultSettings, profile: Profile, field: str,
 def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
     """Read every field the profile names from its KV v2 secret (fail closed)."""
     settings = VaultSettings.from_env(env)
+    mount, path = split_path(profile)  # a bad path fails before any request
     client = client_for(profile, env, settings=settings)
-    mount, path = split_path(profile)
     pinned = profile.options.get("version")
     data, version, request_id = read_kv(client, settings, mount, path, pinned)
     fields: dict[str, Secret] = {}
@@ -314,7 +145,8 @@ def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
             if not text:
                 raise VaultNotFound(f"field {name!r} in {mount}/{path} is empty", "store a value in it")
             if text.startswith(TRANSIT_PREFIX):
-                fields[name] = _decrypt(client, settings, profile, name, text)
+                held = [*fields.values(), *(v for v in data.values() if isinstance(v, str))]
+                fields[name] = _decrypt(client, settings, profile, name, text, held)
             else:
                 fields[name] = Secret(text)
     except BaseException:
@@ -324,7 +156,7 @@ def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
     finally:
         # The decoded JSON holds immutable str copies we cannot wipe; drop them now.
         data.clear()
-        client.adapter.close()
+        close(client)
     return Credentials(
         profile=profile.name,
         origin=Origin(source="vault", path=f"{mount}/{path}", version=version, address=settings.addr,

@@ -1,0 +1,11 @@
+"""The one place that speaks to Vault/OpenBao.
+
+- ``settings``: where and how to reach Vault, resolved once, each value knowing where it came from;
+- ``session``: the hvac client every Vault call goes through (TLS trust, the redirect rule, a total
+  deadline per request, Vault's answers mapped to credbroker's errors, server text scrubbed);
+- ``transport``: the requests machinery behind that session (imported only when a client is built);
+- ``paths``: the one check of every path segment a user gives (KV path, mount, transit key).
+
+Nothing here imports hvac or requests at module level: ``credbroker run`` with a keyring profile never
+pays for them.
+"""
