@@ -489,7 +489,7 @@ def run(
     # child's signature failures reach our (possibly keyed) log through it.
     from .relay import AuditRelay
 
-    relay = AuditRelay(rec)
+    relay = AuditRelay(rec, profile=profile.name, host=_host(), user=_user())
     extra.update(relay.child_env())
     try:
         if agent:
