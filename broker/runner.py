@@ -403,7 +403,8 @@ def run(
             print(f"credbroker: started pid {child.pid} with {', '.join(child_profile.env)} "
                   f"from {origin.source} {origin.path}{version}", file=sys.stderr, flush=True)
         rec("secret_injected", {
-            "profile": profile.name, "version": origin.version, "variables": list(child_profile.env),
+            "profile": profile.name, "version": origin.version, **_secret_identity(origin),
+            "variables": list(child_profile.env),
             "command": list(command), "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
         })
         return child
@@ -427,7 +428,7 @@ def run(
             return False
         old_version = watcher.version
         event = {"profile": profile.name, "old_version": old_version, "new_version": new_version,
-                 "action": rotation.action}
+                 **_secret_identity(creds.origin), "action": rotation.action}
         if agent and rotation.action == "signal":
             # The bot keeps running and never held the secret: when only the secret
             # changed (the API key in its environment is the same), swap the
@@ -539,6 +540,14 @@ def run(
             from .signing import release_child_env
 
             release_child_env(extra, env=source_env)
+
+
+def _secret_identity(origin: Any) -> dict[str, Any]:
+    """Which secret (source, Vault address, namespace, path): the review keys versions by it, not by profile."""
+    out = {"source": origin.source, "path": origin.path, "address": origin.address}
+    if origin.namespace:
+        out["namespace"] = origin.namespace
+    return out
 
 
 def say(message: str) -> None:

@@ -328,6 +328,6 @@ def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
     return Credentials(
         profile=profile.name,
         origin=Origin(source="vault", path=f"{mount}/{path}", version=version, address=settings.addr,
-                      request_id=request_id),
+                      request_id=request_id, namespace=settings.namespace or None),
         fields=fields,
     )

@@ -1,0 +1,141 @@
+"""Reading records without opening the JSONL by hand: ``audit show`` and ``audit tail --follow``.
+
+Records are read as they are on disk (no chain check: that is ``audit
+verify``); lines that are not records are skipped. A filter keeps records by
+event name, profile, time and sequence number. ``follow`` waits for new
+records in the active file and moves to the new one when the writer rotates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .files import log_set
+
+#: How often ``follow`` looks for new records: a person reads them, not a program racing the writer.
+FOLLOW_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class RecordFilter:
+    """Which records to keep; empty sets keep everything."""
+
+    events: frozenset[str] = frozenset()
+    profiles: frozenset[str] = frozenset()
+    since: str | None = None  # the log's timestamp format (UTC); string order is time order
+    until: str | None = None
+    seqs: frozenset[int] = frozenset()
+
+    def keep(self, rec: dict[str, Any]) -> bool:
+        ts = rec.get("ts")
+        if not isinstance(ts, str):
+            return False
+        if self.since is not None and ts < self.since:
+            return False
+        if self.until is not None and ts > self.until:
+            return False
+        if self.events and rec.get("event") not in self.events:
+            return False
+        if self.seqs and rec.get("seq") not in self.seqs:
+            return False
+        if self.profiles:
+            data = rec.get("data")
+            if not isinstance(data, dict) or data.get("profile") not in self.profiles:
+                return False
+        return True
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
+    if not raw.startswith(b'{"v":'):
+        return None
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def records(paths: Iterable[Path], keep: RecordFilter) -> Iterator[dict[str, Any]]:
+    """Every record of ``paths`` (oldest first) that ``keep`` accepts."""
+    for path in paths:
+        try:
+            fh = path.open("rb")
+        except FileNotFoundError:
+            continue  # rotated away or pruned since it was listed
+        with fh:
+            for raw in fh:
+                rec = _record(raw)
+                if rec is not None and keep.keep(rec):
+                    yield rec
+
+
+def last(active: Path, keep: RecordFilter, n: int) -> list[dict[str, Any]]:
+    """The last ``n`` matching records of the whole log."""
+    return list(deque(records(log_set(active), keep), maxlen=n)) if n > 0 else []
+
+
+def follow(active: Path, keep: RecordFilter, emit: Callable[[dict[str, Any]], None], *,
+           stop: Callable[[], bool] = lambda: False) -> None:
+    """Emit each matching record written to the active file from now on, across rotations."""
+    fh = None
+    ino = None
+    buf = b""
+    from_start = False  # the first file is read from its end; a file the writer started later, whole
+    try:
+        while not stop():
+            if fh is None:
+                try:
+                    fh = active.open("rb")
+                except FileNotFoundError:
+                    from_start = True
+                    time.sleep(FOLLOW_POLL_S)
+                    continue
+                ino = os.fstat(fh.fileno()).st_ino
+                if not from_start:
+                    fh.seek(0, os.SEEK_END)
+            chunk = fh.read()
+            if chunk:
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    rec = _record(raw)
+                    if rec is not None and keep.keep(rec):
+                        emit(rec)
+                continue
+            try:
+                rotated = os.stat(active).st_ino != ino
+            except FileNotFoundError:
+                rotated = True
+            if rotated:
+                # The writer renamed the file: what was left in it was read above; go on in the new one.
+                fh.close()
+                fh, buf, from_start = None, b"", True
+                continue
+            time.sleep(FOLLOW_POLL_S)
+    finally:
+        if fh is not None:
+            fh.close()
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    """One line: ``seq  time  event  profile  key=value ...``."""
+    data = rec.get("data") if isinstance(rec.get("data"), dict) else {}
+    assert isinstance(data, dict)
+    profile = data.get("profile") or "-"
+    fields = " ".join(f"{k}={_value(v)}" for k, v in data.items() if k != "profile")
+    ts = str(rec.get("ts", ""))[:23].replace("T", " ")
+    host = rec.get("host") or "?"
+    return f"{rec.get('seq', '?'):>6}  {ts}  {rec.get('event', '?'):<18} {profile:<14} host={host} {fields}".rstrip()
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, str):
+        return value if value and " " not in value and "=" not in value else json.dumps(value)
+    return json.dumps(value, separators=(",", ":"))
