@@ -32,11 +32,12 @@ class Writer:
         self.log = make_log(path, rotate="size", max_size=10**9)
         self.mp = monkeypatch
 
-    def at(self, when: datetime, event: str, writer_host: str = "bot-1", **data: Any) -> None:
+    def at(self, when: datetime, event: str, writer_host: str = "bot-1", **data: Any) -> int:
+        """Record one event at ``when``; its sequence number."""
         stamp = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         self.mp.setattr(logmod, "utc_timestamp", lambda now=None: stamp)
         self.log._host = writer_host  # the writer's own host: each bot host writes its own records in real life
-        self.log.record(event, data)
+        return int(self.log.record(event, data)["seq"])
 
     def run(self, when: datetime, command: list[str], version: int, host: str = "bot-1", pid: int = 100,
             profile: str = "um-futures", exit_after: timedelta | None = timedelta(minutes=30)) -> None:
