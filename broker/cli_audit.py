@@ -170,7 +170,8 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
             token_hash = None  # the report says reads are not attributed to a token
     report = build_report(files, since=start, until=until, key=_key_bytes(settings, env), active=active,
                           work_hours=hours, vault_audit=vault_audit, vault_paths=vault_paths,
-                          vault_token_hash=token_hash, burst=burst, rotate_days=rotate_days)
+                          vault_token_hash=token_hash, burst=burst, rotate_days=rotate_days,
+                          kv_versions=_kv_versions(config, env))
     if html_file is not None:
         from .audit.html import render_html
 
@@ -191,6 +192,32 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
     if failing:
         click.echo(f"credbroker: --fail-on: {', '.join(failing)}", err=True)
         sys.exit(1)
+
+
+def _kv_versions(config: Any, env: dict[str, str]) -> dict[str, tuple[int, str]]:
+    """(current version, created_time) of each configured Vault profile's secret, where metadata is readable.
+
+    Only with a Vault address and token in the environment; one that does not
+    answer is not asked again for the next profile (the report still comes).
+    """
+    from .errors import BrokerError, VaultSealed, VaultUnreachable
+    from .sources.vault import current_version_created
+
+    if not (env.get("VAULT_ADDR") or env.get("BAO_ADDR")):
+        return {}
+    out: dict[str, tuple[int, str]] = {}
+    for profile in config.profiles.values():
+        if profile.source != "vault" or not profile.options.get("path"):
+            continue
+        try:
+            got = current_version_created(profile, env)
+        except BrokerError as exc:
+            if isinstance(exc, (VaultUnreachable, VaultSealed)):
+                break
+            continue
+        if got is not None:
+            out[got[0]] = (got[1], got[2])
+    return out
 
 
 def _record_filter(events: tuple[str, ...], profiles: tuple[str, ...], since: str | None, until_text: str | None,

@@ -166,3 +166,35 @@ def test_audit_tail_follow_prints_new_records_as_they_are_written(tmp_path: Path
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.vault
+def test_keys_not_rotated_come_from_kv_metadata_where_readable(openbao: object, tmp_path: Path) -> None:
+    from .conftest import OpenBao
+    from .test_audit import make_log
+
+    assert isinstance(openbao, OpenBao)
+    version = openbao.kv_put("credbroker/binance/unrotated", api_key="AK", api_secret="S")
+    (tmp_path / "credbroker.toml").write_text(
+        '[profiles.old]\nsource = "vault"\npath = "secret/credbroker/binance/unrotated"\n'
+        'env = { BINANCE_API_SECRET = "api_secret" }\n')
+    log = tmp_path / "audit.log"
+    make_log(log).record("secret_fetched", {"profile": "old"})  # a log younger than 90 days
+    env = {**openbao.env(), "CREDBROKER_AUDIT_LOG": str(log)}
+
+    def unrotated(*args: str, token: str | None = None) -> dict[str, object]:
+        run_env = {**env, "VAULT_TOKEN": token} if token else env
+        res = CliRunner().invoke(cli, ["audit", "report", "--json", *args], env=run_env, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.output)
+        summary = {s["name"]: s for s in data["summary"]}["unrotated-keys"]
+        return {"count": summary["count"], **data["unrotated"]}
+
+    now = unrotated()
+    assert now["count"] == 0 and now["note"] == "" and now["items"] == []  # known from Vault: created just now
+    later = unrotated("--until", (NOW.now().astimezone() + timedelta(days=3)).isoformat(), "--rotate-days", "1")
+    (row,) = later["items"]  # type: ignore[misc]
+    assert later["count"] == 1 and row["source"] == "vault metadata" and row["version"] == version
+    assert row["secret"] == f"{openbao.addr} secret/credbroker/binance/unrotated"
+    denied = unrotated(token="not-a-token")  # metadata not readable: back to the log, too young to say
+    assert denied["count"] is None and denied["note"] == "not enough history yet"

@@ -351,12 +351,14 @@ def _sections(r: Mapping[str, Any]) -> list[str]:
     out.append(f'<section id="unrotated"><h2>Keys not rotated in {int(un["days"])} days</h2>')
     if un["note"]:
         out.append(f'<p class="muted history">{_e(un["note"][0].upper() + un["note"][1:])}: the log is younger '
-                   f'than {int(un["days"])} days.</p>')
+                   f'than {int(un["days"])} days and Vault\'s KV metadata was not readable.</p>')
     elif un["items"]:
-        out.append(_table(["Secret", "Newest version", "First read"],
-                          [[i["secret"], f"v{i['version']}", _Raw(_ts(i["first_seen"]))] for i in un["items"]],
-                          table_id="unrotated-table"))
-        out.append(_columns({"First read": "when the broker first read the newest version (from the audit log)"}))
+        out.append(_table(["Secret", "Newest version", "Since", "From"],
+                          [[i["secret"], f"v{i['version']}", _Raw(_ts(i["first_seen"])), i["source"]]
+                           for i in un["items"]], table_id="unrotated-table"))
+        out.append(_columns({"Since": "when the newest version was created (Vault's KV metadata) or, where that "
+                                      "was not readable, first read by the broker (the audit log)",
+                             "From": "which of the two"}))
     else:
         out.append('<p class="ok">Every secret read got a new version within the period.</p>')
     out.append("</section>")

@@ -175,6 +175,7 @@ class ReportBuilder:
         self.first_record: str | None = None
         self.first_use: dict[str, str] = {}  # profile -> first access in the log
         self.latest: dict[str, tuple[int, str]] = {}  # secret -> (newest version, when first seen)
+        self.kv_versions: dict[str, tuple[int, str]] = {}  # secret -> (current version, created_time) from Vault
         self.profile_secret: dict[str, str] = {}  # profile -> the secret it last read
         self.bots: dict[tuple[str, str, str], _Bot] = {}
         self.pids: dict[tuple[str, int], tuple[str, str, str]] = {}
@@ -457,12 +458,20 @@ class ReportBuilder:
         return sorted(out, key=lambda b: (b["profile"], b["secret"], b["host"], b["command"]))
 
     def unrotated(self) -> tuple[list[dict[str, Any]], bool]:
-        """Secrets whose newest version was first seen over ``rotate_days`` before the end; (rows, history enough)."""
+        """Secrets whose newest version is older than ``rotate_days`` at the end; (rows, known).
+
+        From KV metadata where it was readable (its ``created_time``), else from
+        the log (when the newest version was first read), which needs a log at
+        least that old to say anything.
+        """
         limit = self.until - timedelta(days=self.rotate_days)
         enough = self.first_record is not None and _parse_ts(self.first_record) <= limit
-        rows = [{"secret": s, "version": v, "first_seen": seen} for s, (v, seen) in sorted(self.latest.items())
-                if _parse_ts(seen) <= limit and enough]
-        return rows, enough
+        rows = [{"secret": s, "version": v, "first_seen": created, "source": "vault metadata"}
+                for s, (v, created) in sorted(self.kv_versions.items()) if _parse_ts(created) <= limit]
+        rows += [{"secret": s, "version": v, "first_seen": seen, "source": "audit log"}
+                 for s, (v, seen) in sorted(self.latest.items())
+                 if s not in self.kv_versions and enough and _parse_ts(seen) <= limit]
+        return rows, enough or bool(self.kv_versions)
 
     def _summary(self, chain: Mapping[str, Any], findings: int, stale: int, unrotated: int, unrotated_known: bool,
                  vault: Mapping[str, Any] | None) -> tuple[SummaryItem, ...]:
@@ -542,7 +551,8 @@ class ReportBuilder:
                                             for (p, rule), n in sorted(self.policy_refused.items())]},
             "unrotated": {"days": self.rotate_days, "items": unrotated,
                           "note": "" if unrotated_known else NOT_ENOUGH_HISTORY,
-                          "source": "the audit log: when each secret's newest version was first read"},
+                          "source": "Vault's KV metadata (created_time of the current version) where readable, "
+                                    "else the audit log (when the newest version was first read)"},
             "events": dict(sorted(self.events.items())),
             "daily": daily,
         }
@@ -567,7 +577,14 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 
 
 def _parse_ts(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    """Our timestamps, or Vault's RFC 3339 ones (nanoseconds: cut to what datetime holds)."""
+    head, dot, rest = ts.replace("Z", "+00:00").partition(".")
+    if dot:
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        rest = rest[:min(digits, 6)] + rest[digits:]
+        if rest.startswith(("+", "-")):
+            rest = "0" + rest
+    return datetime.fromisoformat(head + dot + rest if dot else head)
 
 
 _SCAN = re.compile(rb'\{"v":1,"seq":[0-9]{1,18},"ts":"([0-9]{4}-[0-9T:.-]{21}Z)","event":"([a-z][a-z0-9_]{0,63})"')
@@ -614,6 +631,7 @@ def build_report(
     parallel: bool | None = None,
     burst: int = DEFAULT_BURST,
     rotate_days: int = DEFAULT_ROTATE_DAYS,
+    kv_versions: Mapping[str, tuple[int, str]] | None = None,
 ) -> Report:
     """Verify the chain and build the report, streaming over ``files`` (chain order).
 
@@ -625,6 +643,7 @@ def build_report(
 
     paths = list(files)
     builder = ReportBuilder(since=since, until=until, work_hours=work_hours, burst=burst, rotate_days=rotate_days)
+    builder.kv_versions = dict(kv_versions or {})
     feed = builder.feed
     if parallel is None:
         parallel = sum(p.stat().st_size for p in paths if p.exists()) >= PARALLEL_MIN_BYTES
@@ -810,8 +829,8 @@ def render_text(report: Report) -> str:
     else:
         out.append(f"KEYS NOT ROTATED IN {un['days']} DAYS: {len(un['items'])}")
         if un["items"]:
-            out += _table([[i["secret"], f"v{i['version']}", _short(i["first_seen"])] for i in un["items"]],
-                          ["secret", "newest", "first read"])
+            out += _table([[i["secret"], f"v{i['version']}", _short(i["first_seen"]), i["source"]]
+                           for i in un["items"]], ["secret", "newest", "since", "from"])
     vault = r.get("vault_audit")
     if vault is not None:
         out.append("")
