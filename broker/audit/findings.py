@@ -99,7 +99,8 @@ def after_rotation(failures: Sequence[FailureMark], rotations: Sequence[Rotation
 
 
 def on_one_host(failures: Sequence[FailureMark], hosts: Mapping[str, set[str]], since: str) -> list[Finding]:
-    """A profile that runs on several hosts whose failures (in the period) come from one of them only."""
+    """A profile whose bots ran on several hosts (``hosts``: profile -> hosts that started it in the
+    period) and whose failures in the period come from one of them only."""
     out = []
     for profile in sorted({f.profile for f in failures if f.ts >= since}):
         mine = [f for f in failures if f.profile == profile and f.ts >= since]
@@ -141,7 +142,7 @@ def first_on_key(failures: Sequence[FailureMark], first_use: Mapping[str, str], 
             continue
         flagged[key] = [f]
     for (profile, api_key), marks in flagged.items():
-        shown = f"key ...{api_key}" if api_key else "its key"
+        shown = f"key ...{api_key}" if api_key else "key"
         out.append(Finding(
             kind=FindingKind.FIRST_FAILURE_ON_KEY, profile=profile, first=marks[0].ts, last=marks[-1].ts,
             seqs=_seqs(marks), count=len(marks), host=marks[0].host if len({m.host for m in marks}) == 1 else None,

@@ -293,7 +293,8 @@ class ReportBuilder:
             return
         p = self._profile(profile, secret)
         p.hosts.add(host)
-        self.period_hosts.setdefault(profile, set()).add(host)
+        if command:  # a bot started there (a fetch alone may be a person's `check`)
+            self.period_hosts.setdefault(profile, set()).add(host)
         p.users.add(user)
         if command:
             p.commands.add(command)
