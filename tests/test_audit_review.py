@@ -198,3 +198,16 @@ def test_keys_not_rotated_come_from_kv_metadata_where_readable(openbao: object, 
     assert row["secret"] == f"{openbao.addr} secret/credbroker/binance/unrotated"
     denied = unrotated(token="not-a-token")  # metadata not readable: back to the log, too young to say
     assert denied["count"] is None and denied["note"] == "not enough history yet"
+
+
+def test_terminal_escapes_from_the_log_are_shown_not_obeyed(week: Week) -> None:
+    """Command lines and reasons come partly from bots: printed raw, ESC sequences could hide a line."""
+    inject(week, SINCE - timedelta(days=3), 99, 3)
+    inject(week, SINCE + timedelta(days=1), 100, 3, command="bot.py\x1b[2J\x1b[1A\r")
+    week.at(SINCE + timedelta(days=2), "refused", "bot-1", profile="spot", error="X", reason="no\x1b]0;hi\x07 path")
+    text = render_text(report(week))
+    assert "\x1b" not in text and "\r" not in text and "\x07" not in text
+    assert "bot.py\\x1b[2J" in text
+    res = CliRunner().invoke(cli, ["audit", "show"], env={"CREDBROKER_AUDIT_LOG": str(week.log.path)})
+    assert res.exit_code == 0 and "\x1b" not in res.output and "\x07" not in res.output
+    assert "\\u001b]0;hi\\u0007" in res.output and "bot.py\\u001b[2J" in res.output

@@ -850,4 +850,6 @@ def render_text(report: Report) -> str:
         bar = "#" * round(20 * d["accesses"] / peak)
         out.append(f"  {d['date']}  {d['accesses']:>7} {bar:<20} | {d['runs']:>5} | {d['signature_failures']:>5} | "
                    f"{d['refusals']:>5} | {d['rotations']:>3}")
-    return "\n".join(out) + "\n"
+    from .show import printable
+
+    return printable("\n".join(out) + "\n")

@@ -124,6 +124,19 @@ def follow(active: Path, keep: RecordFilter, emit: Callable[[dict[str, Any]], No
             fh.close()
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escapes, carriage returns) shown as ``\\xNN``.
+
+    What the log holds came partly from bots (command lines, exchange
+    messages): printed raw, an escape sequence could rewrite the reviewer's
+    terminal and hide a line.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\n" else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                   for c in text)
+
+
 def format_record(rec: dict[str, Any]) -> str:
     """One line: ``seq  time  event  profile  key=value ...``."""
     data = rec.get("data") if isinstance(rec.get("data"), dict) else {}
@@ -132,7 +145,8 @@ def format_record(rec: dict[str, Any]) -> str:
     fields = " ".join(f"{k}={_value(v)}" for k, v in data.items() if k != "profile")
     ts = str(rec.get("ts", ""))[:23].replace("T", " ")
     host = rec.get("host") or "?"
-    return f"{rec.get('seq', '?'):>6}  {ts}  {rec.get('event', '?'):<18} {profile:<14} host={host} {fields}".rstrip()
+    line = f"{rec.get('seq', '?'):>6}  {ts}  {rec.get('event', '?'):<18} {profile:<14} host={host} {fields}".rstrip()
+    return printable(line.replace("\n", "\\n"))
 
 
 def _value(value: Any) -> str:
