@@ -27,7 +27,7 @@ from .model import Report
 #: Stacked bottom to top: (key in the report's ``daily``, label, colour).
 SERIES = (
     ("accesses", "Secret reads", "#2f6fb3"),
-    ("runs", "Bot starts", "#7fa7d6"),
+    ("injections", "Bot starts", "#7fa7d6"),
     ("exits", "Bot exits", "#b0bec5"),
     ("rotations", "Rotations", "#6a1b9a"),
     ("refusals", "Fail-closed refusals", "#ef8f00"),

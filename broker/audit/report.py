@@ -63,7 +63,7 @@ MIN_BASELINE_FOR_HOURS = 20
 DEFAULT_ROTATE_DAYS = 90
 NOT_ENOUGH_HISTORY = "not enough history yet"
 #: The chart's series, bottom to top: (key in ``daily``, event).
-CHART_EVENTS = (("accesses", "secret_fetched"), ("runs", "secret_injected"), ("exits", "child_exited"),
+CHART_EVENTS = (("accesses", "secret_fetched"), ("injections", "secret_injected"), ("exits", "child_exited"),
                 ("refusals", "refused"), ("signature_failures", "signature_failure"),
                 ("rotations", "rotation_detected"), ("policy_refusals", "policy_refused"))
 
@@ -189,6 +189,7 @@ class ReportBuilder:
         self.unusual = _Capped()
         self.refusals: dict[tuple[str, str, str], dict[str, Any]] = {}  # (profile, error, reason) -> group
         self.refusal_total = 0
+        self.refusal_items = _Capped()
         self.rotations = _Capped()
         self.policy_refused: dict[tuple[str, str], int] = {}  # (profile, rule) -> count; the signing agent's
         self._flagged: set[tuple[str, str, str]] = set()
@@ -372,6 +373,9 @@ class ReportBuilder:
             return
         self._profile(profile, self._secret(profile, data, remember=False)).refusals += 1
         self.refusal_total += 1
+        self.refusal_items.add({"ts": ts, "profile": profile, "host": host, "user": user, "seq": seq,
+                                "error": data.get("error"), "reason": data.get("reason"),
+                                "command": _command_text(data.get("command"))})
         error = str(data.get("error") or "?")
         reason = " ".join(str(data.get("reason") or "").split())
         g = self.refusals.get((profile, error, reason))
@@ -546,7 +550,7 @@ class ReportBuilder:
                                    if self.work_hours else
                                    f"an hour (UTC), give or take one, with no access to the profile before "
                                    f"the period (needs {MIN_BASELINE_FOR_HOURS}+ earlier accesses)"),
-            "refusals": {"total": self.refusal_total, "groups": refusal_groups},
+            "refusals": {**self.refusal_items.to_dict(), "groups": refusal_groups},
             "policy_refusals": {"total": sum(self.policy_refused.values()),
                                 "by_rule": [{"profile": p, "rule": rule, "count": n}
                                             for (p, rule), n in sorted(self.policy_refused.items())]},
@@ -848,7 +852,7 @@ def render_text(report: Report) -> str:
     peak = max([d["accesses"] for d in r["daily"]] + [1])
     for d in r["daily"]:
         bar = "#" * round(20 * d["accesses"] / peak)
-        out.append(f"  {d['date']}  {d['accesses']:>7} {bar:<20} | {d['runs']:>5} | {d['signature_failures']:>5} | "
+        out.append(f"  {d['date']}  {d['accesses']:>7} {bar:<20} | {d['injections']:>5} | {d['signature_failures']:>5} | "
                    f"{d['refusals']:>5} | {d['rotations']:>3}")
     from .show import printable
 
