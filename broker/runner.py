@@ -331,8 +331,8 @@ def run(
 
     def refused(exc: BrokerError) -> None:
         try:
-            rec("refused", {"profile": profile.name, "source": profile.source, "error": type(exc).__name__,
-                            "reason": exc.message, "command": list(command)})
+            rec("refused", {"profile": profile.name, "source": profile.source, **_refused_secret(profile, source_env),
+                            "error": type(exc).__name__, "reason": exc.message, "command": list(command)})
         except BrokerError:
             pass  # the original failure is what the operator must see
 
@@ -540,6 +540,25 @@ def run(
             from .signing import release_child_env
 
             release_child_env(extra, env=source_env)
+
+
+def _refused_secret(profile: Profile, env: Mapping[str, str]) -> dict[str, Any]:
+    """Which Vault and path a refused run was for (as far as the settings say): the review files the
+    refusal under that secret, not under whichever Vault the profile used last."""
+    if profile.source != "vault" or not profile.options.get("path"):
+        return {}
+    from .sources.settings import VaultSettings
+    from .sources.vault import split_path
+
+    try:
+        settings = VaultSettings.from_env(env)
+        mount, path = split_path(profile)
+    except BrokerError:
+        return {}  # the settings are what was wrong: the reason says so
+    out: dict[str, Any] = {"address": settings.addr, "path": f"{mount}/{path}"}
+    if settings.namespace:
+        out["namespace"] = settings.namespace
+    return out
 
 
 def _secret_identity(origin: Any) -> dict[str, Any]:

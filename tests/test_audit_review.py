@@ -211,3 +211,31 @@ def test_terminal_escapes_from_the_log_are_shown_not_obeyed(week: Week) -> None:
     res = CliRunner().invoke(cli, ["audit", "show"], env={"CREDBROKER_AUDIT_LOG": str(week.log.path)})
     assert res.exit_code == 0 and "\x1b" not in res.output and "\x07" not in res.output
     assert "\\u001b]0;hi\\u0007" in res.output and "bot.py\\u001b[2J" in res.output
+
+
+@pytest.mark.vault
+def test_runs_and_refusals_against_a_second_vault_are_its_own_row(openbao: object, tmp_path: Path) -> None:
+    """A real run against OpenBao, and a refused one against another address: two secrets, never mixed."""
+    from .conftest import OpenBao, credbroker_bin, free_port
+
+    assert isinstance(openbao, OpenBao)
+    openbao.kv_put("credbroker/binance/two-vaults", api_key="AK", api_secret="S")
+    (tmp_path / "credbroker.toml").write_text(
+        '[profiles.um]\nsource = "vault"\npath = "secret/credbroker/binance/two-vaults"\n'
+        'env = { BINANCE_API_SECRET = "api_secret" }\n')
+    log = tmp_path / "audit.log"
+    env = {**openbao.env(), "CREDBROKER_AUDIT_LOG": str(log)}
+    ok = subprocess.run([credbroker_bin(), "run", "-p", "um", "--", sys.executable, "-c", "pass"], env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    other = f"http://127.0.0.1:{free_port()}"
+    bad = subprocess.run([credbroker_bin(), "run", "-p", "um", "--", sys.executable, "-c", "pass"],
+                         env={**env, "VAULT_ADDR": other}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 125
+    res = CliRunner().invoke(cli, ["audit", "report", "--json"], env=env, catch_exceptions=False)
+    rows = {p["secret"]: p for p in json.loads(res.output)["profiles"]}
+    path = "secret/credbroker/binance/two-vaults"
+    assert (rows[f"{openbao.addr} {path}"]["accesses"], rows[f"{openbao.addr} {path}"]["refusals"]) == (1, 0)
+    assert (rows[f"{other} {path}"]["accesses"], rows[f"{other} {path}"]["refusals"]) == (0, 1)
+    (group,) = json.loads(res.output)["refusals"]["groups"]
+    assert group["secret"] == f"{other} {path}"

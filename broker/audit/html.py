@@ -327,12 +327,14 @@ def _sections(r: Mapping[str, Any]) -> list[str]:
     ref = r["refusals"]
     out.append(f'<section id="refusals"><h2>Fail-closed refusals ({int(ref["total"])})</h2>')
     if ref["groups"]:
-        out.append(_table(["Profile", "Count", "Error", "Reason", "First", "Last", "Records (seq)"],
-                          [[g["profile"], g["count"], g["error"], g["reason"], _Raw(_ts(g["first"])),
-                            _Raw(_ts(g["last"])), ", ".join(str(s) for s in g["seqs"])] for g in ref["groups"]],
-                          num=(1,), table_id="refusals-table"))
-        out.append(_columns({"Error": "credbroker's error class", "Reason": "its one-line message",
-                             "Count": "refusals with that profile, error and reason"}))
+        out.append(_table(["Profile", "Secret", "Count", "Error", "Reason", "First", "Last", "Records (seq)"],
+                          [[g["profile"], _Raw(f"<code>{_e(g['secret'])}</code>"), g["count"], g["error"],
+                            g["reason"], _Raw(_ts(g["first"])), _Raw(_ts(g["last"])),
+                            ", ".join(str(s) for s in g["seqs"])] for g in ref["groups"]],
+                          num=(2,), table_id="refusals-table"))
+        out.append(_columns({"Secret": "the Vault address, [namespace] and path the run was for",
+                             "Error": "credbroker's error class", "Reason": "its one-line message",
+                             "Count": "refusals with that profile, secret, error and reason"}))
     else:
         out.append('<p class="muted">None.</p>')
     out.append("</section>")

@@ -187,7 +187,7 @@ class ReportBuilder:
         self.new_commands = _Capped()
         self.new_hosts = _Capped()
         self.unusual = _Capped()
-        self.refusals: dict[tuple[str, str, str], dict[str, Any]] = {}  # (profile, error, reason) -> group
+        self.refusals: dict[tuple[str, str, str, str], dict[str, Any]] = {}  # (profile, secret, error, reason)
         self.refusal_total = 0
         self.refusal_items = _Capped()
         self.rotations = _Capped()
@@ -371,17 +371,19 @@ class ReportBuilder:
                     data: Mapping[str, Any], seq: int) -> None:
         if not in_period:
             return
-        self._profile(profile, self._secret(profile, data, remember=False)).refusals += 1
+        secret = self._secret(profile, data, remember=False)
+        self._profile(profile, secret).refusals += 1
         self.refusal_total += 1
         self.refusal_items.add({"ts": ts, "profile": profile, "host": host, "user": user, "seq": seq,
                                 "error": data.get("error"), "reason": data.get("reason"),
                                 "command": _command_text(data.get("command"))})
         error = str(data.get("error") or "?")
         reason = " ".join(str(data.get("reason") or "").split())
-        g = self.refusals.get((profile, error, reason))
+        g = self.refusals.get((profile, secret, error, reason))
         if g is None:
-            g = self.refusals[(profile, error, reason)] = {
-                "profile": profile, "error": error, "reason": reason, "count": 0, "first": ts, "last": ts,
+            g = self.refusals[(profile, secret, error, reason)] = {
+                "profile": profile, "secret": secret, "error": error, "reason": reason, "count": 0, "first": ts,
+                "last": ts,
                 "hosts": set(), "commands": set(), "seqs": []}
         g["count"] += 1
         g["last"] = ts
@@ -820,8 +822,9 @@ def render_text(report: Report) -> str:
     out.append("")
     out.append(f"FAIL-CLOSED REFUSALS (by profile and reason): {ref['total']}")
     if ref["groups"]:
-        out += _table([[g["profile"], str(g["count"]), g["error"], _clip(g["reason"], 60), _short(g["last"])]
-                       for g in ref["groups"]], ["profile", "count", "error", "reason", "last"])
+        out += _table([[g["profile"], _clip(g["secret"], 50), str(g["count"]), g["error"], _clip(g["reason"], 60),
+                        _short(g["last"])] for g in ref["groups"]],
+                      ["profile", "secret", "count", "error", "reason", "last"])
     pr = r["policy_refusals"]
     out.append("")
     out.append(f"SIGNING POLICY REFUSALS: {pr['total']}")
