@@ -122,6 +122,7 @@ class AuditRelay:
     def _stamp(self, fields: dict[str, Any]) -> None:
         """Overwrite what the bot says about itself with what the broker knows."""
         claimed = fields.get("profile")
+        fields.pop("claimed_profile", None)  # only the broker writes this one
         if self.profile is not None:
             if claimed not in (None, self.profile):
                 fields["claimed_profile"] = claimed

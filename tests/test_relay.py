@@ -57,6 +57,8 @@ def test_the_broker_stamps_relayed_failures_with_its_own_profile_host_and_pid() 
     lines = [
         {"event": "signature_failure", "fields": {"code": -1022, "profile": None, "host": "forged"}},
         {"event": "signature_failure", "fields": {"code": -2015, "profile": "spot"}},
+        {"event": "signature_failure", "fields": {"code": -2014, "profile": "um-futures", "claimed_profile": "x",
+                                                  "relayed_from": 1, "user": "root"}},
     ]
     os.write(relay.child_fd, "".join(json.dumps(line) + "\n" for line in lines).encode())
     relay.close()
@@ -64,4 +66,5 @@ def test_the_broker_stamps_relayed_failures_with_its_own_profile_host_and_pid() 
         {"code": -1022, "profile": "um-futures", "host": "bot-7", "user": "trader", "relayed_from": 4242},
         {"code": -2015, "profile": "um-futures", "claimed_profile": "spot", "host": "bot-7", "user": "trader",
          "relayed_from": 4242},
+        {"code": -2014, "profile": "um-futures", "host": "bot-7", "user": "trader", "relayed_from": 4242},
     ]
