@@ -56,7 +56,8 @@ _TABLE: tuple[CodeAdvice, ...] = (
                    Cause("a PEM key (Ed25519/RSA) fed to an HMAC signer, or an HMAC secret to a PEM signer",
                          "the profile's [signer] kind against the key type registered at Binance"),
                    Cause("the secret has stray bytes (a trailing newline, quotes, whitespace)",
-                         "`credbroker check -p PROFILE`: the field sizes and its trailing-newline warning"),
+                         "`credbroker check -p PROFILE --json`: the secret field's size in bytes (a trailing "
+                         "newline adds one)"),
                    Cause("an encoding bug in the client: it signs other bytes than it sends",
                          "that the bot signs the exact query string it sends (`get_signer().sign_query`)"),
                    Cause("something between the bot and the exchange changed the request",
@@ -64,7 +65,8 @@ _TABLE: tuple[CodeAdvice, ...] = (
                )),
     CodeAdvice("-2014", "BAD_API_KEY_FMT", "the X-MBX-APIKEY header is not a well-formed API key", True, (
         Cause("the API key field holds something else (the secret, whitespace, a newline, quotes)",
-              "`credbroker check -p PROFILE`: the api_key field's size (64 characters for Binance keys)"),
+              "`credbroker check -p PROFILE --json`: the api_key field's size (Binance API keys are 64 "
+              "characters)"),
         Cause("the profile maps the wrong field to the API key variable",
               "the profile's env table (which field becomes BINANCE_API_KEY)"),
         Cause("the client sends the key in another header or not at all",

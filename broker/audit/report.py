@@ -752,18 +752,6 @@ def render_text(report: Report) -> str:
         out.append(f"     what to do: {f.advice}")
         out.append(f"     {_short(f.first)} .. {_short(f.last)} UTC, records {seq_list(f.seqs, None)}")
 
-    chain = r["chain"]
-    out.append("")
-    if chain["ok"]:
-        note = f" ({len(chain['notes'])} note(s))" if chain["notes"] else ""
-        out.append((f"CHAIN: intact, {chain['records']} records, seq {chain['first_seq']}..{chain['last_seq']}"
-                    if chain["status"] != "empty" else "CHAIN: no records") + note)
-    else:
-        p = chain["problem"]
-        out.append(f"CHAIN: {chain['status'].upper()}: {p['file']}:{p['line']}: {p['kind']}: {p['message']}")
-    for n in chain["notes"]:
-        out.append(f"  note: {n['file']}:{n['line']}: {n['message']}")
-
     out.append("")
     out.append(f"SIGNATURE FAILURES: {report.failure_total}"
                + ("  <-- review these first" if report.failure_total else ""))
@@ -779,6 +767,18 @@ def render_text(report: Report) -> str:
         for n, c in enumerate(a.causes, 1):
             out.append(f"      {n}. {c.cause}")
             out.append(f"         check: {c.check}")
+
+    chain = r["chain"]
+    out.append("")
+    if chain["ok"]:
+        note = f" ({len(chain['notes'])} note(s))" if chain["notes"] else ""
+        out.append((f"CHAIN: intact, {chain['records']} records, seq {chain['first_seq']}..{chain['last_seq']}"
+                    if chain["status"] != "empty" else "CHAIN: no records") + note)
+    else:
+        p = chain["problem"]
+        out.append(f"CHAIN: {chain['status'].upper()}: {p['file']}:{p['line']}: {p['kind']}: {p['message']}")
+    for n in chain["notes"]:
+        out.append(f"  note: {n['file']}:{n['line']}: {n['message']}")
 
     out.append("")
     out.append("PROFILES (per secret: Vault address [namespace] path)")
