@@ -239,3 +239,31 @@ def test_runs_and_refusals_against_a_second_vault_are_its_own_row(openbao: objec
     assert (rows[f"{other} {path}"]["accesses"], rows[f"{other} {path}"]["refusals"]) == (0, 1)
     (group,) = json.loads(res.output)["refusals"]["groups"]
     assert group["secret"] == f"{other} {path}"
+
+
+def test_follow_goes_on_in_the_new_file_when_the_writer_rotates(tmp_path: Path) -> None:
+    from broker.audit.files import log_set
+    from broker.audit.show import RecordFilter, follow
+
+    from .test_audit import make_log
+
+    path = tmp_path / "audit.log"
+    got: list[int] = []
+    done = threading.Event()
+
+    def emit(rec: dict[str, object]) -> None:
+        got.append(int(rec["seq"]))  # type: ignore[call-overload]
+        if len(got) == 60:
+            done.set()
+
+    # No file yet: follow() waits for it and then reads it from its start, so no record is missed
+    # whenever the thread gets to run.
+    worker = threading.Thread(target=follow, args=(path, RecordFilter(), emit), kwargs={"stop": done.is_set},
+                              daemon=True)
+    worker.start()
+    log = make_log(path, rotate="size", max_size=4096)
+    written = [int(log.record("secret_fetched", {"profile": f"p{i}", "pad": "x" * 200})["seq"]) for i in range(60)]
+    assert len(log_set(path)) > 2  # the writer rotated meanwhile
+    assert done.wait(60), got
+    worker.join(30)
+    assert got == written

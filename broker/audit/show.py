@@ -81,47 +81,90 @@ def last(active: Path, keep: RecordFilter, n: int) -> list[dict[str, Any]]:
     return list(deque(records(log_set(active), keep), maxlen=n)) if n > 0 else []
 
 
+class _Cursor:
+    """Where ``follow`` is: the newest sequence number seen, and a line not finished yet."""
+
+    def __init__(self, last_seq: int) -> None:
+        self.last_seq = last_seq
+        self.partial = b""
+
+    def take(self, raw: bytes, keep: RecordFilter, emit: Callable[[dict[str, Any]], None]) -> None:
+        rec = _record(raw)
+        seq = rec.get("seq") if rec is not None else None
+        if rec is None or not isinstance(seq, int) or seq <= self.last_seq:
+            return  # not a record, or one already seen (a file read again after a rotation)
+        self.last_seq = seq
+        if keep.keep(rec):
+            emit(rec)
+
+
 def follow(active: Path, keep: RecordFilter, emit: Callable[[dict[str, Any]], None], *,
            stop: Callable[[], bool] = lambda: False) -> None:
-    """Emit each matching record written to the active file from now on, across rotations."""
+    """Emit each matching record written from now on, in order, across rotations.
+
+    Records are told apart by sequence number, so a file read again is not
+    printed twice, and files the writer rotated away between two looks (a
+    burst) are read from the rotated set before the new active file.
+    """
+    from .files import last_header, rotated_files
+
+    head = last_header(active)
+    cursor = _Cursor(head.seq if head is not None else 0)
     fh = None
     ino = None
-    buf = b""
-    from_start = False  # the first file is read from its end; a file the writer started later, whole
     try:
         while not stop():
             if fh is None:
+                for path in rotated_files(active):  # written since our last look, then rotated away
+                    last = last_header(path)
+                    if last is not None and last.seq > cursor.last_seq:
+                        for raw in _lines(path):
+                            cursor.take(raw, keep, emit)
                 try:
                     fh = active.open("rb")
                 except FileNotFoundError:
-                    from_start = True
                     time.sleep(FOLLOW_POLL_S)
                     continue
                 ino = os.fstat(fh.fileno()).st_ino
-                if not from_start:
+                cursor.partial = b""
+                if head is not None:  # the file we started with: from its end
                     fh.seek(0, os.SEEK_END)
-            chunk = fh.read()
-            if chunk:
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    rec = _record(raw)
-                    if rec is not None and keep.keep(rec):
-                        emit(rec)
+                    head = None
+            if _emit_new(fh, keep, emit, cursor):
                 continue
             try:
                 rotated = os.stat(active).st_ino != ino
             except FileNotFoundError:
                 rotated = True
             if rotated:
-                # The writer renamed the file: what was left in it was read above; go on in the new one.
+                # The writer renamed the file: read what it appended just before, then go on.
+                _emit_new(fh, keep, emit, cursor)
                 fh.close()
-                fh, buf, from_start = None, b"", True
+                fh = None
                 continue
             time.sleep(FOLLOW_POLL_S)
     finally:
         if fh is not None:
             fh.close()
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    try:
+        with path.open("rb") as fh:
+            yield from (raw.rstrip(b"\n") for raw in fh)
+    except FileNotFoundError:
+        return  # pruned meanwhile
+
+
+def _emit_new(fh: Any, keep: RecordFilter, emit: Callable[[dict[str, Any]], None], cursor: _Cursor) -> bool:
+    """Emit the whole records appended to ``fh`` since the last read; a partial line waits."""
+    chunk = fh.read()
+    if not chunk:
+        return False
+    *lines, cursor.partial = (cursor.partial + chunk).split(b"\n")
+    for raw in lines:
+        cursor.take(raw, keep, emit)
+    return True
 
 
 def printable(text: str) -> str:
