@@ -146,6 +146,12 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
     from .errors import BrokerError
 
     names = _fail_on(fail_on)
+    if vault_audit is None and "unmatched-reads" in names:
+        if fail_on and "all" in [n.strip() for n in fail_on.split(",")]:
+            names.remove("unmatched-reads")  # "all" means every count this run can know
+        else:  # a cron line that forgot the file must not pass in silence
+            raise ConfigError("--fail-on unmatched-reads needs --vault-audit FILE",
+                              "add --vault-audit with Vault's file audit device log")
     settings, env, config = _context(ctx)
     now = datetime.now(timezone.utc)
     until = _parse_since(until_text, now) if until_text else now

@@ -113,8 +113,10 @@ def test_fail_on_exits_1_only_for_the_named_findings(week: Week) -> None:
     assert run(cli, ["audit", "report", *ARGS], env=env).exit_code == 0  # without --fail-on: always 0
     res = run(cli, ["audit", "report", *ARGS, "--fail-on", "broken,signature-failures"], env=env)
     assert res.exit_code == 1 and "--fail-on: signature-failures" in res.output
-    res = run(cli, ["audit", "report", *ARGS, "--json", "--fail-on", "broken,unmatched-reads,old-versions"], env=env)
+    res = run(cli, ["audit", "report", *ARGS, "--json", "--fail-on", "broken,new-hosts,old-versions"], env=env)
     assert res.exit_code == 0 and json.loads(res.output)["signature_failures"]["total"] == 1
+    res = run(cli, ["audit", "report", *ARGS, "--fail-on", "broken,unmatched-reads"], env=env)
+    assert isinstance(res.exception, ConfigError) and "needs --vault-audit" in str(res.exception)
     assert run(cli, ["audit", "report", *ARGS, "--fail-on", "all"], env=env).exit_code == 1
     res = run(cli, ["audit", "report", *ARGS, "--fail-on", "signature-failure"], env=env)
     assert isinstance(res.exception, ConfigError) and "unknown name 'signature-failure'" in str(res.exception)
