@@ -485,8 +485,7 @@ class ReportBuilder:
         history = "" if self.history_before else NOT_ENOUGH_HISTORY
         broken = 0 if chain.get("ok", True) else 1
         return (
-            SummaryItem("broken", "audit chain broken", broken, "chain",
-                        str(chain.get("status", "")) if not broken else "see the chain section"),
+            SummaryItem("broken", "audit chain not intact", broken, "chain", str(chain.get("status", ""))),
             SummaryItem("signature-failures", "signature failures", self.sigfail_total, "signature-failures", ""),
             SummaryItem("findings", "findings (patterns in the failures)", findings, "findings", ""),
             SummaryItem("unmatched-reads", "Vault reads with no broker record",
