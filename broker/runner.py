@@ -331,8 +331,9 @@ def run(
 
     def refused(exc: BrokerError) -> None:
         try:
-            rec("refused", {"profile": profile.name, "source": profile.source, **_refused_secret(profile, source_env),
-                            "error": type(exc).__name__, "reason": exc.message, "command": list(command)})
+            rec("refused", {"profile": profile.name, "source": profile.source,
+                            **_refused_secret(profile, source_env), "error": type(exc).__name__,
+                            "reason": exc.message, "command": list(command)})
         except BrokerError:
             pass  # the original failure is what the operator must see
 

@@ -67,7 +67,8 @@ def wait_for(path: Path, proc: subprocess.Popen[str], what: str, timeout: float 
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"credbroker ended ({proc.returncode}) before {what}: {proc.stderr.read() if proc.stderr else ''}")
+            said = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"credbroker ended ({proc.returncode}) before {what}: {said}")
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {timeout} s")
         time.sleep(0.05)

@@ -854,7 +854,8 @@ def render_text(report: Report) -> str:
     peak = max([d["accesses"] for d in r["daily"]] + [1])
     for d in r["daily"]:
         bar = "#" * round(20 * d["accesses"] / peak)
-        out.append(f"  {d['date']}  {d['accesses']:>7} {bar:<20} | {d['injections']:>5} | {d['signature_failures']:>5} | "
+        out.append(f"  {d['date']}  {d['accesses']:>7} {bar:<20} | {d['injections']:>5} | "
+                   f"{d['signature_failures']:>5} | "
                    f"{d['refusals']:>5} | {d['rotations']:>3}")
     from .show import printable
 
