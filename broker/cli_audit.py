@@ -1,9 +1,10 @@
-"""``credbroker audit``: verify the chain, the weekly review report, retention.
+"""``credbroker audit``: verify the chain, the weekly review report, reading records, retention.
 
 Thin: parses, calls ``broker.audit``, prints. Exit codes: ``verify`` 0 when
 the chain is intact (a crash's partial tail is a note, not a failure), 1 when
-not; every command 125 when it cannot run at all (bad config, key not
-fetchable, no log).
+not; ``report`` 0 unless ``--fail-on`` names a count that is not 0 (then 1);
+every command 125 when it cannot run at all (bad config, key not fetchable,
+no log).
 """
 
 from __future__ import annotations
@@ -93,6 +94,21 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], as_json: bool) -> No
     sys.exit(0 if result.ok else 1)
 
 
+def _fail_on(text: str | None) -> list[str]:
+    """``--fail-on a,b`` -> names, each one the summary knows (``all``: every one)."""
+    from .audit.model import FAIL_ON_NAMES
+
+    if not text:
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if "all" in names:
+        return list(FAIL_ON_NAMES)
+    unknown = [n for n in names if n not in FAIL_ON_NAMES]
+    if unknown:
+        raise ConfigError(f"--fail-on: unknown name {unknown[0]!r}", f"use some of: all, {', '.join(FAIL_ON_NAMES)}")
+    return names
+
+
 @audit.command("report")
 @click.option("--since", default="7d", show_default=True, metavar="AGE|DATE",
               help="Start of the period: 7d, 24h, 2w ago, or an ISO date (UTC).")
@@ -107,16 +123,35 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], as_json: bool) -> No
 @click.option("--work-hours", metavar="HH-HH", help="Usual UTC hours (default: [audit] work_hours, else learned).")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Active log file to read (default: the configured one).")
+@click.option("--fail-on", "fail_on", metavar="NAME,...",
+              help="Exit 1 when any of these summary counts is not 0 (e.g. broken,signature-failures,"
+                   "unmatched-reads; 'all' for every one). Without it the exit status is 0.")
+@click.option("--burst", default=10, show_default=True, type=click.IntRange(1, 100000), metavar="N",
+              help="A finding when one profile has more than N signature failures within a minute.")
+@click.option("--rotate-days", default=90, show_default=True, type=click.IntRange(1, 100000), metavar="DAYS",
+              help="Count keys whose newest version is older than this.")
 @click.pass_context
 def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: bool, html_file: Path | None,
                vault_audit: Path | None, vault_audit_device: str, work_hours: str | None,
-               log_path: Path | None) -> None:
-    """The weekly review: signature failures first, then per-profile activity and anomalies."""
+               log_path: Path | None, fail_on: str | None, burst: int, rotate_days: int) -> None:
+    """The weekly review: a verdict, findings, signature failures with what to check, then the detail.
+
+    \b
+    Exit status: 0 (whatever the report holds) unless --fail-on names a count
+    that is not 0: then 1; 125 when the report cannot be made.
+    """
     from .audit.files import log_set
     from .audit.report import build_report, render_text
     from .audit.settings import parse_hours
     from .errors import BrokerError
 
+    names = _fail_on(fail_on)
+    if vault_audit is None and "unmatched-reads" in names:
+        if fail_on and "all" in [n.strip() for n in fail_on.split(",")]:
+            names.remove("unmatched-reads")  # "all" means every count this run can know
+        else:  # a cron line that forgot the file must not pass in silence
+            raise ConfigError("--fail-on unmatched-reads needs --vault-audit FILE",
+                              "add --vault-audit with Vault's file audit device log")
     settings, env, config = _context(ctx)
     now = datetime.now(timezone.utc)
     until = _parse_since(until_text, now) if until_text else now
@@ -141,7 +176,8 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
             token_hash = None  # the report says reads are not attributed to a token
     report = build_report(files, since=start, until=until, key=_key_bytes(settings, env), active=active,
                           work_hours=hours, vault_audit=vault_audit, vault_paths=vault_paths,
-                          vault_token_hash=token_hash)
+                          vault_token_hash=token_hash, burst=burst, rotate_days=rotate_days,
+                          kv_versions=_kv_versions(config, env))
     if html_file is not None:
         from .audit.html import render_html
 
@@ -153,11 +189,133 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
         except OSError as exc:
             raise AuditError(f"cannot write {html_file}: {exc.strerror or exc}", "check the --html path") from exc
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(render_text(report), nl=False)
         if html_file is not None:
             click.echo(f"HTML report written to {html_file}")
+    failing = report.present(names)
+    if failing:
+        click.echo(f"credbroker: --fail-on: {', '.join(failing)}", err=True)
+        sys.exit(1)
+
+
+def _kv_versions(config: Any, env: dict[str, str]) -> dict[str, tuple[int, str]]:
+    """(current version, created_time) of each configured Vault profile's secret, where metadata is readable.
+
+    Only with a Vault address and token in the environment; one that does not
+    answer is not asked again for the next profile (the report still comes).
+    """
+    from .errors import BrokerError, VaultSealed, VaultUnreachable
+    from .sources.vault import current_version_created
+
+    if not (env.get("VAULT_ADDR") or env.get("BAO_ADDR")):
+        return {}
+    out: dict[str, tuple[int, str]] = {}
+    for profile in config.profiles.values():
+        if profile.source != "vault" or not profile.options.get("path"):
+            continue
+        try:
+            got = current_version_created(profile, env)
+        except BrokerError as exc:
+            if isinstance(exc, (VaultUnreachable, VaultSealed)):
+                break
+            continue
+        if got is not None:
+            out[got[0]] = (got[1], got[2])
+    return out
+
+
+def _record_filter(events: tuple[str, ...], profiles: tuple[str, ...], since: str | None, until_text: str | None,
+                   seqs: tuple[int, ...]) -> Any:
+    from .audit.report import iso
+    from .audit.show import RecordFilter
+
+    now = datetime.now(timezone.utc)
+    until = _parse_since(until_text, now) if until_text else None
+    start = _parse_since(since, until or now) if since else None
+    return RecordFilter(events=frozenset(events), profiles=frozenset(profiles),
+                        since=iso(start) if start else None, until=iso(until) if until else None,
+                        seqs=frozenset(seqs))
+
+
+def _printer(as_json: bool) -> Any:
+    from .audit.show import format_record
+
+    def emit(rec: dict[str, Any]) -> None:
+        click.echo(json.dumps(rec, separators=(",", ":")) if as_json else format_record(rec))
+        sys.stdout.flush()
+
+    return emit
+
+
+_FILTERS = [
+    click.option("--event", "events", multiple=True, metavar="NAME",
+                 help="Only this event (repeatable), e.g. signature_failure."),
+    click.option("--profile", "profiles", multiple=True, metavar="NAME", help="Only this profile (repeatable)."),
+    click.option("--since", default=None, metavar="AGE|DATE", help="From 7d/24h ago, or an ISO date (UTC)."),
+    click.option("--until", "until_text", default=None, metavar="DATE", help="Up to this time."),
+    click.option("--seq", "seqs", multiple=True, type=int, metavar="N",
+                 help="Only the record with this sequence number (repeatable)."),
+    click.option("--json", "as_json", is_flag=True, help="One JSON record per line, as written."),
+    click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+                 help="Active log file to read (default: the configured one)."),
+]
+
+
+def _with_filters(fn: Any) -> Any:
+    for option in reversed(_FILTERS):
+        fn = option(fn)
+    return fn
+
+
+def _active(ctx: click.Context, log_path: Path | None) -> Path:
+    settings, _env, _config = _context(ctx)
+    return log_path.expanduser().absolute() if log_path else Path(settings.path)
+
+
+@audit.command("show")
+@_with_filters
+@click.pass_context
+def show_cmd(ctx: click.Context, events: tuple[str, ...], profiles: tuple[str, ...], since: str | None,
+             until_text: str | None, seqs: tuple[int, ...], as_json: bool, log_path: Path | None) -> None:
+    """Print the log's records (all files, oldest first), filtered; no chain check (see verify)."""
+    from .audit.files import log_set
+    from .audit.show import records
+
+    active = _active(ctx, log_path)
+    files = log_set(active)
+    if not files:
+        click.echo(f"nothing recorded yet ({active} does not exist)", err=True)
+        return
+    emit = _printer(as_json)
+    for rec in records(files, _record_filter(events, profiles, since, until_text, seqs)):
+        emit(rec)
+
+
+@audit.command("tail")
+@_with_filters
+@click.option("-n", "count", default=10, show_default=True, type=click.IntRange(0, 10**9),
+              help="How many of the last matching records to print first.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new matching records as they are written.")
+@click.pass_context
+def tail_cmd(ctx: click.Context, events: tuple[str, ...], profiles: tuple[str, ...], since: str | None,
+             until_text: str | None, seqs: tuple[int, ...], as_json: bool, log_path: Path | None, count: int,
+             follow: bool) -> None:
+    """The last records (like tail); --follow waits for new ones until interrupted."""
+    from .audit.show import follow as follow_log
+    from .audit.show import last
+
+    active = _active(ctx, log_path)
+    keep = _record_filter(events, profiles, since, until_text, seqs)
+    emit = _printer(as_json)
+    for rec in last(active, keep, count):
+        emit(rec)
+    if follow:
+        try:
+            follow_log(active, keep, emit)
+        except KeyboardInterrupt:
+            sys.exit(130)
 
 
 @audit.command("prune")

@@ -3,17 +3,35 @@
 Values are read from a no-echo prompt (typed twice) or, when stdin is not a
 terminal, from stdin; never from argv, which every local user can read in
 /proc/PID/cmdline.
+
+Every change is recorded in the audit log (``keyring_set``,
+``keyring_deleted``: profile, field, service; never the value). The log is
+opened before the keyring is touched: a change that cannot be recorded is
+not made.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
 import click
 
 from .config import Profile
 from .errors import ConfigError
 from .secret import Secret
+
+
+def _audit(ctx: click.Context) -> Any:
+    """The audit log's ``record``, checked writable first (fail closed)."""
+    from .audit import open_log
+    from .config import load, with_config_defaults
+
+    config = load(ctx.obj.get("config_path") if ctx.obj else None)
+    log = open_log(config.audit or None, env=with_config_defaults(os.environ, config))
+    log.check_writable()
+    return log.record
 
 
 def _profile(ctx: click.Context, name: str, service: str | None) -> Profile:
@@ -73,11 +91,13 @@ def set_cmd(ctx: click.Context, profile: str, field: str, service: str | None) -
     from .sources.keyring import service_for, store
 
     prof = _profile(ctx, profile, service)
+    record = _audit(ctx)
     secret = read_secret_input(f"Value for {field}")
     try:
         store(prof, field, secret)
     finally:
         secret.wipe()
+    record("keyring_set", {"profile": prof.name, "field": field, "service": service_for(prof), "source": "keyring"})
     click.echo(f"stored {field} in keyring service {service_for(prof)!r}", err=True)
 
 
@@ -92,5 +112,8 @@ def delete_cmd(ctx: click.Context, profile: str, field: str, service: str | None
     from .sources.keyring import delete, service_for
 
     prof = _profile(ctx, profile, service)
+    record = _audit(ctx)
     delete(prof, field)
+    record("keyring_deleted", {"profile": prof.name, "field": field, "service": service_for(prof),
+                               "source": "keyring"})
     click.echo(f"deleted {field} from keyring service {service_for(prof)!r}", err=True)

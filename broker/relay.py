@@ -10,8 +10,13 @@ What the child may send is narrow: only the events in ``RELAYED_EVENTS``,
 as a flat JSON object of short scalar values (or short lists of them), at
 most one 4 KiB line each (a pipe write of that size is atomic, so lines from
 several threads never interleave). Anything else is dropped and counted,
-never recorded. Every relayed record carries ``relayed_from`` (the pid the
-broker started), so a reviewer knows the bot, not the broker, said it.
+never recorded. Every relayed record is stamped by the broker with what it
+knows first-hand: ``profile`` (the profile it runs), ``host``, ``user`` and
+``relayed_from`` (the pid it started), so a reviewer knows which bot said it
+even when the bot's own report names no profile (``report_response`` as the
+README shows it), and a bot cannot file its failure under another profile.
+When the bot claimed a different profile, its claim is kept as
+``claimed_profile``.
 """
 
 from __future__ import annotations
@@ -55,8 +60,12 @@ def _scalar(value: Any) -> bool:
 class AuditRelay:
     """One pipe for the whole run (restarts included) and a thread that records what arrives."""
 
-    def __init__(self, record: Callable[[str, dict[str, Any]], Any]) -> None:
+    def __init__(self, record: Callable[[str, dict[str, Any]], Any], *, profile: str | None = None,
+                 host: str | None = None, user: str | None = None) -> None:
         self._record = record
+        self.profile = profile
+        self.host = host
+        self.user = user
         self._read_fd, self._write_fd = os.pipe()
         self.child_pid: int | None = None
         self.dropped = 0
@@ -104,11 +113,24 @@ class AuditRelay:
         if event not in RELAYED_EVENTS or fields is None:
             self.dropped += 1
             return
-        fields["relayed_from"] = self.child_pid
+        self._stamp(fields)
         try:
             self._record(str(event), fields)
         except Exception:  # noqa: BLE001 - a relay failure must not kill the broker's supervision
             self.dropped += 1
+
+    def _stamp(self, fields: dict[str, Any]) -> None:
+        """Overwrite what the bot says about itself with what the broker knows."""
+        claimed = fields.get("profile")
+        fields.pop("claimed_profile", None)  # only the broker writes this one
+        if self.profile is not None:
+            if claimed not in (None, self.profile):
+                fields["claimed_profile"] = claimed
+            fields["profile"] = self.profile
+        for key, value in (("host", self.host), ("user", self.user)):
+            if value is not None:
+                fields[key] = value
+        fields["relayed_from"] = self.child_pid
 
     def close(self, timeout: float = 2.0) -> None:
         """Close the broker's copy of the write end and wait for the child's last lines."""

@@ -335,7 +335,8 @@ def run(
 
     def refused(exc: BrokerError) -> None:
         try:
-            rec("refused", {"profile": profile.name, "source": profile.source, "error": type(exc).__name__,
+            rec("refused", {"profile": profile.name, "source": profile.source,
+                            **_refused_secret(profile, source_env), "error": type(exc).__name__,
                             "reason": exc.message, "command": list(command)})
         except BrokerError:
             pass  # the original failure is what the operator must see
@@ -407,7 +408,8 @@ def run(
             print(f"credbroker: started pid {child.pid} with {', '.join(child_profile.env)} "
                   f"from {origin.source} {origin.path}{version}", file=sys.stderr, flush=True)
         rec("secret_injected", {
-            "profile": profile.name, "version": origin.version, "variables": list(child_profile.env),
+            "profile": profile.name, "version": origin.version, **_secret_identity(origin),
+            "variables": list(child_profile.env),
             "command": list(command), "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
         })
         return child
@@ -431,7 +433,7 @@ def run(
             return False
         old_version = watcher.version
         event = {"profile": profile.name, "old_version": old_version, "new_version": new_version,
-                 "action": rotation.action}
+                 **_secret_identity(creds.origin), "action": rotation.action}
         if agent and rotation.action == "signal":
             # The bot keeps running and never held the secret: when only the secret
             # changed (the API key in its environment is the same), swap the
@@ -493,7 +495,7 @@ def run(
     # child's signature failures reach our (possibly keyed) log through it.
     from .relay import AuditRelay
 
-    relay = AuditRelay(rec)
+    relay = AuditRelay(rec, profile=profile.name, host=_host(), user=_user())
     extra.update(relay.child_env())
     try:
         if agent:
@@ -543,6 +545,33 @@ def run(
             from .signing import release_child_env
 
             release_child_env(extra, env=source_env)
+
+
+def _refused_secret(profile: Profile, env: Mapping[str, str]) -> dict[str, Any]:
+    """Which Vault and path a refused run was for (as far as the settings say): the review files the
+    refusal under that secret, not under whichever Vault the profile used last."""
+    if profile.source != "vault" or not profile.options.get("path"):
+        return {}
+    from .sources.settings import VaultSettings
+    from .sources.vault import split_path
+
+    try:
+        settings = VaultSettings.from_env(env)
+        mount, path = split_path(profile)
+    except BrokerError:
+        return {}  # the settings are what was wrong: the reason says so
+    out: dict[str, Any] = {"address": settings.addr, "path": f"{mount}/{path}"}
+    if settings.namespace:
+        out["namespace"] = settings.namespace
+    return out
+
+
+def _secret_identity(origin: Any) -> dict[str, Any]:
+    """Which secret (source, Vault address, namespace, path): the review keys versions by it, not by profile."""
+    out = {"source": origin.source, "path": origin.path, "address": origin.address}
+    if origin.namespace:
+        out["namespace"] = origin.namespace
+    return out
 
 
 def say(message: str) -> None:

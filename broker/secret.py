@@ -156,12 +156,17 @@ class Origin(NamedTuple):
     #: Vault's request_id of the read: the same id its audit device logs, so the
     #: weekly review can match each broker fetch to exactly one Vault read.
     request_id: str | None = None
+    #: The Vault namespace (Enterprise/OpenBao), where one was used: with the
+    #: address and path it names the secret, so the review never mixes two Vaults.
+    namespace: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"source": self.source, "path": self.path, "version": self.version,
                                   "address": self.address}
         if self.request_id is not None:
             out["request_id"] = self.request_id
+        if self.namespace:
+            out["namespace"] = self.namespace
         return out
 
 

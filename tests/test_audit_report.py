@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 import broker.audit.log as logmod
 from broker.audit.files import log_set
-from broker.audit.html import CHART_H, render_html
+from broker.audit.html import CHART_H, SERIES, render_html
+from broker.audit.model import Report
 from broker.audit.report import build_report, render_text
 from broker.cli import cli
 
@@ -31,11 +32,12 @@ class Writer:
         self.log = make_log(path, rotate="size", max_size=10**9)
         self.mp = monkeypatch
 
-    def at(self, when: datetime, event: str, writer_host: str = "bot-1", **data: Any) -> None:
+    def at(self, when: datetime, event: str, writer_host: str = "bot-1", **data: Any) -> int:
+        """Record one event at ``when``; its sequence number."""
         stamp = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         self.mp.setattr(logmod, "utc_timestamp", lambda now=None: stamp)
         self.log._host = writer_host  # the writer's own host: each bot host writes its own records in real life
-        self.log.record(event, data)
+        return int(self.log.record(event, data)["seq"])
 
     def run(self, when: datetime, command: list[str], version: int, host: str = "bot-1", pid: int = 100,
             profile: str = "um-futures", exit_after: timedelta | None = timedelta(minutes=30)) -> None:
@@ -97,8 +99,12 @@ def report_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def _report(path: Path, **kw: Any) -> dict[str, Any]:
+def _model(path: Path, **kw: Any) -> Report:
     return build_report(log_set(path), since=SINCE, until=NOW, active=path, **kw)
+
+
+def _report(path: Path, **kw: Any) -> dict[str, Any]:
+    return _model(path, **kw).to_dict()
 
 
 def test_report_names_every_known_anomaly(report_log: Path) -> None:
@@ -111,7 +117,7 @@ def test_report_names_every_known_anomaly(report_log: Path) -> None:
     assert by_code["-1022"]["count"] == 2 and by_code["-2015"]["count"] == 1
     assert len(by_code["-1022"]["times"]) == 2 and by_code["-1022"]["times"][0].endswith("14:05:00.000000Z")
     assert by_code["-2015"]["endpoints"] == ["https://fapi.binance.com/fapi/v2/account"]
-    assert list(r)[:2] == ["period", "signature_failures"]
+    assert list(r)[:4] == ["period", "summary", "findings", "signature_failures"]
     # per profile
     um = next(p for p in r["profiles"] if p["profile"] == "um-futures")
     assert um["accesses"] == 6 * 2 + 1 + 1 + 1
@@ -129,7 +135,8 @@ def test_report_names_every_known_anomaly(report_log: Path) -> None:
     # unusual hours: learned from the baseline (08-17), so 03:00 and nothing else
     assert {(i["hour"], i["command"]) for i in r["unusual_hours"]["items"]} == {(3, "python evil.py --dump"), (3, None)}
     # refusals
-    assert [(i["profile"], i["error"]) for i in r["refusals"]["items"]] == [("spot", "VaultPermissionDenied")]
+    assert [(g["profile"], g["error"], g["count"]) for g in r["refusals"]["groups"]] == [
+        ("spot", "VaultPermissionDenied", 1)]
     # daily chart data covers the period, one entry per day
     assert len(r["daily"]) == 8 and sum(d["signature_failures"] for d in r["daily"]) == 3
     assert sum(d["other"] for d in r["daily"]) == 40
@@ -143,18 +150,20 @@ def test_configured_work_hours_override_the_learned_ones(report_log: Path) -> No
 
 
 def test_text_report_reads_signature_failures_first(report_log: Path) -> None:
-    text = render_text(_report(report_log))
+    text = render_text(_model(report_log))
     assert text.index("SIGNATURE FAILURES: 3") < text.index("PROFILES")
     for needle in ("-1022", "-2015", "python grid.py", "v3", "v4", "python evil.py --dump", "laptop",
-                   "VaultPermissionDenied", "chain: intact"):
+                   "VaultPermissionDenied", "CHAIN: intact"):
         assert needle in text, needle
 
 
 def test_a_broken_chain_shows_in_the_report(report_log: Path) -> None:
     report_log.write_bytes(report_log.read_bytes().replace(b'"pid":6666', b'"pid":6667', 1))
-    r = _report(report_log)
+    model = _model(report_log)
+    r = model.to_dict()
     assert r["chain"]["status"] == "broken" and r["chain"]["problem"]["kind"] == "edited"
-    assert "chain: BROKEN" in render_text(r)
+    assert "CHAIN: BROKEN" in render_text(model)
+    assert model.present(["broken"]) == ["broken"]
 
 
 class _Page(HTMLParser):
@@ -207,10 +216,11 @@ def test_html_report_is_self_contained_and_its_chart_matches_the_data(report_log
     assert res.exit_code == 0, res.output
     page = _Page()
     page.feed(out.read_text())
-    assert page.external == [] and "http://" not in out.read_text().split("<script")[0].replace(
-        "https://fapi.binance.com", "")
-    # signature failures are the first thing on the page
-    assert page.sections[0] == "signature-failures"
+    assert [e for e in page.external if not e.startswith("#")] == []
+    assert "http://" not in out.read_text().split("<script")[0].replace("https://fapi.binance.com", "")
+    # the verdict first, every count linking to a section of the page; then findings, then the failures
+    assert page.sections[:3] == ["summary", "findings", "signature-failures"]
+    assert {e[1:] for e in page.external} <= set(page.sections)
     seen = " ".join(page.text)
     assert "3 signature failure(s)" in seen and "-1022" in seen and "-2015" in seen
     # the chart: one group per day with the report's numbers, bars scaled to the busiest value
@@ -220,13 +230,17 @@ def test_html_report_is_self_contained_and_its_chart_matches_the_data(report_log
         assert int(g["data-accesses"]) == d["accesses"]
         assert int(g["data-signature-failures"]) == d["signature_failures"]
         assert int(g["data-refusals"]) == d["refusals"]
-    peak = max(max(d["accesses"], d["signature_failures"], d["refusals"]) for d in data["daily"])
+    # stacked: each segment is its share of the busiest day's total; the busiest day's bar is the full height
+    totals = [sum(d[k] for k, _, _ in SERIES) for d in data["daily"]]
+    peak = max(totals)
     for bar in page.bars:
         assert float(bar["height"]) == pytest.approx(CHART_H * int(bar["data-value"]) / peak, abs=0.01)
-    tallest = max(page.bars, key=lambda b: float(b["height"]))
-    assert float(tallest["height"]) == pytest.approx(CHART_H) and tallest["data-series"] == "accesses"
+    for g, total in zip(page.days, totals):
+        assert int(g["data-total"]) == total
+    assert sum(float(b["height"]) for b in page.bars) == pytest.approx(CHART_H * sum(totals) / peak, abs=0.5)
     sig_bars = [b for b in page.bars if b["data-series"] == "signature_failures" and int(b["data-value"])]
     assert len(sig_bars) == 1 and int(sig_bars[0]["data-value"]) == 3
+    assert "records per day" in seen and "day (UTC)" in seen  # labelled axes
     # the anomalies are on the page
     for needle in ("python grid.py", "python evil.py --dump", "laptop", "VaultPermissionDenied", "Intact",
                    "Signing policy refusals (1)", "symbols"):
@@ -236,9 +250,10 @@ def test_html_report_is_self_contained_and_its_chart_matches_the_data(report_log
 def test_html_escapes_what_the_log_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "audit.log"
     w = Writer(path, monkeypatch)
+    w.run(NOW - timedelta(days=10), ["python", "bot.py"], 1)  # history, so new commands are listed
     w.run(NOW - timedelta(days=1), ["python", "<script>alert(1)</script>"], 1)
     monkeypatch.undo()
-    html = render_html(_report(path))
+    html = render_html(_model(path))
     page = _Page()
     page.feed(html)
     assert "<script>alert(1)</script>" not in html
@@ -304,7 +319,8 @@ def test_installed_cli_report(report_log: Path, run_broker) -> None:  # type: ig
 def test_an_empty_log_reports_cleanly(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     path.write_bytes(b"")
-    r = _report(path)
+    model = _model(path)
+    r = model.to_dict()
     assert r["chain"]["status"] == "empty" and r["profiles"] == [] and r["signature_failures"]["total"] == 0
-    assert "chain: no records" in render_text(r)
-    assert 'data-status="empty"' in render_html(r)
+    assert "CHAIN: no records" in render_text(model)
+    assert 'data-status="empty"' in render_html(model)

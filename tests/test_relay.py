@@ -46,3 +46,25 @@ def test_a_failing_recorder_does_not_kill_the_relay() -> None:
     relay.close()
     assert calls == ["signature_failure", "signature_failure"]
     assert relay.dropped == 2
+
+
+def test_the_broker_stamps_relayed_failures_with_its_own_profile_host_and_pid() -> None:
+    """A bot calling report_response() without a profile, or naming another one, is filed under its run."""
+    got: list[tuple[str, dict[str, object]]] = []
+    relay = AuditRelay(lambda event, fields: got.append((event, fields)), profile="um-futures", host="bot-7",
+                       user="trader")
+    relay.child_pid = 4242
+    lines = [
+        {"event": "signature_failure", "fields": {"code": -1022, "profile": None, "host": "forged"}},
+        {"event": "signature_failure", "fields": {"code": -2015, "profile": "spot"}},
+        {"event": "signature_failure", "fields": {"code": -2014, "profile": "um-futures", "claimed_profile": "x",
+                                                  "relayed_from": 1, "user": "root"}},
+    ]
+    os.write(relay.child_fd, "".join(json.dumps(line) + "\n" for line in lines).encode())
+    relay.close()
+    assert [f for _, f in got] == [
+        {"code": -1022, "profile": "um-futures", "host": "bot-7", "user": "trader", "relayed_from": 4242},
+        {"code": -2015, "profile": "um-futures", "claimed_profile": "spot", "host": "bot-7", "user": "trader",
+         "relayed_from": 4242},
+        {"code": -2014, "profile": "um-futures", "host": "bot-7", "user": "trader", "relayed_from": 4242},
+    ]

@@ -128,3 +128,33 @@ def test_locked_keyring_fails_closed(tmp_path_factory: pytest.TempPathFactory) -
         assert "keyring is locked" in res.stderr and "unlock" in res.stderr
     finally:
         stop_secret_service(service, procs)
+
+
+def test_keyring_set_and_delete_are_recorded_and_fail_closed(secret_service: SecretService, tmp_path: Path) -> None:
+    import json
+
+    import keyring
+
+    log = tmp_path / "audit" / "audit.log"
+    env = {**secret_service.env, "DBUS_SESSION_BUS_ADDRESS": os.environ["DBUS_SESSION_BUS_ADDRESS"],
+           "CREDBROKER_AUDIT_LOG": str(log)}
+    res = cli(["keyring", "set", "--service", "credbroker/rec-test", "rec-test", "api_secret"], env,
+              stdin=SECRET + "\n")
+    assert res.returncode == 0, res.stderr
+    res = cli(["keyring", "delete", "--service", "credbroker/rec-test", "rec-test", "api_secret"], env)
+    assert res.returncode == 0, res.stderr
+    text = log.read_text()
+    recs = [json.loads(line) for line in text.splitlines()]
+    assert [(r["event"], r["data"]["profile"], r["data"]["field"], r["data"]["service"]) for r in recs] == [
+        ("keyring_set", "rec-test", "api_secret", "credbroker/rec-test"),
+        ("keyring_deleted", "rec-test", "api_secret", "credbroker/rec-test"),
+    ]
+    assert SECRET not in text
+    # An audit log that cannot be written: the keyring is not touched.
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    env["CREDBROKER_AUDIT_LOG"] = str(blocked / "audit.log")
+    res = cli(["keyring", "set", "--service", "credbroker/rec-test", "rec-test", "api_secret"], env,
+              stdin=SECRET + "\n")
+    assert res.returncode == 125 and res.stderr.count("\n") == 1, res.stderr
+    assert keyring.get_password("credbroker/rec-test", "api_secret") is None

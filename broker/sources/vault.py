@@ -92,6 +92,33 @@ def current_version(profile: Profile, env: Mapping[str, str], *, client: Any = N
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def current_version_created(profile: Profile, env: Mapping[str, str], *, client: Any = None
+                            ) -> tuple[str, int, str] | None:
+    """(secret label, current version, its created_time) from KV v2 metadata; None when the answer lacks them.
+
+    For the weekly review's "keys not rotated in N days": metadata holds no
+    secret value, so reading it is not an access to record.
+    """
+    settings = VaultSettings.from_env(env)
+    mount, path = split_path(profile)
+    client = client or client_for(profile, env, settings=settings)
+    with mapped(settings, "read metadata of", f"{mount}/metadata/{path}", client):
+        resp = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount)
+    data = resp.get("data") if isinstance(resp, dict) else None
+    if not isinstance(data, dict):
+        return None
+    version = data.get("current_version")
+    versions = data.get("versions")
+    if not isinstance(version, int) or isinstance(version, bool) or not isinstance(versions, dict):
+        return None
+    entry = versions.get(str(version))
+    created = entry.get("created_time") if isinstance(entry, dict) else None
+    if not isinstance(created, str) or not created:
+        return None
+    where = settings.addr + (f" [{settings.namespace}]" if settings.namespace else "")
+    return f"{where} {mount}/{path}", version, created
+
+
 def _decrypt(client: Any, settings: VaultSettings, profile: Profile, field: str, ciphertext: str,
              held: list[Any]) -> Secret:
     key = profile.options.get("transit_key")
@@ -160,6 +187,6 @@ def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
     return Credentials(
         profile=profile.name,
         origin=Origin(source="vault", path=f"{mount}/{path}", version=version, address=settings.addr,
-                      request_id=request_id),
+                      request_id=request_id, namespace=settings.namespace or None),
         fields=fields,
     )
