@@ -102,8 +102,8 @@ def get_signer(
     cfg = config if isinstance(config, _Config) else load(config)
     prof = profile if isinstance(profile, _Profile) else cfg.profile(str(name))
     settings = SignerSettings.for_profile(prof)
+    from ..access import fetch
     from ..config import with_config_defaults
-    from ..sources import fetch
 
     source_env = with_config_defaults(environ, cfg)
     from .audit_bridge import open_audit, write
@@ -112,19 +112,11 @@ def get_signer(
     log = open_audit(cfg.audit or None, source_env)
 
     def build() -> tuple[Signer, int | None]:
-        """Fetch (audited) and build the signer; the fetched copies are wiped once it holds its key."""
+        """Fetch (audited, the one way every reader does) and build the signer; the fetched copies are
+        wiped once it holds its key."""
+        creds = fetch(prof, config=cfg, env=environ, by="get_signer", context={"pid": os.getpid()},
+                      record=lambda event, fields: write(log, event, fields))
         try:
-            creds = fetch(prof, env=source_env)
-        except BrokerError as exc:
-            try:
-                write(log, "refused", {"profile": prof.name, "source": prof.source, "error": type(exc).__name__,
-                                       "reason": exc.message, "by": "get_signer", "pid": os.getpid()})
-            except BrokerError:
-                pass  # the fetch failure is what the caller must see
-            raise
-        try:
-            write(log, "secret_fetched", {"profile": prof.name, **creds.origin.to_dict(), "fields": sorted(creds),
-                                          "by": "get_signer", "pid": os.getpid()})
             fields = {f: creds[f] for f in creds}
             client = None
             vault_settings = None
