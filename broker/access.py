@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, Profile
-from .errors import BrokerError
+from .errors import BrokerError, VaultError
 from .secret import Credentials
 
 #: ``record(event, fields)``: what every audited reader writes through.
@@ -49,9 +49,8 @@ def refusal(profile: Profile, exc: BrokerError, by: str, **context: Any) -> dict
     """The ``refused`` record's fields for ``exc`` (with Vault's request id when Vault had answered)."""
     fields: dict[str, Any] = {"profile": profile.name, "source": profile.source, "error": type(exc).__name__,
                               "reason": exc.message, "by": by, **context}
-    request_id = getattr(exc, "request_id", None)
-    if isinstance(request_id, str) and request_id:
-        fields.update(request_id=request_id, path=getattr(exc, "path", None))
+    if isinstance(exc, VaultError) and exc.request_id:
+        fields.update(request_id=exc.request_id, path=exc.secret_path)
     return fields
 
 

@@ -47,6 +47,11 @@ class SourceError(BrokerError):
 class VaultError(SourceError):
     """Vault/OpenBao failed; subclasses say how."""
 
+    #: Set when Vault had answered the read before credbroker refused what it got (a field missing,
+    #: a value it cannot use): the read is in Vault's audit log under this id, at this path.
+    request_id: str | None = None
+    secret_path: str | None = None
+
 
 class VaultUnreachable(VaultError):
     """No answer from the server (down, wrong address, TLS, timeout)."""

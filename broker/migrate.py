@@ -480,19 +480,21 @@ def store_vault(env: Mapping[str, str], mount: str, path: str, fields: Mapping[s
 
 
 def verify_vault(env: Mapping[str, str], mount: str, path: str, stored: Stored, fields: Mapping[str, Secret], *,
-                 client: Any = None) -> None:
-    """Read the written version back and compare every field in constant time."""
+                 client: Any = None) -> str | None:
+    """Read the written version back and compare every field in constant time; Vault's request id of
+    that read (the audit record names it, so the weekly review knows the read was credbroker's)."""
     from .sources.vault import read_kv
     from .vault.session import open_client
     from .vault.settings import VaultSettings
 
     settings = VaultSettings.from_env(env)
     client = client or open_client(settings)
-    data, version, _request_id = read_kv(client, settings, mount, path, stored.version)
+    data, version, request_id = read_kv(client, settings, mount, path, stored.version)
     try:
         _compare(stored, data, fields, version == stored.version)
     finally:
         data.clear()
+    return request_id
 
 
 def _compare(stored: Stored, data: Mapping[str, Any], fields: Mapping[str, Secret], version_ok: bool) -> None:
@@ -638,12 +640,14 @@ def import_plaintext(
     if target not in ("vault", "keyring"):
         raise ConfigError(f"unknown import target {target!r}", 'use "vault" or "keyring"')
     plain = read_plaintext(path, fmt)
+    read_back: dict[str, Any] = {}
     try:
         sel = select_fields(plain, mapping, profile)
         if target == "vault":
             environ = os.environ if env is None else env
             stored = store_vault(environ, mount, location, sel.fields, force=force)
-            verify_vault(environ, mount, location, stored, sel.fields)
+            read_back = {"read_back_request_id": verify_vault(environ, mount, location, stored, sel.fields),
+                         "read_back_path": f"{mount}/{location}"}
         else:
             stored = store_keyring(location, sel.fields, force=force, profile=profile)
             verify_keyring(stored, sel.fields, profile=profile)
@@ -654,7 +658,7 @@ def import_plaintext(
         record("secret_imported", {
             "file": str(plain.path.resolve()), "target": stored.target, "location": stored.location,
             "version": stored.version, "address": stored.address, "fields": list(stored.fields),
-            "profile": profile.name if profile is not None else None, "forced": force,
+            "profile": profile.name if profile is not None else None, "forced": force, **read_back,
         })
     return result
 

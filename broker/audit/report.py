@@ -220,6 +220,12 @@ class ReportBuilder:
             bucket = self.daily.get(ts[:10])
             if bucket is not None:
                 bucket[event if event in DETAIL_EVENTS else "other"] += 1
+        if event == "secret_imported":  # import reads the stored copy back: a Vault read of ours
+            imported = _parse(line)
+            if imported is not None:
+                self._vault_read(ts, imported["data"], _version(imported["data"].get("version")),
+                                 rid_key="read_back_request_id", path_key="read_back_path")
+            return
         if event not in DETAIL_EVENTS:
             return
         rec = _parse(line)
@@ -328,9 +334,8 @@ class ReportBuilder:
         version = _version(data.get("version"))
         secret = self._secret(profile, data, remember=True)
         self._see_version(profile, secret, version, ts, seq)
-        if data.get("source") == "vault" and isinstance(data.get("path"), str) and ts >= self._since:
-            rid = data.get("request_id")
-            self.vault_reads.append((str(data["path"]), ts, version, rid if isinstance(rid, str) and rid else None))
+        if data.get("source") == "vault":
+            self._vault_read(ts, data, version)
         if in_period:
             p = self._profile(profile, secret)
             p.accesses += 1
@@ -367,8 +372,17 @@ class ReportBuilder:
             if data.get("status") not in (0, None):
                 p.failed_exits += 1
 
+    def _vault_read(self, ts: str, data: Mapping[str, Any], version: int | None,
+                    rid_key: str = "request_id", path_key: str = "path") -> None:
+        """A read of a secret that Vault's own audit log holds too (for the cross-check)."""
+        rid, path = data.get(rid_key), data.get(path_key)
+        if isinstance(path, str) and ts >= self._since:
+            self.vault_reads.append((path, ts, version, rid if isinstance(rid, str) and rid else None))
+
     def _on_refused(self, ts: str, in_period: bool, profile: str, host: str, user: str,
                     data: Mapping[str, Any], seq: int) -> None:
+        if isinstance(data.get("request_id"), str):  # refused after Vault answered the read
+            self._vault_read(ts, data, _version(data.get("version")))
         if not in_period:
             return
         secret = self._secret(profile, data, remember=False)

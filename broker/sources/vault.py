@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..config import Profile
-from ..errors import ConfigError, VaultBadResponse, VaultNotFound
+from ..errors import ConfigError, VaultBadResponse, VaultError, VaultNotFound
 from ..secret import Credentials, Origin, Secret
 from ..vault.paths import PathKind, check
 from ..vault.session import close, mapped, open_client
@@ -176,9 +176,13 @@ def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
                 fields[name] = _decrypt(client, settings, profile, name, text, held)
             else:
                 fields[name] = Secret(text)
-    except BaseException:
+    except BaseException as exc:
         for secret in fields.values():
             secret.wipe()
+        if isinstance(exc, VaultError):
+            # Vault answered (and logged) the read: the refusal record names it, so the weekly review's
+            # cross-check matches this read to the broker.
+            exc.request_id, exc.secret_path = request_id, f"{mount}/{path}"
         raise
     finally:
         # The decoded JSON holds immutable str copies we cannot wipe; drop them now.
