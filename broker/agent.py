@@ -12,12 +12,24 @@ Who may connect:
 * at every connection the agent reads the peer's credentials (``SO_PEERCRED``):
   the uid must be ours, and the pid must be the bot the broker started or one
   of its descendants (the parent chain in ``/proc/PID/stat`` leads to the
-  child's pid). Anything else is refused with one line and an ``agent_refused``
-  audit record. A process the bot double-forked away (re-parented to init) is
-  outside the tree and refused too;
+  child's pid). Anything else is refused with one line. A process the bot
+  double-forked away (re-parented to init) is outside the tree and refused too;
 * the agent is a thread of the broker: it dies with it. It removes its folder
   when the run ends; after a SIGKILL of the broker the folder (with a socket
   nobody listens on) stays behind in ``$XDG_RUNTIME_DIR`` or ``/tmp``.
+
+Refusals cannot stall the bot. The peer check never blocks: the uid (one
+``getsockopt``) is checked first, then the parent chain in ``/proc``; a
+connection that arrives before the bot's pid is known waits, parked, for at
+most ``PENDING_WAIT`` seconds without holding up anything else. Connections
+are multiplexed on one thread; each round answers the requests already
+waiting on open connections before it accepts at most ``ACCEPT_BATCH`` new
+ones, so a flood of connections delays a bot's signature by at most one small
+batch of refusals. Refusals are recorded aggregated, never one fsync each:
+one ``agent_refused`` record per peer (pid, uid, reason) per
+``REFUSAL_WINDOW`` seconds with the ``count`` of connections refused, written
+when the window ends and when the agent stops (beyond ``MAX_PEERS_RECORDED``
+peers in one window the rest share one record with ``pid`` null).
 
 What is checked and recorded, per request: the profile's signing policy
 (``broker.signing_policy``) first; then one audit record per signature
@@ -49,6 +61,7 @@ import selectors
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,6 +73,19 @@ from .unixsock import HEADER, MAX_MESSAGE, frame, listen_private, peer_credentia
 PROTOCOL = 1
 SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
 _MAX_TREE_DEPTH = 128
+
+#: New connections accepted (and checked) per round, after the round's requests are answered.
+ACCEPT_BATCH = 8
+#: Seconds a connection that came before the bot's pid is known may wait for it.
+PENDING_WAIT = 5.0
+#: Connections that may wait so at once; more are refused at once.
+MAX_PENDING = 16
+#: Refusals are counted per peer and recorded once per window of this many seconds.
+REFUSAL_WINDOW = 10.0
+#: Peers recorded one by one per window; the rest share one record.
+MAX_PEERS_RECORDED = 64
+#: The reason given while no bot runs (a connection with this reason may wait for one).
+NO_BOT = "no bot is running"
 
 #: Audit event names this module writes.
 SIGNED = "signed"
@@ -136,6 +162,38 @@ class _Conn:
         self.outbuf = bytearray()
 
 
+class RefusalTally:
+    """Refused connections counted per peer, turned into one audit record per peer per window."""
+
+    def __init__(self, window: float | None = None, max_peers: int | None = None) -> None:
+        self.window = REFUSAL_WINDOW if window is None else window
+        self.max_peers = MAX_PEERS_RECORDED if max_peers is None else max_peers
+        self.counts: dict[tuple[int | None, int | None, str], int] = {}
+        self.started: float | None = None
+
+    def add(self, pid: int | None, uid: int | None, reason: str, now: float) -> None:
+        if self.started is None:
+            self.started = now
+        key = (pid, uid, reason)
+        if key not in self.counts and len(self.counts) >= self.max_peers:
+            key = (None, None, "more peers than recorded one by one in this window")
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def due(self, now: float) -> bool:
+        return self.started is not None and now - self.started >= self.window
+
+    def deadline(self) -> float | None:
+        return None if self.started is None else self.started + self.window
+
+    def drain(self, profile: str, now: float) -> list[dict[str, Any]]:
+        """The records for the window so far (and start a new one)."""
+        seconds = 0.0 if self.started is None else round(now - self.started, 3)
+        records = [{"profile": profile, "pid": pid, "uid": uid, "reason": reason, "count": count,
+                    "window_s": seconds} for (pid, uid, reason), count in self.counts.items()]
+        self.counts, self.started = {}, None
+        return records
+
+
 class Agent:
     """The broker side: a thread that signs for the bot's process tree (see the module docstring)."""
 
@@ -160,13 +218,15 @@ class Agent:
         self._wake_r, self._wake_w = -1, -1
         self._stopping = False
         self._child: int | None = None
-        self._child_set = threading.Event()
         self._lock = threading.Lock()
         self.signed = 0
         self.refused = 0
         self._pending_replies: list[tuple[_Conn, dict[str, Any]]] = []
         self._pending_records = 0
         self._round_failed: BrokerError | None = None
+        #: Connections accepted before the bot's pid was known: (socket, pid, uid, give up at).
+        self._waiting: list[tuple[socket.socket, int, int, float]] = []
+        self._tally = RefusalTally()
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> Path:
@@ -181,7 +241,9 @@ class Agent:
         try:
             folder = Path(tempfile.mkdtemp(prefix="credbroker-agent-", dir=base))  # 0700
             path = folder / "agent.sock"
-            listener = listen_private(path, 64)
+            # A deep backlog: under a flood of foreign connections the bot's own new
+            # connections (its threads, its children) queue here until their turn.
+            listener = listen_private(path, 1024)
             listener.setblocking(False)
         except OSError as exc:
             raise RunError(f"cannot create the signing agent's socket: {exc.strerror or exc}",
@@ -199,10 +261,8 @@ class Agent:
         """The pid of the bot now running: connections are accepted from its process tree only."""
         with self._lock:
             self._child = pid
-        if pid is None:
-            self._child_set.clear()
-        else:
-            self._child_set.set()
+        if pid is not None:
+            self._wake()  # connections waiting for the bot's pid are checked now
 
     def set_signer(self, signer: Any) -> None:
         """Swap the signer (after a key rotation); the old one is closed."""
@@ -214,11 +274,7 @@ class Agent:
     def stop(self) -> None:
         """Stop the thread, close every connection, remove the socket and its folder. Idempotent."""
         self._stopping = True
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -244,6 +300,13 @@ class Agent:
         if signer is not None:
             signer.close()
 
+    def _wake(self) -> None:
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # the pipe is full: the loop is awake already
+
     def __enter__(self) -> Agent:
         return self
 
@@ -259,11 +322,12 @@ class Agent:
         conns: dict[int, _Conn] = {}
         try:
             while not self._stopping:
-                events = sel.select()
+                events = sel.select(self._select_timeout())
                 touched: dict[int, _Conn] = {}
+                incoming = False
                 for key, mask in events:
                     if key.fileobj is self._listener:
-                        self._accept(sel, conns)
+                        incoming = True
                     elif key.fd == self._wake_r:
                         try:
                             os.read(self._wake_r, 4096)
@@ -275,18 +339,36 @@ class Agent:
                             self._drop(sel, conns, conn)
                             continue
                         touched[conn.sock.fileno()] = conn
+                # The requests already waiting come first: sign, commit, answer ...
                 self._commit()
                 for conn in touched.values():
                     if conn.sock.fileno() in conns and not self._write(sel, conn):
                         self._drop(sel, conns, conn)
+                # ... then at most one batch of newcomers (a flood waits in the backlog, not the bot).
+                self._recheck_waiting(sel, conns)
+                if incoming:
+                    self._accept(sel, conns)
+                if self._tally.due(time.monotonic()):
+                    self._record_refusals()
         finally:
             for conn in list(conns.values()):
                 self._drop(sel, conns, conn)
+            for sock, pid, uid, _ in self._waiting:
+                self._refuse(sock, pid, uid, "the signing agent stopped")
+            self._waiting = []
             sel.close()
+            self._record_refusals()
+
+    def _select_timeout(self) -> float | None:
+        ends = [end for *_, end in self._waiting]
+        window = self._tally.deadline()
+        if window is not None:
+            ends.append(window)
+        return max(0.0, min(ends) - time.monotonic()) if ends else None
 
     def _accept(self, sel: selectors.BaseSelector, conns: dict[int, _Conn]) -> None:
         assert self._listener is not None
-        while True:
+        for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -297,43 +379,72 @@ class Agent:
                 pid, uid, _gid = peer_credentials(sock)
                 reason = self._refusal(pid, uid)
             except OSError:
-                pid, reason = 0, "its credentials could not be read"
-            if reason is not None:
-                self._refuse(sock, pid, reason)
+                pid, uid, reason = 0, -1, "its credentials could not be read"
+            if reason is NO_BOT and not self._stopping and len(self._waiting) < MAX_PENDING:
+                # The bot can connect before spawn() has returned its pid to us: park it.
+                self._waiting.append((sock, pid, uid, time.monotonic() + PENDING_WAIT))
                 continue
-            sock.setblocking(False)
-            conn = _Conn(sock, pid)
-            conns[sock.fileno()] = conn
-            sel.register(sock, selectors.EVENT_READ, conn)
+            self._admit_or_refuse(sel, conns, sock, pid, uid, reason)
+
+    def _recheck_waiting(self, sel: selectors.BaseSelector, conns: dict[int, _Conn]) -> None:
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        still: list[tuple[socket.socket, int, int, float]] = []
+        for sock, pid, uid, end in self._waiting:
+            reason = self._refusal(pid, uid)
+            if reason is NO_BOT and now < end and not self._stopping:
+                still.append((sock, pid, uid, end))
+            else:
+                self._admit_or_refuse(sel, conns, sock, pid, uid, reason)
+        self._waiting = still
+
+    def _admit_or_refuse(self, sel: selectors.BaseSelector, conns: dict[int, _Conn], sock: socket.socket,
+                         pid: int, uid: int, reason: str | None) -> None:
+        if reason is not None:
+            self._refuse(sock, pid, uid, reason)
+            return
+        sock.setblocking(False)
+        conn = _Conn(sock, pid)
+        conns[sock.fileno()] = conn
+        sel.register(sock, selectors.EVENT_READ, conn)
 
     def _refusal(self, pid: int, uid: int) -> str | None:
+        """Why a peer may not sign (None: it may). Never blocks; the cheapest checks come first."""
         if uid != os.getuid():
             return f"uid {uid} is not the broker's"
-        # The bot can connect before spawn() has returned its pid to us: wait a moment.
-        self._child_set.wait(timeout=5.0)
         with self._lock:
             child = self._child
         if child is None:
-            return "no bot is running"
+            return NO_BOT
         if not in_tree(pid, child):
             return f"pid {pid} is not the bot (pid {child}) or one of its descendants"
         return None
 
-    def _refuse(self, sock: socket.socket, pid: int, reason: str) -> None:
+    def _refuse(self, sock: socket.socket, pid: int, uid: int, reason: str) -> None:
+        """Tell the peer why in one line (if it can take it at once), close, and count it."""
         self.refused += 1
-        try:
-            self._audit.record(AGENT_REFUSED, {"profile": self.profile, "pid": pid, "reason": reason})
-        except BrokerError:
-            pass  # refusing is what matters; the log's trouble shows at the next signature
+        self._tally.add(pid or None, uid if uid >= 0 else None, reason, time.monotonic())
         error = {"type": "AgentRefused", "message": f"the credbroker signing agent refused this process: {reason}",
                  "remedy": "only the bot that `credbroker run --agent` started (and its children) may sign"}
         try:
-            sock.settimeout(1.0)
-            sock.sendall(frame({"ok": False, "protocol": PROTOCOL, "error": error}))
+            sock.send(frame({"ok": False, "protocol": PROTOCOL, "error": error}), socket.MSG_DONTWAIT)
         except OSError:
-            pass
+            pass  # a peer that cannot take a few hundred bytes at once gets no explanation
         finally:
             sock.close()
+
+    def _record_refusals(self) -> None:
+        """Write the window's refusal counts: one record per peer, one flush for them all."""
+        records = self._tally.drain(self.profile, time.monotonic())
+        if not records:
+            return
+        try:
+            for fields in records:
+                self._audit.record(AGENT_REFUSED, fields, durable=False)
+            self._audit.flush()
+        except BrokerError:
+            pass  # refusing is what matters; the log's trouble shows at the next signature
 
     def _read(self, conn: _Conn) -> bool:
         """Read what is there, handle every complete request; False when the peer is gone."""

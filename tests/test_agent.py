@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from broker.agent import Agent, RecorderSink, in_tree, parent_pid
+from broker.unixsock import frame, recv_message
 from broker.errors import BrokerError
 from broker.secret import Secret
 from broker.signing.agent import AgentSigner
@@ -362,11 +363,13 @@ def test_process_outside_the_tree_and_other_uid_are_refused(tmp_path: Path) -> N
                                   "AgentSigner(None, sys.argv[1])", str(agent.path)],
                                  capture_output=True, text=True, cwd=REPO, timeout=30)
         assert outside.returncode == 1 and "AgentRefused: the credbroker signing agent refused" in outside.stderr
-        refused = [f for e, f in log.committed if e == "agent_refused"]
-        assert len(refused) == 1 and refused[0]["pid"] > 0
     finally:
         agent.stop()
     assert not agent.path.exists() and not agent.path.parent.exists()
+    # Counted, and recorded when the agent stopped (the end of its window).
+    refused = [f for e, f in log.committed if e == "agent_refused"]
+    assert len(refused) == 1 and refused[0]["pid"] > 0 and refused[0]["count"] == 1
+    assert refused[0]["uid"] == os.getuid() and "is not the bot" in refused[0]["reason"]
 
 
 def test_in_tree_walks_parents() -> None:
@@ -538,3 +541,147 @@ def test_policy_without_agent_warns_every_run_and_is_still_validated(openbao: Op
     setup_profile(openbao, tmp_path, '[profiles.bot.policy]\nsymbol = ["BTCUSDT"]\n')
     res = run_broker(["run", "--profile", "bot", "--", "true"], env=broker_env(openbao))
     assert res.returncode == 125 and "profiles.bot.policy.symbol: unknown key" in res.stderr
+
+
+# -- a flood of foreign connections never stalls the bot ---------------------------------------------
+
+FLOODER = """
+import socket, sys
+path, n = sys.argv[1], int(sys.argv[2])
+done = 0
+print("flooding", flush=True)
+for _ in range(n):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(60)
+        s.connect(path)
+        done += 1
+        s.recv(65536)  # the refusal (or the close)
+print(done, flush=True)
+"""
+
+FLOOD_BOT = """
+import sys
+from broker.errors import BrokerError
+from broker.signing.agent import AgentSigner
+signer = AgentSigner(None, sys.argv[1])
+ok = 0
+for i in range(int(sys.argv[2])):
+    signer.sign_params({"symbol": "BTCUSDT", "quantity": str(i)}, endpoint="/fapi/v1/order")
+    ok += 1
+print(ok, flush=True)
+"""
+
+
+def test_a_flood_of_foreign_connections_is_refused_in_aggregate_while_the_bot_signs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import agent as agent_module
+
+    log = FakeLog()
+    # One window for the whole test: every refusal of a peer lands in one record.
+    monkeypatch.setattr(agent_module, "REFUSAL_WINDOW", 3600.0)
+    agent = Agent(HmacSigner("KEY", Secret(b"s3cret")), profile="p", policy=SigningPolicy.from_mapping(None, "x"),
+                  audit=log)
+    assert agent._tally.window == 3600.0
+    path = str(agent.start())
+    per_flooder, flooders, signatures = 400, 3, 200
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        bot = subprocess.Popen([sys.executable, "-c", FLOOD_BOT, path, str(signatures)], cwd=REPO,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(bot)
+        agent.set_child(bot.pid)  # the flooders are the bot's siblings: outside its tree
+        for _ in range(flooders):
+            procs.append(subprocess.Popen([sys.executable, "-c", FLOODER, path, str(per_flooder)], cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = {p.pid: p.communicate(timeout=120) for p in procs}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        agent.stop()
+    bot_out, bot_err = outs[bot.pid]
+    assert bot.returncode == 0 and bot_out.strip() == str(signatures), bot_err[-2000:]
+    assert agent.signed == signatures
+    assert [e for e, _ in log.committed].count("signed") == signatures
+    made = {p.pid: int(outs[p.pid][0].split()[-1]) for p in procs[1:]}
+    assert all(p.returncode == 0 for p in procs[1:]) and set(made.values()) == {per_flooder}
+    refused = [f for e, f in log.committed if e == "agent_refused"]
+    # One record per peer, with the number of its connections: not one record per connection.
+    assert sorted(r["pid"] for r in refused) == sorted(made)
+    assert {r["pid"]: r["count"] for r in refused} == made
+    assert all(r["uid"] == os.getuid() and "is not the bot" in r["reason"] for r in refused)
+    assert agent.refused == per_flooder * flooders
+
+
+def test_refusals_are_recorded_when_their_window_ends_not_only_at_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "REFUSAL_WINDOW", 0.2)
+    log = FakeLog()
+    agent = Agent(HmacSigner("KEY", Secret(b"s3cret")), profile="p", policy=SigningPolicy.from_mapping(None, "x"),
+                  audit=log)
+    path = agent.start()
+    try:
+        agent.set_child(999_999_999)
+        for _ in range(3):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(30)
+                s.connect(str(path))
+                assert b"AgentRefused" in s.recv(65536)
+        deadline = time.monotonic() + 30
+        while not any(e == "agent_refused" for e, _ in log.committed):
+            assert time.monotonic() < deadline, "the window's refusals were never recorded"
+            time.sleep(0.02)
+        refused = [f for e, f in log.committed if e == "agent_refused"]
+        assert sum(r["count"] for r in refused) == 3 and all(r["pid"] == os.getpid() for r in refused)
+    finally:
+        agent.stop()
+
+
+def test_refusal_tally_counts_per_peer_and_caps_the_number_of_records() -> None:
+    from broker.agent import RefusalTally
+
+    tally = RefusalTally(window=10.0, max_peers=2)
+    assert not tally.due(0.0) and tally.deadline() is None
+    for pid in (10, 10, 11, 12, 13, 12):
+        tally.add(pid, 1000, "outside", 100.0)
+    assert not tally.due(109.9) and tally.due(110.0)
+    records = tally.drain("p", 110.0)
+    assert [(r["pid"], r["count"]) for r in records] == [(10, 2), (11, 1), (None, 3)]
+    assert all(r["window_s"] == 10.0 and r["profile"] == "p" for r in records)
+    assert tally.drain("p", 111.0) == [] and tally.deadline() is None
+
+
+def test_a_connection_before_the_bot_is_known_waits_without_blocking_others(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between two runs of the bot (no pid known) a newcomer waits, parked; the bot's open connection is served."""
+    from broker import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "PENDING_WAIT", 120.0)
+    agent, ref = make_agent(FakeLog())
+    try:
+        assert agent.path is not None
+        signer = AgentSigner(ref.api_key, agent.path, profile="p")  # admitted while our pid is the bot's
+        agent.set_child(None)
+        early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        early.connect(str(agent.path))
+        deadline = time.monotonic() + 30
+        while not agent._waiting:
+            assert time.monotonic() < deadline, "the early connection was never accepted"
+            time.sleep(0.01)
+        # The open connection signs while the newcomer waits (it is neither refused nor answered).
+        assert signer.sign("a=1") == ref.sign("a=1")
+        early.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            early.recv(1)
+        agent.set_child(os.getpid())  # the bot is known: the newcomer is checked and admitted
+        early.setblocking(True)
+        early.settimeout(30)
+        early.sendall(frame({"op": "hello"}))
+        reply = recv_message(early)
+        assert reply["ok"] and reply["profile"] == "p"
+        early.close()
+        signer.close()
+    finally:
+        agent.stop()
