@@ -73,15 +73,18 @@ from .unixsock import HEADER, MAX_MESSAGE, frame, listen_private, peer_credentia
 PROTOCOL = 1
 SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
 _MAX_TREE_DEPTH = 128
+_MAX_OUTSIDERS = 4096
 
 #: New connections accepted (and checked) per round, after the round's requests are answered.
-ACCEPT_BATCH = 8
+ACCEPT_BATCH = 4
 #: Seconds a connection that came before the bot's pid is known may wait for it.
 PENDING_WAIT = 5.0
 #: Connections that may wait so at once; more are refused at once.
 MAX_PENDING = 16
 #: Refusals are counted per peer and recorded once per window of this many seconds.
 REFUSAL_WINDOW = 10.0
+#: Refusals per peer and window that are explained to the peer (one line); later ones are just closed.
+EXPLAIN_REFUSALS = 8
 #: Peers recorded one by one per window; the rest share one record.
 MAX_PEERS_RECORDED = 64
 #: The reason given while no bot runs (a connection with this reason may wait for one).
@@ -123,16 +126,41 @@ class RecorderSink:
 # -- peer checks ---------------------------------------------------------------------------
 
 
-def parent_pid(pid: int) -> int | None:
-    """The parent of ``pid`` from ``/proc/PID/stat`` (None if it is gone)."""
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (None if the process is gone).
+
+    Read with ``os.open``/``os.read``: a third of the cost of ``open()``, and this
+    runs for every connection a stranger makes.
+    """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split after the last ')'.
     try:
-        return int(data[data.rindex(b")") + 2:].split()[1])
+        return data[data.rindex(b")") + 2:].split()
+    except ValueError:
+        return None
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of ``pid`` from ``/proc/PID/stat`` (None if it is gone)."""
+    fields = _stat(pid)
+    try:
+        return int(fields[1]) if fields is not None else None
+    except (ValueError, IndexError):
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): with the pid, names one process, never its successor."""
+    fields = _stat(pid)
+    try:
+        return int(fields[19]) if fields is not None else None
     except (ValueError, IndexError):
         return None
 
@@ -171,13 +199,15 @@ class RefusalTally:
         self.counts: dict[tuple[int | None, int | None, str], int] = {}
         self.started: float | None = None
 
-    def add(self, pid: int | None, uid: int | None, reason: str, now: float) -> None:
+    def add(self, pid: int | None, uid: int | None, reason: str, now: float) -> int:
+        """Count one refusal; how many this peer has had in this window."""
         if self.started is None:
             self.started = now
         key = (pid, uid, reason)
         if key not in self.counts and len(self.counts) >= self.max_peers:
             key = (None, None, "more peers than recorded one by one in this window")
-        self.counts[key] = self.counts.get(key, 0) + 1
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        return count
 
     def due(self, now: float) -> bool:
         return self.started is not None and now - self.started >= self.window
@@ -227,6 +257,8 @@ class Agent:
         #: Connections accepted before the bot's pid was known: (socket, pid, uid, give up at).
         self._waiting: list[tuple[socket.socket, int, int, float]] = []
         self._tally = RefusalTally()
+        #: pid -> (start time, bot pid) of processes found outside the bot's tree.
+        self._outsiders: dict[int, tuple[int, int]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> Path:
@@ -417,18 +449,32 @@ class Agent:
             child = self._child
         if child is None:
             return NO_BOT
+        # A process outside the bot's tree never enters it (re-parenting only moves a process
+        # to one of its own ancestors), so that verdict is remembered for the process (pid and
+        # start time) and the bot's pid: a stranger's repeated connections cost one /proc read.
+        started = start_time(pid)
+        if started is not None and self._outsiders.get(pid) == (started, child):
+            return f"pid {pid} is not the bot (pid {child}) or one of its descendants"
         if not in_tree(pid, child):
+            if started is not None:
+                if len(self._outsiders) >= _MAX_OUTSIDERS:
+                    self._outsiders.clear()
+                self._outsiders[pid] = (started, child)
             return f"pid {pid} is not the bot (pid {child}) or one of its descendants"
         return None
 
     def _refuse(self, sock: socket.socket, pid: int, uid: int, reason: str) -> None:
         """Tell the peer why in one line (if it can take it at once), close, and count it."""
         self.refused += 1
-        self._tally.add(pid or None, uid if uid >= 0 else None, reason, time.monotonic())
-        error = {"type": "AgentRefused", "message": f"the credbroker signing agent refused this process: {reason}",
-                 "remedy": "only the bot that `credbroker run --agent` started (and its children) may sign"}
+        seen = self._tally.add(pid or None, uid if uid >= 0 else None, reason, time.monotonic())
         try:
-            sock.send(frame({"ok": False, "protocol": PROTOCOL, "error": error}), socket.MSG_DONTWAIT)
+            if seen <= EXPLAIN_REFUSALS:
+                # Telling costs a wake-up of the peer; a peer refused again and again in one
+                # window has had its explanation and is just closed.
+                error = {"type": "AgentRefused",
+                         "message": f"the credbroker signing agent refused this process: {reason}",
+                         "remedy": "only the bot that `credbroker run --agent` started (and its children) may sign"}
+                sock.send(frame({"ok": False, "protocol": PROTOCOL, "error": error}), socket.MSG_DONTWAIT)
         except OSError:
             pass  # a peer that cannot take a few hundred bytes at once gets no explanation
         finally:
