@@ -182,6 +182,77 @@ def _decode_reply(answer: bytearray, profile: Profile, request_code: str) -> Cre
     return Credentials(profile=profile.name, origin=origin, fields=fields)
 
 
+def fetch_isolated(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
+    """Fetch a vault profile in a forked child of this process, as the daemon does; None when that fails.
+
+    ``credbroker run`` fetches this way when no daemon runs: every copy the
+    fetch makes (hvac's, requests' and the JSON decoder's immutable objects,
+    the HTTP and TLS buffers) stays in the child and goes when it exits; this
+    process receives the fields into one buffer it wipes. A BrokerError in the
+    child is raised here as the in-process fetch would raise it. None (the
+    caller then fetches in-process) when no child can be made or it ends
+    without an answer.
+    """
+    import secrets
+    import signal
+
+    from .hardening import die_with_parent
+
+    nonce = secrets.token_hex(8)
+    parent = os.getpid()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        return None
+    if pid == 0:
+        status = 1
+        try:
+            ours.close()
+            die_with_parent(parent, signal.SIGKILL)  # a broker that dies takes its fetch along
+            _default_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            theirs.sendall(_fetch_reply(profile, env, {"protocol": PROTOCOL, "code": nonce}))
+            status = 0
+        finally:
+            os._exit(status)
+    theirs.close()
+    answer: bytearray | None = None
+    try:
+        ours.settimeout(4 * float(env.get("CREDBROKER_VAULT_TIMEOUT") or 10) + 10)
+        answer = recv_frame(ours)
+    except (OSError, ValueError, ConnectionError):
+        pass
+    finally:
+        ours.close()
+        if answer is None:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        os.waitpid(pid, 0)
+    if answer is None:
+        return None
+    try:
+        return _decode_reply(answer, profile, nonce)
+    finally:
+        wipe_buffer(answer)
+
+
+def _default_signals() -> None:
+    """In a forked child: the default action for every signal the parent handles in Python."""
+    import signal
+
+    for signum in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            continue
+
+
 def _error_from(data: Any) -> BrokerError:
     from . import errors
 
@@ -220,8 +291,6 @@ def _encode_reply(meta: Mapping[str, Any], creds: Credentials | None = None) -> 
 
 
 def _handle(request: Any) -> bytearray:
-    from .sources import fetch as source_fetch
-
     base = {"protocol": PROTOCOL, "version": __version__, "code": _SERVER_CODE}
     if isinstance(request, dict) and request.get("code") != _SERVER_CODE:
         # Different code from the caller's (an upgrade since this daemon started):
@@ -239,7 +308,6 @@ def _handle(request: Any) -> bytearray:
         if profile.source != "vault":
             raise BrokerError("the daemon only serves vault profiles", "fetch keyring profiles in-process")
         env = {str(k): str(v) for k, v in dict(request["env"]).items()}
-        creds = source_fetch(profile, env=env, use_daemon=False)
     except BrokerError as exc:
         return _encode_reply({**base, "ok": False, "error": {"type": type(exc).__name__, "message": exc.message,
                                                              "remedy": exc.remedy}})
@@ -247,6 +315,18 @@ def _handle(request: Any) -> bytearray:
         return _encode_reply({**base, "ok": False, "error": {
             "type": "BrokerError", "message": "malformed request",
             "remedy": "use the same credbroker version as the daemon"}})
+    return _fetch_reply(profile, env, base)
+
+
+def _fetch_reply(profile: Profile, env: Mapping[str, str], base: Mapping[str, Any]) -> bytearray:
+    """Fetch in this (throwaway) process; the reply frame, secrets raw after the metadata."""
+    from .sources import fetch as source_fetch
+
+    try:
+        creds = source_fetch(profile, env=env, use_daemon=False)
+    except BrokerError as exc:
+        return _encode_reply({**base, "ok": False, "error": {"type": type(exc).__name__, "message": exc.message,
+                                                             "remedy": exc.remedy}})
     try:
         return _encode_reply({**base, "ok": True, "origin": creds.origin.to_dict()}, creds)
     finally:
@@ -269,8 +349,7 @@ def _child(conn: socket.socket, listener: socket.socket) -> NoReturn:
     try:
         listener.close()
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+        _default_signals()
         # A backstop whatever Vault or the client does; the default action ends the process.
         signal.alarm(CHILD_LIMIT)
         _serve_one(conn, time.monotonic() + REQUEST_DEADLINE)

@@ -80,6 +80,12 @@ class Secret:
         self._check_alive()
         return bytes(self._buf)
 
+    def reveal_buffer(self) -> bytearray:
+        """A mutable copy of the secret bytes, for an API that takes a buffer; the caller
+        wipes it (``wipe_buffer``) as soon as it is done, so no copy outlives its use."""
+        self._check_alive()
+        return bytearray(self._buf)
+
     def reveal_str(self) -> str:
         """Return the secret decoded as UTF-8."""
         return self.reveal().decode("utf-8")

@@ -685,3 +685,62 @@ def test_a_connection_before_the_bot_is_known_waits_without_blocking_others(
         signer.close()
     finally:
         agent.stop()
+
+
+# -- memory: the agent holds its key, and no copy of a key it no longer uses ----------------------------
+
+ROTATING_BOT = """
+import signal, sys, time
+from pathlib import Path
+from broker import get_signer
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the broker signals the bot after swapping the agent's key
+signer, out = get_signer(), Path(sys.argv[1])
+while True:
+    out.write_text(signer.sign("symbol=BTCUSDT&timestamp=1"))
+    time.sleep(0.02)
+"""
+
+
+def test_after_key_rotations_the_broker_holds_only_the_current_key(openbao: OpenBao, tmp_path: Path) -> None:
+    """Scanned from outside (root): one copy of the key in use, none of the keys rotated away."""
+    from tests.memscan import count_in_memory, need_root
+
+    need_root()
+    kv = f"credbroker/binance/agent-rot-{secrets.token_hex(3)}"
+    keys = ["R" + secrets.token_hex(24) for _ in range(3)]
+    openbao.kv_put(kv, api_key="ROTKEY", api_secret=keys[0])
+    (tmp_path / "credbroker.toml").write_text(f"""
+[profiles.bot]
+source = "vault"
+path = "secret/{kv}"
+env = {{ BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }}
+""")
+    sig = tmp_path / "signature"
+    proc = subprocess.Popen([credbroker_bin(), "run", "--agent", "--no-preflight", "--profile", "bot",
+                             "--on-rotate", "signal:HUP", "--rotate-interval", "1s", "--",
+                             sys.executable, "-c", ROTATING_BOT, str(sig)],
+                            env=broker_env(openbao, CREDBROKER_DAEMON="0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def signs_with(key: str) -> None:
+        want = HmacSigner("ROTKEY", Secret(key.encode())).sign("symbol=BTCUSDT&timestamp=1")
+        deadline = time.monotonic() + 60
+        while not (sig.exists() and sig.read_text() == want):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the agent never signed with this key"
+            time.sleep(0.02)
+
+    try:
+        signs_with(keys[0])
+        for i in (1, 2):
+            openbao.kv_put(kv, api_key="ROTKEY", api_secret=keys[i])
+            signs_with(keys[i])
+            counts, read = count_in_memory(proc.pid, [k.encode() for k in keys[:i + 1]])
+            assert read > 1_000_000
+            assert counts[keys[i].encode()] <= 1, f"{counts[keys[i].encode()]} copies of the key in use"
+            old = [n for n, c in counts.items() if c and n != keys[i].encode()]
+            assert not old, f"the broker still holds {len(old)} rotated-away key(s)"
+    finally:
+        proc.send_signal(15)
+        out, err = proc.communicate(timeout=30)
+    assert "the agent signs with the new key" in err

@@ -238,3 +238,44 @@ def test_a_fetch_through_the_daemon_leaves_no_copy_in_the_caller(running: tuple[
         assert counts[value.encode()] == 0, "the caller kept a copy of the fetched secret"
     finally:
         caller.communicate("")
+
+
+# -- the same isolation without a daemon: `credbroker run` fetches in a throwaway child ------------------
+
+
+def test_an_isolated_fetch_returns_the_fields_and_the_same_errors(openbao: OpenBao) -> None:
+    env = {**openbao.env(), "CREDBROKER_DAEMON": "0"}
+    version = openbao.kv_put("credbroker/isolated", api_secret=SECRET)
+    creds = daemon.fetch_isolated(profile("secret/credbroker/isolated"), env)
+    assert creds is not None and creds["api_secret"].reveal_str() == SECRET
+    assert creds.origin.version == version and creds.origin.request_id
+    with pytest.raises(VaultNotFound, match="nothing found"):
+        daemon.fetch_isolated(profile("secret/credbroker/absent-isolated"), env)
+    with pytest.raises(VaultAuthError, match="rejected the token"):
+        sources.fetch(profile("secret/credbroker/isolated"), env={**env, "VAULT_TOKEN": "hvs.wrong"}, isolate=True)
+
+
+def test_an_isolated_fetch_leaves_no_copy_in_the_caller(openbao: OpenBao) -> None:
+    need_root()
+    value = "I" + secrets.token_hex(24)
+    openbao.kv_put("credbroker/isolated-mem", api_secret=value)
+    code = ("import gc, os, sys\n"
+            "from broker import sources\n"
+            "from broker.config import Profile\n"
+            "p = Profile(name='d', source='vault', env={'S': 'api_secret'},"
+            " options={'path': 'secret/credbroker/isolated-mem'})\n"
+            "creds = sources.fetch(p, env=dict(os.environ), isolate=True)\n"
+            "assert len(creds['api_secret']) == 49\n"
+            "creds.wipe(); del creds; gc.collect()\n"
+            "print('done', flush=True); sys.stdin.read()\n")
+    caller = subprocess.Popen([sys.executable, "-c", code], env={**openbao.env(), "CREDBROKER_DAEMON": "0"},
+                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert caller.stdout is not None
+        assert caller.stdout.readline().strip() == "done", caller.communicate()
+        counts, read = count_in_memory(caller.pid, [value.encode()])
+        assert read > 1_000_000
+        assert counts[value.encode()] == 0, "the caller kept a copy of the fetched secret"
+    finally:
+        caller.communicate("")
