@@ -167,9 +167,17 @@ def start_time(pid: int) -> int | None:
 
 def in_tree(pid: int, root: int) -> bool:
     """True when ``pid`` is ``root`` or one of its descendants."""
+    return tree_walk(pid, root) is True
+
+
+def tree_walk(pid: int, root: int) -> bool | None:
+    """True: ``pid`` is ``root`` or below it; False: the chain reached init without it;
+    None: a process of the chain vanished during the walk (no lasting verdict)."""
     current: int | None = pid
     for _ in range(_MAX_TREE_DEPTH):
-        if current is None or current <= 1:
+        if current is None:
+            return None
+        if current <= 1:
             return False
         if current == root:
             return True
@@ -449,14 +457,16 @@ class Agent:
             child = self._child
         if child is None:
             return NO_BOT
-        # A process outside the bot's tree never enters it (re-parenting only moves a process
-        # to one of its own ancestors), so that verdict is remembered for the process (pid and
-        # start time) and the bot's pid: a stranger's repeated connections cost one /proc read.
+        # A process whose whole parent chain up to init lies outside the bot's tree never
+        # enters it (re-parenting only moves a process to one of its own ancestors), so that
+        # verdict is remembered for the process (pid and start time) and the bot's pid: a
+        # stranger's repeated connections cost one /proc read each.
         started = start_time(pid)
         if started is not None and self._outsiders.get(pid) == (started, child):
             return f"pid {pid} is not the bot (pid {child}) or one of its descendants"
-        if not in_tree(pid, child):
-            if started is not None:
+        verdict = tree_walk(pid, child)
+        if verdict is not True:
+            if verdict is False and started is not None:
                 if len(self._outsiders) >= _MAX_OUTSIDERS:
                     self._outsiders.clear()
                 self._outsiders[pid] = (started, child)

@@ -373,12 +373,19 @@ def test_process_outside_the_tree_and_other_uid_are_refused(tmp_path: Path) -> N
 
 
 def test_in_tree_walks_parents() -> None:
+    from broker.agent import start_time, tree_walk
+
     me = os.getpid()
     assert in_tree(me, me)
     parent = parent_pid(me)
     assert parent is not None and in_tree(me, parent)
     assert not in_tree(parent, me)
     assert not in_tree(me, 999_999_999)
+    # Reaching init is a lasting verdict; a chain that breaks (a vanished process) is not.
+    assert tree_walk(me, 999_999_999) is False
+    assert tree_walk(999_999_999, me) is None and not in_tree(999_999_999, me)
+    started = start_time(me)
+    assert started is not None and started == start_time(me) and start_time(999_999_999) is None
 
 
 def test_policy_refusal_reaches_the_bot_as_policy_refused() -> None:
