@@ -163,6 +163,7 @@ def test_bot_signs_through_the_agent_and_holds_no_secret(
     assert pid in {s["pid"] for s in signed} and len({s["pid"] for s in signed}) == 2  # the bot and its child
     refused = [r["data"] for r in records if r["event"] == "agent_refused"]
     assert len(refused) == 1 and "is not the bot" in refused[0]["reason"]
+    assert refused[0]["count"] == 1 and refused[0]["uid"] == os.getuid()  # aggregated, written at the agent's stop
     injected = next(r["data"] for r in records if r["event"] == "secret_injected")
     assert injected["variables"] == ["BINANCE_API_KEY"]
     assert any(r["event"] == "agent_started" for r in records)
