@@ -19,10 +19,10 @@ Who may connect:
   nobody listens on) stays behind in ``$XDG_RUNTIME_DIR`` or ``/tmp``.
 
 Refusals cannot stall the bot. The peer check never blocks: the uid (one
-``getsockopt``) is checked first, then the parent chain in ``/proc``; a
-connection that arrives before the bot's pid is known waits, parked, for at
-most ``PENDING_WAIT`` seconds without holding up anything else. Connections
-are multiplexed on one thread; each round answers the requests already
+``getsockopt``) is checked first, then the parent chain in ``/proc``. Until
+the bot's pid is known nothing is accepted: a connection (the bot's, racing
+its own start) waits in the socket's backlog, in order, and holds up nothing.
+Connections are multiplexed on one thread; each round answers the requests already
 waiting on open connections before it accepts at most ``ACCEPT_BATCH`` new
 ones, so a flood of connections delays a bot's signature by at most one small
 batch of refusals. Refusals are recorded aggregated, never one fsync each:
@@ -77,18 +77,12 @@ _MAX_OUTSIDERS = 4096
 
 #: New connections accepted (and checked) per round, after the round's requests are answered.
 ACCEPT_BATCH = 4
-#: Seconds a connection that came before the bot's pid is known may wait for it.
-PENDING_WAIT = 5.0
-#: Connections that may wait so at once; more are refused at once.
-MAX_PENDING = 16
 #: Refusals are counted per peer and recorded once per window of this many seconds.
 REFUSAL_WINDOW = 10.0
 #: Refusals per peer and window that are explained to the peer (one line); later ones are just closed.
 EXPLAIN_REFUSALS = 8
 #: Peers recorded one by one per window; the rest share one record.
 MAX_PEERS_RECORDED = 64
-#: The reason given while no bot runs (a connection with this reason may wait for one).
-NO_BOT = "no bot is running"
 
 #: Audit event names this module writes.
 SIGNED = "signed"
@@ -262,8 +256,6 @@ class Agent:
         self._pending_replies: list[tuple[_Conn, dict[str, Any]]] = []
         self._pending_records = 0
         self._round_failed: BrokerError | None = None
-        #: Connections accepted before the bot's pid was known: (socket, pid, uid, give up at).
-        self._waiting: list[tuple[socket.socket, int, int, float]] = []
         self._tally = RefusalTally()
         #: pid -> (start time, bot pid) of processes found outside the bot's tree.
         self._outsiders: dict[int, tuple[int, int]] = {}
@@ -301,8 +293,7 @@ class Agent:
         """The pid of the bot now running: connections are accepted from its process tree only."""
         with self._lock:
             self._child = pid
-        if pid is not None:
-            self._wake()  # connections waiting for the bot's pid are checked now
+        self._wake()  # accept (or stop accepting) at once
 
     def set_signer(self, signer: Any) -> None:
         """Swap the signer (after a key rotation); the old one is closed."""
@@ -357,12 +348,21 @@ class Agent:
     def _serve(self) -> None:
         sel = selectors.DefaultSelector()
         assert self._listener is not None
-        sel.register(self._listener, selectors.EVENT_READ, None)
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         conns: dict[int, _Conn] = {}
+        listening = False
         try:
             while not self._stopping:
-                events = sel.select(self._select_timeout())
+                with self._lock:
+                    bot_known = self._child is not None
+                if bot_known != listening:
+                    # Until the bot's pid is known, connections wait in the backlog, unaccepted.
+                    if bot_known:
+                        sel.register(self._listener, selectors.EVENT_READ, None)
+                    else:
+                        sel.unregister(self._listener)
+                    listening = bot_known
+                events = sel.select(self._tally_timeout())
                 touched: dict[int, _Conn] = {}
                 incoming = False
                 for key, mask in events:
@@ -385,7 +385,6 @@ class Agent:
                     if conn.sock.fileno() in conns and not self._write(sel, conn):
                         self._drop(sel, conns, conn)
                 # ... then at most one batch of newcomers (a flood waits in the backlog, not the bot).
-                self._recheck_waiting(sel, conns)
                 if incoming:
                     self._accept(sel, conns)
                 if self._tally.due(time.monotonic()):
@@ -393,21 +392,18 @@ class Agent:
         finally:
             for conn in list(conns.values()):
                 self._drop(sel, conns, conn)
-            for sock, pid, uid, _ in self._waiting:
-                self._refuse(sock, pid, uid, "the signing agent stopped")
-            self._waiting = []
             sel.close()
             self._record_refusals()
 
-    def _select_timeout(self) -> float | None:
-        ends = [end for *_, end in self._waiting]
-        window = self._tally.deadline()
-        if window is not None:
-            ends.append(window)
-        return max(0.0, min(ends) - time.monotonic()) if ends else None
+    def _tally_timeout(self) -> float | None:
+        end = self._tally.deadline()
+        return None if end is None else max(0.0, end - time.monotonic())
 
     def _accept(self, sel: selectors.BaseSelector, conns: dict[int, _Conn]) -> None:
         assert self._listener is not None
+        with self._lock:
+            if self._child is None:
+                return  # not yet (or no longer) a bot: leave them in the backlog
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = self._listener.accept()
@@ -420,34 +416,13 @@ class Agent:
                 reason = self._refusal(pid, uid)
             except OSError:
                 pid, uid, reason = 0, -1, "its credentials could not be read"
-            if reason is NO_BOT and not self._stopping and len(self._waiting) < MAX_PENDING:
-                # The bot can connect before spawn() has returned its pid to us: park it.
-                self._waiting.append((sock, pid, uid, time.monotonic() + PENDING_WAIT))
+            if reason is not None:
+                self._refuse(sock, pid, uid, reason)
                 continue
-            self._admit_or_refuse(sel, conns, sock, pid, uid, reason)
-
-    def _recheck_waiting(self, sel: selectors.BaseSelector, conns: dict[int, _Conn]) -> None:
-        if not self._waiting:
-            return
-        now = time.monotonic()
-        still: list[tuple[socket.socket, int, int, float]] = []
-        for sock, pid, uid, end in self._waiting:
-            reason = self._refusal(pid, uid)
-            if reason is NO_BOT and now < end and not self._stopping:
-                still.append((sock, pid, uid, end))
-            else:
-                self._admit_or_refuse(sel, conns, sock, pid, uid, reason)
-        self._waiting = still
-
-    def _admit_or_refuse(self, sel: selectors.BaseSelector, conns: dict[int, _Conn], sock: socket.socket,
-                         pid: int, uid: int, reason: str | None) -> None:
-        if reason is not None:
-            self._refuse(sock, pid, uid, reason)
-            return
-        sock.setblocking(False)
-        conn = _Conn(sock, pid)
-        conns[sock.fileno()] = conn
-        sel.register(sock, selectors.EVENT_READ, conn)
+            sock.setblocking(False)
+            conn = _Conn(sock, pid)
+            conns[sock.fileno()] = conn
+            sel.register(sock, selectors.EVENT_READ, conn)
 
     def _refusal(self, pid: int, uid: int) -> str | None:
         """Why a peer may not sign (None: it may). Never blocks; the cheapest checks come first."""
@@ -456,7 +431,7 @@ class Agent:
         with self._lock:
             child = self._child
         if child is None:
-            return NO_BOT
+            return "no bot is running"
         # A process whose whole parent chain up to init lies outside the bot's tree never
         # enters it (re-parenting only moves a process to one of its own ancestors), so that
         # verdict is remembered for the process (pid and start time) and the bot's pid: a

@@ -661,12 +661,8 @@ def test_refusal_tally_counts_per_peer_and_caps_the_number_of_records() -> None:
     assert tally.drain("p", 111.0) == [] and tally.deadline() is None
 
 
-def test_a_connection_before_the_bot_is_known_waits_without_blocking_others(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Between two runs of the bot (no pid known) a newcomer waits, parked; the bot's open connection is served."""
-    from broker import agent as agent_module
-
-    monkeypatch.setattr(agent_module, "PENDING_WAIT", 120.0)
+def test_a_connection_before_the_bot_is_known_waits_without_blocking_others() -> None:
+    """Until the bot's pid is known a newcomer waits in the backlog; the open connections are served meanwhile."""
     agent, ref = make_agent(FakeLog())
     try:
         assert agent.path is not None
@@ -674,19 +670,16 @@ def test_a_connection_before_the_bot_is_known_waits_without_blocking_others(
         agent.set_child(None)
         early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         early.connect(str(agent.path))
-        deadline = time.monotonic() + 30
-        while not agent._waiting:
-            assert time.monotonic() < deadline, "the early connection was never accepted"
-            time.sleep(0.01)
+        early.sendall(frame({"op": "hello"}))
         # The open connection signs while the newcomer waits (it is neither refused nor answered).
         assert signer.sign("a=1") == ref.sign("a=1")
         early.setblocking(False)
         with pytest.raises(BlockingIOError):
             early.recv(1)
-        agent.set_child(os.getpid())  # the bot is known: the newcomer is checked and admitted
+        assert agent.refused == 0
+        agent.set_child(os.getpid())  # the bot is known: the newcomer is accepted, checked and answered
         early.setblocking(True)
         early.settimeout(30)
-        early.sendall(frame({"op": "hello"}))
         reply = recv_message(early)
         assert reply["ok"] and reply["profile"] == "p"
         early.close()
