@@ -6,15 +6,16 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import pytest
+from .conftest import service_missing
 
 _SKIP = ("[vvar]", "[vsyscall]", "[vvar_vclock]")
 
 
 def need_root() -> None:
-    """Skip unless root: reading a non-dumpable process's /proc/PID/mem needs CAP_SYS_PTRACE (CI runs as root)."""
+    """Skip unless root (a failure in CI, which runs as root): reading a non-dumpable
+    process's /proc/PID/mem needs CAP_SYS_PTRACE."""
     if os.geteuid() != 0:
-        pytest.skip("scanning another process's memory needs root")
+        service_missing("scanning another process's memory needs root")
 
 
 def count_in_memory(pid: int, needles: Iterable[bytes]) -> tuple[dict[bytes, int], int]:
