@@ -12,7 +12,8 @@ Who may connect:
 * at every connection the agent reads the peer's credentials (``SO_PEERCRED``):
   the uid must be ours, and the pid must be the bot the broker started or one
   of its descendants (the parent chain in ``/proc/PID/stat`` leads to the
-  child's pid). Anything else is refused with one line. A process the bot
+  child's pid). Anything else is refused and closed, with a one-line reason
+  for its first ``EXPLAIN_REFUSALS`` attempts in a window. A process the bot
   double-forked away (re-parented to init) is outside the tree and refused too;
 * the agent is a thread of the broker: it dies with it. It removes its folder
   when the run ends; after a SIGKILL of the broker the folder (with a socket
