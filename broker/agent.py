@@ -12,12 +12,25 @@ Who may connect:
 * at every connection the agent reads the peer's credentials (``SO_PEERCRED``):
   the uid must be ours, and the pid must be the bot the broker started or one
   of its descendants (the parent chain in ``/proc/PID/stat`` leads to the
-  child's pid). Anything else is refused with one line and an ``agent_refused``
-  audit record. A process the bot double-forked away (re-parented to init) is
-  outside the tree and refused too;
+  child's pid). Anything else is refused and closed, with a one-line reason
+  for its first ``EXPLAIN_REFUSALS`` attempts in a window. A process the bot
+  double-forked away (re-parented to init) is outside the tree and refused too;
 * the agent is a thread of the broker: it dies with it. It removes its folder
   when the run ends; after a SIGKILL of the broker the folder (with a socket
   nobody listens on) stays behind in ``$XDG_RUNTIME_DIR`` or ``/tmp``.
+
+Refusals cannot stall the bot. The peer check never blocks: the uid (one
+``getsockopt``) is checked first, then the parent chain in ``/proc``. Until
+the bot's pid is known nothing is accepted: a connection (the bot's, racing
+its own start) waits in the socket's backlog, in order, and holds up nothing.
+Connections are multiplexed on one thread; each round answers the requests already
+waiting on open connections before it accepts at most ``ACCEPT_BATCH`` new
+ones, so a flood of connections delays a bot's signature by at most one small
+batch of refusals. Refusals are recorded aggregated, never one fsync each:
+one ``agent_refused`` record per peer (pid, uid, reason) per
+``REFUSAL_WINDOW`` seconds with the ``count`` of connections refused, written
+when the window ends and when the agent stops (beyond ``MAX_PEERS_RECORDED``
+peers in one window the rest share one record with ``pid`` null).
 
 What is checked and recorded, per request: the profile's signing policy
 (``broker.signing_policy``) first; then one audit record per signature
@@ -49,6 +62,7 @@ import selectors
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,6 +74,16 @@ from .unixsock import HEADER, MAX_MESSAGE, frame, listen_private, peer_credentia
 PROTOCOL = 1
 SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
 _MAX_TREE_DEPTH = 128
+_MAX_OUTSIDERS = 4096
+
+#: New connections accepted (and checked) per round, after the round's requests are answered.
+ACCEPT_BATCH = 4
+#: Refusals are counted per peer and recorded once per window of this many seconds.
+REFUSAL_WINDOW = 10.0
+#: Refusals per peer and window that are explained to the peer (one line); later ones are just closed.
+EXPLAIN_REFUSALS = 8
+#: Peers recorded one by one per window; the rest share one record.
+MAX_PEERS_RECORDED = 64
 
 #: Audit event names this module writes.
 SIGNED = "signed"
@@ -97,25 +121,58 @@ class RecorderSink:
 # -- peer checks ---------------------------------------------------------------------------
 
 
-def parent_pid(pid: int) -> int | None:
-    """The parent of ``pid`` from ``/proc/PID/stat`` (None if it is gone)."""
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (None if the process is gone).
+
+    Read with ``os.open``/``os.read``: a third of the cost of ``open()``, and this
+    runs for every connection a stranger makes.
+    """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split after the last ')'.
     try:
-        return int(data[data.rindex(b")") + 2:].split()[1])
+        return data[data.rindex(b")") + 2:].split()
+    except ValueError:
+        return None
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of ``pid`` from ``/proc/PID/stat`` (None if it is gone)."""
+    fields = _stat(pid)
+    try:
+        return int(fields[1]) if fields is not None else None
+    except (ValueError, IndexError):
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): with the pid, names one process, never its successor."""
+    fields = _stat(pid)
+    try:
+        return int(fields[19]) if fields is not None else None
     except (ValueError, IndexError):
         return None
 
 
 def in_tree(pid: int, root: int) -> bool:
     """True when ``pid`` is ``root`` or one of its descendants."""
+    return tree_walk(pid, root) is True
+
+
+def tree_walk(pid: int, root: int) -> bool | None:
+    """True: ``pid`` is ``root`` or below it; False: the chain reached init without it;
+    None: a process of the chain vanished during the walk (no lasting verdict)."""
     current: int | None = pid
     for _ in range(_MAX_TREE_DEPTH):
-        if current is None or current <= 1:
+        if current is None:
+            return None
+        if current <= 1:
             return False
         if current == root:
             return True
@@ -134,6 +191,40 @@ class _Conn:
         self.pid = pid
         self.inbuf = bytearray()
         self.outbuf = bytearray()
+
+
+class RefusalTally:
+    """Refused connections counted per peer, turned into one audit record per peer per window."""
+
+    def __init__(self, window: float | None = None, max_peers: int | None = None) -> None:
+        self.window = REFUSAL_WINDOW if window is None else window
+        self.max_peers = MAX_PEERS_RECORDED if max_peers is None else max_peers
+        self.counts: dict[tuple[int | None, int | None, str], int] = {}
+        self.started: float | None = None
+
+    def add(self, pid: int | None, uid: int | None, reason: str, now: float) -> int:
+        """Count one refusal; how many this peer has had in this window."""
+        if self.started is None:
+            self.started = now
+        key = (pid, uid, reason)
+        if key not in self.counts and len(self.counts) >= self.max_peers:
+            key = (None, None, "more peers than recorded one by one in this window")
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        return count
+
+    def due(self, now: float) -> bool:
+        return self.started is not None and now - self.started >= self.window
+
+    def deadline(self) -> float | None:
+        return None if self.started is None else self.started + self.window
+
+    def drain(self, profile: str, now: float) -> list[dict[str, Any]]:
+        """The records for the window so far (and start a new one)."""
+        seconds = 0.0 if self.started is None else round(now - self.started, 3)
+        records = [{"profile": profile, "pid": pid, "uid": uid, "reason": reason, "count": count,
+                    "window_s": seconds} for (pid, uid, reason), count in self.counts.items()]
+        self.counts, self.started = {}, None
+        return records
 
 
 class Agent:
@@ -160,13 +251,15 @@ class Agent:
         self._wake_r, self._wake_w = -1, -1
         self._stopping = False
         self._child: int | None = None
-        self._child_set = threading.Event()
         self._lock = threading.Lock()
         self.signed = 0
         self.refused = 0
         self._pending_replies: list[tuple[_Conn, dict[str, Any]]] = []
         self._pending_records = 0
         self._round_failed: BrokerError | None = None
+        self._tally = RefusalTally()
+        #: pid -> (start time, bot pid) of processes found outside the bot's tree.
+        self._outsiders: dict[int, tuple[int, int]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> Path:
@@ -181,7 +274,9 @@ class Agent:
         try:
             folder = Path(tempfile.mkdtemp(prefix="credbroker-agent-", dir=base))  # 0700
             path = folder / "agent.sock"
-            listener = listen_private(path, 64)
+            # A deep backlog: under a flood of foreign connections the bot's own new
+            # connections (its threads, its children) queue here until their turn.
+            listener = listen_private(path, 1024)
             listener.setblocking(False)
         except OSError as exc:
             raise RunError(f"cannot create the signing agent's socket: {exc.strerror or exc}",
@@ -199,10 +294,7 @@ class Agent:
         """The pid of the bot now running: connections are accepted from its process tree only."""
         with self._lock:
             self._child = pid
-        if pid is None:
-            self._child_set.clear()
-        else:
-            self._child_set.set()
+        self._wake()  # accept (or stop accepting) at once
 
     def set_signer(self, signer: Any) -> None:
         """Swap the signer (after a key rotation); the old one is closed."""
@@ -214,11 +306,7 @@ class Agent:
     def stop(self) -> None:
         """Stop the thread, close every connection, remove the socket and its folder. Idempotent."""
         self._stopping = True
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -244,6 +332,13 @@ class Agent:
         if signer is not None:
             signer.close()
 
+    def _wake(self) -> None:
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # the pipe is full: the loop is awake already
+
     def __enter__(self) -> Agent:
         return self
 
@@ -254,16 +349,26 @@ class Agent:
     def _serve(self) -> None:
         sel = selectors.DefaultSelector()
         assert self._listener is not None
-        sel.register(self._listener, selectors.EVENT_READ, None)
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         conns: dict[int, _Conn] = {}
+        listening = False
         try:
             while not self._stopping:
-                events = sel.select()
+                with self._lock:
+                    bot_known = self._child is not None
+                if bot_known != listening:
+                    # Until the bot's pid is known, connections wait in the backlog, unaccepted.
+                    if bot_known:
+                        sel.register(self._listener, selectors.EVENT_READ, None)
+                    else:
+                        sel.unregister(self._listener)
+                    listening = bot_known
+                events = sel.select(self._tally_timeout())
                 touched: dict[int, _Conn] = {}
+                incoming = False
                 for key, mask in events:
                     if key.fileobj is self._listener:
-                        self._accept(sel, conns)
+                        incoming = True
                     elif key.fd == self._wake_r:
                         try:
                             os.read(self._wake_r, 4096)
@@ -275,18 +380,32 @@ class Agent:
                             self._drop(sel, conns, conn)
                             continue
                         touched[conn.sock.fileno()] = conn
+                # The requests already waiting come first: sign, commit, answer ...
                 self._commit()
                 for conn in touched.values():
                     if conn.sock.fileno() in conns and not self._write(sel, conn):
                         self._drop(sel, conns, conn)
+                # ... then at most one batch of newcomers (a flood waits in the backlog, not the bot).
+                if incoming:
+                    self._accept(sel, conns)
+                if self._tally.due(time.monotonic()):
+                    self._record_refusals()
         finally:
             for conn in list(conns.values()):
                 self._drop(sel, conns, conn)
             sel.close()
+            self._record_refusals()
+
+    def _tally_timeout(self) -> float | None:
+        end = self._tally.deadline()
+        return None if end is None else max(0.0, end - time.monotonic())
 
     def _accept(self, sel: selectors.BaseSelector, conns: dict[int, _Conn]) -> None:
         assert self._listener is not None
-        while True:
+        with self._lock:
+            if self._child is None:
+                return  # not yet (or no longer) a bot: leave them in the backlog
+        for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -297,9 +416,9 @@ class Agent:
                 pid, uid, _gid = peer_credentials(sock)
                 reason = self._refusal(pid, uid)
             except OSError:
-                pid, reason = 0, "its credentials could not be read"
+                pid, uid, reason = 0, -1, "its credentials could not be read"
             if reason is not None:
-                self._refuse(sock, pid, reason)
+                self._refuse(sock, pid, uid, reason)
                 continue
             sock.setblocking(False)
             conn = _Conn(sock, pid)
@@ -307,33 +426,57 @@ class Agent:
             sel.register(sock, selectors.EVENT_READ, conn)
 
     def _refusal(self, pid: int, uid: int) -> str | None:
+        """Why a peer may not sign (None: it may). Never blocks; the cheapest checks come first."""
         if uid != os.getuid():
             return f"uid {uid} is not the broker's"
-        # The bot can connect before spawn() has returned its pid to us: wait a moment.
-        self._child_set.wait(timeout=5.0)
         with self._lock:
             child = self._child
         if child is None:
             return "no bot is running"
-        if not in_tree(pid, child):
+        # A process whose whole parent chain up to init lies outside the bot's tree never
+        # enters it (re-parenting only moves a process to one of its own ancestors), so that
+        # verdict is remembered for the process (pid and start time) and the bot's pid: a
+        # stranger's repeated connections cost one /proc read each.
+        started = start_time(pid)
+        if started is not None and self._outsiders.get(pid) == (started, child):
+            return f"pid {pid} is not the bot (pid {child}) or one of its descendants"
+        verdict = tree_walk(pid, child)
+        if verdict is not True:
+            if verdict is False and started is not None:
+                if len(self._outsiders) >= _MAX_OUTSIDERS:
+                    self._outsiders.clear()
+                self._outsiders[pid] = (started, child)
             return f"pid {pid} is not the bot (pid {child}) or one of its descendants"
         return None
 
-    def _refuse(self, sock: socket.socket, pid: int, reason: str) -> None:
+    def _refuse(self, sock: socket.socket, pid: int, uid: int, reason: str) -> None:
+        """Tell the peer why in one line (if it can take it at once), close, and count it."""
         self.refused += 1
+        seen = self._tally.add(pid or None, uid if uid >= 0 else None, reason, time.monotonic())
         try:
-            self._audit.record(AGENT_REFUSED, {"profile": self.profile, "pid": pid, "reason": reason})
-        except BrokerError:
-            pass  # refusing is what matters; the log's trouble shows at the next signature
-        error = {"type": "AgentRefused", "message": f"the credbroker signing agent refused this process: {reason}",
-                 "remedy": "only the bot that `credbroker run --agent` started (and its children) may sign"}
-        try:
-            sock.settimeout(1.0)
-            sock.sendall(frame({"ok": False, "protocol": PROTOCOL, "error": error}))
+            if seen <= EXPLAIN_REFUSALS:
+                # Telling costs a wake-up of the peer; a peer refused again and again in one
+                # window has had its explanation and is just closed.
+                error = {"type": "AgentRefused",
+                         "message": f"the credbroker signing agent refused this process: {reason}",
+                         "remedy": "only the bot that `credbroker run --agent` started (and its children) may sign"}
+                sock.send(frame({"ok": False, "protocol": PROTOCOL, "error": error}), socket.MSG_DONTWAIT)
         except OSError:
-            pass
+            pass  # a peer that cannot take a few hundred bytes at once gets no explanation
         finally:
             sock.close()
+
+    def _record_refusals(self) -> None:
+        """Write the window's refusal counts: one record per peer, one flush for them all."""
+        records = self._tally.drain(self.profile, time.monotonic())
+        if not records:
+            return
+        try:
+            for fields in records:
+                self._audit.record(AGENT_REFUSED, fields, durable=False)
+            self._audit.flush()
+        except BrokerError:
+            pass  # refusing is what matters; the log's trouble shows at the next signature
 
     def _read(self, conn: _Conn) -> bool:
         """Read what is there, handle every complete request; False when the peer is gone."""

@@ -9,7 +9,24 @@ and fall back to fetching in-process when it is not.
 It holds no credential between requests: each request carries the caller's
 own Vault settings (address, token or AppRole ids), exactly what the caller
 could use itself, and the daemon answers with the fields it fetched. So it
-grants a same-user caller no power it did not have.
+grants a same-user caller no power it did not have. Concretely:
+
+* every connection is served by a child process forked for it, which reads
+  the request, fetches, answers and exits: the copies a fetch makes (the
+  request's token, hvac's and requests' objects, JSON strings, TLS and socket
+  buffers) exist only in that child and go with it. The resident process
+  never reads a request; a scan of its memory after a request finds neither
+  the secret nor the token;
+* a token or AppRole secret in the daemon's own environment (started from a
+  shell that exported ``VAULT_TOKEN``) is overwritten and removed at start:
+  the daemon never uses it;
+* the secret bytes travel raw after the reply's JSON metadata, never inside
+  JSON or base64, so the caller reads them into one buffer it wipes.
+
+Clients are served concurrently: a client that connects and sends nothing,
+or half a request, is dropped after ``REQUEST_DEADLINE`` seconds and never
+delays another; with ``MAX_CLIENTS`` connections in service a further one is
+closed at once, and its caller fetches in-process.
 
 Protections:
 
@@ -18,33 +35,45 @@ Protections:
 * both ends check the other's uid with ``SO_PEERCRED``: the daemon serves only
   its own user, and a client never sends a token to a socket another user
   planted;
-* the daemon is hardened like the broker (no core dumps, not dumpable);
+* the daemon is hardened like the broker (no core dumps, not dumpable; its
+  children inherit both);
 * it never logs a request's contents.
 
-What it costs: one resident process of about the broker's size, a socket to
-protect, a restart after upgrading credbroker (a version mismatch makes the
-client fall back to the slow path), and the secret crossing a Unix socket
-(kernel memory, same user) once per fetch.
+What it costs: one resident process of about the broker's size, a fork per
+fetch (a few milliseconds), a socket to protect, a restart after upgrading
+credbroker (a version mismatch makes the client fall back to the slow path),
+and the secret crossing a Unix socket (kernel memory, same user) once per
+fetch.
 """
 
 from __future__ import annotations
 
-import base64
+import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .config import Profile
 from .errors import BrokerError
-from .secret import Credentials, Origin, Secret
-from .unixsock import frame, listen_private, peer_is_me, private_dir, recv_message
+from .secret import Credentials, Origin, Secret, wipe_buffer
+from .unixsock import HEADER, frame, listen_private, peer_is_me, private_dir, recv_frame
 from .vault.origins import skip_verify_var
 
-PROTOCOL = 1
+#: 2: the reply carries the secret bytes raw after its JSON metadata (never in JSON).
+PROTOCOL = 2
+#: A client must send its whole request within this many seconds of connecting.
+REQUEST_DEADLINE = 5.0
+#: Seconds a child may wait for the client to take its answer.
+REPLY_TIMEOUT = 10.0
+#: A child serving one connection ends after this many seconds whatever happens.
+CHILD_LIMIT = 120
+#: Connections served at once; more are closed at once (the client fetches in-process).
+MAX_CLIENTS = 32
 #: The code this daemon process loaded (set when it starts serving).
 _SERVER_CODE: str | None = None
 
@@ -87,7 +116,9 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
     """Fetch through a running daemon; None when there is no usable daemon.
 
     A BrokerError from the daemon (sealed, denied, missing field...) is raised
-    here exactly as the in-process fetch would raise it.
+    here exactly as the in-process fetch would raise it. The answer is read
+    into one bytearray that is wiped once each field is in its ``Secret``: no
+    other copy of a secret is made on this side.
     """
     if env.get("CREDBROKER_DAEMON") == "0":
         return None
@@ -112,52 +143,166 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
         }
         sock.sendall(frame(request))
         del request
-        reply = recv_message(sock)
+        answer = recv_frame(sock)
     except (OSError, ValueError, ConnectionError):
-        return None  # no daemon, a stale socket or a dead one: fetch in-process
+        return None  # no daemon, a stale socket, a busy or dead one: fetch in-process
     finally:
         sock.close()
-    if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL or reply.get("code") != request_code:
-        return None
     insecure = skip_verify_var(env)
     if insecure:  # the daemon's own warning went to its stderr: say it where this run's operator looks
         from .vault.session import warn_insecure
 
         warn_insecure(insecure, env.get("VAULT_ADDR") or env.get("BAO_ADDR") or "Vault")
+    try:
+        return _decode_reply(answer, profile, request_code)
+    finally:
+        wipe_buffer(answer)
+
+
+def _decode_reply(answer: bytearray, profile: Profile, request_code: str) -> Credentials | None:
+    """Credentials from a reply frame (see ``_encode_reply``); None when it is not a usable answer."""
+    if len(answer) < HEADER.size:
+        return None
+    (meta_len,) = HEADER.unpack_from(answer)
+    blob = HEADER.size + meta_len
+    try:
+        reply = json.loads(bytes(answer[HEADER.size:blob]))  # metadata only: no secret in this part
+    except ValueError:
+        return None
+    if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL or reply.get("code") != request_code:
+        return None
     if not reply.get("ok"):
         raise _error_from(reply.get("error"))
-    origin = reply["origin"]
-    fields = {name: Secret(base64.b64decode(value)) for name, value in reply["fields"].items()}
-    reply.clear()
-    return Credentials(profile=profile.name, origin=Origin(**origin), fields=fields)
+    fields: dict[str, Secret] = {}
+    try:
+        with memoryview(answer) as view:
+            for name, (offset, length) in reply["fields"].items():
+                start = blob + int(offset)
+                if not (blob <= start <= start + int(length) <= len(answer)):
+                    raise ValueError("field outside the frame")
+                fields[str(name)] = Secret(view[start:start + int(length)])
+        origin = Origin(**reply["origin"])
+    except (KeyError, TypeError, ValueError):
+        for secret in fields.values():
+            secret.wipe()
+        return None
+    return Credentials(profile=profile.name, origin=origin, fields=fields)
+
+
+def fetch_isolated(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
+    """Fetch a vault profile in a forked child of this process, as the daemon does; None when that fails.
+
+    ``credbroker run`` fetches this way when no daemon runs: every copy the
+    fetch makes (hvac's, requests' and the JSON decoder's immutable objects,
+    the HTTP and TLS buffers) stays in the child and goes when it exits; this
+    process receives the fields into one buffer it wipes. A BrokerError in the
+    child is raised here as the in-process fetch would raise it. None (the
+    caller then fetches in-process) when no child can be made or it ends
+    without an answer.
+    """
+    import secrets
+    import signal
+
+    from .hardening import die_with_parent
+
+    nonce = secrets.token_hex(8)
+    parent = os.getpid()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        return None
+    if pid == 0:
+        status = 1
+        try:
+            ours.close()
+            die_with_parent(parent, signal.SIGKILL)  # a broker that dies takes its fetch along
+            _default_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            theirs.sendall(_fetch_reply(profile, env, {"protocol": PROTOCOL, "code": nonce}))
+            status = 0
+        finally:
+            os._exit(status)
+    theirs.close()
+    answer: bytearray | None = None
+    try:
+        ours.settimeout(4 * float(env.get("CREDBROKER_VAULT_TIMEOUT") or 10) + 10)
+        answer = recv_frame(ours)
+    except (OSError, ValueError, ConnectionError):
+        pass
+    finally:
+        ours.close()
+        if answer is None:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        os.waitpid(pid, 0)
+    if answer is None:
+        return None
+    try:
+        return _decode_reply(answer, profile, nonce)
+    finally:
+        wipe_buffer(answer)
+
+
+def _default_signals() -> None:
+    """In a forked child: the default action for every signal the parent handles in Python."""
+    import signal
+
+    for signum in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            continue
 
 
 def _error_from(data: Any) -> BrokerError:
-    from . import errors
+    from .errors import from_dict
 
-    if not isinstance(data, dict):
-        return BrokerError("the credbroker daemon answered with an invalid error", "restart `credbroker daemon`")
-    cls = getattr(errors, str(data.get("type")), None)
-    if not (isinstance(cls, type) and issubclass(cls, BrokerError)):
-        cls = BrokerError
-    return cls(str(data.get("message", "unknown error")), data.get("remedy"))
+    return from_dict(data)
 
 
 # -- server --------------------------------------------------------------------------
 
 
-def _handle(request: Any) -> dict[str, Any]:
-    from .sources import fetch as source_fetch
+def _encode_reply(meta: Mapping[str, Any], creds: Credentials | None = None) -> bytearray:
+    """A reply frame: length, metadata length, JSON metadata, then the raw secret bytes.
 
+    The secret bytes never go through JSON or base64 (immutable ``str``/``bytes``
+    copies the client could not wipe); the metadata names each field's offset
+    and length in the raw part.
+    """
+    offsets: dict[str, list[int]] = {}
+    raw = bytearray()
+    if creds is not None:
+        for name, secret in creds.items():
+            offsets[name] = [len(raw), len(secret)]
+            raw += secret.reveal()
+    head = json.dumps({**meta, "fields": offsets} if creds is not None else dict(meta),
+                      separators=(",", ":")).encode()
+    out = bytearray(HEADER.pack(HEADER.size + len(head) + len(raw)))
+    out += HEADER.pack(len(head))
+    out += head
+    out += raw
+    wipe_buffer(raw)
+    return out
+
+
+def _handle(request: Any) -> bytearray:
     base = {"protocol": PROTOCOL, "version": __version__, "code": _SERVER_CODE}
     if isinstance(request, dict) and request.get("code") != _SERVER_CODE:
         # Different code from the caller's (an upgrade since this daemon started):
         # answer before touching Vault, so the caller fetches in-process instead
         # and Vault sees exactly one read for the one fetch the broker records.
-        return {**base, "ok": False, "stale": True}
+        return _encode_reply({**base, "ok": False, "stale": True})
     if not isinstance(request, dict) or request.get("op") != "fetch" or request.get("protocol") != PROTOCOL:
-        return {**base, "ok": False, "error": {"type": "BrokerError", "message": "unsupported request",
-                                               "remedy": "use the same credbroker version as the daemon"}}
+        return _encode_reply({**base, "ok": False, "error": {
+            "type": "BrokerError", "message": "unsupported request",
+            "remedy": "use the same credbroker version as the daemon"}})
     try:
         p = request["profile"]
         profile = Profile(name=str(p["name"]), source=str(p["source"]), env=dict(p["env"]),
@@ -165,27 +310,119 @@ def _handle(request: Any) -> dict[str, Any]:
         if profile.source != "vault":
             raise BrokerError("the daemon only serves vault profiles", "fetch keyring profiles in-process")
         env = {str(k): str(v) for k, v in dict(request["env"]).items()}
+    except BrokerError as exc:
+        return _encode_reply({**base, "ok": False, "error": exc.to_dict()})
+    except (KeyError, TypeError, ValueError):
+        return _encode_reply({**base, "ok": False, "error": {
+            "type": "BrokerError", "message": "malformed request",
+            "remedy": "use the same credbroker version as the daemon"}})
+    return _fetch_reply(profile, env, base)
+
+
+def _fetch_reply(profile: Profile, env: Mapping[str, str], base: Mapping[str, Any]) -> bytearray:
+    """Fetch in this (throwaway) process; the reply frame, secrets raw after the metadata."""
+    from .sources import fetch as source_fetch
+
+    try:
         creds = source_fetch(profile, env=env, use_daemon=False)
     except BrokerError as exc:
-        return {**base, "ok": False, "error": {"type": type(exc).__name__, "message": exc.message,
-                                               "remedy": exc.remedy}}
-    except (KeyError, TypeError, ValueError):
-        return {**base, "ok": False, "error": {"type": "BrokerError", "message": "malformed request",
-                                               "remedy": "use the same credbroker version as the daemon"}}
+        return _encode_reply({**base, "ok": False, "error": exc.to_dict()})
     try:
-        fields = {name: base64.b64encode(secret.reveal()).decode() for name, secret in creds.items()}
-        return {**base, "ok": True, "origin": creds.origin.to_dict(), "fields": fields}
+        return _encode_reply({**base, "ok": True, "origin": creds.origin.to_dict()}, creds)
     finally:
         creds.wipe()
 
 
+def _serve_one(conn: socket.socket, deadline: float) -> None:
+    """In a forked child: read one request (by ``deadline``), fetch, answer."""
+    request = recv_frame(conn, deadline=deadline)
+    reply = _handle(json.loads(request))
+    conn.settimeout(REPLY_TIMEOUT)
+    conn.sendall(reply)
+
+
+def _child(conn: socket.socket, listener: socket.socket) -> NoReturn:
+    """The forked process that serves one connection, then exits with every copy it made."""
+    import signal
+
+    status = 1
+    try:
+        listener.close()
+        signal.set_wakeup_fd(-1)
+        _default_signals()
+        # A backstop whatever Vault or the client does; the default action ends the process.
+        signal.alarm(CHILD_LIMIT)
+        _serve_one(conn, time.monotonic() + REQUEST_DEADLINE)
+        status = 0
+    finally:
+        # Always leave here, also on an error: never return into the parent's loop.
+        os._exit(status)
+
+
+#: Credentials the daemon itself never needs (every request brings the caller's own).
+_OWN_CREDENTIALS = ("VAULT_TOKEN", "BAO_TOKEN", "VAULT_SECRET_ID", "BAO_SECRET_ID", "CREDBROKER_SECRET_ID")
+
+
+def _drop_own_credentials() -> list[str]:
+    """Overwrite and remove Vault credentials this process was started with; the names dropped.
+
+    A daemon started from a shell that exported ``VAULT_TOKEN`` would hold
+    that token for its whole life (in the C environment block and in
+    ``os.environ``) although it never uses it. Both copies are zeroed before
+    the variable is removed. The bytes objects overwritten here are
+    ``os.environ``'s private values (not shared, never interned).
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_void_p
+    libc.getenv.argtypes = [ctypes.c_char_p]
+    data: dict[bytes, bytes] = os.environ._data  # type: ignore[attr-defined]
+    dropped = []
+    for name in _OWN_CREDENTIALS:
+        key = name.encode()
+        if key not in data:
+            continue
+        c_value = libc.getenv(key)
+        if c_value:
+            ctypes.memset(c_value, 0, len(ctypes.string_at(c_value)))
+        value = data[key]
+        if len(value) > 1:  # 0- and 1-byte bytes objects are shared singletons: never touch those
+            ctypes.memset(ctypes.c_char_p(value), 0, len(value))
+        del value
+        os.environ.pop(name, None)
+        dropped.append(name)
+    return dropped
+
+
+def _reap(children: set[int]) -> None:
+    for pid in list(children):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            children.discard(pid)
+
+
 def serve(path: Path, *, ready: Any = None) -> None:
-    """Serve fetches on ``path`` until SIGTERM/SIGINT. Single-threaded: fetches are short."""
+    """Serve fetches on ``path`` until SIGTERM/SIGINT.
+
+    Each connection is served by a child process forked for it: clients are
+    served concurrently (one idle or slow client never delays another), each
+    child has a deadline, and every copy of a secret or token a fetch makes
+    (JSON, HTTP and TLS buffers, hvac's objects) lives only in that child and
+    is gone when it exits. This process never reads a request.
+    """
+    import select
+    import signal
+
     from .hardening import harden_process
 
     global _SERVER_CODE
     _SERVER_CODE = code_id()
     harden_process()
+    _drop_own_credentials()
     import hvac  # noqa: F401 - the whole point: load it once, here
 
     from .sources import vault  # noqa: F401
@@ -197,27 +434,48 @@ def serve(path: Path, *, ready: Any = None) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
-    server = listen_private(path, 16)
+    server = listen_private(path, 64)
+    # A child's exit wakes the loop (through this pipe), so its slot is free at once.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    children: set[int] = set()
     if ready is not None:
         ready(path)
     try:
         while True:
-            conn, _ = server.accept()
+            readable, _, _ = select.select([server.fileno(), wake_r], [], [], 1.0)
+            if wake_r in readable:
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            _reap(children)
+            if server.fileno() not in readable:
+                continue
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
             with conn:
                 try:
-                    conn.settimeout(30)
                     if not peer_is_me(conn):
                         continue
-                    reply = _handle(recv_message(conn))
-                    try:
-                        conn.sendall(frame(reply))
-                    finally:
-                        reply.clear()
-                except (OSError, ValueError, ConnectionError):
+                except OSError:
                     continue
+                if len(children) >= MAX_CLIENTS:
+                    continue  # busy: closing makes the client fetch in-process, not wait
+                pid = os.fork()
+                if pid == 0:
+                    _child(conn, server)
+                children.add(pid)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
         server.close()
         try:
             path.unlink()

@@ -27,13 +27,34 @@ class BrokerError(Exception):
         return self.message
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-friendly form for ``--json`` output and audit records."""
-        return {
+        """A JSON-friendly form for ``--json`` output, audit records and the wire (``from_dict``)."""
+        out: dict[str, object] = {
             "error": type(self).__name__,
             "message": self.message,
             "remedy": self.remedy,
             "exit_code": self.exit_code,
         }
+        for attr in ("request_id", "secret_path"):
+            if getattr(self, attr, None):
+                out[attr] = getattr(self, attr)
+        return out
+
+
+def from_dict(data: object) -> BrokerError:
+    """The error ``BrokerError.to_dict`` described (from a daemon or a fetch child), of the same class;
+    a ``BrokerError`` saying so when ``data`` is not such a description."""
+    if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+        return BrokerError("a credbroker helper process answered with an invalid error", "restart it")
+    cls = globals().get(str(data.get("error")))
+    if not (isinstance(cls, type) and issubclass(cls, BrokerError)):
+        cls = BrokerError
+    remedy = data.get("remedy")
+    err = cls(data["message"], remedy if isinstance(remedy, str) else None)
+    if isinstance(err, VaultError):
+        rid, path = data.get("request_id"), data.get("secret_path")
+        err.request_id = rid if isinstance(rid, str) else None
+        err.secret_path = path if isinstance(path, str) else None
+    return err
 
 
 class ConfigError(BrokerError):

@@ -347,7 +347,7 @@ def run(
         refused(exc)
         raise
     try:
-        creds = sources.fetch(profile, env=source_env)
+        creds = sources.fetch(profile, env=source_env, isolate=True)
     except BrokerError as exc:
         refused(exc)
         raise
@@ -439,7 +439,7 @@ def run(
             # changed (the API key in its environment is the same), swap the
             # agent's key in place, then signal the bot as asked.
             try:
-                new_creds = sources.fetch(profile, env=watcher.env)
+                new_creds = sources.fetch(profile, env=watcher.env, isolate=True)
             except BrokerError as exc:
                 watcher.fetch_failed(exc)
                 return False
@@ -468,7 +468,7 @@ def run(
             return True
         if rotation.action == "restart":
             try:
-                new_creds = sources.fetch(profile, env=watcher.env)
+                new_creds = sources.fetch(profile, env=watcher.env, isolate=True)
             except BrokerError as exc:
                 watcher.fetch_failed(exc)
                 return False

@@ -52,12 +52,18 @@ def _buffer_address(buf: bytearray) -> int:
     return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
 
 
+def wipe_buffer(buf: bytearray) -> None:
+    """Overwrite a mutable buffer that held secret bytes (a received frame, say) with zeros."""
+    if len(buf):
+        ctypes.memset(_buffer_address(buf), 0, len(buf))
+
+
 class Secret:
     """Secret bytes: masked when printed, wipeable, compared in constant time."""
 
     __slots__ = ("_buf", "_locked", "__weakref__")
 
-    def __init__(self, value: bytes | bytearray | str) -> None:
+    def __init__(self, value: bytes | bytearray | memoryview | str) -> None:
         if isinstance(value, str):
             value = value.encode("utf-8")
         self._buf = bytearray(value)
@@ -73,6 +79,12 @@ class Secret:
         """Return the secret bytes. Every call site is a place the secret leaves this type."""
         self._check_alive()
         return bytes(self._buf)
+
+    def reveal_buffer(self) -> bytearray:
+        """A mutable copy of the secret bytes, for an API that takes a buffer; the caller
+        wipes it (``wipe_buffer``) as soon as it is done, so no copy outlives its use."""
+        self._check_alive()
+        return bytearray(self._buf)
 
     def reveal_str(self) -> str:
         """Return the secret decoded as UTF-8."""

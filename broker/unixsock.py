@@ -59,6 +59,39 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def recv_frame(sock: socket.socket, *, deadline: float | None = None) -> bytearray:
+    """One whole frame's payload, read straight into a bytearray of its exact size.
+
+    The caller can wipe it: no intermediate ``bytes`` copy is made. With
+    ``deadline`` (a ``time.monotonic()`` value) the whole frame must arrive by
+    then, however slowly the peer drips it (TimeoutError otherwise).
+    ValueError when it is too large, ConnectionError when the peer closes first.
+    """
+    header = _recv_into(sock, bytearray(HEADER.size), deadline)
+    (length,) = HEADER.unpack(header)
+    if length > MAX_MESSAGE:
+        raise ValueError("message too large")
+    return _recv_into(sock, bytearray(length), deadline)
+
+
+def _recv_into(sock: socket.socket, buf: bytearray, deadline: float | None) -> bytearray:
+    import time
+
+    got = 0
+    with memoryview(buf) as view:
+        while got < len(buf):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the peer did not send a whole message in time")
+                sock.settimeout(left)
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise ConnectionError("connection closed")
+            got += n
+    return buf
+
+
 def frame(obj: Mapping[str, Any]) -> bytes:
     """One message as it goes on the wire."""
     data = json.dumps(obj, separators=(",", ":")).encode()

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from broker.agent import Agent, RecorderSink, in_tree, parent_pid
+from broker.unixsock import frame, recv_message
 from broker.errors import BrokerError
 from broker.secret import Secret
 from broker.signing.agent import AgentSigner
@@ -162,6 +163,7 @@ def test_bot_signs_through_the_agent_and_holds_no_secret(
     assert pid in {s["pid"] for s in signed} and len({s["pid"] for s in signed}) == 2  # the bot and its child
     refused = [r["data"] for r in records if r["event"] == "agent_refused"]
     assert len(refused) == 1 and "is not the bot" in refused[0]["reason"]
+    assert refused[0]["count"] == 1 and refused[0]["uid"] == os.getuid()  # aggregated, written at the agent's stop
     injected = next(r["data"] for r in records if r["event"] == "secret_injected")
     assert injected["variables"] == ["BINANCE_API_KEY"]
     assert any(r["event"] == "agent_started" for r in records)
@@ -362,20 +364,29 @@ def test_process_outside_the_tree_and_other_uid_are_refused(tmp_path: Path) -> N
                                   "AgentSigner(None, sys.argv[1])", str(agent.path)],
                                  capture_output=True, text=True, cwd=REPO, timeout=30)
         assert outside.returncode == 1 and "AgentRefused: the credbroker signing agent refused" in outside.stderr
-        refused = [f for e, f in log.committed if e == "agent_refused"]
-        assert len(refused) == 1 and refused[0]["pid"] > 0
     finally:
         agent.stop()
     assert not agent.path.exists() and not agent.path.parent.exists()
+    # Counted, and recorded when the agent stopped (the end of its window).
+    refused = [f for e, f in log.committed if e == "agent_refused"]
+    assert len(refused) == 1 and refused[0]["pid"] > 0 and refused[0]["count"] == 1
+    assert refused[0]["uid"] == os.getuid() and "is not the bot" in refused[0]["reason"]
 
 
 def test_in_tree_walks_parents() -> None:
+    from broker.agent import start_time, tree_walk
+
     me = os.getpid()
     assert in_tree(me, me)
     parent = parent_pid(me)
     assert parent is not None and in_tree(me, parent)
     assert not in_tree(parent, me)
     assert not in_tree(me, 999_999_999)
+    # Reaching init is a lasting verdict; a chain that breaks (a vanished process) is not.
+    assert tree_walk(me, 999_999_999) is False
+    assert tree_walk(999_999_999, me) is None and not in_tree(999_999_999, me)
+    started = start_time(me)
+    assert started is not None and started == start_time(me) and start_time(999_999_999) is None
 
 
 def test_policy_refusal_reaches_the_bot_as_policy_refused() -> None:
@@ -538,3 +549,199 @@ def test_policy_without_agent_warns_every_run_and_is_still_validated(openbao: Op
     setup_profile(openbao, tmp_path, '[profiles.bot.policy]\nsymbol = ["BTCUSDT"]\n')
     res = run_broker(["run", "--profile", "bot", "--", "true"], env=broker_env(openbao))
     assert res.returncode == 125 and "profiles.bot.policy.symbol: unknown key" in res.stderr
+
+
+# -- a flood of foreign connections never stalls the bot ---------------------------------------------
+
+FLOODER = """
+import socket, sys
+path, n = sys.argv[1], int(sys.argv[2])
+done = 0
+print("flooding", flush=True)
+for _ in range(n):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(60)
+        s.connect(path)
+        done += 1
+        s.recv(65536)  # the refusal (or the close)
+print(done, flush=True)
+"""
+
+FLOOD_BOT = """
+import sys
+from broker.errors import BrokerError
+from broker.signing.agent import AgentSigner
+signer = AgentSigner(None, sys.argv[1])
+ok = 0
+for i in range(int(sys.argv[2])):
+    signer.sign_params({"symbol": "BTCUSDT", "quantity": str(i)}, endpoint="/fapi/v1/order")
+    ok += 1
+print(ok, flush=True)
+"""
+
+
+def test_a_flood_of_foreign_connections_is_refused_in_aggregate_while_the_bot_signs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import agent as agent_module
+
+    log = FakeLog()
+    # One window for the whole test: every refusal of a peer lands in one record.
+    monkeypatch.setattr(agent_module, "REFUSAL_WINDOW", 3600.0)
+    agent = Agent(HmacSigner("KEY", Secret(b"s3cret")), profile="p", policy=SigningPolicy.from_mapping(None, "x"),
+                  audit=log)
+    assert agent._tally.window == 3600.0
+    path = str(agent.start())
+    per_flooder, flooders, signatures = 400, 3, 200
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        bot = subprocess.Popen([sys.executable, "-c", FLOOD_BOT, path, str(signatures)], cwd=REPO,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(bot)
+        agent.set_child(bot.pid)  # the flooders are the bot's siblings: outside its tree
+        for _ in range(flooders):
+            procs.append(subprocess.Popen([sys.executable, "-c", FLOODER, path, str(per_flooder)], cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = {p.pid: p.communicate(timeout=120) for p in procs}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        agent.stop()
+    bot_out, bot_err = outs[bot.pid]
+    assert bot.returncode == 0 and bot_out.strip() == str(signatures), bot_err[-2000:]
+    assert agent.signed == signatures
+    assert [e for e, _ in log.committed].count("signed") == signatures
+    made = {p.pid: int(outs[p.pid][0].split()[-1]) for p in procs[1:]}
+    assert all(p.returncode == 0 for p in procs[1:]) and set(made.values()) == {per_flooder}
+    refused = [f for e, f in log.committed if e == "agent_refused"]
+    # One record per peer, with the number of its connections: not one record per connection.
+    assert sorted(r["pid"] for r in refused) == sorted(made)
+    assert {r["pid"]: r["count"] for r in refused} == made
+    assert all(r["uid"] == os.getuid() and "is not the bot" in r["reason"] for r in refused)
+    assert agent.refused == per_flooder * flooders
+
+
+def test_refusals_are_recorded_when_their_window_ends_not_only_at_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "REFUSAL_WINDOW", 0.2)
+    log = FakeLog()
+    agent = Agent(HmacSigner("KEY", Secret(b"s3cret")), profile="p", policy=SigningPolicy.from_mapping(None, "x"),
+                  audit=log)
+    path = agent.start()
+    try:
+        agent.set_child(999_999_999)
+        for _ in range(3):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(30)
+                s.connect(str(path))
+                assert b"AgentRefused" in s.recv(65536)
+        deadline = time.monotonic() + 30
+        while not any(e == "agent_refused" for e, _ in log.committed):
+            assert time.monotonic() < deadline, "the window's refusals were never recorded"
+            time.sleep(0.02)
+        refused = [f for e, f in log.committed if e == "agent_refused"]
+        assert sum(r["count"] for r in refused) == 3 and all(r["pid"] == os.getpid() for r in refused)
+    finally:
+        agent.stop()
+
+
+def test_refusal_tally_counts_per_peer_and_caps_the_number_of_records() -> None:
+    from broker.agent import RefusalTally
+
+    tally = RefusalTally(window=10.0, max_peers=2)
+    assert not tally.due(0.0) and tally.deadline() is None
+    for pid in (10, 10, 11, 12, 13, 12):
+        tally.add(pid, 1000, "outside", 100.0)
+    assert not tally.due(109.9) and tally.due(110.0)
+    records = tally.drain("p", 110.0)
+    assert [(r["pid"], r["count"]) for r in records] == [(10, 2), (11, 1), (None, 3)]
+    assert all(r["window_s"] == 10.0 and r["profile"] == "p" for r in records)
+    assert tally.drain("p", 111.0) == [] and tally.deadline() is None
+
+
+def test_a_connection_before_the_bot_is_known_waits_without_blocking_others() -> None:
+    """Until the bot's pid is known a newcomer waits in the backlog; the open connections are served meanwhile."""
+    agent, ref = make_agent(FakeLog())
+    try:
+        assert agent.path is not None
+        signer = AgentSigner(ref.api_key, agent.path, profile="p")  # admitted while our pid is the bot's
+        agent.set_child(None)
+        early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        early.connect(str(agent.path))
+        early.sendall(frame({"op": "hello"}))
+        # The open connection signs while the newcomer waits (it is neither refused nor answered).
+        assert signer.sign("a=1") == ref.sign("a=1")
+        early.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            early.recv(1)
+        assert agent.refused == 0
+        agent.set_child(os.getpid())  # the bot is known: the newcomer is accepted, checked and answered
+        early.setblocking(True)
+        early.settimeout(30)
+        reply = recv_message(early)
+        assert reply["ok"] and reply["profile"] == "p"
+        early.close()
+        signer.close()
+    finally:
+        agent.stop()
+
+
+# -- memory: the agent holds its key, and no copy of a key it no longer uses ----------------------------
+
+ROTATING_BOT = """
+import signal, sys, time
+from pathlib import Path
+from broker import get_signer
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the broker signals the bot after swapping the agent's key
+signer, out = get_signer(), Path(sys.argv[1])
+while True:
+    out.write_text(signer.sign("symbol=BTCUSDT&timestamp=1"))
+    time.sleep(0.02)
+"""
+
+
+def test_after_key_rotations_the_broker_holds_only_the_current_key(openbao: OpenBao, tmp_path: Path) -> None:
+    """Scanned from outside (root): one copy of the key in use, none of the keys rotated away."""
+    from tests.memscan import count_in_memory, need_root
+
+    need_root()
+    kv = f"credbroker/binance/agent-rot-{secrets.token_hex(3)}"
+    keys = ["R" + secrets.token_hex(24) for _ in range(3)]
+    openbao.kv_put(kv, api_key="ROTKEY", api_secret=keys[0])
+    (tmp_path / "credbroker.toml").write_text(f"""
+[profiles.bot]
+source = "vault"
+path = "secret/{kv}"
+env = {{ BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }}
+""")
+    sig = tmp_path / "signature"
+    proc = subprocess.Popen([credbroker_bin(), "run", "--agent", "--no-preflight", "--profile", "bot",
+                             "--on-rotate", "signal:HUP", "--rotate-interval", "1s", "--",
+                             sys.executable, "-c", ROTATING_BOT, str(sig)],
+                            env=broker_env(openbao, CREDBROKER_DAEMON="0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def signs_with(key: str) -> None:
+        want = HmacSigner("ROTKEY", Secret(key.encode())).sign("symbol=BTCUSDT&timestamp=1")
+        deadline = time.monotonic() + 60
+        while not (sig.exists() and sig.read_text() == want):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the agent never signed with this key"
+            time.sleep(0.02)
+
+    try:
+        signs_with(keys[0])
+        for i in (1, 2):
+            openbao.kv_put(kv, api_key="ROTKEY", api_secret=keys[i])
+            signs_with(keys[i])
+            counts, read = count_in_memory(proc.pid, [k.encode() for k in keys[:i + 1]])
+            assert read > 1_000_000
+            assert counts[keys[i].encode()] <= 1, f"{counts[keys[i].encode()]} copies of the key in use"
+            old = [n for n, c in counts.items() if c and n != keys[i].encode()]
+            assert not old, f"the broker still holds {len(old)} rotated-away key(s)"
+    finally:
+        proc.send_signal(15)
+        out, err = proc.communicate(timeout=30)
+    assert "the agent signs with the new key" in err

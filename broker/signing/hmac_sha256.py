@@ -7,7 +7,7 @@ import hmac
 from typing import Any
 
 from ..errors import SigningError
-from ..secret import Secret
+from ..secret import Secret, wipe_buffer
 from .base import Signer
 
 
@@ -18,13 +18,17 @@ class HmacSigner(Signer):
 
     def __init__(self, api_key: Secret | str | None, secret: Secret, **kwargs: Any) -> None:
         super().__init__(api_key, **kwargs)
-        key = secret.reveal()
-        if not key.strip():
-            raise SigningError("the HMAC secret is empty", "store the secret key Binance gave you in api_secret")
-        # Keyed once: the HMAC state (OpenSSL's) is copied per signature, which is
-        # cheaper than re-keying and keeps ``sign`` near bare ``hmac.new`` speed.
-        self._mac: Any = hmac.new(key, digestmod=hashlib.sha256)
-        del key
+        # A buffer wiped right after keying: an immutable bytes copy would stay in freed
+        # memory (a long-running agent would collect one per rotated key).
+        key = secret.reveal_buffer()
+        try:
+            if not key or key.isspace():
+                raise SigningError("the HMAC secret is empty", "store the secret key Binance gave you in api_secret")
+            # Keyed once: the HMAC state (OpenSSL's) is copied per signature, which is
+            # cheaper than re-keying and keeps ``sign`` near bare ``hmac.new`` speed.
+            self._mac: Any = hmac.new(key, digestmod=hashlib.sha256)
+        finally:
+            wipe_buffer(key)
 
     def _sign_bytes(self, payload: bytes) -> str:
         mac = self._mac

@@ -47,11 +47,14 @@ def get(name: str) -> SourceModule:
     return module
 
 
-def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon: bool = True) -> Credentials:
+def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon: bool = True,
+          isolate: bool = False) -> Credentials:
     """Fetch every field the profile names, or raise (fail closed).
 
     A vault profile goes through a running ``credbroker daemon`` when there is
-    one (hvac already loaded there; see ``broker.daemon``), else in-process.
+    one (hvac already loaded there; see ``broker.daemon``), else in-process;
+    with ``isolate`` (what ``credbroker run`` asks) in a forked child of this
+    process, so no stray copy of the secret stays in this one.
     """
     env = os.environ if env is None else env
     creds = None
@@ -59,6 +62,8 @@ def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon:
         from .. import daemon
 
         creds = daemon.fetch(profile, env)
+        if creds is None and isolate:
+            creds = daemon.fetch_isolated(profile, env)
     if creds is None:
         creds = get(profile.source).fetch(profile, env=env)
     missing = [f for f in profile.fields if f not in creds.fields]
