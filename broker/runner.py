@@ -334,10 +334,11 @@ def run(
         say(f"WARNING: {profile.where('policy')} is enforced only with --agent; this bot holds the secret")
 
     def refused(exc: BrokerError) -> None:
+        from .access import refusal  # the one schema of a refusal (with Vault's request id when it answered)
+
         try:
-            rec("refused", {"profile": profile.name, "source": profile.source,
-                            **_refused_secret(profile, source_env), "error": type(exc).__name__,
-                            "reason": exc.message, "command": list(command)})
+            rec("refused", {**_refused_secret(profile, source_env),
+                            **refusal(profile, exc, "run", command=list(command))})
         except BrokerError:
             pass  # the original failure is what the operator must see
 
