@@ -154,12 +154,12 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
 
         warn_insecure(insecure, env.get("VAULT_ADDR") or env.get("BAO_ADDR") or "Vault")
     try:
-        return _decode_reply(answer, profile, request_code)
+        return _decode_reply(answer, profile, request_code, via="daemon")
     finally:
         wipe_buffer(answer)
 
 
-def _decode_reply(answer: bytearray, profile: Profile, request_code: str) -> Credentials | None:
+def _decode_reply(answer: bytearray, profile: Profile, request_code: str, *, via: str) -> Credentials | None:
     """Credentials from a reply frame (see ``_encode_reply``); None when it is not a usable answer."""
     if len(answer) < HEADER.size:
         return None
@@ -181,7 +181,7 @@ def _decode_reply(answer: bytearray, profile: Profile, request_code: str) -> Cre
                 if not (blob <= start <= start + int(length) <= len(answer)):
                     raise ValueError("field outside the frame")
                 fields[str(name)] = Secret(view[start:start + int(length)])
-        origin = Origin(**reply["origin"])
+        origin = Origin(**reply["origin"])._replace(via=via)
     except (KeyError, TypeError, ValueError):
         for secret in fields.values():
             secret.wipe()
@@ -243,7 +243,7 @@ def fetch_isolated(profile: Profile, env: Mapping[str, str]) -> Credentials | No
     if answer is None:
         return None
     try:
-        return _decode_reply(answer, profile, nonce)
+        return _decode_reply(answer, profile, nonce, via="child")
     finally:
         wipe_buffer(answer)
 
@@ -492,3 +492,6 @@ def main_loop(path: Path) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     serve(path, ready=lambda p: print(f"credbroker daemon: serving on {p}", file=sys.stderr, flush=True))
+    # SIGTERM (a service manager) or Ctrl-C ended serve(): a normal stop, said as such.
+    print(f"credbroker daemon: stopped; {path} removed, `credbroker run` fetches in-process until it is "
+          "started again", file=sys.stderr, flush=True)

@@ -406,8 +406,10 @@ def run(
         origin = creds.origin
         if verbose:
             version = f" v{origin.version}" if origin.version is not None else ""
+            via = {"daemon": " (fetched by credbroker daemon)", "child": " (fetched in a throwaway child)"}.get(
+                origin.via or "", " (fetched in-process)")
             print(f"credbroker: started pid {child.pid} with {', '.join(child_profile.env)} "
-                  f"from {origin.source} {origin.path}{version}", file=sys.stderr, flush=True)
+                  f"from {origin.source} {origin.path}{version}{via}", file=sys.stderr, flush=True)
         rec("secret_injected", {
             "profile": profile.name, "version": origin.version, **_secret_identity(origin),
             "variables": list(child_profile.env),

@@ -171,6 +171,9 @@ class Origin(NamedTuple):
     #: The Vault namespace (Enterprise/OpenBao), where one was used: with the
     #: address and path it names the secret, so the review never mixes two Vaults.
     namespace: str | None = None
+    #: How the read was made: "daemon" (a running credbroker daemon), "child" (a throwaway child of
+    #: the broker), or None (in this process). For `run -v` and the audit record, never for matching.
+    via: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"source": self.source, "path": self.path, "version": self.version,
@@ -179,6 +182,8 @@ class Origin(NamedTuple):
             out["request_id"] = self.request_id
         if self.namespace:
             out["namespace"] = self.namespace
+        if self.via:
+            out["via"] = self.via
         return out
 
 

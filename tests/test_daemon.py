@@ -50,6 +50,8 @@ def daemon_process(tmp_path: Path, openbao: OpenBao) -> Iterator[Daemon]:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert not sock.exists()
+        # A stop is said, not silent: an operator reading the journal knows runs now fetch in-process.
+        assert "credbroker daemon: stopped" in proc.stderr.read()
 
 
 @pytest.fixture
@@ -86,11 +88,16 @@ def test_run_through_the_daemon(running: tuple[Path, dict[str, str]], openbao: O
     _, env = running
     openbao.kv_put("credbroker/daemon-run", api_secret=SECRET)
     out = tmp_path / "seen"
-    res = subprocess.run([credbroker_bin(), "run", "--vault-path", "secret/credbroker/daemon-run", "--env",
+    res = subprocess.run([credbroker_bin(), "run", "-v", "--vault-path", "secret/credbroker/daemon-run", "--env",
                           "S=api_secret", "--", "sh", "-c", f'printf %s "$S" > {out}'],
                          env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert out.read_text() == SECRET
+    assert "(fetched by credbroker daemon)" in res.stderr  # -v says who served the fetch
+    alone = subprocess.run([credbroker_bin(), "run", "-v", "--vault-path", "secret/credbroker/daemon-run", "--env",
+                            "S=api_secret", "--", "true"], env={**env, "CREDBROKER_DAEMON": "0"},
+                           capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 0 and "(fetched in a throwaway child)" in alone.stderr
 
 
 def test_no_daemon_or_an_unsafe_folder_means_in_process(tmp_path: Path, openbao: OpenBao) -> None:
