@@ -519,6 +519,11 @@ def render_text(r: Mapping[str, Any]) -> str:
         out.append(f"chain: {chain['status'].upper()}: {p['file']}:{p['line']}: {p['kind']}: {p['message']}")
     for n in chain["notes"]:
         out.append(f"  note: {n['file']}:{n['line']}: {n['message']}")
+    gaps = chain.get("gaps") or []
+    if gaps:
+        out.append(f"AUDIT LOG GAPS (records lost: treat as tampering): {len(gaps)}")
+        for g in gaps:
+            out.append(f"  {g['file']}:{g['line']}: {g['message']}")
 
     sf = r["signature_failures"]
     out.append("")
