@@ -218,7 +218,8 @@ class Anchorer:
     def _failed(self, seq: int, exc: BrokerError) -> None:
         print(f"credbroker: WARNING: could not anchor the audit log's head (seq {seq}) in Vault at {self.place}: "
               f"{exc.message} (the bot keeps running; `credbroker audit verify` cannot vouch for records after "
-              "the last anchor)", file=sys.stderr, flush=True)
+              "the last anchor; grant the broker's token the anchor policy with `scripts/setup-vault "
+              "--anchor-host HOST`, or set [audit] anchor = \"off\")", file=sys.stderr, flush=True)
         self._failing = True
         try:
             self._record_failure({"seq": seq, "place": str(self.place), "error": type(exc).__name__,
