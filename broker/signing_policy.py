@@ -101,7 +101,7 @@ def _sig(endpoint: str, *required: str) -> tuple[str, frozenset[str]]:
 #: repay: orderId, amount), Convert (getQuote: fromAsset, toAsset; acceptQuote: quoteId; limit
 #: placeOrder: baseAsset, quoteAsset, limitPrice, side, expiredType; the same under /fapi/v1/convert),
 #: and the "API Key Management" endpoints that change a key's own powers (subAccountApiKey,
-#: apiName, apiKey).
+#: apiName, apiKey + ip).
 KINDS: Mapping[str, Kind] = {
     "withdraw": Kind(
         ("/sapi/v1/capital/withdraw/*", "/wapi/*/withdraw*", "/sapi/v1/localentity/withdraw/*",
@@ -166,7 +166,8 @@ KINDS: Mapping[str, Kind] = {
         (_sig("/sapi/v2/sub-account/subAccountApi/ipRestriction", "email", "subAccountApiKey", "status"),
          _sig("/sapi/v1/sub-account/subAccountApi/ipRestriction/ipList", "email", "subAccountApiKey"),
          _sig("/sapi/v1/margin/apiKey", "apiName"),
-         _sig("/sapi/v1/margin/apiKey", "apiKey")),
+         # Not apiKey alone: every WebSocket API request carries it in its signed parameters.
+         _sig("/sapi/v1/margin/apiKey/ip", "apiKey", "ip")),
     ),
 }
 

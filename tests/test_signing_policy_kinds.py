@@ -87,6 +87,10 @@ TRADING: list[dict[str, str]] = [
     {"symbol": "BTCUSDT", "orderId": "42"},
     {"symbol": "BTCUSDT", "side": "BUY", "type": "MARKET", "quoteOrderQty": "100"},
     {},
+    # A WebSocket API order: apiKey is among the signed parameters.
+    {"apiKey": "vmPUZE6mv9SD5VNHk4HlWFsOr6aKE2zvsw0MuIgwCIPy6utIco14y7Ju91duEh8A", "newOrderRespType": "ACK",
+     "price": "52000.00", "quantity": "0.01000000", "recvWindow": "100", "side": "SELL", "symbol": "BTCUSDT",
+     "timeInForce": "GTC", "type": "LIMIT"},
 ]
 
 
