@@ -169,5 +169,5 @@ def last_header(path: Path) -> Header | None:
 def _damaged(name: str, why: str) -> AuditError:
     return AuditError(
         f"the audit log {name} is damaged: {why} (not a crash's partial line)",
-        "run `credbroker audit verify` to see where; move the file aside to start a new chain",
+        "run `credbroker audit verify` to see where; move the log files and its .head aside to start a new chain",
     )

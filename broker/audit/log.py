@@ -546,7 +546,7 @@ class AuditLog:
         if state.alg == ALG_HMAC and state.kid != self.key_id:
             raise AuditError(
                 f"the audit log {self.path} is keyed with key id {state.kid}, not the configured {self.key_id}",
-                "configure the same key, or move the log aside to start a new chain",
+                "configure the same key, or move the log files and its .head aside to start a new chain",
             )
         if state.alg == ALG_SHA256 and self.alg == ALG_HMAC:
             if not self._upgrade_ok:
@@ -555,7 +555,7 @@ class AuditLog:
                 raise AuditError(
                     f"the audit log {self.path} is unkeyed but an audit key is configured",
                     "check it with `credbroker audit verify`, then run `credbroker audit enable-key` "
-                    "to continue the chain keyed (or move the log aside)",
+                    "to continue the chain keyed (or move the log files and its .head aside)",
                 )
             return True
         return False
