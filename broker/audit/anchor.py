@@ -231,7 +231,7 @@ class Anchorer:
         thread = threading.Thread(target=self._loop, name="credbroker-audit-anchor", daemon=True)
         # Started with every signal blocked: a supervisor that waits for signals with sigtimedwait
         # must receive them, not this thread.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             thread.start()
         finally:
