@@ -114,6 +114,8 @@ def test_removed_log_is_a_gap(tmp_path: Path) -> None:
     log_path = tmp_path / "audit.log"
     runs(log_path)
     log_path.unlink()  # `rm $L`: the head stays
+    alone = verify_files(None, active=log_path, key=KEY)  # before any writer ran
+    assert not alone.ok and alone.problem is not None and alone.problem.kind == "truncated"
     assert_refused(make_log(log_path))
     first = events(log_path)[0]
     assert first["event"] == "gap" and first["data"]["missing"] == [1, 9] and first["seq"] == 10

@@ -721,9 +721,11 @@ def verify_files(files: Sequence[Path] | None, *, active: Path, key: bytes | Non
     else:
         paths = log_set(active)
         if not paths:
-            if anchors:
-                # Everything local is gone, but Vault remembers records.
-                verifier = Verifier(key=key, anchors=anchors, anchor_place=anchor_place, active_name=str(active))
+            head = read_head(active)
+            if anchors or head is not None:
+                # The log is gone, but its head (or Vault) remembers records.
+                verifier = Verifier(key=key, head=head, head_file=str(active) if head is not None else None,
+                                    anchors=anchors, anchor_place=anchor_place, active_name=str(active))
                 return verifier.check([])
             raise AuditError(f"no audit log at {active}", "check [audit] path / $CREDBROKER_AUDIT_LOG")
         verifier = make_verifier(active, paths, key, whole_set=True, anchors=anchors, anchor_place=anchor_place)
