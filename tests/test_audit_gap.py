@@ -428,3 +428,18 @@ def test_removing_every_local_file_is_still_seen_by_verify_with_anchors(openbao:
     result = verify_files(None, active=log_path, key=KEY, anchors=anchors)
     assert not result.ok and result.problem is not None and result.problem.kind == "truncated"
     assert os.path.exists(log_path) is False
+
+
+def test_the_interval_thread_never_takes_the_supervisors_signals(tmp_path: Path) -> None:
+    import signal
+
+    log = make_log(tmp_path / "audit.log", env={"VAULT_ADDR": "http://127.0.0.1:1"}, anchor_interval="1h")
+    log.record("secret_fetched", {"i": 0})
+    anchorer = log.anchorer
+    assert anchorer is not None and anchorer._thread is not None and anchorer._thread.native_id is not None
+    status = Path(f"/proc/self/task/{anchorer._thread.native_id}/status").read_text()
+    blocked = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+        assert blocked & (1 << (sig - 1)), sig
+    anchorer.stop()
+    log.anchorer = None  # nothing to anchor at exit: the address is not a server
