@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ..errors import BrokerError
+from ..errors import BrokerError, VaultAuthError, VaultPermissionDenied
 from .chain import ANCHOR_LABEL, Hasher, digest_matches, labelled_mac
 from .settings import AuditSettings
 
@@ -139,11 +139,13 @@ def _vault_kv(env: Mapping[str, str]) -> tuple[Any, Callable[[str, str], Any]]:
     return client.secrets.kv.v2, mapped
 
 
-def write(env: Mapping[str, str], place: AnchorPlace, payload: Mapping[str, Any]) -> None:
-    """Store one anchor as a new version (raises a VaultError)."""
-    kv, mapped = _vault_kv(env)
+def write(env: Mapping[str, str], place: AnchorPlace, payload: Mapping[str, Any],
+          client: tuple[Any, Callable[[str, str], Any]] | None = None) -> tuple[Any, Callable[[str, str], Any]]:
+    """Store one anchor as a new version (raises a VaultError); returns the client for reuse."""
+    kv, mapped = client or _vault_kv(env)
     with mapped("write the audit anchor to", f"{place.mount}/data/{place.path}"):
         kv.create_or_update_secret(path=place.path, secret=dict(payload), mount_point=place.mount)
+    return kv, mapped
 
 
 def read_all(env: Mapping[str, str], place: AnchorPlace, key: bytes | None) -> list[Anchor]:
@@ -190,6 +192,7 @@ class Anchorer:
         self._failing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._client: tuple[Any, Callable[[str, str], Any]] | None = None  # one login per process
 
     def committed(self, seq: int, digest: str) -> None:
         """The writer committed up to (seq, digest); the interval thread starts on the first call."""
@@ -207,7 +210,15 @@ class Anchorer:
 
             payload = make_payload(latest[0], latest[1], self._kid, self._log, utc_timestamp(), self._mac)
             try:
-                write(self._env, self.place, payload)
+                self._client = write(self._env, self.place, payload, self._client)
+            except (VaultAuthError, VaultPermissionDenied):
+                # An expired token (long runs): log in once more, then give up.
+                self._client = None
+                try:
+                    self._client = write(self._env, self.place, payload)
+                except BrokerError as exc:
+                    self._failed(latest[0], exc)
+                    return False
             except BrokerError as exc:
                 self._failed(latest[0], exc)
                 return False
