@@ -72,26 +72,87 @@ def audit() -> None:
 @audit.command("verify")
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--vault-anchors/--no-vault-anchors", "vault_anchors", default=None,
+              help="Compare the chain with its anchors in Vault. Default: on for a keyed log when [audit] "
+                   "anchor is not off and a Vault address is set.")
 @click.pass_context
-def verify_cmd(ctx: click.Context, files: tuple[Path, ...], as_json: bool) -> None:
+def verify_cmd(ctx: click.Context, files: tuple[Path, ...], as_json: bool, vault_anchors: bool | None) -> None:
     """Check the hash chain of the log (or of FILE...); exit 0 when intact, 1 when not.
 
     Names the first edited, deleted, inserted, reordered or forged record with
-    its file and line. A partial last line left by a crash is reported as a
-    note, not as tampering.
+    its file and line, and every gap a writer recorded (records lost: exit 1,
+    acknowledged or not). A partial last line left by a crash is reported as a
+    note, not as tampering. With Vault anchors, records cut after the last
+    anchor are caught even when every local file was rewritten.
     """
     from .audit.verify import verify_files
 
     settings, env, _ = _context(ctx)
     key = _key_bytes(settings, env)
-    result = verify_files(list(files) or None, active=settings.path, key=key)
+    anchors, place, anchor_error = _read_anchors(settings, env, key, vault_anchors)
+    result = verify_files(list(files) or None, active=settings.path, key=key, anchors=anchors, anchor_place=place)
+    ok = result.ok and anchor_error is None
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps({**result.to_dict(), "ok": ok, "anchors_error": anchor_error}, indent=2))
     else:
         click.echo(result.summary())
+        for gap in result.gaps:
+            if gap is not result.problem:
+                click.echo(f"  gap: {gap.where()}: {gap.message}")
         for note in result.notes:
             click.echo(f"  note: {note.where()}: {note.message}")
-    sys.exit(0 if result.ok else 1)
+        if anchor_error is not None:
+            click.echo(f"  anchors: NOT checked: {anchor_error}")
+    sys.exit(0 if ok else 1)
+
+
+def _read_anchors(settings: Any, env: dict[str, str], key: bytes | None, wanted: bool | None
+                  ) -> tuple[list[Any] | None, str, str | None]:
+    """(anchors or None when not checked, their place, why they could not be read)."""
+    from .audit.anchor import place_for, read_all, vault_configured
+    from .errors import BrokerError
+
+    from .audit.keys import key_id
+
+    if wanted is False:
+        return None, "", None
+    place = place_for(settings, key_id(key) if key is not None else None)
+    if wanted is None and (key is None or place is None or not vault_configured(env)):
+        return None, "", None
+    if place is None:
+        raise ConfigError("--vault-anchors: [audit] anchor is off, or the log is not keyed",
+                          'set [audit] anchor = "secret/credbroker-audit" and an audit key')
+    if not vault_configured(env):
+        raise ConfigError("--vault-anchors: no Vault address", "set VAULT_ADDR, or [vault] addr in the config")
+    try:
+        return read_all(env, place, key), str(place), None
+    except BrokerError as exc:
+        if wanted:
+            raise AuditError(f"cannot read the audit anchors at {place}: {exc.message}",
+                             exc.remedy or "check the token's policy (credbroker-audit-anchor)") from exc
+        return None, str(place), f"cannot read them at {place}: {exc}"
+
+
+@audit.command("acknowledge-gap")
+@click.option("--reason", required=True, metavar="TEXT", help="What happened, and who checked it (recorded).")
+@click.pass_context
+def acknowledge_gap_cmd(ctx: click.Context, reason: str) -> None:
+    """Let a keyed log take records again after a recorded gap (the acknowledgment is recorded).
+
+    A writer that finds records missing (the log shorter than its head, the
+    head or the active file gone) records a `gap` and, in a keyed log, refuses
+    every later record until this is run. `credbroker audit verify` keeps
+    reporting the gap: the records it names are lost.
+    """
+    from . import audit as audit_pkg
+
+    _, env, config = _context(ctx)
+    log = audit_pkg.open_log(config.audit or None, env=env)
+    acked = log.acknowledge_gap(reason)
+    if acked is None:
+        click.echo(f"audit log {log.path}: no unacknowledged gap; nothing to do")
+        return
+    click.echo(f"audit log {log.path}: gap at seq {acked['data']['gap_seq']} acknowledged (record seq {acked['seq']})")
 
 
 def _fail_on(text: str | None) -> list[str]:

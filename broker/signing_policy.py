@@ -11,7 +11,7 @@ the profile's ``[profiles.NAME.policy]`` table::
     max_quantity = 0.5                          # or per symbol: { BTCUSDT = 0.01, ETHUSDT = 0.5 }
     max_notional = 5000                         # quote asset; or per symbol, like max_quantity
     max_recv_window = 5000                      # ms; a request without recvWindow counts as 5000
-    deny_kinds = ["withdraw", "transfer"]       # default ["withdraw"]; [] allows everything
+    deny_kinds = ["withdraw", "transfer"]       # default ["withdraw"]; [] allows everything; see KINDS
     deny_params = ["address"]                   # parameter names never signed
     deny_endpoints = ["/sapi/v1/sub-account/*"] # fnmatch patterns on the URL path
     require_endpoint = false                    # true: refuse requests whose URL path is unknown
@@ -32,10 +32,16 @@ those of totalParams, i.e. the query string and the form body):
   agent can compute (it has no market data): with ``max_notional`` set it is
   refused, unless ``max_quantity`` also bounds that symbol, which then is the
   limit that applies;
-- ``deny_kinds`` names built-in groups of endpoints and parameters that a
-  trading bot never needs (``KINDS`` below). "withdraw" is denied by default,
-  also when a profile has no policy table: an operator must write
-  ``deny_kinds = []`` to let the agent sign a withdrawal;
+- ``deny_kinds`` names built-in groups of requests that a trading bot never
+  needs (``KINDS`` below: withdraw, transfer, borrow, convert,
+  api_key_management). "withdraw" is denied by default, also when a profile
+  has no policy table: an operator must write ``deny_kinds = []`` to let the
+  agent sign a withdrawal. A kind is refused by its URL paths, and, because
+  Binance's HMAC/RSA/Ed25519 signature covers the parameters but not the URL
+  path (the bot could send what was signed for ``/fapi/v1/order`` to
+  ``/sapi/v1/asset/transfer``), also by its parameters: a parameter set that
+  holds every required parameter of one of the kind's value-moving endpoints
+  is refused whatever endpoint the bot declares. Names compare without case;
 - ``rate_limit`` counts every signature the agent would otherwise give.
 
 Every refusal raises ``PolicyRefused`` (a ``SigningError``) naming the rule;
@@ -59,26 +65,109 @@ from .errors import ConfigError, SigningError
 #: Binance's default recvWindow (ms), used when a request carries none.
 DEFAULT_RECV_WINDOW = 5000
 
-#: Built-in request kinds for ``deny_kinds``: URL path patterns and parameter names.
-#: Sources: Binance wallet docs ("Withdraw (USER_DATA)": POST /sapi/v1/capital/withdraw/apply,
-#: parameters coin, network, address, addressTag, amount, withdrawOrderId...; the retired
-#: POST /wapi/v3/withdraw.html), "User Universal Transfer" (POST /sapi/v1/asset/transfer),
-#: futures "New Future Account Transfer" (POST /sapi/v1/futures/transfer), the sub-account
-#: transfer endpoints, and "API Key Management" endpoints that change a key's own powers.
-KINDS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "withdraw": (
-        ("/sapi/v1/capital/withdraw/*", "/wapi/*/withdraw*", "/sapi/v1/localentity/withdraw/*"),
+class Kind(NamedTuple):
+    """A built-in ``deny_kinds`` group: what the requests of that kind look like."""
+
+    #: fnmatch patterns on the URL path (the endpoints of the kind, reads included)
+    endpoints: tuple[str, ...]
+    #: parameter names no trading request needs (refused alone)
+    params: tuple[str, ...]
+    #: (endpoint, the parameters it requires) for each endpoint of the kind that moves value or
+    #: changes the key's powers. Binance's signature covers the parameters, not the URL path, so a
+    #: bot that declares an innocent endpoint could still send what it got signed to this one:
+    #: a parameter set holding every required name of one of these is refused, whatever endpoint
+    #: is declared. Extra parameters do not help (the exchange is assumed to ignore unknown ones).
+    signatures: tuple[tuple[str, frozenset[str]], ...]
+
+
+def _sig(endpoint: str, *required: str) -> tuple[str, frozenset[str]]:
+    return endpoint, frozenset(name.lower() for name in required)
+
+
+#: Built-in request kinds for ``deny_kinds``. Endpoints and required parameters from Binance's
+#: API docs (developers.binance.com): wallet "Withdraw" (POST /sapi/v1/capital/withdraw/apply:
+#: coin, address, amount), the retired POST /wapi/v3/withdraw.html, travel-rule withdrawals
+#: (/sapi/v1/localentity/withdraw/apply), Gift Card "Create a single-token gift card" (token,
+#: amount) and "Create a dual-token gift card" (baseToken, faceToken, baseTokenAmount): a code
+#: anyone can redeem is a withdrawal. "User Universal Transfer" (POST /sapi/v1/asset/transfer: type,
+#: asset, amount), "New Future Account Transfer" (POST /sapi/v1/futures/transfer: asset, amount,
+#: type), cross and isolated margin transfers, "Dust Transfer" (POST /sapi/v1/asset/dust: asset),
+#: the sub-account transfers (subToSub: toEmail, asset, amount; subToMaster: asset, amount;
+#: universalTransfer: fromAccountType, toAccountType, asset, amount; futures/margin transfer:
+#: email, asset, amount, type; futures internalTransfer; managed sub-account deposit/withdraw;
+#: futures move-position: fromUserEmail, toUserEmail), margin "Borrow/Repay" (POST
+#: /sapi/v1/margin/borrow-repay: asset, isIsolated, symbol, amount, type; the older loan and repay:
+#: asset, amount; portfolio margin marginLoan/repayLoan), crypto loans (loanCoin, collateralCoin;
+#: repay: orderId, amount), Convert (getQuote: fromAsset, toAsset; acceptQuote: quoteId; limit
+#: placeOrder: baseAsset, quoteAsset, limitPrice, side, expiredType; the same under /fapi/v1/convert),
+#: and the "API Key Management" endpoints that change a key's own powers (subAccountApiKey,
+#: apiName, apiKey + ip).
+KINDS: Mapping[str, Kind] = {
+    "withdraw": Kind(
+        ("/sapi/v1/capital/withdraw/*", "/wapi/*/withdraw*", "/sapi/v1/localentity/withdraw/*",
+         "/sapi/v1/giftcard/*"),
         ("address", "addressTag", "withdrawOrderId"),
+        (_sig("/sapi/v1/capital/withdraw/apply", "coin", "address", "amount"),
+         _sig("/wapi/v3/withdraw.html", "asset", "address", "amount"),
+         _sig("/sapi/v1/localentity/withdraw/apply", "coin", "address", "amount", "questionnaire"),
+         _sig("/sapi/v1/giftcard/createCode", "token", "amount"),
+         _sig("/sapi/v1/giftcard/buyCode", "baseToken", "faceToken", "baseTokenAmount")),
     ),
-    "transfer": (
+    "transfer": Kind(
         ("/sapi/v1/asset/transfer", "/sapi/v1/futures/transfer", "/sapi/v1/sub-account/*transfer*",
-         "/sapi/v*/sub-account/*/transfer", "/sapi/v1/margin/transfer", "/sapi/v1/asset/dust",
-         "/sapi/v1/pay/*"),
+         "/sapi/v1/sub-account/*Transfer*", "/sapi/v*/sub-account/*/transfer", "/sapi/v1/margin/transfer", "/sapi/v1/margin/isolated/transfer",
+         "/sapi/v1/asset/dust", "/sapi/v1/pay/*", "/sapi/v1/managed-subaccount/deposit",
+         "/sapi/v1/managed-subaccount/withdraw", "/sapi/v1/sub-account/futures/move-position"),
         (),
+        (_sig("/sapi/v1/asset/transfer", "type", "asset", "amount"),
+         _sig("/sapi/v1/futures/transfer", "asset", "amount", "type"),
+         _sig("/sapi/v1/margin/transfer", "asset", "amount", "type"),
+         _sig("/sapi/v1/margin/isolated/transfer", "asset", "symbol", "transFrom", "transTo", "amount"),
+         _sig("/sapi/v1/sub-account/transfer/subToSub", "toEmail", "asset", "amount"),
+         _sig("/sapi/v1/sub-account/transfer/subToMaster", "asset", "amount"),
+         _sig("/sapi/v1/sub-account/universalTransfer", "fromAccountType", "toAccountType", "asset", "amount"),
+         _sig("/sapi/v1/sub-account/futures/transfer", "email", "asset", "amount", "type"),
+         _sig("/sapi/v1/sub-account/margin/transfer", "email", "asset", "amount", "type"),
+         _sig("/sapi/v1/sub-account/futures/internalTransfer", "fromEmail", "toEmail", "futuresType", "asset",
+              "amount"),
+         _sig("/sapi/v1/managed-subaccount/deposit", "toEmail", "asset", "amount"),
+         _sig("/sapi/v1/managed-subaccount/withdraw", "fromEmail", "asset", "amount"),
+         _sig("/sapi/v1/sub-account/futures/move-position", "fromUserEmail", "toUserEmail"),
+         # Dust takes one parameter: with "transfer" denied, any request naming an asset is refused.
+         _sig("/sapi/v1/asset/dust", "asset")),
     ),
-    "api_key_management": (
+    "borrow": Kind(
+        ("/sapi/v1/margin/loan", "/sapi/v1/margin/repay", "/sapi/v1/margin/borrow-repay", "/papi/v1/marginLoan",
+         "/papi/v1/repayLoan", "/sapi/v*/loan/*"),
+        (),
+        (_sig("/sapi/v1/margin/borrow-repay", "asset", "isIsolated", "symbol", "amount", "type"),
+         _sig("/sapi/v1/margin/loan", "asset", "amount"),
+         _sig("/sapi/v1/margin/repay", "asset", "amount"),
+         _sig("/papi/v1/marginLoan", "asset", "amount"),
+         _sig("/papi/v1/repayLoan", "asset", "amount"),
+         _sig("/sapi/v2/loan/flexible/borrow", "loanCoin", "collateralCoin"),
+         _sig("/sapi/v1/loan/borrow", "loanCoin", "collateralCoin", "loanTerm"),
+         _sig("/sapi/v2/loan/flexible/repay", "loanCoin", "collateralCoin", "repayAmount"),
+         _sig("/sapi/v1/loan/repay", "orderId", "amount")),
+    ),
+    "convert": Kind(
+        ("/sapi/v1/convert/*", "/fapi/v1/convert/*", "/sapi/v1/asset/dust"),
+        (),
+        (_sig("/sapi/v1/convert/getQuote", "fromAsset", "toAsset"),
+         _sig("/sapi/v1/convert/acceptQuote", "quoteId"),
+         _sig("/sapi/v1/convert/limit/placeOrder", "baseAsset", "quoteAsset", "limitPrice", "side", "expiredType"),
+         _sig("/fapi/v1/convert/getQuote", "fromAsset", "toAsset"),
+         _sig("/fapi/v1/convert/acceptQuote", "quoteId"),
+         _sig("/sapi/v1/asset/dust", "asset")),
+    ),
+    "api_key_management": Kind(
         ("/sapi/v1/sub-account/subAccountApi/*", "/sapi/v*/sub-account/subAccountApi/*", "/sapi/v1/margin/apiKey*"),
         (),
+        (_sig("/sapi/v2/sub-account/subAccountApi/ipRestriction", "email", "subAccountApiKey", "status"),
+         _sig("/sapi/v1/sub-account/subAccountApi/ipRestriction/ipList", "email", "subAccountApiKey"),
+         _sig("/sapi/v1/margin/apiKey", "apiName"),
+         # Not apiKey alone: every WebSocket API request carries it in its signed parameters.
+         _sig("/sapi/v1/margin/apiKey/ip", "apiKey", "ip")),
     ),
 }
 
@@ -221,12 +310,17 @@ class SigningPolicy:
         self.require_endpoint = require_endpoint
         params = set(deny_params)
         endpoints = list(deny_endpoints)
+        signatures: list[tuple[str, str, frozenset[str]]] = []
         for kind in deny_kinds:
-            kind_endpoints, kind_params = KINDS[kind]
-            endpoints.extend(kind_endpoints)
-            params.update(kind_params)
+            endpoints.extend(KINDS[kind].endpoints)
+            params.update(KINDS[kind].params)
+            signatures.extend((kind, endpoint, required) for endpoint, required in KINDS[kind].signatures)
         self.deny_params = frozenset(params)
+        # Parameter names compared without case: a policy must not depend on the exchange
+        # reading "Address" differently from "address".
+        self._deny_params_folded = {name.lower(): name for name in params}
         self.deny_endpoints = tuple(endpoints)
+        self._signatures = tuple(signatures)
         self.limiter: RateLimiter | None = None
         if rate is not None:
             count, per = rate
@@ -346,9 +440,21 @@ class SigningPolicy:
             for pattern in self.deny_endpoints:
                 if fnmatchcase(path, pattern):
                     raise PolicyRefused(self._rule_for_endpoint(pattern), f"{path} is a denied endpoint")
+        folded = {name.lower() for name in names}
+        for kind, target, required in self._signatures:
+            if required <= folded:
+                shown = ", ".join(sorted(n for n in names if n.lower() in required))
+                declared = f"declared endpoint {endpoint.split('?', 1)[0]}" if endpoint else "no declared endpoint"
+                raise PolicyRefused(
+                    f"deny_kinds:{kind}",
+                    f"the parameters {shown} make a valid {target} request ({kind}); Binance's signature "
+                    f"does not cover the URL path, so the {declared} cannot make it safe",
+                    f"send the order without these parameters, or remove {kind!r} from the profile's "
+                    "[policy] deny_kinds if this request is intended")
         for name in names:
-            if name in self.deny_params:
-                raise PolicyRefused(self._rule_for_param(name), f"parameter {name!r} is denied")
+            denied = self._deny_params_folded.get(name.lower())
+            if denied is not None:
+                raise PolicyRefused(self._rule_for_param(denied), f"parameter {name!r} is denied")
         values = dict(request.params)
         self._check_recv_window(values)
         orders: list[Mapping[str, Any]] = [values]
@@ -376,13 +482,13 @@ class SigningPolicy:
 
     def _rule_for_endpoint(self, pattern: str) -> str:
         for kind in self.deny_kinds:
-            if pattern in KINDS[kind][0]:
+            if pattern in KINDS[kind].endpoints:
                 return f"deny_kinds:{kind}"
         return "deny_endpoints"
 
     def _rule_for_param(self, name: str) -> str:
         for kind in self.deny_kinds:
-            if name in KINDS[kind][1]:
+            if name in KINDS[kind].params:
                 return f"deny_kinds:{kind}"
         return "deny_params"
 

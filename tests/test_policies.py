@@ -18,12 +18,15 @@ import pytest
 from broker.signing.transit import policy_hcl, policy_name
 
 from .conftest import OpenBao
-from .vaultadmin import POLICIES, bot_policy_hcl, start_openbao_with_config
+from .vaultadmin import POLICIES, anchor_policy_hcl, bot_policy_hcl, start_openbao_with_config
 
 pytestmark = pytest.mark.vault
 
 KV = "secret"
 SIGN_POLICY = "credbroker-sign-transit-credbroker-alpha"
+ANCHOR_POLICY = "credbroker-audit-anchor-host-a"
+ANCHOR_A = "credbroker-audit/host-a/0123456789abcdef-0123456789ab"
+ANCHOR_B = "credbroker-audit/host-b/0123456789abcdef-0123456789ab"
 B64 = base64.b64encode(b"GET /api/v3/account?timestamp=1").decode()
 
 
@@ -39,6 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
         root.sys.create_or_update_policy("credbroker-auditor", (POLICIES / "credbroker-auditor.hcl").read_text())
         for bot in ("alpha", "beta", "enc"):
             root.sys.create_or_update_policy(f"credbroker-bot-{bot}", bot_policy_hcl(bot))
+        root.sys.create_or_update_policy(ANCHOR_POLICY, anchor_policy_hcl("host-a"))
         # The signer policy broker.signing.transit gives a bot's child token.
         root.sys.create_or_update_policy(SIGN_POLICY, policy_hcl("transit", "credbroker-alpha"))
         for name, kind in (("credbroker-alpha", "ed25519"), ("credbroker-beta", "ed25519"),
@@ -48,6 +52,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
                      "credbroker/enc", "other/thing"):
             srv.kv_put(path, api_key="AK-" + path, api_secret="S-" + path)
         srv.kv_put("credbroker/alpha", api_key="AK-alpha", api_secret="S-alpha-v2")  # version 2
+        for path in (ANCHOR_A, ANCHOR_B):
+            for seq in ("1", "2"):
+                srv.kv_put(path, seq=seq, hash="0" * 64)
         yield srv
     finally:
         srv.stop()
@@ -156,6 +163,8 @@ BOT_DENIED: dict[str, Case] = {
     "create a token": lambda c, s: c.auth.token.create(policies=["credbroker-bot-alpha"]),
     "audit-hash": _raw("post", "/v1/sys/audit-hash/credbroker-file", input="x"),
     "list mounts": lambda c, s: c.sys.list_mounted_secrets_engines(),
+    "write an audit anchor": _put(ANCHOR_A),
+    "read an audit anchor": _read(ANCHOR_A),
 }
 # A bot whose key lives as transit ciphertext: decrypt with its own key only.
 ENC_ALLOWED: dict[str, Case] = {"decrypt with own key": _decrypt("credbroker-enc")}
@@ -211,8 +220,12 @@ AUDITOR_ALLOWED: dict[str, Case] = {
     "list audit devices": lambda c, s: c.sys.list_enabled_audit_devices(),
     "read a transit key's description": lambda c, s: c.secrets.transit.read_key(name="credbroker-alpha"),
     "list transit keys": lambda c, s: c.secrets.transit.list_keys(),
+    "read any host's audit anchor": _read(ANCHOR_B),
+    "read an anchor's versions": _meta(ANCHOR_A),
+    "list the hosts' anchors": _list("credbroker-audit"),
 }
 AUDITOR_DENIED: dict[str, Case] = {
+    "write an audit anchor": _put(ANCHOR_A),
     "read a secret value": _read("credbroker/alpha"),
     "read an old secret value": _read("credbroker/alpha", 1),
     "write a secret": _put("credbroker/alpha"),
@@ -264,6 +277,33 @@ SIGNER_DENIED: dict[str, Case] = {
     "child reads the bot's secret": _as_child(_read("credbroker/alpha")),
     "child creates tokens": _as_child(_child([SIGN_POLICY])),
     "child signs with another key": _as_child(_sign("credbroker-beta")),
+    "child writes an audit anchor": _as_child(_put(ANCHOR_A)),
+}
+
+# The broker on host-a (setup-vault --anchor-host host-a): append-only anchors of its own host.
+ANCHOR_ALLOWED: dict[str, Case] = {
+    "write a new anchor version": _put(ANCHOR_A),
+    "start a new chain's anchor": _put("credbroker-audit/host-a/fedcba9876543210-ba9876543210"),
+    "read an anchor version": _read(ANCHOR_A, 1),
+    "read the versions (metadata)": _meta(ANCHOR_A),
+}
+ANCHOR_DENIED: dict[str, Case] = {
+    "delete the latest anchor": lambda c, s: c.secrets.kv.v2.delete_latest_version_of_secret(
+        path=ANCHOR_A, mount_point=KV),
+    "soft-delete anchor versions": lambda c, s: c.secrets.kv.v2.delete_secret_versions(
+        path=ANCHOR_A, versions=[1], mount_point=KV),
+    "destroy anchor versions": lambda c, s: c.secrets.kv.v2.destroy_secret_versions(
+        path=ANCHOR_A, versions=[1], mount_point=KV),
+    "lower max_versions": lambda c, s: c.secrets.kv.v2.update_metadata(path=ANCHOR_A, max_versions=1,
+                                                                        mount_point=KV),
+    "delete the metadata and every version": lambda c, s: c.secrets.kv.v2.delete_metadata_and_all_versions(
+        path=ANCHOR_A, mount_point=KV),
+    "write another host's anchor": _put(ANCHOR_B),
+    "read another host's anchor": _read(ANCHOR_B),
+    "write the host folder itself": _put("credbroker-audit/host-a"),
+    "list the anchors": _list("credbroker-audit/host-a"),
+    "read a bot's secret": _read("credbroker/alpha"),
+    "patch an anchor (HTTP PATCH)": _http_patch(ANCHOR_A),
 }
 
 MATRIX = [
@@ -272,6 +312,7 @@ MATRIX = [
     (f"credbroker-bot-alpha+{SIGN_POLICY}", SIGNER_ALLOWED, SIGNER_DENIED),
     ("credbroker-admin", ADMIN_ALLOWED, ADMIN_DENIED),
     ("credbroker-auditor", AUDITOR_ALLOWED, AUDITOR_DENIED),
+    (ANCHOR_POLICY, ANCHOR_ALLOWED, ANCHOR_DENIED),
 ]
 ALLOW_CASES = [pytest.param(p, name, fn, id=f"{p}: may {name}") for p, allowed, _ in MATRIX
                for name, fn in allowed.items()]

@@ -33,6 +33,11 @@ def bot_policy_hcl(bot: str) -> str:
     return (POLICIES / "credbroker-bot.hcl").read_text().replace("__BOT__", bot)
 
 
+def anchor_policy_hcl(host: str) -> str:
+    """The audit-anchor policy exactly as setup-vault --anchor-host renders it."""
+    return (POLICIES / "credbroker-audit-anchor.hcl").read_text().replace("__HOST__", host)
+
+
 @dataclass
 class Scripts:
     """Run the admin scripts against ``server`` through a `bao` shim that logs every argv."""

@@ -30,3 +30,13 @@ path "transit/keys/credbroker-*" {
 path "transit/keys" {
   capabilities = ["list"]
 }
+
+# The audit logs' Vault anchors (the head of each host's chain): read them all,
+# with their versions, to check a host's log against them. Never written here.
+path "secret/data/credbroker-audit/*" {
+  capabilities = ["read"]
+}
+
+path "secret/metadata/credbroker-audit/*" {
+  capabilities = ["read", "list"]
+}

@@ -21,7 +21,8 @@ Where the log is: ``[audit] path``, else ``$CREDBROKER_AUDIT_LOG``, else
 Event names other modules use: ``secret_fetched``, ``secret_injected``,
 ``child_exited``, ``refused``, ``signature_failure``, ``rotation_detected``;
 any other ``[a-z][a-z0-9_]*`` name is accepted (the schema is open). The log
-writes ``partial_tail``, ``pruned`` and ``audit_keyed`` itself. A field value
+writes ``partial_tail``, ``pruned``, ``audit_keyed``, ``gap``, ``gap_acknowledged``
+and ``anchor_failed`` itself (``gap``: records were lost; ``anchor``: the Vault witness). A field value
 that is a ``broker.secret.Secret`` is refused with ``AuditError``.
 
 Reading (imported only when used): ``verify.verify_files``,
@@ -94,7 +95,8 @@ def open_log(
     explicit = key.reveal() if isinstance(key, Secret) else key
     # Cache on a digest of the key material, never the key itself.
     material = hashlib.sha256(b"credbroker/audit/cache\x00" + env_key.encode() + b"\x00" + (explicit or b"")).hexdigest()
-    cache_key = (settings, material, key is None)
+    # The Vault address decides whether the head is anchored: part of the log's identity here.
+    cache_key = (settings, material, key is None, environ.get("VAULT_ADDR") or environ.get("BAO_ADDR") or "")
     with _CACHE_LOCK:
         log = _CACHE.get(cache_key)
         if log is None:
@@ -102,7 +104,7 @@ def open_log(
 
             secret = resolve_key(settings.key_spec, environ, key=key)
             try:
-                log = AuditLog(settings, secret)
+                log = AuditLog(settings, secret, env=environ)
             finally:
                 if secret is not None:
                     secret.wipe()

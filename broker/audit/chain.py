@@ -73,6 +73,23 @@ def make_hasher(key: bytes | None) -> tuple[str, Hasher]:
     return ALG_HMAC, mac
 
 
+#: Other uses of the chain key, each in its own domain: the head file and the Vault anchor.
+HEAD_LABEL = b"credbroker/audit/v1/head\x00"
+ANCHOR_LABEL = b"credbroker/audit/v1/anchor\x00"
+
+
+def labelled_mac(key: bytes, label: bytes) -> Hasher:
+    """HMAC-SHA256(key, label || message) as hex, for the head file and the Vault anchors."""
+    base = hmac.new(key, label, hashlib.sha256)
+
+    def mac(message: bytes) -> str:
+        h = base.copy()
+        h.update(message)
+        return h.hexdigest()
+
+    return mac
+
+
 def build_prefix(seq: int, ts: str, event: str, prev: str, alg: str, kid: str | None, rest: str) -> bytes:
     """The hashed part of a line. ``rest`` is the sorted compact JSON of the other keys, braces stripped."""
     kid_part = f'"kid":"{kid}",' if kid else ""

@@ -4,7 +4,9 @@ For an active log ``audit.log`` in its folder::
 
     audit.log                      the file being appended to
     audit.log.20261117T000012Z     rotated files, named by rotation time (UTC); oldest first
-    audit.log.head                 seq and hash of the last committed record (truncation check)
+    audit.log.head                 seq and hash of the last committed record (truncation check);
+                                   in a keyed log MAC'd with the chain key, so it cannot be rewritten
+                                   to fit a log cut short
     audit.log.lock                 flock(2) target shared by every writer on the host
 
 The chain runs across files: the first record of a rotated-in file links to
@@ -23,7 +25,7 @@ from pathlib import Path
 from ..errors import AuditError
 from .chain import MAX_LINE, Header, parse_header
 
-HEAD_SIZE = 256
+HEAD_SIZE = 512
 
 
 def rotated_pattern(active: Path) -> re.Pattern[str]:
@@ -67,6 +69,13 @@ class Head(NamedTuple):
 
     seq: int
     hash: str
+    kid: str | None = None
+    mac: str | None = None  # keyed logs: HMAC of head_message() under HEAD_LABEL
+
+
+def head_message(seq: int, digest: str, kid: str | None) -> bytes:
+    """What a keyed head's MAC covers."""
+    return f"{seq}\x00{digest}\x00{kid or ''}".encode("ascii")
 
 
 def read_head(active: Path) -> Head | None:
@@ -79,14 +88,19 @@ def read_head(active: Path) -> Head | None:
         raise AuditError(f"cannot read {head_path(active)}: {exc.strerror or exc}", "check its permissions") from exc
     try:
         data = json.loads(text)
-        return Head(seq=int(data["seq"]), hash=str(data["hash"]))
-    except (ValueError, KeyError, TypeError):
+        kid, mac = data.get("kid"), data.get("mac")
+        return Head(seq=int(data["seq"]), hash=str(data["hash"]), kid=kid if isinstance(kid, str) else None,
+                    mac=mac if isinstance(mac, str) else None)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return Head(seq=-1, hash="")  # present but damaged: the verifier names it
 
 
-def encode_head(seq: int, digest: str, file_name: str) -> bytes:
-    body = json.dumps({"v": 1, "seq": seq, "hash": digest, "file": file_name}, separators=(",", ":")).encode()
-    return body + b" " * (HEAD_SIZE - 1 - len(body)) + b"\n"
+def encode_head(seq: int, digest: str, file_name: str, kid: str | None = None, mac: str | None = None) -> bytes:
+    fields: dict[str, object] = {"v": 1, "seq": seq, "hash": digest, "file": file_name[:200]}
+    if mac is not None:
+        fields.update(kid=kid, mac=mac)
+    body = json.dumps(fields, separators=(",", ":")).encode()
+    return body + b" " * max(0, HEAD_SIZE - 1 - len(body)) + b"\n"
 
 
 class Tail(NamedTuple):
@@ -155,5 +169,5 @@ def last_header(path: Path) -> Header | None:
 def _damaged(name: str, why: str) -> AuditError:
     return AuditError(
         f"the audit log {name} is damaged: {why} (not a crash's partial line)",
-        "run `credbroker audit verify` to see where; move the file aside to start a new chain",
+        "run `credbroker audit verify` to see where; move the log files and its .head aside to start a new chain",
     )

@@ -52,13 +52,28 @@ from .chain import (
     EVENT_NAME,
     FORMAT_VERSION,
     GENESIS,
+    HEAD_LABEL,
     MAX_LINE,
+    Header,
     build_prefix,
+    digest_matches,
     encode_rest,
     finish_line,
+    labelled_mac,
     make_hasher,
 )
-from .files import encode_head, first_header, head_path, last_header, lock_path, read_tail, rotated_files
+from .files import (
+    Head,
+    encode_head,
+    first_header,
+    head_message,
+    head_path,
+    last_header,
+    lock_path,
+    read_head,
+    read_tail,
+    rotated_files,
+)
 from .keys import key_id
 from .settings import AuditSettings, ensure_private_folder
 
@@ -77,6 +92,12 @@ ROTATION_DETECTED = "rotation_detected"
 PARTIAL_TAIL = "partial_tail"
 PRUNED = "pruned"
 AUDIT_KEYED = "audit_keyed"
+#: Records were lost (the log is shorter than its head, the head or the active file is missing):
+#: written by the first writer that finds it, before anything else. A keyed log then takes no
+#: record but ``gap_acknowledged`` (``credbroker audit acknowledge-gap``).
+GAP = "gap"
+GAP_ACKNOWLEDGED = "gap_acknowledged"
+ANCHOR_FAILED = "anchor_failed"
 
 
 def utc_timestamp(now: float | None = None) -> str:
@@ -140,15 +161,26 @@ class _Pending(NamedTuple):
 class _State:
     """What the writer knows of the active file's end (mutable: updated per commit)."""
 
-    __slots__ = ("ino", "size", "seq", "hash", "alg", "kid")
+    __slots__ = ("ino", "size", "seq", "hash", "alg", "kid", "event")
 
-    def __init__(self, ino: int, size: int, seq: int, hash: str, alg: str | None, kid: str | None) -> None:
+    def __init__(self, ino: int, size: int, seq: int, hash: str, alg: str | None, kid: str | None,
+                 event: str | None = None) -> None:
         self.ino = ino
         self.size = size
         self.seq = seq
         self.hash = hash
         self.alg = alg
         self.kid = kid
+        self.event = event  # the last record's event (an unacknowledged gap stops a keyed log)
+
+
+class _Gap(NamedTuple):
+    """What a writer found missing, for the ``gap`` record."""
+
+    reason: str
+    last_seq: int  # the last record still there (0: none)
+    head_seq: int | None  # what the head named, when it could be trusted
+    skip_to: int  # the gap record's own seq - 1 (seq numbers of lost records are never reused)
 
 
 _LIVE: weakref.WeakSet[AuditLog] = weakref.WeakSet()
@@ -160,6 +192,10 @@ def _flush_all_at_exit() -> None:
             log.flush()
         except Exception:  # noqa: BLE001 - at exit, nowhere left to raise to
             pass
+        try:
+            log.anchor_now()  # the end of a run: the head goes to the Vault witness
+        except (AuditError, OSError):
+            pass  # a failure is already recorded and warned by the anchorer; nothing left to raise to
 
 
 atexit.register(_flush_all_at_exit)
@@ -182,13 +218,18 @@ if hasattr(os, "register_at_fork"):
 class AuditLog:
     """An append-only, hash-chained audit log (see the module docstring)."""
 
-    def __init__(self, settings: AuditSettings, key: Secret | None = None) -> None:
+    def __init__(self, settings: AuditSettings, key: Secret | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.path: Path = settings.path
         raw_key = key.reveal() if key is not None else None
         self.key_id: str | None = key_id(raw_key) if raw_key is not None else None
-        # The hmac object keeps its own copy of the key for the process lifetime.
+        # The hmac objects keep their own copies of the key for the process lifetime.
         self.alg, self._hash = make_hasher(raw_key)
+        self._head_mac = labelled_mac(raw_key, HEAD_LABEL) if raw_key is not None else None
+        self.anchorer: Any = None
+        if raw_key is not None and env is not None:
+            self.anchorer = self._make_anchorer(raw_key, env)
         del raw_key
         self._thread_lock = threading.RLock()
         self._pending: list[_Pending] = []
@@ -198,6 +239,9 @@ class AuditLog:
         self._fd: int | None = None
         self._state: _State | None = None
         self._first_ts: tuple[int, str | None] | None = None  # (ino, ts of the file's first record)
+        self._active_created = False
+        self._ack_reason: str | None = None
+        self._acked: dict[str, Any] | None = None
         self._host = os.uname().nodename
         self._user = _user()
         _LIVE.add(self)
@@ -267,12 +311,13 @@ class AuditLog:
                 self._upgrade_ok = False
 
     def check_writable(self) -> None:
-        """Open the folder, lock and active file now, so a log that cannot be written
-        stops a caller before it touches any secret (fail closed), not after."""
+        """Open the folder, lock and active file now, and check the chain's end (a gap, a
+        key mismatch), so a log that cannot be written stops a caller before it touches
+        any secret (fail closed), not after."""
         with self._thread_lock:
             try:
-                with self._locked():
-                    self._open_active()
+                self.flush()
+                self._commit([])
             except OSError as exc:
                 raise AuditError(
                     f"cannot write the audit log {self.path}: {exc.strerror or type(exc).__name__}",
@@ -282,6 +327,25 @@ class AuditLog:
     def last_seq(self) -> int | None:
         """The seq of the last record this writer committed (None before its first commit)."""
         return self._state.seq if self._state is not None else None
+
+    def acknowledge_gap(self, reason: str) -> dict[str, Any] | None:
+        """Record an operator's acknowledgment of the unacknowledged gap; None when there is none."""
+        if not reason.strip():
+            raise AuditError("an acknowledgment needs a reason", "pass --reason TEXT: what happened and who checked")
+        with self._thread_lock:
+            self.flush()
+            self._ack_reason = reason.strip()[:500]
+            try:
+                self._commit([])
+                return self._acked
+            finally:
+                self._ack_reason = None
+                self._acked = None
+
+    def anchor_now(self) -> bool:
+        """Anchor the head in Vault now (a run's end); False when it failed (recorded and warned)."""
+        anchorer = self.anchorer
+        return True if anchorer is None else bool(anchorer.anchor_now())
 
     def rotate(self) -> Path | None:
         """Rotate the active file now (if it holds any record); return the rotated file's path."""
@@ -303,7 +367,21 @@ class AuditLog:
                 self._fd = self._lock_fd = None
                 self._state = None
 
+    def _make_anchorer(self, raw_key: bytes, env: Mapping[str, str]) -> Any:
+        from .anchor import Anchorer, place_for, vault_configured
+        from .chain import ANCHOR_LABEL
+
+        place = place_for(self.settings, self.key_id)
+        if place is None or not vault_configured(env):
+            return None
+        return Anchorer(env, place, self.settings.anchor_interval.total_seconds(),
+                        labelled_mac(raw_key, ANCHOR_LABEL), self.key_id, str(self.path),
+                        lambda fields: self.record(ANCHOR_FAILED, fields))
+
     def _after_fork(self) -> None:
+        if self.anchorer is not None:
+            self.anchorer.forget_after_fork()
+            self.anchorer = None
         self._thread_lock = threading.RLock()
         self._pending = []
         self._fd = self._lock_fd = None  # O_CLOEXEC: gone at exec; never used by this child
@@ -352,31 +430,89 @@ class AuditLog:
         if not existed:
             _fsync_dir(self.path.parent)
         self._fd = fd
+        self._active_created = not existed
         return fd
 
-    def _current_state(self, fd: int) -> tuple[_State, int | None, bytes]:
-        """Last seq/hash, plus any partial last line a crash left (its offset and bytes)."""
+    def _current_state(self, fd: int) -> tuple[_State, int | None, bytes, _Gap | None]:
+        """Last seq/hash, any partial last line a crash left (its offset and bytes), and
+        what is missing when the log's end does not match its head."""
         st = os.fstat(fd)
         cached = self._state
         if cached is not None and cached.ino == st.st_ino and cached.size == st.st_size:
-            return cached, None, b""
+            return cached, None, b"", None
         tail = read_tail(fd, str(self.path))
-        if tail.last is not None:
-            h = tail.last
-            state = _State(st.st_ino, st.st_size, h.seq, h.digest, h.alg, h.kid)
+        created, self._active_created = self._active_created, False
+        rotated = rotated_files(self.path)
+        last: Header | None = tail.last
+        if last is None and rotated:
+            last = last_header(rotated[-1])
+            if last is None:
+                raise AuditError(
+                    f"cannot find the last record of {rotated[-1]}",
+                    "run `credbroker audit verify` to see what is wrong with it",
+                )
+        if last is not None:
+            state = _State(st.st_ino, st.st_size, last.seq, last.digest, last.alg, last.kid, last.event)
         else:
-            prev = None
-            rotated = rotated_files(self.path)
-            if rotated:
-                prev = last_header(rotated[-1])
-                if prev is None:
-                    raise AuditError(
-                        f"cannot find the last record of {rotated[-1]}",
-                        "run `credbroker audit verify` to see what is wrong with it",
-                    )
-            state = _State(st.st_ino, st.st_size, prev.seq if prev else 0, prev.digest if prev else GENESIS,
-                           prev.alg if prev else None, prev.kid if prev else None)
-        return state, tail.partial_offset, tail.partial
+            state = _State(st.st_ino, st.st_size, 0, GENESIS, None, None)
+        gap = self._find_gap(last, created and bool(rotated) and tail.size == 0)
+        return state, tail.partial_offset, tail.partial, gap
+
+    def _find_gap(self, last: Header | None, active_missing: bool) -> _Gap | None:
+        """Compare the log's last record with the head the last writer left (see ``GAP``)."""
+        head = read_head(self.path)
+        last_seq = last.seq if last is not None else 0
+        if head is None:
+            if last is None:
+                return None  # a new log
+            why = "the active file and the head file are missing" if active_missing else "the head file is missing"
+            return _Gap(f"{why}: records may have been cut off the end", last_seq, None, last_seq)
+        keyed = last is not None and last.alg == ALG_HMAC
+        if head.seq < 0:
+            return _Gap("the head file is damaged", last_seq, None, last_seq)
+        if keyed and not self._head_authentic(head):
+            return _Gap("the head file is not authenticated by the audit key (rewritten, or left by an older "
+                        "credbroker)", last_seq, None, last_seq)
+        if head.seq > last_seq:
+            where = "the active file is missing and " if active_missing else ""
+            return _Gap(f"{where}the log ends at seq {last_seq} but the head names seq {head.seq}: records were "
+                        "cut off the end", last_seq, head.seq, head.seq)
+        if head.seq == last_seq and last is not None and not digest_matches(head.hash, last.digest):
+            return _Gap(f"the record at seq {last_seq} is not the one the head names: the end was replaced",
+                        last_seq, head.seq, head.seq)
+        if head.seq == 0 and last is not None:
+            return _Gap("the head names no record but the log holds some", last_seq, None, last_seq)
+        # head.seq < last_seq: a writer was cut off between its write and its head update.
+        return None
+
+    def _head_authentic(self, head: Head) -> bool:
+        if self._head_mac is None or head.mac is None or head.kid != self.key_id:
+            return False
+        return digest_matches(self._head_mac(head_message(head.seq, head.hash, head.kid)), head.mac)
+
+    def _gap_line(self, state: _State, gap: _Gap) -> bytes:
+        """The ``gap`` record: linked to the last record still there, numbered past every lost one."""
+        missing = [gap.last_seq + 1, gap.head_seq] if gap.head_seq is not None and gap.head_seq > gap.last_seq \
+            else None
+        state.seq = max(state.seq, gap.skip_to)
+        return self._line(state, utc_timestamp(), GAP, encode_rest({
+            "data": {"reason": gap.reason, "last_seq": gap.last_seq, "head_seq": gap.head_seq, "missing": missing},
+            "host": self._host, "pid": os.getpid(), "user": self._user}), None)
+
+    def _ack_line(self, state: _State, reason: str) -> bytes:
+        data = {"gap_seq": state.seq, "reason": reason}
+        rec: dict[str, Any] = {"event": GAP_ACKNOWLEDGED, "data": data}
+        line = self._line(state, utc_timestamp(), GAP_ACKNOWLEDGED, encode_rest({
+            "data": data, "host": self._host, "pid": os.getpid(), "user": self._user}), rec)
+        self._acked = rec
+        return line
+
+    def _refuse_after_gap(self, state: _State) -> AuditError:
+        return AuditError(
+            f"the audit log {self.path} lost records (gap recorded at seq {state.seq}); a keyed log takes no "
+            "record until an operator acknowledges it",
+            "check with `credbroker audit verify`, then run `credbroker audit acknowledge-gap --reason TEXT`",
+        )
 
     def _recovery_line(self, state: _State, offset: int, partial: bytes) -> bytes:
         """Terminate a crash's partial line and record it in the chain itself."""
@@ -410,7 +546,7 @@ class AuditLog:
         if state.alg == ALG_HMAC and state.kid != self.key_id:
             raise AuditError(
                 f"the audit log {self.path} is keyed with key id {state.kid}, not the configured {self.key_id}",
-                "configure the same key, or move the log aside to start a new chain",
+                "configure the same key, or move the log files and its .head aside to start a new chain",
             )
         if state.alg == ALG_SHA256 and self.alg == ALG_HMAC:
             if not self._upgrade_ok:
@@ -419,7 +555,7 @@ class AuditLog:
                 raise AuditError(
                     f"the audit log {self.path} is unkeyed but an audit key is configured",
                     "check it with `credbroker audit verify`, then run `credbroker audit enable-key` "
-                    "to continue the chain keyed (or move the log aside)",
+                    "to continue the chain keyed (or move the log files and its .head aside)",
                 )
             return True
         return False
@@ -461,22 +597,40 @@ class AuditLog:
         _fsync_dir(self.path.parent)
         state = self._state
         self._open_active()  # a new, empty active file
+        self._active_created = False  # made by the rotation itself: not a missing file
         if state is not None and self._fd is not None:
             # The chain carries on from the rotated file's last record.
-            self._state = _State(os.fstat(self._fd).st_ino, 0, state.seq, state.hash, state.alg, state.kid)
+            self._state = _State(os.fstat(self._fd).st_ino, 0, state.seq, state.hash, state.alg, state.kid,
+                                 state.event)
         return target
 
     def _commit(self, pending: list[_Pending]) -> bool:
         with self._locked():
             fd = self._open_active()
-            state, partial_offset, partial = self._current_state(fd)
+            state, partial_offset, partial, gap = self._current_state(fd)
             switch_to_keyed = self._check_key_continuity(state)  # raises before anything is written
             if partial_offset is not None:
                 _write_all(fd, self._recovery_line(state, partial_offset, partial))
                 state.size = os.fstat(fd).st_size
+            keyed = self.alg == ALG_HMAC and not switch_to_keyed
+            if gap is not None:
+                # Never continue silently over a gap: say so in the chain itself, first.
+                self._write_locked(fd, state, [self._gap_line(state, gap)])
+                state.event = GAP
+            if self._ack_reason is not None:
+                if state.event != GAP:
+                    self._state = state
+                    return False
+                self._write_locked(fd, state, [self._ack_line(state, self._ack_reason)])
+                state.event = GAP_ACKNOWLEDGED
+                return True
+            if keyed and state.event == GAP:
+                self._state = state
+                raise self._refuse_after_gap(state)
             chunks = [self._keyed_marker(state)] if switch_to_keyed else []
             if not pending and not chunks:
-                return False
+                self._state = state
+                return gap is not None
             estimate = sum(len(p.rest) + 300 for p in pending)
             if self._rotation_due(fd, state.size, estimate):
                 self._state = state
@@ -486,19 +640,30 @@ class AuditLog:
                 state = self._state
             for p in pending:
                 chunks.append(self._line(state, p.ts, p.event, p.rest, p.record))
-            data = b"".join(chunks)
-            _write_all(fd, data)
-            os.fdatasync(fd)
-            state.size = os.fstat(fd).st_size
-            state.ino = os.fstat(fd).st_ino
-            self._state = state
-            self._write_head(state)
+            if pending:
+                state.event = pending[-1].event
+            self._write_locked(fd, state, chunks)
             return True
+
+    def _write_locked(self, fd: int, state: _State, chunks: list[bytes]) -> None:
+        """Write, fdatasync, update the head (and tell the anchorer), under the file lock."""
+        _write_all(fd, b"".join(chunks))
+        os.fdatasync(fd)
+        st = os.fstat(fd)
+        state.size = st.st_size
+        state.ino = st.st_ino
+        self._state = state
+        self._write_head(state)
+        if self.anchorer is not None and state.alg == ALG_HMAC:
+            self.anchorer.committed(state.seq, state.hash)
 
     def _write_head(self, state: _State) -> None:
         fd = os.open(head_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            os.pwrite(fd, encode_head(state.seq, state.hash, self.path.name), 0)
+            mac = None
+            if self._head_mac is not None and state.alg == ALG_HMAC:
+                mac = self._head_mac(head_message(state.seq, state.hash, self.key_id))
+            os.pwrite(fd, encode_head(state.seq, state.hash, self.path.name, self.key_id, mac), 0)
         finally:
             os.close(fd)
 

@@ -792,6 +792,11 @@ def render_text(report: Report) -> str:
         out.append(f"CHAIN: {chain['status'].upper()}: {p['file']}:{p['line']}: {p['kind']}: {p['message']}")
     for n in chain["notes"]:
         out.append(f"  note: {n['file']}:{n['line']}: {n['message']}")
+    gaps = chain.get("gaps") or []
+    if gaps:
+        out.append(f"AUDIT LOG GAPS (records lost: treat as tampering): {len(gaps)}")
+        for g in gaps:
+            out.append(f"  {g['file']}:{g['line']}: {g['message']}")
 
     out.append("")
     out.append("PROFILES (per secret: Vault address [namespace] path)")

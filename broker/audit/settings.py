@@ -9,6 +9,9 @@ Keys (all optional)::
     max_size = "64MiB"                             # rotate earlier when the file grows past this
     keep = "90d"                                   # default of `credbroker audit prune --keep`
     work_hours = "06-22"                           # UTC hours the report treats as usual
+    anchor = "secret/credbroker-audit"             # KV v2 MOUNT/PATH the keyed head is anchored under
+                                                   # (+ "/<host>"); "off" to turn it off
+    anchor_interval = "5m"                         # also anchor this often during long runs
 
 Where the log is, first match wins (documented in the README):
 
@@ -31,7 +34,9 @@ from ..errors import ConfigError
 ENV_LOG = "CREDBROKER_AUDIT_LOG"
 ENV_KEY = "CREDBROKER_AUDIT_KEY"
 
-KNOWN_KEYS = frozenset({"path", "key", "rotate", "max_size", "keep", "work_hours"})
+KNOWN_KEYS = frozenset({"path", "key", "rotate", "max_size", "keep", "work_hours", "anchor", "anchor_interval"})
+DEFAULT_ANCHOR = "secret/credbroker-audit"
+DEFAULT_ANCHOR_INTERVAL = timedelta(minutes=5)
 ROTATE_CHOICES = ("weekly", "daily", "size")
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 DEFAULT_KEEP = timedelta(days=90)
@@ -56,6 +61,10 @@ class AuditSettings(NamedTuple):
     keep: timedelta = DEFAULT_KEEP
     #: (start, end) UTC hours that are usual, end exclusive; None = learn from history
     work_hours: tuple[int, int] | None = None
+    #: KV v2 "MOUNT/PATH" prefix of the Vault anchor (the host name is appended), or None when
+    #: anchoring is off. Used only for a keyed chain and when Vault is configured.
+    anchor: str | None = DEFAULT_ANCHOR
+    anchor_interval: timedelta = DEFAULT_ANCHOR_INTERVAL
 
 
 def default_log_path(env: Mapping[str, str]) -> Path:
@@ -134,8 +143,27 @@ def load_settings(audit_config: Mapping[str, Any] | None, env: Mapping[str, str]
     max_size = parse_size(cfg["max_size"]) if "max_size" in cfg else DEFAULT_MAX_SIZE
     keep = parse_duration(str(cfg["keep"]), "[audit] keep") if "keep" in cfg else DEFAULT_KEEP
     hours = parse_hours(cfg["work_hours"]) if "work_hours" in cfg else None
+    anchor = parse_anchor(cfg.get("anchor", DEFAULT_ANCHOR))
+    interval = (parse_duration(str(cfg["anchor_interval"]), "[audit] anchor_interval") if "anchor_interval" in cfg
+                else DEFAULT_ANCHOR_INTERVAL)
     return AuditSettings(path=path, key_spec=key_spec, rotate=str(rotate), max_size=max_size, keep=keep,
-                         work_hours=hours)
+                         work_hours=hours, anchor=anchor, anchor_interval=interval)
+
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def parse_anchor(value: object) -> str | None:
+    """``"MOUNT/PATH"`` (plain segments only) or ``"off"`` -> the prefix, or None."""
+    hint = 'write anchor = "secret/credbroker-audit" (a KV v2 mount and path), or anchor = "off"'
+    if value is False or value == "off":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError("[audit] anchor: expected a KV v2 path or \"off\"", hint)
+    parts = value.strip().strip("/").split("/")
+    if len(parts) < 2 or not all(_SEGMENT.match(p) and p not in (".", "..") for p in parts):
+        raise ConfigError(f"[audit] anchor: {value!r} is not MOUNT/PATH of plain segments", hint)
+    return "/".join(parts)
 
 
 def ensure_private_folder(folder: Path) -> None:

@@ -14,7 +14,11 @@ What it tells apart (issue 3, item 3):
 - ``inserted``: a record with a ``seq`` the chain already had; a line that is
   not a record at all.
 - ``reordered``: a missing ``seq`` that turns up a few lines later.
-- ``truncated``: the head file says more records were committed than the log holds.
+- ``truncated``: the head file says more records were committed than the log holds; the
+  head file is missing while records exist; a Vault anchor names a record past the end.
+- ``gap``: a writer found records missing and said so with a ``gap`` record (status
+  ``gap``, exit 1, whether or not an operator acknowledged it: the records are gone).
+- ``forged``: also a keyed head file or a Vault anchor whose MAC does not match.
 - a crash's partial last line (no newline, nothing committed after it) is a
   *note*, not a problem; one that a later writer recovered (a ``partial_tail``
   record naming its offset and SHA-256 follows it) is a note too.
@@ -39,13 +43,15 @@ from .chain import (
     ALG_SHA256,
     GENESIS,
     HASH_SUFFIX_LEN,
+    HEAD_LABEL,
     TS_LEN,
     Header,
     digest_matches,
+    labelled_mac,
     make_hasher,
     parse_header,
 )
-from .files import Head, first_header, log_set, read_head
+from .files import Head, first_header, head_message, log_set, read_head, rotated_files
 from .keys import key_id
 
 REORDER_WINDOW = 16
@@ -81,6 +87,9 @@ class VerifyResult:
     key_id: str | None
     problem: Finding | None
     notes: tuple[Finding, ...] = ()
+    gaps: tuple[Finding, ...] = ()
+    #: how many Vault anchors were compared (None: not checked)
+    anchors_checked: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -93,9 +102,12 @@ class VerifyResult:
             return "audit log: no records yet"
         span = f"{self.records} records, seq {self.first_seq}..{self.last_seq}, {len(self.files)} file(s)"
         chain = f"{self.alg} chain" + (f", key id {self.key_id}" if self.key_id else "")
+        if self.anchors_checked is not None:
+            chain += f", {self.anchors_checked} Vault anchor(s) matched"
         if self.problem is not None:
             p = self.problem
-            return f"audit log NOT intact: {p.where()}: {p.kind}: {p.message}"
+            more = f" ({len(self.gaps)} gap(s) recorded)" if self.gaps and p.kind != "gap" else ""
+            return f"audit log NOT intact: {p.where()}: {p.kind}: {p.message}{more}"
         return f"audit log intact: {span}, {chain}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +122,8 @@ class VerifyResult:
             "key_id": self.key_id,
             "problem": self.problem.to_dict() if self.problem else None,
             "notes": [n.to_dict() for n in self.notes],
+            "gaps": [g.to_dict() for g in self.gaps],
+            "anchors_checked": self.anchors_checked,
         }
 
 
@@ -154,6 +168,14 @@ class Verifier:
     head_file: str | None = None
     problems: list[tuple[tuple[int, int], Finding]] = field(default_factory=list)
     notes: list[Finding] = field(default_factory=list)
+    #: the active file was checked and has no head file next to it
+    head_missing: bool = False
+    #: the active file is missing although rotated files exist (its name)
+    active_missing: str | None = None
+    #: Vault anchors to compare (``anchor.Anchor``); None: not checked
+    anchors: Sequence[Any] | None = None
+    anchor_place: str = ""
+    active_name: str | None = None
 
     def __post_init__(self) -> None:
         _, self._sha = make_hasher(None)
@@ -178,6 +200,23 @@ class Verifier:
         self._unverifiable_kid: str | None = None
         self._algs: set[str] = set()
         self._head_seen = False
+        self.gaps: list[Finding] = []
+        self._acks: dict[int, str] = {}
+        self._first_is_gap = False
+        self._anchor_want: dict[int, list[Any]] = {}
+        self._anchor_seen: dict[int, str] = {}
+        self._anchors_bad: list[Finding] = []
+        for a in self.anchors or ():
+            place = f"Vault {self.anchor_place} version {a.version}"
+            if not a.mac_ok:
+                self._anchors_bad.append(Finding(
+                    "forged", place, 0, "this anchor's MAC does not match the audit key: written by someone "
+                    "without the key (or with another key)", a.seq if a.seq >= 0 else None))
+            elif a.log is not None and self.active_name is not None and a.log != self.active_name:
+                self.notes.append(Finding("anchor", place, 0, f"an anchor of another log ({a.log}) at the same "
+                                                              "place; give each log its own [audit] anchor"))
+            else:
+                self._anchor_want.setdefault(a.seq, []).append(a)
 
     # -- problems -----------------------------------------------------------------------
     def _problem(self, kind: str, file: str, line: int, message: str, seq: int | None = None,
@@ -202,8 +241,9 @@ class Verifier:
         # Anything else goes through _feed with the state written back first.
         fast_alg, fast_kid = (ALG_HMAC, self.key_id) if self._mac is not None else (ALG_SHA256, None)
         fast_hash = self._mac if self._mac is not None else self._sha
-        special = ("pruned", "audit_keyed", "partial_tail")
-        head_seq = self.head.seq if self.head is not None else -1
+        special = ("pruned", "audit_keyed", "partial_tail", "gap", "gap_acknowledged")
+        # Records the slow path must see: the head's and every anchored one.
+        watch = frozenset({self.head.seq if self.head is not None else -1, *self._anchor_want})
         compare = hmac.compare_digest
         parse = parse_header
         # Without Entries to hand out (``check``), the common case needs no parse at all:
@@ -246,7 +286,7 @@ class Verifier:
                     if precheck and clean:
                         nxt = last_seq + 1  # type: ignore[operator]
                         start = b'{"v":1,"seq":%d,"ts":"' % nxt
-                        if raw.startswith(start) and nxt != head_seq:
+                        if raw.startswith(start) and nxt not in watch:
                             p = len(start) + TS_LEN
                             q = raw.find(b'"', p + 11)
                             cut = len(raw) - 1 - HASH_SUFFIX_LEN
@@ -274,7 +314,7 @@ class Verifier:
                         and h.seq == last_seq + 1  # type: ignore[operator]
                         and h.alg == fast_alg
                         and h.kid == fast_kid
-                        and h.seq != head_seq
+                        and h.seq not in watch
                         and h.event not in special
                         and compare(fast_hash(h.prefix), h.digest)
                         and compare(h.prev, last_hash)
@@ -385,6 +425,15 @@ class Verifier:
                               h.seq)
                 return
         # 2. its place in the chain
+        if h.event == "gap":
+            self._check_gap_record(h, name, lineno)
+            return
+        if h.event == "gap_acknowledged":
+            data = self._data(h)
+            if isinstance(data.get("gap_seq"), int):
+                user = _record_field(h, "user")
+                self._acks[data["gap_seq"]] = (f"acknowledged at {h.ts[:19]}Z by {user or '?'}: "
+                                               f"{str(data.get('reason', ''))[:200]}")
         if self._gap is not None:
             gap = self._gap
             if h.seq == gap.expected:
@@ -425,6 +474,38 @@ class Verifier:
             return
         self._problem("reordered", name, lineno, f"seq {h.seq} comes after seq {self._last_seq}", h.seq)
 
+    def _check_gap_record(self, h: Header, name: str, lineno: int) -> None:
+        """A writer's ``gap`` record: it links to the last record left and skips the lost seqs."""
+        if self._gap is not None:
+            self._gap_is_deletion()
+        data = self._data(h)
+        if self._last_seq is None:
+            self._first = (name, lineno, h.seq, h.prev)
+            self._first_pos = (self._file_index, lineno)
+            self._first_is_gap = digest_matches(h.prev, GENESIS)
+        elif h.seq <= self._last_seq:
+            self._problem("reordered", name, lineno, f"seq {h.seq} comes after seq {self._last_seq}", h.seq)
+            return
+        elif not digest_matches(h.prev, self._last_hash):
+            lf, ll = self._last_line
+            self._problem("edited", lf, ll,
+                          f"the next record (line {lineno}) does not link to it: it was replaced or re-hashed",
+                          self._last_seq)
+            return
+        missing = data.get("missing")
+        lost = (f"seq {missing[0]}..{missing[1]} lost" if isinstance(missing, list) and len(missing) == 2
+                else "an unknown number of records lost")
+        self.gaps.append(Finding("gap", name, lineno,
+                                 f"a writer found records missing: {lost} ({str(data.get('reason', ''))[:200]})",
+                                 h.seq))
+
+    def _data(self, h: Header) -> dict[str, Any]:
+        try:
+            data = json.loads(self._prefix_json(h)).get("data", {})
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
     def _gap_is_deletion(self) -> None:
         gap = self._gap
         assert gap is not None
@@ -445,6 +526,8 @@ class Verifier:
             through, anchor = data.get("through_seq"), data.get("anchor")
             if isinstance(through, int) and isinstance(anchor, str):
                 self._anchors.append((through, anchor))
+        if h.seq in self._anchor_want:
+            self._anchor_seen[h.seq] = h.digest
         if self.head is not None and h.seq == self.head.seq and name == self.head_file:
             self._head_seen = True
             if not digest_matches(h.digest, self.head.hash) and not self._broken:
@@ -463,7 +546,9 @@ class Verifier:
             self._gap_is_deletion()
         if self._first is not None:
             name, line, seq, prev = self._first
-            if seq == 1:
+            if self._first_is_gap:
+                pass  # the gap record says what was lost before it
+            elif seq == 1:
                 if prev != GENESIS:
                     self._problem("edited", name, line, "the first record does not start the chain", seq,
                                   pos=self._first_pos)
@@ -489,10 +574,73 @@ class Verifier:
                 "after_head", self.head_file or "", self._last_line[1],
                 f"{self._last_seq - self.head.seq} record(s) after the last committed head (seq {self.head.seq}): "
                 "a writer was cut off before updating the head, or records were appended outside the broker"))
+        self._finish_head()
+        self._finish_anchors()
         if self._mac is not None and self.records and ALG_HMAC not in self._algs:
             self._problem("forged", self.files[0] if self.files else "", 1,
                           "no record is keyed although an audit key is configured: the chain was recomputed "
                           "without the key (or nothing was written since the key was configured)", pos=(0, 0))
+
+    def _finish_head(self) -> None:
+        end = (1 << 30, 0)
+        if self.head_missing and self.records and self.head_file is not None:
+            self._problem("truncated", self.head_file + ".head", 1,
+                          "the head file is missing: records may have been cut off the end", pos=end)
+        if self.active_missing is not None and self.records:
+            head = self.head
+            if head is not None and head.seq == self._last_seq and digest_matches(head.hash, self._last_hash) \
+                    and self._head_authentic(head) is not False:
+                self.notes.append(Finding("active_missing", self.active_missing, 0,
+                                          "the active file is missing but the head names the last rotated record "
+                                          "(a crash during a rotation; the next writer creates it)"))
+            else:
+                self._problem("deleted", self.active_missing, 0,
+                              "the active file is missing: records after the last rotated file may have been "
+                              "deleted", pos=end)
+        head = self.head
+        if head is not None and head.seq >= 0 and self._mac is not None and ALG_HMAC in self._algs \
+                and self._head_authentic(head) is False:
+            self._problem("forged", (self.head_file or self.active_missing or "") + ".head", 1,
+                          "the head file is not authenticated by the audit key: rewritten to fit a shortened log "
+                          "(or left by an older credbroker; the next writer records a gap)", pos=end)
+
+    def _head_authentic(self, head: Head) -> bool | None:
+        """None when it cannot be checked (no key)."""
+        if self.key is None:
+            return None
+        if head.mac is None or head.kid != self.key_id:
+            return False
+        mac = labelled_mac(self.key, HEAD_LABEL)(head_message(head.seq, head.hash, head.kid))
+        return digest_matches(mac, head.mac)
+
+    def _finish_anchors(self) -> None:
+        end = (1 << 30, 1)
+        for finding in self._anchors_bad:
+            self.problems.append((end, finding))
+            self._broken = True
+        first_seq = self._first[2] if self._first is not None else None
+        for seq, anchors in sorted(self._anchor_want.items()):
+            for a in anchors:
+                place = f"Vault {self.anchor_place} version {a.version}"
+                seen = self._anchor_seen.get(seq)
+                if seen is not None:
+                    if not digest_matches(seen, a.hash):
+                        self._problem("edited", place, 0, f"the log's record at seq {seq} is not the one anchored "
+                                      "in Vault: the log was rewritten", seq, pos=end)
+                elif self._last_seq is None or seq > self._last_seq:
+                    self._problem("truncated", place, 0,
+                                  f"Vault holds an anchor for seq {seq} but the log ends at seq {self._last_seq or 0}: "
+                                  "records were cut off after the anchor (every local file may have been rewritten)",
+                                  seq, pos=end)
+                elif first_seq is not None and seq < first_seq and not self._first_is_gap and any(
+                        t >= seq for t, _ in self._anchors):
+                    self.notes.append(Finding("anchor", place, 0, f"anchored seq {seq} was pruned", seq))
+                elif any(g.seq is not None and g.seq > seq for g in self.gaps):
+                    self.notes.append(Finding("anchor", place, 0, f"anchored seq {seq} is among the records a "
+                                              "recorded gap lost", seq))
+                else:
+                    self._problem("deleted", place, 0, f"Vault holds an anchor for seq {seq}, which the log does "
+                                  "not hold", seq, pos=end)
 
     def result(self) -> VerifyResult:
         """The status after ``walk`` has been exhausted."""
@@ -500,8 +648,13 @@ class Verifier:
         alg = None
         if self._algs:
             alg = ALG_HMAC if ALG_HMAC in self._algs else ALG_SHA256
+        gaps = tuple(Finding(g.kind, g.file, g.line, g.message + "; " + self._acks.get(g.seq or 0, "NOT acknowledged"),
+                             g.seq) for g in self.gaps)
         if problem is not None:
             status = "broken"
+        elif gaps:
+            status = "gap"
+            problem = gaps[0]
         elif self._unverifiable:
             status = "unverified"
             problem = Finding(
@@ -515,7 +668,8 @@ class Verifier:
         first_seq = self._first[2] if self._first else None
         return VerifyResult(status=status, records=self.records, files=tuple(self.files), first_seq=first_seq,
                             last_seq=self._last_seq, alg=alg, key_id=self.key_id or self._unverifiable_kid,
-                            problem=problem, notes=tuple(self.notes))
+                            problem=problem, notes=tuple(self.notes), gaps=gaps,
+                            anchors_checked=None if self.anchors is None else len(self._anchor_seen))
 
 
 def order_files(paths: Sequence[Path]) -> list[Path]:
@@ -529,25 +683,58 @@ def order_files(paths: Sequence[Path]) -> list[Path]:
     return [p for _, p in sorted(keyed, key=lambda t: t[0])]
 
 
-def make_verifier(active: Path | None, files: Sequence[Path], key: bytes | None) -> Verifier:
-    """A Verifier that also checks the head file when the active log is among ``files``."""
+def make_verifier(active: Path | None, files: Sequence[Path], key: bytes | None, *, whole_set: bool = False,
+                  anchors: Sequence[Any] | None = None, anchor_place: str = "") -> Verifier:
+    """A Verifier that also checks the head file when the active log is among ``files``.
+
+    ``whole_set``: ``files`` is the active log's whole set, so a missing active
+    file (rotated files left) or a missing head is itself a finding.
+    """
     head = None
     head_file = None
+    head_missing = False
+    active_missing = None
     if active is not None and any(p.resolve() == active.resolve() for p in files if p.exists()):
         head = read_head(active)
         head_file = str(next(p for p in files if p.exists() and p.resolve() == active.resolve()))
-    return Verifier(key=key, head=head, head_file=head_file)
+        head_missing = head is None and whole_set
+    elif active is not None and whole_set and not active.exists() and rotated_files(active):
+        active_missing = str(active)
+        head = read_head(active)
+    return Verifier(key=key, head=head, head_file=head_file, head_missing=head_missing, active_missing=active_missing,
+                    anchors=anchors, anchor_place=anchor_place,
+                    active_name=str(active) if active is not None else None)
 
 
-def verify_files(files: Sequence[Path] | None, *, active: Path, key: bytes | None = None) -> VerifyResult:
-    """Verify explicit ``files`` (any order), or the whole log set of ``active``."""
+def verify_files(files: Sequence[Path] | None, *, active: Path, key: bytes | None = None,
+                 anchors: Sequence[Any] | None = None, anchor_place: str = "") -> VerifyResult:
+    """Verify explicit ``files`` (any order), or the whole log set of ``active``.
+
+    ``anchors`` (``anchor.Anchor``, as ``anchor.read_all`` returns them) are compared
+    with the chain: each must name a record the log holds, with the same hash.
+    """
     if files:
         paths = order_files(files)
         # An explicitly named active log gets its head check too.
-        verifier = make_verifier(paths[-1] if (Path(str(paths[-1]) + ".head")).exists() else None, paths, key)
+        verifier = make_verifier(paths[-1] if (Path(str(paths[-1]) + ".head")).exists() else None, paths, key,
+                                 anchors=anchors, anchor_place=anchor_place)
     else:
         paths = log_set(active)
         if not paths:
+            head = read_head(active)
+            if anchors or head is not None:
+                # The log is gone, but its head (or Vault) remembers records.
+                verifier = Verifier(key=key, head=head, head_file=str(active) if head is not None else None,
+                                    anchors=anchors, anchor_place=anchor_place, active_name=str(active))
+                return verifier.check([])
             raise AuditError(f"no audit log at {active}", "check [audit] path / $CREDBROKER_AUDIT_LOG")
-        verifier = make_verifier(active, paths, key)
+        verifier = make_verifier(active, paths, key, whole_set=True, anchors=anchors, anchor_place=anchor_place)
     return verifier.check(paths)
+
+
+def _record_field(h: Header, name: str) -> str | None:
+    try:
+        value = json.loads(h.prefix + b"}").get(name)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
