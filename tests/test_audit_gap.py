@@ -208,7 +208,9 @@ def test_report_shows_the_gap(tmp_path: Path) -> None:
     now = datetime.now(timezone.utc)
     report = build_report([log_path], since=now - timedelta(days=7), until=now + timedelta(minutes=1), key=KEY,
                           active=log_path)
-    assert report["events"].get("gap") == 1 and report["chain"]["gaps"]
+    data = report.to_dict()
+    assert data["events"].get("gap") == 1 and data["chain"]["gaps"]
+    assert report.item("gaps").count == 1 and report.item("broken").count == 1  # the verdict says it first
     text = render_text(report)
     assert "AUDIT LOG GAPS (records lost: treat as tampering): 1" in text and "seq 7..9 lost" in text
 

@@ -34,12 +34,16 @@ def test_policy_show_fills_in_the_bot_template() -> None:
     assert result.exit_code == 0, result.output
     assert 'path "secret/data/credbroker/alpha"' in result.output
     assert "__BOT__" not in result.output
+    host = CliRunner().invoke(cli, ["policy", "show", "audit-anchor", "--name", "bot-host.1"])
+    assert host.exit_code == 0 and 'path "secret/data/credbroker-audit/bot-host.1/*"' in host.output
+    assert "__HOST__" not in host.output
     admin = CliRunner().invoke(cli, ["policy", "show", "admin"])
     assert admin.exit_code == 0 and admin.output == (REPO / "vault-policies" / "credbroker-admin.hcl").read_text()
 
 
 @pytest.mark.parametrize("args", [["bot"], ["bot", "--name", "../x"], ["bot", "--name", "a/b"],
-                                  ["bot", "--name", "a*"], ["admin", "--name", "alpha"], ["nosuch"]])
+                                  ["bot", "--name", "a*"], ["admin", "--name", "alpha"], ["nosuch"],
+                                  ["audit-anchor"], ["audit-anchor", "--name", "h/../x"]])
 def test_policy_show_refuses_what_could_widen_or_mislead(args: list[str]) -> None:
     result = CliRunner().invoke(cli, ["policy", "show", *args])
     assert result.exit_code != 0

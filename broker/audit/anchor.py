@@ -127,14 +127,14 @@ def _vault_kv(env: Mapping[str, str]) -> tuple[Any, Callable[[str, str], Any]]:
     Kept to one small function so that the client's construction can move
     (TLS trust, deadlines) without touching the anchoring logic.
     """
-    from ..sources.settings import VaultSettings
-    from ..sources.vault import _mapped, client_for
+    from ..vault import session
+    from ..vault.settings import VaultSettings
 
     settings = VaultSettings.from_env(env)
-    client = client_for(None, env, settings=settings)
+    client = session.open_client(settings)
 
     def mapped(action: str, path: str) -> Any:
-        return _mapped(settings, action, path)
+        return session.mapped(settings, action, path, client)
 
     return client.secrets.kv.v2, mapped
 

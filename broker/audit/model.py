@@ -135,6 +135,6 @@ class Report:
 
 #: ``--fail-on`` names, in the order the summary shows them.
 FAIL_ON_NAMES: tuple[str, ...] = (
-    "broken", "signature-failures", "findings", "unmatched-reads", "old-versions", "new-commands", "new-hosts",
+    "broken", "gaps", "signature-failures", "findings", "unmatched-reads", "old-versions", "new-commands", "new-hosts",
     "unusual-hours", "refusals", "policy-refusals", "unrotated-keys",
 )

@@ -500,6 +500,8 @@ class ReportBuilder:
         broken = 0 if chain.get("ok", True) else 1
         return (
             SummaryItem("broken", "audit chain not intact", broken, "chain", str(chain.get("status", ""))),
+            SummaryItem("gaps", "audit log gaps (records lost: treat as tampering)", len(chain.get("gaps") or []),
+                        "chain", ""),
             SummaryItem("signature-failures", "signature failures", self.sigfail_total, "signature-failures", ""),
             SummaryItem("findings", "findings (patterns in the failures)", findings, "findings", ""),
             SummaryItem("unmatched-reads", "Vault reads with no broker record",

@@ -1,0 +1,1 @@
+../../vault-policies/credbroker-audit-anchor.hcl
