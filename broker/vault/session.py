@@ -142,7 +142,7 @@ def new_client(settings: VaultSettings, token: str | None = None) -> hvac.Client
                     client_key=settings.client_key, server_name=settings.tls_server_name,
                     skip_verify=settings.skip_verify,
                     where={k: settings.origin(k) for k in ("cacert", "capath", "client_cert")})
-    session = VaultHTTPSession(tls, settings.allowed_origins(), settings.timeout)
+    session = VaultHTTPSession(tls, settings.allowed_origins(), settings.timeout, failover=settings.cluster())
     # verify/cert are the session's business (the adapter ignores them); explicit values also keep
     # hvac from reading VAULT_CACERT/VAULT_CLIENT_CERT from the process environment on its own.
     return hvac.Client(url=settings.addr, token=token, verify=True, cert=None, timeout=settings.timeout,

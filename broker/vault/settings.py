@@ -121,6 +121,10 @@ class VaultSettings:
         """The origins a request may be redirected to: the address's own and ``addrs``."""
         return frozenset({origin_of(self.addr), *(origin_of(a) for a in self.addrs)})
 
+    def cluster(self) -> tuple[str, ...]:
+        """The nodes to try, in order: the address's origin, then each of ``addrs`` (no duplicates)."""
+        return tuple(dict.fromkeys([origin_of(self.addr), *(origin_of(a) for a in self.addrs)]))
+
     def connection(self) -> dict[str, object]:
         """How to connect, without any credential: what a child's transit signer needs (JSON-safe)."""
         return {"addr": self.addr, "cacert": self.cacert, "capath": self.capath, "namespace": self.namespace,

@@ -15,6 +15,12 @@ urllib3. Three things requests does not do on its own:
 * **Every request has a total deadline.** requests' timeout bounds each socket read, so a server
   that drips a byte at a time never times out. A timer shuts the request's socket down when the
   deadline passes, whatever phase it is in (connect, TLS handshake, headers, body).
+* **A cluster's other nodes are tried, within that deadline.** With ``[vault] addrs``, a request
+  whose node does not answer (connection refused or reset), or answers that it cannot serve yet
+  (503, 429, a standby still catching up, a redirect to an active node that is gone), goes to the
+  next configured node, and around again after a short pause while any node answered at all, until
+  the deadline. The node that served last is tried first next time. Only configured addresses are
+  ever tried, so the redirect rule above still holds.
 """
 
 from __future__ import annotations
@@ -313,8 +319,12 @@ class PinnedAdapter(requests.adapters.HTTPAdapter):
 class VaultHTTPSession(requests.Session):
     """A requests Session with the pin, the redirect rule and the deadline (see the module docstring)."""
 
-    def __init__(self, tls: TlsPolicy, allowed_origins: frozenset[str], deadline: float) -> None:
+    def __init__(self, tls: TlsPolicy, allowed_origins: frozenset[str], deadline: float,
+                 failover: tuple[str, ...] = ()) -> None:
         super().__init__()
+        #: The cluster's nodes (origins) in the configured order; empty: one server, no failover.
+        self.failover = failover if len(failover) > 1 else ()
+        self._serving = failover[0] if failover else ""
         # No REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE and no ~/.netrc Authorization: only proxies are taken
         # from the environment (below), as the Vault CLI honours HTTPS_PROXY/NO_PROXY.
         self.trust_env = False
@@ -341,7 +351,43 @@ class VaultHTTPSession(requests.Session):
         return target
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
-        deadline = _Deadline(self.deadline)
+        """One request, sent to the cluster's configured nodes in turn until one serves it (see the
+        module docstring), all within one total deadline."""
+        text = url.decode() if isinstance(url, bytes) else str(url)
+        own = origin_of(text)
+        if not self.failover or own not in self.failover:
+            return self._request_once(method, text, *args, **kwargs)
+        started = time.monotonic()
+        path = text[len(own):]
+        order = sorted(self.failover, key=lambda o: o != self._serving)
+        while True:
+            answered = False
+            for i, origin in enumerate(order):
+                last = i == len(order) - 1
+                budget = self.deadline - (time.monotonic() - started)
+                try:
+                    response = self._request_once(method, origin + path, *args, budget=budget, **kwargs)
+                except requests.exceptions.ConnectionError as exc:
+                    if time.monotonic() - started > self.deadline or budget <= 0:
+                        raise
+                    failed_at = getattr(exc.request, "url", None)
+                    if failed_at and origin_of(str(failed_at)) != origin:
+                        answered = True  # it redirected us to an active node that is gone: an election
+                    if last and not answered:
+                        raise  # no node answers at all: fail now, not at the deadline
+                    continue
+                if _not_serving_yet(response) and time.monotonic() - started < self.deadline:
+                    answered = True
+                    response.close()
+                    continue
+                self._serving = origin
+                return response
+            time.sleep(0.2)  # an election is under way: give it a moment, then ask again
+
+    def _request_once(self, method: str | bytes, url: str | bytes, *args: Any, budget: float | None = None,
+                      **kwargs: Any) -> requests.Response:
+        limit = self.deadline if budget is None else max(0.001, budget)
+        deadline = _Deadline(limit)
         outer = getattr(_current, "deadline", None)
         _current.deadline = deadline
         started = time.monotonic()
@@ -354,7 +400,17 @@ class VaultHTTPSession(requests.Session):
         finally:
             deadline.close()
             _current.deadline = outer
-        if deadline.expired or time.monotonic() - started > self.deadline:
+        if deadline.expired or time.monotonic() - started > limit:
             response.close()  # what arrived may be cut short: never use it
             raise DeadlineExceeded(self.deadline)
         return response
+
+
+def _not_serving_yet(response: requests.Response) -> bool:
+    """A node that answered but cannot serve this request now: another node may (Vault's standby and
+    performance-standby states, a rate limit, a standby still catching up after joining)."""
+    if response.status_code in (429, 503):
+        return True
+    if response.status_code == 400 and b"Waiting for the primary" in (response.content or b"")[:4096]:
+        return True
+    return False
