@@ -172,8 +172,8 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
               help="Follow key rotation in Vault: restart | signal:NAME | ignore (default: the profile's "
                    "[rotation] on_rotate; unset = do not watch).")
 @click.option("--rotate-interval", metavar="DURATION", help="How often to check the secret's version (default 60s).")
-@click.option("--grace", metavar="DURATION", help="On a rotation restart: time between SIGTERM and SIGKILL "
-              "(default 10s).")
+@click.option("--grace", metavar="DURATION", help="When the bot's process group is stopped (the run ends, a "
+              "rotation restart, credbroker's death): time between SIGTERM and SIGKILL (default 10s).")
 @click.option("--restart", "restart_policy", type=click.Choice(["no", "on-failure"]), default="no",
               show_default=True, help="Restart a bot that fails by itself, with backoff, from the secret in memory.")
 @click.option("--mask", is_flag=True, help="Replace injected secret values in the bot's stdout and stderr with "
@@ -246,8 +246,13 @@ def run_cmd(
         preflight = PreflightOptions.build(mode=mode, base_url=preflight_url,
                                            unsafe_allow_withdrawals=unsafe_allow_withdrawals,
                                            unsafe_no_ip_restriction=unsafe_no_ip_restriction)
+    stop_grace = None
+    if grace:
+        from .rotation import parse_seconds
+
+        stop_grace = parse_seconds(grace, "--grace")
     status = runner.run(prof, list(command), config=config, verbose=verbose, rotation=policy,
-                        restart=restart_policy, agent=agent, preflight=preflight, mask=mask)
+                        restart=restart_policy, agent=agent, preflight=preflight, mask=mask, grace=stop_grace)
     sys.exit(status)
 
 
