@@ -208,6 +208,9 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
             f"cannot execute {argv[0]}: it or its interpreter (#! line) was not found", "check the command"
         ) from exc
     except OSError as exc:
+        if exc.errno == errno.E2BIG:
+            raise RunError(f"cannot start {argv[0]}: the command line and environment are too long for the kernel",
+                           "pass large data through a file or stdin") from exc
         if exc.errno == errno.ENOEXEC:
             raise CommandNotExecutable(f"cannot execute {argv[0]}: not a valid executable (exec format error)",
                                        "add a #! line or run it through its interpreter") from exc
@@ -388,12 +391,15 @@ def run(
     def refused(exc: BrokerError) -> None:
         try:
             rec("refused", {"profile": profile.name, "source": profile.source, "error": type(exc).__name__,
-                            "reason": exc.message, "command": list(command)})
+                            "reason": exc.message, "command": audit_fields(command)[0]})
         except BrokerError:
             pass  # the original failure is what the operator must see
 
+    from .cmdline import COMMAND_ARGS, audit_fields, check_exec_size
+
     try:
         executable = resolve_command(command[0], env.get("PATH"))
+        check_exec_size(command, env)  # a command line the kernel refuses: nothing fetched, nothing started
     except BrokerError as exc:
         refused(exc)
         raise
@@ -443,6 +449,7 @@ def run(
             if agent:
                 signing.use(creds)
             child_env = child_environment(child_parent, child_profile, creds, extra)
+            check_exec_size(command, child_env)
             stdio = output.child_stdio(creds[f] for f in profile.env.values()) if output is not None else None
             child = spawn(command, executable, child_env, stdio, pass_fds=relay.child_fds)
         finally:
@@ -459,10 +466,14 @@ def run(
             version = f" v{origin.version}" if origin.version is not None else ""
             print(f"credbroker: started pid {child.pid} with {', '.join(child_profile.env)} "
                   f"from {origin.source} {origin.path}{version}", file=sys.stderr, flush=True)
+        shown, more = audit_fields(command)
         rec("secret_injected", {
             "profile": profile.name, "version": origin.version, "variables": list(child_profile.env),
-            "command": list(command), "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
+            "command": shown, "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
         })
+        for part, chunk in enumerate(more, 1):  # a long command line, in full, over several records
+            rec(COMMAND_ARGS, {"profile": profile.name, "pid": child.pid, "part": part, "parts": len(more),
+                               "json": chunk})
         return child
 
     def exited(child: Child, status: int, reason: str) -> None:
