@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -239,10 +240,54 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     return parse_file(found)
 
 
+def check_safe_path(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse, as ssh does, a file another user could change: ConfigError naming the file and the fix.
+
+    The file and every folder above it must be owned by us or by root, and
+    writable by no one else (``chmod go-w``). A root-owned folder with the
+    sticky bit (``/tmp``) is accepted: others cannot replace our entries in it.
+    A missing file is left to the reader, which says so in its own words.
+    """
+    me = os.geteuid()
+    p = Path(os.path.abspath(Path(path).expanduser()))
+    try:
+        st = p.stat()
+    except OSError:
+        return
+    first = True
+    for current in (p, *p.parents):
+        if not first:
+            try:
+                st = current.stat()
+            except OSError as exc:
+                raise ConfigError(f"{what} {p}: cannot check {current}: {exc.strerror}",
+                                  f"check {current}") from None
+        subject = f"{what} {p}" if first else f"{what} {p}: its folder {current}"
+        first = False
+        if st.st_uid not in (me, 0):
+            raise ConfigError(f"{subject} is owned by another user (uid {st.st_uid}), who could change it",
+                              f"chown {_user_name(me)} {current}, or keep the file somewhere of your own")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            if current != p and st.st_uid == 0 and st.st_mode & stat.S_ISVTX:
+                continue  # /tmp and the like: nobody else can replace our entry in it
+            raise ConfigError(f"{subject} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}), "
+                              "who could change it", f"chmod go-w {current}")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
 def parse_file(path: Path) -> Config:
     """Parse one TOML file into a Config, or raise one clear ConfigError."""
     import tomllib
 
+    check_safe_path(path, "the config file")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -414,6 +459,7 @@ def with_config_defaults(environ: Mapping[str, str], config: Config | None) -> d
     """
     env = dict(environ)
     if config is None:
+        check_credential_files(env)
         return env
     origin = str(config.path or "<config>")
     for key, value in config.vault.items():
@@ -426,7 +472,19 @@ def with_config_defaults(environ: Mapping[str, str], config: Config | None) -> d
         if key == "addr" and "BAO_ADDR" in env:
             continue
         env.setdefault(var, str(value))
+    check_credential_files(env)
     return env
+
+
+#: Variables naming files that hold the broker's own Vault credentials.
+CREDENTIAL_FILE_VARS = {"CREDBROKER_ROLE_ID_FILE": "the role_id_file", "CREDBROKER_SECRET_ID_FILE": "the secret_id_file"}
+
+
+def check_credential_files(env: Mapping[str, str]) -> None:
+    """The AppRole files the settings name must be safe from other users (``check_safe_path``)."""
+    for var, what in CREDENTIAL_FILE_VARS.items():
+        if env.get(var):
+            check_safe_path(env[var], what)
 
 
 def parse_env_mapping(items: tuple[str, ...] | list[str]) -> dict[str, str]:
