@@ -189,6 +189,14 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
               help="UNSAFE: start even though the key can withdraw funds (warned at every start).")
 @click.option("--unsafe-no-ip-restriction", is_flag=True,
               help="UNSAFE: start even though the key is not restricted to trusted IPs (warned at every start).")
+@click.option("--user", "as_user", metavar="NAME", help="Run the bot as this user (credbroker must be root or "
+              "hold CAP_SETUID); with --agent the socket admits that user only.")
+@click.option("--group", "as_group", metavar="NAME", help="With --user: the bot's group (default: the user's own).")
+@click.option("--sandbox", is_flag=True, help="Run the bot under bubblewrap (bwrap) with credbroker's credential "
+              "files (~/.vault-token, AppRole id files, audit key file) hidden from it.")
+@click.option("--unsafe-shared-credentials", is_flag=True,
+              help="UNSAFE: with --agent, start even though the bot could read credbroker's own Vault credential "
+                   "(warned at every start).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def run_cmd(
@@ -210,6 +218,10 @@ def run_cmd(
     preflight_url: str | None,
     unsafe_allow_withdrawals: bool,
     unsafe_no_ip_restriction: bool,
+    as_user: str | None,
+    as_group: str | None,
+    sandbox: bool,
+    unsafe_shared_credentials: bool,
     command: tuple[str, ...],
 ) -> None:
     from . import runner
@@ -252,7 +264,9 @@ def run_cmd(
 
         stop_grace = parse_seconds(grace, "--grace")
     status = runner.run(prof, list(command), config=config, verbose=verbose, rotation=policy,
-                        restart=restart_policy, agent=agent, preflight=preflight, mask=mask, grace=stop_grace)
+                        restart=restart_policy, agent=agent, preflight=preflight, mask=mask, grace=stop_grace,
+                        user=as_user, group=as_group, sandbox=sandbox,
+                        unsafe_shared_credentials=unsafe_shared_credentials)
     sys.exit(status)
 
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .config import BROKER_CREDENTIAL_VARS, Profile
+from .config import BROKER_CREDENTIAL_VARS, ENV_CONFIG, Profile
 from .errors import BrokerError, CommandNotExecutable, CommandNotFound, NestedRunError, RunError
 from .secret import Credentials
 
@@ -292,6 +292,31 @@ def stop_gracefully(child: Child, grace: float) -> int:
     return exit_status(child.proc.wait())
 
 
+def launch(command: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdio: Any,
+           fds: Sequence[int], as_user: Any, box: Any) -> Child:
+    """``spawn`` the bot, as another user (``as_user``) and/or in a sandbox (``box``) when asked."""
+    from .cmdline import check_exec_size
+
+    if box is None:
+        check_exec_size(command, env)
+        return spawn(command, executable, env, stdio, pass_fds=fds, as_user=as_user)
+    from .separation import read_bot_pid
+
+    info_r, info_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        argv = box.argv(executable, command, info_w)
+        check_exec_size(argv, env)
+        child = spawn(argv, box.bwrap, env, stdio, pass_fds=(*fds, info_w), as_user=as_user)
+    except BaseException:
+        os.close(info_r)
+        raise
+    finally:
+        os.close(info_w)
+    child.argv = list(command)
+    child.bot_pid = read_bot_pid(info_r)  # bwrap passes no signal on: they go to the bot itself
+    return child
+
+
 def _stop(child: Child, grace: float, watchdog: Any) -> int:
     """Stop the bot's whole group (a no-op once it is empty), then stop guarding it; its exit status."""
     status = stop_gracefully(child, grace)
@@ -332,6 +357,10 @@ def run(
     preflight: Any = None,
     mask: bool = False,
     grace: float | None = None,
+    user: str | None = None,
+    group: str | None = None,
+    sandbox: bool = False,
+    unsafe_shared_credentials: bool = False,
 ) -> int:
     """Fetch the profile's secrets, run ``command`` with them, return its exit status.
 
@@ -347,6 +376,10 @@ def run(
     stderr with a marker (``broker.masking``; a pty when stdout is a terminal).
     ``grace``: when the bot's process group is stopped (the run ends, a
     restart, the broker's death), seconds between SIGTERM and SIGKILL.
+    ``user``/``group`` run the bot as another user, ``sandbox`` under
+    bubblewrap; with ``agent`` one of them must keep the broker's own
+    credentials from the bot, unless ``unsafe_shared_credentials``
+    (``broker.separation``).
     """
     from . import sources
     from .config import with_config_defaults
@@ -400,6 +433,8 @@ def run(
     try:
         executable = resolve_command(command[0], env.get("PATH"))
         check_exec_size(command, env)  # a command line the kernel refuses: nothing fetched, nothing started
+        as_user, box = _separate(profile, config, source_env, agent=agent, user=user, group=group,
+                                 sandbox=sandbox, unsafe=unsafe_shared_credentials)
     except BrokerError as exc:
         refused(exc)
         raise
@@ -421,7 +456,9 @@ def run(
     # to the same log) and, for a profile with a [signer] table, the signer
     # settings (and for transit a narrowly scoped token; never ours).
     extra: dict[str, str] = {}
-    if getattr(config, "path", None):
+    if getattr(config, "path", None) and not agent:
+        # Not in agent mode: the config names the broker's credential files, and the
+        # bot signs through the agent, whose relay records for it.
         extra["CREDBROKER_CONFIG"] = str(os.path.abspath(config.path))
     if "signer" in profile.sections and not agent:
         from .signing import child_env as signer_env
@@ -437,6 +474,10 @@ def run(
     keep = agent or restart != "no" or (rotation is not None and rotation.action == "restart")
     # In agent mode the child sees the API key variable only; the secret stays here.
     child_parent, child_profile = signing.child_view(env, profile) if agent else (env, profile)
+    if agent:
+        child_parent = {k: v for k, v in child_parent.items() if k != ENV_CONFIG}
+    if as_user is not None:
+        child_parent = {**child_parent, **as_user.environment()}
 
     output = None
     if mask:
@@ -449,9 +490,8 @@ def run(
             if agent:
                 signing.use(creds)
             child_env = child_environment(child_parent, child_profile, creds, extra)
-            check_exec_size(command, child_env)
             stdio = output.child_stdio(creds[f] for f in profile.env.values()) if output is not None else None
-            child = spawn(command, executable, child_env, stdio, pass_fds=relay.child_fds)
+            child = launch(command, executable, child_env, stdio, relay.child_fds, as_user, box)
         finally:
             child_env = {}  # drop our bytes copies of the secrets
             if not keep:
@@ -470,6 +510,7 @@ def run(
         rec("secret_injected", {
             "profile": profile.name, "version": origin.version, "variables": list(child_profile.env),
             "command": shown, "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
+            **({"as_user": as_user.name} if as_user is not None else {}), **({"sandbox": "bwrap"} if box else {}),
         })
         for part, chunk in enumerate(more, 1):  # a long command line, in full, over several records
             rec(COMMAND_ARGS, {"profile": profile.name, "pid": child.pid, "part": part, "parts": len(more),
@@ -546,7 +587,7 @@ def run(
         watchdog = Watchdog(grace)
         if agent:
             # With the signals blocked: the agent's thread inherits the mask and never receives them.
-            extra.update(signing.start_agent(audit_log, rec))
+            extra.update(signing.start_agent(audit_log, rec, peer_uid=as_user.uid if as_user else None))
         child = start(creds, watchdog)
         if worker is not None:
             worker.start()  # inherits the blocked signals: every signal stays with this thread
@@ -600,6 +641,24 @@ def run(
             from .signing import release_child_env
 
             release_child_env(extra, env=source_env)
+
+
+def _separate(profile: Profile, config: Any, env: Mapping[str, str], *, agent: bool, user: str | None,
+              group: str | None, sandbox: bool, unsafe: bool) -> tuple[Any, Any]:
+    """(the bot's UserSwitch, its Sandbox): what keeps the broker's credentials from it; refuses when nothing does."""
+    if not (agent or user or group or sandbox):
+        return None, None
+    from .separation import Sandbox, broker_credentials, bwrap_binary, check_separation, resolve_user
+
+    as_user = resolve_user(user, group)
+    audit = getattr(config, "audit", None)
+    key_spec = audit.get("key") if isinstance(audit, Mapping) else None
+    at_rest = broker_credentials(env, profile.source, key_spec if isinstance(key_spec, str) else None)
+    box = Sandbox(bwrap_binary(), tuple(c.path for c in at_rest if c.path is not None)) if sandbox else None
+    warning = check_separation(at_rest, user=as_user, sandbox=sandbox, agent=agent, unsafe=unsafe)
+    if warning:
+        say(warning)
+    return as_user, box
 
 
 def say(message: str) -> None:
