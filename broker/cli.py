@@ -113,8 +113,10 @@ Behaviour:
     child (a terminal's Ctrl-C reaches the child directly, once). credbroker
     exits with the child's status: 128+N if signal N ended it, 126 if COMMAND
     is not executable, 127 if it is not found.
-  - If credbroker itself is killed (even with SIGKILL), the kernel sends the
-    child SIGTERM (PR_SET_PDEATHSIG): a bot never runs on unsupervised.
+  - The bot runs in a process group of its own. When the run ends, and when
+    credbroker itself dies (even by SIGKILL: a watchdog process acts), every
+    process of that group gets SIGTERM, then SIGKILL after --grace: a bot
+    never runs on unsupervised, not even behind `sh -c`.
   - Rotation (--on-rotate): every --rotate-interval the secret's KV version
     is checked. restart: the new version is fetched first, then the bot gets
     SIGTERM, --grace to exit, SIGKILL, and starts again with the new values;
@@ -132,6 +134,10 @@ Behaviour:
     and notional caps, recvWindow ceiling, denied endpoints and parameters;
     withdrawals denied by default) is checked first; every signature and
     every refusal is an audit record, fsynced before the bot gets its answer.
+    When the bot could read credbroker's own Vault token, AppRole files,
+    audit key file or keyring, --agent refuses to start unless --user NAME
+    (credbroker as root) or --sandbox (bubblewrap) separates them, or
+    --unsafe-shared-credentials accepts it (warned at every start).
   - Key preflight (on by default with --agent when the exchange is
     reachable; --preflight requires it, --no-preflight skips it): Binance's
     GET /sapi/v1/account/apiRestrictions must show enableWithdrawals false
