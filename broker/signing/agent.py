@@ -92,7 +92,7 @@ class AgentSigner(Signer):
             raise SigningError("this signer has been closed", "get a new one with get_signer()")
         from ..unixsock import peer_credentials, private_dir
 
-        if not (private_dir(self.socket_path.parent, create=False) or _root_owned(self.socket_path.parent)):
+        if not (private_dir(self.socket_path.parent, create=False) or _served_by_root(self.socket_path)):
             raise SigningError(f"the signing agent's folder {self.socket_path.parent} is missing or not private",
                                "start the bot with `credbroker run --agent`; the agent ends with the broker")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -192,12 +192,16 @@ def from_environment(environ: Mapping[str, str], *, recv_window: int | None = No
     return AgentSigner(api_key, path, **kwargs)
 
 
-def _root_owned(folder: Path) -> bool:
-    """A folder of a root broker's (``--user``): owned by root, writable by nobody else."""
-    try:
-        st = folder.lstat()
-    except OSError:
-        return False
+def _served_by_root(socket_path: Path) -> bool:
+    """A root broker's socket for a bot started with ``--user``: a root folder only root can change
+    (0711), holding a socket that is ours alone (0600)."""
+    if os.getuid() == 0:
+        return False  # root's own bot: the ordinary private folder, nothing else
     import stat
 
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+    try:
+        folder, sock = socket_path.parent.lstat(), socket_path.lstat()
+    except OSError:
+        return False
+    return (stat.S_ISDIR(folder.st_mode) and folder.st_uid == 0 and not folder.st_mode & 0o022
+            and stat.S_ISSOCK(sock.st_mode) and sock.st_uid == os.getuid() and stat.S_IMODE(sock.st_mode) == 0o600)
