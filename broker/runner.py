@@ -421,14 +421,14 @@ def run(
         # The bot holds the secret without --agent: nothing can enforce the policy. Say so every time.
         say(f"WARNING: {profile.where('policy')} is enforced only with --agent; this bot holds the secret")
 
+    from .cmdline import COMMAND_ARGS, audit_fields, check_exec_size
+
     def refused(exc: BrokerError) -> None:
         try:
             rec("refused", {"profile": profile.name, "source": profile.source, "error": type(exc).__name__,
                             "reason": exc.message, "command": audit_fields(command)[0]})
         except BrokerError:
             pass  # the original failure is what the operator must see
-
-    from .cmdline import COMMAND_ARGS, audit_fields, check_exec_size
 
     try:
         executable = resolve_command(command[0], env.get("PATH"))

@@ -120,10 +120,9 @@ class Watchdog:
             self._write_fd = -1
         proc, self._proc = self._proc, None
         if proc is not None:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass  # it is still stopping a group that ignores SIGTERM; it exits by itself after the grace
+            # Not waited for: it exits by itself (at once when every group was released,
+            # after the grace otherwise), and a short run should not wait for its start-up.
+            proc.poll()
 
 
 def group_alive(pgid: int) -> bool:

@@ -115,3 +115,43 @@ def test_signals_still_reach_the_bot_and_statuses_pass_through(env: dict[str, st
     res = subprocess.run([credbroker_bin(), "run", "--vault-path", PATH, "--env", "S=api_secret", "--",
                           "sh", "-c", "kill -TERM $$"], env=env, capture_output=True, timeout=60)
     assert res.returncode == 128 + signal.SIGTERM
+
+
+def state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return stat[stat.rindex(b")") + 2:][:1].decode()
+
+
+def wait_state(pid: int, states: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state(pid) in states:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} stayed in state {state(pid)}, expected one of {states}")
+
+
+def test_job_control_stops_and_continues_the_bot_with_the_broker(env: dict[str, str], tmp_path: Path) -> None:
+    """SIGTSTP (Ctrl-Z's signal) stops the bot's group and the broker; SIGCONT (`fg`) continues both."""
+    pids_file = tmp_path / "pids"
+    proc = subprocess.Popen([credbroker_bin(), "run", "--vault-path", PATH, "--env", "S=api_secret", "--grace", "1s",
+                             "--", "sh", "-c", 'sleep 300 & echo "$$ $!" > "$1"; wait', "sh", str(pids_file)],
+                            env=env, stderr=subprocess.PIPE)
+    pids = wait_pids(pids_file)
+    try:
+        proc.send_signal(signal.SIGTSTP)
+        for pid in (*pids, proc.pid):
+            wait_state(pid, "T")
+        proc.send_signal(signal.SIGCONT)
+        for pid in (*pids, proc.pid):
+            wait_state(pid, "SR")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not any(running(p) for p in pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in pids:
+            if running(p):
+                os.kill(p, signal.SIGKILL)

@@ -251,3 +251,20 @@ def test_keyring_is_not_hidden_by_a_sandbox() -> None:
         check_separation([keyring], user=None, sandbox=True, agent=True, unsafe=False)
     assert "--user" in str(err.value)
     assert check_separation([keyring], user=None, sandbox=True, agent=False, unsafe=False) is None
+
+
+def test_sandbox_hides_the_approle_files(openbao: OpenBao, setup: tuple[dict[str, str], Path], bwrap: str) -> None:
+    env, tmp = setup
+    ids = tmp / "ids"
+    ids.mkdir(mode=0o700)
+    for name in ("role-id", "secret-id"):
+        (ids / name).write_text(f"{name}-value\n")
+        (ids / name).chmod(0o600)
+    Path(env["CREDBROKER_CONFIG"]).write_text(CONFIG.format(
+        kv=KV, vault=f'role_id_file = "{ids / "role-id"}"\nsecret_id_file = "{ids / "secret-id"}"'))
+    out = tmp / "seen"
+    res = run({**env, "VAULT_TOKEN": openbao.token}, "--sandbox", "--", "sh", "-c",
+              'cat "$2/role-id" "$2/secret-id" > "$1"; ls "$2" >> "$1"', "sh", str(out), str(ids))
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert "value" not in text and "secret-id" in text, text  # there, but empty
