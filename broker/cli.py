@@ -115,8 +115,9 @@ Behaviour:
     is not executable, 127 if it is not found.
   - The bot runs in a process group of its own. When the run ends, and when
     credbroker itself dies (even by SIGKILL: a watchdog process acts), every
-    process of that group gets SIGTERM, then SIGKILL after --grace: a bot
-    never runs on unsupervised, not even behind `sh -c`.
+    process of that group gets SIGTERM, then SIGKILL after --grace (and the
+    kernel sends the bot itself SIGTERM: PR_SET_PDEATHSIG): a bot never runs
+    on unsupervised, not even behind `sh -c`.
   - Rotation (--on-rotate): every --rotate-interval the secret's KV version
     is checked. restart: the new version is fetched first, then the bot gets
     SIGTERM, --grace to exit, SIGKILL, and starts again with the new values;
