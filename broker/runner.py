@@ -162,20 +162,34 @@ class Child:
 
 
 def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdio: Any = None,
-          pass_fds: Sequence[int] = (), as_user: Any = None) -> Child:
+          pass_fds: Sequence[int] = (), as_user: Any = None, cgroup: str | None = None) -> Child:
     """Start the child in a process group of its own, forwarded signals unblocked, a parent-death signal.
 
     ``stdio`` (a ``broker.masking.ChildStdio``, for ``--mask``) gives the
     child a pty or pipes whose output the broker masks. ``pass_fds`` are
     inherited (the audit relay); every other descriptor is closed.
     ``as_user`` (a ``broker.separation.UserSwitch``) runs it as another user.
+    ``cgroup`` (a cgroup v2 folder) receives the child before it executes.
     """
     parent = os.getpid()
     from .hardening import die_with_parent
 
+    procs = os.path.join(cgroup, "cgroup.procs") if cgroup else None
+
     def setup() -> None:  # runs in the child between fork and exec
         signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED_SIGNALS)
-        die_with_parent(parent, signal.SIGTERM)
+        if procs is not None:  # first, while we may still move ourselves; before exec, so no fork escapes it
+            try:
+                fd = os.open(procs, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # the process group still holds the tree
+        if as_user is not None:
+            as_user.switch()
+        die_with_parent(parent, signal.SIGTERM)  # after the switch, which would clear it
         if stdio is not None:
             stdio.in_child()
 
@@ -184,8 +198,6 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
         # Its own group, so that its whole tree can be stopped (and the watchdog
         # can do it after our death); a pty session leads one anyway.
         options["process_group"] = 0
-    if as_user is not None:
-        options.update(as_user.popen_args())
     try:
         proc = subprocess.Popen(  # noqa: S603 - the user's own command, no shell
             list(argv),
@@ -195,9 +207,10 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
             pass_fds=tuple(pass_fds),
             # PDEATHSIG and the signal mask can only be set in the child. The broker
             # may have threads by now (audit relay, agent, masking), so `setup` is
-            # kept to C-level calls (pthread_sigmask, prctl through an already
-            # loaded libc, getppid, ioctl): no import, no Python lock that another
-            # thread could hold across the fork.
+            # kept to C-level calls (pthread_sigmask, open/write/close, setgroups/
+            # setresgid/setresuid, prctl through an already loaded libc, getppid,
+            # ioctl): no import, no Python lock that another thread could hold
+            # across the fork.
             preexec_fn=setup,  # noqa: PLW1509
             **options,
         )
@@ -293,20 +306,20 @@ def stop_gracefully(child: Child, grace: float) -> int:
 
 
 def launch(command: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdio: Any,
-           fds: Sequence[int], as_user: Any, box: Any) -> Child:
+           fds: Sequence[int], as_user: Any, box: Any, cgroup: str | None = None) -> Child:
     """``spawn`` the bot, as another user (``as_user``) and/or in a sandbox (``box``) when asked."""
     from .cmdline import check_exec_size
 
     if box is None:
         check_exec_size(command, env)
-        return spawn(command, executable, env, stdio, pass_fds=fds, as_user=as_user)
+        return spawn(command, executable, env, stdio, pass_fds=fds, as_user=as_user, cgroup=cgroup)
     from .separation import read_bot_pid
 
     info_r, info_w = os.pipe2(os.O_CLOEXEC)
     try:
         argv = box.argv(executable, command, info_w)
         check_exec_size(argv, env)
-        child = spawn(argv, box.bwrap, env, stdio, pass_fds=(*fds, info_w), as_user=as_user)
+        child = spawn(argv, box.bwrap, env, stdio, pass_fds=(*fds, info_w), as_user=as_user, cgroup=cgroup)
     except BaseException:
         os.close(info_r)
         raise
@@ -317,10 +330,14 @@ def launch(command: Sequence[str], executable: str, env: Mapping[bytes, bytes], 
     return child
 
 
-def _stop(child: Child, grace: float, watchdog: Any) -> int:
-    """Stop the bot's whole group (a no-op once it is empty), then stop guarding it; its exit status."""
+def _stop(child: Child, grace: float, watchdog: Any, cgroup: str | None) -> int:
+    """Stop the bot's whole group and what is left in its cgroup (no-ops once empty); its exit status."""
     status = stop_gracefully(child, grace)
     watchdog.release(child.pgid)
+    if cgroup is not None:
+        from .watchdog import stop_cgroup
+
+        stop_cgroup(cgroup, grace)
     return status
 
 
@@ -491,7 +508,7 @@ def run(
                 signing.use(creds)
             child_env = child_environment(child_parent, child_profile, creds, extra)
             stdio = output.child_stdio(creds[f] for f in profile.env.values()) if output is not None else None
-            child = launch(command, executable, child_env, stdio, relay.child_fds, as_user, box)
+            child = launch(command, executable, child_env, stdio, relay.child_fds, as_user, box, cgroup)
         finally:
             child_env = {}  # drop our bytes copies of the secrets
             if not keep:
@@ -576,15 +593,19 @@ def run(
     # Started with the signals blocked, so its thread never receives them: the
     # child's signature failures reach our (possibly keyed) log through it.
     from .relay import AuditRelay
-    from .watchdog import Watchdog
+    from .watchdog import Watchdog, make_cgroup
 
     relay = AuditRelay(rec)
     extra.update(relay.child_env())
     watchdog: Watchdog | None = None
+    cgroup: str | None = None
     child: Child | None = None
     try:
         # Before the first bot: from here on the broker's death stops the bot's whole group.
         watchdog = Watchdog(grace)
+        cgroup = make_cgroup()  # where one can be made: also catches processes that leave the group
+        if cgroup is not None:
+            watchdog.guard_cgroup(cgroup)
         if agent:
             # With the signals blocked: the agent's thread inherits the mask and never receives them.
             extra.update(signing.start_agent(audit_log, rec, peer_uid=as_user.uid if as_user else None))
@@ -596,14 +617,14 @@ def run(
             status = supervise(child, on_wake=on_wake if worker is not None else None)
             if status is None:  # a rotation asked for a restart, with the new secret in hand
                 assert rotation is not None and watcher is not None
-                exited(child, _stop(child, rotation.grace, watchdog), "rotation")
+                exited(child, _stop(child, rotation.grace, watchdog, cgroup), "rotation")
                 creds.wipe()
                 creds = pending.pop()
                 watcher.version = creds.origin.version
                 child = start(creds, watchdog)
                 worker.done()
                 continue
-            _stop(child, grace, watchdog)  # what the bot left behind in its group
+            _stop(child, grace, watchdog, cgroup)  # what the bot left behind in its group
             if restart == "on-failure" and status != 0 and not child.stopping:
                 exited(child, status, "failed")
                 if time.monotonic() - child.started >= _HEALTHY_AFTER:
@@ -623,7 +644,11 @@ def run(
         if worker is not None and not worker.close() and watcher is not None:
             watcher = None  # a check still stuck on Vault owns the client; the process exit ends it
         if child is not None and watchdog is not None:
-            _stop(child, grace, watchdog)  # any exit path: nothing of the bot's tree outlives the run
+            _stop(child, grace, watchdog, cgroup)  # any exit path: nothing of the bot's tree outlives the run
+        if cgroup is not None:
+            from .watchdog import remove_cgroup
+
+            remove_cgroup(cgroup)
         if watchdog is not None:
             watchdog.close()
         relay.close()  # the child's last reports are recorded before we return

@@ -49,8 +49,14 @@ class UserSwitch(NamedTuple):
     home: str
 
     def popen_args(self) -> dict[str, Any]:
-        """For ``subprocess.Popen``: set between fork and exec, before the parent-death signal."""
+        """For ``subprocess.Popen`` of a helper that runs as this user."""
         return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+
+    def switch(self) -> None:
+        """In the child between fork and exec: become that user (groups first, then gid, then uid)."""
+        os.setgroups([self.gid, *self.groups])
+        os.setresgid(self.gid, self.gid, self.gid)
+        os.setresuid(self.uid, self.uid, self.uid)
 
     def environment(self) -> dict[str, str]:
         """What a login as that user would set (as ``runuser``/``sudo -u`` do)."""

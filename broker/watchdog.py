@@ -12,8 +12,11 @@ every group still named, waits up to the grace period, then sends SIGKILL.
 On its normal exit paths the broker stops the group itself first
 (``stop_group``), then tells the watchdog the group is gone.
 
-A process that leaves the bot's process group (``setsid``, ``setpgid``) is
-outside this net; the README's Limits say so.
+Where credbroker may make a cgroup (v2; as root, or in a subtree delegated
+to its user), the bot is also moved into a fresh one before it executes, and
+everything in it is stopped the same way: a process that left the bot's
+process group (``setsid``, a double-forking daemon) is caught there too.
+Without a cgroup such a process is outside this net; the README says so.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ for s in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP, signal.S
     signal.signal(s, signal.SIG_IGN)
 grace = float(sys.argv[1])
 groups = set()
+cgroup = None
 buf = b""
 while True:
     try:
@@ -43,7 +47,9 @@ while True:
     buf += chunk
     *lines, buf = buf.split(b"\n")
     for line in lines:
-        if line.startswith(b"-"):
+        if line.startswith(b"cg "):
+            cgroup = line[3:].decode()
+        elif line.startswith(b"-"):
             groups.discard(int(line[1:]))
         elif line:
             groups.add(int(line))
@@ -63,16 +69,45 @@ def send(g, sig):
     except (ProcessLookupError, PermissionError):
         pass
 
+def members():
+    try:
+        with open(cgroup + "/cgroup.procs") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError, TypeError):
+        return []
+
+def send_pid(p, sig):
+    try:
+        os.kill(p, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
 live = [g for g in groups if alive(g)]
 for g in live:
     send(g, signal.SIGTERM)
     send(g, signal.SIGCONT)
+for p in members():
+    send_pid(p, signal.SIGTERM)
+    send_pid(p, signal.SIGCONT)
 deadline = time.monotonic() + grace
-while live and time.monotonic() < deadline:
+while (live or members()) and time.monotonic() < deadline:
     time.sleep(0.05)
     live = [g for g in live if alive(g)]
 for g in live:
     send(g, signal.SIGKILL)
+if cgroup is not None:
+    try:
+        with open(cgroup + "/cgroup.kill", "w") as f:
+            f.write("1")
+    except OSError:
+        for p in members():
+            send_pid(p, signal.SIGKILL)
+    for _ in range(100):
+        try:
+            os.rmdir(cgroup)
+            break
+        except OSError:
+            time.sleep(0.05)
 """
 
 DEFAULT_GRACE = 10.0
@@ -104,6 +139,10 @@ class Watchdog:
             os.write(self._write_fd, line.encode() + b"\n")
         except OSError:
             pass  # the watchdog is gone; the broker's own stop still runs
+
+    def guard_cgroup(self, path: str) -> None:
+        """From now on, the broker's death also stops every process in cgroup ``path`` and removes it."""
+        self._say(f"cg {path}")
 
     def guard(self, pgid: int) -> None:
         """From now on, the broker's death stops process group ``pgid``."""
@@ -166,3 +205,73 @@ def stop_group(pgid: int, grace: float, reap: object = None) -> None:
                 reap()
             return
         time.sleep(0.02)
+
+
+def make_cgroup() -> str | None:
+    """A fresh cgroup v2 under our own, or None where this process may not make one (best effort)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mount = next((line.split()[4] for line in f if " - cgroup2 " in line), None)
+        with open("/proc/self/cgroup") as f:
+            ours = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+    except OSError:
+        return None
+    if mount is None or ours is None:
+        return None
+    path = os.path.join(mount, ours.lstrip("/"), f"credbroker-{os.getpid()}")
+    try:
+        os.mkdir(path)
+    except OSError:
+        return None
+    if not os.access(os.path.join(path, "cgroup.procs"), os.W_OK):
+        remove_cgroup(path)
+        return None
+    return path
+
+
+def cgroup_members(path: str) -> list[int]:
+    """The pids in cgroup ``path`` (empty if it is gone)."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def stop_cgroup(path: str, grace: float) -> None:
+    """SIGTERM to every process left in the cgroup, up to ``grace`` seconds, then SIGKILL (``cgroup.kill``)."""
+    left = cgroup_members(path)
+    if not left:
+        return
+    for pid in left:
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.monotonic() + grace
+    while cgroup_members(path):
+        if time.monotonic() >= deadline:
+            try:
+                with open(os.path.join(path, "cgroup.kill"), "w") as f:
+                    f.write("1")
+            except OSError:  # before Linux 5.14: one by one
+                for pid in cgroup_members(path):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            return
+        time.sleep(0.02)
+
+
+def remove_cgroup(path: str) -> None:
+    """Remove an empty cgroup (its last processes may take a moment to leave after SIGKILL)."""
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)

@@ -155,3 +155,43 @@ def test_job_control_stops_and_continues_the_bot_with_the_broker(env: dict[str, 
         for p in pids:
             if running(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def cgroup_possible() -> bool:
+    from broker.watchdog import make_cgroup, remove_cgroup
+
+    path = make_cgroup()
+    if path is None:
+        return False
+    remove_cgroup(path)
+    return True
+
+
+@pytest.mark.parametrize("kill_broker", [True, False])
+def test_a_process_that_left_the_group_is_stopped_through_the_cgroup(env: dict[str, str], tmp_path: Path,
+                                                                     kill_broker: bool) -> None:
+    """Where a cgroup can be made (root, or a delegated subtree): `setsid` does not escape."""
+    if not cgroup_possible():
+        pytest.skip("this process may not make a cgroup v2 here (needs root or a delegated subtree)")
+    pids_file = tmp_path / "pids"
+    proc = subprocess.Popen([credbroker_bin(), "run", "--vault-path", PATH, "--env", "S=api_secret", "--grace", "1s",
+                             "--", "sh", "-c", 'setsid sh -c \'trap "" TERM; echo $$ > "$1"; exec sleep 300\' sh "$1.x" & '
+                             'while [ ! -s "$1.x" ]; do sleep 0.02; done; cat "$1.x" > "$1.y"; mv "$1.y" "$1"; '
+                             'echo >> "$1"; sleep 300', "sh", str(pids_file)], env=env, stderr=subprocess.PIPE)
+    pids = wait_pids(pids_file)
+    try:
+        assert all(running(p) for p in pids)
+        if kill_broker:
+            proc.kill()
+            proc.wait()
+        else:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        wait_gone(pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in pids:
+            if running(p):
+                os.kill(p, signal.SIGKILL)
