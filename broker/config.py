@@ -477,12 +477,27 @@ def with_config_defaults(environ: Mapping[str, str], config: Config | None) -> d
 
 
 #: Variables naming files that hold the broker's own Vault credentials.
-CREDENTIAL_FILE_VARS = {"CREDBROKER_ROLE_ID_FILE": "the role_id_file", "CREDBROKER_SECRET_ID_FILE": "the secret_id_file"}
+CREDENTIAL_FILE_VARS = {
+    "CREDBROKER_ROLE_ID_FILE": "the role_id_file",
+    "CREDBROKER_SECRET_ID_FILE": "the secret_id_file",
+    "VAULT_CLIENT_KEY": "the TLS client key (VAULT_CLIENT_KEY)",
+    "BAO_CLIENT_KEY": "the TLS client key (BAO_CLIENT_KEY)",
+}
+#: Files that decide whom the broker trusts and shows itself as: another user who could
+#: change them could put themselves between the broker and Vault.
+TRUST_FILE_VARS = {
+    "VAULT_CACERT": "the Vault CA certificate (VAULT_CACERT)",
+    "BAO_CACERT": "the Vault CA certificate (BAO_CACERT)",
+    "VAULT_CAPATH": "the Vault CA folder (VAULT_CAPATH)",
+    "BAO_CAPATH": "the Vault CA folder (BAO_CAPATH)",
+    "VAULT_CLIENT_CERT": "the TLS client certificate (VAULT_CLIENT_CERT)",
+    "BAO_CLIENT_CERT": "the TLS client certificate (BAO_CLIENT_CERT)",
+}
 
 
 def check_credential_files(env: Mapping[str, str]) -> None:
-    """The AppRole files the settings name must be safe from other users (``check_safe_path``)."""
-    for var, what in CREDENTIAL_FILE_VARS.items():
+    """The credential and trust files the settings name must be safe from other users (``check_safe_path``)."""
+    for var, what in (*CREDENTIAL_FILE_VARS.items(), *TRUST_FILE_VARS.items()):
         if env.get(var):
             check_safe_path(env[var], what)
 

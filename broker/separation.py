@@ -126,7 +126,8 @@ def broker_credentials(env: Mapping[str, str], profile_source: str, audit_key_sp
     if token.is_file():
         found.append(Credential("the Vault token file", token))
     for var, what in (("CREDBROKER_ROLE_ID_FILE", "the AppRole role_id_file"),
-                      ("CREDBROKER_SECRET_ID_FILE", "the AppRole secret_id_file")):
+                      ("CREDBROKER_SECRET_ID_FILE", "the AppRole secret_id_file"),
+                      ("VAULT_CLIENT_KEY", "the TLS client key"), ("BAO_CLIENT_KEY", "the TLS client key")):
         if env.get(var):
             path = Path(os.path.abspath(Path(env[var]).expanduser()))
             if path.is_file():

@@ -160,3 +160,13 @@ def test_audit_key_file_must_be_private(home: tuple[dict[str, str], Path]) -> No
     if os.geteuid() == 0:
         os.chown(key, other_uid(), -1)
         refused(run(env, cfg), str(key), "owned by another user")
+
+
+@pytest.mark.parametrize("var", ["VAULT_CACERT", "VAULT_CLIENT_KEY"])
+def test_tls_files_others_can_write_are_refused(home: tuple[dict[str, str], Path], var: str) -> None:
+    """Whoever can change the CA (or the client key) can stand between the broker and Vault."""
+    env, folder = home
+    pem = folder / "file.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    pem.chmod(0o666)
+    refused(run({**env, var: str(pem)}, write(folder)), str(pem), "writable by other users", f"chmod go-w {pem}")
