@@ -321,10 +321,11 @@ class StallingProxy:
     gave up on such a connection.
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, drip: bool = False) -> None:
         import socket
         import threading
 
+        self.drip = drip  # answer a byte at a time, forever, instead of staying silent
         self.upstream = ("127.0.0.1", upstream_port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -346,6 +347,7 @@ class StallingProxy:
     def _pipe(self, client: "socket.socket") -> None:  # noqa: F821
         import select
         import socket
+        import threading
 
         upstream = socket.create_connection(self.upstream)
         stalled_here = False
@@ -359,10 +361,12 @@ class StallingProxy:
                             self.closed.set()
                         return
                     if self.stall.is_set():
-                        if sock is client:
+                        if sock is client and not stalled_here:
                             stalled_here = True
                             self.stalled.set()
-                        continue  # swallow: the request is never answered
+                            if self.drip:
+                                threading.Thread(target=self._drip, args=(client,), daemon=True).start()
+                        continue  # swallow: the request is never answered (or only dripped at)
                     (upstream if sock is client else client).sendall(data)
         except OSError:
             if stalled_here:
@@ -371,13 +375,25 @@ class StallingProxy:
             client.close()
             upstream.close()
 
+    def _drip(self, client: "socket.socket") -> None:  # noqa: F821
+        import time as _time
+
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+        try:
+            for i in range(100_000):
+                client.send(head[i:i + 1] if i < len(head) else b" ")
+                _time.sleep(0.5)
+        except OSError:
+            return
+
     def close(self) -> None:
         self.listener.close()
 
 
-def test_signals_reach_the_bot_while_a_rotation_check_hangs(openbao: OpenBao, tmp_path: Path) -> None:
+@pytest.mark.parametrize("drip", [False, True], ids=["silent", "dripping"])
+def test_signals_reach_the_bot_while_a_rotation_check_hangs(openbao: OpenBao, tmp_path: Path, drip: bool) -> None:
     openbao.kv_put("credbroker/rot-hang", api_secret="h1")
-    proxy = StallingProxy(openbao.port)
+    proxy = StallingProxy(openbao.port, drip=drip)
     env = {**openbao.env(), "VAULT_ADDR": f"http://127.0.0.1:{proxy.port}", "CREDBROKER_VAULT_TIMEOUT": "120",
            "CREDBROKER_AUDIT_LOG": str(tmp_path / "audit.log"), "HOME": str(tmp_path)}
     bot = tmp_path / "bot.py"
