@@ -238,8 +238,11 @@ class Agent:
         policy: SigningPolicy,
         audit: AuditSink,
         runtime_dir: str | os.PathLike[str] | None = None,
+        peer_uid: int | None = None,
     ) -> None:
         self._signer = signer
+        #: the uid the bot runs as (``--user``); ours by default
+        self.peer_uid = os.getuid() if peer_uid is None else peer_uid
         self.profile = profile
         self.policy = policy
         self._audit = audit
@@ -284,6 +287,16 @@ class Agent:
 
         if not private_dir(folder, create=False):  # the same check the fetch daemon's clients make
             raise RunError(f"{folder} is not private to this user", "check the permissions of its parent folder")
+        if self.peer_uid != os.getuid():
+            # A bot of another user: it may enter the folder (not list it) and
+            # connect to the socket, which is its own (0600); nobody else may.
+            try:
+                os.chown(path, self.peer_uid, -1)
+                os.chmod(folder, 0o711)
+            except OSError as exc:
+                listener.close()
+                raise RunError(f"cannot open the signing agent's socket to uid {self.peer_uid}: "
+                               f"{exc.strerror or exc}", "run credbroker as root to use --user") from exc
         self.folder, self.path, self._listener = folder, path, listener
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._serve, name="credbroker-agent", daemon=True)
@@ -427,8 +440,8 @@ class Agent:
 
     def _refusal(self, pid: int, uid: int) -> str | None:
         """Why a peer may not sign (None: it may). Never blocks; the cheapest checks come first."""
-        if uid != os.getuid():
-            return f"uid {uid} is not the broker's"
+        if uid != self.peer_uid:
+            return f"uid {uid} is not the bot's"
         with self._lock:
             child = self._child
         if child is None:
@@ -697,11 +710,19 @@ class RunSigning:
         clean = {k: v for k, v in parent.items() if k not in profile.env and k != SOCKET_VAR}
         return clean, profile._replace(env=keep)
 
-    def start_agent(self, audit_log: Any, record: Callable[[str, dict[str, Any]], Any]) -> dict[str, str]:
-        """Start the agent's thread; the variables the child needs (``CREDBROKER_AGENT_SOCKET``)."""
+    def start_agent(self, audit_log: Any, record: Callable[[str, dict[str, Any]], Any],
+                    peer_uid: int | None = None) -> dict[str, str]:
+        """Start the agent's thread; the variables the child needs (``CREDBROKER_AGENT_SOCKET``).
+
+        ``peer_uid``: the bot runs as that user (``--user``); the socket admits
+        it, in a folder under the system's temporary folder (our runtime folder
+        is closed to it).
+        """
         assert self.policy is not None and self.signer is not None
         sink: AuditSink = audit_log if audit_log is not None else RecorderSink(record)
-        self.server = Agent(self.signer, profile=self.profile.name, policy=self.policy, audit=sink)
+        runtime = tempfile.gettempdir() if peer_uid is not None and peer_uid != os.getuid() else None
+        self.server = Agent(self.signer, profile=self.profile.name, policy=self.policy, audit=sink,
+                            runtime_dir=runtime, peer_uid=peer_uid)
         path = self.server.start()
         record(AGENT_STARTED, {"profile": self.profile.name, "socket": str(path), "kind": self.signer.kind,
                                "policy": self.policy.describe()})

@@ -114,8 +114,11 @@ Behaviour:
     child (a terminal's Ctrl-C reaches the child directly, once). credbroker
     exits with the child's status: 128+N if signal N ended it, 126 if COMMAND
     is not executable, 127 if it is not found.
-  - If credbroker itself is killed (even with SIGKILL), the kernel sends the
-    child SIGTERM (PR_SET_PDEATHSIG): a bot never runs on unsupervised.
+  - The bot runs in a process group of its own. When the run ends, and when
+    credbroker itself dies (even by SIGKILL: a watchdog process acts), every
+    process of that group gets SIGTERM, then SIGKILL after --grace (and the
+    kernel sends the bot itself SIGTERM: PR_SET_PDEATHSIG): a bot never runs
+    on unsupervised, not even behind `sh -c`.
   - Rotation (--on-rotate): every --rotate-interval the secret's KV version
     is checked. restart: the new version is fetched first, then the bot gets
     SIGTERM, --grace to exit, SIGKILL, and starts again with the new values;
@@ -133,6 +136,10 @@ Behaviour:
     and notional caps, recvWindow ceiling, denied endpoints and parameters;
     withdrawals denied by default) is checked first; every signature and
     every refusal is an audit record, fsynced before the bot gets its answer.
+    When the bot could read credbroker's own Vault token, AppRole files,
+    audit key file or keyring, --agent refuses to start unless --user NAME
+    (credbroker as root) or --sandbox (bubblewrap) separates them, or
+    --unsafe-shared-credentials accepts it (warned at every start).
   - Key preflight (on by default with --agent when the exchange is
     reachable; --preflight requires it, --no-preflight skips it): Binance's
     GET /sapi/v1/account/apiRestrictions must show enableWithdrawals false
@@ -174,8 +181,8 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
               help="Follow key rotation in Vault: restart | signal:NAME | ignore (default: the profile's "
                    "[rotation] on_rotate; unset = do not watch).")
 @click.option("--rotate-interval", metavar="DURATION", help="How often to check the secret's version (default 60s).")
-@click.option("--grace", metavar="DURATION", help="On a rotation restart: time between SIGTERM and SIGKILL "
-              "(default 10s).")
+@click.option("--grace", metavar="DURATION", help="When the bot's process group is stopped (the run ends, a "
+              "rotation restart, credbroker's death): time between SIGTERM and SIGKILL (default 10s).")
 @click.option("--restart", "restart_policy", type=click.Choice(["no", "on-failure"]), default="no",
               show_default=True, help="Restart a bot that fails by itself, with backoff, from the secret in memory.")
 @click.option("--mask", is_flag=True, help="Replace injected secret values in the bot's stdout and stderr with "
@@ -191,6 +198,14 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
               help="UNSAFE: start even though the key can withdraw funds (warned at every start).")
 @click.option("--unsafe-no-ip-restriction", is_flag=True,
               help="UNSAFE: start even though the key is not restricted to trusted IPs (warned at every start).")
+@click.option("--user", "as_user", metavar="NAME", help="Run the bot as this user (credbroker must be root or "
+              "hold CAP_SETUID); with --agent the socket admits that user only.")
+@click.option("--group", "as_group", metavar="NAME", help="With --user: the bot's group (default: the user's own).")
+@click.option("--sandbox", is_flag=True, help="Run the bot under bubblewrap (bwrap) with credbroker's credential "
+              "files (~/.vault-token, AppRole id files, audit key file) hidden from it.")
+@click.option("--unsafe-shared-credentials", is_flag=True,
+              help="UNSAFE: with --agent, start even though the bot could read credbroker's own Vault credential "
+                   "(warned at every start).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def run_cmd(
@@ -212,6 +227,10 @@ def run_cmd(
     preflight_url: str | None,
     unsafe_allow_withdrawals: bool,
     unsafe_no_ip_restriction: bool,
+    as_user: str | None,
+    as_group: str | None,
+    sandbox: bool,
+    unsafe_shared_credentials: bool,
     command: tuple[str, ...],
 ) -> None:
     from . import runner
@@ -248,8 +267,15 @@ def run_cmd(
         preflight = PreflightOptions.build(mode=mode, base_url=preflight_url,
                                            unsafe_allow_withdrawals=unsafe_allow_withdrawals,
                                            unsafe_no_ip_restriction=unsafe_no_ip_restriction)
+    stop_grace = None
+    if grace:
+        from .rotation import parse_seconds
+
+        stop_grace = parse_seconds(grace, "--grace")
     status = runner.run(prof, list(command), config=config, verbose=verbose, rotation=policy,
-                        restart=restart_policy, agent=agent, preflight=preflight, mask=mask)
+                        restart=restart_policy, agent=agent, preflight=preflight, mask=mask, grace=stop_grace,
+                        user=as_user, group=as_group, sandbox=sandbox,
+                        unsafe_shared_credentials=unsafe_shared_credentials)
     sys.exit(status)
 
 

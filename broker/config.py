@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -246,10 +247,54 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     return parse_file(found)
 
 
+def check_safe_path(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse, as ssh does, a file another user could change: ConfigError naming the file and the fix.
+
+    The file and every folder above it must be owned by us or by root, and
+    writable by no one else (``chmod go-w``). A root-owned folder with the
+    sticky bit (``/tmp``) is accepted: others cannot replace our entries in it.
+    A missing file is left to the reader, which says so in its own words.
+    """
+    me = os.geteuid()
+    p = Path(os.path.abspath(Path(path).expanduser()))
+    try:
+        st = p.stat()
+    except OSError:
+        return
+    first = True
+    for current in (p, *p.parents):
+        if not first:
+            try:
+                st = current.stat()
+            except OSError as exc:
+                raise ConfigError(f"{what} {p}: cannot check {current}: {exc.strerror}",
+                                  f"check {current}") from None
+        subject = f"{what} {p}" if first else f"{what} {p}: its folder {current}"
+        first = False
+        if st.st_uid not in (me, 0):
+            raise ConfigError(f"{subject} is owned by another user (uid {st.st_uid}), who could change it",
+                              f"chown {_user_name(me)} {current}, or keep the file somewhere of your own")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            if current != p and st.st_uid == 0 and st.st_mode & stat.S_ISVTX:
+                continue  # /tmp and the like: nobody else can replace our entry in it
+            raise ConfigError(f"{subject} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}), "
+                              "who could change it", f"chmod go-w {current}")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
 def parse_file(path: Path) -> Config:
     """Parse one TOML file into a Config, or raise one clear ConfigError."""
     import tomllib
 
+    check_safe_path(path, "the config file")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -439,6 +484,7 @@ def with_config_defaults(environ: Mapping[str, str], config: Config | None) -> d
     env = dict(environ)
     env.pop(FROM_CONFIG_VAR, None)  # only this function says what came from a file
     if config is None:
+        check_credential_files(env)
         return env
     origin = str(config.path or "<config>")
     filled: dict[str, str] = {}
@@ -461,7 +507,34 @@ def with_config_defaults(environ: Mapping[str, str], config: Config | None) -> d
             filled[var] = origin
     if filled:
         env[FROM_CONFIG_VAR] = json.dumps(filled)
+    check_credential_files(env)
     return env
+
+
+#: Variables naming files that hold the broker's own Vault credentials.
+CREDENTIAL_FILE_VARS = {
+    "CREDBROKER_ROLE_ID_FILE": "the role_id_file",
+    "CREDBROKER_SECRET_ID_FILE": "the secret_id_file",
+    "VAULT_CLIENT_KEY": "the TLS client key (VAULT_CLIENT_KEY)",
+    "BAO_CLIENT_KEY": "the TLS client key (BAO_CLIENT_KEY)",
+}
+#: Files that decide whom the broker trusts and shows itself as: another user who could
+#: change them could put themselves between the broker and Vault.
+TRUST_FILE_VARS = {
+    "VAULT_CACERT": "the Vault CA certificate (VAULT_CACERT)",
+    "BAO_CACERT": "the Vault CA certificate (BAO_CACERT)",
+    "VAULT_CAPATH": "the Vault CA folder (VAULT_CAPATH)",
+    "BAO_CAPATH": "the Vault CA folder (BAO_CAPATH)",
+    "VAULT_CLIENT_CERT": "the TLS client certificate (VAULT_CLIENT_CERT)",
+    "BAO_CLIENT_CERT": "the TLS client certificate (BAO_CLIENT_CERT)",
+}
+
+
+def check_credential_files(env: Mapping[str, str]) -> None:
+    """The credential and trust files the settings name must be safe from other users (``check_safe_path``)."""
+    for var, what in (*CREDENTIAL_FILE_VARS.items(), *TRUST_FILE_VARS.items()):
+        if env.get(var):
+            check_safe_path(env[var], what)
 
 
 def parse_env_mapping(items: tuple[str, ...] | list[str]) -> dict[str, str]:

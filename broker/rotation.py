@@ -25,6 +25,7 @@ step is an audit event (``token_renewed``, ``token_relogin``,
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ from typing import Any, NamedTuple
 from .config import Profile
 from .errors import BrokerError, ConfigError
 from .runner import say
+from .secret import Credentials
 
 Recorder = Callable[[str, dict[str, Any]], Any]
 
@@ -246,3 +248,133 @@ class Watcher:
                 self._client.adapter.close()
             except Exception:  # noqa: BLE001
                 pass
+
+
+# -- off the supervising thread -------------------------------------------------------------
+
+
+class Handover(NamedTuple):
+    """What a rotation check found, for the supervising thread to act on.
+
+    ``kind``: ``swap`` (agent mode, same API key: sign with ``creds`` and
+    signal the bot), ``restart`` (start the bot again with ``creds``; ``new_api_key``
+    says the agent could not swap in place), ``signal`` or ``ignore``.
+    """
+
+    kind: str
+    old_version: int | None
+    new_version: int
+    creds: Credentials | None = None
+    new_api_key: bool = False
+
+
+class RotationChecker:
+    """The Vault side of following rotation: runs on the worker thread only.
+
+    ``agent_fields`` (agent mode) are the fields the bot sees (its API key):
+    when they are unchanged the agent can swap keys in place. ``current``
+    returns the credentials the running bot was started with; it is read only
+    while the supervising thread waits for this check (see ``RotationWorker``).
+    """
+
+    def __init__(self, profile: Profile, policy: RotationPolicy, watcher: Watcher, record: Recorder, *,
+                 agent_fields: tuple[str, ...] | None, current: Callable[[], Credentials]) -> None:
+        self.profile = profile
+        self.policy = policy
+        self.watcher = watcher
+        self.record = record
+        self.agent_fields = agent_fields
+        self.current = current
+
+    def __call__(self) -> Handover | None:
+        new_version = self.watcher.poll()
+        if new_version is None:
+            return None
+        old_version = self.watcher.version
+        swap_possible = self.agent_fields is not None and self.policy.action == "signal"
+        if self.policy.action != "restart" and not swap_possible:
+            return Handover(self.policy.action, old_version, new_version)
+        from .sources import fetch
+
+        try:
+            new_creds = fetch(self.profile, env=self.watcher.env)
+        except BrokerError as exc:
+            self.watcher.fetch_failed(exc)
+            return None
+        self.record("secret_fetched", {"profile": self.profile.name, **new_creds.origin.to_dict(),
+                                       "fields": list(self.profile.fields), "reason": "rotation"})
+        if swap_possible:
+            assert self.agent_fields is not None
+            current = self.current()
+            if all(f in new_creds and new_creds[f] == current[f] for f in self.agent_fields):
+                return Handover("swap", old_version, new_version, new_creds)
+            return Handover("restart", old_version, new_version, new_creds, new_api_key=True)
+        return Handover("restart", old_version, new_version, new_creds)
+
+
+class RotationWorker:
+    """A thread that runs rotation checks and token renewal, so Vault never delays the supervisor.
+
+    Every ``interval`` it calls ``check``; a result is handed over in a
+    one-slot box and the supervising thread is woken with SIGCHLD (which it
+    blocks and reads with ``sigtimedwait``; ``pthread_kill`` aims it at that
+    thread). The worker then waits until the supervisor calls ``done()``, so
+    one rotation is acted on at a time and the running bot's credentials are
+    never read while they are being replaced. A check stuck on a silent Vault
+    stalls only this thread. Start it with the broker's signals blocked.
+    """
+
+    def __init__(self, check: Callable[[], Handover | None], interval: float, wake_thread: int) -> None:
+        self._check = check
+        self._interval = interval
+        self._wake_thread = wake_thread
+        self._stop = threading.Event()
+        self._idle = threading.Event()  # set: nothing handed over is waiting to be acted on
+        self._idle.set()
+        self._lock = threading.Lock()
+        self._box: Handover | None = None
+        self.busy = threading.Event()  # set while a check runs (for tests and --verbose)
+        self._thread = threading.Thread(target=self._run, name="credbroker-rotation", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            while not self._idle.wait(1.0):
+                if self._stop.is_set():
+                    return
+            if self._stop.is_set():
+                return
+            self.busy.set()
+            try:
+                result = self._check()
+            finally:
+                self.busy.clear()
+            if result is None or self._stop.is_set():
+                continue
+            with self._lock:
+                self._box = result
+                self._idle.clear()
+            try:
+                signal.pthread_kill(self._wake_thread, signal.SIGCHLD)
+            except ProcessLookupError:
+                return
+
+    def take(self) -> Handover | None:
+        """What a check handed over (once), or None. Call ``done()`` after acting on it."""
+        with self._lock:
+            result, self._box = self._box, None
+        return result
+
+    def done(self) -> None:
+        """The handed-over result was acted on: the next check may run."""
+        self._idle.set()
+
+    def close(self, timeout: float = 0.5) -> bool:
+        """Stop checking; True when the thread has ended (a check stuck on Vault may still hold it)."""
+        self._stop.set()
+        self._idle.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -28,11 +28,12 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .config import BROKER_CREDENTIAL_VARS, Profile
+from .config import BROKER_CREDENTIAL_VARS, ENV_CONFIG, Profile
 from .errors import BrokerError, CommandNotExecutable, CommandNotFound, NestedRunError, RunError
 from .secret import Credentials
 
@@ -44,6 +45,10 @@ FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
+#: Job control from the terminal: Ctrl-Z stops the bot's group and the broker; `fg` continues both.
+JOB_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTSTP, signal.SIGCONT)
+#: Every signal the broker blocks and reads with sigtimedwait while a child runs.
+BLOCKED_SIGNALS: tuple[signal.Signals, ...] = (*FORWARDED_SIGNALS, *JOB_SIGNALS, signal.SIGCHLD)
 SI_KERNEL = 0x80  # Linux: the signal came from the kernel (a terminal), not kill(2)
 
 #: Set in every child; its presence makes a nested `credbroker run` refuse.
@@ -131,38 +136,72 @@ def exit_status(returncode: int) -> int:
 
 
 class Child:
-    """A started child process and what the audit log wants to know about it."""
+    """A started child process and what the audit log wants to know about it.
 
-    __slots__ = ("proc", "argv", "started", "stopping")
+    ``pid`` is the bot (signals go there); ``pgid`` its process group, which
+    holds its whole tree and is what gets stopped. They differ from
+    ``proc.pid`` only in a sandbox, where ``proc`` is bubblewrap.
+    """
 
-    def __init__(self, proc: subprocess.Popen[bytes], argv: list[str]) -> None:
+    __slots__ = ("proc", "argv", "started", "stopping", "bot_pid")
+
+    def __init__(self, proc: subprocess.Popen[bytes], argv: list[str], bot_pid: int | None = None) -> None:
         self.proc = proc
         self.argv = argv
         self.started = time.monotonic()
         self.stopping = False  # a stop signal (INT/TERM/HUP/QUIT) was passed on
+        self.bot_pid = bot_pid
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.bot_pid or self.proc.pid
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid  # the child leads its own group (or session)
+
+    def reap(self) -> None:
+        """Collect the direct child if it has exited (it then stops counting as a group member)."""
+        self.proc.poll()
 
 
 def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdio: Any = None,
-          pass_fds: Sequence[int] = ()) -> Child:
-    """Start the child with the forwarded signals unblocked and a parent-death signal.
+          pass_fds: Sequence[int] = (), as_user: Any = None, cgroup: str | None = None) -> Child:
+    """Start the child in a process group of its own, forwarded signals unblocked, a parent-death signal.
 
     ``stdio`` (a ``broker.masking.ChildStdio``, for ``--mask``) gives the
     child a pty or pipes whose output the broker masks. ``pass_fds`` are
     inherited (the audit relay); every other descriptor is closed.
+    ``as_user`` (a ``broker.separation.UserSwitch``) runs it as another user.
+    ``cgroup`` (a cgroup v2 folder) receives the child before it executes.
     """
     parent = os.getpid()
     from .hardening import die_with_parent
 
+    procs = os.path.join(cgroup, "cgroup.procs") if cgroup else None
+
     def setup() -> None:  # runs in the child between fork and exec
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, (*FORWARDED_SIGNALS, signal.SIGCHLD))
-        die_with_parent(parent, signal.SIGTERM)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED_SIGNALS)
+        if procs is not None:  # first, while we may still move ourselves; before exec, so no fork escapes it
+            try:
+                fd = os.open(procs, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # the process group still holds the tree
+        if as_user is not None:
+            as_user.switch()
+        die_with_parent(parent, signal.SIGTERM)  # after the switch, which would clear it
         if stdio is not None:
             stdio.in_child()
 
+    options: dict[str, Any] = dict(stdio.popen_args()) if stdio is not None else {}
+    if not options.get("start_new_session"):
+        # Its own group, so that its whole tree can be stopped (and the watchdog
+        # can do it after our death); a pty session leads one anyway.
+        options["process_group"] = 0
     try:
         proc = subprocess.Popen(  # noqa: S603 - the user's own command, no shell
             list(argv),
@@ -172,11 +211,12 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
             pass_fds=tuple(pass_fds),
             # PDEATHSIG and the signal mask can only be set in the child. The broker
             # may have threads by now (audit relay, agent, masking), so `setup` is
-            # kept to C-level calls (pthread_sigmask, prctl through an already
-            # loaded libc, getppid, ioctl): no import, no Python lock that another
-            # thread could hold across the fork.
+            # kept to C-level calls (pthread_sigmask, open/write/close, setgroups/
+            # setresgid/setresuid, prctl through an already loaded libc, getppid,
+            # ioctl): no import, no Python lock that another thread could hold
+            # across the fork.
             preexec_fn=setup,  # noqa: PLW1509
-            **(stdio.popen_args() if stdio is not None else {}),
+            **options,
         )
     except PermissionError as exc:
         raise CommandNotExecutable(f"permission denied executing {argv[0]}", "check its permissions") from exc
@@ -185,6 +225,9 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
             f"cannot execute {argv[0]}: it or its interpreter (#! line) was not found", "check the command"
         ) from exc
     except OSError as exc:
+        if exc.errno == errno.E2BIG:
+            raise RunError(f"cannot start {argv[0]}: the command line and environment are too long for the kernel",
+                           "pass large data through a file or stdin") from exc
         if exc.errno == errno.ENOEXEC:
             raise CommandNotExecutable(f"cannot execute {argv[0]}: not a valid executable (exec format error)",
                                        "add a #! line or run it through its interpreter") from exc
@@ -199,54 +242,107 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 
 
-def supervise(child: Child, *, tick: Callable[[], bool] | None = None, interval: float | None = None
-              ) -> int | None:
+def supervise(child: Child, *, on_wake: Callable[[], bool] | None = None) -> int | None:
     """Forward signals to the child until it exits; return its exit status.
 
-    The forwarded signals and SIGCHLD must already be blocked (``run`` does
-    that before spawning, so that no signal is lost in between). ``tick`` is
-    called every ``interval`` seconds while the child runs (rotation checks);
-    when it returns True supervision stops and None is returned (the caller
-    restarts the child). ``child.stopping`` is set once a stop signal
-    (INT, TERM, HUP, QUIT) reached the child.
+    ``BLOCKED_SIGNALS`` must already be blocked (``run`` does that before
+    spawning, so that no signal is lost in between). Vault work never runs
+    here: a rotation worker thread wakes this loop with SIGCHLD
+    (``pthread_kill``) when it has something to hand over, and ``on_wake``
+    applies it; when it returns True supervision stops and None is returned
+    (the caller restarts the child). ``child.stopping`` is set once a stop
+    signal (INT, TERM, HUP, QUIT) reached the child.
     """
-    waitset = {*FORWARDED_SIGNALS, signal.SIGCHLD}
+    waitset = set(BLOCKED_SIGNALS)
     while True:
         rc = child.proc.poll()
         if rc is not None:
             return exit_status(rc)
-        info = signal.sigtimedwait(waitset, interval if tick is not None and interval else 3600.0)
-        if info is None:
-            if tick is not None and tick():
-                return None
-            continue
-        if info.si_signo == signal.SIGCHLD:
-            continue  # poll() at the top of the loop reaps it
+        if on_wake is not None and on_wake():
+            return None
+        info = signal.sigtimedwait(waitset, 3600.0)
+        if info is None or info.si_signo == signal.SIGCHLD:
+            continue  # poll() and on_wake() at the top of the loop
         if info.si_signo in _STOP_SIGNALS:
             child.stopping = True
-        if info.si_code == SI_KERNEL and os.getpgrp() == os.getpgid(child.pid):
-            continue  # from the terminal: the child, in our process group, got it too
+        if info.si_signo == signal.SIGTSTP:
+            _job_stop(child)
+            continue
+        if info.si_signo == signal.SIGCONT:
+            from .watchdog import signal_group
+
+            signal_group(child.pgid, signal.SIGCONT)
+            continue
+        if info.si_code == SI_KERNEL:
+            # From the terminal: it went to our (foreground) group; the bot's
+            # group is not the terminal's, so it gets it from us, once, whole.
+            from .watchdog import signal_group
+
+            signal_group(child.pgid, info.si_signo)
+            continue
         try:
             os.kill(child.pid, info.si_signo)
         except ProcessLookupError:
             pass
 
 
+def _job_stop(child: Child) -> None:
+    """Ctrl-Z (or SIGTSTP): stop the bot's group, then ourselves, as a shell's job would stop."""
+    from .watchdog import signal_group
+
+    signal_group(child.pgid, signal.SIGTSTP)
+    os.kill(os.getpid(), signal.SIGSTOP)  # SIGCONT (`fg`, `bg`) resumes us; supervise() passes it on
+
+
 def stop_gracefully(child: Child, grace: float) -> int:
-    """SIGTERM, up to ``grace`` seconds to exit, then SIGKILL; returns the exit status."""
-    deadline = time.monotonic() + grace
+    """SIGTERM to the bot's whole group, up to ``grace`` seconds, then SIGKILL; the bot's exit status."""
+    from .watchdog import stop_group
+
+    if child.proc.poll() is None:
+        try:
+            os.kill(child.pid, signal.SIGTERM)  # the bot first, as before; its group right after
+        except ProcessLookupError:
+            pass
+    stop_group(child.pgid, grace, reap=child.reap)
+    if child.proc.poll() is None:
+        child.proc.kill()
+    return exit_status(child.proc.wait())
+
+
+def launch(command: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdio: Any,
+           fds: Sequence[int], as_user: Any, box: Any, cgroup: str | None = None) -> Child:
+    """``spawn`` the bot, as another user (``as_user``) and/or in a sandbox (``box``) when asked."""
+    from .cmdline import check_exec_size
+
+    if box is None:
+        check_exec_size(command, env)
+        return spawn(command, executable, env, stdio, pass_fds=fds, as_user=as_user, cgroup=cgroup)
+    from .separation import read_bot_pid
+
+    info_r, info_w = os.pipe2(os.O_CLOEXEC)
     try:
-        os.kill(child.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    while child.proc.poll() is None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            child.proc.kill()
-            child.proc.wait()
-            break
-        signal.sigtimedwait({signal.SIGCHLD}, left)
-    return exit_status(child.proc.returncode)
+        argv = box.argv(executable, command, info_w)
+        check_exec_size(argv, env)
+        child = spawn(argv, box.bwrap, env, stdio, pass_fds=(*fds, info_w), as_user=as_user, cgroup=cgroup)
+    except BaseException:
+        os.close(info_r)
+        raise
+    finally:
+        os.close(info_w)
+    child.argv = list(command)
+    child.bot_pid = read_bot_pid(info_r)  # bwrap passes no signal on: they go to the bot itself
+    return child
+
+
+def _stop(child: Child, grace: float, watchdog: Any, cgroup: str | None) -> int:
+    """Stop the bot's whole group and what is left in its cgroup (no-ops once empty); its exit status."""
+    status = stop_gracefully(child, grace)
+    watchdog.release(child.pgid)
+    if cgroup is not None:
+        from .watchdog import stop_cgroup
+
+        stop_cgroup(cgroup, grace)
+    return status
 
 
 def _pause(seconds: float) -> int | None:
@@ -281,6 +377,11 @@ def run(
     agent: bool = False,
     preflight: Any = None,
     mask: bool = False,
+    grace: float | None = None,
+    user: str | None = None,
+    group: str | None = None,
+    sandbox: bool = False,
+    unsafe_shared_credentials: bool = False,
 ) -> int:
     """Fetch the profile's secrets, run ``command`` with them, return its exit status.
 
@@ -294,11 +395,19 @@ def run(
     off otherwise) checks the key's restrictions on the exchange first.
     ``mask=True`` replaces every injected value in the child's stdout and
     stderr with a marker (``broker.masking``; a pty when stdout is a terminal).
+    ``grace``: when the bot's process group is stopped (the run ends, a
+    restart, the broker's death), seconds between SIGTERM and SIGKILL.
+    ``user``/``group`` run the bot as another user, ``sandbox`` under
+    bubblewrap; with ``agent`` one of them must keep the broker's own
+    credentials from the bot, unless ``unsafe_shared_credentials``
+    (``broker.separation``).
     """
     from . import sources
     from .config import with_config_defaults
     from .hardening import harden_process
 
+    if grace is None:
+        grace = rotation.grace if rotation is not None else 10.0
     if restart not in RESTART_POLICIES:
         raise RunError(f"unknown restart policy {restart!r}", f"use one of: {', '.join(RESTART_POLICIES)}")
     if mask and agent:  # the CLI refuses it too; library callers get the same one line
@@ -333,17 +442,22 @@ def run(
         # The bot holds the secret without --agent: nothing can enforce the policy. Say so every time.
         say(f"WARNING: {profile.where('policy')} is enforced only with --agent; this bot holds the secret")
 
+    from .cmdline import COMMAND_ARGS, audit_fields, check_exec_size
+
     def refused(exc: BrokerError) -> None:
         from .access import refusal  # the one schema of a refusal (with Vault's request id when it answered)
 
         try:
             rec("refused", {**_refused_secret(profile, source_env),
-                            **refusal(profile, exc, "run", command=list(command))})
+                            **refusal(profile, exc, "run", command=audit_fields(command)[0])})
         except BrokerError:
             pass  # the original failure is what the operator must see
 
     try:
         executable = resolve_command(command[0], env.get("PATH"))
+        check_exec_size(command, env)  # a command line the kernel refuses: nothing fetched, nothing started
+        as_user, box = _separate(profile, config, source_env, agent=agent, user=user, group=group,
+                                 sandbox=sandbox, unsafe=unsafe_shared_credentials)
     except BrokerError as exc:
         refused(exc)
         raise
@@ -365,7 +479,9 @@ def run(
     # to the same log) and, for a profile with a [signer] table, the signer
     # settings (and for transit a narrowly scoped token; never ours).
     extra: dict[str, str] = {}
-    if getattr(config, "path", None):
+    if getattr(config, "path", None) and not agent:
+        # Not in agent mode: the config names the broker's credential files, and the
+        # bot signs through the agent, whose relay records for it.
         extra["CREDBROKER_CONFIG"] = str(os.path.abspath(config.path))
     if "signer" in profile.sections and not agent:
         from .signing import child_env as signer_env
@@ -381,6 +497,10 @@ def run(
     keep = agent or restart != "no" or (rotation is not None and rotation.action == "restart")
     # In agent mode the child sees the API key variable only; the secret stays here.
     child_parent, child_profile = signing.child_view(env, profile) if agent else (env, profile)
+    if agent:
+        child_parent = {k: v for k, v in child_parent.items() if k != ENV_CONFIG}
+    if as_user is not None:
+        child_parent = {**child_parent, **as_user.environment()}
 
     output = None
     if mask:
@@ -388,18 +508,19 @@ def run(
 
         output = MaskedOutput()
 
-    def start(creds: Credentials) -> Child:
+    def start(creds: Credentials, watchdog: Any) -> Child:
         try:
             if agent:
                 signing.use(creds)
             child_env = child_environment(child_parent, child_profile, creds, extra)
             stdio = output.child_stdio(creds[f] for f in profile.env.values()) if output is not None else None
-            child = spawn(command, executable, child_env, stdio, pass_fds=relay.child_fds)
+            child = launch(command, executable, child_env, stdio, relay.child_fds, as_user, box, cgroup)
         finally:
             child_env = {}  # drop our bytes copies of the secrets
             if not keep:
                 creds.wipe()
         del child_env
+        watchdog.guard(child.pgid)
         relay.child_pid = child.pid
         if agent:
             signing.started(child.pid)
@@ -410,11 +531,16 @@ def run(
                 origin.via or "", " (fetched in-process)")
             print(f"credbroker: started pid {child.pid} with {', '.join(child_profile.env)} "
                   f"from {origin.source} {origin.path}{version}{via}", file=sys.stderr, flush=True)
+        shown, more = audit_fields(command)
         rec("secret_injected", {
             "profile": profile.name, "version": origin.version, **_secret_identity(origin),
             "variables": list(child_profile.env),
-            "command": list(command), "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
+            "command": shown, "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
+            **({"as_user": as_user.name} if as_user is not None else {}), **({"sandbox": "bwrap"} if box else {}),
         })
+        for part, chunk in enumerate(more, 1):  # a long command line, in full, over several records
+            rec(COMMAND_ARGS, {"profile": profile.name, "pid": child.pid, "part": part, "parts": len(more),
+                               "json": chunk})
         return child
 
     def exited(child: Child, status: int, reason: str) -> None:
@@ -422,101 +548,93 @@ def run(
                              "duration_s": round(time.monotonic() - child.started, 3)})
 
     watcher = None
+    worker: Any = None
+    pending: list[Credentials] = []  # the rotated credentials a restart will use
     if rotation is not None:
-        from .rotation import Watcher
+        from .rotation import RotationChecker, RotationWorker, Watcher
 
         watcher = Watcher(profile, source_env, rec, creds.origin.version, rotation.interval)
-    pending: list[Credentials] = []  # the rotated credentials a restart will use
+        checker = RotationChecker(profile, rotation, watcher, rec, current=lambda: creds,
+                                  agent_fields=tuple(child_profile.env.values()) if agent else None)
+        worker = RotationWorker(checker, rotation.interval, threading.get_ident())
 
-    def tick() -> bool:
+    def on_wake() -> bool:
+        """On the supervising thread: act on what the rotation worker handed over; True = restart."""
         nonlocal creds
-        assert watcher is not None and rotation is not None
-        new_version = watcher.poll()
-        if new_version is None:
+        assert worker is not None and watcher is not None and rotation is not None
+        found = worker.take()
+        if found is None:
             return False
-        old_version = watcher.version
-        event = {"profile": profile.name, "old_version": old_version, "new_version": new_version,
+        old, new = found.old_version, found.new_version
+        event = {"profile": profile.name, "old_version": old, "new_version": new,
                  **_secret_identity(creds.origin), "action": rotation.action}
-        if agent and rotation.action == "signal":
-            # The bot keeps running and never held the secret: when only the secret
-            # changed (the API key in its environment is the same), swap the
-            # agent's key in place, then signal the bot as asked.
-            try:
-                new_creds = sources.fetch(profile, env=watcher.env, isolate=True)
-            except BrokerError as exc:
-                watcher.fetch_failed(exc)
-                return False
-            rec("secret_fetched", {"profile": profile.name, **new_creds.origin.to_dict(),
-                                   "fields": list(profile.fields), "reason": "rotation"})
-            if all(f in new_creds and new_creds[f] == creds[f] for f in child_profile.env.values()):
-                signing.use(new_creds)
-                creds.wipe()
-                creds = new_creds
-                watcher.version = new_version
-                watcher.acted(new_version)
-                rec("rotation_detected", {**event, "action": "agent_key_swapped"})
-                say(f"key rotated (v{old_version} -> v{new_version}): the agent signs with the new key; "
-                     "the bot keeps running")
-                if rotation.signum:
-                    try:
-                        os.kill(child.pid, rotation.signum)
-                    except ProcessLookupError:
-                        pass
-                return False
-            # The API key changed too: the bot must restart to see the new one.
-            pending.append(new_creds)
-            rec("rotation_detected", {**event, "action": "restart"})
-            watcher.acted(new_version)
-            say(f"key rotated (v{old_version} -> v{new_version}) with a new API key: restarting the bot")
+        watcher.acted(new)
+        if found.kind == "restart":
+            assert found.creds is not None
+            pending.append(found.creds)  # worker.done() once the new bot runs
+            rec("rotation_detected", {**event, "action": "restart"} if found.new_api_key else event)
+            say(f"key rotated (v{old} -> v{new})" + (" with a new API key" if found.new_api_key else "")
+                + ": restarting the bot")
             return True
-        if rotation.action == "restart":
-            try:
-                new_creds = sources.fetch(profile, env=watcher.env, isolate=True)
-            except BrokerError as exc:
-                watcher.fetch_failed(exc)
-                return False
-            rec("secret_fetched", {"profile": profile.name, **new_creds.origin.to_dict(),
-                                   "fields": list(profile.fields), "reason": "rotation"})
-            pending.append(new_creds)
-        rec("rotation_detected", event)
-        watcher.acted(new_version)
-        say(f"key rotated (v{old_version} -> v{new_version}): "
-             + {"restart": "restarting the bot", "ignore": "ignored by policy",
-                "signal": f"sent {signal.Signals(rotation.signum or 0).name if rotation.signum else ''} to the bot"}
-             [rotation.action])
-        if rotation.action == "signal" and rotation.signum:
-            watcher.version = new_version
-            try:
-                os.kill(child.pid, rotation.signum)
-            except ProcessLookupError:
-                pass
-        return bool(rotation.action == "restart")
+        if found.kind == "swap":
+            # The bot keeps running and never held the secret: only the secret changed
+            # (the API key in its environment is the same), so the agent swaps keys in place.
+            assert found.creds is not None
+            signing.use(found.creds)
+            creds.wipe()
+            creds = found.creds
+            rec("rotation_detected", {**event, "action": "agent_key_swapped"})
+            say(f"key rotated (v{old} -> v{new}): the agent signs with the new key; the bot keeps running")
+        else:
+            rec("rotation_detected", event)
+            say(f"key rotated (v{old} -> v{new}): " + ("ignored by policy" if found.kind == "ignore" else
+                f"sent {signal.Signals(rotation.signum).name if rotation.signum else ''} to the bot"))
+        if found.kind != "ignore":
+            watcher.version = new
+            if rotation.signum and child is not None:
+                try:
+                    os.kill(child.pid, rotation.signum)
+                except ProcessLookupError:
+                    pass
+        worker.done()
+        return False
 
-    blocked = (*FORWARDED_SIGNALS, signal.SIGCHLD)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_SIGNALS)
     # Started with the signals blocked, so its thread never receives them: the
     # child's signature failures reach our (possibly keyed) log through it.
     from .relay import AuditRelay
+    from .watchdog import Watchdog, make_cgroup
 
     relay = AuditRelay(rec, profile=profile.name, host=_host(), user=_user())
     extra.update(relay.child_env())
+    watchdog: Watchdog | None = None
+    cgroup: str | None = None
+    child: Child | None = None
     try:
+        # Before the first bot: from here on the broker's death stops the bot's whole group.
+        watchdog = Watchdog(grace)
+        cgroup = make_cgroup()  # where one can be made: also catches processes that leave the group
+        if cgroup is not None:
+            watchdog.guard_cgroup(cgroup)
         if agent:
             # With the signals blocked: the agent's thread inherits the mask and never receives them.
-            extra.update(signing.start_agent(audit_log, rec))
-        child = start(creds)
+            extra.update(signing.start_agent(audit_log, rec, peer_uid=as_user.uid if as_user else None))
+        child = start(creds, watchdog)
+        if worker is not None:
+            worker.start()  # inherits the blocked signals: every signal stays with this thread
         delay = 1.0
         while True:
-            status = supervise(child, tick=tick if watcher else None,
-                               interval=rotation.interval if rotation is not None else None)
+            status = supervise(child, on_wake=on_wake if worker is not None else None)
             if status is None:  # a rotation asked for a restart, with the new secret in hand
-                exited(child, stop_gracefully(child, rotation.grace), "rotation")
+                assert rotation is not None and watcher is not None
+                exited(child, _stop(child, rotation.grace, watchdog, cgroup), "rotation")
                 creds.wipe()
                 creds = pending.pop()
-                assert watcher is not None
                 watcher.version = creds.origin.version
-                child = start(creds)
+                child = start(creds, watchdog)
+                worker.done()
                 continue
+            _stop(child, grace, watchdog, cgroup)  # what the bot left behind in its group
             if restart == "on-failure" and status != 0 and not child.stopping:
                 exited(child, status, "failed")
                 if time.monotonic() - child.started >= _HEALTHY_AFTER:
@@ -528,11 +646,21 @@ def run(
                 if stop is not None:
                     return 128 + stop
                 delay = min(delay * 2, _MAX_RESTART_DELAY)
-                child = start(creds)
+                child = start(creds, watchdog)
                 continue
             exited(child, status, "stopped" if child.stopping else "exited")
             return status
     finally:
+        if worker is not None and not worker.close() and watcher is not None:
+            watcher = None  # a check still stuck on Vault owns the client; the process exit ends it
+        if child is not None and watchdog is not None:
+            _stop(child, grace, watchdog, cgroup)  # any exit path: nothing of the bot's tree outlives the run
+        if cgroup is not None:
+            from .watchdog import remove_cgroup
+
+            remove_cgroup(cgroup)
+        if watchdog is not None:
+            watchdog.close()
         relay.close()  # the child's last reports are recorded before we return
         if output is not None:
             output.close()  # drain the child's output, restore the terminal
@@ -575,6 +703,24 @@ def _secret_identity(origin: Any) -> dict[str, Any]:
     if origin.namespace:
         out["namespace"] = origin.namespace
     return out
+
+
+def _separate(profile: Profile, config: Any, env: Mapping[str, str], *, agent: bool, user: str | None,
+              group: str | None, sandbox: bool, unsafe: bool) -> tuple[Any, Any]:
+    """(the bot's UserSwitch, its Sandbox): what keeps the broker's credentials from it; refuses when nothing does."""
+    if not (agent or user or group or sandbox):
+        return None, None
+    from .separation import Sandbox, broker_credentials, bwrap_binary, check_separation, resolve_user
+
+    as_user = resolve_user(user, group)
+    audit = getattr(config, "audit", None)
+    key_spec = audit.get("key") if isinstance(audit, Mapping) else None
+    at_rest = broker_credentials(env, profile.source, key_spec if isinstance(key_spec, str) else None)
+    box = Sandbox(bwrap_binary(), tuple(c.path for c in at_rest if c.path is not None)) if sandbox else None
+    warning = check_separation(at_rest, user=as_user, sandbox=sandbox, agent=agent, unsafe=unsafe)
+    if warning:
+        say(warning)
+    return as_user, box
 
 
 def say(message: str) -> None:

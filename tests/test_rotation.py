@@ -304,3 +304,131 @@ def test_agent_mode_swaps_the_key_in_place_when_only_the_secret_rotates(openbao:
     actions = [e["data"]["action"] for e in audit_events(audit) if e["event"] == "rotation_detected"]
     assert actions == ["agent_key_swapped", "restart"]
     assert "agent-secret" not in audit.read_text()
+
+
+# -- a Vault that stops answering never delays the supervisor ----------------------------------
+
+USR1_BOT = r"""
+import os, signal, sys, time
+log = sys.argv[1]
+def line(text):
+    with open(log, "a") as f:
+        f.write(text + "\n")
+signal.signal(signal.SIGUSR1, lambda s, f: line("usr1"))
+signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
+line(f"start {os.getpid()}")
+end = time.time() + 120
+while time.time() < end:
+    time.sleep(0.05)
+"""
+
+
+class StallingProxy:
+    """A loopback TCP proxy to OpenBao that, once ``stall`` is set, takes requests and never answers.
+
+    Existing keep-alive connections stall too (their answers are held back),
+    so whichever connection the broker's next check uses hangs. ``stalled``
+    is set when a request arrived in stalled mode; ``closed`` when the broker
+    gave up on such a connection.
+    """
+
+    def __init__(self, upstream_port: int, drip: bool = False) -> None:
+        import socket
+        import threading
+
+        self.drip = drip  # answer a byte at a time, forever, instead of staying silent
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stall = threading.Event()
+        self.stalled = threading.Event()
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client: "socket.socket") -> None:  # noqa: F821
+        import select
+        import socket
+        import threading
+
+        upstream = socket.create_connection(self.upstream)
+        stalled_here = False
+        try:
+            while True:
+                ready, _, _ = select.select([client, upstream], [], [], 0.2)
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        if sock is client and stalled_here:
+                            self.closed.set()
+                        return
+                    if self.stall.is_set():
+                        if sock is client and not stalled_here:
+                            stalled_here = True
+                            self.stalled.set()
+                            if self.drip:
+                                threading.Thread(target=self._drip, args=(client,), daemon=True).start()
+                        continue  # swallow: the request is never answered (or only dripped at)
+                    (upstream if sock is client else client).sendall(data)
+        except OSError:
+            if stalled_here:
+                self.closed.set()
+        finally:
+            client.close()
+            upstream.close()
+
+    def _drip(self, client: "socket.socket") -> None:  # noqa: F821
+        import time as _time
+
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+        try:
+            for i in range(100_000):
+                client.send(head[i:i + 1] if i < len(head) else b" ")
+                _time.sleep(0.5)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("drip", [False, True], ids=["silent", "dripping"])
+def test_signals_reach_the_bot_while_a_rotation_check_hangs(openbao: OpenBao, tmp_path: Path, drip: bool) -> None:
+    openbao.kv_put("credbroker/rot-hang", api_secret="h1")
+    proxy = StallingProxy(openbao.port, drip=drip)
+    env = {**openbao.env(), "VAULT_ADDR": f"http://127.0.0.1:{proxy.port}", "CREDBROKER_VAULT_TIMEOUT": "120",
+           "CREDBROKER_AUDIT_LOG": str(tmp_path / "audit.log"), "HOME": str(tmp_path)}
+    bot = tmp_path / "bot.py"
+    bot.write_text(USR1_BOT)
+    out = tmp_path / "bot.log"
+    proc = subprocess.Popen(
+        [credbroker_bin(), "run", "--vault-path", "secret/credbroker/rot-hang", "--env", "BINANCE_API_SECRET=api_secret",
+         "--on-rotate", "signal:HUP", "--rotate-interval", "0.2", "--", sys.executable, str(bot), str(out)],
+        env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(out, r"start \d+")
+        proxy.stall.set()
+        assert proxy.stalled.wait(30), "the broker never checked Vault again"
+        for n in range(1, 4):  # while the check is stuck, every signal still goes through
+            proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 20
+            while out.read_text().count("usr1") < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert out.read_text().count("usr1") == n, out.read_text()
+        assert not proxy.closed.is_set(), "the hung check ended before the signals were forwarded"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proxy.close()

@@ -13,6 +13,8 @@ first match wins:
      ``vault:secret/credbroker/audit#key``
    - ``"keyring:SERVICE:FIELD"``: an OS keyring entry, e.g.
      ``keyring:credbroker/audit:key`` (the last ``:`` separates the field)
+   - ``"file:PATH"``: a file of the broker's own (mode 0600; refused, as ssh
+     refuses a key, when another user could read or change it)
 
 A fetched value that is all hex digits (even length, >= 32) is decoded from
 hex; any other value is used as raw bytes and must be at least 16 bytes long.
@@ -41,11 +43,13 @@ _KEY_FIELD_VAR = "CREDBROKER_AUDIT_KEY_"
 class KeySpec(NamedTuple):
     """A parsed ``[audit] key`` reference (no secret in it)."""
 
-    source: str  # "vault" | "keyring"
-    location: str  # KV v2 MOUNT/PATH, or keyring service
+    source: str  # "vault" | "keyring" | "file"
+    location: str  # KV v2 MOUNT/PATH, keyring service, or file path
     field: str
 
     def __str__(self) -> str:
+        if self.source == "file":
+            return f"file:{self.location}"
         sep = "#" if self.source == "vault" else ":"
         return f"{self.source}:{self.location}{sep}{self.field}"
 
@@ -53,9 +57,11 @@ class KeySpec(NamedTuple):
 def parse_key_spec(spec: str) -> KeySpec:
     """``vault:MOUNT/PATH#FIELD`` or ``keyring:SERVICE:FIELD`` -> KeySpec, or ConfigError."""
     kind, sep, rest = spec.partition(":")
-    hint = 'write key = "vault:MOUNT/PATH#FIELD" or "keyring:SERVICE:FIELD"'
+    hint = 'write key = "vault:MOUNT/PATH#FIELD", "keyring:SERVICE:FIELD" or "file:PATH"'
     if not sep or not rest:
         raise ConfigError(f"[audit] key: {spec!r} is not a key reference", hint)
+    if kind == "file":
+        return KeySpec("file", rest, "")
     if kind == "vault":
         location, hash_sep, field = rest.rpartition("#")
         location = location.strip("/")
@@ -104,6 +110,8 @@ def from_env(env: Mapping[str, str]) -> Secret | None:
 
 def fetch_key(spec: KeySpec, env: Mapping[str, str]) -> Secret:
     """Fetch the key a reference names through ``broker.sources`` (fail closed)."""
+    if spec.source == "file":
+        return _read_key_file(spec.location)
     from ..config import Profile
     from ..sources import fetch
 
@@ -120,6 +128,32 @@ def fetch_key(spec: KeySpec, env: Mapping[str, str]) -> Secret:
         return Secret(key_bytes(creds[spec.field].reveal(), str(spec)))
     finally:
         creds.wipe()
+
+
+def _read_key_file(location: str) -> Secret:
+    import os
+    import stat
+
+    from ..config import check_safe_path
+
+    path = os.path.abspath(os.path.expanduser(location))
+    check_safe_path(path, "the audit key file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise AuditError(f"cannot read the audit key file {path}: {exc.strerror}", "check [audit] key") from None
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"the audit key file {path} is accessible by other users (mode {mode:04o})",
+                              f"chmod 600 {path}")
+        raw = bytearray(os.read(fd, 4096))
+    finally:
+        os.close(fd)
+    try:
+        return Secret(key_bytes(bytes(raw), f"the audit key file {path}"))
+    finally:
+        raw[:] = bytes(len(raw))
 
 
 def resolve_key(

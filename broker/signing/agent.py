@@ -90,16 +90,17 @@ class AgentSigner(Signer):
             return sock
         if self._closed:
             raise SigningError("this signer has been closed", "get a new one with get_signer()")
-        from ..unixsock import peer_is_me, private_dir
+        from ..unixsock import peer_credentials, private_dir
 
-        if not private_dir(self.socket_path.parent, create=False):
+        if not (private_dir(self.socket_path.parent, create=False) or _served_by_root(self.socket_path)):
             raise SigningError(f"the signing agent's folder {self.socket_path.parent} is missing or not private",
                                "start the bot with `credbroker run --agent`; the agent ends with the broker")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
             sock.connect(str(self.socket_path))
-            if not peer_is_me(sock):
+            # Ours, or root's: a broker running as root serves a bot started with --user.
+            if peer_credentials(sock)[1] not in (os.getuid(), 0):
                 raise SigningError("the signing agent's socket belongs to another user",
                                    "start the bot with `credbroker run --agent`")
         except OSError as exc:
@@ -189,3 +190,18 @@ def from_environment(environ: Mapping[str, str], *, recv_window: int | None = No
     if recv_window is not None:
         kwargs["recv_window"] = recv_window
     return AgentSigner(api_key, path, **kwargs)
+
+
+def _served_by_root(socket_path: Path) -> bool:
+    """A root broker's socket for a bot started with ``--user``: a root folder only root can change
+    (0711), holding a socket that is ours alone (0600)."""
+    if os.getuid() == 0:
+        return False  # root's own bot: the ordinary private folder, nothing else
+    import stat
+
+    try:
+        folder, sock = socket_path.parent.lstat(), socket_path.lstat()
+    except OSError:
+        return False
+    return (stat.S_ISDIR(folder.st_mode) and folder.st_uid == 0 and not folder.st_mode & 0o022
+            and stat.S_ISSOCK(sock.st_mode) and sock.st_uid == os.getuid() and stat.S_IMODE(sock.st_mode) == 0o600)
