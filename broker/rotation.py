@@ -297,7 +297,7 @@ class RotationChecker:
         from .sources import fetch
 
         try:
-            new_creds = fetch(self.profile, env=self.watcher.env)
+            new_creds = fetch(self.profile, env=self.watcher.env, isolate=True)
         except BrokerError as exc:
             self.watcher.fetch_failed(exc)
             return None

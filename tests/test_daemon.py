@@ -152,10 +152,14 @@ def test_an_idle_connection_does_not_delay_a_fetch(running: tuple[Path, dict[str
                              env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         assert out.read_text() == SECRET
-        # The idle client is still connected and unanswered: nobody waited for it.
+        # The idle client got no answer: still connected and unanswered, or (on a slow machine, past its
+        # REQUEST_DEADLINE) dropped. Either way nobody waited for it.
         idle.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            idle.recv(1)
+        try:
+            got = idle.recv(1)
+        except BlockingIOError:
+            got = None
+        assert got in (None, b"")
 
 
 def test_half_a_frame_is_dropped_after_the_deadline(running: tuple[Path, dict[str, str]]) -> None:
