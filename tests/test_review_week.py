@@ -72,6 +72,23 @@ def test_every_command_is_matched_and_one_outside_read_stands_out(audited: OpenB
                           "import broker; c = broker.fetch(broker.load_config().profile('wk-dec')); c.wipe()"],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert lib.returncode == 0, lib.stderr
+    # A bot that follows rotation: the admin rotates, the broker fetches the new version and restarts it.
+    import time
+
+    marker = tmp_path / "rotated-bot-started"
+    bot = subprocess.Popen([*_broker_cmd(), "run", "-p", "wk-run", "--on-rotate", "restart", "--rotate-interval",
+                            "1s", "--grace", "2s", "--", "sh", "-c", f'echo x >> {marker}; exec sleep 300'],
+                           env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: marker.exists(), "the rotating bot to start", bot)
+        server.kv_put("credbroker/wk-run", api_key="AK1", api_secret="s2-" + secrets.token_hex(8))
+        _wait(lambda: marker.exists() and marker.read_text().count("x") >= 2, "the restart after rotation", bot)
+    finally:
+        bot.terminate()
+        bot.wait(timeout=60)
+    # The signing agent: the bot signs through the broker and never holds the secret.
+    broker("run", "-p", "wk-run", "--agent", "--no-preflight", "--", sys.executable, "-c",
+           "from broker import get_signer; print(get_signer().sign_query({'symbol': 'BTCUSDT'})[:10])")
     # Someone reads a bot's key directly, outside credbroker.
     server.cli("kv", "get", "secret/credbroker/wk-run")
 
@@ -83,5 +100,21 @@ def test_every_command_is_matched_and_one_outside_read_stands_out(audited: OpenB
     [outside] = va["unmatched"]
     assert outside["path"] == "secret/credbroker/wk-run"
     # every read above: 3 runs (one refused after the read), 2 checks (one refused), import's read-back,
-    # get_signer and broker.fetch
-    assert va["matched"] == 8
+    # get_signer, broker.fetch, the rotating bot's first fetch and its fetch of the new version, the agent run
+    assert va["matched"] == 11
+
+
+def _broker_cmd() -> list[str]:
+    from .conftest import credbroker_bin
+
+    return [credbroker_bin()]
+
+
+def _wait(check: Any, what: str, proc: subprocess.Popen[str]) -> None:
+    import time
+
+    deadline = time.monotonic() + 90
+    while not check():
+        assert proc.poll() is None, (what, proc.communicate())
+        assert time.monotonic() < deadline, f"waited 90 s for {what}"
+        time.sleep(0.05)
