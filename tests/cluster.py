@@ -28,6 +28,8 @@ class Node:
     cluster_port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+    argv: tuple[str, ...] = ()
+    cwd: Path | None = None
 
     @property
     def addr(self) -> str:
@@ -98,6 +100,17 @@ class Cluster:
         assert status == 200, (status, body)
         return int(body["data"]["version"])
 
+    def restart(self, node: Node) -> None:
+        """Start a killed node again on its raft data, unseal it, and wait until it serves KV reads."""
+        assert not node.alive()
+        with open(node.log_path, "ab") as log:
+            node.proc = subprocess.Popen(list(node.argv), stdout=log, stderr=subprocess.STDOUT, cwd=node.cwd,
+                                         env={"HOME": str(node.cwd), "PATH": "/usr/bin:/bin"})
+        _wait(lambda: self.api(node, "GET", "sys/seal-status", token="")[0] == 200, f"{node.name} answering", self)
+        self.api(node, "PUT", "sys/unseal", {"key": self.unseal_key}, token="")
+        _wait(lambda: self.api(node, "GET", "secret/data/cluster-canary")[0] == 200,
+              f"{node.name} serving KV reads again", self)
+
     def logs(self) -> str:
         return "\n".join(f"--- {n.name}\n{n.log_path.read_text(errors='replace')[-1500:]}" for n in self.nodes)
 
@@ -154,7 +167,7 @@ def start_cluster(tmp: Path, size: int = 3) -> Cluster:
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen([binary, "server", f"-config={cfg}"], stdout=log, stderr=subprocess.STDOUT,
                                         cwd=tmp, env={"HOME": str(tmp), "PATH": "/usr/bin:/bin"})
-            cluster.nodes.append(Node(name, port, cport, proc, log_path))
+            cluster.nodes.append(Node(name, port, cport, proc, log_path, (binary, "server", f"-config={cfg}"), tmp))
         first = cluster.nodes[0]
         for node in cluster.nodes:
             _wait(lambda n=node: cluster.api(n, "GET", "sys/seal-status", token="")[0] == 200,

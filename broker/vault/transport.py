@@ -411,6 +411,8 @@ def _not_serving_yet(response: requests.Response) -> bool:
     performance-standby states, a rate limit, a standby still catching up after joining)."""
     if response.status_code in (429, 503):
         return True
-    if response.status_code == 400 and b"Waiting for the primary" in (response.content or b"")[:4096]:
-        return True
+    if response.status_code in (400, 500):
+        head = (response.content or b"")[:4096]
+        # A standby still replaying after it joined; a standby during an election (no active node yet).
+        return b"Waiting for the primary" in head or b"active cluster node not found" in head
     return False
