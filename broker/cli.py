@@ -182,6 +182,8 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
               "[credbroker:masked] (a pseudo-terminal when stdout is a terminal).")
 @click.option("--agent", is_flag=True, help="Keep the signing key in credbroker; the bot signs through a private "
               "socket (get_signer()), checked by the profile's [policy]. The bot gets the API key only.")
+@click.option("--proxy", is_flag=True, help="Keep the signing key in credbroker's signing proxy: the bot's Binance "
+              "client points at $CREDBROKER_PROXY_URL and signs with a per-run proxy secret.")
 @click.option("--preflight/--no-preflight", "preflight_flag", default=None,
               help="Check the key's restrictions on the exchange before starting (default: on with --agent when "
                    "the exchange is reachable, off otherwise).")
@@ -208,6 +210,7 @@ def run_cmd(
     restart_policy: str,
     mask: bool,
     agent: bool,
+    proxy: bool,
     preflight_flag: bool | None,
     preflight_url: str | None,
     unsafe_allow_withdrawals: bool,
@@ -248,8 +251,16 @@ def run_cmd(
         preflight = PreflightOptions.build(mode=mode, base_url=preflight_url,
                                            unsafe_allow_withdrawals=unsafe_allow_withdrawals,
                                            unsafe_no_ip_restriction=unsafe_no_ip_restriction)
+    if proxy:
+        from .errors import ConfigError
+        from .proxy import check_profile
+
+        if agent:
+            raise ConfigError("--proxy and --agent exclude each other",
+                              "--proxy serves any Binance client; --agent serves get_signer(): pick one")
+        check_profile(prof)  # a typo in [proxy] is one line, before any secret is fetched
     status = runner.run(prof, list(command), config=config, verbose=verbose, rotation=policy,
-                        restart=restart_policy, agent=agent, preflight=preflight, mask=mask)
+                        restart=restart_policy, agent=agent, preflight=preflight, mask=mask, proxy=proxy)
     sys.exit(status)
 
 

@@ -281,6 +281,7 @@ def run(
     agent: bool = False,
     preflight: Any = None,
     mask: bool = False,
+    proxy: bool = False,
 ) -> int:
     """Fetch the profile's secrets, run ``command`` with them, return its exit status.
 
@@ -294,6 +295,8 @@ def run(
     off otherwise) checks the key's restrictions on the exchange first.
     ``mask=True`` replaces every injected value in the child's stdout and
     stderr with a marker (``broker.masking``; a pty when stdout is a terminal).
+    ``proxy=True`` (``--proxy``): the key stays in the broker's signing proxy
+    (``broker.proxy``); the child gets its URL and a per-run proxy secret.
     """
     from . import sources
     from .config import with_config_defaults
@@ -326,7 +329,7 @@ def run(
         from .agent import RunSigning
 
         signing = RunSigning.prepare(profile, agent=agent, preflight=preflight, env=env)
-    elif profile.sections.get("policy"):
+    elif profile.sections.get("policy") and not proxy:
         from .signing_policy import SigningPolicy
 
         SigningPolicy.for_profile(profile)  # a typo in it is still a one-line error
@@ -495,7 +498,20 @@ def run(
 
     relay = AuditRelay(rec)
     extra.update(relay.child_env())
+    proxy_run: Any = None
     try:
+        if proxy:
+            # --proxy, with the signals blocked (its threads inherit the mask): the real key goes to the
+            # proxy; the child gets the proxy's URL and secret instead (broker.proxy).
+            from .proxy import start_for_run
+
+            try:
+                proxy_run = start_for_run(profile, creds, record=rec, audit_log=audit_log)
+            except BrokerError as exc:
+                refused(exc)
+                raise
+            extra.update(proxy_run.child_env)
+            child_profile = proxy_run.child_profile
         if agent:
             # With the signals blocked: the agent's thread inherits the mask and never receives them.
             extra.update(signing.start_agent(audit_log, rec))
@@ -528,6 +544,8 @@ def run(
             exited(child, status, "stopped" if child.stopping else "exited")
             return status
     finally:
+        if proxy_run is not None:
+            proxy_run.stop()
         relay.close()  # the child's last reports are recorded before we return
         if output is not None:
             output.close()  # drain the child's output, restore the terminal
