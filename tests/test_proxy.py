@@ -1,0 +1,419 @@
+"""The signing proxy (`credbroker run --proxy`): checks, re-signs and forwards a bot's Binance requests.
+
+Against tests/fake_binance.py, which verifies signatures as Binance documents.
+In-process tests drive ``broker.proxy.server.SigningProxy`` with ``requests``
+(the test process itself is the allowed tree: ``allow_root=True``); the end to
+end tests run binance-connector under the real `credbroker run --proxy` with
+the key in OpenBao.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from broker.agent import RecorderSink
+from broker.errors import ConfigError
+from broker.proxy.clientkey import ClientKey
+from broker.proxy.server import SigningProxy
+from broker.proxy.settings import ProxySettings
+from broker.proxy.upstream import make_upstreams
+from broker.secret import Secret
+from broker.signing import core
+from broker.signing.ed25519 import Ed25519Signer
+from broker.signing.hmac_sha256 import HmacSigner
+from broker.signing.rsa import RsaSigner
+from broker.signing_policy import SigningPolicy
+from tests.conftest import OpenBao, credbroker_bin
+from tests.fake_binance import FakeBinance
+from tests.test_agent import audit_records
+
+BOT = Path(__file__).resolve().parent / "proxy_bot.py"
+API_KEY = "K" + "a1" * 32
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeBinance]:
+    f = FakeBinance().start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+def gen_pem(kind: str) -> tuple[str, str]:
+    """(private PEM, public PEM) of a fresh key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    key: Any = ed25519.Ed25519PrivateKey.generate() if kind == "ed25519" else \
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return private, core.public_key_pem(key)
+
+
+def real_signer(fake: FakeBinance, kind: str) -> Any:
+    if kind == "hmac":
+        secret = secrets.token_hex(32)
+        fake.add_hmac(API_KEY, secret)
+        return HmacSigner(API_KEY, Secret(secret))
+    private, public = gen_pem(kind)
+    fake.add_public_key(API_KEY, public)
+    _, key = core.load_private_key(private.encode())
+    return (Ed25519Signer if kind == "ed25519" else RsaSigner)(API_KEY, key)
+
+
+class Harness:
+    def __init__(self, fake: FakeBinance, kind: str = "hmac", policy: SigningPolicy | None = None,
+                 root_pid: int | None = None, allow_root: bool = True) -> None:
+        self.records: list[tuple[str, dict[str, Any]]] = []
+        self.signer = real_signer(fake, kind)
+        self.client_key = ClientKey(kind)
+        settings = ProxySettings.from_mapping({"spot": fake.url, "futures": fake.url,
+                                               "unsafe_plain_http_loopback": True}, "test")
+        upstreams = make_upstreams(settings)
+        for u in upstreams.values():
+            u.sync_clock()
+        self.proxy = SigningProxy(self.signer, self.client_key, settings, upstreams, policy or SigningPolicy(),
+                                  RecorderSink(lambda e, f: self.records.append((e, f))), profile="p",
+                                  root_pid=os.getpid() if root_pid is None else root_pid, allow_root=allow_root)
+        self.url = self.proxy.start()
+        self.session = requests.Session()
+
+    def client(self) -> Any:
+        """A bot's signer holding the proxy secret (what `credbroker run --proxy` injects)."""
+        if self.client_key.kind == "hmac":
+            return HmacSigner(API_KEY, Secret(self.client_key.secret.reveal()))
+        _, key = core.load_private_key(self.client_key.secret.reveal())
+        return (Ed25519Signer if self.client_key.kind == "ed25519" else RsaSigner)(API_KEY, key)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [f for e, f in self.records if e == name]
+
+    def close(self) -> None:
+        self.proxy.stop()
+
+
+@pytest.fixture
+def harness(fake: FakeBinance) -> Iterator[Harness]:
+    h = Harness(fake)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+ORDER = {"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.01",
+         "price": "100", "newClientOrderId": "a/b c+d"}
+
+
+@pytest.mark.parametrize("kind", ["hmac", "ed25519", "rsa"])
+def test_order_is_re_signed_with_the_real_key_and_the_answer_comes_back_unchanged(
+        fake: FakeBinance, kind: str) -> None:
+    h = Harness(fake, kind)
+    try:
+        r = h.session.post(h.url + "/fapi/v1/order", data=ORDER, auth=h.client())
+        assert r.status_code == 200, r.text
+        assert r.json()["clientOrderId"] == "a/b c+d"
+        assert r.headers["X-MBX-USED-WEIGHT-1M"] == "1"  # the exchange's headers pass through
+        seen = fake.signed()[-1]
+        assert seen.status == 200 and seen.params["newClientOrderId"] == "a/b c+d"
+        # The exchange never saw the client's signature, only the real key's.
+        assert h.client().sign(seen.raw_query + seen.raw_body.rsplit("&signature=", 1)[0]) not in seen.raw_body
+        # GET with the signature in the query string, and the API-key-only listenKey calls.
+        assert h.session.get(h.url + "/fapi/v2/balance", auth=h.client()).status_code == 200
+        lk = h.session.post(h.url + "/fapi/v1/listenKey", headers={"X-MBX-APIKEY": API_KEY})
+        assert lk.status_code == 200 and "listenKey" in lk.json()
+        requests_ = h.events("proxy_request")
+        assert [r["endpoint"] for r in requests_] == ["/fapi/v1/order", "/fapi/v2/balance", "/fapi/v1/listenKey"]
+        assert requests_[0]["symbol"] == "BTCUSDT" and requests_[0]["signed"] is True
+        assert requests_[0]["pid"] == os.getpid()
+    finally:
+        h.close()
+
+
+def test_a_signature_not_made_with_the_proxy_secret_is_refused_and_not_forwarded(
+        harness: Harness, fake: FakeBinance) -> None:
+    wrong = HmacSigner(API_KEY, Secret(secrets.token_hex(32)))
+    r = harness.session.post(harness.url + "/fapi/v1/order", data=ORDER, auth=wrong)
+    assert r.status_code == 400 and r.json()["code"] == -1022
+    # The real key signs nothing for it: the request never reaches the exchange.
+    assert fake.signed() == []
+    refused = harness.events("proxy_refused")
+    assert refused[-1]["rule"] == "client_signature"
+    # An unsigned copy of a signed endpoint is forwarded unsigned: the exchange refuses it itself.
+    r = harness.session.post(harness.url + "/fapi/v1/order", data=ORDER, headers={"X-MBX-APIKEY": API_KEY})
+    assert r.json()["code"] == -1102
+
+
+def test_a_python_binance_style_signature_over_unencoded_values_is_accepted_and_re_signed(
+        harness: Harness, fake: FakeBinance) -> None:
+    """python-binance signs ``a/b c`` but sends ``a%2Fb+c``: Binance answers -1022; through the proxy it works."""
+    from urllib.parse import urlencode
+
+    params = {**ORDER, "timestamp": str(int(__import__("time").time() * 1000))}
+    plain = "&".join(f"{k}={v}" for k, v in params.items())  # what python-binance signs
+    signature = harness.client().sign(plain)
+    body = urlencode({**params, "signature": signature})  # what requests sends (form-encoded)
+    headers = {"X-MBX-APIKEY": API_KEY, "Content-Type": "application/x-www-form-urlencoded"}
+    direct_secret = secrets.token_hex(32)  # the same bug straight at the exchange: -1022
+    fake.add_hmac("D" * 64, direct_secret)
+    direct_sig = HmacSigner("D" * 64, Secret(direct_secret)).sign(plain)
+    direct = requests.post(fake.url + "/fapi/v1/order", data=urlencode({**params, "signature": direct_sig}),
+                           headers={**headers, "X-MBX-APIKEY": "D" * 64})
+    assert direct.json()["code"] == -1022
+    r = harness.session.post(harness.url + "/fapi/v1/order", data=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert fake.signed()[-1].params["newClientOrderId"] == "a/b c+d"
+
+
+def test_the_policy_binds_the_real_endpoint(fake: FakeBinance) -> None:
+    policy = SigningPolicy.from_mapping({"symbols": ["BTCUSDT"], "max_quantity": 0.5}, "test.policy")
+    h = Harness(fake, policy=policy)
+    try:
+        client = h.client()
+        for path in ("/sapi/v1/capital/withdraw/apply", "/sapi/v1/capital/WITHDRAW/apply"):
+            r = h.session.post(h.url + path, data={"coin": "BTC", "amount": "1"}, auth=client)
+            assert r.status_code == 403 and r.json()["code"] == -1002, path
+        r = h.session.post(h.url + "/SAPI/v1/capital/withdraw/apply", data={"coin": "BTC"}, auth=client)
+        assert r.status_code == 404  # not a prefix the proxy serves
+        # Paths the exchange might read differently from us are refused outright.
+        for path in ("//sapi/v1/capital/withdraw/apply", "/sapi/v1/capital/./withdraw/apply",
+                     "/sapi/v1/capital/%77ithdraw/apply", "/fapi/v1/../../sapi/v1/capital/withdraw/apply"):
+            r = h.session.send(_raw(h.url, path, client))
+            assert r.status_code in (400, 403, 404), (path, r.status_code)
+        batch = json.dumps([{"symbol": "BTCUSDT", "side": "BUY", "quantity": "0.1", "type": "MARKET"},
+                            {"symbol": "ETHUSDT", "side": "BUY", "quantity": "0.1", "type": "MARKET"}])
+        r = h.session.post(h.url + "/fapi/v1/batchOrders", data={"batchOrders": batch}, auth=client)
+        assert r.status_code == 403 and "ETHUSDT" in r.json()["msg"]
+        r = h.session.post(h.url + "/fapi/v1/order", data={**ORDER, "quantity": "1"}, auth=client)
+        assert r.status_code == 403 and "max_quantity" in r.json()["msg"]
+        assert fake.signed() == []
+        rules = [f["rule"] for f in h.events("policy_refused")] + [f["rule"] for f in h.events("proxy_refused")]
+        assert "deny_kinds:withdraw" in rules and "symbols" in rules and "max_quantity" in rules
+        r = h.session.post(h.url + "/fapi/v1/order", data=ORDER, auth=client)
+        assert r.status_code == 200
+    finally:
+        h.close()
+
+
+def _raw(base: str, path: str, signer: Any) -> requests.PreparedRequest:
+    req = requests.Request("POST", base + "/fapi/v1/order", data={"coin": "BTC"}, auth=signer).prepare()
+    req.url = base + path
+    return req
+
+
+def test_recv_window_above_60000_and_stale_timestamps_are_refused(harness: Harness, fake: FakeBinance) -> None:
+    client = harness.client()
+    r = harness.session.get(harness.url + "/fapi/v2/balance?" + client.sign_params({}, recv_window=None)
+                            .replace("timestamp=", "recvWindow=60001&timestamp=", 1),
+                            headers=client.headers())
+    assert r.json()["code"] in (-1131, -1022)
+    query = client.sign_params({"recvWindow": 60001}, recv_window=None)
+    r = harness.session.get(harness.url + "/fapi/v2/balance?" + query, headers=client.headers())
+    assert r.status_code == 400 and r.json()["code"] == -1131
+    stale = client.sign_params({}, timestamp=1_000_000)
+    r = harness.session.get(harness.url + "/fapi/v2/balance?" + stale, headers=client.headers())
+    assert r.json()["code"] == -1021
+    assert fake.signed() == []
+
+
+def test_a_host_clock_off_by_seconds_still_signs_valid_timestamps(fake: FakeBinance) -> None:
+    fake.clock_offset_ms = 12_000  # the exchange is 12 s ahead: a direct request would get -1021
+    h = Harness(fake)
+    try:
+        r = h.session.get(h.url + "/fapi/v2/balance", auth=h.client())
+        assert r.status_code == 200, r.text
+        # The exchange's clock jumps again: one -1021 (recorded with its code), a re-sync, then it works.
+        fake.clock_offset_ms = -20_000
+        r = h.session.get(h.url + "/fapi/v2/balance", auth=h.client())
+        assert r.status_code == 400 and r.json()["code"] == -1021
+        failures = h.events("signature_failure")
+        assert failures and failures[-1]["code"] == -1021 and failures[-1]["by"] == "proxy"
+        assert h.events("proxy_clock_synced")[-1]["reason"] == "-1021"
+        r = h.session.get(h.url + "/fapi/v2/balance", auth=h.client())
+        assert r.status_code == 200, r.text
+    finally:
+        h.close()
+
+
+def test_the_exchange_s_signature_failures_are_recorded_with_their_code(harness: Harness, fake: FakeBinance) -> None:
+    fake.add_hmac(API_KEY, secrets.token_hex(32))  # the exchange now knows another secret for this key
+    r = harness.session.post(harness.url + "/fapi/v1/order", data=ORDER, auth=harness.client())
+    assert r.status_code == 400 and r.json() == {"code": -1022, "msg": "Signature for this request is not valid."}
+    failure = harness.events("signature_failure")[-1]
+    assert failure["code"] == -1022 and failure["endpoint"].endswith("/fapi/v1/order")
+    assert API_KEY not in json.dumps(harness.records)  # masked to its last 4 characters
+
+
+def test_a_wrong_api_key_header_and_unknown_paths_are_refused(harness: Harness, fake: FakeBinance) -> None:
+    r = harness.session.post(harness.url + "/fapi/v1/listenKey", headers={"X-MBX-APIKEY": "X" * 64})
+    assert r.status_code == 401 and r.json()["code"] == -2015
+    r = harness.session.get(harness.url + "/v1/sys/health")
+    assert r.status_code == 404
+    assert fake.requests == [r_ for r_ in fake.requests if r_.path.endswith("/time")]
+
+
+def _peer_script(url: str) -> list[str]:
+    code = ("import sys, urllib.request, urllib.error\n"
+            "try:\n    print(urllib.request.urlopen(sys.argv[1] + '/api/v3/time').status)\n"
+            "except urllib.error.HTTPError as e:\n    print(e.code, e.read().decode())\n")
+    return [sys.executable, "-c", code, url]
+
+
+def test_only_the_bots_process_tree_may_connect(fake: FakeBinance) -> None:
+    # The tree is this test process's; the test process itself (the broker's place) is not allowed.
+    h = Harness(fake, allow_root=False)
+    try:
+        r = h.session.get(h.url + "/api/v3/time")
+        assert r.status_code == 403 and "may not use the proxy" in r.json()["msg"]
+        child = subprocess.run(_peer_script(h.url), capture_output=True, text=True, timeout=60)
+        assert child.stdout.strip() == "200", child.stdout + child.stderr
+    finally:
+        h.close()
+    # A tree the client is not part of: refused, and recorded.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    h = Harness(fake, root_pid=sleeper.pid, allow_root=False)
+    try:
+        outsider = subprocess.run(_peer_script(h.url), capture_output=True, text=True, timeout=60)
+        assert outsider.stdout.startswith("403") and "no process of the bot's tree" in outsider.stdout
+        assert h.events("proxy_refused")[-1]["rule"] == "peer"
+    finally:
+        h.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_proxy_settings_refuse_plain_http_except_loopback_by_the_unsafe_switch() -> None:
+    with pytest.raises(ConfigError, match="plain HTTP to another host"):
+        ProxySettings.from_mapping({"futures": "http://fapi.binance.com", "unsafe_plain_http_loopback": True}, "t")
+    with pytest.raises(ConfigError, match="unsafe_plain_http_loopback"):
+        ProxySettings.from_mapping({"futures": "http://127.0.0.1:1"}, "t")
+    with pytest.raises(ConfigError, match="unknown key"):
+        ProxySettings.from_mapping({"futurs": "https://x"}, "t")
+    assert ProxySettings.from_mapping({"testnet": True}, "t").futures == "https://testnet.binancefuture.com"
+    assert ProxySettings.from_mapping(None, "t").spot == "https://api.binance.com"
+
+
+def test_client_keys_verify_only_their_own_signatures() -> None:
+    for kind in ("hmac", "ed25519", "rsa"):
+        key, other = ClientKey(kind), ClientKey(kind)
+        payload = b"symbol=BTCUSDT&timestamp=1"
+        if kind == "hmac":
+            sig = core.hmac_sha256_hex(key.secret.reveal(), payload)
+        else:
+            _, obj = core.load_private_key(key.secret.reveal())
+            sig = (core.ed25519_sign_b64 if kind == "ed25519" else core.rsa_sign_b64)(obj, payload)
+        assert key.verify(payload, sig) and not other.verify(payload, sig)
+        assert not key.verify(payload + b"1", sig)
+        assert repr(key) == f"ClientKey(kind={kind!r})"
+    encrypted = ClientKey("ed25519", encrypted=True)
+    assert encrypted.passphrase is not None
+    with pytest.raises(Exception, match="encrypted"):
+        core.load_private_key(encrypted.secret.reveal())
+    assert core.load_private_key(encrypted.secret.reveal(), encrypted.passphrase.reveal())[0] == "ed25519"
+
+
+# -- end to end: binance-connector under `credbroker run --proxy`, the key in OpenBao ------------------
+
+
+def _profile(server: OpenBao, tmp: Path, fake: FakeBinance, kind: str, encrypted: bool = False) -> str:
+    kv = f"credbroker/binance/proxy-{secrets.token_hex(3)}"
+    if kind == "hmac":
+        secret = secrets.token_hex(32)
+        fake.add_hmac(API_KEY, secret)
+        server.kv_put(kv, api_key=API_KEY, api_secret=secret)
+        env = 'BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret"'
+    else:
+        private, public = gen_pem(kind)
+        fake.add_public_key(API_KEY, public)
+        server.kv_put(kv, api_key=API_KEY, private_key=private)
+        secret = private
+        env = 'BINANCE_API_KEY = "api_key", BINANCE_PRIVATE_KEY = "private_key"'
+    (tmp / "credbroker.toml").write_text(f"""
+[profiles.bot]
+source = "vault"
+path = "secret/{kv}"
+env = {{ {env} }}
+
+[profiles.bot.proxy]
+spot = "{fake.url}"
+futures = "{fake.url}"
+unsafe_plain_http_loopback = true
+
+[profiles.bot.policy]
+symbols = ["BTCUSDT", "ETHUSDT"]
+""")
+    return secret
+
+
+@pytest.mark.parametrize("kind", ["hmac", "ed25519"])
+def test_binance_connector_bot_trades_through_the_proxy_without_the_secret(
+        openbao: OpenBao, tmp_path: Path, fake: FakeBinance, kind: str) -> None:
+    secret = _profile(openbao, tmp_path, fake, kind)
+    fake.clock_offset_ms = 8_000  # this host's clock is 8 s behind the exchange's
+    state = tmp_path / "state-bot"
+    state.mkdir()
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", sys.executable, str(BOT),
+                           str(state)], env=openbao.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "WARNING: unsafe_plain_http_loopback" in proc.stderr
+    out = json.loads((state / "result.json").read_text())
+    res = out["results"]
+    assert res["order"]["clientOrderId"] == "cb/1 x" and res["order"]["status"] == "NEW"
+    assert [o["symbol"] for o in res["batch"]] == ["BTCUSDT", "ETHUSDT"]
+    assert res["balance"][0]["asset"] == "USDT"
+    assert res["account"]["balances"][0]["asset"] == "USDT"
+    assert res["cancel"]["status"] == "CANCELED"
+    assert "listenKey" in res["listen_key"] and res["listen_key_renew"] == {} and res["listen_key_close"] == {}
+    assert "listenKey" in res["futures_listen_key"] and res["futures_listen_key_renew"] == {}
+    assert res["withdraw"]["status"] == 403 and res["other_symbol"]["status"] == 403
+    # The bot never held the real key: its environment has the proxy's stand-in.
+    environ = out["environ"]
+    needle = secret.strip().splitlines()[1] if kind != "hmac" else secret
+    assert needle not in json.dumps(environ)
+    assert environ["CREDBROKER_KEY_KIND"] == kind and environ["CREDBROKER_PROXY_URL"].startswith("http://127.0.0.1:")
+    assert "VAULT_TOKEN" not in environ
+    # Every request the exchange saw is signed with the real key and valid.
+    assert all(r.status == 200 for r in fake.requests), [(r.path, r.code) for r in fake.requests]
+    assert "cb/1 x" in {r.params.get("newClientOrderId") for r in fake.requests}
+    records = audit_records()
+    forwarded = [r["data"] for r in records if r["event"] == "proxy_request"]
+    assert {f["endpoint"] for f in forwarded} >= {"/api/v3/order", "/fapi/v1/batchOrders", "/fapi/v2/balance",
+                                                   "/api/v3/account", "/api/v3/userDataStream",
+                                                   "/fapi/v1/listenKey"}
+    assert {f["pid"] for f in forwarded} == {out["pid"]}
+    refused = [r["data"] for r in records if r["event"] in ("policy_refused", "proxy_refused")]
+    assert {r["rule"] for r in refused} == {"deny_kinds:withdraw", "symbols"}
+    started = next(r["data"] for r in records if r["event"] == "proxy_started")
+    assert started["kind"] == kind and 7_000 < started["clock_offset_ms"]["futures"] < 9_000
+    stopped = next(r["data"] for r in records if r["event"] == "proxy_stopped")
+    assert stopped["forwarded"] == len(forwarded) and stopped["refused"] == 2
+    text = json.dumps(records) + proc.stdout + proc.stderr
+    for word in (secret if kind == "hmac" else needle, "signature="):
+        assert word not in text
+
+
+def test_proxy_refuses_agent_and_a_bad_proxy_table_before_any_fetch(openbao: OpenBao, tmp_path: Path,
+                                                                   fake: FakeBinance) -> None:
+    _profile(openbao, tmp_path, fake, "hmac")
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "--agent", "-p", "bot", "--", "true"],
+                          env=openbao.env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 125 and "--proxy and --agent exclude each other" in proc.stderr
+    text = (tmp_path / "credbroker.toml").read_text().replace(f'spot = "{fake.url}"', 'spot = "http://example.com"')
+    (tmp_path / "credbroker.toml").write_text(text)
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", "true"],
+                          env=openbao.env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 125 and "plain HTTP to another host" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not [r for r in audit_records() if r["event"] == "secret_fetched"]
