@@ -378,6 +378,11 @@ def run(
             refused(exc)
             raise
 
+    if not agent and not proxy:  # the bot holds the key: tell it the kind (and an unmapped passphrase)
+        from .signing import key_env
+
+        extra.update(key_env(profile, creds))
+
     # Keep the secret (mlocked) only when the broker may need it again.
     keep = agent or restart != "no" or (rotation is not None and rotation.action == "restart")
     # In agent mode the child sees the API key variable only; the secret stays here.

@@ -50,15 +50,16 @@ def fake() -> Iterator[FakeBinance]:
         f.stop()
 
 
-def gen_pem(kind: str) -> tuple[str, str]:
-    """(private PEM, public PEM) of a fresh key."""
+def gen_pem(kind: str, passphrase: str | None = None) -> tuple[str, str]:
+    """(private PEM, public PEM) of a fresh key, encrypted with ``passphrase`` when given."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
     key: Any = ed25519.Ed25519PrivateKey.generate() if kind == "ed25519" else \
         rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
+    encryption: Any = serialization.BestAvailableEncryption(passphrase.encode()) if passphrase else \
+        serialization.NoEncryption()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption).decode()
     return private, core.public_key_pem(key)
 
 
@@ -327,7 +328,8 @@ def test_client_keys_verify_only_their_own_signatures() -> None:
 # -- end to end: binance-connector under `credbroker run --proxy`, the key in OpenBao ------------------
 
 
-def _profile(server: OpenBao, tmp: Path, fake: FakeBinance, kind: str, encrypted: bool = False) -> str:
+def _profile(server: OpenBao, tmp: Path, fake: FakeBinance, kind: str, passphrase: str | None = None,
+             map_passphrase: bool = False) -> str:
     kv = f"credbroker/binance/proxy-{secrets.token_hex(3)}"
     if kind == "hmac":
         secret = secrets.token_hex(32)
@@ -335,11 +337,14 @@ def _profile(server: OpenBao, tmp: Path, fake: FakeBinance, kind: str, encrypted
         server.kv_put(kv, api_key=API_KEY, api_secret=secret)
         env = 'BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret"'
     else:
-        private, public = gen_pem(kind)
+        private, public = gen_pem(kind, passphrase)
         fake.add_public_key(API_KEY, public)
-        server.kv_put(kv, api_key=API_KEY, private_key=private)
+        server.kv_put(kv, api_key=API_KEY, private_key=private,
+                      **({"private_key_passphrase": passphrase} if passphrase else {}))
         secret = private
         env = 'BINANCE_API_KEY = "api_key", BINANCE_PRIVATE_KEY = "private_key"'
+        if map_passphrase:
+            env += ', BINANCE_PRIVATE_KEY_PASSPHRASE = "private_key_passphrase"'
     (tmp / "credbroker.toml").write_text(f"""
 [profiles.bot]
 source = "vault"
@@ -357,10 +362,17 @@ symbols = ["BTCUSDT", "ETHUSDT"]
     return secret
 
 
-@pytest.mark.parametrize("kind", ["hmac", "ed25519"])
+@pytest.mark.parametrize("kind, passphrase, mapped", [
+    ("hmac", None, False), ("ed25519", None, False), ("rsa", None, False),
+    ("ed25519", "encrypted", False),  # passphrase unmapped: the broker reads it anyway
+    ("ed25519", "encrypted", True),   # mapped: the bot gets an encrypted stand-in and a per-run passphrase
+])
 def test_binance_connector_bot_trades_through_the_proxy_without_the_secret(
-        openbao: OpenBao, tmp_path: Path, fake: FakeBinance, kind: str) -> None:
-    secret = _profile(openbao, tmp_path, fake, kind)
+        openbao: OpenBao, tmp_path: Path, fake: FakeBinance, kind: str, passphrase: str | None,
+        mapped: bool) -> None:
+    if passphrase:
+        passphrase = "pp " + secrets.token_hex(8)
+    secret = _profile(openbao, tmp_path, fake, kind, passphrase, mapped)
     fake.clock_offset_ms = 8_000  # this host's clock is 8 s behind the exchange's
     state = tmp_path / "state-bot"
     state.mkdir()
@@ -384,6 +396,10 @@ def test_binance_connector_bot_trades_through_the_proxy_without_the_secret(
     assert needle not in json.dumps(environ)
     assert environ["CREDBROKER_KEY_KIND"] == kind and environ["CREDBROKER_PROXY_URL"].startswith("http://127.0.0.1:")
     assert "VAULT_TOKEN" not in environ
+    if passphrase:
+        assert passphrase not in json.dumps(environ)
+        assert ("BINANCE_PRIVATE_KEY_PASSPHRASE" in environ) == mapped
+        assert ("ENCRYPTED" in environ["BINANCE_PRIVATE_KEY"]) == mapped
     # Every request the exchange saw is signed with the real key and valid.
     assert all(r.status == 200 for r in fake.requests), [(r.path, r.code) for r in fake.requests]
     assert "cb/1 x" in {r.params.get("newClientOrderId") for r in fake.requests}
@@ -417,3 +433,56 @@ def test_proxy_refuses_agent_and_a_bad_proxy_table_before_any_fetch(openbao: Ope
     assert proc.returncode == 125 and "plain HTTP to another host" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not [r for r in audit_records() if r["event"] == "secret_fetched"]
+
+
+# -- encrypted PEM keys: the passphrase is read whenever the key needs it ------------------------------
+
+ENV_BOT = """
+import json, os, sys, requests
+from broker import get_signer
+signer = get_signer()
+r = requests.get(sys.argv[1] + "/fapi/v2/balance", auth=signer)
+print(json.dumps({"kind": os.environ.get("CREDBROKER_KEY_KIND"), "signer": signer.kind, "status": r.status_code}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "rsa"])
+def test_an_encrypted_key_works_in_env_mode_although_its_passphrase_is_not_mapped(
+        openbao: OpenBao, tmp_path: Path, fake: FakeBinance, kind: str) -> None:
+    _profile(openbao, tmp_path, fake, kind, passphrase="s3cret pass")
+    proc = subprocess.run([credbroker_bin(), "run", "-p", "bot", "--", sys.executable, "-c", ENV_BOT, fake.url],
+                          env=openbao.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout) == {"kind": kind, "signer": kind, "status": 200}
+    # get_signer(profile=...) outside a run reads it too.
+    from broker.signing import get_signer
+
+    signer = get_signer(profile="bot", env=openbao.env())
+    try:
+        assert signer.kind == kind
+        assert requests.get(fake.url + "/fapi/v2/balance", auth=signer).status_code == 200
+    finally:
+        signer.close()
+
+
+def test_the_child_learns_the_key_kind_of_an_hmac_key(openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
+    _profile(openbao, tmp_path, fake, "hmac")
+    proc = subprocess.run([credbroker_bin(), "run", "-p", "bot", "--", sys.executable, "-c", ENV_BOT, fake.url],
+                          env=openbao.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout) == {"kind": "hmac", "signer": "hmac", "status": 200}
+
+
+def test_an_encrypted_key_without_a_stored_passphrase_stops_the_run_with_one_line(
+        openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
+    _profile(openbao, tmp_path, fake, "ed25519", passphrase="s3cret pass")
+    text = (tmp_path / "credbroker.toml").read_text()
+    kv = text.split('path = "secret/', 1)[1].split('"', 1)[0]
+    data = openbao.client().secrets.kv.v2.read_secret_version(path=kv, mount_point="secret", raise_on_deleted_version=True)["data"]["data"]
+    data.pop("private_key_passphrase")
+    openbao.kv_put(kv, **data)
+    proc = subprocess.run([credbroker_bin(), "run", "-p", "bot", "--", "true"], env=openbao.env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 125
+    assert "encrypted and its passphrase could not be read from the field 'private_key_passphrase'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2 and "Traceback" not in proc.stderr
