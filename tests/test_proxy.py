@@ -486,3 +486,45 @@ def test_an_encrypted_key_without_a_stored_passphrase_stops_the_run_with_one_lin
     assert proc.returncode == 125
     assert "encrypted and its passphrase could not be read from the field 'private_key_passphrase'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2 and "Traceback" not in proc.stderr
+
+
+# -- the exchange's clock, for get_signer() ----------------------------------------------------------
+
+
+def test_a_signer_learns_the_exchange_clock_after_a_1021(fake: FakeBinance) -> None:
+    from broker.errors import SigningError
+    from broker.signing import binance
+
+    signer = real_signer(fake, "hmac")
+    fake.clock_offset_ms = 15_000
+    r = requests.get(fake.url + "/fapi/v2/balance", auth=signer)
+    assert r.json()["code"] == -1021
+    assert 14_000 < signer.clock_offset_ms < 16_000  # the hook asked /fapi/v1/time
+    assert fake.requests[-1].path == "/fapi/v1/time"
+    assert requests.get(fake.url + "/fapi/v2/balance", auth=signer).status_code == 200
+    assert requests.get(fake.url + "/api/v3/account", auth=signer).status_code == 200
+    assert binance.time_url("https://api.binance.com/api/v3/order?x=1") == "https://api.binance.com/api/v3/time"
+    assert binance.time_url("https://fapi.binance.com") == "https://fapi.binance.com/fapi/v1/time"
+    with pytest.raises(SigningError, match="recvWindow"):
+        signer.sign_params({"symbol": "BTCUSDT"}, recv_window=60001)
+
+
+def test_get_signer_learns_the_exchange_clock_at_start(openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
+    _profile(openbao, tmp_path, fake, "ed25519")
+    with (tmp_path / "credbroker.toml").open("a") as f:
+        f.write(f'\n[profiles.bot.signer]\nexchange_url = "{fake.url}"\n')
+    fake.clock_offset_ms = -30_000  # this host's clock is 30 s ahead of the exchange's
+    # Inside `credbroker run` (env mode) and with a profile: the first request is already valid.
+    proc = subprocess.run([credbroker_bin(), "run", "-p", "bot", "--", sys.executable, "-c", ENV_BOT, fake.url],
+                          env=openbao.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["status"] == 200
+    from broker.signing import get_signer
+
+    signer = get_signer(profile="bot", env=openbao.env())
+    try:
+        assert -31_000 < signer.clock_offset_ms < -29_000
+        assert requests.get(fake.url + "/fapi/v2/balance", auth=signer).status_code == 200
+    finally:
+        signer.close()
+    assert all(r.code != -1021 for r in fake.requests)

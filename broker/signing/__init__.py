@@ -166,8 +166,23 @@ def get_signer(
     from .refresh import RefreshingSigner
 
     interval = refresh_interval if refresh_interval is not None else settings.refresh_interval
-    return RefreshingSigner(build, latest=latest, record=lambda event, fields: write(log, event, fields),
-                            profile=prof.name, interval=None if pinned else interval)
+    refreshing = RefreshingSigner(build, latest=latest, record=lambda event, fields: write(log, event, fields),
+                                  profile=prof.name, interval=None if pinned else interval)
+    _sync_at_start(refreshing, settings)
+    return refreshing
+
+
+def _sync_at_start(signer: Signer, settings: SignerSettings) -> None:
+    """Learn the exchange's clock offset when the profile names the exchange; a failure is one warning."""
+    if not settings.exchange_url:
+        return
+    try:
+        signer.sync_clock(settings.exchange_url)
+    except SigningError as exc:
+        import sys
+
+        print(f"credbroker: WARNING: {exc.message}; timestamps use this host's clock until the exchange "
+              "answers -1021", file=sys.stderr, flush=True)
 
 
 #: Signer kind -> "module:class". A new kind is a new module and a line here
@@ -326,11 +341,13 @@ def _from_run(environ: Mapping[str, str], *, recv_window: int | None, record_fai
     if settings.type == "transit":
         client, vault_settings = _child_vault_client(environ, vault)
     try:
-        return make_signer(settings, fields, profile=profile, where=f"profile {profile!r}: signer",
-                           recv_window=recv_window, record_failures=record_failures,
-                           vault_client=client, vault_settings=vault_settings,
-                           token_ttl=float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None,
-                           missing_settings=not environ.get(SIGNER_VAR))
+        signer = make_signer(settings, fields, profile=profile, where=f"profile {profile!r}: signer",
+                             recv_window=recv_window, record_failures=record_failures,
+                             vault_client=client, vault_settings=vault_settings,
+                             token_ttl=float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None,
+                             missing_settings=not environ.get(SIGNER_VAR))
+        _sync_at_start(signer, settings)
+        return signer
     finally:
         for secret in fields.values():
             secret.wipe()
