@@ -133,6 +133,14 @@ Behaviour:
     and notional caps, recvWindow ceiling, denied endpoints and parameters;
     withdrawals denied by default) is checked first; every signature and
     every refusal is an audit record, fsynced before the bot gets its answer.
+  - --proxy keeps the signing key in credbroker's signing proxy, for any
+    Binance client: the bot gets CREDBROKER_PROXY_URL (a loopback base URL
+    for its client), the API key, and a per-run proxy secret of the key's
+    kind in the key's variables. The proxy checks that the connection is the
+    bot's (its process tree), the proxy secret's signature, and the profile's
+    [policy] on the real method, path and parameters; then re-stamps the
+    timestamp with the exchange's clock, signs with the real key and forwards
+    to the exchange ([proxy] in the profile: spot, futures, testnet).
   - Key preflight (on by default with --agent when the exchange is
     reachable; --preflight requires it, --no-preflight skips it): Binance's
     GET /sapi/v1/account/apiRestrictions must show enableWithdrawals false

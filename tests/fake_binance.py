@@ -152,6 +152,7 @@ class FakeBinance:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # as a real server: no 40 ms Nagle/delayed-ACK stall per answer
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)

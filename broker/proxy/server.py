@@ -376,6 +376,9 @@ class _Handler(BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive; every request goes to ``SigningProxy.handle``."""
 
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK hold the body back ~40 ms on every kept-alive request.
+    disable_nagle_algorithm = True
     server: _Server
     _peer: tuple[int | None, str | None] | None = None
 
