@@ -528,3 +528,58 @@ def test_get_signer_learns_the_exchange_clock_at_start(openbao: OpenBao, tmp_pat
     finally:
         signer.close()
     assert all(r.code != -1021 for r in fake.requests)
+
+
+# -- python-binance, from its own venv: its encoding bug disappears through the proxy ----------------
+
+#: python-binance installs a `binance/` folder that would overwrite binance-connector's in the test venv,
+#: so it lives in its own venv, made before the tests (no network during them) by .ci/run:
+#:   python3 -m venv .venv-clients/python-binance && .venv-clients/python-binance/bin/pip install python-binance
+PYTHON_BINANCE = Path(__file__).resolve().parent.parent / ".venv-clients" / "python-binance" / "bin" / "python"
+
+
+def _python_binance() -> str:
+    if not PYTHON_BINANCE.exists():
+        reason = f"python-binance's venv {PYTHON_BINANCE.parent.parent} is missing (.ci/run makes it)"
+        if os.environ.get("CREDBROKER_REQUIRE_SERVICES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return str(PYTHON_BINANCE)
+
+
+@pytest.mark.parametrize("kind, client_key", [("hmac", "same"), ("ed25519", "same"), ("ed25519", "hmac")])
+def test_python_binance_encoding_bug_disappears_through_the_proxy(
+        openbao: OpenBao, tmp_path: Path, fake: FakeBinance, kind: str, client_key: str) -> None:
+    python = _python_binance()
+    bot = str(Path(__file__).resolve().parent / "proxy_bot_python_binance.py")
+    secret = _profile(openbao, tmp_path, fake, kind)
+    text = (tmp_path / "credbroker.toml").read_text()
+    (tmp_path / "credbroker.toml").write_text(text.replace("[profiles.bot.proxy]\n",
+                                                           f'[profiles.bot.proxy]\nclient_key = "{client_key}"\n'))
+    state = tmp_path / "state-pb"
+    state.mkdir()
+    env = {**openbao.env(), "PYTHONPATH": ""}  # the bot runs on python-binance's venv only
+    # Straight at the exchange (env mode): python-binance's own bug, -1022 for a '/' or a space.
+    direct = subprocess.run([credbroker_bin(), "run", "-p", "bot", "--", python, bot, str(state), "direct",
+                             fake.url], env=env, capture_output=True, text=True, timeout=120)
+    assert direct.returncode == 0, direct.stdout + direct.stderr
+    res = json.loads((state / "result-direct.json").read_text())["results"]
+    assert res["order"]["error"] == -1022 and res["spot_order"]["error"] == -1022
+    assert res["plain_order"]["clientOrderId"] == "plain1"  # the same call without '/' or ' ' works
+    # Through the proxy: every call works, the clientOrderId arrives exactly as the bot wrote it.
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", python, bot, str(state), "proxy"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads((state / "result-proxy.json").read_text())
+    res = out["results"]
+    assert res["order"]["clientOrderId"] == "cb/1 x" and res["spot_order"]["clientOrderId"] == "cb/2 y"
+    if kind == "hmac" or client_key == "hmac":
+        assert res["batch"][0]["clientOrderId"] == "b1"
+    else:  # python-binance crashes on a batch order with a PEM key before sending it: client_key = "hmac" avoids it
+        assert res["batch"] == {"crash": "ValueError"}
+    assert out["environ"]["CREDBROKER_KEY_KIND"] == (kind if client_key == "same" else "hmac")
+    assert res["balance"][0]["asset"] == "USDT" and res["account"]["balances"][0]["asset"] == "USDT"
+    assert res["cancel"]["status"] == "CANCELED"
+    assert isinstance(res["listen_key"], str) and res["listen_key_renew"] == {} and res["listen_key_close"] == {}
+    needle = secret if kind == "hmac" else secret.strip().splitlines()[1]
+    assert needle not in json.dumps(out["environ"])

@@ -14,8 +14,9 @@ What the child gets (and nothing more of the key):
 - the proxy secret in every variable the profile maps the signing key to, and
   in ``CREDBROKER_PROXY_SECRET``; for an encrypted PEM key, a per-run
   passphrase in the passphrase's variable;
-- ``CREDBROKER_KEY_KIND`` (hmac, ed25519 or rsa), so the bot hands the secret
-  to the right constructor argument.
+- ``CREDBROKER_KEY_KIND`` (hmac, ed25519 or rsa): the kind of the key the bot
+  holds, so it hands it to the right constructor argument (the real key's
+  kind, or hmac with ``[proxy] client_key = "hmac"``).
 
 Only the bot's process tree may connect (``peer``). A transit profile is not
 served yet: its key already never leaves Vault, and ``get_signer()`` signs
@@ -104,9 +105,10 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
     signer = make_signer(settings, dict(creds.items()), profile=profile.name, where=profile.where("signer"),
                          record_failures=False)
     key_field = settings.key_field or next(f for f in ("private_key", "api_secret") if f in creds)
+    client_kind = signer.kind if proxy_settings.client_key == "same" else proxy_settings.client_key
     # An encrypted stand-in only when the bot is given a passphrase variable to open it with.
-    encrypted = signer.kind != "hmac" and settings.passphrase_field in profile.env.values()
-    client_key = ClientKey(signer.kind, encrypted=encrypted)
+    encrypted = client_kind != "hmac" and settings.passphrase_field in profile.env.values()
+    client_key = ClientKey(client_kind, encrypted=encrypted)
     upstreams = make_upstreams(proxy_settings)
     sink = audit_log if audit_log is not None else RecorderSink(record)
     server = SigningProxy(signer, client_key, proxy_settings, upstreams, policy, sink, profile=profile.name,
@@ -123,7 +125,7 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
             _say(f"WARNING: {exc.message}; timestamps use this host's clock until the exchange answers -1021")
     url = server.start()
     secret = client_key.secret.reveal_str()
-    child_env = {URL_VAR: url, SECRET_VAR: secret, KIND_VAR: signer.kind}
+    child_env = {URL_VAR: url, SECRET_VAR: secret, KIND_VAR: client_kind}
     replaced = {key_field}
     for var, field in profile.env.items():
         if field == key_field:
@@ -137,7 +139,7 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
     child_env["CREDBROKER_ENV_MAP"] = json.dumps(dict(profile.env), separators=(",", ":"))
     child_profile = profile._replace(env={v: f for v, f in profile.env.items()
                                           if f not in replaced and f != settings.passphrase_field})
-    record("proxy_started", {"profile": profile.name, "url": url, "kind": signer.kind,
+    record("proxy_started", {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,
                              "upstreams": {n: u.base_url for n, u in upstreams.items()},
                              "clock_offset_ms": offsets, "policy": policy.describe()})
     return ProxyRun(server, child_env, child_profile, record)

@@ -6,7 +6,13 @@ Example::
     testnet = false                          # true: Binance's testnets instead of production
     spot = "https://api.binance.com"         # /api/... and /sapi/... (default shown)
     futures = "https://fapi.binance.com"     # /fapi/... (USDⓈ-M futures; default shown)
+    # client_key = "hmac"                    # the bot's stand-in: "same" kind as the real key (default) or "hmac"
     # unsafe_plain_http_loopback = true      # tests only: an http:// upstream on 127.0.0.1
+
+``client_key = "hmac"`` gives the bot an HMAC proxy secret even when the real
+key is Ed25519 or RSA: for clients whose PEM handling is broken (python-binance
+misreads an encrypted Ed25519 key as RSA and crashes on batch orders with a PEM
+key), while the exchange still only ever sees the real key's signatures.
 
 Upstreams must be ``https://``. The one exception is a loopback upstream
 (127.0.0.1, ::1, localhost) over plain HTTP, for a fake exchange in tests,
@@ -32,7 +38,8 @@ ROUTES: tuple[tuple[str, str], ...] = (("/fapi/", "futures"), ("/api/", "spot"),
 #: Where each upstream tells its time (GET, unsigned): spot and USDⓈ-M futures "Check Server Time".
 TIME_PATHS = {"spot": "/api/v3/time", "futures": "/fapi/v1/time"}
 
-_KNOWN = frozenset({"testnet", "spot", "futures", "unsafe_plain_http_loopback"})
+_KNOWN = frozenset({"testnet", "spot", "futures", "unsafe_plain_http_loopback", "client_key"})
+CLIENT_KEYS = ("same", "hmac")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -44,6 +51,7 @@ class ProxySettings:
     futures: str = PRODUCTION["futures"]
     testnet: bool = False
     unsafe_plain_http_loopback: bool = False
+    client_key: str = "same"
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any] | None, where: str) -> ProxySettings:
@@ -66,8 +74,12 @@ class ProxySettings:
         for name in ("spot", "futures"):
             raw = table.get(name, defaults[name])
             urls[name] = check_base_url(raw, f"{where}.{name}", allow_plain_loopback=flags["unsafe_plain_http_loopback"])
+        client_key = table.get("client_key", "same")
+        if client_key not in CLIENT_KEYS:
+            raise ConfigError(f"{where}.client_key: expected one of {', '.join(CLIENT_KEYS)}, got {client_key!r}",
+                              'e.g. client_key = "hmac"')
         return cls(spot=urls["spot"], futures=urls["futures"], testnet=flags["testnet"],
-                   unsafe_plain_http_loopback=flags["unsafe_plain_http_loopback"])
+                   unsafe_plain_http_loopback=flags["unsafe_plain_http_loopback"], client_key=client_key)
 
     @classmethod
     def for_profile(cls, profile: Any) -> ProxySettings:
