@@ -266,6 +266,10 @@ def run_cmd(
         if agent:
             raise ConfigError("--proxy and --agent exclude each other",
                               "--proxy serves any Binance client; --agent serves get_signer(): pick one")
+        if policy is not None and policy.action != "ignore":
+            raise ConfigError("--proxy does not follow key rotation yet: the proxy would keep signing with the "
+                              "key it was started with", "run without --on-rotate (or with --on-rotate ignore), "
+                              "and restart the run after a rotation")
         check_profile(prof)  # a typo in [proxy] is one line, before any secret is fetched
     status = runner.run(prof, list(command), config=config, verbose=verbose, rotation=policy,
                         restart=restart_policy, agent=agent, preflight=preflight, mask=mask, proxy=proxy)

@@ -426,6 +426,9 @@ def test_proxy_refuses_agent_and_a_bad_proxy_table_before_any_fetch(openbao: Ope
     proc = subprocess.run([credbroker_bin(), "run", "--proxy", "--agent", "-p", "bot", "--", "true"],
                           env=openbao.env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 125 and "--proxy and --agent exclude each other" in proc.stderr
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "--on-rotate", "restart", "-p", "bot", "--", "true"],
+                          env=openbao.env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 125 and "--proxy does not follow key rotation yet" in proc.stderr
     text = (tmp_path / "credbroker.toml").read_text().replace(f'spot = "{fake.url}"', 'spot = "http://example.com"')
     (tmp_path / "credbroker.toml").write_text(text)
     proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", "true"],
