@@ -444,7 +444,8 @@ ENV_BOT = """
 import json, os, sys, requests
 from broker import get_signer
 signer = get_signer()
-r = requests.get(sys.argv[1] + "/fapi/v2/balance", auth=signer)
+url = os.environ["CREDBROKER_PROXY_URL"] if sys.argv[1] == "proxy" else sys.argv[1]
+r = requests.get(url + "/fapi/v2/balance", auth=signer)
 print(json.dumps({"kind": os.environ.get("CREDBROKER_KEY_KIND"), "signer": signer.kind, "status": r.status_code}))
 """
 
@@ -586,3 +587,14 @@ def test_python_binance_encoding_bug_disappears_through_the_proxy(
     assert isinstance(res["listen_key"], str) and res["listen_key_renew"] == {} and res["listen_key_close"] == {}
     needle = secret if kind == "hmac" else secret.strip().splitlines()[1]
     assert needle not in json.dumps(out["environ"])
+
+
+@pytest.mark.parametrize("kind", ["hmac", "rsa"])
+def test_get_signer_in_a_proxy_child_signs_with_the_stand_in(openbao: OpenBao, tmp_path: Path, fake: FakeBinance,
+                                                             kind: str) -> None:
+    _profile(openbao, tmp_path, fake, kind)
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", sys.executable, "-c", ENV_BOT,
+                           "proxy"], env=openbao.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout) == {"kind": kind, "signer": kind, "status": 200}
+    assert [r.path for r in fake.signed()] == ["/fapi/v2/balance"] and fake.signed()[0].status == 200
