@@ -107,6 +107,12 @@ def run_bot(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a rough figure in ~15 s)")
@@ -152,6 +158,7 @@ def main() -> None:
         proxy = SigningProxy(HmacSigner(API_KEY, Secret(secret)), client_key, settings, upstreams,
                              SigningPolicy(), log, profile="bench", root_pid=os.getpid())
         proxy_url = proxy.start()
+        cpu0, ex_cpu0, ex_seen0 = time.process_time(), _cpu_seconds(exchange.pid), 0
         n, seconds = (400, 4.0) if args.quick else (4000, 20.0)
         bot = subprocess.run(
             [sys.executable, __file__, "--bot", "--direct", url, "--proxy", proxy_url, "--secret", secret,
@@ -161,6 +168,9 @@ def main() -> None:
         if bot.returncode != 0:
             sys.exit(f"bench_proxy: the bench bot failed: {bot.stderr.strip()[-400:]}")
         res = json.loads(bot.stdout)
+        proxy_cpu = time.process_time() - cpu0
+        exchange_cpu = _cpu_seconds(exchange.pid) - ex_cpu0
+        del ex_seen0
     finally:
         if proxy is not None:
             proxy.stop()
@@ -175,7 +185,13 @@ def main() -> None:
     print(f"{'bot -> proxy -> exchange':24}{p['p50_us']:>10.0f}{p['p99_us']:>10.0f}{p['rps']:>14.0f}")
     print(f"added by the proxy: p50 {p['p50_us'] - d['p50_us']:.0f} us, p99 {p['p99_us'] - d['p99_us']:.0f} us; "
           f"latency ratio p50 {p['p50_us'] / d['p50_us']:.2f}x; throughput ratio {p['rps'] / d['rps']:.2f}x")
-    print(f"proxy totals: forwarded {proxy.forwarded if proxy else '?'}, refused {proxy.refused if proxy else '?'}")
+    forwarded = proxy.forwarded if proxy else 0
+    # CPU per request does not depend on how busy the machine is: the fake exchange (http.server plus a
+    # signature check, every request, direct or proxied) is the reference measured in the same run.
+    total = forwarded + int(d["rps"] * seconds / 2 * 2) + n
+    print(f"CPU per request: proxy {proxy_cpu / max(forwarded, 1) * 1e6:.0f} us (its {forwarded} requests), "
+          f"fake exchange {exchange_cpu / max(total, 1) * 1e6:.0f} us (~{total} requests): "
+          f"{(proxy_cpu / max(forwarded, 1)) / (exchange_cpu / max(total, 1)):.2f}x")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ class Harness:
         return (Ed25519Signer if self.client_key.kind == "ed25519" else RsaSigner)(API_KEY, key)
 
     def events(self, name: str) -> list[dict[str, Any]]:
+        self.proxy.drain()  # the proxy's flusher writes queued records within 0.2 s; now, here
         return [f for e, f in self.records if e == name]
 
     def close(self) -> None:
@@ -254,6 +255,7 @@ def test_the_exchange_s_signature_failures_are_recorded_with_their_code(harness:
     assert r.status_code == 400 and r.json() == {"code": -1022, "msg": "Signature for this request is not valid."}
     failure = harness.events("signature_failure")[-1]
     assert failure["code"] == -1022 and failure["endpoint"].endswith("/fapi/v1/order")
+    harness.proxy.drain()
     assert API_KEY not in json.dumps(harness.records)  # masked to its last 4 characters
 
 

@@ -21,15 +21,18 @@ and an audit record):
 Audit: ``proxy_request`` before a request leaves (method, endpoint, parameter
 names, the order's public fields), ``proxy_answer`` for an answer that is not
 2xx, ``signature_failure`` (with Binance's code) for key trouble,
-``policy_refused`` / ``proxy_refused`` for refusals. Records are queued and
-group-committed by a thread at most ``FLUSH_INTERVAL`` seconds later; a log
-that cannot be written makes every later request fail (fail closed).
+``policy_refused`` / ``proxy_refused`` for refusals. Records are queued in
+memory (request threads never wait for the log's lock, which a group commit
+holds across its fsync) and written and fsynced by a thread at most
+``FLUSH_INTERVAL`` seconds later, and at stop; a log that cannot be written
+makes every later request fail (fail closed).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+from collections import deque
 import re
 import threading
 import time
@@ -137,6 +140,10 @@ class SigningProxy:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._audit_failed: BrokerError | None = None
+        # Request threads queue their records here (deque.append is atomic): they never wait for the
+        # audit log's lock, which its group commit holds across an fsync. The flusher thread writes them.
+        self._queue: deque[tuple[str, dict[str, Any]]] = deque()
+        self._drain_lock = threading.Lock()
         self._last_sync: dict[str, float] = {}
         self._sync_lock = threading.Lock()
         self.forwarded = 0
@@ -172,7 +179,7 @@ class SigningProxy:
             t.join(timeout=5.0)
         self._threads = []
         try:
-            self.audit.flush()
+            self.drain()
         except BrokerError:
             pass  # reported by the run's own records; nothing more can be done here
         for upstream in self.upstreams.values():
@@ -185,9 +192,18 @@ class SigningProxy:
     def _flush_loop(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
             try:
-                self.audit.flush()
+                self.drain()
             except BrokerError as exc:
                 self._audit_failed = exc
+
+    def drain(self) -> None:
+        """Write every queued record and commit them (one fsync). Raises the log's BrokerError."""
+        with self._drain_lock:
+            queue = self._queue
+            while queue:
+                event, fields = queue.popleft()
+                self.audit.record(event, fields, durable=False)
+            self.audit.flush()
 
     # -- peers ------------------------------------------------------------------------------
     def check_peer(self, client: tuple[str, int], server: tuple[str, int]) -> tuple[int | None, str | None]:
@@ -359,11 +375,9 @@ class SigningProxy:
         return _json_answer(403, -1002, f"credbroker proxy: {exc.message}")
 
     def _record(self, event: str, fields: dict[str, Any]) -> bool:
-        try:
-            self.audit.record(event, fields, durable=False)
-        except BrokerError as exc:
-            self._audit_failed = exc
+        if self._audit_failed is not None:
             return False
+        self._queue.append((event, fields))
         return True
 
 
