@@ -44,6 +44,7 @@ class Request:
     api_key: str | None
     raw_query: str
     raw_body: str
+    client_port: int = 0
 
 
 @dataclass
@@ -56,6 +57,7 @@ class FakeBinance:
     server: ThreadingHTTPServer | None = None
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    scheme: str = "http"
 
     @property
     def clock_offset_ms(self) -> int:
@@ -76,7 +78,7 @@ class FakeBinance:
     def url(self) -> str:
         assert self.server is not None
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     def signed(self) -> list[Request]:
         """The requests that reached a signed endpoint."""
@@ -147,7 +149,8 @@ class FakeBinance:
         return 405, {"code": -1000, "msg": "method"}, {}
 
     # -- server ------------------------------------------------------------------------------
-    def start(self) -> FakeBinance:
+    def start(self, tls: Any = None) -> FakeBinance:
+        """Serve on a free loopback port; ``tls``: an ``ssl.SSLContext`` to serve HTTPS."""
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -164,7 +167,8 @@ class FakeBinance:
                 code = payload.get("code") if isinstance(payload, dict) else None
                 with fake._lock:
                     fake.requests.append(Request(self.command, parts.path, params, status, code,
-                                                 self.headers.get("X-MBX-APIKEY"), parts.query, body))
+                                                 self.headers.get("X-MBX-APIKEY"), parts.query, body,
+                                                 self.client_address[1]))
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -183,6 +187,9 @@ class FakeBinance:
             daemon_threads = True
 
         self.server = Server(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

@@ -76,15 +76,18 @@ def real_signer(fake: FakeBinance, kind: str) -> Any:
 
 class Harness:
     def __init__(self, fake: FakeBinance, kind: str = "hmac", policy: SigningPolicy | None = None,
-                 root_pid: int | None = None, allow_root: bool = True) -> None:
+                 root_pid: int | None = None, allow_root: bool = True, ca_file: str | None = None,
+                 sync: bool = True) -> None:
         self.records: list[tuple[str, dict[str, Any]]] = []
         self.signer = real_signer(fake, kind)
         self.client_key = ClientKey(kind)
         settings = ProxySettings.from_mapping({"spot": fake.url, "futures": fake.url,
-                                               "unsafe_plain_http_loopback": True}, "test")
+                                               "unsafe_plain_http_loopback": True,
+                                               **({"ca_file": ca_file} if ca_file else {})}, "test")
         upstreams = make_upstreams(settings)
         for u in upstreams.values():
-            u.sync_clock()
+            if sync:
+                u.sync_clock()
         self.proxy = SigningProxy(self.signer, self.client_key, settings, upstreams, policy or SigningPolicy(),
                                   RecorderSink(lambda e, f: self.records.append((e, f))), profile="p",
                                   root_pid=os.getpid() if root_pid is None else root_pid, allow_root=allow_root)
@@ -600,3 +603,61 @@ def test_get_signer_in_a_proxy_child_signs_with_the_stand_in(openbao: OpenBao, t
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout) == {"kind": kind, "signer": kind, "status": 200}
     assert [r.path for r in fake.signed()] == ["/fapi/v2/balance"] and fake.signed()[0].status == 200
+
+
+
+def _tls_context(tmp: Path) -> tuple[Any, str]:
+    """A server TLS context for 127.0.0.1 with a fresh self-signed certificate; (context, its PEM file)."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake binance")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp / "fake-cert.pem", tmp / "fake-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx, str(cert_file)
+
+
+def test_the_exchange_is_reached_over_verified_tls_on_kept_alive_connections(tmp_path: Path) -> None:
+    ctx, ca_file = _tls_context(tmp_path)
+    fake = FakeBinance().start(tls=ctx)
+    try:
+        assert fake.url.startswith("https://127.0.0.1:")
+        h = Harness(fake, ca_file=ca_file)
+        try:
+            for _ in range(3):
+                r = h.session.get(h.url + "/fapi/v2/balance", auth=h.client())
+                assert r.status_code == 200, r.text
+            signed = fake.signed()
+            assert len(signed) == 3 and len({r.client_port for r in signed}) == 1  # one kept-alive connection
+        finally:
+            h.close()
+        # The same exchange with the default trust (certifi's bundle): its certificate is refused.
+        h = Harness(fake, sync=False)
+        try:
+            r = h.session.get(h.url + "/fapi/v2/balance", auth=h.client())
+            assert r.status_code == 502 and "cannot reach the exchange" in r.json()["msg"]
+            assert "SSLError" in h.events("proxy_answer")[-1]["error"]
+            assert len(fake.signed()) == 3
+        finally:
+            h.close()
+    finally:
+        fake.stop()

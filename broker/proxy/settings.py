@@ -6,6 +6,7 @@ Example::
     testnet = false                          # true: Binance's testnets instead of production
     spot = "https://api.binance.com"         # /api/... and /sapi/... (default shown)
     futures = "https://fapi.binance.com"     # /fapi/... (USDⓈ-M futures; default shown)
+    # ca_file = "/etc/ssl/corp-ca.pem"       # trust these CAs for the exchange instead of certifi's bundle
     # client_key = "hmac"                    # the bot's stand-in: "same" kind as the real key (default) or "hmac"
     # unsafe_plain_http_loopback = true      # tests only: an http:// upstream on 127.0.0.1
 
@@ -22,6 +23,7 @@ start when that switch is on.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +40,7 @@ ROUTES: tuple[tuple[str, str], ...] = (("/fapi/", "futures"), ("/api/", "spot"),
 #: Where each upstream tells its time (GET, unsigned): spot and USDⓈ-M futures "Check Server Time".
 TIME_PATHS = {"spot": "/api/v3/time", "futures": "/fapi/v1/time"}
 
-_KNOWN = frozenset({"testnet", "spot", "futures", "unsafe_plain_http_loopback", "client_key"})
+_KNOWN = frozenset({"testnet", "spot", "futures", "unsafe_plain_http_loopback", "client_key", "ca_file"})
 CLIENT_KEYS = ("same", "hmac")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -52,6 +54,7 @@ class ProxySettings:
     testnet: bool = False
     unsafe_plain_http_loopback: bool = False
     client_key: str = "same"
+    ca_file: str | None = None  # None: certifi's bundle (what requests trusts)
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any] | None, where: str) -> ProxySettings:
@@ -78,8 +81,13 @@ class ProxySettings:
         if client_key not in CLIENT_KEYS:
             raise ConfigError(f"{where}.client_key: expected one of {', '.join(CLIENT_KEYS)}, got {client_key!r}",
                               'e.g. client_key = "hmac"')
+        ca_file = table.get("ca_file")
+        if ca_file is not None and (not isinstance(ca_file, str) or not os.path.isfile(ca_file)):
+            raise ConfigError(f"{where}.ca_file: {ca_file!r} is not a readable file",
+                              "name a PEM file of CA certificates, or remove ca_file")
         return cls(spot=urls["spot"], futures=urls["futures"], testnet=flags["testnet"],
-                   unsafe_plain_http_loopback=flags["unsafe_plain_http_loopback"], client_key=client_key)
+                   unsafe_plain_http_loopback=flags["unsafe_plain_http_loopback"], client_key=client_key,
+                   ca_file=ca_file)
 
     @classmethod
     def for_profile(cls, profile: Any) -> ProxySettings:

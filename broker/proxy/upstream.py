@@ -47,7 +47,7 @@ class Upstream:
     """One exchange base URL: its connection pool and its clock offset (ms)."""
 
     def __init__(self, name: str, base_url: str, time_path: str, *, timeout: float = 10.0,
-                 pool_size: int = 16) -> None:
+                 pool_size: int = 16, ca_file: str | None = None) -> None:
         import urllib3
 
         self.name = name
@@ -58,13 +58,14 @@ class Upstream:
         self._lock = threading.Lock()
         self._timeout = urllib3.Timeout(connect=min(timeout, 5.0), read=timeout)
         # certifi's bundle when present (what requests trusts), else the system's default store.
-        ca_certs: str | None = None
-        try:
-            import certifi
+        ca_certs: str | None = ca_file
+        if ca_certs is None:
+            try:
+                import certifi
 
-            ca_certs = certifi.where()
-        except ImportError:
-            pass
+                ca_certs = certifi.where()
+            except ImportError:
+                pass
         self._pool = urllib3.connection_from_url(
             base_url, maxsize=pool_size, block=False, retries=False, timeout=self._timeout,
             **({"cert_reqs": "CERT_REQUIRED", "ca_certs": ca_certs} if base_url.startswith("https://") else {}),
@@ -119,5 +120,6 @@ def make_upstreams(settings: Any, *, timeout: float = 10.0) -> dict[str, Upstrea
     """One ``Upstream`` per configured base URL (``ProxySettings``)."""
     from .settings import TIME_PATHS
 
-    return {name: Upstream(name, settings.base_url(name), TIME_PATHS[name], timeout=timeout)
+    return {name: Upstream(name, settings.base_url(name), TIME_PATHS[name], timeout=timeout,
+                           ca_file=settings.ca_file)
             for name in ("spot", "futures")}
