@@ -368,7 +368,7 @@ def run(
     extra: dict[str, str] = {}
     if getattr(config, "path", None):
         extra["CREDBROKER_CONFIG"] = str(os.path.abspath(config.path))
-    if "signer" in profile.sections and not agent:
+    if "signer" in profile.sections and not agent and not proxy:  # --proxy: the proxy signs, not the bot
         from .signing import child_env as signer_env
 
         try:
@@ -511,7 +511,7 @@ def run(
             from .proxy import start_for_run
 
             try:
-                proxy_run = start_for_run(profile, creds, record=rec, audit_log=audit_log)
+                proxy_run = start_for_run(profile, creds, record=rec, audit_log=audit_log, env=source_env)
             except BrokerError as exc:
                 refused(exc)
                 raise

@@ -1,8 +1,9 @@
 """A bot written against binance-connector, run by tests/test_proxy.py under `credbroker run --proxy`.
 
 It knows nothing of credbroker but the two lines the README gives: the base
-URL from ``CREDBROKER_PROXY_URL`` and the key from the variable the profile
-maps (``CREDBROKER_KEY_KIND`` says which constructor argument takes it). It
+URL from ``CREDBROKER_PROXY_URL`` and the proxy secret from
+``CREDBROKER_PROXY_SECRET`` (``CREDBROKER_KEY_KIND`` says which constructor
+argument takes it). It
 places an order (a clientOrderId with ``/`` and a space), a futures batch
 order, reads the balance and the account, cancels, and walks the listenKey
 calls; then it writes what it got and its own environment to ``STATE/result.json``.
@@ -25,12 +26,11 @@ from binance.spot import Spot
 def main() -> None:
     state = Path(sys.argv[1])
     # The two lines that point binance-connector at credbroker:
-    base_url = os.environ["CREDBROKER_PROXY_URL"]
+    base_url, secret = os.environ["CREDBROKER_PROXY_URL"], os.environ["CREDBROKER_PROXY_SECRET"]
     if os.environ["CREDBROKER_KEY_KIND"] == "hmac":
-        client = Spot(api_key=os.environ["BINANCE_API_KEY"], api_secret=os.environ["BINANCE_API_SECRET"],
-                      base_url=base_url)
+        client = Spot(api_key=os.environ["BINANCE_API_KEY"], api_secret=secret, base_url=base_url)
     else:
-        client = Spot(api_key=os.environ["BINANCE_API_KEY"], private_key=os.environ["BINANCE_PRIVATE_KEY"],
+        client = Spot(api_key=os.environ["BINANCE_API_KEY"], private_key=secret,
                       private_key_pass=os.environ.get("BINANCE_PRIVATE_KEY_PASSPHRASE"), base_url=base_url)
     results: dict[str, Any] = {}
 

@@ -661,3 +661,54 @@ def test_the_exchange_is_reached_over_verified_tls_on_kept_alive_connections(tmp
             h.close()
     finally:
         fake.stop()
+
+
+def test_a_transit_key_signs_inside_vault_for_a_binance_connector_bot(
+        openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
+    from tests.test_signing_transit import transit_key
+
+    name = "proxy-" + secrets.token_hex(4)
+    made = transit_key(openbao, name)
+    assert made.returncode == 0, made.stderr
+    fake.add_public_key(API_KEY, made.stdout)
+    kv = "bots/" + name
+    openbao.kv_put(kv, api_key=API_KEY)
+    (tmp_path / "credbroker.toml").write_text(f"""
+[profiles.bot]
+source = "vault"
+path = "secret/{kv}"
+env = {{ BINANCE_API_KEY = "api_key" }}
+
+[profiles.bot.signer]
+type = "transit"
+transit_key = "{name}"
+
+[profiles.bot.proxy]
+spot = "{fake.url}"
+futures = "{fake.url}"
+unsafe_plain_http_loopback = true
+
+[profiles.bot.policy]
+symbols = ["BTCUSDT", "ETHUSDT"]
+""")
+    state = tmp_path / "state-bot"
+    state.mkdir()
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", sys.executable, str(BOT),
+                           str(state)], env=openbao.env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads((state / "result.json").read_text())
+    res = out["results"]
+    assert res["order"]["clientOrderId"] == "cb/1 x" and res["balance"][0]["asset"] == "USDT"
+    assert [o["symbol"] for o in res["batch"]] == ["BTCUSDT", "ETHUSDT"]
+    assert res["withdraw"]["status"] == 403
+    environ = out["environ"]
+    assert environ["CREDBROKER_KEY_KIND"] == "ed25519"
+    # No Vault token of any kind reaches the bot: the proxy signs with the broker's.
+    assert not {"VAULT_TOKEN", "CREDBROKER_SIGNER_TOKEN", "CREDBROKER_SIGNER"} & set(environ)
+    assert openbao.token not in json.dumps(environ)
+    assert all(r.status == 200 for r in fake.signed()), [(r.path, r.code) for r in fake.signed()]
+    # get_signer() in such a child signs with the stand-in too.
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", sys.executable, "-c", ENV_BOT,
+                           "proxy"], env=openbao.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout) == {"kind": "ed25519", "signer": "ed25519", "status": 200}

@@ -18,9 +18,8 @@ What the child gets (and nothing more of the key):
   holds, so it hands it to the right constructor argument (the real key's
   kind, or hmac with ``[proxy] client_key = "hmac"``).
 
-Only the bot's process tree may connect (``peer``). A transit profile is not
-served yet: its key already never leaves Vault, and ``get_signer()`` signs
-with it directly.
+Only the bot's process tree may connect (``peer``). A transit profile's key
+signs inside Vault with the broker's own token, which the bot never sees.
 """
 
 from __future__ import annotations
@@ -45,9 +44,7 @@ def check_profile(profile: Any) -> None:
     from ..signing_policy import SigningPolicy
     from .settings import ProxySettings
 
-    if SignerSettings.for_profile(profile).type == "transit":
-        raise ConfigError(f"{profile.where('signer')}: --proxy does not serve a transit signer yet",
-                          "run without --proxy: with transit the key already stays inside Vault")
+    SignerSettings.for_profile(profile)
     ProxySettings.for_profile(profile)
     SigningPolicy.for_profile(profile)
 
@@ -81,13 +78,16 @@ class ProxyRun:
 
 
 def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[str, dict[str, Any]], Any],
-                  audit_log: Any = None, root_pid: int | None = None, allow_root: bool = False) -> ProxyRun:
+                  audit_log: Any = None, env: Mapping[str, str] | None = None, root_pid: int | None = None,
+                  allow_root: bool = False) -> ProxyRun:
     """Start the proxy for ``credbroker run --proxy``; what the child gets and how to stop it.
 
     ``creds`` are the fetched fields; the proxy builds its own signer from them
     (HMAC keys and PEM key objects are copies), so the runner may wipe ``creds``
     after the spawn as usual. Only processes below ``root_pid`` (default: this
-    process, whose only child is the bot) may connect.
+    process, whose only child is the bot) may connect. ``env`` holds the Vault
+    settings a transit profile's signer uses (the broker's own token: it never
+    reaches the child, which gets an Ed25519 stand-in).
     """
     from ..agent import RecorderSink
     from ..signing import make_signer
@@ -102,10 +102,20 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
     settings = SignerSettings.for_profile(profile)
     proxy_settings = ProxySettings.for_profile(profile)
     policy = SigningPolicy.for_profile(profile)
+    client: Any = None
+    vault_settings: Any = None
+    if settings.type == "transit":
+        from ..sources.settings import VaultSettings
+        from ..sources.vault import client_for
+
+        vault_settings = VaultSettings.from_env(env if env is not None else os.environ)
+        client = client_for(profile, env if env is not None else os.environ, settings=vault_settings)
     signer = make_signer(settings, dict(creds.items()), profile=profile.name, where=profile.where("signer"),
-                         record_failures=False)
-    key_field = settings.key_field or next(f for f in ("private_key", "api_secret") if f in creds)
-    client_kind = signer.kind if proxy_settings.client_key == "same" else proxy_settings.client_key
+                         record_failures=False, vault_client=client, vault_settings=vault_settings)
+    key_field = settings.key_field or next((f for f in ("private_key", "api_secret") if f in creds), None)
+    # A transit key is Ed25519 inside Vault: the bot's stand-in is an Ed25519 key (or HMAC, if asked).
+    same = "ed25519" if signer.kind == "transit" else signer.kind
+    client_kind = same if proxy_settings.client_key == "same" else proxy_settings.client_key
     # An encrypted stand-in only when the bot is given a passphrase variable to open it with.
     encrypted = client_kind != "hmac" and settings.passphrase_field in profile.env.values()
     client_key = ClientKey(client_kind, encrypted=encrypted)
@@ -126,9 +136,9 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
     url = server.start()
     secret = client_key.secret.reveal_str()
     child_env = {URL_VAR: url, SECRET_VAR: secret, KIND_VAR: client_kind}
-    replaced = {key_field}
+    replaced = {key_field} if key_field is not None else set()
     for var, field in profile.env.items():
-        if field == key_field:
+        if key_field is not None and field == key_field:
             child_env[var] = secret
         elif field == settings.passphrase_field and client_key.passphrase is not None:
             child_env[var] = client_key.passphrase.reveal_str()
@@ -136,7 +146,10 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
     # get_signer() in the child reads the full map; the proxy's values stand in for the key's.
     import json
 
-    child_env["CREDBROKER_ENV_MAP"] = json.dumps(dict(profile.env), separators=(",", ":"))
+    env_map = dict(profile.env)
+    if key_field is None or key_field not in env_map.values():  # e.g. transit: no variable holds a key
+        env_map[SECRET_VAR] = "api_secret" if client_kind == "hmac" else "private_key"
+    child_env["CREDBROKER_ENV_MAP"] = json.dumps(env_map, separators=(",", ":"))
     child_profile = profile._replace(env={v: f for v, f in profile.env.items()
                                           if f not in replaced and f != settings.passphrase_field})
     record("proxy_started", {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,
