@@ -712,3 +712,23 @@ symbols = ["BTCUSDT", "ETHUSDT"]
                            "proxy"], env=openbao.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout) == {"kind": "ed25519", "signer": "ed25519", "status": 200}
+
+
+def test_a_signed_body_that_is_not_a_form_is_refused(harness: Harness, fake: FakeBinance) -> None:
+    client = harness.client()
+    body = client.sign_params({"symbol": "BTCUSDT", "quantity": "1"})
+    r = harness.session.post(harness.url + "/fapi/v1/order", data=body,
+                             headers={**client.headers(), "Content-Type": "application/json"})
+    assert r.status_code == 400 and "x-www-form-urlencoded" in r.json()["msg"]
+    assert fake.signed() == []
+
+
+def test_check_reports_a_bad_proxy_table(openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
+    _profile(openbao, tmp_path, fake, "hmac")
+    text = (tmp_path / "credbroker.toml").read_text().replace(f'futures = "{fake.url}"', 'futures = "http://x.test"')
+    (tmp_path / "credbroker.toml").write_text(text)
+    proc = subprocess.run([credbroker_bin(), "check", "-p", "bot", "--json"], env=openbao.env(),
+                          capture_output=True, text=True, timeout=60)
+    result = json.loads(proc.stdout)
+    assert proc.returncode != 0 and result["ok"] is False
+    assert any("plain HTTP to another host" in p for p in result["problems"])

@@ -237,6 +237,12 @@ class SigningProxy:
         signed = q_count + b_count > 0
         out_query, out_body = query, body_text
         if signed:
+            ctype = headers.get("Content-Type", "")
+            if body_text and ctype and not ctype.lower().startswith("application/x-www-form-urlencoded"):
+                # Binance reads a form body only; a body it ignores must not be what the policy approved.
+                return self._refuse(Refusal(400, -1000, "a signed request's body must be "
+                                                        "application/x-www-form-urlencoded", "content_type"),
+                                    pid, summary)
             if q_count + b_count > 1:
                 return self._refuse(Refusal(400, -1101, "more than one signature parameter", "malformed"),
                                     pid, summary)
