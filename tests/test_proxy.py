@@ -543,7 +543,8 @@ def test_get_signer_learns_the_exchange_clock_at_start(openbao: OpenBao, tmp_pat
 
 #: python-binance installs a `binance/` folder that would overwrite binance-connector's in the test venv,
 #: so it lives in its own venv, made before the tests (no network during them) by .ci/run:
-#:   python3 -m venv .venv-clients/python-binance && .venv-clients/python-binance/bin/pip install python-binance
+#:   python3 -m venv .venv-clients/python-binance && .venv-clients/python-binance/bin/pip install python-binance==1.0.37
+#: (and the same for binance-futures-connector==4.2.0 in .venv-clients/binance-futures-connector)
 PYTHON_BINANCE = Path(__file__).resolve().parent.parent / ".venv-clients" / "python-binance" / "bin" / "python"
 
 
@@ -732,3 +733,39 @@ def test_check_reports_a_bad_proxy_table(openbao: OpenBao, tmp_path: Path, fake:
     result = json.loads(proc.stdout)
     assert proc.returncode != 0 and result["ok"] is False
     assert any("plain HTTP to another host" in p for p in result["problems"])
+
+
+# -- binance-futures-connector, from its own venv (HMAC and RSA only; Ed25519 through an HMAC stand-in) --
+
+FUTURES_CONNECTOR = Path(__file__).resolve().parent.parent / ".venv-clients" / "binance-futures-connector" / "bin" / \
+    "python"
+
+
+@pytest.mark.parametrize("kind, client_key", [("hmac", "same"), ("rsa", "same"), ("ed25519", "hmac")])
+def test_binance_futures_connector_trades_through_the_proxy(openbao: OpenBao, tmp_path: Path, fake: FakeBinance,
+                                                           kind: str, client_key: str) -> None:
+    if not FUTURES_CONNECTOR.exists():
+        reason = f"binance-futures-connector's venv {FUTURES_CONNECTOR.parent.parent} is missing (.ci/run makes it)"
+        if os.environ.get("CREDBROKER_REQUIRE_SERVICES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    bot = str(Path(__file__).resolve().parent / "proxy_bot_futures_connector.py")
+    secret = _profile(openbao, tmp_path, fake, kind)
+    text = (tmp_path / "credbroker.toml").read_text()
+    (tmp_path / "credbroker.toml").write_text(text.replace("[profiles.bot.proxy]\n",
+                                                           f'[profiles.bot.proxy]\nclient_key = "{client_key}"\n'))
+    state = tmp_path / "state-fc"
+    state.mkdir()
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", str(FUTURES_CONNECTOR), bot,
+                           str(state)], env={**openbao.env(), "PYTHONPATH": ""}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads((state / "result.json").read_text())
+    res = out["results"]
+    assert res["order"]["clientOrderId"] == "cb/1 x"
+    assert res["batch"][0]["clientOrderId"] == "b1"
+    assert res["balance"][0]["asset"] == "USDT" and res["cancel"]["status"] == "CANCELED"
+    assert "listenKey" in res["listen_key"] and res["listen_key_renew"] == {} and res["listen_key_close"] == {}
+    needle = secret if kind == "hmac" else secret.strip().splitlines()[1]
+    assert needle not in json.dumps(out["environ"])
+    assert all(r.status == 200 for r in fake.requests), [(r.path, r.code) for r in fake.requests]
