@@ -544,7 +544,7 @@ def test_get_signer_learns_the_exchange_clock_at_start(openbao: OpenBao, tmp_pat
 #: python-binance installs a `binance/` folder that would overwrite binance-connector's in the test venv,
 #: so it lives in its own venv, made before the tests (no network during them) by .ci/run:
 #:   python3 -m venv .venv-clients/python-binance && .venv-clients/python-binance/bin/pip install python-binance==1.0.37
-#: (and the same for binance-futures-connector==4.2.0 in .venv-clients/binance-futures-connector)
+#: (and the same for binance-futures-connector==4.2.0 and ccxt==4.5.90, each in .venv-clients/NAME)
 PYTHON_BINANCE = Path(__file__).resolve().parent.parent / ".venv-clients" / "python-binance" / "bin" / "python"
 
 
@@ -769,3 +769,37 @@ def test_binance_futures_connector_trades_through_the_proxy(openbao: OpenBao, tm
     needle = secret if kind == "hmac" else secret.strip().splitlines()[1]
     assert needle not in json.dumps(out["environ"])
     assert all(r.status == 200 for r in fake.requests), [(r.path, r.code) for r in fake.requests]
+
+
+# -- ccxt (binance, binanceusdm), from its own venv ---------------------------------------------------
+
+CCXT = Path(__file__).resolve().parent.parent / ".venv-clients" / "ccxt" / "bin" / "python"
+
+
+@pytest.mark.parametrize("kind", ["hmac", "ed25519", "rsa"])
+def test_ccxt_trades_through_the_proxy(openbao: OpenBao, tmp_path: Path, fake: FakeBinance, kind: str) -> None:
+    if not CCXT.exists():
+        reason = f"ccxt's venv {CCXT.parent.parent} is missing (.ci/run makes it)"
+        if os.environ.get("CREDBROKER_REQUIRE_SERVICES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    bot = str(Path(__file__).resolve().parent / "proxy_bot_ccxt.py")
+    secret = _profile(openbao, tmp_path, fake, kind)
+    state = tmp_path / "state-ccxt"
+    state.mkdir()
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", str(CCXT), bot, str(state)],
+                          env={**openbao.env(), "PYTHONPATH": ""}, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads((state / "result.json").read_text())
+    res = out["results"]
+    assert res["order"]["clientOrderId"] == "cb/1 x", res
+    assert res["spot_order"]["clientOrderId"] == "cb/2 y"
+    assert res["batch"][0]["clientOrderId"] == "b1"
+    assert res["balance"][0]["asset"] == "USDT" and res["account"]["balances"][0]["asset"] == "USDT"
+    assert res["cancel"]["status"] == "CANCELED"
+    assert "listenKey" in res["listen_key"] and res["listen_key_renew"] == {} and res["listen_key_close"] == {}
+    assert "error" in res["withdraw"]  # refused by the proxy's policy, never sent
+    needle = secret if kind == "hmac" else secret.strip().splitlines()[1]
+    assert needle not in json.dumps(out["environ"])
+    assert all(r.status == 200 for r in fake.requests), [(r.path, r.code) for r in fake.requests]
+    assert not [r for r in fake.requests if "withdraw" in r.path]
