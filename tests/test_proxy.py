@@ -544,7 +544,8 @@ def test_get_signer_learns_the_exchange_clock_at_start(openbao: OpenBao, tmp_pat
 #: python-binance installs a `binance/` folder that would overwrite binance-connector's in the test venv,
 #: so it lives in its own venv, made before the tests (no network during them) by .ci/run:
 #:   python3 -m venv .venv-clients/python-binance && .venv-clients/python-binance/bin/pip install python-binance==1.0.37
-#: (and the same for binance-futures-connector==4.2.0 and ccxt==4.5.90, each in .venv-clients/NAME)
+#: (and the same for binance-futures-connector==4.2.0, ccxt==4.5.90 and, in .venv-clients/binance-sdk,
+#: binance-sdk-derivatives-trading-usds-futures==18.1.0)
 PYTHON_BINANCE = Path(__file__).resolve().parent.parent / ".venv-clients" / "python-binance" / "bin" / "python"
 
 
@@ -803,3 +804,35 @@ def test_ccxt_trades_through_the_proxy(openbao: OpenBao, tmp_path: Path, fake: F
     assert needle not in json.dumps(out["environ"])
     assert all(r.status == 200 for r in fake.requests), [(r.path, r.code) for r in fake.requests]
     assert not [r for r in fake.requests if "withdraw" in r.path]
+
+
+# -- Binance's modular SDK (USDⓈ-M futures), from its own venv -----------------------------------------
+
+BINANCE_SDK = Path(__file__).resolve().parent.parent / ".venv-clients" / "binance-sdk" / "bin" / "python"
+
+
+@pytest.mark.parametrize("kind", ["hmac", "ed25519", "rsa"])
+def test_binance_modular_sdk_trades_through_the_proxy(openbao: OpenBao, tmp_path: Path, fake: FakeBinance,
+                                                      kind: str) -> None:
+    if not BINANCE_SDK.exists():
+        reason = f"the Binance SDK's venv {BINANCE_SDK.parent.parent} is missing (.ci/run makes it)"
+        if os.environ.get("CREDBROKER_REQUIRE_SERVICES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    bot = str(Path(__file__).resolve().parent / "proxy_bot_binance_sdk.py")
+    secret = _profile(openbao, tmp_path, fake, kind)
+    state = tmp_path / "state-sdk"
+    state.mkdir()
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", str(BINANCE_SDK), bot, str(state)],
+                          env={**openbao.env(), "PYTHONPATH": ""}, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads((state / "result.json").read_text())
+    res = out["results"]
+    assert res["order"]["status"] == 200 and res["order"]["data"]["clientOrderId"] == "cb/1 x", res
+    assert res["batch"]["data"][0]["clientOrderId"] == "b1"
+    assert res["balance"]["data"][0]["asset"] == "USDT" and res["cancel"]["data"]["status"] == "CANCELED"
+    assert res["listen_key"]["data"]["listenKey"]
+    assert res["listen_key_renew"]["status"] == 200 and res["listen_key_close"]["status"] == 200
+    needle = secret if kind == "hmac" else secret.strip().splitlines()[1]
+    assert needle not in json.dumps(out["environ"])
+    assert all(r.status == 200 for r in fake.requests), [(r.path, r.code) for r in fake.requests]
