@@ -121,9 +121,9 @@ class CheckResult(dict[str, Any]):
 def check(profile: Profile, *, config: Config | None = None, env: Mapping[str, str] | None = None,
           record: Recorder | None = None) -> CheckResult:
     """Read ``profile`` as ``credbroker run`` would (audited, ``by="check"``) and validate what a run
-    would need later: the [signer], [policy] and [rotation] tables; for a transit signer, that the key
-    exists, can sign and cannot leave Vault, and that the broker may issue the bot's scoped token; for a
-    vault profile that follows the latest version, that the token may read the metadata rotation
+    would need later: the [signer], [policy], [rotation] and [proxy] tables; for a transit signer, that
+    the key exists, can sign and cannot leave Vault, and that the broker may issue the bot's scoped token;
+    for a vault profile that follows the latest version, that the token may read the metadata rotation
     watches. Raises on the read."""
     from .config import with_config_defaults
 
@@ -139,7 +139,7 @@ def check(profile: Profile, *, config: Config | None = None, env: Mapping[str, s
         )
     finally:
         creds.wipe()
-    for validate in (_check_signer, _check_policy, _check_rotation):
+    for validate in (_check_signer, _check_policy, _check_rotation, _check_proxy):
         try:
             validate(profile)
         except BrokerError as exc:
@@ -180,6 +180,13 @@ def _check_policy(profile: Profile) -> None:
         from .signing_policy import SigningPolicy
 
         SigningPolicy.for_profile(profile)
+
+
+def _check_proxy(profile: Profile) -> None:
+    if profile.sections.get("proxy") is not None:
+        from .proxy.settings import ProxySettings
+
+        ProxySettings.for_profile(profile)
 
 
 def _check_rotation(profile: Profile) -> None:

@@ -140,6 +140,14 @@ Behaviour:
     audit key file or keyring, --agent refuses to start unless --user NAME
     (credbroker as root) or --sandbox (bubblewrap) separates them, or
     --unsafe-shared-credentials accepts it (warned at every start).
+  - --proxy keeps the signing key in credbroker's signing proxy, for any
+    Binance client: the bot gets CREDBROKER_PROXY_URL (a loopback base URL
+    for its client), the API key, and a per-run proxy secret of the key's
+    kind in the key's variables. The proxy checks that the connection is the
+    bot's (its process tree), the proxy secret's signature, and the profile's
+    [policy] on the real method, path and parameters; then re-stamps the
+    timestamp with the exchange's clock, signs with the real key and forwards
+    to the exchange ([proxy] in the profile: spot, futures, testnet).
   - Key preflight (on by default with --agent when the exchange is
     reachable; --preflight requires it, --no-preflight skips it): Binance's
     GET /sapi/v1/account/apiRestrictions must show enableWithdrawals false
@@ -189,6 +197,8 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
               "[credbroker:masked] (a pseudo-terminal when stdout is a terminal).")
 @click.option("--agent", is_flag=True, help="Keep the signing key in credbroker; the bot signs through a private "
               "socket (get_signer()), checked by the profile's [policy]. The bot gets the API key only.")
+@click.option("--proxy", is_flag=True, help="Keep the signing key in credbroker's signing proxy: the bot's Binance "
+              "client points at $CREDBROKER_PROXY_URL and signs with a per-run proxy secret.")
 @click.option("--preflight/--no-preflight", "preflight_flag", default=None,
               help="Check the key's restrictions on the exchange before starting (default: on with --agent when "
                    "the exchange is reachable, off otherwise).")
@@ -223,6 +233,7 @@ def run_cmd(
     restart_policy: str,
     mask: bool,
     agent: bool,
+    proxy: bool,
     preflight_flag: bool | None,
     preflight_url: str | None,
     unsafe_allow_withdrawals: bool,
@@ -267,6 +278,18 @@ def run_cmd(
         preflight = PreflightOptions.build(mode=mode, base_url=preflight_url,
                                            unsafe_allow_withdrawals=unsafe_allow_withdrawals,
                                            unsafe_no_ip_restriction=unsafe_no_ip_restriction)
+    if proxy:
+        from .errors import ConfigError
+        from .proxy import check_profile
+
+        if agent:
+            raise ConfigError("--proxy and --agent exclude each other",
+                              "--proxy serves any Binance client; --agent serves get_signer(): pick one")
+        if policy is not None and policy.action != "ignore":
+            raise ConfigError("--proxy does not follow key rotation yet: the proxy would keep signing with the "
+                              "key it was started with", "run without --on-rotate (or with --on-rotate ignore), "
+                              "and restart the run after a rotation")
+        check_profile(prof)  # a typo in [proxy] is one line, before any secret is fetched
     stop_grace = None
     if grace:
         from .rotation import parse_seconds
@@ -275,7 +298,7 @@ def run_cmd(
     status = runner.run(prof, list(command), config=config, verbose=verbose, rotation=policy,
                         restart=restart_policy, agent=agent, preflight=preflight, mask=mask, grace=stop_grace,
                         user=as_user, group=as_group, sandbox=sandbox,
-                        unsafe_shared_credentials=unsafe_shared_credentials)
+                        unsafe_shared_credentials=unsafe_shared_credentials, proxy=proxy)
     sys.exit(status)
 
 

@@ -67,7 +67,7 @@ BROKER_CREDENTIAL_VARS = frozenset(
 
 #: Keys every profile may have, whatever its source. Sections later features read
 #: (signer, policy, rotation) are accepted here and validated by their own module.
-_COMMON_PROFILE_KEYS = frozenset({"source", "env", "description", "signer", "policy", "rotation"})
+_COMMON_PROFILE_KEYS = frozenset({"source", "env", "description", "signer", "policy", "rotation", "proxy"})
 
 #: Source-specific keys; the source module validates values when it runs.
 _SOURCE_KEYS: dict[str, frozenset[str]] = {
@@ -383,7 +383,7 @@ def _parse_profile(name: str, table: Mapping[str, Any], origin: str) -> Profile:
             'map variables to fields, e.g. env = { BINANCE_API_SECRET = "api_secret" }',
         )
     options = {k: v for k, v in table.items() if k in _SOURCE_KEYS[source]}
-    sections = {k: v for k, v in table.items() if k in {"signer", "policy", "rotation"}}
+    sections = {k: v for k, v in table.items() if k in {"signer", "policy", "rotation", "proxy"}}
     profile = Profile(name=name, source=source, env=dict(env), options=options, sections=sections, origin=origin)
     _check_profile(profile)
     return profile

@@ -382,6 +382,7 @@ def run(
     group: str | None = None,
     sandbox: bool = False,
     unsafe_shared_credentials: bool = False,
+    proxy: bool = False,
 ) -> int:
     """Fetch the profile's secrets, run ``command`` with them, return its exit status.
 
@@ -401,6 +402,8 @@ def run(
     bubblewrap; with ``agent`` one of them must keep the broker's own
     credentials from the bot, unless ``unsafe_shared_credentials``
     (``broker.separation``).
+    ``proxy=True`` (``--proxy``): the key stays in the broker's signing proxy
+    (``broker.proxy``); the child gets its URL and a per-run proxy secret.
     """
     from . import sources
     from .config import with_config_defaults
@@ -435,7 +438,7 @@ def run(
         from .agent import RunSigning
 
         signing = RunSigning.prepare(profile, agent=agent, preflight=preflight, env=env)
-    elif profile.sections.get("policy"):
+    elif profile.sections.get("policy") and not proxy:
         from .signing_policy import SigningPolicy
 
         SigningPolicy.for_profile(profile)  # a typo in it is still a one-line error
@@ -456,7 +459,9 @@ def run(
     try:
         executable = resolve_command(command[0], env.get("PATH"))
         check_exec_size(command, env)  # a command line the kernel refuses: nothing fetched, nothing started
-        as_user, box = _separate(profile, config, source_env, agent=agent, user=user, group=group,
+        # The proxy, like the agent, keeps the key from the bot: the same separation from the broker's own
+        # credentials applies to both.
+        as_user, box = _separate(profile, config, source_env, agent=agent or proxy, user=user, group=group,
                                  sandbox=sandbox, unsafe=unsafe_shared_credentials)
     except BrokerError as exc:
         refused(exc)
@@ -479,11 +484,11 @@ def run(
     # to the same log) and, for a profile with a [signer] table, the signer
     # settings (and for transit a narrowly scoped token; never ours).
     extra: dict[str, str] = {}
-    if getattr(config, "path", None) and not agent:
+    if getattr(config, "path", None) and not agent and not proxy:
         # Not in agent mode: the config names the broker's credential files, and the
         # bot signs through the agent, whose relay records for it.
         extra["CREDBROKER_CONFIG"] = str(os.path.abspath(config.path))
-    if "signer" in profile.sections and not agent:
+    if "signer" in profile.sections and not agent and not proxy:  # --proxy: the proxy signs, not the bot
         from .signing import child_env as signer_env
 
         try:
@@ -493,10 +498,17 @@ def run(
             refused(exc)
             raise
 
+    if not agent and not proxy:  # the bot holds the key: tell it the kind (and an unmapped passphrase)
+        from .signing import key_env
+
+        extra.update(key_env(profile, creds))
+
     # Keep the secret (mlocked) only when the broker may need it again.
     keep = agent or restart != "no" or (rotation is not None and rotation.action == "restart")
     # In agent mode the child sees the API key variable only; the secret stays here.
     child_parent, child_profile = signing.child_view(env, profile) if agent else (env, profile)
+    if proxy:  # a config path would name the broker's credential files: the bot under --proxy gets none
+        child_parent = {k: v for k, v in child_parent.items() if k != "CREDBROKER_CONFIG"}
     if agent:
         child_parent = {k: v for k, v in child_parent.items() if k != ENV_CONFIG}
     if as_user is not None:
@@ -610,7 +622,20 @@ def run(
     watchdog: Watchdog | None = None
     cgroup: str | None = None
     child: Child | None = None
+    proxy_run: Any = None
     try:
+        if proxy:
+            # --proxy, with the signals blocked (its threads inherit the mask): the real key goes to the
+            # proxy; the child gets the proxy's URL and secret instead (broker.proxy).
+            from .proxy import start_for_run
+
+            try:
+                proxy_run = start_for_run(profile, creds, record=rec, audit_log=audit_log, env=source_env)
+            except BrokerError as exc:
+                refused(exc)
+                raise
+            extra.update(proxy_run.child_env)
+            child_profile = proxy_run.child_profile
         # Before the first bot: from here on the broker's death stops the bot's whole group.
         watchdog = Watchdog(grace)
         cgroup = make_cgroup()  # where one can be made: also catches processes that leave the group
@@ -651,6 +676,8 @@ def run(
             exited(child, status, "stopped" if child.stopping else "exited")
             return status
     finally:
+        if proxy_run is not None:
+            proxy_run.stop()
         if worker is not None and not worker.close() and watcher is not None:
             watcher = None  # a check still stuck on Vault owns the client; the process exit ends it
         if child is not None and watchdog is not None:

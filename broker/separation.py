@@ -185,7 +185,8 @@ def check_separation(creds: Sequence[Credential], *, user: UserSwitch | None, sa
     first = reachable[0]
     named = first.what + (f" {first.path}" if first.path is not None else "")
     more = f" (and {len(reachable) - 1} more)" if len(reachable) > 1 else ""
-    message = f"--agent: {how} could read {named}{more}, the broker's own credential, and fetch the secret itself"
+    message = (f"--agent/--proxy: {how} could read {named}{more}, the broker's own credential, and fetch the "
+               "secret itself")
     if unsafe:
         return f"WARNING: {message}; started anyway because of {UNSAFE_FLAG}"
     raise RunError(message, remedy)

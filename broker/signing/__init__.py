@@ -48,6 +48,7 @@ __all__ = [
     "release_child_env",
     "signer_class",
     "get_signer",
+    "key_env",
     "make_signer",
     "report_response",
 ]
@@ -59,6 +60,9 @@ ENV_MAP_VAR = "CREDBROKER_ENV_MAP"
 #: Set by ``child_env``: the signer settings (JSON, no secret) and, for transit, the scoped token.
 SIGNER_VAR = "CREDBROKER_SIGNER"
 SIGNER_TOKEN_VAR = "CREDBROKER_SIGNER_TOKEN"
+#: Set by ``key_env``: the key's kind, and an encrypted key's passphrase that the profile maps to no variable.
+KEY_KIND_VAR = "CREDBROKER_KEY_KIND"
+KEY_PASSPHRASE_VAR = "CREDBROKER_KEY_PASSPHRASE"
 
 
 def get_signer(
@@ -154,8 +158,23 @@ def get_signer(
     from .refresh import RefreshingSigner
 
     interval = refresh_interval if refresh_interval is not None else settings.refresh_interval
-    return RefreshingSigner(build, latest=latest, record=lambda event, fields: write(log, event, fields),
-                            profile=prof.name, interval=None if pinned else interval)
+    refreshing = RefreshingSigner(build, latest=latest, record=lambda event, fields: write(log, event, fields),
+                                  profile=prof.name, interval=None if pinned else interval)
+    _sync_at_start(refreshing, settings)
+    return refreshing
+
+
+def _sync_at_start(signer: Signer, settings: SignerSettings) -> None:
+    """Learn the exchange's clock offset when the profile names the exchange; a failure is one warning."""
+    if not settings.exchange_url:
+        return
+    try:
+        signer.sync_clock(settings.exchange_url)
+    except SigningError as exc:
+        import sys
+
+        print(f"credbroker: WARNING: {exc.message}; timestamps use this host's clock until the exchange "
+              "answers -1021", file=sys.stderr, flush=True)
 
 
 #: Signer kind -> "module:class". A new kind is a new module and a line here
@@ -247,6 +266,42 @@ def make_signer(
     return signer
 
 
+def key_env(profile: Profile, creds: Mapping[str, Secret]) -> dict[str, str]:
+    """Variables that tell the bot about its key (env mode): ``CREDBROKER_KEY_KIND`` (hmac, ed25519, rsa).
+
+    When the key is an encrypted PEM and the profile maps its passphrase to no
+    variable (the broker read it anyway: ``broker.sources.fetch``), the
+    passphrase goes in ``CREDBROKER_KEY_PASSPHRASE`` and ``CREDBROKER_ENV_MAP``
+    names it, so ``get_signer()`` and the bot's client can open the key. Never
+    raises: a key that does not load is reported where it is used.
+    """
+    from . import core
+
+    try:
+        settings = SignerSettings.for_profile(profile)
+    except BrokerError:
+        return {}
+    key_field = settings.key_field or next((f for f in ("private_key", "api_secret") if f in creds), None)
+    if settings.type == "transit" or key_field is None or key_field not in creds:
+        return {}
+    out: dict[str, str] = {}
+    passphrase = creds.get(settings.passphrase_field)
+    pem = creds[key_field].reveal()
+    try:
+        kind = core.load_private_key(pem, passphrase.reveal() if passphrase else None)[0] \
+            if core.looks_like_pem(pem) else "hmac"
+        out[KEY_KIND_VAR] = kind
+    except SigningError:
+        pass
+    finally:
+        del pem
+    if passphrase is not None and settings.passphrase_field not in profile.env.values():
+        out[KEY_PASSPHRASE_VAR] = passphrase.reveal_str()
+        out[ENV_MAP_VAR] = json.dumps({**profile.env, KEY_PASSPHRASE_VAR: settings.passphrase_field},
+                                      separators=(",", ":"))
+    return out
+
+
 def _json_env(environ: Mapping[str, str], var: str, default: Any) -> Any:
     raw = environ.get(var)
     if raw is None or raw == "":
@@ -278,11 +333,13 @@ def _from_run(environ: Mapping[str, str], *, recv_window: int | None, record_fai
     if settings.type == "transit":
         client, vault_settings = _child_vault_client(environ, vault)
     try:
-        return make_signer(settings, fields, profile=profile, where=f"profile {profile!r}: signer",
-                           recv_window=recv_window, record_failures=record_failures,
-                           vault_client=client, vault_settings=vault_settings,
-                           token_ttl=float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None,
-                           missing_settings=not environ.get(SIGNER_VAR))
+        signer = make_signer(settings, fields, profile=profile, where=f"profile {profile!r}: signer",
+                             recv_window=recv_window, record_failures=record_failures,
+                             vault_client=client, vault_settings=vault_settings,
+                             token_ttl=float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None,
+                             missing_settings=not environ.get(SIGNER_VAR))
+        _sync_at_start(signer, settings)
+        return signer
     finally:
         for secret in fields.values():
             secret.wipe()

@@ -64,6 +64,8 @@ class Signer(ABC):
         self._clock = clock
         #: The last signature failure seen through ``check_response`` (or the requests hook).
         self.last_failure: SignatureFailure | None = None
+        #: The exchange's clock minus this host's, in ms (``sync_clock``); added to every timestamp.
+        self.clock_offset_ms = 0
 
     # -- identity ----------------------------------------------------------------------
     @property
@@ -126,8 +128,19 @@ class Signer(ABC):
         return self.sign(binance.total_params(query, body))
 
     def timestamp(self) -> int:
-        """The current time in milliseconds (Binance's ``timestamp``)."""
-        return binance.timestamp_ms(self._clock)
+        """The exchange's current time in milliseconds (Binance's ``timestamp``), as far as ``sync_clock`` knows."""
+        return binance.timestamp_ms(self._clock) + self.clock_offset_ms
+
+    def sync_clock(self, base_url: str, *, timeout: float = 5.0) -> int:
+        """Learn the exchange's clock offset from its time endpoint; returns it (ms). Raises SigningError.
+
+        ``base_url`` is the exchange's (``https://fapi.binance.com``) or any URL
+        on it: futures paths ask ``/fapi/v1/time``, others ``/api/v3/time``.
+        ``get_signer()`` calls it at start when ``[signer] exchange_url`` is set,
+        and the ``requests`` hook calls it after a -1021 answer.
+        """
+        self.clock_offset_ms = binance.clock_offset_ms(base_url, clock=self._clock, timeout=timeout)
+        return self.clock_offset_ms
 
     def _timing(self, existing: set[str], timestamp: int | None, recv_window: int | None | bool
                 ) -> list[tuple[str, str]]:
@@ -213,6 +226,12 @@ class Signer(ABC):
         if response.status_code >= 400:
             if self._record_failures:
                 self.check_response(response, raise_on_audit_error=False)
+            if binance.parse_error(getattr(response, "content", None))[0] == -1021:
+                # The host's clock and the exchange's disagree: learn the offset for the next requests.
+                try:
+                    self.sync_clock(str(response.request.url))
+                except SigningError:
+                    pass  # the -1021 itself reaches the bot; a later one tries again
         elif getattr(response, "is_redirect", False):
             # requests would follow it carrying X-MBX-APIKEY (it strips only Authorization):
             # never hand the API key to another origin (STYLE.md: redirects and custom headers).

@@ -141,3 +141,46 @@ def parse_error(body: Any) -> tuple[int | None, str | None]:
 def is_key_trouble(status: int | None, code: int | None) -> bool:
     """True for the answers that mean key trouble: the codes above, or HTTP 401."""
     return status == 401 or (code is not None and code in KEY_TROUBLE_CODES)
+
+
+#: Each API's unsigned "Check Server Time" endpoint (spot and USDⓈ-M futures docs).
+TIME_PATHS = {"spot": "/api/v3/time", "futures": "/fapi/v1/time"}
+
+
+def time_url(url: str) -> str:
+    """The time endpoint of the exchange ``url`` belongs to: futures paths ask /fapi/v1/time, others /api/v3/time."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SigningError(f"{url[:80]!r} is not an exchange URL", 'e.g. "https://fapi.binance.com"')
+    path = TIME_PATHS["futures" if parts.path.startswith("/fapi/") or "fapi" in parts.netloc else "spot"]
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def clock_offset_ms(url: str, *, clock: Any = time.time, timeout: float = 5.0) -> int:
+    """The exchange's clock minus ours (ms), from its time endpoint (``timestamp < serverTime + 1000`` rule).
+
+    The server read its clock somewhere between sending and receiving: the
+    midpoint is the best estimate. No API key travels with this request.
+    """
+    import urllib.error
+    import urllib.request
+
+    target = time_url(url)
+    t0 = clock()
+    try:
+        with urllib.request.urlopen(target, timeout=timeout) as resp:  # noqa: S310 - http(s) checked above
+            data = resp.read(4096)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SigningError(f"cannot read the exchange's time at {target}: {type(exc).__name__}",
+                           "check the network and the exchange URL") from None
+    t1 = clock()
+    server_time = None
+    try:
+        server_time = json.loads(data)["serverTime"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    if isinstance(server_time, bool) or not isinstance(server_time, int):
+        raise SigningError(f"the exchange at {target} did not tell its time", "check the exchange URL")
+    return server_time - int((t0 + t1) / 2 * 1000)

@@ -13,6 +13,7 @@ Example::
     token_ttl = "1h"                  # the child's signing token; renewed while the bot runs
     # token_role = "credbroker-signer"  # optional Vault token role that may issue it
     # transit_key_version = 1           # pin the version registered with Binance (rotation-safe)
+    # exchange_url = "https://fapi.binance.com"  # get_signer() learns the exchange's clock there at start
 
 KV fields read (names can be changed with ``api_key_field``/``key_field``):
 ``api_key`` (the exchange API key), and the signing key in ``private_key``
@@ -52,6 +53,7 @@ class SignerSettings:
     token_role: str | None = None
     transit_key_version: int | None = None  # pin the version registered with the exchange
     refresh_interval: float | None = None  # seconds; get_signer(profile=...) checks for a rotated key
+    exchange_url: str | None = None  # get_signer() learns the exchange's clock offset there at start
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], where: str) -> SignerSettings:
@@ -94,6 +96,11 @@ class SignerSettings:
             from ..rotation import parse_seconds
 
             refresh = parse_seconds(refresh, f"{where}.refresh_interval")
+        exchange_url = table.get("exchange_url")
+        if exchange_url is not None and (not isinstance(exchange_url, str)
+                                         or not exchange_url.startswith(("https://", "http://"))):
+            raise ConfigError(f"{where}.exchange_url: expected an http(s) URL, got {exchange_url!r}",
+                              'e.g. exchange_url = "https://fapi.binance.com"')
         settings = cls(
             type=kind,
             recv_window=rw,
@@ -106,6 +113,7 @@ class SignerSettings:
             token_role=table.get("token_role"),
             transit_key_version=version,
             refresh_interval=refresh,
+            exchange_url=exchange_url,
         )
         if settings.type == "transit" and not settings.transit_key:
             raise ConfigError(f"{where}.transit_key: missing for a transit signer",

@@ -73,4 +73,51 @@ def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon:
             f"profile {profile.name!r}: source {profile.source} returned no value for {', '.join(missing)}",
             "this is a credbroker bug; please report it",
         )
+    field = passphrase_field(profile)
+    if field not in creds and any(is_encrypted_pem(s.reveal()) for s in creds.values()):
+        creds = _with_passphrase(profile, creds, field, env=env, use_daemon=use_daemon)
     return creds
+
+
+#: Where a stored PEM key's passphrase lives unless ``[signer] passphrase_field`` says otherwise.
+DEFAULT_PASSPHRASE_FIELD = "private_key_passphrase"
+
+
+def passphrase_field(profile: Profile) -> str:
+    """The field holding the passphrase of the profile's encrypted PEM key."""
+    table = profile.sections.get("signer") if profile.sections else None
+    name = table.get("passphrase_field") if isinstance(table, Mapping) else None
+    return name if isinstance(name, str) and name else DEFAULT_PASSPHRASE_FIELD
+
+
+def is_encrypted_pem(value: bytes) -> bool:
+    """True for an encrypted PEM private key (PKCS#8 ``ENCRYPTED PRIVATE KEY``, or OpenSSL's ``Proc-Type``)."""
+    head = value.lstrip()[:200]
+    return head.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") or (
+        head.startswith(b"-----BEGIN ") and b"Proc-Type: 4,ENCRYPTED" in head)
+
+
+def _with_passphrase(profile: Profile, creds: Credentials, field: str, *, env: Mapping[str, str],
+                     use_daemon: bool) -> Credentials:
+    """``creds`` plus the passphrase field, read from the same secret version (fail closed).
+
+    A key stored encrypted is useless without its passphrase, so it is read
+    whether or not the profile maps it to a variable.
+    """
+    options = dict(profile.options)
+    if creds.origin.version is not None and profile.source == "vault":
+        options["version"] = creds.origin.version  # the passphrase of this very key, not of a newer one
+    wider = profile._replace(env={**profile.env, "CREDBROKER_KEY_PASSPHRASE": field}, options=options)
+    try:
+        more = fetch(wider, env=env, use_daemon=use_daemon)
+    except SourceError as exc:
+        creds.wipe()
+        raise SourceError(f"profile {profile.name!r}: the stored private key is encrypted and its passphrase "
+                          f"could not be read from the field {field!r} ({exc.message})",
+                          f"store the passphrase in {field}, or store the key unencrypted") from exc
+    fields = {name: creds[name] for name in creds}
+    fields[field] = more[field]
+    for name in more:
+        if name != field:
+            more[name].wipe()
+    return Credentials(profile=creds.profile, origin=creds.origin, fields=fields)

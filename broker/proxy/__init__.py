@@ -1,0 +1,162 @@
+"""The signing proxy: ``credbroker run --proxy -p P -- python bot.py``.
+
+Binance client libraries take the secret in their constructor and sign
+themselves; none of them can ask a signing agent. The proxy lets every one of
+them work while the real key stays in the broker: the bot's client points at
+the proxy's loopback URL and signs with a per-run proxy secret (of the same
+kind as the real key); the proxy checks the request, re-signs it with the real
+key and forwards it to the exchange (``server`` says how, step by step).
+
+What the child gets (and nothing more of the key):
+
+- ``CREDBROKER_PROXY_URL``: the base URL for its client (``http://127.0.0.1:PORT``);
+- the API key, in the variable the profile maps it to (it is not the secret);
+- the proxy secret in every variable the profile maps the signing key to, and
+  in ``CREDBROKER_PROXY_SECRET``; for an encrypted PEM key, a per-run
+  passphrase in the passphrase's variable;
+- ``CREDBROKER_KEY_KIND`` (hmac, ed25519 or rsa): the kind of the key the bot
+  holds, so it hands it to the right constructor argument (the real key's
+  kind, or hmac with ``[proxy] client_key = "hmac"``).
+
+Only the bot's process tree may connect (``peer``). A transit profile's key
+signs inside Vault with the broker's own token, which the bot never sees.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import BrokerError, ConfigError
+
+URL_VAR = "CREDBROKER_PROXY_URL"
+SECRET_VAR = "CREDBROKER_PROXY_SECRET"
+KIND_VAR = "CREDBROKER_KEY_KIND"
+
+__all__ = ["KIND_VAR", "ProxyRun", "SECRET_VAR", "URL_VAR", "check_profile", "start_for_run"]
+
+
+def check_profile(profile: Any) -> None:
+    """Validate what ``--proxy`` needs of a profile before any secret is fetched (one-line ConfigError)."""
+    from ..signing.settings import SignerSettings
+    from ..signing_policy import SigningPolicy
+    from .settings import ProxySettings
+
+    SignerSettings.for_profile(profile)
+    ProxySettings.for_profile(profile)
+    SigningPolicy.for_profile(profile)
+
+
+class ProxyRun:
+    """A started proxy for one run: ``child_env`` and ``child_profile`` for the child, ``stop()`` at the end."""
+
+    def __init__(self, server: Any, child_env: dict[str, str], child_profile: Any,
+                 record: Callable[[str, dict[str, Any]], Any]) -> None:
+        self.server = server
+        self.child_env = child_env
+        self.child_profile = child_profile
+        self._record = record
+
+    @property
+    def url(self) -> str:
+        return str(self.server.url)
+
+    def stop(self) -> None:
+        """Stop the proxy, record its totals, forget both keys. Idempotent."""
+        server, self.server = self.server, None
+        if server is None:
+            return
+        server.stop()
+        self.child_env.clear()
+        try:
+            self._record("proxy_stopped", {"profile": server.profile, "forwarded": server.forwarded,
+                                           "refused": server.refused})
+        except BrokerError:
+            pass  # the run's own exit matters more than this total
+
+
+def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[str, dict[str, Any]], Any],
+                  audit_log: Any = None, env: Mapping[str, str] | None = None, root_pid: int | None = None,
+                  allow_root: bool = False) -> ProxyRun:
+    """Start the proxy for ``credbroker run --proxy``; what the child gets and how to stop it.
+
+    ``creds`` are the fetched fields; the proxy builds its own signer from them
+    (HMAC keys and PEM key objects are copies), so the runner may wipe ``creds``
+    after the spawn as usual. Only processes below ``root_pid`` (default: this
+    process, whose only child is the bot) may connect. ``env`` holds the Vault
+    settings a transit profile's signer uses (the broker's own token: it never
+    reaches the child, which gets an Ed25519 stand-in).
+    """
+    from ..agent import RecorderSink
+    from ..signing import make_signer
+    from ..signing.settings import SignerSettings
+    from ..signing_policy import SigningPolicy
+    from .clientkey import ClientKey
+    from .server import SigningProxy
+    from .settings import ProxySettings
+    from .upstream import UpstreamError, make_upstreams
+
+    check_profile(profile)
+    settings = SignerSettings.for_profile(profile)
+    proxy_settings = ProxySettings.for_profile(profile)
+    policy = SigningPolicy.for_profile(profile)
+    client: Any = None
+    vault_settings: Any = None
+    if settings.type == "transit":
+        from ..sources.settings import VaultSettings
+        from ..sources.vault import client_for
+
+        vault_settings = VaultSettings.from_env(env if env is not None else os.environ)
+        client = client_for(profile, env if env is not None else os.environ, settings=vault_settings)
+    signer = make_signer(settings, dict(creds.items()), profile=profile.name, where=profile.where("signer"),
+                         record_failures=False, vault_client=client, vault_settings=vault_settings)
+    key_field = settings.key_field or next((f for f in ("private_key", "api_secret") if f in creds), None)
+    # A transit key is Ed25519 inside Vault: the bot's stand-in is an Ed25519 key (or HMAC, if asked).
+    same = "ed25519" if signer.kind == "transit" else signer.kind
+    client_kind = same if proxy_settings.client_key == "same" else proxy_settings.client_key
+    # An encrypted stand-in only when the bot is given a passphrase variable to open it with.
+    encrypted = client_kind != "hmac" and settings.passphrase_field in profile.env.values()
+    client_key = ClientKey(client_kind, encrypted=encrypted)
+    upstreams = make_upstreams(proxy_settings)
+    sink = audit_log if audit_log is not None else RecorderSink(record)
+    server = SigningProxy(signer, client_key, proxy_settings, upstreams, policy, sink, profile=profile.name,
+                          root_pid=os.getpid() if root_pid is None else root_pid, allow_root=allow_root)
+    for name in proxy_settings.plain_http():
+        _say(f"WARNING: unsafe_plain_http_loopback: the {name} upstream {proxy_settings.base_url(name)} is plain "
+             "HTTP (tests only)")
+    offsets: dict[str, int | None] = {}
+    for name, upstream in upstreams.items():
+        try:
+            offsets[name] = upstream.sync_clock()
+        except UpstreamError as exc:
+            offsets[name] = None
+            _say(f"WARNING: {exc.message}; timestamps use this host's clock until the exchange answers -1021")
+    url = server.start()
+    secret = client_key.secret.reveal_str()
+    child_env = {URL_VAR: url, SECRET_VAR: secret, KIND_VAR: client_kind}
+    replaced = {key_field} if key_field is not None else set()
+    for var, field in profile.env.items():
+        if key_field is not None and field == key_field:
+            child_env[var] = secret
+        elif field == settings.passphrase_field and client_key.passphrase is not None:
+            child_env[var] = client_key.passphrase.reveal_str()
+            replaced.add(field)
+    # get_signer() in the child reads the full map; the proxy's values stand in for the key's.
+    import json
+
+    env_map = dict(profile.env)
+    if key_field is None or key_field not in env_map.values():  # e.g. transit: no variable holds a key
+        env_map[SECRET_VAR] = "api_secret" if client_kind == "hmac" else "private_key"
+    child_env["CREDBROKER_ENV_MAP"] = json.dumps(env_map, separators=(",", ":"))
+    child_profile = profile._replace(env={v: f for v, f in profile.env.items()
+                                          if f not in replaced and f != settings.passphrase_field})
+    record("proxy_started", {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,
+                             "upstreams": {n: u.base_url for n, u in upstreams.items()},
+                             "clock_offset_ms": offsets, "policy": policy.describe()})
+    return ProxyRun(server, child_env, child_profile, record)
+
+
+def _say(message: str) -> None:
+    print(f"credbroker: {message}", file=sys.stderr, flush=True)
