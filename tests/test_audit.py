@@ -313,6 +313,11 @@ def test_kill_9_during_heavy_writing_leaves_a_verifiable_log(tmp_path: Path) -> 
         result = verify_files(None, active=path)
         assert result.ok, f"round {round_no}: {result.summary()}"
         assert {n.kind for n in result.notes} <= {"partial_tail", "after_head"}
+    # The last kill may itself have cut a line mid-write (a SIGKILL during write(2) leaves a
+    # short write): a writer recovers that tail first, so the one planted below is the only
+    # partial line and its length is known.
+    make_log(path).record("secret_fetched", {"profile": "before-crash"})
+    assert path.read_bytes().endswith(b"\n")
     # A simulated crash mid-line, then a new writer: recorded, written past, still verifies.
     with path.open("ab") as fh:
         fh.write(b'{"v":1,"seq":999999,"ts":"2026-')
