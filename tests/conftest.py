@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +40,23 @@ def service_missing(reason: str) -> None:
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before it is used (start_openbao retries)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def refused_url() -> Iterator[str]:
+    """A loopback URL whose port refuses connections for as long as the block runs.
+
+    The port is bound and never listened on: connecting gets a reset, and no
+    other process can start listening there meanwhile (a port probed free and
+    released could be taken by another test run's server).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def bao_binary() -> str | None:
@@ -136,7 +151,7 @@ class OpenBao:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -260,7 +275,7 @@ def start_secret_service(home: Path) -> tuple[SecretService, list[subprocess.Pop
         env=env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
     )
     if unlock.returncode != 0:
         daemon.kill()
@@ -272,7 +287,7 @@ def stop_secret_service(service: SecretService, procs: list[subprocess.Popen[str
     # gnome-keyring-daemon exits when its D-Bus session goes away.
     for proc in procs:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")
