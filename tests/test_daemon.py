@@ -34,7 +34,7 @@ def running(tmp_path: Path, openbao: OpenBao) -> Iterator[tuple[Path, dict[str, 
         yield sock, env
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=60) == 0
         assert not sock.exists()
 
 

@@ -263,7 +263,7 @@ def test_help_documents_every_script() -> None:
         "rotate-key": ["Usage: rotate-key", "stdin", "rotated_by", "new version number"],
         "unwrap-secret-id": ["Usage: unwrap-secret-id", "sys/wrapping/lookup", "0600"],
     }.items():
-        res = subprocess.run([str(SCRIPTS / script), "--help"], capture_output=True, text=True, timeout=30)
+        res = subprocess.run([str(SCRIPTS / script), "--help"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0
         for needle in needles:
             assert needle in res.stdout, (script, needle)
@@ -395,7 +395,7 @@ def test_rotate_at_a_terminal_prompts_twice_without_echo(api_server: OpenBao, se
 
     def read_until(needle: bytes) -> None:
         nonlocal seen
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while needle not in seen and time.monotonic() < deadline:
             ready, _, _ = select.select([master], [], [], 1)
             if ready:
