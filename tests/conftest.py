@@ -280,7 +280,28 @@ def start_secret_service(home: Path) -> tuple[SecretService, list[subprocess.Pop
     if unlock.returncode != 0:
         daemon.kill()
         service_missing(f"gnome-keyring-daemon failed: {unlock.stderr.strip()}")
+    if not _wait_for_bus_name(env, "org.freedesktop.secrets"):
+        daemon.kill()
+        service_missing("gnome-keyring-daemon never served org.freedesktop.secrets on the session bus")
     return SecretService(env=env, home=home), [daemon]
+
+
+def _wait_for_bus_name(env: dict[str, str], name: str, timeout: float = 60) -> bool:
+    """True once ``name`` has an owner on the session bus (without dbus-send: assume it has)."""
+    dbus_send = shutil.which("dbus-send")
+    if dbus_send is None:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = subprocess.run(
+            [dbus_send, "--session", "--print-reply", "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+             "org.freedesktop.DBus.NameHasOwner", f"string:{name}"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        if "boolean true" in res.stdout:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def stop_secret_service(service: SecretService, procs: list[subprocess.Popen[str]]) -> None:
