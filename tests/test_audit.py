@@ -314,6 +314,11 @@ def test_kill_9_during_heavy_writing_leaves_a_verifiable_log(tmp_path: Path) -> 
         assert result.ok, f"round {round_no}: {result.summary()}"
         # active_missing: killed between a rotation's rename and the new active file.
         assert {n.kind for n in result.notes} <= {"partial_tail", "after_head", "active_missing"}
+    # The last kill may itself have cut a line mid-write (a SIGKILL during write(2) leaves a
+    # short write): a writer recovers that tail first, so the one planted below is the only
+    # partial line and its length is known.
+    make_log(path).record("secret_fetched", {"profile": "before-crash"})
+    assert path.read_bytes().endswith(b"\n")
     # A simulated crash mid-line, then a new writer: recorded, written past, still verifies.
     # (The last kill may itself have left a partial line: the simulated one extends it.)
     data = path.read_bytes() if path.exists() else b""

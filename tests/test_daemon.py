@@ -48,7 +48,7 @@ def daemon_process(tmp_path: Path, openbao: OpenBao) -> Iterator[Daemon]:
         yield Daemon(sock, env, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=60) == 0
         assert not sock.exists()
         # A stop is said, not silent: an operator reading the journal knows runs now fetch in-process.
         assert "credbroker daemon: stopped" in proc.stderr.read()

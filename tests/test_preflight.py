@@ -31,7 +31,7 @@ from broker.preflight import (
 )
 from broker.secret import Secret
 from broker.signing.hmac_sha256 import HmacSigner
-from tests.conftest import OpenBao, free_port
+from tests.conftest import OpenBao, refused_url
 from tests.signing_verifier import BinanceVerifier
 
 API_KEY = "K" + "a1" * 20
@@ -198,16 +198,16 @@ def test_redirect_is_refused_not_followed(exchange: Any) -> None:
 
 
 def test_unreachable_exchange_skips_in_auto_and_refuses_in_on() -> None:
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
-    said: list[str] = []
-    records: list[tuple[str, dict[str, Any]]] = []
-    result = run_preflight(signer(), options(url, mode="auto"), profile="p",
-                           record=lambda e, f: records.append((e, f)), warn=said.append)
-    assert result is not None and result.outcome == "skipped"
-    assert records[0][1]["outcome"] == "skipped"
-    assert said[0].startswith("WARNING: key preflight: cannot reach http://127.0.0.1:")
-    with pytest.raises(ExchangeUnreachable, match="cannot reach"):
-        run_preflight(signer(), options(url, mode="on"), profile="p", record=lambda e, f: None, warn=said.append)
+    with refused_url() as url:  # nothing listens there: connection refused
+        said: list[str] = []
+        records: list[tuple[str, dict[str, Any]]] = []
+        result = run_preflight(signer(), options(url, mode="auto"), profile="p",
+                               record=lambda e, f: records.append((e, f)), warn=said.append)
+        assert result is not None and result.outcome == "skipped"
+        assert records[0][1]["outcome"] == "skipped"
+        assert said[0].startswith("WARNING: key preflight: cannot reach http://127.0.0.1:")
+        with pytest.raises(ExchangeUnreachable, match="cannot reach"):
+            run_preflight(signer(), options(url, mode="on"), profile="p", record=lambda e, f: None, warn=said.append)
 
 
 def test_read_timeout_after_connect_is_a_refusal_not_unreachable() -> None:
@@ -302,14 +302,15 @@ def test_run_agent_safe_key_passes_quietly_and_unreachable_is_skipped_in_auto(
     res = run_broker(["run", "--agent", "--profile", "bot", "--", "true"], env=env_for(openbao, ex.url))
     assert res.returncode == 0 and res.stderr == "", res.stderr
     assert len(ex.requests) == 1
-    closed = f"http://127.0.0.1:{free_port()}"
-    res = run_broker(["run", "--agent", "--profile", "bot", "--", "true"], env=env_for(openbao, closed))
-    assert res.returncode == 0 and "restrictions were NOT checked" in res.stderr
-    res = run_broker(["run", "--agent", "--preflight", "--profile", "bot", "--", "true"], env=env_for(openbao, closed))
-    assert res.returncode == 125 and "cannot reach" in res.stderr
-    res = run_broker(["run", "--agent", "--no-preflight", "--profile", "bot", "--", "true"],
-                     env=env_for(openbao, closed))
-    assert res.returncode == 0 and res.stderr == ""
+    with refused_url() as closed:
+        res = run_broker(["run", "--agent", "--profile", "bot", "--", "true"], env=env_for(openbao, closed))
+        assert res.returncode == 0 and "restrictions were NOT checked" in res.stderr
+        res = run_broker(["run", "--agent", "--preflight", "--profile", "bot", "--", "true"],
+                         env=env_for(openbao, closed))
+        assert res.returncode == 125 and "cannot reach" in res.stderr
+        res = run_broker(["run", "--agent", "--no-preflight", "--profile", "bot", "--", "true"],
+                         env=env_for(openbao, closed))
+        assert res.returncode == 0 and res.stderr == ""
     assert [r["outcome"] for r in preflight_records()] == ["passed", "skipped", "refused"]
 
 

@@ -162,8 +162,13 @@ def test_unwrap_refuses_a_token_made_for_another_bot(set_up: dict[str, object], 
 def test_setup_is_idempotent_and_handover_dir_is_private(api_server: OpenBao, set_up: dict[str, object],
                                                          scripts: Scripts, tmp_path: Path) -> None:
     handover = tmp_path / "handover"
-    res = scripts.run("setup-vault", "--audit-file", str(set_up["audit"]), "--handover", str(handover), "alpha")
+    role_before = api_server.client().auth.approle.read_role(role_name="credbroker-alpha")["data"]
+    # The module's setup made alpha with a transit key: the same command again (the other tests
+    # share this server, and a run without --transit-key would take alpha's signing policy away).
+    res = scripts.run("setup-vault", "--audit-file", str(set_up["audit"]), "--handover", str(handover),
+                      "--transit-key", "alpha")
     assert res.returncode == 0, res.stderr
+    assert api_server.client().auth.approle.read_role(role_name="credbroker-alpha")["data"] == role_before
     assert "KV v2 at secret/: present" in res.stderr and "file audit device: present" in res.stderr
     rec = parse_kv_lines(res.stdout)[0]
     assert "role_id" not in rec and "wrapped_secret_id" not in rec
@@ -299,7 +304,7 @@ def test_help_documents_every_script() -> None:
         "rotate-key": ["Usage: rotate-key", "stdin", "rotated_by", "new version number"],
         "unwrap-secret-id": ["Usage: unwrap-secret-id", "sys/wrapping/lookup", "0600"],
     }.items():
-        res = subprocess.run([str(SCRIPTS / script), "--help"], capture_output=True, text=True, timeout=30)
+        res = subprocess.run([str(SCRIPTS / script), "--help"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0
         for needle in needles:
             assert needle in res.stdout, (script, needle)
@@ -431,7 +436,7 @@ def test_rotate_at_a_terminal_prompts_twice_without_echo(api_server: OpenBao, se
 
     def read_until(needle: bytes) -> None:
         nonlocal seen
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while needle not in seen and time.monotonic() < deadline:
             ready, _, _ = select.select([master], [], [], 1)
             if ready:
