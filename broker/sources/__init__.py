@@ -23,7 +23,7 @@ from typing import Protocol
 
 from ..config import Profile
 from ..errors import ConfigError, SourceError
-from ..secret import Credentials
+from ..secret import Credentials, Secret, wipe_buffer
 
 _REGISTRY: dict[str, str] = {
     "vault": "broker.sources.vault",
@@ -74,7 +74,7 @@ def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon:
             "this is a credbroker bug; please report it",
         )
     field = passphrase_field(profile)
-    if field not in creds and any(is_encrypted_pem(s.reveal()) for s in creds.values()):
+    if field not in creds and any(_encrypted(s) for s in creds.values()):
         creds = _with_passphrase(profile, creds, field, env=env, use_daemon=use_daemon)
     return creds
 
@@ -90,11 +90,23 @@ def passphrase_field(profile: Profile) -> str:
     return name if isinstance(name, str) and name else DEFAULT_PASSPHRASE_FIELD
 
 
-def is_encrypted_pem(value: bytes) -> bool:
-    """True for an encrypted PEM private key (PKCS#8 ``ENCRYPTED PRIVATE KEY``, or OpenSSL's ``Proc-Type``)."""
-    head = value.lstrip()[:200]
-    return head.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") or (
-        head.startswith(b"-----BEGIN ") and b"Proc-Type: 4,ENCRYPTED" in head)
+def is_encrypted_pem(value: bytes | bytearray) -> bool:
+    """True for an encrypted PEM private key (PKCS#8 ``ENCRYPTED PRIVATE KEY``, or OpenSSL's ``Proc-Type``).
+
+    Looks in place (start/end indexes, no slice): a copy of a secret's head would outlive the check."""
+    i = 0
+    while i < len(value) and value[i] in b" \t\r\n":
+        i += 1
+    return value.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----", i) or (
+        value.startswith(b"-----BEGIN ", i) and value.find(b"Proc-Type: 4,ENCRYPTED", i, i + 200) >= 0)
+
+
+def _encrypted(secret: Secret) -> bool:
+    buf = secret.reveal_buffer()
+    try:
+        return is_encrypted_pem(buf)
+    finally:
+        wipe_buffer(buf)
 
 
 def _with_passphrase(profile: Profile, creds: Credentials, field: str, *, env: Mapping[str, str],
