@@ -242,7 +242,7 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 
 
-def supervise(child: Child, *, on_wake: Callable[[], bool] | None = None) -> int | None:
+def supervise(child: Child, *, on_wake: Callable[[], bool] | None = None, notifier: Any = None) -> int | None:
     """Forward signals to the child until it exits; return its exit status.
 
     ``BLOCKED_SIGNALS`` must already be blocked (``run`` does that before
@@ -251,20 +251,27 @@ def supervise(child: Child, *, on_wake: Callable[[], bool] | None = None) -> int
     (``pthread_kill``) when it has something to hand over, and ``on_wake``
     applies it; when it returns True supervision stops and None is returned
     (the caller restarts the child). ``child.stopping`` is set once a stop
-    signal (INT, TERM, HUP, QUIT) reached the child.
+    signal (INT, TERM, HUP, QUIT) reached the child. ``notifier``
+    (``broker.sdnotify``, under systemd) is fed its watchdog between signals
+    and told when a stop signal arrives.
     """
     waitset = set(BLOCKED_SIGNALS)
+    wait = notifier.watchdog_interval if notifier is not None and notifier.watchdog_interval else 3600.0
     while True:
         rc = child.proc.poll()
         if rc is not None:
             return exit_status(rc)
         if on_wake is not None and on_wake():
             return None
-        info = signal.sigtimedwait(waitset, 3600.0)
+        info = signal.sigtimedwait(waitset, wait)
+        if notifier is not None:
+            notifier.watchdog()  # this loop is alive: a hung supervisor is what the watchdog is for
         if info is None or info.si_signo == signal.SIGCHLD:
             continue  # poll() and on_wake() at the top of the loop
         if info.si_signo in _STOP_SIGNALS:
             child.stopping = True
+            if notifier is not None:
+                notifier.stopping(f"{signal.Signals(info.si_signo).name} received")
         if info.si_signo == signal.SIGTSTP:
             _job_stop(child)
             continue
@@ -507,6 +514,12 @@ def run(
     keep = agent or restart != "no" or (rotation is not None and rotation.action == "restart")
     # In agent mode the child sees the API key variable only; the secret stays here.
     child_parent, child_profile = signing.child_view(env, profile) if agent else (env, profile)
+    notifier = None
+    if env.get("NOTIFY_SOCKET"):  # under systemd: READY/STOPPING/watchdog are ours, never the bot's
+        from .sdnotify import SD_VARIABLES, Notifier
+
+        notifier = Notifier(env)
+        child_parent = {k: v for k, v in child_parent.items() if k not in SD_VARIABLES}
     if proxy:  # a config path would name the broker's credential files: the bot under --proxy gets none
         child_parent = {k: v for k, v in child_parent.items() if k != "CREDBROKER_CONFIG"}
     if agent:
@@ -645,11 +658,13 @@ def run(
             # With the signals blocked: the agent's thread inherits the mask and never receives them.
             extra.update(signing.start_agent(audit_log, rec, peer_uid=as_user.uid if as_user else None))
         child = start(creds, watchdog)
+        if notifier is not None:
+            notifier.ready(child.pid)  # systemd: started, with its secret (never before the fetch)
         if worker is not None:
             worker.start()  # inherits the blocked signals: every signal stays with this thread
         delay = 1.0
         while True:
-            status = supervise(child, on_wake=on_wake if worker is not None else None)
+            status = supervise(child, on_wake=on_wake if worker is not None else None, notifier=notifier)
             if status is None:  # a rotation asked for a restart, with the new secret in hand
                 assert rotation is not None and watcher is not None
                 exited(child, _stop(child, rotation.grace, watchdog, cgroup), "rotation")
@@ -658,6 +673,8 @@ def run(
                 watcher.version = creds.origin.version
                 child = start(creds, watchdog)
                 worker.done()
+                if notifier is not None:
+                    notifier.status(f"bot restarted on key version {creds.origin.version} (pid {child.pid})")
                 continue
             _stop(child, grace, watchdog, cgroup)  # what the bot left behind in its group
             if restart == "on-failure" and status != 0 and not child.stopping:
@@ -676,6 +693,8 @@ def run(
             exited(child, status, "stopped" if child.stopping else "exited")
             return status
     finally:
+        if notifier is not None:
+            notifier.stopping("the run ends")
         if proxy_run is not None:
             proxy_run.stop()
         if worker is not None and not worker.close() and watcher is not None:

@@ -61,3 +61,65 @@ def test_outside_systemd_or_with_a_gone_manager_nothing_breaks(tmp_path: Path) -
     assert not Notifier({"NOTIFY_SOCKET": "vsock:2:1234"}).enabled
     gone = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
     assert gone.enabled and gone.ready(1) is False
+
+
+def _datagrams(sock: socket.socket, until: bytes, limit: int = 50) -> list[bytes]:
+    got: list[bytes] = []
+    while len(got) < limit:
+        got.append(sock.recv(4096))
+        if until in got[-1]:
+            return got
+    raise AssertionError(f"{until!r} never came: {got}")
+
+
+def test_run_under_systemd_says_ready_after_the_fetch_feeds_the_watchdog_and_says_stopping(
+        listener: tuple[socket.socket, str], tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import credbroker_bin, start_openbao
+
+    sock, path = listener
+    (tmp_path / "srv").mkdir()
+    server = start_openbao(tmp_path / "srv")
+    try:
+        server.kv_put("credbroker/sd", api_secret="sd-secret")
+        env = {**server.env(), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000",
+               "CREDBROKER_AUDIT_LOG": str(tmp_path / "audit.log")}
+        seen = tmp_path / "bot-env"
+        bot = ("import os, sys, time; open(sys.argv[1], 'w').write(repr(sorted(k for k in os.environ "
+               "if k in ('NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID')))); time.sleep(600)")
+        proc = subprocess.Popen([credbroker_bin(), "run", "--vault-path", "secret/credbroker/sd", "-e",
+                                 "S=api_secret", "--", sys.executable, "-c", bot, str(seen)], env=env)
+        try:
+            ready = _datagrams(sock, b"READY=1")[-1].decode()
+            assert f"MAINPID={proc.pid}" in ready
+            # READY came once the bot ran with its secret; the bot itself inherited none of systemd's variables.
+            deadline = time.monotonic() + 60
+            while not seen.exists() or not seen.read_text():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert seen.read_text() == "[]"
+            assert _datagrams(sock, b"WATCHDOG=1")[-1] == b"WATCHDOG=1"
+            proc.send_signal(signal.SIGTERM)
+            assert _datagrams(sock, b"STOPPING=1")[-1].startswith(b"STOPPING=1")
+            assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        # A fetch that fails: no READY, ever (the unit fails instead of looking started).
+        failed = subprocess.run([credbroker_bin(), "run", "--vault-path", "secret/credbroker/nope", "-e",
+                                 "S=api_secret", "--", "true"], env=env, capture_output=True, timeout=60)
+        assert failed.returncode == 125
+        sock.settimeout(0.5)
+        leftovers: list[bytes] = []
+        try:
+            while True:
+                leftovers.append(sock.recv(4096))
+        except TimeoutError:
+            pass
+        assert not any(b"READY=1" in d for d in leftovers)
+    finally:
+        server.stop()
