@@ -14,7 +14,7 @@ import os
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -90,6 +90,8 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], as_json: bool, vault
     settings, env, _ = _context(ctx)
     key = _key_bytes(settings, env)
     anchors, place, anchor_error = _read_anchors(settings, env, key, vault_anchors)
+    if not files and not anchors and _never_written(settings.path):
+        _nothing_recorded(settings.path, as_json)  # a new install, not an erased log: no head, no anchor
     result = verify_files(list(files) or None, active=settings.path, key=key, anchors=anchors, anchor_place=place)
     ok = result.ok and anchor_error is None
     if as_json:
@@ -104,6 +106,22 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], as_json: bool, vault
         if anchor_error is not None:
             click.echo(f"  anchors: NOT checked: {anchor_error}")
     sys.exit(0 if ok else 1)
+
+
+def _never_written(active: Path) -> bool:
+    """No log file and no head file: nothing was ever recorded here (a removed log leaves its head, which
+    verify reports as a gap; a log removed with its head is caught by the Vault anchors, when kept)."""
+    from .audit.files import log_set
+
+    return not log_set(active) and not Path(str(active) + ".head").exists()
+
+
+def _nothing_recorded(active: Path, as_json: bool) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps({"ok": True, "records": 0, "nothing_recorded": True, "log": str(active)}))
+    else:
+        click.echo(f"nothing recorded yet at {active} (credbroker writes there at the first run, check or import)")
+    sys.exit(0)
 
 
 def _read_anchors(settings: Any, env: dict[str, str], key: bytes | None, wanted: bool | None
@@ -222,7 +240,10 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
     active = log_path.expanduser().absolute() if log_path else settings.path
     files = log_set(active)
     if not files:
-        raise AuditError(f"no audit log at {active}", "check [audit] path / $CREDBROKER_AUDIT_LOG")
+        if _never_written(active):
+            _nothing_recorded(active, as_json)
+        raise AuditError(f"no audit log at {active}, but its head file is there: the log was removed",
+                         "treat it as tampering; `credbroker audit verify` says more")
     hours = parse_hours(work_hours, "--work-hours") if work_hours else settings.work_hours
     token_hash = None
     vault_paths: list[str] = []

@@ -83,3 +83,23 @@ def test_profiles_lists_aligned_columns_with_the_absolute_config_path(tmp_path: 
         assert fut[at - 1] == " " and spot[at - 1] == " " and fut[at] != " "  # each column starts aligned
     assert "hmac" in fut and "restart" in fut and "symbols" in fut
     assert "credbroker/spot" in spot
+
+
+def test_audit_verify_and_report_before_anything_was_recorded(tmp_path: Any) -> None:
+    """A new install: "nothing recorded yet", exit 0. A removed log that left its head is not that."""
+    from click.testing import CliRunner
+
+    from broker.cli import cli
+
+    log = tmp_path / "state" / "credbroker" / "audit.log"
+    for args in (["audit", "verify"], ["audit", "report"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0 and "nothing recorded yet" in res.output, res.output
+    res = CliRunner().invoke(cli, ["audit", "verify", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["nothing_recorded"] is True
+    log.parent.mkdir(parents=True)
+    (tmp_path / "state" / "credbroker" / "audit.log.head").write_text("{}\n")
+    res = CliRunner().invoke(cli, ["audit", "verify"])
+    assert res.exit_code == 1 and "nothing recorded" not in res.output
+    res = CliRunner().invoke(cli, ["audit", "report"])
+    assert res.exit_code != 0 and "nothing recorded" not in res.output
