@@ -256,7 +256,9 @@ def supervise(child: Child, *, on_wake: Callable[[], bool] | None = None, notifi
     and told when a stop signal arrives.
     """
     waitset = set(BLOCKED_SIGNALS)
-    wait = notifier.watchdog_interval if notifier is not None and notifier.watchdog_interval else 3600.0
+    # Wake at least once a second: should a signal ever land on a thread that does not block it, Python
+    # records it there and raises it here only when this thread runs again (never inside a long wait).
+    wait = min(notifier.watchdog_interval, 1.0) if notifier is not None and notifier.watchdog_interval else 1.0
     while True:
         rc = child.proc.poll()
         if rc is not None:

@@ -9,6 +9,7 @@ the active node (SIGKILL) makes the others elect a new leader.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -100,16 +101,28 @@ class Cluster:
         assert status == 200, (status, body)
         return int(body["data"]["version"])
 
-    def restart(self, node: Node) -> None:
-        """Start a killed node again on its raft data, unseal it, and wait until it serves KV reads."""
-        assert not node.alive()
-        with open(node.log_path, "ab") as log:
-            node.proc = subprocess.Popen(list(node.argv), stdout=log, stderr=subprocess.STDOUT, cwd=node.cwd,
-                                         env={"HOME": str(node.cwd), "PATH": "/usr/bin:/bin"})
-        _wait(lambda: self.api(node, "GET", "sys/seal-status", token="")[0] == 200, f"{node.name} answering", self)
-        self.api(node, "PUT", "sys/unseal", {"key": self.unseal_key}, token="")
-        _wait(lambda: self.api(node, "GET", "secret/data/cluster-canary")[0] == 200,
-              f"{node.name} serving KV reads again", self)
+    def restart(self, *nodes: Node) -> None:
+        """Start killed nodes again on their raft data, unseal them, and wait until each has caught up."""
+        for node in nodes:
+            assert not node.alive()
+            with open(node.log_path, "ab") as log:
+                node.proc = subprocess.Popen(list(node.argv), stdout=log, stderr=subprocess.STDOUT, cwd=node.cwd,
+                                             env={"HOME": str(node.cwd), "PATH": "/usr/bin:/bin"})
+        for node in nodes:  # all of them before any wait: a quorum may need more than one back
+            _wait(lambda n=node: self.api(n, "GET", "sys/seal-status", token="")[0] == 200,
+                  f"{node.name} answering", self)
+            self.api(node, "PUT", "sys/unseal", {"key": self.unseal_key}, token="")
+        # A restarted standby serves reads from its own copy: wait until it holds what was written last
+        # (raft applies in order, so a fresh write it can read means it has caught up).
+        marker = os.urandom(8).hex()
+        def put() -> bool:
+            status, _ = self.api(self.leader(), "POST", "secret/data/cluster-canary", {"data": {"ok": marker}})
+            return status == 200  # right after an election the new leader may still refuse a moment
+
+        _wait(put, "a write through the leader", self)
+        for node in nodes:
+            _wait(lambda n=node: self.api(n, "GET", "secret/data/cluster-canary")[1].get("data", {})
+                  .get("data", {}).get("ok") == marker, f"{node.name} caught up", self)
 
     def logs(self) -> str:
         return "\n".join(f"--- {n.name}\n{n.log_path.read_text(errors='replace')[-1500:]}" for n in self.nodes)

@@ -34,9 +34,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture
 def whole(cluster: Cluster) -> Iterator[Cluster]:
     """The cluster with all three nodes up (a test before may have killed one)."""
-    for node in cluster.nodes:
-        if not node.alive():
-            cluster.restart(node)
+    dead = [node for node in cluster.nodes if not node.alive()]
+    if dead:
+        cluster.restart(*dead)
     yield cluster
 
 
