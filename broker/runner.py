@@ -481,6 +481,10 @@ def run(
         refused(exc)
         raise
     rec("secret_fetched", {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields)})
+    from .access import value_warnings
+
+    for line in value_warnings(profile, creds):  # a stored newline signs wrong on every request: say so
+        say(f"WARNING: {line}")
     if signing is not None:
         try:
             signing.check_key(creds, record=rec, audit_config=getattr(config, "audit", None))
@@ -669,7 +673,11 @@ def run(
             status = supervise(child, on_wake=on_wake if worker is not None else None, notifier=notifier)
             if status is None:  # a rotation asked for a restart, with the new secret in hand
                 assert rotation is not None and watcher is not None
-                exited(child, _stop(child, rotation.grace, watchdog, cgroup), "rotation")
+                stopped = _stop(child, rotation.grace, watchdog, cgroup)
+                if stopped == 128 + signal.SIGKILL:
+                    say(f"the bot did not exit within the {rotation.grace:g} s grace after SIGTERM: "
+                        "killed it (SIGKILL) before restarting it on the new key")
+                exited(child, stopped, "rotation")
                 creds.wipe()
                 creds = pending.pop()
                 watcher.version = creds.origin.version

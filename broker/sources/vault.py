@@ -64,10 +64,19 @@ def read_kv(client: Any, settings: VaultSettings, mount: str, path: str, version
     check(path, PathKind.KV_PATH, "the KV path")
     api_path = f"{mount}/data/{path}"
     shown = api_path + (f" (version {version})" if version else "")
-    with mapped(settings, "read", shown, client):
-        resp = client.secrets.kv.v2.read_secret_version(
-            path=path, version=version, mount_point=mount, raise_on_deleted_version=True
-        )
+    try:
+        with mapped(settings, "read", shown, client):
+            resp = client.secrets.kv.v2.read_secret_version(
+                path=path, version=version, mount_point=mount, raise_on_deleted_version=True
+            )
+    except VaultNotFound:
+        if version is None:
+            raise
+        latest = _latest_version(client, settings, mount, path)
+        if latest is None or version <= latest:
+            raise
+        raise VaultNotFound(f"version {version} of {mount}/{path} does not exist: the latest is {latest}",
+                            f"pin an existing version (1..{latest}), or remove the pin to read the latest") from None
     data = _require(resp, "data", "data", what=api_path)
     meta = _require(resp, "data", "metadata", what=api_path)
     if data is None:
@@ -79,6 +88,18 @@ def read_kv(client: Any, settings: VaultSettings, mount: str, path: str, version
     request_id = resp.get("request_id") if isinstance(resp, dict) else None
     return (data, got if isinstance(got, int) and not isinstance(got, bool) else None,
             request_id if isinstance(request_id, str) and request_id else None)
+
+
+def _latest_version(client: Any, settings: VaultSettings, mount: str, path: str) -> int | None:
+    """``current_version`` from the metadata, for a message; None when it cannot be read."""
+    try:
+        with mapped(settings, "read metadata of", f"{mount}/metadata/{path}", client):
+            resp = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount)
+    except VaultError:
+        return None
+    data = resp.get("data") if isinstance(resp, dict) else None
+    value = data.get("current_version") if isinstance(data, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def current_version(profile: Profile, env: Mapping[str, str], *, client: Any = None) -> int | None:

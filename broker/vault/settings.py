@@ -173,7 +173,8 @@ class VaultSettings:
         raw_addr = pick("addr", "VAULT_ADDR", "BAO_ADDR")
         addr = _parse_addr(raw_addr, origins["addr"]) if raw_addr else DEFAULT_ADDR
         if raw_addr is None:
-            origins["addr"] = "VAULT_ADDR (unset: the default address)"
+            origins["addr"] = (f"VAULT_ADDR: it is unset, so the default {DEFAULT_ADDR} was tried; export "
+                               "VAULT_ADDR or set [vault] addr")
         timeout_s = pick("timeout", "CREDBROKER_VAULT_TIMEOUT")
         try:
             timeout = float(timeout_s) if timeout_s else DEFAULT_TIMEOUT
