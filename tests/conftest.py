@@ -32,6 +32,21 @@ REQUIRE_SERVICES = os.environ.get("CREDBROKER_REQUIRE_SERVICES") == "1"
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Start every broker and bot with the terminal signals' default actions.
+
+    Under `nohup`, or as a non-interactive shell's background job (`cmd &`), the
+    suite starts with SIGINT, SIGQUIT (and SIGHUP) ignored, and an ignored
+    signal stays ignored across exec: each broker the tests start would discard
+    the Ctrl-C they send it, and each bot would ignore the one forwarded to it.
+    A handler (not SIG_IGN) here becomes the default action in every child.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGQUIT, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+
+
 def service_missing(reason: str) -> None:
     """Skip on a developer machine; fail in CI, where every service must run."""
     if REQUIRE_SERVICES:
