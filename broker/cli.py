@@ -473,8 +473,9 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         fail(err, as_json="--json" in own)
     except click.exceptions.Abort:
-        click.echo("credbroker: aborted", err=True)
-        sys.exit(EXIT_BROKER_FAILED)
+        # click turns Ctrl-C (KeyboardInterrupt) into Abort: exit like any interrupted command.
+        click.echo("credbroker: interrupted", err=True)
+        sys.exit(130)
     except click.ClickException as exc:
         # Usage errors: one line, exit 125 (credbroker failed before any child ran).
         ctx = getattr(exc, "ctx", None)
