@@ -186,12 +186,18 @@ def test_cli_verify_keyed_with_env_key(tmp_path: Path) -> None:
     assert code == 1 and "no audit key" in out
 
 
-def test_installed_cli_missing_log_is_one_line_exit_125(tmp_path: Path, run_broker) -> None:  # type: ignore[no-untyped-def]
+def test_installed_cli_with_no_log_yet_and_with_a_removed_log(tmp_path: Path, run_broker) -> None:  # type: ignore[no-untyped-def]
     env = {**os.environ, "CREDBROKER_AUDIT_LOG": str(tmp_path / "nope.log")}
     for args in (["audit", "verify"], ["audit", "report"]):
+        # Never written (no log, no head): a new install, not an error.
         res = run_broker(args, env=env)
-        assert res.returncode == 125
-        assert res.stderr.count("\n") == 1 and "no audit log" in res.stderr and "Traceback" not in res.stderr
+        assert res.returncode == 0 and "nothing recorded yet" in res.stdout and "Traceback" not in res.stderr
+    # A log removed while its head stayed: one line, not "nothing recorded".
+    (tmp_path / "nope.log.head").write_text("{}\n")
+    res = run_broker(["audit", "report"], env=env)
+    assert res.returncode == 125
+    assert res.stderr.count("\n") == 1 and "no audit log" in res.stderr and "Traceback" not in res.stderr
+    (tmp_path / "nope.log.head").unlink()
     res = run_broker(["audit", "verify"], env={**env, "CREDBROKER_AUDIT_KEY": "zz-not-hex-secretish-value"})
     assert res.returncode == 125 and "zz-not-hex" not in res.stderr + res.stdout
 
