@@ -26,6 +26,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = start_cluster(tmp_path_factory.mktemp("raft"))
     try:
         c.kv_put("credbroker/raft-bot", api_key="AK", api_secret="raft-secret")
+        # Standbys answer reads from their own copy: wait until each has the secret, or a standby asked right
+        # after the leader is killed can answer 404 for it (a limit the README names).
+        for node in c.nodes:
+            deadline = time.monotonic() + 60
+            while c.api(node, "GET", "secret/data/credbroker/raft-bot")[0] != 200:
+                assert time.monotonic() < deadline, f"{node.name} never served the secret"
+                time.sleep(0.05)
         yield c
     finally:
         c.stop()
@@ -130,6 +137,12 @@ def test_a_bot_following_rotation_survives_the_election_and_restarts_once(whole:
         bot.terminate()
         bot.wait(timeout=60)
         whole.kv_put("credbroker/raft-bot", api_key="AK", api_secret="raft-secret")
+        for node in (n for n in whole.nodes if n.alive()):  # every standby holds it again (see the fixture)
+            deadline = time.monotonic() + 60
+            while (whole.api(node, "GET", "secret/data/credbroker/raft-bot")[1].get("data", {})
+                   .get("data", {}).get("api_secret") != "raft-secret"):
+                assert time.monotonic() < deadline, f"{node.name} never caught up"
+                time.sleep(0.05)
 
 
 def _wait(check: Any, proc: subprocess.Popen[str], timeout: float = 90) -> None:
