@@ -172,7 +172,7 @@ def test_stream_error_reported_by_the_bot_recreates_the_key(fake: FuturesListenK
     assert rec.items[1][1]["source"] == "stream" and rec.items[1][1]["message"] == "Invalid listenKey"
     assert rec.items[2][1]["reason"] == "stream: Invalid listenKey"
     assert keeper.report_stream_event({"e": "listenKeyExpired", "E": 1}) == new  # the active key: same one back
-    assert rec.events()[-2:] == [FAILED, RECREATED] and rec.items[-2][1]["event"] == "listenKeyExpired"
+    assert rec.events()[-2:] == [FAILED, RECREATED] and rec.items[-2][1]["stream_event"] == "listenKeyExpired"
 
 
 def test_unreachable_exchange_is_recorded_and_retried_sooner_and_the_thread_survives() -> None:

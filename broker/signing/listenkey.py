@@ -300,7 +300,7 @@ class ListenKeyKeeper:
         if kind is None:
             return None
         with self._lock:
-            self._record(FAILED, self._fields(action="stream", source="stream", event=kind, message=text))
+            self._record(FAILED, self._fields(action="stream", source="stream", stream_event=kind, message=text))
             self.failures += 1
             try:
                 return self._create(RECREATED, reason=f"stream: {text}")
@@ -396,7 +396,7 @@ def report_stream_error(message: Any, *, profile: str | None = None, api_key: st
     kind, text = stream_trouble(message)
     if kind is None:
         return False
-    fields: dict[str, Any] = {"profile": profile, "action": "stream", "source": "stream", "event": kind,
+    fields: dict[str, Any] = {"profile": profile, "action": "stream", "source": "stream", "stream_event": kind,
                               "message": text, "by": "bot"}
     if api_key:
         fields["api_key"] = mask_id(api_key)
