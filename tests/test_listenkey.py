@@ -68,6 +68,9 @@ class FuturesListenKeys(FakeBinance):
                 if current is None:
                     return 400, {"code": -1125, "msg": "This listenKey does not exist."}, {}
                 return 200, {"listenKey": current}, {}
+            if method == "DELETE":
+                self.active.pop(api_key, None)
+                return 200, {}, {}
         return 405, {"code": -1000, "msg": "method"}, {}
 
     def calls(self) -> list[str]:

@@ -254,6 +254,16 @@ class ListenKeyKeeper:
             self._on_new_key(key)
         return key
 
+    def adopt(self, key: str, *, by: str) -> None:
+        """Take over a listenKey someone else created (the bot, through the signing proxy): recorded as
+        ``listen_key_created`` with ``by``; nothing when it is the key already kept."""
+        with self._lock:
+            if key == self._listen_key:
+                return
+            previous, self._listen_key = self._listen_key, key
+            self.failures = 0
+            self._record(CREATED, self._fields(by=by, **({"previous": mask_id(previous)} if previous else {})))
+
     def create(self) -> str:
         """Create the listenKey now (``listen_key_created``); returns it. Raises ListenKeyError."""
         with self._lock:
