@@ -286,3 +286,37 @@ def test_relay_carries_the_keepers_events() -> None:
         relay.close()
     assert [e for e, _ in got] == [CREATED, KEPT_ALIVE, RECREATED, FAILED] and relay.dropped == 1
     assert all(f["profile"] == "um" and f["claimed_profile"] == "other" for _, f in got)
+
+
+@pytest.mark.vault
+def test_a_bot_under_credbroker_run_keeps_its_key_and_the_broker_records_it(
+        openbao: Any, fake: FuturesListenKeys, tmp_path: Path, run_broker: Any) -> None:
+    """The child's keeper records reach the broker's log through the audit relay, stamped with the run's
+    profile; `credbroker audit report` shows them beside the signature failures."""
+    import sys
+
+    from broker.audit import open_log
+
+    openbao.kv_put("credbroker/lk-run", api_key=API_KEY, api_secret=SECRET)
+    (tmp_path / "credbroker.toml").write_text(
+        '[profiles.bot]\nsource = "vault"\npath = "secret/credbroker/lk-run"\n'
+        'env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }\n')
+    bot = ("import sys\nfrom broker import get_signer\ns = get_signer()\n"
+           f"k = s.listen_key_keeper({fake.url!r})\nfirst = k.create()\n"
+           "new = s.report_stream_error({'e': 'error', 'm': 'Invalid listenKey'})\n"
+           "print('same' if new == first else 'other')\n")
+    res = run_broker(["run", "--profile", "bot", "--", sys.executable, "-c", bot], env=openbao.env())
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "same"  # the key was still active: Binance hands it back
+    records = audit_records(Path(open_log(None).path))
+    mine = [r["data"] for r in records if r["event"].startswith("listen_key_")]
+    assert [r["event"] for r in records if r["event"].startswith("listen_key_")] == [CREATED, FAILED, RECREATED]
+    assert all(d["profile"] == "bot" and isinstance(d["relayed_from"], int) for d in mine)
+    from click.testing import CliRunner
+
+    from broker.cli import cli
+
+    out = CliRunner().invoke(cli, ["audit", "report", "--since", "1h"])
+    assert out.exit_code == 0, out.output
+    assert "LISTENKEY TROUBLE (user data streams): 1" in out.output
+    assert "stream error Invalid listenKey (reported by the bot)" in out.output

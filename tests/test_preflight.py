@@ -376,6 +376,16 @@ def test_run_agent_refuses_a_margin_key_and_starts_with_unsafe_allow_margin(
         assert "UNSAFE: this API key can trade on margin" in res.stderr
     assert [r["outcome"] for r in preflight_records()] == ["refused", "overridden", "overridden"]
     assert preflight_records()[-1]["overrides"] == ["--unsafe-allow-margin"]
+    # A safe key whose trading authority ends in 5 days: started, warned, the date recorded.
+    import time
+
+    ex.restrictions.update(enableMargin=False, tradingAuthorityExpirationTime=int(time.time() * 1000) + 5 * 86_400_000)
+    res = run_broker(["run", "--agent", "--profile", "bot", "--", "true"], env=env_for(openbao, ex.url))
+    assert res.returncode == 0, res.stderr
+    assert "WARNING: this API key's trading authority expires in 5 day(s)" in res.stderr
+    last = preflight_records()[-1]
+    assert last["outcome"] == "passed" and last["trading_authority_days_left"] == 5.0
+    assert last["api_key"] == "********" + API_KEY[-4:]
 
 
 def test_run_agent_refuses_a_key_without_ip_restriction(
