@@ -92,3 +92,19 @@ def test_the_keeper_stops_when_the_bot_closes_its_key(h: Harness, fake: FuturesL
     assert not thread.is_alive() and not keeper.running
     puts = len([x for x in fake.requests if x.method == "PUT"])
     assert puts == 0  # and it never kept the closed key alive
+
+
+def test_a_compressed_answer_is_read_too() -> None:
+    import gzip
+    import zlib
+
+    from broker.proxy.listenkeys import _listen_key
+    from broker.proxy.upstream import Answer
+
+    body = b'{"listenKey": "abc123"}'
+    assert _listen_key(Answer(200, [("Content-Encoding", "gzip")], gzip.compress(body))) == "abc123"
+    assert _listen_key(Answer(200, [("content-encoding", "deflate")], zlib.compress(body))) == "abc123"
+    assert _listen_key(Answer(200, [], body)) == "abc123"
+    assert _listen_key(Answer(200, [("Content-Encoding", "gzip")], b"not gzip")) is None
+    assert _listen_key(Answer(200, [("Content-Encoding", "br")], body)) is None
+    assert _listen_key(Answer(200, [], b'{"listenKey": ""}')) is None

@@ -58,17 +58,14 @@ class ProxyListenKeys:
             return
         if method != "POST":
             return
-        try:
-            key = json.loads(answer.body).get("listenKey")
-        except (ValueError, AttributeError):
+        key = _listen_key(answer)
+        if key is None:
             return
-        if not isinstance(key, str) or not key:
-            return
-        with self._lock:
-            if self.keeper is None:
-                self.keeper = self._make(upstream)
-            keeper = self.keeper
         try:
+            with self._lock:
+                if self.keeper is None:
+                    self.keeper = self._make(upstream)
+                keeper = self.keeper
             keeper.adopt(key, by="bot")
             keeper.start()
         except BrokerError:
@@ -107,3 +104,25 @@ class ProxyListenKeys:
             keeper, self.keeper = self.keeper, None
         if keeper is not None:
             keeper.stop()
+
+
+def _listen_key(answer: Answer) -> str | None:
+    """The ``listenKey`` of an answer the proxy passes on unchanged (so possibly gzip- or deflate-encoded,
+    as the client asked)."""
+    import gzip
+    import zlib
+
+    body = answer.body
+    encoding = next((v.strip().lower() for k, v in answer.headers if k.lower() == "content-encoding"), "")
+    try:
+        if encoding == "gzip":
+            body = gzip.decompress(body)
+        elif encoding == "deflate":
+            body = zlib.decompress(body)
+        elif encoding not in ("", "identity"):
+            return None
+        data = json.loads(body)
+    except (ValueError, OSError, EOFError, zlib.error):
+        return None
+    key = data.get("listenKey") if isinstance(data, dict) else None
+    return key if isinstance(key, str) and key else None
