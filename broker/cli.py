@@ -150,10 +150,13 @@ Behaviour:
     to the exchange ([proxy] in the profile: spot, futures, testnet).
   - Key preflight (on by default with --agent when the exchange is
     reachable; --preflight requires it, --no-preflight skips it): Binance's
-    GET /sapi/v1/account/apiRestrictions must show enableWithdrawals false
-    and ipRestrict true, or the bot is not started, unless
-    --unsafe-allow-withdrawals / --unsafe-no-ip-restriction (warned at every
-    start). Base URL: --preflight-url or CREDBROKER_PREFLIGHT_URL.
+    GET /sapi/v1/account/apiRestrictions must show enableWithdrawals and
+    enableMargin false and ipRestrict true, or the bot is not started,
+    unless --unsafe-allow-withdrawals / --unsafe-allow-margin /
+    --unsafe-no-ip-restriction (warned at every start). A trading authority
+    (tradingAuthorityExpirationTime) ending within 14 days is warned about
+    at every start and recorded. Base URL: --preflight-url or
+    CREDBROKER_PREFLIGHT_URL.
   - --mask replaces every injected secret value in the child's stdout and
     stderr with [credbroker:masked], also when a value is split across
     writes (a tail that may start a value is held until the next write, the
@@ -206,6 +209,8 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
               "$CREDBROKER_PREFLIGHT_URL, else https://api.binance.com).")
 @click.option("--unsafe-allow-withdrawals", is_flag=True,
               help="UNSAFE: start even though the key can withdraw funds (warned at every start).")
+@click.option("--unsafe-allow-margin", is_flag=True,
+              help="UNSAFE: start even though the key can trade on margin (warned at every start).")
 @click.option("--unsafe-no-ip-restriction", is_flag=True,
               help="UNSAFE: start even though the key is not restricted to trusted IPs (warned at every start).")
 @click.option("--user", "as_user", metavar="NAME", help="Run the bot as this user (credbroker must be root or "
@@ -237,6 +242,7 @@ def run_cmd(
     preflight_flag: bool | None,
     preflight_url: str | None,
     unsafe_allow_withdrawals: bool,
+    unsafe_allow_margin: bool,
     unsafe_no_ip_restriction: bool,
     as_user: str | None,
     as_group: str | None,
@@ -271,13 +277,15 @@ def run_cmd(
 
         raise ConfigError("--agent and --mask exclude each other",
                           "with --agent the bot holds no secret to mask; drop --mask")
-    if agent or preflight_flag or preflight_url or unsafe_allow_withdrawals or unsafe_no_ip_restriction:
+    if (agent or preflight_flag or preflight_url or unsafe_allow_withdrawals or unsafe_allow_margin
+            or unsafe_no_ip_restriction):
         from .preflight import PreflightOptions
 
         mode = "on" if preflight_flag else "off" if preflight_flag is False else ("auto" if agent else "off")
         preflight = PreflightOptions.build(mode=mode, base_url=preflight_url,
                                            unsafe_allow_withdrawals=unsafe_allow_withdrawals,
-                                           unsafe_no_ip_restriction=unsafe_no_ip_restriction)
+                                           unsafe_no_ip_restriction=unsafe_no_ip_restriction,
+                                           unsafe_allow_margin=unsafe_allow_margin)
     if proxy:
         from .errors import ConfigError
         from .proxy import check_profile

@@ -9,13 +9,23 @@ object such as::
      "enableWithdrawals": false, "enableInternalTransfer": false, "enableFutures": false,
      "enableSpotAndMarginTrading": false, "permitsUniversalTransfer": false, ...}
 
-A trading bot's key must not be able to withdraw, and must be bound to the
-server's IP (Binance: "You must apply the IP Access Restriction filter in
-order to enable withdrawals"). So credbroker refuses to start the bot when
-``enableWithdrawals`` is true or ``ipRestrict`` is false, unless the operator
-passes the override named for exactly that danger
-(``--unsafe-allow-withdrawals``, ``--unsafe-no-ip-restriction``), which then
-prints a warning at every start and is recorded in the audit log.
+A trading bot's key should have Read, Trade and Futures rights only: never
+Withdraw, never Margin (margin trading borrows against the account, which a
+bot's bug or a thief turns into a loss larger than the balance), and it must
+be bound to the server's IP (Binance: "You must apply the IP Access
+Restriction filter in order to enable withdrawals"). So credbroker refuses to
+start the bot when ``enableWithdrawals`` or ``enableMargin`` is true or
+``ipRestrict`` is false, unless the operator passes the override named for
+exactly that danger (``--unsafe-allow-withdrawals``, ``--unsafe-allow-margin``,
+``--unsafe-no-ip-restriction``), which then prints a warning at every start and
+is recorded in the audit log.
+
+``tradingAuthorityExpirationTime`` (present when the key's spot and margin
+trading permission has an end date; milliseconds since the epoch) is recorded
+in the audit log (``trading_authority_expires``, with the masked API key, so
+the weekly review can list keys whose trading authority ends within 30 days)
+and, when it is less than 14 days away (or past), a warning is printed at
+every start: the bot still starts, since the key still works today.
 
 Modes:
 
@@ -29,7 +39,8 @@ Modes:
   saying ``skipped``. Once the exchange answered, every other outcome is a
   refusal (fail closed): a TLS certificate that does not verify, an HTTP
   error such as -2015 (invalid key or IP), a read timeout, a redirect, a body
-  that is not the documented object, a missing or non-boolean field.
+  that is not the documented object, a missing or non-boolean field
+  (``enableWithdrawals``, ``enableMargin``, ``ipRestrict``).
 * ``off`` (``--no-preflight``, and the default outside agent mode).
 
 The base URL is ``https://api.binance.com`` unless ``--preflight-url`` or
@@ -44,6 +55,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -54,6 +66,9 @@ DEFAULT_BASE_URL = "https://api.binance.com"
 PATH = "/sapi/v1/account/apiRestrictions"
 URL_VAR = "CREDBROKER_PREFLIGHT_URL"
 MODES = ("auto", "on", "off")
+#: Warn at every start when the key's trading authority ends sooner than this.
+EXPIRY_WARN_DAYS = 14
+_DAY_MS = 86_400_000
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -74,11 +89,12 @@ class PreflightOptions(NamedTuple):
     unsafe_no_ip_restriction: bool = False
     timeout: float = 5.0
     recv_window: int = 5000
+    unsafe_allow_margin: bool = False
 
     @classmethod
     def build(cls, *, mode: str, base_url: str | None = None, env: Mapping[str, str] | None = None,
               unsafe_allow_withdrawals: bool = False, unsafe_no_ip_restriction: bool = False,
-              timeout: float = 5.0) -> PreflightOptions:
+              timeout: float = 5.0, unsafe_allow_margin: bool = False) -> PreflightOptions:
         """Validated options; the URL from the argument, else ``$CREDBROKER_PREFLIGHT_URL``, else Binance."""
         if mode not in MODES:
             raise ConfigError(f"unknown preflight mode {mode!r}", f"use one of: {', '.join(MODES)}")
@@ -86,7 +102,8 @@ class PreflightOptions(NamedTuple):
         url = (base_url or environ.get(URL_VAR) or DEFAULT_BASE_URL).rstrip("/")
         check_base_url(url)
         return cls(mode=mode, base_url=url, unsafe_allow_withdrawals=unsafe_allow_withdrawals,
-                   unsafe_no_ip_restriction=unsafe_no_ip_restriction, timeout=timeout)
+                   unsafe_no_ip_restriction=unsafe_no_ip_restriction, timeout=timeout,
+                   unsafe_allow_margin=unsafe_allow_margin)
 
     @property
     def overrides(self) -> list[str]:
@@ -94,6 +111,8 @@ class PreflightOptions(NamedTuple):
         out = []
         if self.unsafe_allow_withdrawals:
             out.append("--unsafe-allow-withdrawals")
+        if self.unsafe_allow_margin:
+            out.append("--unsafe-allow-margin")
         if self.unsafe_no_ip_restriction:
             out.append("--unsafe-no-ip-restriction")
         return out
@@ -179,7 +198,7 @@ def fetch_restrictions(signer: Any, options: PreflightOptions) -> dict[str, Any]
 
 def check(restrictions: Mapping[str, Any], options: PreflightOptions) -> PreflightResult:
     """Judge the restrictions; raise PreflightError, or return passed/overridden with warnings."""
-    for field in ("enableWithdrawals", "ipRestrict"):
+    for field in ("enableWithdrawals", "ipRestrict", "enableMargin"):
         if not isinstance(restrictions.get(field), bool):
             raise PreflightError(f"key preflight: the answer has no boolean {field}",
                                  "check the preflight URL (it must be Binance's apiRestrictions)")
@@ -191,6 +210,13 @@ def check(restrictions: Mapping[str, Any], options: PreflightOptions) -> Preflig
                                  "(or pass --unsafe-allow-withdrawals, not recommended)")
         warnings.append("UNSAFE: this API key can withdraw funds (enableWithdrawals is true); "
                         "started anyway because of --unsafe-allow-withdrawals")
+    if restrictions["enableMargin"]:
+        if not options.unsafe_allow_margin:
+            raise PreflightError("key preflight: this API key can trade on margin (enableMargin is true)",
+                                 "turn off \"Enable Margin Loan, Repay & Transfer\" for the key on the exchange "
+                                 "(or pass --unsafe-allow-margin, not recommended)")
+        warnings.append("UNSAFE: this API key can trade on margin (enableMargin is true); "
+                        "started anyway because of --unsafe-allow-margin")
     if not restrictions["ipRestrict"]:
         if not options.unsafe_no_ip_restriction:
             raise PreflightError("key preflight: this API key is not restricted to trusted IPs (ipRestrict is false)",
@@ -214,17 +240,25 @@ def run_preflight(
     profile: str,
     record: Callable[[str, dict[str, Any]], Any],
     warn: Callable[[str], None] | None = None,
+    now: Callable[[], float] = time.time,
 ) -> PreflightResult | None:
     """Run the preflight as ``options.mode`` says; record it; raise PreflightError to stop the run.
 
     Returns None when the mode is ``off``. Warnings go to ``warn`` (stderr by default), every time.
+    ``now`` (seconds since the epoch) dates the trading authority's expiry.
     """
     say = warn or (lambda m: print(f"credbroker: {m}", file=sys.stderr, flush=True))
     if options.mode == "off":
         for flag in options.overrides:
             say(f"WARNING: {flag} is given but the key preflight is off, so it has no effect")
         return None
-    base = {"profile": profile, "url": options.base_url + PATH, "mode": options.mode, "overrides": options.overrides}
+    base: dict[str, Any] = {"profile": profile, "url": options.base_url + PATH, "mode": options.mode,
+                            "overrides": options.overrides}
+    api_key = getattr(signer, "api_key", None)
+    if api_key:
+        from .secret import mask_id
+
+        base["api_key"] = mask_id(str(api_key))
     try:
         restrictions = fetch_restrictions(signer, options)
     except ExchangeUnreachable as exc:
@@ -245,15 +279,56 @@ def run_preflight(
     except PreflightError as exc:
         record("preflight", {**base, "outcome": "refused", "reason": exc.message, "restrictions": audited})
         raise
+    expiry = trading_authority(restrictions, now() * 1000)
+    if expiry is not None:
+        base["trading_authority_expires"] = expiry.iso
+        base["trading_authority_days_left"] = expiry.days_left
     record("preflight", {**base, "outcome": result.outcome, "restrictions": audited})
     for line in result.warnings:
         say(line)
+    if expiry is not None and expiry.warning:
+        say(expiry.warning)
     # An override that is not needed is still a loaded gun: say so at every start.
     if options.unsafe_allow_withdrawals and not restrictions["enableWithdrawals"]:
         say("WARNING: --unsafe-allow-withdrawals is given but this key cannot withdraw; remove the flag")
+    if options.unsafe_allow_margin and not restrictions["enableMargin"]:
+        say("WARNING: --unsafe-allow-margin is given but this key cannot trade on margin; remove the flag")
     if options.unsafe_no_ip_restriction and restrictions["ipRestrict"]:
         say("WARNING: --unsafe-no-ip-restriction is given but this key is IP-restricted; remove the flag")
     return result
+
+
+class Expiry(NamedTuple):
+    """When the key's trading authority ends: ISO time (UTC), whole days left (negative: past), a warning."""
+
+    ms: int
+    iso: str
+    days_left: float
+    warning: str | None
+
+
+def trading_authority(restrictions: Mapping[str, Any], now_ms: float) -> Expiry | None:
+    """The expiry of the key's trading authority (``tradingAuthorityExpirationTime``), or None when it has none.
+
+    Binance: "Expiration time for spot and margin trading permission", in ms. A
+    warning when it is less than ``EXPIRY_WARN_DAYS`` away or already past.
+    """
+    value = restrictions.get("tradingAuthorityExpirationTime")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    from datetime import datetime, timezone
+
+    when = datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+    iso = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    days = round((value - now_ms) / _DAY_MS, 1)
+    warning = None
+    if days <= 0:
+        warning = (f"WARNING: this API key's trading authority expired on {iso[:10]}: the exchange will refuse "
+                   "its orders; renew the trading permission for the key on the exchange")
+    elif days < EXPIRY_WARN_DAYS:
+        warning = (f"WARNING: this API key's trading authority expires in {days:g} day(s), on {iso} UTC; renew the "
+                   "trading permission for the key on the exchange before then")
+    return Expiry(value, iso, days, warning)
 
 
 def _why(exc: BaseException) -> str:

@@ -28,7 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 RELAY_FD_VAR = "CREDBROKER_AUDIT_FD"
-RELAYED_EVENTS = frozenset({"signature_failure"})
+#: Signature failures, and the listenKey keeper's records (``broker.signing.listenkey``).
+RELAYED_EVENTS = frozenset({"signature_failure", "listen_key_created", "listen_key_kept_alive",
+                            "listen_key_recreated", "listen_key_failed"})
 MAX_LINE = 4096
 _MAX_VALUE = 512
 _MAX_FIELDS = 32

@@ -137,7 +137,7 @@ def test_request_is_signed_as_binance_documents(exchange: Any) -> None:
 def test_verdicts(withdrawals: bool, ip_restrict: bool, flags: dict[str, bool], outcome: str | None,
                   error: str | None) -> None:
     opts = PreflightOptions(**flags)
-    restrictions = {"enableWithdrawals": withdrawals, "ipRestrict": ip_restrict}
+    restrictions = {"enableWithdrawals": withdrawals, "ipRestrict": ip_restrict, "enableMargin": False}
     if error:
         with pytest.raises(PreflightError, match=error):
             check(restrictions, opts)
@@ -153,6 +153,82 @@ def test_answer_without_the_documented_fields_is_refused() -> None:
         check({"ipRestrict": True}, PreflightOptions())
     with pytest.raises(PreflightError, match="no boolean ipRestrict"):
         check({"enableWithdrawals": False, "ipRestrict": "yes"}, PreflightOptions())
+
+
+def test_margin_rights_are_refused_unless_overridden() -> None:
+    safe = {"enableWithdrawals": False, "ipRestrict": True}
+    with pytest.raises(PreflightError, match=r"can trade on margin \(enableMargin is true\)") as info:
+        check({**safe, "enableMargin": True}, PreflightOptions())
+    assert "--unsafe-allow-margin" in info.value.remedy
+    # The override for the other danger does not cover this one.
+    with pytest.raises(PreflightError, match="enableMargin"):
+        check({**safe, "enableMargin": True}, PreflightOptions(unsafe_allow_withdrawals=True))
+    result = check({**safe, "enableMargin": True}, PreflightOptions(unsafe_allow_margin=True))
+    assert result.outcome == "overridden"
+    assert result.warnings == ("UNSAFE: this API key can trade on margin (enableMargin is true); started anyway "
+                               "because of --unsafe-allow-margin",)
+    # Binance documents the field: an answer without it is not the documented object (fail closed).
+    with pytest.raises(PreflightError, match="no boolean enableMargin"):
+        check(safe, PreflightOptions())
+    assert check({**safe, "enableMargin": False}, PreflightOptions()).outcome == "passed"
+
+
+def test_margin_key_against_the_exchange_refused_then_started_with_a_warning_each_time(exchange: Any) -> None:
+    ex = exchange()
+    ex.restrictions["enableMargin"] = True
+    records: list[tuple[str, dict[str, Any]]] = []
+    with pytest.raises(PreflightError, match="can trade on margin"):
+        run_preflight(signer(), options(ex.url), profile="p", record=lambda e, f: records.append((e, f)),
+                      warn=lambda m: None)
+    assert records[-1][1]["outcome"] == "refused" and records[-1][1]["restrictions"]["enableMargin"] is True
+    for _ in range(2):
+        said: list[str] = []
+        result = run_preflight(signer(), options(ex.url, unsafe_allow_margin=True), profile="p",
+                               record=lambda e, f: records.append((e, f)), warn=said.append)
+        assert result is not None and result.outcome == "overridden"
+        assert said == ["UNSAFE: this API key can trade on margin (enableMargin is true); started anyway because "
+                        "of --unsafe-allow-margin"]
+        assert records[-1][1]["overrides"] == ["--unsafe-allow-margin"]
+        assert records[-1][1]["api_key"] == "********" + API_KEY[-4:]
+    ex.restrictions["enableMargin"] = False
+    said = []
+    run_preflight(signer(), options(ex.url, unsafe_allow_margin=True), profile="p", record=lambda e, f: None,
+                  warn=said.append)
+    assert said == ["WARNING: --unsafe-allow-margin is given but this key cannot trade on margin; remove the flag"]
+
+
+NOW = 1_800_000_000.0  # seconds since the epoch: 2027-01-15T08:00:00Z
+DAY_MS = 86_400_000
+
+
+@pytest.mark.parametrize("days,warned", [(5, "expires in 5 day(s), on 2027-01-20T08:00:00Z UTC"), (13.9, "expires in"),
+                                         (14, None), (40, None), (-2, "expired on 2027-01-13")])
+def test_trading_authority_expiry_is_recorded_and_warned_within_14_days(
+        exchange: Any, days: float, warned: str | None) -> None:
+    ex = exchange()
+    expires = int(NOW * 1000 + days * DAY_MS)
+    ex.restrictions["tradingAuthorityExpirationTime"] = expires
+    said: list[str] = []
+    records: list[tuple[str, dict[str, Any]]] = []
+    result = run_preflight(signer(), options(ex.url), profile="p", record=lambda e, f: records.append((e, f)),
+                           warn=said.append, now=lambda: NOW)
+    assert result is not None and result.outcome == "passed"  # a warning, never a refusal
+    (_, fields), = records
+    assert fields["restrictions"]["tradingAuthorityExpirationTime"] == expires
+    assert fields["trading_authority_expires"].startswith(("2027-01-", "2027-02-"))
+    assert fields["trading_authority_days_left"] == round(days, 1)
+    if warned is None:
+        assert said == []
+    else:
+        (line,) = said
+        assert line.startswith("WARNING: this API key's trading authority ") and warned in line
+
+
+def test_no_expiry_field_no_expiry_record(exchange: Any) -> None:
+    records: list[tuple[str, dict[str, Any]]] = []
+    run_preflight(signer(), options(exchange().url), profile="p", record=lambda e, f: records.append((e, f)),
+                  warn=lambda m: None)
+    assert "trading_authority_expires" not in records[0][1]
 
 
 def test_unsafe_overrides_warn_every_time_even_when_not_needed(exchange: Any) -> None:
@@ -282,6 +358,34 @@ def test_run_agent_refuses_a_key_that_can_withdraw_and_starts_with_the_override(
     assert "UNSAFE: this API key can withdraw funds" in res.stderr and marker.exists()
     assert [r["outcome"] for r in preflight_records()] == ["refused", "overridden"]
     assert SECRET not in res.stderr
+
+
+def test_run_agent_refuses_a_margin_key_and_starts_with_unsafe_allow_margin(
+        openbao: OpenBao, tmp_path: Path, exchange: Any, run_broker: Any) -> None:
+    setup_profile(openbao, tmp_path)
+    ex = exchange()
+    ex.restrictions["enableMargin"] = True
+    res = run_broker(["run", "--agent", "--profile", "bot", "--", "true"], env=env_for(openbao, ex.url))
+    assert res.returncode == 125 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "key preflight: this API key can trade on margin (enableMargin is true)" in res.stderr
+    assert "--unsafe-allow-margin" in res.stderr
+    for _ in range(2):  # warned at every start
+        res = run_broker(["run", "--agent", "--unsafe-allow-margin", "--profile", "bot", "--", "true"],
+                         env=env_for(openbao, ex.url))
+        assert res.returncode == 0, res.stderr
+        assert "UNSAFE: this API key can trade on margin" in res.stderr
+    assert [r["outcome"] for r in preflight_records()] == ["refused", "overridden", "overridden"]
+    assert preflight_records()[-1]["overrides"] == ["--unsafe-allow-margin"]
+    # A safe key whose trading authority ends in 5 days: started, warned, the date recorded.
+    import time
+
+    ex.restrictions.update(enableMargin=False, tradingAuthorityExpirationTime=int(time.time() * 1000) + 5 * 86_400_000)
+    res = run_broker(["run", "--agent", "--profile", "bot", "--", "true"], env=env_for(openbao, ex.url))
+    assert res.returncode == 0, res.stderr
+    assert "WARNING: this API key's trading authority expires in 5 day(s)" in res.stderr
+    last = preflight_records()[-1]
+    assert last["outcome"] == "passed" and last["trading_authority_days_left"] == 5.0
+    assert last["api_key"] == "********" + API_KEY[-4:]
 
 
 def test_run_agent_refuses_a_key_without_ip_restriction(

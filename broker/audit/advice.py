@@ -110,3 +110,51 @@ def advice_for(label: str) -> CodeAdvice:
         return found
     return CodeAdvice(label, "unknown", "an answer credbroker has no reading for", True, (
         Cause("see the exchange's error-code list for this code", "the message recorded with the failure"),))
+
+
+# -- listenKey trouble (broker.signing.listenkey), shown beside the signature failures ----------------
+# Binance's USDⓈ-M futures "User Data Streams" page: a listenKey lives 60 minutes after its creation or
+# last keepalive (PUT); only a request with the account's API key can create, extend or close (DELETE)
+# one; -1125 "This listenKey does not exist."; on the stream, {"e": "listenKeyExpired"} or an error.
+_LISTEN_KEY_GONE_BY_OTHERS = Cause(
+    "someone else holds the API key and closed the listenKey (DELETE needs only the API key, no signature)",
+    "whether any process of yours uses this API key besides this bot; if none does, treat the key as leaked: "
+    "disable it at the exchange and rotate it")
+_LISTEN_KEY_TABLE: tuple[CodeAdvice, ...] = (
+    CodeAdvice("-1125", "This listenKey does not exist",
+               "the exchange no longer knows the listenKey: it expired or was closed", True, (
+                   Cause("no keepalive reached the exchange for 60 minutes (the bot or the broker stopped, "
+                         "the host slept, the network was down)",
+                         "the listen_key_kept_alive and listen_key_failed records before it (`credbroker audit "
+                         "show --event listen_key_kept_alive`)"),
+                   Cause("the bot itself (or another bot of yours on the same API key) closed it on shutdown",
+                         "which bots share this API key, and whether they DELETE /fapi/v1/listenKey when they stop"),
+                   _LISTEN_KEY_GONE_BY_OTHERS,
+               )),
+    CodeAdvice("stream error", "Invalid listenKey (reported by the bot)",
+               "the user data stream refused or dropped the bot's listenKey", True, (
+                   Cause("the bot reconnected with an old listenKey after it was recreated",
+                         "that the bot reconnects with keeper.listen_key (or the key report_stream_event returns)"),
+                   Cause("the listenKey expired (no keepalive for 60 minutes)",
+                         "the listen_key_kept_alive records of the hour before"),
+                   _LISTEN_KEY_GONE_BY_OTHERS,
+               )),
+    CodeAdvice("listenKeyExpired", "listenKeyExpired (reported by the bot)",
+               "the exchange ended the user data stream because its listenKey expired", False, (
+                   Cause("no keepalive reached the exchange for 60 minutes",
+                         "that the keeper ran (listen_key_kept_alive every ~30 minutes) and the host's network"),
+                   Cause("the bot kept a stream open longer than 24 hours (Binance closes it)",
+                         "whether the bot reconnects once a day"),
+               )),
+    CodeAdvice("no answer", "No answer", "the keepalive or creation did not reach the exchange", False, (
+        Cause("the host's network or DNS failed", "the host's connectivity to the exchange at that time"),
+        Cause("a wrong base URL for the keeper", "the URL the bot gives listen_key_keeper()"),
+    )),
+)
+LISTEN_KEY_ADVICE: dict[str, CodeAdvice] = {a.label: a for a in _LISTEN_KEY_TABLE}
+
+
+def listen_key_advice(label: str) -> CodeAdvice:
+    """The advice for a listenKey failure label: -1125, "stream error", "listenKeyExpired", "no answer", or
+    a key-trouble code (-2015, ...) read as the signature failures are."""
+    return LISTEN_KEY_ADVICE.get(label) or advice_for(label)

@@ -8,7 +8,9 @@ tested with recorded events:
 - a profile whose failures all come from one of the hosts it runs on: that
   host's outbound IP may have changed (or its copy of the key differs);
 - a failure on a key that had none in the weeks before;
-- a burst: more than ``burst`` failures within one minute.
+- a burst: more than ``burst`` failures within one minute;
+- a listenKey gone (-1125, or the stream's error) within its 60 minutes of
+  life: something with the API key closed it.
 
 Each finding names the records (sequence numbers) it rests on.
 """
@@ -185,12 +187,65 @@ def bursts(failures: Sequence[FailureMark], burst: int, since: str) -> list[Find
     return out
 
 
+class ListenKeyMark(NamedTuple):
+    """One listen_key_* record: ``alive`` (created, kept alive, recreated) or ``gone`` (-1125, a stream error)."""
+
+    seq: int
+    ts: str
+    profile: str
+    host: str
+    key: str  # the API key masked to its last 4, or ""
+    alive: bool
+    label: str
+
+
+#: A listenKey lives this long after its creation or last keepalive (Binance); less a margin for clocks.
+LISTEN_KEY_LIFE = timedelta(minutes=55)
+
+
+def listen_key_closed_early(marks: Sequence[ListenKeyMark], since: str) -> list[Finding]:
+    """A listenKey the exchange called gone (-1125, or the stream's error) within its 60 minutes of life:
+    it did not expire, someone closed it, and closing takes only the API key."""
+    out = []
+    last_alive: dict[tuple[str, str], ListenKeyMark] = {}
+    early: dict[tuple[str, str], list[tuple[ListenKeyMark, ListenKeyMark]]] = {}
+    for m in marks:
+        key = (m.profile, m.key)
+        if m.alive:
+            last_alive[key] = m
+            continue
+        alive = last_alive.get(key)
+        if m.ts >= since and alive is not None and _dt(m.ts) - _dt(alive.ts) < LISTEN_KEY_LIFE:
+            early.setdefault(key, []).append((alive, m))
+            del last_alive[key]  # one finding per life of a key
+    for (profile, api_key), pairs in early.items():
+        gone = [g for _, g in pairs]
+        shown = f"key ...{api_key}" if api_key else "API key"
+        first_alive, first_gone = pairs[0]
+        out.append(Finding(
+            kind=FindingKind.LISTEN_KEY_CLOSED_EARLY, profile=profile, first=first_gone.ts, last=gone[-1].ts,
+            seqs=tuple(s for a, g in pairs for s in (a.seq, g.seq))[:SEQ_CAP], count=len(gone),
+            host=first_gone.host if len({g.host for g in gone}) == 1 else None,
+            summary=f"{len(gone)} time(s) the listenKey of {profile}'s {shown} was gone ({_labels(gone)}) "
+                    f"{_ago(_dt(first_gone.ts) - _dt(first_alive.ts))} after it was last created or kept alive: "
+                    "it had not expired (60 minutes), so something closed it",
+            advice="closing a listenKey takes only the API key: if no bot of yours using this API key closed it, "
+                   "someone else holds the key: disable it at the exchange and rotate it",
+        ))
+    return out
+
+
+def _labels(marks: Sequence[ListenKeyMark]) -> str:
+    return ", ".join(sorted({m.label for m in marks}))
+
+
 def find_all(failures: Sequence[FailureMark], rotations: Sequence[RotationMark], *, since: str,
-             hosts: Mapping[str, set[str]], first_use: Mapping[str, str], burst: int = DEFAULT_BURST
-             ) -> tuple[Finding, ...]:
+             hosts: Mapping[str, set[str]], first_use: Mapping[str, str], burst: int = DEFAULT_BURST,
+             listen_keys: Sequence[ListenKeyMark] = ()) -> tuple[Finding, ...]:
     """Every pattern, most urgent kind first, then by time."""
     found = (after_rotation(failures, rotations, since) + on_one_host(failures, hosts, since)
-             + first_on_key(failures, first_use, since) + bursts(failures, burst, since))
+             + first_on_key(failures, first_use, since) + bursts(failures, burst, since)
+             + listen_key_closed_early(listen_keys, since))
     order = {kind: i for i, kind in enumerate(FINDING_ORDER)}
     return tuple(sorted(found, key=lambda f: (order[f.kind], f.first, f.profile)))
 

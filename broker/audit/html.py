@@ -217,6 +217,9 @@ def render_html(report: Report) -> str:
     out.append(_summary(report))
     out.append(_findings(report))
     out.append(_failures(report))
+    from .upkeep import html_sections
+
+    out.extend(html_sections(r["key_upkeep"], _e, _table, _ts))
     out.append(_chain(r["chain"]))
     out.append('<section id="activity"><h2>Daily activity</h2><p class="legend">')
     for _, label, colour in SERIES:

@@ -28,6 +28,7 @@ class FindingKind(StrEnum):
     FAILURES_ON_ONE_HOST = "failures_on_one_host"
     FIRST_FAILURE_ON_KEY = "first_failure_on_key"
     FAILURE_BURST = "failure_burst"
+    LISTEN_KEY_CLOSED_EARLY = "listen_key_closed_early"
 
 
 #: The order findings are shown in: the likeliest to need action today first.
@@ -136,5 +137,6 @@ class Report:
 #: ``--fail-on`` names, in the order the summary shows them.
 FAIL_ON_NAMES: tuple[str, ...] = (
     "broken", "gaps", "signature-failures", "findings", "unmatched-reads", "old-versions", "new-commands", "new-hosts",
-    "unusual-hours", "refusals", "policy-refusals", "unrotated-keys",
+    "unusual-hours", "refusals", "policy-refusals", "unrotated-keys", "listen-key-failures",
+    "expiring-trading-authority",
 )

@@ -30,6 +30,7 @@ Fields read from records (what other modules write; extra fields are ignored):
 - ``signature_failure``: profile, code, endpoint, status, message, api_key (masked), host
 - ``rotation_detected``: profile, old_version, new_version, path, address, namespace
 - ``policy_refused``: profile, rule (the signing agent's policy)
+- ``listen_key_*`` and ``preflight``: read by ``upkeep.py`` (its own section)
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from ..errors import AuditError
 from .advice import advice_for
 from .findings import DEFAULT_BURST, FailureMark, RotationMark, find_all
 from .model import FailureGroup, Report, SummaryItem
+from .upkeep import EVENTS as UPKEEP_EVENTS
+from .upkeep import UpkeepSection, summary_counts, text_lines
 from .verify import Verifier
 
 LIST_CAP = 200  # per list in the report; counts stay exact
@@ -203,6 +206,7 @@ class ReportBuilder:
             day += timedelta(days=1)
         # (path, ts, version, Vault request_id or None) in/near the period
         self.vault_reads: list[tuple[str, str, int | None, str | None]] = []
+        self.upkeep = UpkeepSection(since=self._since, until=self.until)
 
     # -- the pass -----------------------------------------------------------------------
     def feed(self, ts: str, event: str, line: bytes) -> None:
@@ -225,6 +229,11 @@ class ReportBuilder:
             if imported is not None:
                 self._vault_read(ts, imported["data"], _version(imported["data"].get("version")),
                                  rid_key="read_back_request_id", path_key="read_back_path")
+            return
+        if event in UPKEEP_EVENTS:  # listenKeys and the preflight's expiry: their own section (upkeep.py)
+            upkeep_rec = _parse(line)
+            if upkeep_rec is not None:
+                self.upkeep.feed(ts, event, upkeep_rec)
             return
         if event not in DETAIL_EVENTS:
             return
@@ -522,6 +531,15 @@ class ReportBuilder:
                         "" if unrotated_known else NOT_ENOUGH_HISTORY),
         )
 
+    @staticmethod
+    def _upkeep_summary(block: Mapping[str, Any]) -> tuple[SummaryItem, ...]:
+        counts = summary_counts(block)
+        return (SummaryItem("listen-key-failures", "listenKey failures (user data streams)",
+                            counts["listen-key-failures"], "listen-keys", ""),
+                SummaryItem("expiring-trading-authority",
+                            f"keys whose trading authority ends within {block['trading_authority']['days']} days",
+                            counts["expiring-trading-authority"], "trading-authority", ""))
+
     def result(self, chain: Mapping[str, Any], vault: Mapping[str, Any] | None = None,
                files: Iterable[Path] = ()) -> Report:
         groups = tuple(
@@ -531,7 +549,7 @@ class ReportBuilder:
                          message=g.message)
             for label, g in sorted(self.sigfail.items(), key=lambda kv: (-kv[1].count, kv[0])))
         findings = find_all(self.failure_marks, self.rotation_marks, since=self._since, hosts=self.period_hosts,
-                            first_use=self.first_use, burst=self.burst)
+                            first_use=self.first_use, burst=self.burst, listen_keys=self.upkeep.marks)
         profiles = []
         for (name, secret) in sorted(self.profiles):
             p = self.profiles[(name, secret)]
@@ -577,13 +595,15 @@ class ReportBuilder:
                                     "else the audit log (when the newest version was first read)"},
             "events": dict(sorted(self.events.items())),
             "daily": daily,
+            "key_upkeep": self.upkeep.to_dict(),
         }
         if vault is not None:
             sections["vault_audit"] = dict(vault)
         return Report(
             since=self._since, until=self._until, files=tuple(str(f) for f in files),
             records_in_period=self.records_in_period, chain=dict(chain),
-            summary=self._summary(chain, len(findings), len(stale), len(unrotated), unrotated_known, vault),
+            summary=self._summary(chain, len(findings), len(stale), len(unrotated), unrotated_known, vault)
+            + self._upkeep_summary(sections["key_upkeep"]),
             findings=findings, failures=groups, failure_total=self.sigfail_total, sections=sections)
 
 
@@ -782,6 +802,8 @@ def render_text(report: Report) -> str:
         for n, c in enumerate(a.causes, 1):
             out.append(f"      {n}. {c.cause}")
             out.append(f"         check: {c.check}")
+
+    out += text_lines(r["key_upkeep"], _short)
 
     chain = r["chain"]
     out.append("")

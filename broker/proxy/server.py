@@ -47,6 +47,7 @@ from ..signing import binance
 from ..signing.failures import classify
 from ..signing_policy import KINDS, PolicyRefused, SigningPolicy, SignRequest
 from .clientkey import ClientKey
+from .listenkeys import STREAM_EVENT_PATH, ProxyListenKeys
 from .peer import peer_in_tree
 from .settings import ProxySettings
 from .upstream import Answer, Upstream, UpstreamError
@@ -148,6 +149,8 @@ class SigningProxy:
         self._sync_lock = threading.Lock()
         self.forwarded = 0
         self.refused = 0
+        # The bot's futures listenKey, kept alive by the proxy (listenkeys.py).
+        self.listen_keys = ProxyListenKeys(self._api_key, profile, self._record)
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
@@ -172,6 +175,7 @@ class SigningProxy:
         """Stop serving, commit the last audit records, close the pools, forget the keys. Idempotent."""
         httpd, self._httpd = self._httpd, None
         self._stop.set()
+        self.listen_keys.stop()
         if httpd is not None:
             httpd.shutdown()
             httpd.server_close()
@@ -223,6 +227,8 @@ class SigningProxy:
             return _json_answer(500, -1000, f"credbroker proxy: the audit log cannot be written "
                                             f"({self._audit_failed.message}); nothing is forwarded")
         path, _, query = target.partition("?")
+        if path == STREAM_EVENT_PATH:  # the bot reports a user-data-stream error (listenkeys.py)
+            return self.listen_keys.stream_event(method, body)
         summary: dict[str, Any] = {"endpoint": path[:200], "method": method}
         refusal = self._check_target(method, path, headers)
         if refusal is not None:
@@ -281,6 +287,7 @@ class SigningProxy:
         self.forwarded += 1
         if answer.status >= 400:
             self._after_error(answer, upstream, path, method, pid)
+        self.listen_keys.after_answer(method, path, answer, upstream)
         return answer
 
     def _check_target(self, method: str, path: str, headers: Mapping[str, str]) -> Refusal | None:

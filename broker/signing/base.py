@@ -267,6 +267,49 @@ class Signer(ABC):
             self.last_failure = failure
         return failure
 
+    def audit_recorder(self) -> Callable[[str, dict[str, Any]], None]:
+        """``record(event, fields)`` into the audit log this signer reports to (the relay inside `run`)."""
+        audit_config = self._audit_config
+
+        def record(event: str, fields: dict[str, Any]) -> None:
+            from .audit_bridge import record_event
+
+            record_event(event, fields, audit_config=audit_config)
+
+        return record
+
+    # -- listenKey upkeep (USDⓈ-M futures user data streams) ------------------------------
+    def listen_key_keeper(self, base_url: str, **options: Any) -> Any:
+        """A ``ListenKeyKeeper`` for this signer's API key at ``base_url`` (not started: ``start()`` or ``with``).
+
+        The signer remembers it, so ``report_stream_error`` recreates its key. Options: see
+        ``broker.signing.listenkey.ListenKeyKeeper``.
+        """
+        from .listenkey import ListenKeyKeeper
+
+        options.setdefault("profile", self.profile)
+        options.setdefault("record", self.audit_recorder())
+        keeper = ListenKeyKeeper(self, base_url, **options)
+        self._listen_key_keeper = keeper
+        return keeper
+
+    def report_stream_error(self, message: Any) -> str | bool | None:
+        """Report a user-data-stream message such as ``{"e": "error", "m": "Invalid listenKey"}``.
+
+        With a keeper from ``listen_key_keeper``: recorded, the key recreated, and the new key returned
+        (None when the message is not trouble). Without one: recorded as ``listen_key_failed``; True when
+        it was trouble, False otherwise.
+        """
+        keeper = getattr(self, "_listen_key_keeper", None)
+        if keeper is not None:
+            new_key: str | None = keeper.report_stream_event(message)
+            return new_key
+        from .listenkey import report_stream_error
+
+        return report_stream_error(message, profile=self.profile,
+                                   api_key=str(self._api_key) if self._api_key is not None else None,
+                                   record=self.audit_recorder())
+
     def report(self, status: int | None, body: Any, endpoint: str, *, method: str | None = None
                ) -> SignatureFailure | None:
         """``report_response`` with this signer's profile, API key and audit settings."""

@@ -93,6 +93,14 @@ class RefreshingSigner(Signer):
     def close(self) -> None:
         self._inner.close()
 
+    def audit_recorder(self) -> Callable[[str, dict[str, Any]], None]:
+        """The log ``get_signer(profile=...)`` opened (the one its fetches are recorded in)."""
+
+        def record(event: str, fields: dict[str, Any]) -> None:
+            self._rec(event, fields)
+
+        return record
+
     def check_response(self, response: Any, *, raise_on_audit_error: bool = True) -> SignatureFailure | None:
         failure = super().check_response(response, raise_on_audit_error=raise_on_audit_error)
         self._after_failure(failure)
