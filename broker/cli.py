@@ -106,6 +106,11 @@ Behaviour:
   - Fail closed: every field the profile names must be fetched, or COMMAND is
     not started; credbroker exits 125 with one line saying what failed and how
     to fix it.
+  - Several profiles (-p spot -p um-futures): all fetched or none; a variable
+    two of them set is refused before anything is read; one audit record per
+    profile; one restart for a batch of rotations; get_signer("spot") in the
+    bot picks that profile's signer (with --agent, its agent). --proxy takes
+    one profile.
   - The child's environment is credbroker's own, minus its Vault credentials
     (VAULT_TOKEN, BAO_TOKEN, AppRole role/secret ids) and any stale copies of
     the injected names, plus the profile's variables. CREDBROKER_RUN is set,
@@ -291,13 +296,12 @@ def run_cmd(
         preflight = PreflightOptions.build(mode=mode, base_url=preflight_url,
                                            unsafe_allow_withdrawals=unsafe_allow_withdrawals,
                                            unsafe_no_ip_restriction=unsafe_no_ip_restriction)
-    if len(profs) > 1 and (agent or proxy or preflight_flag):
+    if len(profs) > 1 and proxy:
         from .errors import ConfigError
 
-        what = "--agent" if agent else "--proxy" if proxy else "--preflight"
-        raise ConfigError(f"{what} serves one profile per run, and this run names {len(profs)}",
-                          f"start one `credbroker run {what} -p PROFILE` per profile (each bot its own key), "
-                          f"or drop {what}")
+        raise ConfigError(f"--proxy serves one profile per run, and this run names {len(profs)}",
+                          "start one `credbroker run --proxy -p PROFILE` per profile, or use --agent "
+                          '(get_signer("PROFILE") signs for each profile of the run)')
     if proxy:
         from .errors import ConfigError
         from .proxy import check_profile

@@ -469,13 +469,14 @@ def run(
     if not profiles:
         raise RunError("no profile given", "name one with -p PROFILE")
     many = len(profiles) > 1
-    policies: list[Any] = list(rotation) if isinstance(rotation, (list, tuple)) else [rotation] * len(profiles)
+    # A list: one policy (or None) per profile. (A RotationPolicy is a NamedTuple, hence not "tuple" here.)
+    policies: list[Any] = list(rotation) if isinstance(rotation, list) else [rotation] * len(profiles)
     if len(policies) != len(profiles):
         raise RunError("one rotation policy per profile is needed", "this is a credbroker bug; please report it")
-    if many and (agent or proxy or (preflight is not None and preflight.mode != "off")):
-        what = "--agent" if agent else "--proxy" if proxy else "--preflight"
-        raise RunError(f"{what} serves one profile per run, and this run names {len(profiles)}",
-                       f"start one `credbroker run {what} -p PROFILE` per profile, or drop {what}")
+    if many and proxy:
+        raise RunError(f"--proxy serves one profile per run, and this run names {len(profiles)}",
+                       "start one `credbroker run --proxy -p PROFILE` per profile, or use --agent "
+                       '(get_signer("PROFILE") signs for each profile of the run)')
     watched = [p for p in policies if p is not None]
     if grace is None:
         grace = max((p.grace for p in watched), default=10.0)
@@ -501,11 +502,11 @@ def run(
         audit_log.check_writable()
         record = audit_log.record
     rec: Recorder = record
-    signing: Any = None
+    signings: list[Any] = []  # one per profile: its key check, and with --agent its agent
     if agent or (preflight is not None and preflight.mode != "off"):
         from .agent import RunSigning
 
-        signing = RunSigning.prepare(profiles[0], agent=agent, preflight=preflight, env=env)
+        signings = [RunSigning.prepare(p, agent=agent, preflight=preflight, env=env) for p in profiles]
     else:
         for p in profiles:
             if p.sections.get("policy") and not proxy:
@@ -547,12 +548,14 @@ def run(
     for p, c in zip(profiles, held):
         for line in value_warnings(p, c):  # a stored newline signs wrong on every request: say so
             say(f"WARNING: {line}")
-    if signing is not None:
+    for i, signing in enumerate(signings):
         try:
-            signing.check_key(creds, record=rec, audit_config=getattr(config, "audit", None))
+            signing.check_key(held[i], record=rec, audit_config=getattr(config, "audit", None))
         except BrokerError as exc:
             creds.wipe()
-            refused(exc)
+            for done in signings[:i]:
+                done.stop()
+            refused(exc, profiles[i] if many else None)
             raise
 
     # What get_signer() needs in the child: the config (so its audit records go
@@ -585,15 +588,20 @@ def run(
 
             own.update(key_env(p, c))
         per_profile.append(own)
-    if many:
-        extra.update(_profiles_env(profiles, per_profile))
-    else:
+    if not many:
         extra.update(per_profile[0])
 
     # Keep the secret (mlocked) only when the broker may need it again.
     keep = agent or restart != "no" or any(p.action == "restart" for p in watched)
     # In agent mode the child sees the API key variable only; the secret stays here.
-    child_parent, child_profile = signing.child_view(env, profile) if agent else (env, profile)
+    visible = profiles  # what the child sees of each profile: with --agent its API key variable only
+    child_parent, child_profile = env, profile
+    if agent:
+        views = [signing.child_view(env, p) for signing, p in zip(signings, profiles)]
+        visible = [v[1] for v in views]
+        dropped = {var for p in profiles for var in p.env}
+        child_parent = {k: v for k, v in views[0][0].items() if k not in dropped}
+        child_profile = combined_profile(visible)
     notifier = None
     if env.get("NOTIFY_SOCKET"):  # under systemd: READY/STOPPING/watchdog are ours, never the bot's
         from .sdnotify import SD_VARIABLES, Notifier
@@ -615,8 +623,8 @@ def run(
 
     def start(creds: Credentials, watchdog: Any) -> Child:
         try:
-            if agent:
-                signing.use(creds)
+            for signing, c in zip(signings, held):
+                signing.use(c)  # with --agent: sign with these (a rotation brings new ones); else a no-op
             child_env = child_environment(child_parent, child_profile, creds, extra)
             stdio = output.child_stdio(creds[f] for f in profile.env.values()) if output is not None else None
             child = launch(command, executable, child_env, stdio, relay.child_fds, as_user, box, cgroup)
@@ -627,12 +635,12 @@ def run(
         del child_env
         watchdog.guard(child.pgid)
         relay.child_pid = child.pid
-        if agent:
+        for signing in signings:
             signing.started(child.pid)
         shown, more = audit_fields(command)
-        for p, c in zip(profiles, held):
+        for p, c, v in zip(profiles, held, visible):
             origin = c.origin
-            variables = list(child_profile.env) if not many else list(p.env)
+            variables = list(v.env) if many else list(child_profile.env)
             if verbose:
                 version = f" v{origin.version}" if origin.version is not None else ""
                 via = {"daemon": " (fetched by credbroker daemon)", "child": " (fetched in a throwaway child)"}.get(
@@ -671,7 +679,7 @@ def run(
                 continue
             watchers[i] = Watcher(p, source_env, rec, held[i].origin.version, pol.interval)
             checkers.append((i, RotationChecker(p, pol, watchers[i], rec, current=current(i),
-                                                agent_fields=tuple(child_profile.env.values()) if agent else None)))
+                                                agent_fields=tuple(visible[i].env.values()) if agent else None)))
         # One worker, one pass over every watched profile: what one pass finds is acted on once.
         worker = RotationWorker(BatchCheck(checkers), min(p.interval for p in watched), threading.get_ident())
 
@@ -701,11 +709,12 @@ def run(
                 # The bot keeps running and never held the secret: only the secret changed
                 # (the API key in its environment is the same), so the agent swaps keys in place.
                 assert found.creds is not None
-                signing.use(found.creds)
-                creds.wipe()
-                creds = held[0] = found.creds
+                signings[i].use(found.creds)
+                held[i].wipe()
+                held[i] = found.creds
+                creds = combine(profiles, held)[1]
                 rec("rotation_detected", {**event, "action": "agent_key_swapped"})
-                say(f"key rotated (v{old} -> v{new}): the agent signs with the new key; the bot keeps running")
+                say(f"{whose}key rotated (v{old} -> v{new}): the agent signs with the new key; the bot keeps running")
             else:
                 rec("rotation_detected", event)
                 say(f"{whose}key rotated (v{old} -> v{new}): " + ("ignored by policy" if found.kind == "ignore" else
@@ -757,7 +766,13 @@ def run(
             watchdog.guard_cgroup(cgroup)
         if agent:
             # With the signals blocked: the agent's thread inherits the mask and never receives them.
-            extra.update(signing.start_agent(audit_log, rec, peer_uid=as_user.uid if as_user else None))
+            # One agent (one socket) per profile: get_signer("spot") in the bot picks spot's.
+            for signing, own in zip(signings, per_profile):
+                own.update(signing.start_agent(audit_log, rec, peer_uid=as_user.uid if as_user else None))
+            if not many:
+                extra.update(per_profile[0])
+        if many:
+            extra.update(_profiles_env(visible, per_profile))
         child = start(creds, watchdog)
         if notifier is not None:
             notifier.ready(child.pid)  # systemd: started, with its secret (never before the fetch)
@@ -820,7 +835,7 @@ def run(
         relay.close()  # the child's last reports are recorded before we return
         if output is not None:
             output.close()  # drain the child's output, restore the terminal
-        if signing is not None:
+        for signing in signings:
             signing.stop()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         creds.wipe()

@@ -232,14 +232,47 @@ def test_get_signer_names_its_profile_inside_the_run(audited: tuple[OpenBao, Pat
     assert "several profiles" in got["unnamed"] and "multi-spot" in got["unnamed"]
 
 
-@pytest.mark.parametrize("flag", ["--agent", "--proxy"])
-def test_agent_and_proxy_take_one_profile(audited: tuple[OpenBao, Path], tmp_path: Path, flag: str) -> None:
+AGENT_BOT = r"""
+import json, os
+from broker import get_signer
+out = {"env": sorted(k for k in os.environ if k.startswith(("SPOT_", "UM_")))}
+for name in ("multi-spot", "multi-um"):
+    s = get_signer(name)
+    out[name] = {"api_key": str(s.api_key), "kind": s.remote_kind,
+                 "query": s.sign_params({"symbol": "BTCUSDT"}, endpoint="/fapi/v1/openOrders")}
+print(json.dumps(out))
+"""
+
+
+def test_agent_serves_every_profile_and_the_bot_names_one(audited: tuple[OpenBao, Path], tmp_path: Path) -> None:
+    server, _ = audited
+    server.kv_put("credbroker/agent-spot", api_key="AK-spot", api_secret="agent-spot-secret")
+    server.kv_put("credbroker/agent-um", api_key="AK-um", api_secret="agent-um-secret")
+    env, audit = broker_env(server, tmp_path, config(tmp_path, "agent-spot", "agent-um"))
+    (tmp_path / "bot.py").write_text(AGENT_BOT)
+    res = run(["run", "--agent", "--no-preflight", "-p", "multi-spot", "-p", "multi-um", "--",
+               sys.executable, str(tmp_path / "bot.py")], env)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["env"] == ["SPOT_KEY", "UM_KEY"]  # the API keys only: both secrets stay in the broker
+    for name, secret in (("multi-spot", b"agent-spot-secret"), ("multi-um", b"agent-um-secret")):
+        payload, _, signature = got[name]["query"].rpartition("&signature=")
+        assert got[name]["kind"] == "hmac" and "symbol=BTCUSDT" in payload
+        assert signature == hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
+    assert got["multi-spot"]["api_key"] == "AK-spot" and got["multi-um"]["api_key"] == "AK-um"
+    events = audit_events(audit)
+    started = sorted(e["data"]["profile"] for e in events if e["event"] == "agent_started")  # type: ignore[index]
+    assert started == ["multi-spot", "multi-um"]
+    assert "agent-spot-secret" not in audit.read_text()
+
+
+def test_proxy_takes_one_profile(audited: tuple[OpenBao, Path], tmp_path: Path) -> None:
     server, vault_log = audited
     env, _ = broker_env(server, tmp_path, config(tmp_path, "one-spot", "one-um"))
-    res = run(["run", "-p", "multi-spot", "-p", "multi-um", flag, "--", "true"], env)
+    res = run(["run", "-p", "multi-spot", "-p", "multi-um", "--proxy", "--", "true"], env)
     assert res.returncode == 125
-    assert res.stderr.count("\n") == 1 and f"{flag} serves one profile per run" in res.stderr
-    assert f"credbroker run {flag} -p PROFILE" in res.stderr
+    assert res.stderr.count("\n") == 1 and "--proxy serves one profile per run" in res.stderr
+    assert "credbroker run --proxy -p PROFILE" in res.stderr and "--agent" in res.stderr
     assert vault_reads(vault_log, "one-spot") == 0
 
 
