@@ -855,6 +855,17 @@ def _fetch_all(profiles: Sequence[Profile], env: Mapping[str, str], rec: Recorde
                fetch: Callable[..., Credentials]) -> list[Credentials]:
     """Every profile's secrets, or none: on the first failure what was fetched is wiped (each read that
     happened is still recorded, so the review never lists it as a read from outside) and the error raised."""
+    try:
+        return _fetch_each(profiles, env, rec, refused, fetch)
+    finally:
+        daemon = sys.modules.get(f"{__package__}.daemon")
+        if daemon is not None:
+            daemon.discard_prefork()  # an early fetch child no profile used (a keyring profile, a failure)
+
+
+def _fetch_each(profiles: Sequence[Profile], env: Mapping[str, str], rec: Recorder,
+                refused: Callable[[BrokerError, Profile | None], None],
+                fetch: Callable[..., Credentials]) -> list[Credentials]:
     held: list[Credentials] = []
     for p in profiles:
         try:
