@@ -316,3 +316,20 @@ def test_one_check_pass_hands_over_every_rotation_it_found_at_once() -> None:
     batch = BatchCheck([(i, (lambda h=h: h)) for i, h in found.items()])()
     assert batch == [(0, found[0]), (2, found[2])]
     assert BatchCheck([(0, lambda: None)])() is None
+
+
+def test_the_early_fetch_child_reads_nothing_for_a_run_that_cannot_start(audited: tuple[OpenBao, Path],
+                                                                         tmp_path: Path) -> None:
+    """The fetch child is forked before the run's checks (it loads hvac meanwhile); it reads Vault only
+    once they passed: a command that does not exist means no read, and a good run reads once."""
+    server, vault_log = audited
+    server.kv_put("credbroker/early-spot", api_key="AK-spot", api_secret="s-spot")
+    server.kv_put("credbroker/early-um", api_key="AK-um", api_secret="s-um")
+    env, _ = broker_env(server, tmp_path, config(tmp_path, "early-spot", "early-um"))
+    res = run(["run", "-p", "multi-spot", "--", "no-such-command-here"], env)
+    assert res.returncode == 127
+    assert vault_reads(vault_log, "early-spot") == 0
+    res = run(["run", "-v", "-p", "multi-spot", "--", "true"], env)
+    assert res.returncode == 0, res.stderr
+    assert "(fetched in a throwaway child)" in res.stderr
+    assert vault_reads(vault_log, "early-spot") == 1
