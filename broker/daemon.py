@@ -234,6 +234,7 @@ def prefork(env: Mapping[str, str]) -> None:
             _default_signals()
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
             from .sources import vault  # noqa: F401 - the point of forking early: hvac loads in parallel
+            from .vault import transport  # noqa: F401 - (requests, urllib3) as well
 
             request = json.loads(recv_frame(theirs))
             p = request["profile"]
@@ -538,6 +539,7 @@ def serve(path: Path, *, ready: Any = None) -> None:
     import hvac  # noqa: F401 - the whole point: load it once, here
 
     from .sources import vault  # noqa: F401
+    from .vault import transport  # noqa: F401 - else every forked child imports it for its one fetch
 
     if not private_dir(path.parent, create=True):
         raise BrokerError(f"{path.parent} is not a folder private to this user (owner and mode 0700)",

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
+import resource
 import secrets
 import shutil
 import signal
@@ -44,10 +46,17 @@ from pathlib import Path
 from benchlib import bao_binary, start_dev_server, stop
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+def timed(cmd: list[str], env: dict[str, str], cpu: list[float] | None = None) -> float:
+    """Wall time of one run; with ``cpu``, also appends the CPU seconds (user + system) of the run and every
+    process it reaped (the fetch child, the bot; not the watchdog, which nobody waits for)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return wall
 
 
 def peak_memory_mb(cmd: list[str], env: dict[str, str]) -> float:
@@ -121,9 +130,11 @@ def main() -> None:
             timed(cmd, e)
             timed(cmd, e)
         times: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+        cpu: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+        order = random.Random(1)  # each round in another order: a neighbour's periodic load hits all alike
         for _ in range(args.rounds):
-            for name, cmd, e in cases:
-                times[name].append(timed(cmd, e))
+            for name, cmd, e in order.sample(cases, len(cases)):
+                times[name].append(timed(cmd, e, cpu[name]))
         ref, run, via_daemon = times["bao"], times["run"], times["daemon"]
 
         mem_run = peak_memory_mb(run_cmd, no_daemon)
@@ -141,10 +152,15 @@ def main() -> None:
         for label, folder, _ in bases:
             print(summary(f"{label}-run", times[f"{label}-run"], ref_med) + f"   ({folder}, in-process)")
             print(summary(f"{label}-dmn", times[f"{label}-dmn"], ref_med) + f"   ({folder}, its daemon running)")
+        print("CPU (user + system, the run and what it reaped), median; less sensitive to the machine's load:")
+        for name, _, _ in cases:
+            print(f"  {name:<8} {statistics.median(cpu[name]) * 1000:7.1f} ms")
         for label, folder, _ in bases:
             for mine, theirs in (("run", f"{label}-run"), ("daemon", f"{label}-dmn")):
                 ratio = statistics.median(times[mine]) / statistics.median(times[theirs])
-                print(f"  {mine} vs {theirs} ({folder}): {ratio:.2f}x (below 1: this code is faster)")
+                cpu_ratio = statistics.median(cpu[mine]) / statistics.median(cpu[theirs])
+                print(f"  {mine} vs {theirs} ({folder}): wall {ratio:.2f}x, CPU {cpu_ratio:.2f}x "
+                      "(below 1: this code is faster)")
         print("peak memory of the broker while supervising (VmHWM):")
         print(f"  run      {mem_run:5.1f} MB")
         print(f"  daemon   {mem_daemon:5.1f} MB   (+ the daemon itself: {daemon_rss:.1f} MB resident)")
