@@ -740,7 +740,8 @@ def run(
     from .relay import AuditRelay
     from .watchdog import Watchdog, make_cgroup
 
-    relay = AuditRelay(rec, profile=profile.name, host=_host(), user=_user())
+    relay = AuditRelay(rec, profile=profile.name, host=_host(), user=_user(),
+                       profiles=tuple(p.name for p in profiles) if many else ())
     extra.update(relay.child_env())
     watchdog: Watchdog | None = None
     cgroup: str | None = None
