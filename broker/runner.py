@@ -148,7 +148,7 @@ def check_profiles(profiles: Sequence[Profile]) -> None:
             seen[var] = p.name
 
 
-#: The separator of a combined profile's field names (``profile/field``): a profile name has no ``/``.
+#: The separator of a combined profile's field names (``profile/field``): keys of the run's own view, never parsed back.
 _SEP = "/"
 
 

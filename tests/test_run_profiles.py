@@ -12,7 +12,8 @@ import hmac
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from broker.runner import check_profiles, combine
 from broker.secret import Credentials, Origin, Secret
 
 from .conftest import OpenBao, credbroker_bin, start_openbao
-from .test_rotation import audit_events, rotate, version_checks, wait_for, wait_for_more_checks
+from .test_rotation import audit_events as _audit_events
+from .test_rotation import rotate, version_checks, wait_for, wait_for_more_checks
 
 pytestmark = pytest.mark.vault
 
@@ -70,6 +72,11 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpenBao,
         yield server, vault_log
     finally:
         server.stop()
+
+
+def audit_events(log: Path) -> list[dict[str, Any]]:
+    """The broker's audit records (their ``data`` typed loosely, for the assertions below)."""
+    return [dict(e) for e in _audit_events(log)]
 
 
 def vault_reads(vault_log: Path, name: str) -> int:
@@ -133,9 +140,9 @@ def test_both_profiles_reach_the_bot_and_each_fetch_is_recorded(audited: tuple[O
     assert "spot=s-spot um=s-um keys=AK-spot,AK-um" in out.read_text()
     events = audit_events(audit)
     fetched = [e["data"] for e in events if e["event"] == "secret_fetched"]
-    assert sorted(d["profile"] for d in fetched) == ["multi-spot", "multi-um"]  # type: ignore[index]
-    assert {d["path"] for d in fetched} == {"secret/credbroker/both-spot", "secret/credbroker/both-um"}  # type: ignore[index]
-    injected = {e["data"]["profile"]: e["data"]["variables"] for e in events if e["event"] == "secret_injected"}  # type: ignore[index]
+    assert sorted(d["profile"] for d in fetched) == ["multi-spot", "multi-um"]
+    assert {d["path"] for d in fetched} == {"secret/credbroker/both-spot", "secret/credbroker/both-um"}
+    injected = {e["data"]["profile"]: e["data"]["variables"] for e in events if e["event"] == "secret_injected"}
     assert injected == {"multi-spot": ["SPOT_KEY", "SPOT_SECRET"], "multi-um": ["UM_KEY", "UM_SECRET"]}
     assert vault_reads(vault_log, "both-spot") >= 1 and vault_reads(vault_log, "both-um") >= 1
     assert "s-spot" not in audit.read_text() and "s-um" not in audit.read_text()
@@ -155,7 +162,7 @@ def test_a_variable_two_profiles_set_is_refused_before_any_read(audited: tuple[O
     assert not marker.exists()
     events = audit_events(audit)
     assert not [e for e in events if e["event"] == "secret_fetched"]
-    assert sorted(e["data"]["profile"] for e in events if e["event"] == "refused") == ["multi-spot", "multi-um"]  # type: ignore[index]
+    assert sorted(e["data"]["profile"] for e in events if e["event"] == "refused") == ["multi-spot", "multi-um"]
     # Vault's own audit device: neither secret was read (its log is written before the answer is sent).
     assert vault_reads(vault_log, "clash-spot") == 0 and vault_reads(vault_log, "clash-um") == 0
     # `check` takes the profiles of one run the same way: refused, nothing read.
@@ -176,8 +183,8 @@ def test_one_profile_missing_means_the_bot_never_starts(audited: tuple[OpenBao, 
     events = audit_events(audit)
     assert not [e for e in events if e["event"] == "secret_injected"]
     # The read that did happen is recorded (the review must not list it as a read from outside).
-    assert [e["data"]["profile"] for e in events if e["event"] == "secret_fetched"] == ["multi-spot"]  # type: ignore[index]
-    assert [e["data"]["profile"] for e in events if e["event"] == "refused"] == ["multi-um"]  # type: ignore[index]
+    assert [e["data"]["profile"] for e in events if e["event"] == "secret_fetched"] == ["multi-spot"]
+    assert [e["data"]["profile"] for e in events if e["event"] == "refused"] == ["multi-um"]
 
 
 def test_rotating_one_of_two_profiles_restarts_the_bot_once(audited: tuple[OpenBao, Path], tmp_path: Path) -> None:
@@ -206,12 +213,12 @@ def test_rotating_one_of_two_profiles_restarts_the_bot_once(audited: tuple[OpenB
     events = audit_events(audit)
     detected = [e["data"] for e in events if e["event"] == "rotation_detected"]
     assert len(detected) == 1
-    assert detected[0]["profile"] == "multi-spot" and detected[0]["old_version"] == v1  # type: ignore[index]
-    assert detected[0]["new_version"] == v2  # type: ignore[index]
-    rotations = [e["data"] for e in events if e["event"] == "child_exited" and e["data"]["reason"] == "rotation"]  # type: ignore[index]
-    assert {d["pid"] for d in rotations} == {int(first.group(1))}  # type: ignore[index]
-    refetched = [e["data"]["profile"] for e in events  # type: ignore[index]
-                 if e["event"] == "secret_fetched" and e["data"].get("reason") == "rotation"]  # type: ignore[attr-defined]
+    assert detected[0]["profile"] == "multi-spot" and detected[0]["old_version"] == v1
+    assert detected[0]["new_version"] == v2
+    rotations = [e["data"] for e in events if e["event"] == "child_exited" and e["data"]["reason"] == "rotation"]
+    assert {d["pid"] for d in rotations} == {int(first.group(1))}
+    refetched = [e["data"]["profile"] for e in events
+                 if e["event"] == "secret_fetched" and e["data"].get("reason") == "rotation"]
     assert refetched == ["multi-spot"]
     assert version_checks(vault_log, "rot2-um") > 0
 
@@ -261,7 +268,7 @@ def test_agent_serves_every_profile_and_the_bot_names_one(audited: tuple[OpenBao
         assert signature == hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
     assert got["multi-spot"]["api_key"] == "AK-spot" and got["multi-um"]["api_key"] == "AK-um"
     events = audit_events(audit)
-    started = sorted(e["data"]["profile"] for e in events if e["event"] == "agent_started")  # type: ignore[index]
+    started = sorted(e["data"]["profile"] for e in events if e["event"] == "agent_started")
     assert started == ["multi-spot", "multi-um"]
     assert "agent-spot-secret" not in audit.read_text()
 
@@ -284,7 +291,7 @@ def test_check_takes_several_profiles(audited: tuple[OpenBao, Path], tmp_path: P
     assert res.returncode == 125
     results = json.loads(res.stdout)
     assert [(r["profile"], r["ok"]) for r in results] == [("multi-spot", True), ("multi-um", False)]
-    assert [e["data"]["by"] for e in audit_events(audit) if e["event"] == "secret_fetched"] == ["check"]  # type: ignore[index]
+    assert [e["data"]["by"] for e in audit_events(audit) if e["event"] == "secret_fetched"] == ["check"]
 
 
 # -- pure logic ---------------------------------------------------------------------------------------------
@@ -313,7 +320,10 @@ def test_the_combined_view_shares_the_secrets() -> None:
 
 def test_one_check_pass_hands_over_every_rotation_it_found_at_once() -> None:
     found = {0: Handover("restart", 1, 2), 1: None, 2: Handover("signal", 4, 5)}
-    batch = BatchCheck([(i, (lambda h=h: h)) for i, h in found.items()])()
+    def returns(handover: Handover | None) -> Callable[[], Handover | None]:
+        return lambda: handover
+
+    batch = BatchCheck([(i, returns(h)) for i, h in found.items()])()
     assert batch == [(0, found[0]), (2, found[2])]
     assert BatchCheck([(0, lambda: None)])() is None
 
