@@ -189,6 +189,109 @@ def _decode_reply(answer: bytearray, profile: Profile, request_code: str, *, via
     return Credentials(profile=profile.name, origin=origin, fields=fields)
 
 
+#: A fetch child forked early by ``prefork`` (pid, our end of its socket), waiting for its one request.
+_PREFORKED: tuple[int, socket.socket] | None = None
+
+
+def prefork(env: Mapping[str, str]) -> None:
+    """Fork the throwaway fetch child now, so it loads hvac while this process does its checks.
+
+    ``credbroker run`` calls this as soon as it knows a vault profile will be
+    read and no daemon will serve it. The child is hardened like the broker,
+    imports the Vault client, and waits: it contacts Vault only when
+    ``fetch_isolated`` sends it the request, i.e. after the run's checks
+    passed (audit log writable, command found, no collision). A run that
+    ends before that closes the socket and the child exits without a read.
+    Best effort: where no child can be made, ``fetch_isolated`` forks as
+    before.
+    """
+    global _PREFORKED
+    if _PREFORKED is not None:
+        return
+    if env.get("CREDBROKER_DAEMON") != "0" and socket_path(env).exists():
+        return  # a daemon will most likely serve the fetch (if not, fetch_isolated forks then)
+    import signal
+
+    from .hardening import die_with_parent, harden_process
+
+    parent = os.getpid()
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:
+        return
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        return
+    if pid == 0:
+        status = 1
+        try:
+            ours.close()
+            die_with_parent(parent, signal.SIGKILL)  # a broker that dies takes its fetch along
+            harden_process()  # it will hold the secret: no core dump, not dumpable, as the broker
+            _default_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            from .sources import vault  # noqa: F401 - the point of forking early: hvac loads in parallel
+            from .vault import transport  # noqa: F401 - (requests, urllib3) as well
+
+            request = json.loads(recv_frame(theirs))
+            p = request["profile"]
+            profile = Profile(name=str(p["name"]), source=str(p["source"]), env=dict(p["env"]),
+                              options=dict(p["options"]), sections=dict(p["sections"]), origin=p["origin"])
+            child_env = {str(k): str(v) for k, v in dict(request["env"]).items()}
+            del request
+            theirs.sendall(_fetch_reply(profile, child_env, {"protocol": PROTOCOL, "code": p["code"]}))
+            status = 0
+        except BaseException:  # noqa: BLE001 - EOF (the run ended without a fetch) or anything: just go
+            pass
+        finally:
+            os._exit(status)
+    theirs.close()
+    _PREFORKED = (pid, ours)
+
+
+def discard_prefork() -> None:
+    """Let an unused early fetch child go (it exits on EOF, without reading Vault) and reap it."""
+    global _PREFORKED
+    held, _PREFORKED = _PREFORKED, None
+    if held is None:
+        return
+    pid, sock = held
+    sock.close()
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _ask_preforked(profile: Profile, env: Mapping[str, str], nonce: str) -> tuple[int, socket.socket] | None:
+    """Hand the early fetch child its request; (pid, socket) to read the answer from, or None."""
+    global _PREFORKED
+    held, _PREFORKED = _PREFORKED, None
+    if held is None:
+        return None
+    pid, sock = held
+    request = {"profile": {"name": profile.name, "source": profile.source, "env": dict(profile.env),
+                           "options": dict(profile.options), "sections": dict(profile.sections),
+                           "origin": profile.origin, "code": nonce},
+               "env": dict(env)}
+    try:
+        sock.sendall(frame(request))
+    except (OSError, TypeError, ValueError):  # gone, or a profile table JSON cannot carry: fork anew
+        sock.close()
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        return None
+    finally:
+        del request
+    return pid, sock
+
+
 def fetch_isolated(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
     """Fetch a vault profile in a forked child of this process, as the daemon does; None when that fails.
 
@@ -207,6 +310,10 @@ def fetch_isolated(profile: Profile, env: Mapping[str, str]) -> Credentials | No
 
     nonce = secrets.token_hex(8)
     parent = os.getpid()
+    early = _ask_preforked(profile, env, nonce)
+    if early is not None:
+        pid, ours = early
+        return _isolated_answer(pid, ours, profile, env, nonce)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         pid = os.fork()
@@ -226,6 +333,12 @@ def fetch_isolated(profile: Profile, env: Mapping[str, str]) -> Credentials | No
         finally:
             os._exit(status)
     theirs.close()
+    return _isolated_answer(pid, ours, profile, env, nonce)
+
+
+def _isolated_answer(pid: int, ours: socket.socket, profile: Profile, env: Mapping[str, str], nonce: str
+                     ) -> Credentials | None:
+    """The fetch child's answer (then reaped); None when it ended without one."""
     answer: bytearray | None = None
     try:
         ours.settimeout(4 * float(env.get("CREDBROKER_VAULT_TIMEOUT") or 10) + 10)
@@ -426,6 +539,7 @@ def serve(path: Path, *, ready: Any = None) -> None:
     import hvac  # noqa: F401 - the whole point: load it once, here
 
     from .sources import vault  # noqa: F401
+    from .vault import transport  # noqa: F401 - else every forked child imports it for its one fetch
 
     if not private_dir(path.parent, create=True):
         raise BrokerError(f"{path.parent} is not a folder private to this user (owner and mode 0700)",

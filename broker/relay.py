@@ -63,9 +63,11 @@ class AuditRelay:
     """One pipe for the whole run (restarts included) and a thread that records what arrives."""
 
     def __init__(self, record: Callable[[str, dict[str, Any]], Any], *, profile: str | None = None,
-                 host: str | None = None, user: str | None = None) -> None:
+                 host: str | None = None, user: str | None = None, profiles: tuple[str, ...] = ()) -> None:
         self._record = record
         self.profile = profile
+        #: A run of several profiles: a report naming one of them keeps it (each signer names its own).
+        self.profiles = profiles
         self.host = host
         self.user = user
         self._read_fd, self._write_fd = os.pipe()
@@ -125,7 +127,9 @@ class AuditRelay:
         """Overwrite what the bot says about itself with what the broker knows."""
         claimed = fields.get("profile")
         fields.pop("claimed_profile", None)  # only the broker writes this one
-        if self.profile is not None:
+        if claimed is not None and claimed in self.profiles:
+            pass  # one of the run's profiles: the bot's signer for it reported
+        elif self.profile is not None:
             if claimed not in (None, self.profile):
                 fields["claimed_profile"] = claimed
             fields["profile"] = self.profile

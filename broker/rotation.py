@@ -27,7 +27,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from .config import Profile
@@ -312,6 +312,30 @@ class RotationChecker:
         return Handover("restart", old_version, new_version, new_creds)
 
 
+#: What one pass over a run's watched profiles found: (the profile's index in the run, its handover).
+Batch = list[tuple[int, Handover]]
+
+
+class BatchCheck:
+    """One pass over every watched profile of a run (``-p spot -p um-futures``).
+
+    Whatever the pass finds is handed over together, so the supervisor acts
+    once on a batch: one restart for two keys rotated at the same time, never
+    one per profile. A profile whose interval has not come yet is skipped by
+    its watcher (``Watcher.due``)."""
+
+    def __init__(self, checks: Sequence[tuple[int, Callable[[], Handover | None]]]) -> None:
+        self._checks = list(checks)
+
+    def __call__(self) -> Batch | None:
+        found: Batch = []
+        for index, check in self._checks:
+            handover = check()
+            if handover is not None:
+                found.append((index, handover))
+        return found or None
+
+
 class RotationWorker:
     """A thread that runs rotation checks and token renewal, so Vault never delays the supervisor.
 
@@ -324,7 +348,7 @@ class RotationWorker:
     stalls only this thread. Start it with the broker's signals blocked.
     """
 
-    def __init__(self, check: Callable[[], Handover | None], interval: float, wake_thread: int) -> None:
+    def __init__(self, check: Callable[[], Batch | None], interval: float, wake_thread: int) -> None:
         self._check = check
         self._interval = interval
         self._wake_thread = wake_thread
@@ -332,7 +356,7 @@ class RotationWorker:
         self._idle = threading.Event()  # set: nothing handed over is waiting to be acted on
         self._idle.set()
         self._lock = threading.Lock()
-        self._box: Handover | None = None
+        self._box: Batch | None = None
         self.busy = threading.Event()  # set while a check runs (for tests and --verbose)
         self._thread = threading.Thread(target=self._run, name="credbroker-rotation", daemon=True)
 
@@ -361,7 +385,7 @@ class RotationWorker:
             except ProcessLookupError:
                 return
 
-    def take(self) -> Handover | None:
+    def take(self) -> Batch | None:
         """What a check handed over (once), or None. Call ``done()`` after acting on it."""
         with self._lock:
             result, self._box = self._box, None

@@ -130,6 +130,48 @@ def child_environment(
     return env
 
 
+def check_profiles(profiles: Sequence[Profile]) -> None:
+    """Several profiles in one run: refused before anything is fetched when a profile is named twice or two
+    profiles would set the same variable (one would silently overwrite the other's secret)."""
+    seen: dict[str, str] = {}
+    names: set[str] = set()
+    for p in profiles:
+        if p.name in names:
+            raise RunError(f"profile {p.name!r} is named twice", "give each profile once")
+        names.add(p.name)
+        for var in p.env:
+            if var in seen:
+                raise RunError(
+                    f"profiles {seen[var]!r} and {p.name!r} both set {var}: one would overwrite the other's secret",
+                    f"map {var} in one profile only (rename it in the other's env table)",
+                )
+            seen[var] = p.name
+
+
+#: The separator of a combined profile's field names (``profile/field``): keys of the run's own view, never parsed back.
+_SEP = "/"
+
+
+def combine(profiles: Sequence[Profile], creds: Sequence[Credentials]) -> tuple[Profile, Credentials]:
+    """One view of several profiles for the child's environment: every variable mapped to its profile's
+    field, the secrets shared (not copied), so wiping the view wipes them all. One profile is itself."""
+    if len(profiles) == 1:
+        return profiles[0], creds[0]
+    view = combined_profile(profiles)
+    fields = {f"{p.name}{_SEP}{fld}": c[fld] for p, c in zip(profiles, creds) for fld in c}
+    return view, Credentials(view.name, creds[0].origin, fields)
+
+
+def combined_profile(profiles: Sequence[Profile]) -> Profile:
+    """The profile half of ``combine``: each variable mapped to ``profile/field``."""
+    if len(profiles) == 1:
+        return profiles[0]
+    env = {var: f"{p.name}{_SEP}{fld}" for p in profiles for var, fld in p.env.items()}
+    # The source the separation check looks at: the keyring when any profile reads it (the bot could ask it).
+    source = "keyring" if any(p.source == "keyring" for p in profiles) else profiles[0].source
+    return Profile(name=",".join(p.name for p in profiles), source=source, env=env)
+
+
 def exit_status(returncode: int) -> int:
     """Popen's returncode as a shell reports it: 128+N when signal N ended the child."""
     return 128 - returncode if returncode < 0 else returncode
@@ -374,7 +416,7 @@ _HEALTHY_AFTER = 60.0  # a child that ran this long resets the restart backoff
 
 
 def run(
-    profile: Profile,
+    profile: Profile | Sequence[Profile],
     command: Sequence[str],
     *,
     config: Any = None,
@@ -395,10 +437,15 @@ def run(
 ) -> int:
     """Fetch the profile's secrets, run ``command`` with them, return its exit status.
 
+    ``profile`` may be several profiles (``-p spot -p um-futures``): all are
+    fetched or none (the bot never starts with a partial set), a variable two
+    of them would set is refused before anything is fetched, each fetch is an
+    audit record of its own, and ``rotation`` is then one policy per profile
+    (or None), a batch of rotations found in one check acting once.
     ``rotation`` (a ``broker.rotation.RotationPolicy``) follows new versions of
     a vault secret; ``restart="on-failure"`` restarts a child that fails by
     itself, with backoff, from the secret already held (no new Vault read).
-    ``agent=True`` (``--agent``, issue 6): the signing key stays in the broker;
+    ``agent=True`` (``--agent``): the signing key stays in the broker;
     the child gets the public API key and ``CREDBROKER_AGENT_SOCKET`` only, and
     ``get_signer()`` there signs through ``broker.agent``. ``preflight`` (a
     ``broker.preflight.PreflightOptions``; ``auto`` by default in agent mode,
@@ -418,8 +465,21 @@ def run(
     from .config import with_config_defaults
     from .hardening import harden_process
 
+    profiles: list[Profile] = [profile] if isinstance(profile, Profile) else list(profile)
+    if not profiles:
+        raise RunError("no profile given", "name one with -p PROFILE")
+    many = len(profiles) > 1
+    # A list: one policy (or None) per profile. (A RotationPolicy is a NamedTuple, hence not "tuple" here.)
+    policies: list[Any] = list(rotation) if isinstance(rotation, list) else [rotation] * len(profiles)
+    if len(policies) != len(profiles):
+        raise RunError("one rotation policy per profile is needed", "this is a credbroker bug; please report it")
+    if many and proxy:
+        raise RunError(f"--proxy serves one profile per run, and this run names {len(profiles)}",
+                       "start one `credbroker run --proxy -p PROFILE` per profile, or use --agent "
+                       '(get_signer("PROFILE") signs for each profile of the run)')
+    watched = [p for p in policies if p is not None]
     if grace is None:
-        grace = rotation.grace if rotation is not None else 10.0
+        grace = max((p.grace for p in watched), default=10.0)
     if restart not in RESTART_POLICIES:
         raise RunError(f"unknown restart policy {restart!r}", f"use one of: {', '.join(RESTART_POLICIES)}")
     if mask and agent:  # the CLI refuses it too; library callers get the same one line
@@ -442,84 +502,106 @@ def run(
         audit_log.check_writable()
         record = audit_log.record
     rec: Recorder = record
-    signing: Any = None
+    signings: list[Any] = []  # one per profile: its key check, and with --agent its agent
     if agent or (preflight is not None and preflight.mode != "off"):
         from .agent import RunSigning
 
-        signing = RunSigning.prepare(profile, agent=agent, preflight=preflight, env=env)
-    elif profile.sections.get("policy") and not proxy:
-        from .signing_policy import SigningPolicy
+        signings = [RunSigning.prepare(p, agent=agent, preflight=preflight, env=env) for p in profiles]
+    else:
+        for p in profiles:
+            if p.sections.get("policy") and not proxy:
+                from .signing_policy import SigningPolicy
 
-        SigningPolicy.for_profile(profile)  # a typo in it is still a one-line error
-        # The bot holds the secret without --agent: nothing can enforce the policy. Say so every time.
-        say(f"WARNING: {profile.where('policy')} is enforced only with --agent; this bot holds the secret")
+                SigningPolicy.for_profile(p)  # a typo in it is still a one-line error
+                # The bot holds the secret without --agent: nothing can enforce the policy. Say so every time.
+                say(f"WARNING: {p.where('policy')} is enforced only with --agent; this bot holds the secret")
 
     from .cmdline import COMMAND_ARGS, audit_fields, check_exec_size
 
-    def refused(exc: BrokerError) -> None:
+    def refused(exc: BrokerError, only: Profile | None = None) -> None:
         from .access import refusal  # the one schema of a refusal (with Vault's request id when it answered)
 
-        try:
-            rec("refused", {**_refused_secret(profile, source_env),
-                            **refusal(profile, exc, "run", command=audit_fields(command)[0])})
-        except BrokerError:
-            pass  # the original failure is what the operator must see
+        for p in [only] if only is not None else profiles:
+            try:
+                rec("refused", {**_refused_secret(p, source_env),
+                                **refusal(p, exc, "run", command=audit_fields(command)[0])})
+            except BrokerError:
+                pass  # the original failure is what the operator must see
 
     try:
+        if many:
+            check_profiles(profiles)  # a collision is refused here: nothing has been fetched
         executable = resolve_command(command[0], env.get("PATH"))
         check_exec_size(command, env)  # a command line the kernel refuses: nothing fetched, nothing started
         # The proxy, like the agent, keeps the key from the bot: the same separation from the broker's own
         # credentials applies to both.
-        as_user, box = _separate(profile, config, source_env, agent=agent or proxy, user=user, group=group,
-                                 sandbox=sandbox, unsafe=unsafe_shared_credentials)
+        as_user, box = _separate(combined_profile(profiles), config, source_env,
+                                 agent=agent or proxy, user=user, group=group, sandbox=sandbox,
+                                 unsafe=unsafe_shared_credentials)
     except BrokerError as exc:
         refused(exc)
         raise
-    try:
-        creds = sources.fetch(profile, env=source_env, isolate=True)
-    except BrokerError as exc:
-        refused(exc)
-        raise
-    rec("secret_fetched", {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields)})
+    held = _fetch_all(profiles, source_env, rec, refused, sources.fetch)
+    profile, creds = combine(profiles, held)
     from .access import value_warnings
 
-    for line in value_warnings(profile, creds):  # a stored newline signs wrong on every request: say so
-        say(f"WARNING: {line}")
-    if signing is not None:
+    for p, c in zip(profiles, held):
+        for line in value_warnings(p, c):  # a stored newline signs wrong on every request: say so
+            say(f"WARNING: {line}")
+    for i, signing in enumerate(signings):
         try:
-            signing.check_key(creds, record=rec, audit_config=getattr(config, "audit", None))
+            signing.check_key(held[i], record=rec, audit_config=getattr(config, "audit", None))
         except BrokerError as exc:
             creds.wipe()
-            refused(exc)
+            for done in signings[:i]:
+                done.stop()
+            refused(exc, profiles[i] if many else None)
             raise
 
     # What get_signer() needs in the child: the config (so its audit records go
     # to the same log) and, for a profile with a [signer] table, the signer
     # settings (and for transit a narrowly scoped token; never ours).
     extra: dict[str, str] = {}
+    signer_extras: list[dict[str, str]] = []  # each profile's, for revoking its scoped token at the end
     if getattr(config, "path", None) and not agent and not proxy:
         # Not in agent mode: the config names the broker's credential files, and the
         # bot signs through the agent, whose relay records for it.
         extra["CREDBROKER_CONFIG"] = str(os.path.abspath(config.path))
-    if "signer" in profile.sections and not agent and not proxy:  # --proxy: the proxy signs, not the bot
-        from .signing import child_env as signer_env
+    per_profile: list[dict[str, str]] = []
+    for p, c in zip(profiles, held):
+        own: dict[str, str] = {}
+        if "signer" in p.sections and not agent and not proxy:  # --proxy: the proxy signs, not the bot
+            from .signing import child_env as signer_env
 
-        try:
-            extra.update(signer_env(profile, env=source_env))
-        except BrokerError as exc:
-            creds.wipe()
-            refused(exc)
-            raise
+            try:
+                issued = signer_env(p, env=source_env)
+            except BrokerError as exc:
+                creds.wipe()
+                for done in signer_extras:
+                    _release(done, source_env)
+                refused(exc, p if many else None)
+                raise
+            signer_extras.append(issued)
+            own.update(issued)
+        if not agent and not proxy:  # the bot holds the key: tell it the kind (and an unmapped passphrase)
+            from .signing import key_env
 
-    if not agent and not proxy:  # the bot holds the key: tell it the kind (and an unmapped passphrase)
-        from .signing import key_env
-
-        extra.update(key_env(profile, creds))
+            own.update(key_env(p, c))
+        per_profile.append(own)
+    if not many:
+        extra.update(per_profile[0])
 
     # Keep the secret (mlocked) only when the broker may need it again.
-    keep = agent or restart != "no" or (rotation is not None and rotation.action == "restart")
+    keep = agent or restart != "no" or any(p.action == "restart" for p in watched)
     # In agent mode the child sees the API key variable only; the secret stays here.
-    child_parent, child_profile = signing.child_view(env, profile) if agent else (env, profile)
+    visible = profiles  # what the child sees of each profile: with --agent its API key variable only
+    child_parent, child_profile = env, profile
+    if agent:
+        views = [signing.child_view(env, p) for signing, p in zip(signings, profiles)]
+        visible = [v[1] for v in views]
+        dropped = {var for p in profiles for var in p.env}
+        child_parent = {k: v for k, v in views[0][0].items() if k not in dropped}
+        child_profile = combined_profile(visible)
     notifier = None
     if env.get("NOTIFY_SOCKET"):  # under systemd: READY/STOPPING/watchdog are ours, never the bot's
         from .sdnotify import SD_VARIABLES, Notifier
@@ -541,8 +623,8 @@ def run(
 
     def start(creds: Credentials, watchdog: Any) -> Child:
         try:
-            if agent:
-                signing.use(creds)
+            for signing, c in zip(signings, held):
+                signing.use(c)  # with --agent: sign with these (a rotation brings new ones); else a no-op
             child_env = child_environment(child_parent, child_profile, creds, extra)
             stdio = output.child_stdio(creds[f] for f in profile.env.values()) if output is not None else None
             child = launch(command, executable, child_env, stdio, relay.child_fds, as_user, box, cgroup)
@@ -553,78 +635,100 @@ def run(
         del child_env
         watchdog.guard(child.pgid)
         relay.child_pid = child.pid
-        if agent:
+        for signing in signings:
             signing.started(child.pid)
-        origin = creds.origin
-        if verbose:
-            version = f" v{origin.version}" if origin.version is not None else ""
-            via = {"daemon": " (fetched by credbroker daemon)", "child": " (fetched in a throwaway child)"}.get(
-                origin.via or "", " (fetched in-process)")
-            print(f"credbroker: started pid {child.pid} with {', '.join(child_profile.env)} "
-                  f"from {origin.source} {origin.path}{version}{via}", file=sys.stderr, flush=True)
         shown, more = audit_fields(command)
-        rec("secret_injected", {
-            "profile": profile.name, "version": origin.version, **_secret_identity(origin),
-            "variables": list(child_profile.env),
-            "command": shown, "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
-            **({"as_user": as_user.name} if as_user is not None else {}), **({"sandbox": "bwrap"} if box else {}),
-        })
+        for p, c, v in zip(profiles, held, visible):
+            origin = c.origin
+            variables = list(v.env) if many else list(child_profile.env)
+            if verbose:
+                version = f" v{origin.version}" if origin.version is not None else ""
+                via = {"daemon": " (fetched by credbroker daemon)", "child": " (fetched in a throwaway child)"}.get(
+                    origin.via or "", " (fetched in-process)")
+                print(f"credbroker: started pid {child.pid} with {', '.join(variables)} "
+                      f"from {origin.source} {origin.path}{version}{via}", file=sys.stderr, flush=True)
+            rec("secret_injected", {
+                "profile": p.name, "version": origin.version, **_secret_identity(origin),
+                "variables": variables,
+                "command": shown, "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
+                **({"as_user": as_user.name} if as_user is not None else {}),
+                **({"sandbox": "bwrap"} if box else {}),
+            })
         for part, chunk in enumerate(more, 1):  # a long command line, in full, over several records
-            rec(COMMAND_ARGS, {"profile": profile.name, "pid": child.pid, "part": part, "parts": len(more),
+            rec(COMMAND_ARGS, {"profile": profiles[0].name, "pid": child.pid, "part": part, "parts": len(more),
                                "json": chunk})
         return child
 
     def exited(child: Child, status: int, reason: str) -> None:
-        rec("child_exited", {"profile": profile.name, "pid": child.pid, "status": status, "reason": reason,
-                             "duration_s": round(time.monotonic() - child.started, 3)})
+        for p in profiles:
+            rec("child_exited", {"profile": p.name, "pid": child.pid, "status": status, "reason": reason,
+                                 "duration_s": round(time.monotonic() - child.started, 3)})
 
-    watcher = None
+    watchers: list[Any] = [None] * len(profiles)
     worker: Any = None
-    pending: list[Credentials] = []  # the rotated credentials a restart will use
-    if rotation is not None:
-        from .rotation import RotationChecker, RotationWorker, Watcher
+    pending: dict[int, Credentials] = {}  # the rotated credentials a restart will use, by profile index
+    if watched:
+        from .rotation import BatchCheck, RotationChecker, RotationWorker, Watcher
 
-        watcher = Watcher(profile, source_env, rec, creds.origin.version, rotation.interval)
-        checker = RotationChecker(profile, rotation, watcher, rec, current=lambda: creds,
-                                  agent_fields=tuple(child_profile.env.values()) if agent else None)
-        worker = RotationWorker(checker, rotation.interval, threading.get_ident())
+        def current(i: int) -> Callable[[], Credentials]:
+            return lambda: held[i]  # what the bot of profile i runs on now (read while the supervisor waits)
+
+        checkers: list[tuple[int, Callable[[], Any]]] = []
+        for i, (p, pol) in enumerate(zip(profiles, policies)):
+            if pol is None:
+                continue
+            watchers[i] = Watcher(p, source_env, rec, held[i].origin.version, pol.interval)
+            checkers.append((i, RotationChecker(p, pol, watchers[i], rec, current=current(i),
+                                                agent_fields=tuple(visible[i].env.values()) if agent else None)))
+        # One worker, one pass over every watched profile: what one pass finds is acted on once.
+        worker = RotationWorker(BatchCheck(checkers), min(p.interval for p in watched), threading.get_ident())
 
     def on_wake() -> bool:
         """On the supervising thread: act on what the rotation worker handed over; True = restart."""
         nonlocal creds
-        assert worker is not None and watcher is not None and rotation is not None
-        found = worker.take()
-        if found is None:
+        assert worker is not None
+        batch = worker.take()
+        if batch is None:
             return False
-        old, new = found.old_version, found.new_version
-        event = {"profile": profile.name, "old_version": old, "new_version": new,
-                 **_secret_identity(creds.origin), "action": rotation.action}
-        watcher.acted(new)
-        if found.kind == "restart":
-            assert found.creds is not None
-            pending.append(found.creds)  # worker.done() once the new bot runs
-            rec("rotation_detected", {**event, "action": "restart"} if found.new_api_key else event)
-            say(f"key rotated (v{old} -> v{new})" + (" with a new API key" if found.new_api_key else "")
-                + ": restarting the bot")
-            return True
-        if found.kind == "swap":
-            # The bot keeps running and never held the secret: only the secret changed
-            # (the API key in its environment is the same), so the agent swaps keys in place.
-            assert found.creds is not None
-            signing.use(found.creds)
-            creds.wipe()
-            creds = found.creds
-            rec("rotation_detected", {**event, "action": "agent_key_swapped"})
-            say(f"key rotated (v{old} -> v{new}): the agent signs with the new key; the bot keeps running")
-        else:
-            rec("rotation_detected", event)
-            say(f"key rotated (v{old} -> v{new}): " + ("ignored by policy" if found.kind == "ignore" else
-                f"sent {signal.Signals(rotation.signum).name if rotation.signum else ''} to the bot"))
-        if found.kind != "ignore":
-            watcher.version = new
-            if rotation.signum and child is not None:
+        signals: list[int] = []
+        for i, found in batch:
+            p, watcher, policy = profiles[i], watchers[i], policies[i]
+            whose = f"profile {p.name}: " if many else ""
+            old, new = found.old_version, found.new_version
+            event = {"profile": p.name, "old_version": old, "new_version": new,
+                     **_secret_identity(held[i].origin), "action": policy.action}
+            watcher.acted(new)
+            if found.kind == "restart":
+                assert found.creds is not None
+                pending[i] = found.creds  # worker.done() once the new bot runs
+                rec("rotation_detected", {**event, "action": "restart"} if found.new_api_key else event)
+                say(f"{whose}key rotated (v{old} -> v{new})" + (" with a new API key" if found.new_api_key else "")
+                    + ": restarting the bot")
+                continue
+            if found.kind == "swap":
+                # The bot keeps running and never held the secret: only the secret changed
+                # (the API key in its environment is the same), so the agent swaps keys in place.
+                assert found.creds is not None
+                signings[i].use(found.creds)
+                held[i].wipe()
+                held[i] = found.creds
+                creds = combine(profiles, held)[1]
+                rec("rotation_detected", {**event, "action": "agent_key_swapped"})
+                say(f"{whose}key rotated (v{old} -> v{new}): the agent signs with the new key; the bot keeps running")
+            else:
+                rec("rotation_detected", event)
+                say(f"{whose}key rotated (v{old} -> v{new}): " + ("ignored by policy" if found.kind == "ignore" else
+                    f"sent {signal.Signals(policy.signum).name if policy.signum else ''} to the bot"))
+            if found.kind != "ignore":
+                watcher.version = new
+                if policy.signum and policy.signum not in signals:
+                    signals.append(policy.signum)  # one signal of a kind per batch
+        if pending:
+            return True  # one restart for the whole batch: the new bot gets every new key (no signal needed)
+        for signum in signals:
+            if child is not None:
                 try:
-                    os.kill(child.pid, rotation.signum)
+                    os.kill(child.pid, signum)
                 except ProcessLookupError:
                     pass
         worker.done()
@@ -636,7 +740,8 @@ def run(
     from .relay import AuditRelay
     from .watchdog import Watchdog, make_cgroup
 
-    relay = AuditRelay(rec, profile=profile.name, host=_host(), user=_user())
+    relay = AuditRelay(rec, profile=profile.name, host=_host(), user=_user(),
+                       profiles=tuple(p.name for p in profiles) if many else ())
     extra.update(relay.child_env())
     watchdog: Watchdog | None = None
     cgroup: str | None = None
@@ -662,7 +767,13 @@ def run(
             watchdog.guard_cgroup(cgroup)
         if agent:
             # With the signals blocked: the agent's thread inherits the mask and never receives them.
-            extra.update(signing.start_agent(audit_log, rec, peer_uid=as_user.uid if as_user else None))
+            # One agent (one socket) per profile: get_signer("spot") in the bot picks spot's.
+            for signing, own in zip(signings, per_profile):
+                own.update(signing.start_agent(audit_log, rec, peer_uid=as_user.uid if as_user else None))
+            if not many:
+                extra.update(per_profile[0])
+        if many:
+            extra.update(_profiles_env(visible, per_profile))
         child = start(creds, watchdog)
         if notifier is not None:
             notifier.ready(child.pid)  # systemd: started, with its secret (never before the fetch)
@@ -671,28 +782,33 @@ def run(
         delay = 1.0
         while True:
             status = supervise(child, on_wake=on_wake if worker is not None else None, notifier=notifier)
-            if status is None:  # a rotation asked for a restart, with the new secret in hand
-                assert rotation is not None and watcher is not None
-                stopped = _stop(child, rotation.grace, watchdog, cgroup)
+            if status is None:  # a rotation asked for a restart, with the new secrets in hand
+                restart_grace = max(policies[i].grace for i in pending)
+                stopped = _stop(child, restart_grace, watchdog, cgroup)
                 if stopped == 128 + signal.SIGKILL:
-                    say(f"the bot did not exit within the {rotation.grace:g} s grace after SIGTERM: "
+                    say(f"the bot did not exit within the {restart_grace:g} s grace after SIGTERM: "
                         "killed it (SIGKILL) before restarting it on the new key")
                 exited(child, stopped, "rotation")
-                creds.wipe()
-                creds = pending.pop()
-                watcher.version = creds.origin.version
+                for i, new_creds in pending.items():
+                    held[i].wipe()  # only the rotated profiles' old secrets: the others' serve the new bot
+                    held[i] = new_creds
+                    watchers[i].version = new_creds.origin.version
+                pending.clear()
+                creds = combine(profiles, held)[1]
                 child = start(creds, watchdog)
                 worker.done()
                 if notifier is not None:
-                    notifier.status(f"bot restarted on key version {creds.origin.version} (pid {child.pid})")
+                    versions = ", ".join(f"{c.origin.version}" for c in held)
+                    notifier.status(f"bot restarted on key version {versions} (pid {child.pid})")
                 continue
             _stop(child, grace, watchdog, cgroup)  # what the bot left behind in its group
             if restart == "on-failure" and status != 0 and not child.stopping:
                 exited(child, status, "failed")
                 if time.monotonic() - child.started >= _HEALTHY_AFTER:
                     delay = 1.0
-                rec("child_restarting", {"profile": profile.name, "status": status, "delay_s": delay,
-                                         "version": creds.origin.version})
+                for p, c in zip(profiles, held):
+                    rec("child_restarting", {"profile": p.name, "status": status, "delay_s": delay,
+                                             "version": c.origin.version})
                 say(f"the bot exited with status {status}; restarting in {delay:g} s from the secret in memory")
                 stop = _pause(delay)
                 if stop is not None:
@@ -707,8 +823,8 @@ def run(
             notifier.stopping("the run ends")
         if proxy_run is not None:
             proxy_run.stop()
-        if worker is not None and not worker.close() and watcher is not None:
-            watcher = None  # a check still stuck on Vault owns the client; the process exit ends it
+        if worker is not None and not worker.close():
+            watchers = []  # a check still stuck on Vault owns the client; the process exit ends it
         if child is not None and watchdog is not None:
             _stop(child, grace, watchdog, cgroup)  # any exit path: nothing of the bot's tree outlives the run
         if cgroup is not None:
@@ -720,18 +836,90 @@ def run(
         relay.close()  # the child's last reports are recorded before we return
         if output is not None:
             output.close()  # drain the child's output, restore the terminal
-        if signing is not None:
+        for signing in signings:
             signing.stop()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         creds.wipe()
-        for c in pending:
+        for c in held:
             c.wipe()
-        if watcher is not None:
-            watcher.close()
-        if "CREDBROKER_SIGNER_TOKEN" in extra:  # a transit profile's scoped token: revoke it now
-            from .signing import release_child_env
+        for c in pending.values():
+            c.wipe()
+        for w in watchers:
+            if w is not None:
+                w.close()
+        for issued in signer_extras:  # a transit profile's scoped token: revoke it now
+            _release(issued, source_env)
 
-            release_child_env(extra, env=source_env)
+
+def _fetch_all(profiles: Sequence[Profile], env: Mapping[str, str], rec: Recorder,
+               refused: Callable[[BrokerError, Profile | None], None],
+               fetch: Callable[..., Credentials]) -> list[Credentials]:
+    """Every profile's secrets, or none: on the first failure what was fetched is wiped (each read that
+    happened is still recorded, so the review never lists it as a read from outside) and the error raised."""
+    try:
+        return _fetch_each(profiles, env, rec, refused, fetch)
+    finally:
+        daemon = sys.modules.get(f"{__package__}.daemon")
+        if daemon is not None:
+            daemon.discard_prefork()  # an early fetch child no profile used (a keyring profile, a failure)
+
+
+def _fetch_each(profiles: Sequence[Profile], env: Mapping[str, str], rec: Recorder,
+                refused: Callable[[BrokerError, Profile | None], None],
+                fetch: Callable[..., Credentials]) -> list[Credentials]:
+    held: list[Credentials] = []
+    for p in profiles:
+        try:
+            c = fetch(p, env=env, isolate=True)
+        except BrokerError as exc:
+            for done in held:
+                done.wipe()
+            refused(exc, p)
+            if len(profiles) > 1 and f"{p.name!r}" not in exc.message:
+                exc.message = f"profile {p.name!r}: {exc.message}"  # which of the run's profiles failed
+                exc.args = (exc.message,)
+            raise
+        held.append(c)
+        try:
+            rec("secret_fetched", {"profile": p.name, **c.origin.to_dict(), "fields": list(p.fields)})
+        except BaseException:
+            for done in held:
+                done.wipe()
+            raise
+    return held
+
+
+def _profiles_env(profiles: Sequence[Profile], per_profile: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    """The child's map of a several-profile run: ``CREDBROKER_PROFILES`` (JSON, no secret) tells
+    ``get_signer("spot")`` which variables are whose; a secret one (a transit profile's scoped token, a
+    passphrase) moves to a numbered variable the map names."""
+    from .signing import PROFILES_VAR, SECRET_CHILD_VARS
+
+    out: dict[str, str] = {}
+    table: dict[str, dict[str, Any]] = {}
+    for n, (p, own) in enumerate(zip(profiles, per_profile), 1):
+        values = {"CREDBROKER_ENV_MAP": json.dumps(dict(p.env), separators=(",", ":")), **own}
+        values.pop("CREDBROKER_CONFIG", None)  # one config for the run: the shared variable
+        moved: dict[str, str] = {}
+        for var in SECRET_CHILD_VARS:
+            if var in values:
+                moved[var] = f"{var}_{n}"
+                out[moved[var]] = values.pop(var)
+        table[p.name] = {"vars": values, "moved": moved}
+    out[PROFILES_VAR] = json.dumps(table, separators=(",", ":"))
+    env_map: dict[str, str] = {}
+    for p in profiles:
+        env_map.update(p.env)
+    out["CREDBROKER_ENV_MAP"] = json.dumps(env_map, separators=(",", ":"))
+    out["CREDBROKER_PROFILE"] = ",".join(p.name for p in profiles)
+    return out
+
+
+def _release(issued: Mapping[str, str], env: Mapping[str, str]) -> None:
+    if "CREDBROKER_SIGNER_TOKEN" in issued:
+        from .signing import release_child_env
+
+        release_child_env(issued, env=env)
 
 
 def _refused_secret(profile: Profile, env: Mapping[str, str]) -> dict[str, Any]:

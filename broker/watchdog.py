@@ -106,6 +106,8 @@ if cgroup is not None:
         try:
             os.rmdir(cgroup)
             break
+        except FileNotFoundError:
+            break  # the broker removed it already (its normal exit): nothing to wait for
         except OSError:
             time.sleep(0.05)
 """

@@ -68,3 +68,23 @@ def test_the_broker_stamps_relayed_failures_with_its_own_profile_host_and_pid() 
          "relayed_from": 4242},
         {"code": -2014, "profile": "um-futures", "host": "bot-7", "user": "trader", "relayed_from": 4242},
     ]
+
+
+def test_a_run_of_several_profiles_files_each_report_under_the_profile_its_signer_names() -> None:
+    """`run -p spot -p um-futures`: get_signer("spot") reports as spot; a claim outside the run is not taken."""
+    got: list[tuple[str, dict[str, object]]] = []
+    relay = AuditRelay(lambda event, fields: got.append((event, fields)), profile="spot,um-futures",
+                       profiles=("spot", "um-futures"))
+    relay.child_pid = 7
+    lines = [
+        {"event": "signature_failure", "fields": {"code": -1022, "profile": "spot"}},
+        {"event": "signature_failure", "fields": {"code": -2015, "profile": "um-futures"}},
+        {"event": "signature_failure", "fields": {"code": -2014, "profile": "other"}},
+        {"event": "signature_failure", "fields": {"code": -1021}},
+    ]
+    os.write(relay.child_fd, "".join(json.dumps(line) + "\n" for line in lines).encode())
+    relay.close()
+    assert [(f["code"], f["profile"], f.get("claimed_profile")) for _, f in got] == [
+        (-1022, "spot", None), (-2015, "um-futures", None), (-2014, "spot,um-futures", "other"),
+        (-1021, "spot,um-futures", None),
+    ]

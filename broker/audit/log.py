@@ -581,7 +581,8 @@ class AuditLog:
         if first_ts is None:
             return False
         now = datetime.now(timezone.utc)
-        then = datetime.strptime(first_ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+        # fromisoformat, not strptime: the same parse without importing _strptime (and its regexes) on every run
+        then = datetime.fromisoformat(first_ts[:19]).replace(tzinfo=timezone.utc)
         if self.settings.rotate == "daily":
             return then.date() != now.date()
         return then.isocalendar()[:2] != now.isocalendar()[:2]

@@ -63,6 +63,11 @@ SIGNER_TOKEN_VAR = "CREDBROKER_SIGNER_TOKEN"
 #: Set by ``key_env``: the key's kind, and an encrypted key's passphrase that the profile maps to no variable.
 KEY_KIND_VAR = "CREDBROKER_KEY_KIND"
 KEY_PASSPHRASE_VAR = "CREDBROKER_KEY_PASSPHRASE"
+#: Set by ``credbroker run -p A -p B`` (several profiles): per profile, its own values of the variables above
+#: (JSON, no secret: a secret one is moved to a numbered variable that the entry names).
+PROFILES_VAR = "CREDBROKER_PROFILES"
+#: The per-profile variables whose values are secret: never inside ``CREDBROKER_PROFILES``.
+SECRET_CHILD_VARS = (SIGNER_TOKEN_VAR, KEY_PASSPHRASE_VAR)
 
 
 def get_signer(
@@ -88,6 +93,8 @@ def get_signer(
     """
     environ: Mapping[str, str] = os.environ if env is None else env
     name = getattr(profile, "name", profile)
+    if environ.get(RUN_VAR) and environ.get(PROFILES_VAR) and (profile is None or isinstance(profile, str)):
+        environ = _profile_view(environ, profile)  # `credbroker run -p A -p B`: one signer per profile
     if environ.get(RUN_VAR) and (profile is None or (isinstance(profile, str) and profile == environ.get(PROFILE_VAR))):
         if environ.get("CREDBROKER_AGENT_SOCKET"):  # `credbroker run --agent`: the broker signs (issue 6)
             from .agent import from_environment
@@ -310,6 +317,31 @@ def _json_env(environ: Mapping[str, str], var: str, default: Any) -> Any:
         return json.loads(raw)
     except ValueError:
         raise SigningError(f"{var} is not valid JSON", "it is set by `credbroker run`; do not edit it") from None
+
+
+def _profile_view(environ: Mapping[str, str], name: str | None) -> Mapping[str, str]:
+    """Inside a run of several profiles: the environment as a run of profile ``name`` alone would have set
+    it (its env map, signer settings, key kind, scoped token); unchanged for a profile the run does not hold."""
+    table = _json_env(environ, PROFILES_VAR, {})
+    if not isinstance(table, dict):
+        raise SigningError(f"{PROFILES_VAR} is malformed", "it is set by `credbroker run`; do not edit it")
+    if name is None:
+        raise ConfigError(
+            f"this bot runs with several profiles ({', '.join(table)}): get_signer() needs to know which",
+            f'name it: get_signer("{next(iter(table), "PROFILE")}")',
+        )
+    entry = table.get(name)
+    if not isinstance(entry, dict):
+        return environ
+    view = {k: v for k, v in environ.items()
+            if k not in (PROFILES_VAR, ENV_MAP_VAR, SIGNER_VAR, KEY_KIND_VAR, *SECRET_CHILD_VARS)}
+    values, moved = entry.get("vars") or {}, entry.get("moved") or {}
+    if not isinstance(values, dict) or not isinstance(moved, dict):
+        raise SigningError(f"{PROFILES_VAR} is malformed", "it is set by `credbroker run`; do not edit it")
+    view.update({str(k): str(v) for k, v in values.items()})
+    view.update({str(k): environ.get(str(v), "") for k, v in moved.items()})
+    view[PROFILE_VAR] = name
+    return view
 
 
 def _from_run(environ: Mapping[str, str], *, recv_window: int | None, record_failures: bool) -> Signer:
