@@ -200,3 +200,124 @@ def test_transit_signs_ws_params_and_logs_on(openbao: Any) -> None:
     logon = signer.ws_logon(timestamp=1649729878532)["params"]
     public.verify(base64.b64decode(logon["signature"], validate=True),  # type: ignore[union-attr]
                   f"apiKey={DOC_API_KEY}&timestamp=1649729878532".encode())
+
+
+# -- through the socket agent ---------------------------------------------------------------------
+
+
+class _Log:
+    """An audit sink that keeps what the agent records (flushes succeed)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, Any]]] = []
+
+    def record(self, event: str, fields: Any, *, durable: bool = True) -> None:
+        self.records.append((event, dict(fields)))
+
+    def flush(self) -> None:
+        pass
+
+
+def _agent(signer: Any, policy: Any = None) -> tuple[Any, _Log]:
+    import os
+
+    from broker.agent import Agent
+    from broker.signing_policy import SigningPolicy
+
+    log = _Log()
+    agent = Agent(signer, profile="p", policy=policy or SigningPolicy.from_mapping(None, "x"), audit=log)
+    agent.start()
+    agent.set_child(os.getpid())
+    return agent, log
+
+
+def test_agent_signs_ws_values_holding_equals_and_ampersand() -> None:
+    """Refused through the REST op ("is not NAME=VALUE"); the sign_ws op reads the values as they are."""
+    from broker.signing.agent import AgentSigner
+
+    ref = HmacSigner(DOC_API_KEY, Secret(DOC_SECRET))
+    agent, log = _agent(HmacSigner(DOC_API_KEY, Secret(DOC_SECRET)))
+    try:
+        signer = AgentSigner(None, agent.path)
+        params = {"symbol": "BTCUSDT", "side": "BUY", "newClientOrderId": "a b+c/=d&e", "quantity": "0.01",
+                  "price": "100", "type": "LIMIT"}
+        signed = signer.sign_ws_params(params, method="order.place", timestamp=1700000000000)
+        assert signed == ref.sign_ws_params(params, timestamp=1700000000000)
+        # The docs' HMAC example through the agent.
+        assert signer.sign_ws_params(DOC_PARAMS, method="order.place")["signature"] == DOC_SIGNATURE
+        event, fields = log.records[0]
+        assert event == "signed" and fields["ws_method"] == "order.place" and fields["endpoint"] == "/api/v3/order"
+        assert "newClientOrderId" in fields["params"] and "a b+c" not in json.dumps(log.records)
+        signer.close()
+    finally:
+        agent.stop()
+
+
+def test_agent_ws_policy_reads_the_method_and_the_real_values() -> None:
+    from broker.signing.agent import AgentSigner
+    from broker.signing_policy import PolicyRefused, SigningPolicy
+
+    policy = SigningPolicy.from_mapping({"symbols": ["BTCUSDT"], "max_quantity": 1,
+                                         "deny_endpoints": ["/api/v3/myTrades"]}, "f: profiles.p.policy")
+    agent, log = _agent(HmacSigner(DOC_API_KEY, Secret(DOC_SECRET)), policy)
+    try:
+        signer = AgentSigner(None, agent.path)
+        with pytest.raises(PolicyRefused) as info:
+            signer.sign_ws_params({"symbol": "XRPUSDT", "quantity": "0.1"}, method="order.place")
+        assert info.value.rule == "symbols"
+        with pytest.raises(PolicyRefused) as info:
+            signer.sign_ws_params({"symbol": "BTCUSDT", "quantity": "2"}, method="order.place")
+        assert info.value.rule == "max_quantity"
+        with pytest.raises(PolicyRefused) as info:  # myTrades stands for GET /api/v3/myTrades
+            signer.sign_ws_params({"symbol": "BTCUSDT"}, method="myTrades")
+        assert info.value.rule == "deny_endpoints"
+        # A value that would smuggle a second parameter into a REST query is one value here.
+        assert signer.sign_ws_params({"symbol": "BTCUSDT", "newClientOrderId": "x&quantity=5"},
+                                     method="order.place")["signature"]
+        assert [e for e, _ in log.records] == ["policy_refused"] * 3 + ["signed"]
+    finally:
+        agent.stop()
+
+
+def test_agent_ws_logon_needs_an_ed25519_key() -> None:
+    from broker.signing.agent import AgentSigner
+    from broker.signing.ed25519 import Ed25519Signer
+
+    agent, _ = _agent(HmacSigner(DOC_API_KEY, Secret(DOC_SECRET)))
+    try:
+        with pytest.raises(SigningError, match="session.logon needs an Ed25519 key; this profile's key is hmac"):
+            AgentSigner(None, agent.path).ws_logon()
+    finally:
+        agent.stop()
+    key = _ed25519()
+    agent, log = _agent(Ed25519Signer(DOC_API_KEY, Secret(_pem(key))))
+    try:
+        request = AgentSigner(None, agent.path).ws_logon(timestamp=1649729878532)
+        key.public_key().verify(base64.b64decode(request["params"]["signature"]),
+                                f"apiKey={DOC_API_KEY}&timestamp=1649729878532".encode())
+        assert log.records[-1][1]["ws_method"] == "session.logon"
+    finally:
+        agent.stop()
+
+
+def test_agent_ws_refuses_another_api_key_and_malformed_params() -> None:
+    """The agent itself (a raw client, not AgentSigner) signs only for its own key, and only string values."""
+    import socket
+
+    from broker.unixsock import frame, recv_message
+
+    agent, log = _agent(HmacSigner(DOC_API_KEY, Secret(DOC_SECRET)))
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(agent.path))
+            sock.sendall(frame({"op": "sign_ws", "p": {"apiKey": "B" * 64, "timestamp": "1"}, "wm": "order.place"}))
+            reply = recv_message(sock)
+            assert not reply["ok"] and reply["error"]["rule"] == "api_key"
+            sock.sendall(frame({"op": "sign_ws", "p": {"apiKey": DOC_API_KEY, "n": {"a": 1}}, "wm": "order.place"}))
+            reply = recv_message(sock)
+            assert not reply["ok"] and "malformed sign_ws" in reply["error"]["message"]
+            sock.sendall(frame({"op": "sign_ws", "p": {"apiKey": DOC_API_KEY, "timestamp": "1"}, "api": "coin"}))
+            assert not recv_message(sock)["ok"]
+        assert [e for e, _ in log.records] == ["policy_refused"]
+    finally:
+        agent.stop()

@@ -194,7 +194,7 @@ class Signer(ABC):
         return out
 
     def sign_ws_params(self, params: Mapping[str, Any] | None = None, *, method: str | None = None,
-                       timestamp: int | None = None) -> dict[str, Any]:
+                       timestamp: int | None = None, api: str = "spot") -> dict[str, Any]:
         """Sign a WebSocket API request's ``params`` as Binance documents; returns them with ``signature``.
 
         The payload is every parameter but ``signature``, sorted by name,
@@ -202,12 +202,14 @@ class Signer(ABC):
         (``binance.ws_payload``); ``apiKey`` and ``timestamp`` are added when
         absent. HMAC signatures are lower-case hex, Ed25519 and RSA base64.
         ``method`` (e.g. ``"order.place"``) is checked: ``session.logon``
-        needs an Ed25519 key, as Binance accepts no other for it.
+        needs an Ed25519 key, as Binance accepts no other for it. ``api``
+        ("spot" or "futures") and ``method`` tell the signing agent's policy
+        which REST endpoint the request stands for.
         """
         out = self.ws_params(params, timestamp=timestamp)
         if method is not None and binance.ws_base_method(method) == binance.WS_LOGON:
             self.check_ws_logon()
-        out["signature"] = self._sign_ws(binance.ws_payload(out), out, method)
+        out["signature"] = self._sign_ws(binance.ws_payload(out), out, method, api)
         return out
 
     def ws_logon(self, *, request_id: str | int | None = None, timestamp: int | None = None,
@@ -234,7 +236,7 @@ class Signer(ABC):
                 "Binance for this profile",
             )
 
-    def _sign_ws(self, payload: str, params: Mapping[str, Any], method: str | None) -> str:
+    def _sign_ws(self, payload: str, params: Mapping[str, Any], method: str | None, api: str) -> str:
         """Sign one WebSocket API payload; the signing agent's client passes the params on instead."""
         return self.sign(payload)
 
