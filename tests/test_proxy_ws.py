@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -241,3 +243,133 @@ def test_upstream_urls_default_to_binance_and_refuse_plain_ws_off_loopback() -> 
                          "x")["spot"] == "ws://127.0.0.1:1/ws-api/v3"
     with pytest.raises(ConfigError, match="expected a wss:// URL"):
         upstream_urls({"ws_futures": "https://fapi.binance.com"}, "x")
+
+
+# -- end to end: `credbroker run --proxy`, the key in OpenBao ---------------------------------------
+
+
+@pytest.fixture
+def fake_rest() -> Iterator[Any]:
+    from tests.fake_binance import FakeBinance
+
+    f = FakeBinance().start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+def _ws_profile(tmp: Path, ws_url: str) -> None:
+    """Point the profile tests.test_proxy._profile wrote at the fake WebSocket API too."""
+    path = tmp / "credbroker.toml"
+    path.write_text(path.read_text().replace("[profiles.bot.proxy]\n",
+                                             f'[profiles.bot.proxy]\nws_spot = "{ws_url}/ws-api/v3"\n'
+                                             f'ws_futures = "{ws_url}/ws-fapi/v1"\n'))
+
+
+def _register(fake: FakeBinanceWs, fake_rest: Any) -> None:
+    """The fake WS API knows the keys the fake REST API was given (the same account)."""
+    for api_key, (kind, key) in fake_rest.verifier.keys.items():
+        if kind == "hmac":
+            fake.hmac_keys[api_key] = key
+        else:
+            fake.public_keys[api_key] = key
+
+
+@pytest.mark.vault
+@pytest.mark.parametrize("kind", ["hmac", "ed25519"])
+def test_python_binance_ws_api_client_through_credbroker_run_proxy(
+        openbao: Any, tmp_path: Path, fake: FakeBinanceWs, fake_rest: Any, kind: str) -> None:
+    """A real client library: python-binance's WebSocket API (``ws_create_order``), in its own venv."""
+    from tests.conftest import credbroker_bin
+    from tests.test_proxy import _profile, _python_binance
+
+    python = _python_binance()
+    secret = _profile(openbao, tmp_path, fake_rest, kind)
+    _register(fake, fake_rest)
+    _ws_profile(tmp_path, fake.url)
+    state = tmp_path / "state-ws"
+    state.mkdir()
+    bot = str(Path(__file__).resolve().parent / "proxy_bot_ws_python_binance.py")
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", python, bot, str(state)],
+                          env={**openbao.env(), "PYTHONPATH": ""}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads((state / "result.json").read_text())
+    res = out["results"]
+    # python-binance signs the percent-encoded form; the proxy re-signs by Binance's rule, so a clientOrderId
+    # with '/' and a space arrives exactly as the bot wrote it.
+    assert res["order"]["clientOrderId"] == "cb/1 x", res
+    assert res["plain_order"]["clientOrderId"] == "plain1"
+    assert res["other_symbol"]["error"] == -1002 and "XRPUSDT" in res["other_symbol"]["msg"]
+    assert res["account"]["method"] == "account.status"
+    assert out["environ"]["CREDBROKER_PROXY_WS_URL"].startswith("ws://127.0.0.1:")
+    needle = secret if kind == "hmac" else secret.strip().splitlines()[1]
+    assert needle not in json.dumps(out["environ"])
+    assert [s.method for s in fake.seen] == ["order.place", "order.place", "account.status"]
+    assert all(s.status == 200 for s in fake.seen)
+    assert {s.params["newClientOrderId"] for s in fake.seen if "newClientOrderId" in s.params} == {"cb/1 x", "plain1"}
+
+
+@pytest.mark.vault
+def test_a_transit_key_signs_ws_requests_and_logs_on_through_credbroker_run_proxy(
+        openbao: Any, tmp_path: Path, fake: FakeBinanceWs, fake_rest: Any) -> None:
+    import sys
+
+    from tests.conftest import credbroker_bin
+    from tests.test_agent import audit_records
+    from tests.test_signing_transit import transit_key
+
+    name = "ws-" + secrets.token_hex(4)
+    made = transit_key(openbao, name)
+    assert made.returncode == 0, made.stderr
+    fake.add_public_key(API_KEY, made.stdout)
+    kv = "bots/" + name
+    openbao.kv_put(kv, api_key=API_KEY)
+    (tmp_path / "credbroker.toml").write_text(f"""
+[profiles.bot]
+source = "vault"
+path = "secret/{kv}"
+env = {{ BINANCE_API_KEY = "api_key" }}
+
+[profiles.bot.signer]
+type = "transit"
+transit_key = "{name}"
+
+[profiles.bot.proxy]
+spot = "{fake_rest.url}"
+futures = "{fake_rest.url}"
+ws_spot = "{fake.url}/ws-api/v3"
+ws_futures = "{fake.url}/ws-fapi/v1"
+unsafe_plain_http_loopback = true
+
+[profiles.bot.policy]
+symbols = ["BTCUSDT"]
+""")
+    state = tmp_path / "state-ws"
+    state.mkdir()
+    bot = str(Path(__file__).resolve().parent / "proxy_bot_ws.py")
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", sys.executable, bot, str(state)],
+                          env=openbao.env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads((state / "result.json").read_text())
+    res = out["results"]
+    assert out["environ"]["CREDBROKER_KEY_KIND"] == "ed25519"
+    assert res["signed_order"]["status"] == 200, res
+    assert res["signed_order"]["result"]["clientOrderId"] == "a b+c/=d"
+    assert res["logon"]["status"] == 200 and res["logon"]["result"]["apiKey"] == API_KEY
+    assert res["subscribe"]["status"] == 200 and res["event"]["event"]["e"] == "outboundAccountPosition"
+    assert res["session_order"]["status"] == 200
+    assert res["other_symbol"]["status"] == 403
+    # The exchange saw only the transit key's signatures (the fake verified each with its public key).
+    assert [s.method for s in fake.seen] == ["order.place", "session.logon", "userDataStream.subscribe",
+                                             "order.place"]
+    assert all(s.status == 200 for s in fake.seen)
+    records = audit_records()
+    forwarded = [r["data"] for r in records if r["event"] == "proxy_request" and "ws_method" in r["data"]]
+    assert [f["ws_method"] for f in forwarded] == ["order.place", "session.logon", "userDataStream.subscribe",
+                                                   "order.place"]
+    assert {f["pid"] for f in forwarded} == {out["pid"]}
+    assert [r["data"]["rule"] for r in records if r["event"] == "policy_refused"] == ["symbols"]
+    started = next(r["data"] for r in records if r["event"] == "proxy_started")
+    assert started["ws_url"] == out["environ"]["CREDBROKER_PROXY_WS_URL"]
+    assert openbao.token not in json.dumps(out["environ"])

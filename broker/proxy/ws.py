@@ -366,7 +366,12 @@ class WsProxy:
             payload = binance.ws_payload(params)
         except SigningError as exc:
             raise Reply(400, -1100, f"credbroker proxy: {exc.message}", "malformed") from None
-        if not isinstance(signature, str) or not self.client_key.verify(payload.encode("utf-8"), signature):
+        if not isinstance(signature, str) or not (
+                self.client_key.verify(payload.encode("utf-8"), signature)
+                # python-binance signs the sorted parameters percent-encoded (urlencode) against the
+                # docs' rule; both forms name the same parameters, the ones the policy checks and
+                # the exchange receives, re-signed by the rule.
+                or self.client_key.verify(_urlencoded(params).encode("ascii"), signature)):
             raise Reply(400, -1022, "Signature for this request is not valid. (credbroker proxy: sign with the "
                                     "proxy secret credbroker gave the bot)", "client_signature")
         try:
@@ -397,6 +402,14 @@ class WsProxy:
                            profile=self.profile, api_key=self._api_key)
         if failure is not None:
             self._record(SIGNATURE_FAILURE, {**failure.to_dict(), "by": "proxy", "pid": session.pid})
+
+
+def _urlencoded(params: Mapping[str, Any]) -> str:
+    """The sorted parameters as ``urllib.parse.urlencode`` writes them (what python-binance signs)."""
+    from urllib.parse import urlencode
+
+    return urlencode([(k, binance.ws_value(k, v)) for k, v in sorted(params.items())
+                      if k != "signature" and v is not None])
 
 
 def _answer(request_id: Any, refusal: Reply) -> str:
