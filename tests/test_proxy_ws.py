@@ -372,4 +372,6 @@ symbols = ["BTCUSDT"]
     assert [r["data"]["rule"] for r in records if r["event"] == "policy_refused"] == ["symbols"]
     started = next(r["data"] for r in records if r["event"] == "proxy_started")
     assert started["ws_url"] == out["environ"]["CREDBROKER_PROXY_WS_URL"]
+    stopped = next(r["data"] for r in records if r["event"] == "proxy_stopped")
+    assert stopped["ws_forwarded"] == 4 and stopped["ws_refused"] == 1
     assert openbao.token not in json.dumps(out["environ"])

@@ -81,9 +81,10 @@ class ProxyRun:
             ws.stop()
         server.stop()
         self.child_env.clear()
+        totals = {"ws_forwarded": ws.forwarded, "ws_refused": ws.refused} if ws is not None else {}
         try:
             self._record("proxy_stopped", {"profile": server.profile, "forwarded": server.forwarded,
-                                           "refused": server.refused})
+                                           "refused": server.refused, **totals})
         except BrokerError:
             pass  # the run's own exit matters more than this total
 
