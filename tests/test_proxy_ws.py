@@ -375,3 +375,30 @@ symbols = ["BTCUSDT"]
     stopped = next(r["data"] for r in records if r["event"] == "proxy_stopped")
     assert stopped["ws_forwarded"] == 4 and stopped["ws_refused"] == 1
     assert openbao.token not in json.dumps(out["environ"])
+
+
+def test_the_core_never_imports_websockets() -> None:
+    """``credbroker[ws]`` is optional: the CLI, the proxy package and its config checks load without it."""
+    import sys
+
+    code = ("import sys, broker.cli, broker.proxy, broker.proxy.ws as ws; "
+            "ws.upstream_urls({'testnet': True}, 'x'); "
+            "print('websockets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_ws_upstreams_named_without_the_extra_stop_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import broker.proxy as proxy_pkg
+    from broker.proxy import ws
+
+    monkeypatch.setattr(ws, "available", lambda: False)
+    profile = SimpleNamespace(name="bot", sections={"proxy": {"ws_spot": "wss://ws-api.binance.com/ws-api/v3"}},
+                              where=lambda s: f"credbroker.toml: profiles.bot.{s}")
+    with pytest.raises(ConfigError, match="ws_spot/ws_futures are set but the WebSocket library is not installed"):
+        proxy_pkg._ws_endpoint(profile, None, None, None, None, {}, None)
+    # Without ws_* the run goes on without a WebSocket endpoint.
+    profile.sections = {"proxy": {"testnet": True}}
+    assert proxy_pkg._ws_endpoint(profile, None, None, None, None, {}, None) is None
