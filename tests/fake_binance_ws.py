@@ -174,3 +174,19 @@ def _value(value: Any) -> str:
     if isinstance(value, list):
         return json.dumps(value, separators=(",", ":"))
     return str(value)
+
+
+def main() -> None:
+    """Run as a process (``python tests/fake_binance_ws.py API_KEY=SECRET``): print the URL, serve until killed."""
+    import sys
+
+    fake = FakeBinanceWs().start()
+    for arg in sys.argv[1:]:
+        key, _, secret = arg.partition("=")
+        fake.add_hmac(key, secret)
+    print(fake.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

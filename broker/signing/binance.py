@@ -277,6 +277,8 @@ def ws_value(name: str, value: Any) -> str:
     arrays as compact JSON (the REST form): what the exchange reads from the
     JSON request. ``None`` (JSON null) is not a value: drop the parameter.
     """
+    if type(value) is str:  # the usual case (Binance wants DECIMALs as JSON strings)
+        return value
     if isinstance(value, dict):
         raise SigningError(f"WebSocket API parameter {name!r} is an object",
                            "send each parameter as a string, number, boolean or array")
