@@ -91,6 +91,9 @@ class FakeBinanceWs:
             self.seen.append(Seen(method, dict(params), status, code))
             out: dict[str, Any] = {"id": rid, "status": status}
             out["result" if status == 200 else "error"] = body
+            # Binance adds the rate limits to every answer unless returnRateLimits=false.
+            out["rateLimits"] = [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
+                                  "limit": 2400, "count": len(self.seen)}]
             conn.send(json.dumps(out))
             for event in extra:
                 conn.send(json.dumps(event))

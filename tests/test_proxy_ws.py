@@ -143,7 +143,7 @@ def test_session_logon_and_spot_user_data_through_the_proxy(fake: FakeBinanceWs,
         assert fake.seen[-1].method == "session.logon" and fake.seen[-1].status == 200
         # In the session: no apiKey, no signature; the policy still reads each request.
         sub = _call(ws, {"id": "s-1", "method": "userDataStream.subscribe"})
-        assert sub == {"id": "s-1", "status": 200, "result": {"subscriptionId": 0}}
+        assert sub["id"] == "s-1" and sub["status"] == 200 and sub["result"] == {"subscriptionId": 0}
         event = json.loads(ws.recv(timeout=10))  # relayed unchanged
         assert event["subscriptionId"] == 0 and event["event"]["e"] == "outboundAccountPosition"
         order = _call(ws, {"id": "o-1", "method": "order.place", "params": {**ORDER, "timestamp": 1}})
@@ -402,3 +402,45 @@ def test_ws_upstreams_named_without_the_extra_stop_the_run(monkeypatch: pytest.M
     # Without ws_* the run goes on without a WebSocket endpoint.
     profile.sections = {"proxy": {"testnet": True}}
     assert proxy_pkg._ws_endpoint(profile, None, None, None, None, {}, None) is None
+
+
+@pytest.mark.vault
+def test_binance_modular_sdk_ws_api_client_through_credbroker_run_proxy(
+        openbao: Any, tmp_path: Path, fake: FakeBinanceWs, fake_rest: Any) -> None:
+    """Binance's own SDK (USDⓈ-M futures WebSocket API), in its own venv, on the futures path /ws-fapi/v1.
+
+    The SDK signs the sorted parameters percent-encoded; the docs' rule (what the fake checks) signs them
+    as they are. Straight at the fake (env mode) an order whose clientOrderId holds '/' and ' ' gets -1022;
+    through the proxy, which re-signs by the docs' rule, it goes through.
+    """
+    from tests.conftest import credbroker_bin
+    from tests.test_proxy import BINANCE_SDK, _profile
+
+    if not BINANCE_SDK.exists():
+        reason = f"the Binance SDK's venv {BINANCE_SDK.parent.parent} is missing (.ci/run makes it)"
+        if os.environ.get("CREDBROKER_REQUIRE_SERVICES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    _profile(openbao, tmp_path, fake_rest, "hmac")
+    _register(fake, fake_rest)
+    _ws_profile(tmp_path, fake.url)
+    state = tmp_path / "state-sdk-ws"
+    state.mkdir()
+    bot = str(Path(__file__).resolve().parent / "proxy_bot_ws_binance_sdk.py")
+    env = {**openbao.env(), "PYTHONPATH": ""}
+    direct = subprocess.run([credbroker_bin(), "run", "-p", "bot", "--", str(BINANCE_SDK), bot, str(state),
+                             fake.url + "/ws-fapi/v1"], env=env, capture_output=True, text=True, timeout=120)
+    assert direct.returncode == 0, direct.stdout + direct.stderr
+    res = json.loads((state / "result-direct.json").read_text())["results"]
+    assert "-1022" in json.dumps(res["order"]), res
+    assert res["plain_order"]["result"]["clientOrderId"] == "plain1"
+    fake.seen.clear()
+    proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", str(BINANCE_SDK), bot, str(state)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads((state / "result-proxy.json").read_text())["results"]
+    assert res["order"]["result"]["clientOrderId"] == "cb/1 x", res
+    assert res["plain_order"]["result"]["clientOrderId"] == "plain1"
+    assert res["account"]["status"] == 200
+    assert [s.method for s in fake.seen] == ["order.place", "order.place", "v2/account.status"]
+    assert all(s.status == 200 for s in fake.seen)
