@@ -397,10 +397,12 @@ def test_ws_upstreams_named_without_the_extra_stop_the_run(monkeypatch: pytest.M
     monkeypatch.setattr(ws, "available", lambda: False)
     profile = SimpleNamespace(name="bot", sections={"proxy": {"ws_spot": "wss://ws-api.binance.com/ws-api/v3"}},
                               where=lambda s: f"credbroker.toml: profiles.bot.{s}")
+    # Checked with the rest of the profile (check_profile), before any secret is fetched or server started.
     with pytest.raises(ConfigError, match="ws_spot/ws_futures are set but the WebSocket library is not installed"):
-        proxy_pkg._ws_endpoint(profile, None, None, None, None, {}, None)
+        proxy_pkg._ws_urls(profile)
     # Without ws_* the run goes on without a WebSocket endpoint.
     profile.sections = {"proxy": {"testnet": True}}
+    assert proxy_pkg._ws_urls(profile) is None
     assert proxy_pkg._ws_endpoint(profile, None, None, None, None, {}, None) is None
 
 

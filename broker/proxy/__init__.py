@@ -51,9 +51,7 @@ def check_profile(profile: Any) -> None:
     SignerSettings.for_profile(profile)
     ProxySettings.for_profile(profile)
     SigningPolicy.for_profile(profile)
-    from .ws import upstream_urls
-
-    upstream_urls(profile.sections.get("proxy") if profile.sections else None, profile.where("proxy"))
+    _ws_urls(profile)
 
 
 class ProxyRun:
@@ -179,12 +177,8 @@ def _ws_endpoint(profile: Any, signer: Any, client_key: Any, policy: Any, server
     """The WebSocket API endpoint (``broker.proxy.ws``), started; None without ``credbroker[ws]``."""
     from . import ws
 
-    table = profile.sections.get("proxy") if profile.sections else None
-    urls = ws.upstream_urls(table, profile.where("proxy"))
-    if not ws.available():
-        if table and ("ws_spot" in table or "ws_futures" in table):
-            raise ConfigError(f"{profile.where('proxy')}: ws_spot/ws_futures are set but the WebSocket library "
-                              "is not installed", "pip install 'credbroker[ws]'")
+    urls = _ws_urls(profile)
+    if urls is None:
         return None
     # Records go through the REST proxy's queue (one group commit for both); timestamps use its clocks.
     endpoint = ws.WsProxy(signer, client_key, policy, urls, profile=profile.name, record=server._record,
@@ -192,6 +186,20 @@ def _ws_endpoint(profile: Any, signer: Any, client_key: Any, policy: Any, server
                           ca_file=proxy_settings.ca_file)
     endpoint.start()
     return endpoint
+
+
+def _ws_urls(profile: Any) -> dict[str, str] | None:
+    """The profile's WebSocket API upstreams; None without ``credbroker[ws]`` (a ConfigError if it names them)."""
+    from . import ws
+
+    table = profile.sections.get("proxy") if profile.sections else None
+    urls = ws.upstream_urls(table, profile.where("proxy"))
+    if not ws.available():
+        if table and ("ws_spot" in table or "ws_futures" in table):
+            raise ConfigError(f"{profile.where('proxy')}: ws_spot/ws_futures are set but the WebSocket library "
+                              "is not installed", "pip install 'credbroker[ws]'")
+        return None
+    return urls
 
 
 def _say(message: str) -> None:
