@@ -50,12 +50,14 @@ that group is answered with an error instead of a signature (fail closed).
 Wire format: a 4-byte big-endian length, then a JSON object (as
 ``broker.daemon``). Requests: ``{"op": "hello"}`` and ``{"op": "sign", "q":
 QUERY, "b": BODY, "e": PATH, "m": METHOD}``; the agent signs ``q + b``
-(Binance's totalParams). Replies: ``{"ok": true, ...}`` or ``{"ok": false,
+(Binance's totalParams); ``{"op": "sign_ws", "p": PARAMS, "wm": METHOD, "api": API}``
+signs a WebSocket API request (``Agent._sign_ws``). Replies: ``{"ok": true, ...}`` or ``{"ok": false,
 "error": {"type", "message", "remedy", "rule"}}``.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import selectors
@@ -568,6 +570,8 @@ class Agent:
         op = request.get("op")
         if op == "sign":
             return self._sign(request, pid)
+        if op == "sign_ws":
+            return self._sign_ws(request, pid)
         if op == "hello":
             signer = self._signer
             # The public API key too, for a profile that maps no variable to it (it is not the secret).
@@ -599,6 +603,53 @@ class Agent:
             return _error("SigningError", "the signing agent is shutting down", None)
         try:
             signature = signer.sign(query + body)  # Binance's totalParams: query then body, no separator
+        except BrokerError as exc:
+            return _error(type(exc).__name__, exc.message, exc.remedy)
+        self.signed += 1
+        return self._recorded(SIGNED, {"profile": self.profile, "pid": pid, **summary},
+                              {"ok": True, "sig": signature})
+
+    def _sign_ws(self, request: Mapping[str, Any], pid: int) -> dict[str, Any]:
+        """``{"op": "sign_ws", "p": PARAMS, "wm": METHOD, "api": "spot"|"futures"}``: a WebSocket API request.
+
+        The parameters come as a JSON object (values as they go into the
+        payload), so values holding ``=`` or ``&`` are read as they are; the
+        policy sees them with the REST endpoint ``METHOD`` stands for
+        (``binance.ws_method_endpoint``), and the agent builds the payload itself
+        (``binance.ws_payload``). ``apiKey`` must be the agent's own key.
+        """
+        from .signing import binance
+
+        params, ws_method, api = request.get("p"), request.get("wm"), request.get("api") or "spot"
+        if (not isinstance(params, dict) or not (ws_method is None or (isinstance(ws_method, str)
+                                                                      and len(ws_method) <= 128))
+                or api not in binance.WS_METHOD_ENDPOINTS
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in params.items())):
+            return _error("SigningError", "the signing agent got a malformed sign_ws request", None)
+        signer = self._signer
+        if signer is None:
+            return _error("SigningError", "the signing agent is shutting down", None)
+        endpoint = binance.ws_method_endpoint(ws_method, api) if ws_method else None
+        req = SignRequest(params=sorted(params.items()), endpoint=endpoint, method=None)
+        summary = {**req.summary(), "ws_method": ws_method}
+        try:
+            if "signature" in params:
+                raise PolicyRefused("already_signed", "the request already carries a signature",
+                                    "do not pass signature= yourself")
+            own = getattr(signer, "_api_key", None)
+            if own is None or not hmac.compare_digest(params.get("apiKey", "").encode(), str(own).encode()):
+                raise PolicyRefused("api_key", "the request's apiKey is not this profile's",
+                                    "leave apiKey out: the signer adds the profile's")
+            self.policy.check(req)
+        except PolicyRefused as exc:
+            self.refused += 1
+            return self._recorded(POLICY_REFUSED, {"profile": self.profile, "pid": pid, "rule": exc.rule,
+                                                   "reason": exc.message, **summary},
+                                  _error("PolicyRefused", exc.message, exc.remedy, rule=exc.rule))
+        try:
+            if ws_method is not None and binance.ws_base_method(ws_method) == binance.WS_LOGON:
+                signer.check_ws_logon()
+            signature = signer.sign(binance.ws_payload(params))
         except BrokerError as exc:
             return _error(type(exc).__name__, exc.message, exc.remedy)
         self.signed += 1

@@ -10,6 +10,8 @@ key and forwards it to the exchange (``server`` says how, step by step).
 What the child gets (and nothing more of the key):
 
 - ``CREDBROKER_PROXY_URL``: the base URL for its client (``http://127.0.0.1:PORT``);
+- ``CREDBROKER_PROXY_WS_URL``: the WebSocket API endpoint (``ws://127.0.0.1:PORT``, then Binance's
+  paths ``/ws-api/v3`` and ``/ws-fapi/v1``; ``broker.proxy.ws``), when ``credbroker[ws]`` is installed;
 - the API key, in the variable the profile maps it to (it is not the secret);
 - the proxy secret in every variable the profile maps the signing key to, and
   in ``CREDBROKER_PROXY_SECRET``; for an encrypted PEM key, a per-run
@@ -34,8 +36,10 @@ from ..errors import BrokerError, ConfigError
 URL_VAR = "CREDBROKER_PROXY_URL"
 SECRET_VAR = "CREDBROKER_PROXY_SECRET"
 KIND_VAR = "CREDBROKER_KEY_KIND"
+#: The WebSocket API endpoint's base URL (``ws://127.0.0.1:PORT``), with ``credbroker[ws]`` installed.
+WS_URL_VAR = "CREDBROKER_PROXY_WS_URL"
 
-__all__ = ["KIND_VAR", "ProxyRun", "SECRET_VAR", "URL_VAR", "check_profile", "start_for_run"]
+__all__ = ["KIND_VAR", "ProxyRun", "SECRET_VAR", "URL_VAR", "WS_URL_VAR", "check_profile", "start_for_run"]
 
 
 def check_profile(profile: Any) -> None:
@@ -47,14 +51,16 @@ def check_profile(profile: Any) -> None:
     SignerSettings.for_profile(profile)
     ProxySettings.for_profile(profile)
     SigningPolicy.for_profile(profile)
+    _ws_urls(profile)
 
 
 class ProxyRun:
     """A started proxy for one run: ``child_env`` and ``child_profile`` for the child, ``stop()`` at the end."""
 
     def __init__(self, server: Any, child_env: dict[str, str], child_profile: Any,
-                 record: Callable[[str, dict[str, Any]], Any]) -> None:
+                 record: Callable[[str, dict[str, Any]], Any], ws: Any = None) -> None:
         self.server = server
+        self.ws = ws
         self.child_env = child_env
         self.child_profile = child_profile
         self._record = record
@@ -68,11 +74,15 @@ class ProxyRun:
         server, self.server = self.server, None
         if server is None:
             return
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            ws.stop()
         server.stop()
         self.child_env.clear()
+        totals = {"ws_forwarded": ws.forwarded, "ws_refused": ws.refused} if ws is not None else {}
         try:
             self._record("proxy_stopped", {"profile": server.profile, "forwarded": server.forwarded,
-                                           "refused": server.refused})
+                                           "refused": server.refused, **totals})
         except BrokerError:
             pass  # the run's own exit matters more than this total
 
@@ -134,8 +144,11 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
             offsets[name] = None
             _say(f"WARNING: {exc.message}; timestamps use this host's clock until the exchange answers -1021")
     url = server.start()
+    ws = _ws_endpoint(profile, signer, client_key, policy, server, upstreams, proxy_settings)
     secret = client_key.secret.reveal_str()
     child_env = {URL_VAR: url, SECRET_VAR: secret, KIND_VAR: client_kind}
+    if ws is not None:
+        child_env[WS_URL_VAR] = ws.url
     replaced = {key_field} if key_field is not None else set()
     for var, field in profile.env.items():
         if key_field is not None and field == key_field:
@@ -154,8 +167,39 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
                                           if f not in replaced and f != settings.passphrase_field})
     record("proxy_started", {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,
                              "upstreams": {n: u.base_url for n, u in upstreams.items()},
-                             "clock_offset_ms": offsets, "policy": policy.describe()})
-    return ProxyRun(server, child_env, child_profile, record)
+                             "clock_offset_ms": offsets, "policy": policy.describe(),
+                             "ws_url": ws.url if ws is not None else None})
+    return ProxyRun(server, child_env, child_profile, record, ws)
+
+
+def _ws_endpoint(profile: Any, signer: Any, client_key: Any, policy: Any, server: Any, upstreams: Any,
+                 proxy_settings: Any) -> Any:
+    """The WebSocket API endpoint (``broker.proxy.ws``), started; None without ``credbroker[ws]``."""
+    from . import ws
+
+    urls = _ws_urls(profile)
+    if urls is None:
+        return None
+    # Records go through the REST proxy's queue (one group commit for both); timestamps use its clocks.
+    endpoint = ws.WsProxy(signer, client_key, policy, urls, profile=profile.name, record=server._record,
+                          check_peer=server.check_peer, now_ms={n: u.now_ms for n, u in upstreams.items()},
+                          ca_file=proxy_settings.ca_file)
+    endpoint.start()
+    return endpoint
+
+
+def _ws_urls(profile: Any) -> dict[str, str] | None:
+    """The profile's WebSocket API upstreams; None without ``credbroker[ws]`` (a ConfigError if it names them)."""
+    from . import ws
+
+    table = profile.sections.get("proxy") if profile.sections else None
+    urls = ws.upstream_urls(table, profile.where("proxy"))
+    if not ws.available():
+        if table and ("ws_spot" in table or "ws_futures" in table):
+            raise ConfigError(f"{profile.where('proxy')}: ws_spot/ws_futures are set but the WebSocket library "
+                              "is not installed", "pip install 'credbroker[ws]'")
+        return None
+    return urls
 
 
 def _say(message: str) -> None:

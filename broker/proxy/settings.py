@@ -9,6 +9,8 @@ Example::
     # ca_file = "/etc/ssl/corp-ca.pem"       # trust these CAs for the exchange instead of certifi's bundle
     # client_key = "hmac"                    # the bot's stand-in: "same" kind as the real key (default) or "hmac"
     # unsafe_plain_http_loopback = true      # tests only: an http:// upstream on 127.0.0.1
+    # ws_spot = "wss://ws-api.binance.com:443/ws-api/v3"   # WebSocket API upstreams (credbroker[ws]; defaults shown)
+    # ws_futures = "wss://ws-fapi.binance.com/ws-fapi/v1"
 
 ``client_key = "hmac"`` gives the bot an HMAC proxy secret even when the real
 key is Ed25519 or RSA: for clients whose PEM handling is broken (python-binance
@@ -40,7 +42,8 @@ ROUTES: tuple[tuple[str, str], ...] = (("/fapi/", "futures"), ("/api/", "spot"),
 #: Where each upstream tells its time (GET, unsigned): spot and USDⓈ-M futures "Check Server Time".
 TIME_PATHS = {"spot": "/api/v3/time", "futures": "/fapi/v1/time"}
 
-_KNOWN = frozenset({"testnet", "spot", "futures", "unsafe_plain_http_loopback", "client_key", "ca_file"})
+_KNOWN = frozenset({"testnet", "spot", "futures", "unsafe_plain_http_loopback", "client_key", "ca_file",
+                    "ws_spot", "ws_futures"})  # ws_*: the WebSocket API upstreams, read by broker.proxy.ws
 CLIENT_KEYS = ("same", "hmac")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 

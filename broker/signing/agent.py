@@ -76,6 +76,21 @@ class AgentSigner(Signer):
 
     sign_query = sign_params
 
+    def _sign_ws(self, payload: str, params: Mapping[str, Any], method: str | None, api: str) -> str:
+        # The parameters travel as a JSON object, values as they go into the payload: the agent
+        # reads values holding '=' or '&' as they are, checks its policy, and builds the payload.
+        values = {name: binance.ws_value(name, value) for name, value in params.items() if value is not None}
+        reply = self._call({"op": "sign_ws", "p": values, "wm": method, "api": api})
+        signature = reply.get("sig")
+        if not isinstance(signature, str):
+            raise SigningError("the signing agent answered without a signature", "restart the bot under credbroker")
+        return signature
+
+    def ws_logon_kind(self) -> str:
+        """The broker's key kind as Binance sees it at ``session.logon`` (the agent checks it too)."""
+        remote = self.remote_kind or "unknown"
+        return "ed25519" if remote == "transit" else remote
+
     def _remote_sign(self, query: str, body: str, endpoint: str | None, method: str | None) -> str:
         reply = self._call({"op": "sign", "q": query, "b": body, "e": endpoint, "m": method})
         signature = reply.get("sig")

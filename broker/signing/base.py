@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from hmac import compare_digest
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from urllib.parse import urljoin as requests_urljoin
@@ -168,6 +169,76 @@ class Signer(ABC):
 
     #: DESIGN.md's name for the same call.
     sign_query = sign_params
+
+    # -- WebSocket API -------------------------------------------------------------------
+    def ws_params(self, params: Mapping[str, Any] | None = None, *, timestamp: int | None = None
+                  ) -> dict[str, Any]:
+        """``params`` ready to sign for the WebSocket API: ``apiKey`` and ``timestamp`` added when absent.
+
+        Raises SigningError when ``params`` already hold a ``signature`` or an
+        ``apiKey`` that is not this signer's. ``timestamp`` is the exchange's time
+        (``sync_clock``'s offset applied, as for REST); null values are dropped.
+        """
+        out = {str(k): v for k, v in (params or {}).items() if v is not None}
+        if "signature" in out:
+            raise SigningError("the parameters already contain a signature", "pass the parameters unsigned")
+        api_key = str(self.api_key)
+        given = out.get("apiKey")
+        if given is None:
+            out["apiKey"] = api_key
+        elif not isinstance(given, str) or not compare_digest(given.encode(), api_key.encode()):
+            raise SigningError("the parameters carry another apiKey than this signer's",
+                               "leave apiKey out: the signer adds its own")
+        if "timestamp" not in out:
+            out["timestamp"] = self.timestamp() if timestamp is None else int(timestamp)
+        return out
+
+    def sign_ws_params(self, params: Mapping[str, Any] | None = None, *, method: str | None = None,
+                       timestamp: int | None = None, api: str = "spot") -> dict[str, Any]:
+        """Sign a WebSocket API request's ``params`` as Binance documents; returns them with ``signature``.
+
+        The payload is every parameter but ``signature``, sorted by name,
+        ``name=value`` joined by ``&``, not percent-encoded
+        (``binance.ws_payload``); ``apiKey`` and ``timestamp`` are added when
+        absent. HMAC signatures are lower-case hex, Ed25519 and RSA base64.
+        ``method`` (e.g. ``"order.place"``) is checked: ``session.logon``
+        needs an Ed25519 key, as Binance accepts no other for it. ``api``
+        ("spot" or "futures") and ``method`` tell the signing agent's policy
+        which REST endpoint the request stands for.
+        """
+        out = self.ws_params(params, timestamp=timestamp)
+        if method is not None and binance.ws_base_method(method) == binance.WS_LOGON:
+            self.check_ws_logon()
+        out["signature"] = self._sign_ws(binance.ws_payload(out), out, method, api)
+        return out
+
+    def ws_logon(self, *, request_id: str | int | None = None, timestamp: int | None = None,
+                 recv_window: int | None = None) -> dict[str, Any]:
+        """A signed ``session.logon`` request (the whole JSON object to send); Ed25519 keys only."""
+        params: dict[str, Any] = {}
+        if recv_window is not None:
+            params["recvWindow"] = binance.check_recv_window(recv_window)
+        signed = self.sign_ws_params(params, method=binance.WS_LOGON, timestamp=timestamp)
+        return {"id": request_id if request_id is not None else f"logon-{signed['timestamp']}",
+                "method": binance.WS_LOGON, "params": signed}
+
+    def ws_logon_kind(self) -> str:
+        """The key kind Binance sees at ``session.logon`` (transit keys are Ed25519 inside Vault)."""
+        return "ed25519" if self.kind == "transit" else self.kind
+
+    def check_ws_logon(self) -> None:
+        """Raise SigningError unless this signer's key may log on a WebSocket session (Ed25519 only)."""
+        kind = self.ws_logon_kind()
+        if kind != "ed25519":
+            raise SigningError(
+                f"session.logon needs an Ed25519 key; this profile's key is {kind}",
+                "sign each WebSocket API request instead (sign_ws_params), or register an Ed25519 key with "
+                "Binance for this profile",
+            )
+
+    def _sign_ws(self, payload: str, params: Mapping[str, Any], method: str | None, api: str) -> str:
+        """Sign one WebSocket API payload; the signing agent's client passes the params on instead."""
+        return self.sign(payload)
 
     def headers(self) -> dict[str, str]:
         """The headers a signed Binance request needs: ``{"X-MBX-APIKEY": api_key}``."""

@@ -184,3 +184,109 @@ def clock_offset_ms(url: str, *, clock: Any = time.time, timeout: float = 5.0) -
     if isinstance(server_time, bool) or not isinstance(server_time, int):
         raise SigningError(f"the exchange at {target} did not tell its time", "check the exchange URL")
     return server_time - int((t0 + t1) / 2 * 1000)
+
+
+# -- WebSocket API --------------------------------------------------------------------------------
+#
+# Binance's WebSocket API signs differently from REST (spot "WebSocket API" docs, "SIGNED request
+# security" and "SIGNED request example (HMAC)"; the USDⓈ-M futures "WebSocket API General Info"
+# states the same rule): take every request parameter except ``signature``, sort them by name, and
+# join them as ``name=value`` with ``&``, without percent-encoding. ``apiKey`` and ``timestamp`` are
+# parameters like any other, so they are signed. HMAC signatures are lower-case hex; RSA and
+# Ed25519 signatures are base64, sent as they are (a JSON string needs no escaping of + / =).
+
+#: Binance's WebSocket API endpoints (spot "General API Information"; USDⓈ-M futures "WebSocket API
+#: General Info"): production and testnet.
+WS_API_URLS = {
+    "spot": "wss://ws-api.binance.com:443/ws-api/v3",
+    "futures": "wss://ws-fapi.binance.com/ws-fapi/v1",
+}
+WS_API_TESTNET_URLS = {
+    "spot": "wss://ws-api.testnet.binance.vision/ws-api/v3",
+    "futures": "wss://testnet.binancefuture.com/ws-fapi/v1",
+}
+#: The method that authenticates a WebSocket session; Binance accepts only Ed25519 keys for it.
+WS_LOGON = "session.logon"
+
+#: Each signed WebSocket API method and the REST endpoint that does the same thing, so the signing
+#: policy's endpoint rules (``deny_endpoints``, ``deny_kinds``) read a WebSocket request as they read
+#: the REST one. From the spot WebSocket API docs (trading, account, user data stream requests) and
+#: the USDⓈ-M futures WebSocket API docs. Methods without a REST twin map to ``wsapi:METHOD``.
+WS_METHOD_ENDPOINTS: Mapping[str, Mapping[str, str]] = {
+    "spot": {
+        "order.place": "/api/v3/order", "order.test": "/api/v3/order/test", "order.status": "/api/v3/order",
+        "order.cancel": "/api/v3/order", "order.cancelReplace": "/api/v3/order/cancelReplace",
+        "order.amend.keepPriority": "/api/v3/order/amend/keepPriority",
+        "order.amendments": "/api/v3/order/amendments",
+        "openOrders.status": "/api/v3/openOrders", "openOrders.cancelAll": "/api/v3/openOrders",
+        "orderList.place": "/api/v3/order/oco", "orderList.place.oco": "/api/v3/orderList/oco",
+        "orderList.place.oto": "/api/v3/orderList/oto", "orderList.place.otoco": "/api/v3/orderList/otoco",
+        "orderList.status": "/api/v3/orderList", "orderList.cancel": "/api/v3/orderList",
+        "openOrderLists.status": "/api/v3/openOrderList",
+        "sor.order.place": "/api/v3/sor/order", "sor.order.test": "/api/v3/sor/order/test",
+        "account.status": "/api/v3/account", "account.rateLimits.orders": "/api/v3/rateLimit/order",
+        "account.commission": "/api/v3/account/commission",
+        "allOrders": "/api/v3/allOrders", "allOrderLists": "/api/v3/allOrderList", "myTrades": "/api/v3/myTrades",
+        "myPreventedMatches": "/api/v3/myPreventedMatches", "myAllocations": "/api/v3/myAllocations",
+        "userDataStream.start": "/api/v3/userDataStream", "userDataStream.ping": "/api/v3/userDataStream",
+        "userDataStream.stop": "/api/v3/userDataStream",
+        "userDataStream.subscribe": "wsapi:userDataStream.subscribe",
+        "userDataStream.subscribe.signature": "wsapi:userDataStream.subscribe.signature",
+        "userDataStream.unsubscribe": "wsapi:userDataStream.unsubscribe",
+        "session.logon": "wsapi:session.logon", "session.status": "wsapi:session.status",
+        "session.logout": "wsapi:session.logout",
+    },
+    "futures": {
+        "order.place": "/fapi/v1/order", "order.modify": "/fapi/v1/order", "order.cancel": "/fapi/v1/order",
+        "order.status": "/fapi/v1/order",
+        "account.position": "/fapi/v3/positionRisk", "v2/account.position": "/fapi/v2/positionRisk",
+        "account.balance": "/fapi/v3/balance", "v2/account.balance": "/fapi/v2/balance",
+        "account.status": "/fapi/v3/account", "v2/account.status": "/fapi/v2/account",
+        "userDataStream.start": "/fapi/v1/listenKey", "userDataStream.ping": "/fapi/v1/listenKey",
+        "userDataStream.stop": "/fapi/v1/listenKey",
+        "session.logon": "wsapi:session.logon", "session.status": "wsapi:session.status",
+        "session.logout": "wsapi:session.logout",
+    },
+}
+
+
+def ws_base_method(method: str) -> str:
+    """``method`` without a version prefix (``v3/session.logon`` -> ``session.logon``)."""
+    return method.split("/", 1)[1] if "/" in method else method
+
+
+def ws_method_endpoint(method: str, api: str = "spot") -> str | None:
+    """The REST endpoint a WebSocket API ``method`` stands for (``wsapi:...`` if none); None if unknown.
+
+    A spot method may carry a version prefix (``v3/order.place``); futures
+    ``v2/account.status`` is a method of its own.
+    """
+    table = WS_METHOD_ENDPOINTS.get(api)
+    if table is None:
+        raise SigningError(f"unknown WebSocket API {api!r}", 'use "spot" or "futures"')
+    found = table.get(method)
+    if found is None and "/" in method:
+        found = table.get(method.split("/", 1)[1])
+    return found
+
+
+def ws_value(name: str, value: Any) -> str:
+    """One WebSocket API parameter as it is written into the signature payload.
+
+    Strings as they are, integers in decimal, booleans as ``true``/``false``,
+    arrays as compact JSON (the REST form): what the exchange reads from the
+    JSON request. ``None`` (JSON null) is not a value: drop the parameter.
+    """
+    if type(value) is str:  # the usual case (Binance wants DECIMALs as JSON strings)
+        return value
+    if isinstance(value, dict):
+        raise SigningError(f"WebSocket API parameter {name!r} is an object",
+                           "send each parameter as a string, number, boolean or array")
+    return _value(name, value)
+
+
+def ws_payload(params: Mapping[str, Any]) -> str:
+    """The WebSocket API signature payload: every parameter but ``signature``, sorted by name, as
+    ``name=value`` joined by ``&``, with no percent-encoding (parameters whose value is null are left out)."""
+    return "&".join(f"{name}={ws_value(name, params[name])}"
+                    for name in sorted(params) if name != "signature" and params[name] is not None)
