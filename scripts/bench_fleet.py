@@ -6,7 +6,7 @@
 
 The logs are generated once into a cache folder (``--cache``, default
 /var/tmp/credbroker-bench-fleet; not timed): per host 90 days of a busy bot
-host, through the real writer (valid keyless chains, rotated at 64 MB),
+host in the writer's exact format (valid keyless chains, rotated at 64 MB),
 mostly ``sign`` records, runs of bots, a few signature failures and
 refusals, laid out as DIR/HOST/audit.log* like a collector's copy.
 
@@ -36,56 +36,63 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-FORMAT = 2  # bump when the generated records change: the cache is rebuilt
+FORMAT = 3  # bump when the generated records change: the cache is rebuilt
 
 
 def generate_host(folder: Path, host: str, n: int, end: datetime, days: int = 90) -> None:
-    """One busy host's 90 days up to ``end``, written through the real writer."""
-    import broker.audit.log as logmod
-    from broker.audit.log import AuditLog
-    from broker.audit.settings import AuditSettings
+    """One busy host's 90 days up to ``end``: the writer's exact line format and chain (``chain.py``),
+    written straight to files (the writer's lock and group commit would make 20 x 10^6 records take
+    half an hour to generate), rotated at 64 MB under the writer's file names."""
+    from broker.audit.chain import GENESIS, build_prefix, encode_rest, finish_line, make_hasher
 
-    log = AuditLog(AuditSettings(path=folder / "audit.log", rotate="size", max_size=64 * 1024 * 1024))
-    log._host = host
+    alg, hasher = make_hasher(None)
     start = end - timedelta(days=days)
     step = days * 86400 / n
-    clock = {"i": 0}
-    logmod.utc_timestamp = lambda now=None: (start + timedelta(seconds=clock["i"] * step)).strftime(
-        "%Y-%m-%dT%H:%M:%S.%fZ")
     pid = 1000
     path = "secret/credbroker/binance/"
-    with log.batch():
-        for i in range(n):
-            clock["i"] = i
-            k = i % 100
-            bot = f"bot{i % 7}"
-            version = 3 + i * 2 // n
-            if k == 0:
-                pid += 1
-                log.record("secret_fetched", {"profile": bot, "source": "vault", "version": version,
+    prev = GENESIS
+    out = (folder / "audit.log").open("wb", buffering=1 << 20)
+    written = 0
+    for i in range(n):
+        when = start + timedelta(seconds=i * step)
+        ts = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        k = i % 100
+        bot = f"bot{i % 7}"
+        version = 3 + i * 2 // n
+        if k == 0:
+            pid += 1
+            event, data = "secret_fetched", {"profile": bot, "source": "vault", "version": version,
+                                             "path": path + bot, "address": "https://vault.internal:8200",
+                                             "fields": ["api_key", "api_secret"]}
+        elif k == 1:
+            event, data = "secret_injected", {"profile": bot, "version": version, "pid": pid, "source": "vault",
                                               "path": path + bot, "address": "https://vault.internal:8200",
-                                              "fields": ["api_key", "api_secret"]}, durable=False)
-            elif k == 1:
-                log.record("secret_injected", {"profile": bot, "version": version, "pid": pid, "source": "vault",
-                                               "path": path + bot, "address": "https://vault.internal:8200",
-                                               "command": ["python", f"{bot}.py"], "host": host,
-                                               "user": "trader", "cwd": "/srv/bots",
-                                               "variables": ["BINANCE_API_KEY", "BINANCE_API_SECRET"]},
-                           durable=False)
-            elif k == 2:
-                log.record("child_exited", {"profile": bot, "pid": pid, "status": 0, "duration_s": 60.0},
-                           durable=False)
-            elif i % 5003 == 3:
-                log.record("signature_failure", {"profile": bot, "code": -1022, "status": 400, "host": host,
-                                                 "api_key": "****x7Qa",
-                                                 "endpoint": "https://fapi.binance.com/fapi/v1/order"},
-                           durable=False)
-            elif i % 20011 == 4:
-                log.record("refused", {"profile": bot, "error": "VaultSealed", "reason": "Vault is sealed",
-                                       "source": "vault", "path": path + bot}, durable=False)
-            else:
-                log.record("sign", {"profile": bot, "endpoint": "/fapi/v1/order", "kind": "hmac"}, durable=False)
-    log.close()
+                                              "command": ["python", f"{bot}.py"], "host": host, "user": "trader",
+                                              "cwd": "/srv/bots",
+                                              "variables": ["BINANCE_API_KEY", "BINANCE_API_SECRET"]}
+        elif k == 2:
+            event, data = "child_exited", {"profile": bot, "pid": pid, "status": 0, "duration_s": 60.0}
+        elif i % 5003 == 3:
+            event, data = "signature_failure", {"profile": bot, "code": -1022, "status": 400, "host": host,
+                                                "api_key": "****x7Qa",
+                                                "endpoint": "https://fapi.binance.com/fapi/v1/order"}
+        elif i % 20011 == 4:
+            event, data = "refused", {"profile": bot, "error": "VaultSealed", "reason": "Vault is sealed",
+                                      "source": "vault", "path": path + bot}
+        else:
+            event, data = "sign", {"profile": bot, "endpoint": "/fapi/v1/order", "kind": "hmac"}
+        rest = encode_rest({"data": data, "host": host, "pid": 4000 + pid % 97, "user": "trader"})
+        prefix = build_prefix(i + 1, ts, event, prev, alg, None, rest)
+        prev = hasher(prefix)
+        line = finish_line(prefix, prev)
+        if written + len(line) > 64 * 1024 * 1024:  # rotate like the writer: the old file gets a time stamp
+            out.close()
+            (folder / "audit.log").rename(folder / ("audit.log." + when.strftime("%Y%m%dT%H%M%SZ")))
+            out = (folder / "audit.log").open("wb", buffering=1 << 20)
+            written = 0
+        out.write(line)
+        written += len(line)
+    out.close()
 
 
 def _generate_one(args: tuple[str, str, int, str]) -> str:
