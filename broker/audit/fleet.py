@@ -58,7 +58,8 @@ def _host_files(host: str, path: Path) -> HostLog:
         candidates = [path]
     elif path.is_dir():
         candidates = sorted(p for p in path.iterdir()
-                            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(NOT_RECORDS))
+                            if (p.is_file() or (p.is_symlink() and not p.is_dir()))  # a dangling link: reported
+                            and not p.name.startswith(".") and not p.name.endswith(NOT_RECORDS))
     else:
         raise AuditError(f"--host-logs: no such file or folder: {path}", "check the path of the collected logs")
     if not candidates:
@@ -145,8 +146,10 @@ def verify_host(log: HostLog, key: bytes | None, anchors: Sequence[Any] | None =
     """One host's chain (``verify.VerifyResult``), streaming."""
     from .verify import make_verifier
 
-    verifier = make_verifier(log.active, list(log.files), key, anchors=anchors, anchor_place=anchor_place)
-    verifier.active_name = None  # anchors come from this host's place; the log's path there is the host's own
+    # The anchors were read from this host's own place (host, key id, log id): the log path they name is
+    # the path on the host, never the collector's copy, so it is not compared.
+    mine = [a._replace(log=None) for a in anchors] if anchors is not None else None
+    verifier = make_verifier(log.active, list(log.files), key, anchors=mine, anchor_place=anchor_place)
     return verifier.check(list(log.files))
 
 
