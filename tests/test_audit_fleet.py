@@ -30,7 +30,7 @@ from .test_audit_report import NOW, SINCE, Writer
 KEY = bytes(range(32))
 
 
-def host_log(folder: Path, host: str, mp: pytest.MonkeyPatch, failures: int = 0) -> Path:
+def host_log(folder: Path, host: str, mp: pytest.MonkeyPatch, failures: int = 0, signs: int = 0) -> Path:
     """A host's log: three weeks of history, runs in the period, ``failures`` signature failures."""
     path = folder / host / "audit.log"
     w = Writer(path, mp)
@@ -40,6 +40,8 @@ def host_log(folder: Path, host: str, mp: pytest.MonkeyPatch, failures: int = 0)
         pid += 1
         w.run(day0 + timedelta(days=d, hours=9), ["python", "bot.py"], 3, host=host, pid=pid,
               profile=f"futures-{host}")
+        for i in range(signs):  # high-rate records, before and in the period
+            w.at(day0 + timedelta(days=d, hours=10, seconds=i), "sign", host, profile=f"futures-{host}")
     for i in range(failures):
         w.at(NOW - timedelta(days=2, minutes=-i), "signature_failure", host, profile=f"futures-{host}",
              code=-2015, endpoint="https://fapi.binance.com/fapi/v1/order", status=401, host=host,
@@ -237,3 +239,40 @@ def test_vault_anchors_are_compared_per_host(openbao: OpenBao, tmp_path: Path,
     hosts = {h["host"]: h for h in json.loads(rep.output)["hosts"]}
     assert hosts["bot-a"]["ok"] and hosts["bot-a"]["anchors_checked"] == 1
     assert not hosts["bot-b"]["ok"] and hosts["bot-b"]["problem"]["kind"] == "truncated"
+
+
+def test_one_host_in_the_fleet_reports_what_its_own_report_says(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fleet's one-pass walk (older high-rate records verified, not handed to the report) gives the same
+    numbers as the single-log report: over the log with one of each anomaly, and over one with high-rate
+    records before and in the period."""
+    from broker.audit.files import log_set
+    from broker.audit.report import build_report
+
+    from .test_audit_report import generate
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("host", "log_host")}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    rich = tmp_path / "rich" / "bot-1" / "audit.log"
+    rich.parent.mkdir(parents=True)
+    generate(rich, monkeypatch)
+    busy = host_log(tmp_path / "busy", "bot-2", monkeypatch, failures=2, signs=5)
+    assert b'"sign"' in busy.read_bytes().splitlines()[3]
+    for path in (rich, busy):
+        alone = build_report(log_set(path), since=SINCE, until=NOW, active=path, parallel=False).to_dict()
+        fleet = _report(path.parent.parent)
+        for name in ("profiles", "stale_versions", "rotations", "new_commands", "new_hosts", "unusual_hours",
+                     "refusals", "policy_refusals", "events", "daily"):
+            assert strip(fleet[name]) == strip(alone[name]), name
+        assert [(i["name"], i["count"]) for i in fleet["summary"]] == [(i["name"], i["count"])
+                                                                       for i in alone["summary"]]
+        assert [(f["kind"], f["seqs"]) for f in fleet["findings"]] == [(f["kind"], f["seqs"])
+                                                                       for f in alone["findings"]]
+        assert fleet["records_in_period"] == alone["records_in_period"] > 0
+        assert fleet["chain"]["records"] == alone["chain"]["records"]
+    assert alone["events"]["sign"] == 15 and alone["signature_failures"]["total"] == 2

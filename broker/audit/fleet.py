@@ -144,28 +144,35 @@ class HostResult:
 def verify_host(log: HostLog, key: bytes | None, anchors: Sequence[Any] | None = None,
                 anchor_place: str = "") -> Any:
     """One host's chain (``verify.VerifyResult``), streaming."""
+    return host_verifier(log, key, anchors, anchor_place).check(list(log.files))
+
+
+def host_verifier(log: HostLog, key: bytes | None, anchors: Sequence[Any] | None = None,
+                  anchor_place: str = "") -> Any:
+    """A ``verify.Verifier`` for one host's files (its head checked when one was collected)."""
     from .verify import make_verifier
 
     # The anchors were read from this host's own place (host, key id, log id): the log path they name is
     # the path on the host, never the collector's copy, so it is not compared.
     mine = [a._replace(log=None) for a in anchors] if anchors is not None else None
-    verifier = make_verifier(log.active, list(log.files), key, anchors=mine, anchor_place=anchor_place)
-    return verifier.check(list(log.files))
+    return make_verifier(log.active, list(log.files), key, anchors=mine, anchor_place=anchor_place)
 
 
 def report_host(job: HostJob) -> HostResult:
     """Verify one host's chain, then stream its records into a report of its own."""
     from ..errors import BrokerError
-    from .report import ReportBuilder, scan
+    from .report import BEFORE_PERIOD_EVENTS, ReportBuilder, iso
 
     try:
-        chain = verify_host(job.log, job.key, job.anchors, job.anchor_place).to_dict()
+        verifier = host_verifier(job.log, job.key, job.anchors, job.anchor_place)
         builder = ReportBuilder(since=job.since, until=job.until, work_hours=job.work_hours, burst=job.burst,
                                 rotate_days=job.rotate_days)
         feed = builder.feed
-        for ts, event, line in scan(job.log.files):
+        # One pass: every record verified; the report sees the period and what it needs from before.
+        for ts, event, line in verifier.walk_records(list(job.log.files), since=iso(job.since),
+                                                     keep=BEFORE_PERIOD_EVENTS):
             feed(ts, event, line)
-        report = builder.result(chain, None, files=job.log.files)
+        report = builder.result(verifier.result().to_dict(), None, files=job.log.files)
     except BrokerError as exc:
         return HostResult(job.log.host, None, error=(exc.message, exc.remedy))
     except OSError as exc:
