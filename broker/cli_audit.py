@@ -123,15 +123,12 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], host_logs: tuple[str
 def _verify_fleet(specs: tuple[str, ...], settings: Any, env: dict[str, str], key: bytes | None,
                   wanted: bool | None, as_json: bool) -> NoReturn:
     """``verify --host-logs``: one line per host; exit 1 when any host's chain (or its anchors) is not intact."""
-    from .audit.fleet import HostJob, discover, run_jobs, verify_job
+    from .audit.fleet import discover, host_anchors, make_jobs, run_jobs, verify_job
 
     hosts = discover(specs)
-    anchors = _host_anchors(settings, env, key, wanted, [h.host for h in hosts])
-    results = run_jobs([HostJob(h, datetime.now(timezone.utc), datetime.now(timezone.utc), key,
-                                anchors=_tuple(anchors.get(h.host, (None, "", None))[0]),
-                                anchor_place=anchors.get(h.host, (None, "", None))[1],
-                                anchor_error=anchors.get(h.host, (None, "", None))[2]) for h in hosts],
-                       work=verify_job)
+    now = datetime.now(timezone.utc)
+    jobs = make_jobs(hosts, since=now, until=now, key=key, anchors=host_anchors(settings, env, key, wanted, hosts))
+    results = run_jobs(jobs, work=verify_job)
     rows = []
     for r in results:
         if r.error is not None:
@@ -154,41 +151,6 @@ def _verify_fleet(specs: tuple[str, ...], settings: Any, env: dict[str, str], ke
         bad = [h for h, c, err in rows if not (c["ok"] and err is None)]
         click.echo(f"{len(rows)} host(s): " + (f"NOT intact on {', '.join(bad)}" if bad else "every chain intact"))
     sys.exit(0 if ok else 1)
-
-
-def _tuple(anchors: list[Any] | None) -> tuple[Any, ...] | None:
-    return tuple(anchors) if anchors is not None else None
-
-
-def _host_anchors(settings: Any, env: dict[str, str], key: bytes | None, wanted: bool | None,
-                  hosts: list[str]) -> dict[str, tuple[list[Any] | None, str, str | None]]:
-    """Per host: (its anchors or None when not checked, their place, why they could not be read).
-
-    Checked when asked (--vault-anchors), or by default for a keyed log with
-    [audit] anchor on and a Vault address. A host whose anchors cannot be read
-    is reported as such; the other hosts are still compared.
-    """
-    from .audit.anchor import read_host, vault_configured
-    from .errors import BrokerError
-
-    if wanted is False:
-        return {}
-    usable = key is not None and settings.anchor is not None
-    if wanted is None and (not usable or not vault_configured(env)):
-        return {}
-    if not usable:
-        raise ConfigError("--vault-anchors: [audit] anchor is off, or the log is not keyed",
-                          'set [audit] anchor = "secret/credbroker-audit" and an audit key')
-    if not vault_configured(env):
-        raise ConfigError("--vault-anchors: no Vault address", "set VAULT_ADDR, or [vault] addr in the config")
-    out: dict[str, tuple[list[Any] | None, str, str | None]] = {}
-    for host in hosts:
-        try:
-            got, place = read_host(env, settings, host, key)
-            out[host] = (got, place, None)
-        except BrokerError as exc:
-            out[host] = (None, "", f"cannot read them: {exc}")
-    return out
 
 
 def _never_written(active: Path) -> bool:
@@ -345,12 +307,11 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
             token_hash = None  # the report says reads are not attributed to a token
     key = _key_bytes(settings, env)
     if host_logs:
-        from .audit.fleet import discover, fleet_report
+        from .audit.fleet import discover, fleet_report, host_anchors
 
         hosts = discover(host_logs)
         report = fleet_report(hosts, since=start, until=until, key=key, work_hours=hours, burst=burst,
-                              rotate_days=rotate_days,
-                              anchors=_host_anchors(settings, env, key, None, [h.host for h in hosts]),
+                              rotate_days=rotate_days, anchors=host_anchors(settings, env, key, None, hosts),
                               vault_audit=vault_audit, vault_paths=vault_paths, vault_token_hash=token_hash)
     else:
         report = build_report(files, since=start, until=until, key=key, active=active,

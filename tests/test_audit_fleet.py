@@ -276,3 +276,27 @@ def test_one_host_in_the_fleet_reports_what_its_own_report_says(tmp_path: Path,
         assert fleet["records_in_period"] == alone["records_in_period"] > 0
         assert fleet["chain"]["records"] == alone["chain"]["records"]
     assert alone["events"]["sign"] == 15 and alone["signature_failures"]["total"] == 2
+
+
+def test_a_gap_the_writer_recorded_on_one_host_is_that_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records cut off one host's log (`head -n -3`): its next writer records a gap; the fleet report counts
+    it for that host and names it in the per-host chain, the other host stays intact."""
+    root = tmp_path / "fleet"
+    host_log(root, "bot-a", monkeypatch, failures=1)
+    cut = host_log(root, "bot-b", monkeypatch)
+    lines = cut.read_bytes().splitlines(keepends=True)
+    cut.write_bytes(b"".join(lines[:-3]))
+    w = Writer(cut, monkeypatch)
+    w.at(NOW - timedelta(hours=1), "secret_fetched", "bot-b", profile="futures-bot-b")
+    w.log.close()
+    monkeypatch.undo()
+    r = _report(root)
+    chains = {c["host"]: c for c in r["chain"]["hosts"]}
+    assert chains["bot-a"]["ok"] and not chains["bot-b"]["ok"]
+    assert chains["bot-b"]["problem"]["kind"] == "gap" and chains["bot-b"]["gaps"]
+    assert all(g["host"] == "bot-b" for g in r["chain"]["gaps"]) and r["chain"]["gaps"]
+    summary = {i["name"]: i["count"] for i in r["summary"]}
+    assert summary["gaps"] == len(chains["bot-b"]["gaps"]) and summary["broken"] == 1
+    assert summary["signature-failures"] == 1  # bot-a's, still there
+    res = CliRunner().invoke(cli, ["audit", "verify", "--host-logs", str(root)])
+    assert res.exit_code == 1 and "bot-b: audit log NOT intact" in res.output and ": gap:" in res.output

@@ -212,17 +212,58 @@ def run_jobs(jobs: Sequence[HostJob], workers: int | None = None,
         return list(pool.map(work, jobs, chunksize=1))
 
 
-def fleet_report(hosts: Sequence[HostLog], *, since: datetime, until: datetime, key: bytes | None = None,
-                 work_hours: tuple[int, int] | None = None, burst: int = 10, rotate_days: int = 90,
-                 anchors: Mapping[str, tuple[Sequence[Any] | None, str, str | None]] | None = None,
-                 vault_audit: Path | None = None, vault_paths: Iterable[str] = (),
-                 vault_token_hash: str | None = None, workers: int | None = None) -> Report:
-    """The merged report over ``hosts`` (each verified and reported alone); raises on unreadable input."""
+#: Per host: (its Vault anchors, or None when not compared; their place; why they could not be read).
+AnchorsByHost = Mapping[str, tuple[Sequence[Any] | None, str, str | None]]
+
+
+def host_anchors(settings: Any, env: Mapping[str, str], key: bytes | None, wanted: bool | None,
+                 hosts: Sequence[HostLog]) -> AnchorsByHost:
+    """Each host's anchors (``anchor.read_host``), when asked (``wanted``) or by default for a keyed log
+    with ``[audit] anchor`` on and a Vault address. A host whose anchors cannot be read is reported
+    as such; the other hosts are still compared."""
+    from ..errors import BrokerError, ConfigError
+    from .anchor import read_host, vault_configured
+
+    if wanted is False:
+        return {}
+    usable = key is not None and settings.anchor is not None
+    if wanted is None and (not usable or not vault_configured(env)):
+        return {}
+    if not usable:
+        raise ConfigError("--vault-anchors: [audit] anchor is off, or the log is not keyed",
+                          'set [audit] anchor = "secret/credbroker-audit" and an audit key')
+    if not vault_configured(env):
+        raise ConfigError("--vault-anchors: no Vault address", "set VAULT_ADDR, or [vault] addr in the config")
+    out: dict[str, tuple[Sequence[Any] | None, str, str | None]] = {}
+    for h in hosts:
+        try:
+            got, place = read_host(env, settings, h.host, key)
+            out[h.host] = (got, place, None)
+        except BrokerError as exc:
+            out[h.host] = (None, "", f"cannot read them: {exc}")
+    return out
+
+
+def make_jobs(hosts: Sequence[HostLog], *, since: datetime, until: datetime, key: bytes | None = None,
+              anchors: AnchorsByHost | None = None, work_hours: tuple[int, int] | None = None, burst: int = 10,
+              rotate_days: int = 90) -> list[HostJob]:
+    """One job per host, with that host's anchors."""
     jobs = []
     for h in hosts:
         got, place, err = (anchors or {}).get(h.host, (None, "", None))
         jobs.append(HostJob(h, since, until, key, work_hours, burst, rotate_days,
                             tuple(got) if got is not None else None, place, err))
+    return jobs
+
+
+def fleet_report(hosts: Sequence[HostLog], *, since: datetime, until: datetime, key: bytes | None = None,
+                 work_hours: tuple[int, int] | None = None, burst: int = 10, rotate_days: int = 90,
+                 anchors: AnchorsByHost | None = None, vault_audit: Path | None = None,
+                 vault_paths: Iterable[str] = (), vault_token_hash: str | None = None,
+                 workers: int | None = None) -> Report:
+    """The merged report over ``hosts`` (each verified and reported alone); raises on unreadable input."""
+    jobs = make_jobs(hosts, since=since, until=until, key=key, anchors=anchors, work_hours=work_hours, burst=burst,
+                     rotate_days=rotate_days)
     results = run_jobs(jobs, workers)
     for r in results:
         if r.error is not None:
