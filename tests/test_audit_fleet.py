@@ -166,6 +166,10 @@ def test_bad_input_is_one_line_exit_125(fleet: Path, tmp_path: Path, run_broker)
     (fleet / "junk" / "audit.log").write_bytes(b"this is not\nan audit log\n")
     assert "host junk: no audit record" in fails("report", "--host-logs", str(fleet))
     shutil.rmtree(fleet / "junk")
+    (fleet / "bot-a" / "audit.log.1.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    assert "host bot-a" in fails("verify", "--host-logs", str(fleet)) and "is compressed" in fails(
+        "report", "--host-logs", str(fleet))
+    (fleet / "bot-a" / "audit.log.1.gz").unlink()
     unreadable = fleet / "bot-a" / "audit.log"
     if os.geteuid() == 0:  # root reads any file: a link to a file that is not there cannot be read by anyone
         (fleet / "bot-a" / "audit.log.1").symlink_to(tmp_path / "not-copied")

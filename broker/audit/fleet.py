@@ -39,6 +39,8 @@ from .model import FINDING_ORDER, Report, SummaryItem
 
 #: Files in a host folder that are not records.
 NOT_RECORDS = (".head", ".lock", ".tmp")
+#: Files a collector's logrotate may have compressed: refused by name rather than read as garbage.
+COMPRESSED = (".gz", ".xz", ".bz2", ".zst", ".lz4")
 #: Rows kept per merged list (counts stay exact), like one host's report.
 LIST_CAP = 200
 
@@ -66,6 +68,9 @@ def _host_files(host: str, path: Path) -> HostLog:
         raise AuditError(f"--host-logs: host {host}: no log file in {path}",
                          "copy the host's audit.log* files there, or leave the folder out")
     for p in candidates:
+        if p.name.endswith(COMPRESSED):
+            raise AuditError(f"--host-logs: host {host}: {p} is compressed",
+                             f"decompress it first (e.g. `gzip -d {p}`), or move it out of the folder")
         try:
             with p.open("rb"):
                 pass
