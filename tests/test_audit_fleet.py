@@ -25,6 +25,7 @@ from broker.errors import AuditError
 from tests.conftest import OpenBao
 
 from .test_audit_gap import make_log as keyed_log
+from .test_audit_vault import audited_openbao  # noqa: F401 - the fixture
 from .test_audit_report import NOW, SINCE, Writer
 
 KEY = bytes(range(32))
@@ -304,3 +305,33 @@ def test_a_gap_the_writer_recorded_on_one_host_is_that_hosts(tmp_path: Path, mon
     assert summary["signature-failures"] == 1  # bot-a's, still there
     res = CliRunner().invoke(cli, ["audit", "verify", "--host-logs", str(root)])
     assert res.exit_code == 1 and "bot-b: audit log NOT intact" in res.output and ": gap:" in res.output
+
+
+def test_vault_audit_cross_check_over_the_fleet(audited_openbao, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """One Vault audit log, two hosts' reads: each host's recorded read is matched (whichever host made it),
+    a read no host recorded stands out."""
+    from broker.access import fetch
+    from broker.config import Profile
+
+    from .test_audit import make_log
+
+    server = audited_openbao
+    server.kv_put("credbroker/binance/fleet", api_key="AK" + secrets.token_hex(8), api_secret="S" * 20)
+    broker_token = server.client().auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
+    profile = Profile(name="fleet", source="vault", env={"BINANCE_API_SECRET": "api_secret"},
+                      options={"path": "secret/credbroker/binance/fleet"})
+    for host in ("bot-a", "bot-b"):
+        log = make_log(tmp_path / "fleet" / host / "audit.log")
+        creds = fetch(profile, env=server.env(broker_token))
+        log.record("secret_fetched", {"profile": "fleet", **creds.origin.to_dict(), "fields": ["api_secret"]})
+        creds.wipe()
+        log.close()
+    server.cli("kv", "get", "secret/credbroker/binance/fleet")  # nobody's bot: the root token, by hand
+    env = {**server.env(broker_token)}
+    res = CliRunner().invoke(cli, ["audit", "report", "--json", "--host-logs", str(tmp_path / "fleet"),
+                                   "--vault-audit", str(server.extra["audit_log"])], env=env,
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    va = json.loads(res.output)["vault_audit"]
+    assert va["vault_reads"] == 3 and va["matched"] == 2 and va["unmatched_total"] == 1, va
+    assert va["unmatched"][0]["token"] == "another token"
