@@ -273,8 +273,7 @@ def test_approle_relogin_during_the_election_succeeds_on_the_next_leader(whole: 
     _rotate_and_restore(whole, bot, marker, log, "token_relogin")
 
 
-def test_a_transit_signer_keeps_signing_through_the_election(whole: Cluster, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_transit_signer_keeps_signing_through_the_election(whole: Cluster, tmp_path: Path) -> None:
     """get_signer() backed by transit: the active node dies between two signatures; the next one is made by
     the new leader within the request deadline, with the same key (it verifies with the same public key)."""
     import base64
