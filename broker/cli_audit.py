@@ -69,14 +69,22 @@ def audit() -> None:
     """
 
 
+_HOST_LOGS = click.option(
+    "--host-logs", "host_logs", multiple=True, metavar="DIR|NAME=PATH",
+    help="Logs collected from several hosts: DIR holds one folder per host (DIR/HOST/audit.log*), or NAME=PATH "
+         "names one host's file or folder (repeatable). Each host's chain is checked on its own.")
+
+
 @audit.command("verify")
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@_HOST_LOGS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--vault-anchors/--no-vault-anchors", "vault_anchors", default=None,
               help="Compare the chain with its anchors in Vault. Default: on for a keyed log when [audit] "
                    "anchor is not off and a Vault address is set.")
 @click.pass_context
-def verify_cmd(ctx: click.Context, files: tuple[Path, ...], as_json: bool, vault_anchors: bool | None) -> None:
+def verify_cmd(ctx: click.Context, files: tuple[Path, ...], host_logs: tuple[str, ...], as_json: bool,
+               vault_anchors: bool | None) -> None:
     """Check the hash chain of the log (or of FILE...); exit 0 when intact, 1 when not.
 
     Names the first edited, deleted, inserted, reordered or forged record with
@@ -89,6 +97,10 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], as_json: bool, vault
 
     settings, env, _ = _context(ctx)
     key = _key_bytes(settings, env)
+    if host_logs:
+        if files:
+            raise ConfigError("give FILE... or --host-logs, not both", "verify one host's files, or the fleet")
+        _verify_fleet(host_logs, settings, env, key, vault_anchors, as_json)
     anchors, place, anchor_error = _read_anchors(settings, env, key, vault_anchors)
     if not files and not anchors and _never_written(settings.path):
         _nothing_recorded(settings.path, as_json)  # a new install, not an erased log: no head, no anchor
@@ -105,6 +117,39 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], as_json: bool, vault
             click.echo(f"  note: {note.where()}: {note.message}")
         if anchor_error is not None:
             click.echo(f"  anchors: NOT checked: {anchor_error}")
+    sys.exit(0 if ok else 1)
+
+
+def _verify_fleet(specs: tuple[str, ...], settings: Any, env: dict[str, str], key: bytes | None,
+                  wanted: bool | None, as_json: bool) -> NoReturn:
+    """``verify --host-logs``: one line per host; exit 1 when any host's chain (or its anchors) is not intact."""
+    from .audit.fleet import discover, host_anchors, make_jobs, run_jobs, verify_job
+
+    hosts = discover(specs)
+    now = datetime.now(timezone.utc)
+    jobs = make_jobs(hosts, since=now, until=now, key=key, anchors=host_anchors(settings, env, key, wanted, hosts))
+    results = run_jobs(jobs, work=verify_job)
+    rows = []
+    for r in results:
+        if r.error is not None:
+            raise AuditError(f"host {r.host}: {r.error[0]}", r.error[1] or "check that host's files")
+        rows.append((r.host, r.chain or {}, r.anchor_error))
+    ok = all(c["ok"] and err is None for _, c, err in rows)
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "hosts": [{"host": h, **c, "ok": c["ok"] and err is None,
+                                                     "anchors_error": err} for h, c, err in rows]}, indent=2))
+    else:
+        for h, c, err in rows:
+            click.echo(f"{h}: {c['summary']}")
+            for gap in c["gaps"]:
+                if gap != c["problem"]:
+                    click.echo(f"  {h}: gap: {gap['file']}:{gap['line']}: {gap['message']}")
+            for note in c["notes"]:
+                click.echo(f"  {h}: note: {note['file']}:{note['line']}: {note['message']}")
+            if err is not None:
+                click.echo(f"  {h}: anchors: NOT checked: {err}")
+        bad = [h for h, c, err in rows if not (c["ok"] and err is None)]
+        click.echo(f"{len(rows)} host(s): " + (f"NOT intact on {', '.join(bad)}" if bad else "every chain intact"))
     sys.exit(0 if ok else 1)
 
 
@@ -202,6 +247,7 @@ def _fail_on(text: str | None) -> list[str]:
 @click.option("--work-hours", metavar="HH-HH", help="Usual UTC hours (default: [audit] work_hours, else learned).")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Active log file to read (default: the configured one).")
+@_HOST_LOGS
 @click.option("--fail-on", "fail_on", metavar="NAME,...",
               help="Exit 1 when any of these summary counts is not 0 (e.g. broken,signature-failures,"
                    "unmatched-reads; 'all' for every one). Without it the exit status is 0.")
@@ -212,7 +258,8 @@ def _fail_on(text: str | None) -> list[str]:
 @click.pass_context
 def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: bool, html_file: Path | None,
                vault_audit: Path | None, vault_audit_device: str, work_hours: str | None,
-               log_path: Path | None, fail_on: str | None, burst: int, rotate_days: int) -> None:
+               log_path: Path | None, host_logs: tuple[str, ...], fail_on: str | None, burst: int,
+               rotate_days: int) -> None:
     """The weekly review: a verdict, findings, signature failures with what to check, then the detail.
 
     \b
@@ -237,9 +284,11 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
     start = _parse_since(since, until)
     if start >= until:
         raise ConfigError("--since is not before --until", "give an earlier --since")
+    if host_logs and log_path:
+        raise ConfigError("give --log or --host-logs, not both", "report on this host's log, or on the fleet")
     active = log_path.expanduser().absolute() if log_path else settings.path
-    files = log_set(active)
-    if not files:
+    files = log_set(active) if not host_logs else []
+    if not files and not host_logs:
         if _never_written(active):
             _nothing_recorded(active, as_json)
         raise AuditError(f"no audit log at {active}, but its head file is there: the log was removed",
@@ -256,10 +305,19 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
             token_hash = token_audit_hash(env, vault_audit_device)
         except BrokerError:
             token_hash = None  # the report says reads are not attributed to a token
-    report = build_report(files, since=start, until=until, key=_key_bytes(settings, env), active=active,
-                          work_hours=hours, vault_audit=vault_audit, vault_paths=vault_paths,
-                          vault_token_hash=token_hash, burst=burst, rotate_days=rotate_days,
-                          kv_versions=_kv_versions(config, env))
+    key = _key_bytes(settings, env)
+    if host_logs:
+        from .audit.fleet import discover, fleet_report, host_anchors
+
+        hosts = discover(host_logs)
+        report = fleet_report(hosts, since=start, until=until, key=key, work_hours=hours, burst=burst,
+                              rotate_days=rotate_days, anchors=host_anchors(settings, env, key, None, hosts),
+                              vault_audit=vault_audit, vault_paths=vault_paths, vault_token_hash=token_hash)
+    else:
+        report = build_report(files, since=start, until=until, key=key, active=active,
+                              work_hours=hours, vault_audit=vault_audit, vault_paths=vault_paths,
+                              vault_token_hash=token_hash, burst=burst, rotate_days=rotate_days,
+                              kv_versions=_kv_versions(config, env))
     if html_file is not None:
         from .audit.html import render_html
 

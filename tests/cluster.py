@@ -210,7 +210,9 @@ def start_cluster(tmp: Path, size: int = 3) -> Cluster:
             assert status in (200, 204), (status, body)
         # Every node serves a KV read before the tests start: a standby that has just joined answers
         # 400 "Waiting for the primary to upgrade..." for a while.
-        cluster.kv_put("cluster-canary", ok="1")
+        # A new KV v2 mount answers 400 "Upgrading from non-versioned to versioned data" for a moment.
+        _wait(lambda: cluster.api(cluster.leader(), "POST", "secret/data/cluster-canary", {"data": {"ok": "1"}})[0]
+              == 200, "KV v2 taking writes", cluster)
         for node in cluster.nodes:
             _wait(lambda n=node: cluster.api(n, "GET", "secret/data/cluster-canary")[0] == 200,
                   f"{node.name} serving KV reads", cluster)

@@ -261,3 +261,36 @@ class Anchorer:
         """A forked child never anchors for its parent."""
         self._stop.set()
         self._latest = None
+
+
+def read_host(env: Mapping[str, str], settings: AuditSettings, host: str, key: bytes | None
+              ) -> tuple[list[Anchor], str]:
+    """The anchors one host's writer left (``PREFIX/<host>/<key id>-*``), for a fleet review; (anchors, place).
+
+    The reviewer does not know each host's log path (the ``<log id>``), so every
+    chain of this key under the host is read; a host that runs two logs with one
+    key is refused (their anchors cannot be told apart here).
+    """
+    from ..errors import AuditError, VaultNotFound
+    from .keys import key_id
+
+    if settings.anchor is None or key is None:
+        return [], ""
+    kid = key_id(key)
+    mount, _, prefix = settings.anchor.partition("/")
+    folder = f"{prefix}/{_HOST_CHARS.sub('_', host)}"
+    kv, mapped = _vault_kv(env)
+    try:
+        with mapped("list the audit anchors at", f"{mount}/metadata/{folder}"):
+            listed = kv.list_secrets(path=folder, mount_point=mount)
+    except VaultNotFound:
+        return [], f"{mount}/{folder}/{kid}-*"
+    keys = listed.get("data", {}).get("keys", []) if isinstance(listed, dict) else []
+    chains = sorted(k for k in keys if isinstance(k, str) and k.startswith(kid + "-") and not k.endswith("/"))
+    if len(chains) > 1:
+        raise AuditError(f"host {host}: {len(chains)} audit logs anchored with this key under {mount}/{folder}",
+                         "review that host's logs one at a time (`credbroker audit verify FILE...` there)")
+    if not chains:
+        return [], f"{mount}/{folder}/{kid}-*"
+    place = AnchorPlace(mount, f"{folder}/{chains[0]}")
+    return read_all(env, place, key), str(place)

@@ -160,8 +160,9 @@ def _findings(report: Report) -> str:
     else:
         out.append('<ol class="findings">')
         for f in report.findings:
-            out.append(f'<li data-kind="{_e(f.kind.value)}" data-profile="{_e(f.profile)}">'
-                       f"<strong>{_e(f.summary)}</strong><br>What to do: {_e(f.advice)}<br>"
+            where = f"{_e(f.host)}: " if report.sections.get("fleet") and f.host else ""
+            out.append(f'<li data-kind="{_e(f.kind.value)}" data-profile="{_e(f.profile)}" data-host="{_e(f.host)}">'
+                       f"<strong>{where}{_e(f.summary)}</strong><br>What to do: {_e(f.advice)}<br>"
                        f'<span class="muted">{_ts(f.first)} to {_ts(f.last)} UTC; records (seq): '
                        f'{_e(", ".join(str(s) for s in f.seqs))}; kind <code>{_e(f.kind.value)}</code></span></li>')
         out.append("</ol>")
@@ -213,7 +214,10 @@ def render_html(report: Report) -> str:
     out.append(f"<h1>{_e(title)}</h1>")
     out.append(f'<p class="muted" id="period">{_ts(report.since)} to {_ts(report.until)} UTC, '
                f'{int(report.records_in_period)} records in the period; read: '
-               f'{_e(", ".join(report.files) or "(no file)")}.</p>')
+               + (f'{len(r["hosts"])} hosts\' logs' if r.get("fleet") else _e(", ".join(report.files) or "(no file)"))
+               + ".</p>")
+    if r.get("fleet"):
+        out.append(_hosts(r["hosts"]))
     out.append(_summary(report))
     out.append(_findings(report))
     out.append(_failures(report))
@@ -237,7 +241,39 @@ def render_html(report: Report) -> str:
     return "\n".join(out) + "\n"
 
 
+def _hosts(hosts: Sequence[Mapping[str, Any]]) -> str:
+    """A fleet report's hosts: each one's own chain and counts."""
+    rows = [[h["host"], _Raw(f'<span data-status="{_e(h["chain"])}">' + ("intact" if h["ok"] else
+                                                                        _e(str(h["chain"]).upper())) + "</span>"),
+             h["records"], h["records_in_period"], h["signature_failures"], h["findings"], h["gaps"],
+             "NOT checked" if h.get("anchors_error") else
+             ("-" if h.get("anchors_checked") is None else f"{h['anchors_checked']} matched")] for h in hosts]
+    return ('<section id="hosts"><h2>Hosts (' + str(len(hosts)) + ")</h2>"
+            + _table(["Host", "Chain", "Records", "In period", "Sig. failures", "Findings", "Gaps", "Anchors"],
+                     rows, num=(2, 3, 4, 5, 6), table_id="hosts-table")
+            + _columns({"Host": "the folder the host's logs were collected in",
+                        "Chain": "that host's own hash chain, verified alone",
+                        "Anchors": "the host's anchors in Vault compared with its chain"}) + "</section>")
+
+
 def _chain(chain: Mapping[str, Any]) -> str:
+    if "hosts" in chain:
+        rows = []
+        for c in chain["hosts"]:
+            p = c.get("problem")
+            what = (f'{p["file"]}:{p["line"]}: {p["kind"]}: {p["message"]}' if p else
+                    f'intact, {c["records"]} records' if c["status"] != "empty" else "no records")
+            extra = [f'gap: {g["file"]}:{g["line"]}: {g["message"]}' for g in c.get("gaps") or [] if g != p]
+            extra += [f'note: {n["file"]}:{n["line"]}: {n["message"]}' for n in c.get("notes") or []]
+            if c.get("anchors_error"):
+                extra.append(f'anchors NOT checked: {c["anchors_error"]}')
+            rows.append([c["host"], str(c["status"]), "; ".join([what, *extra])])
+        cls = "ok" if chain["ok"] else "alert"
+        verdict = ("Intact on every host." if chain["ok"] else
+                   "<strong>Not intact</strong> on " + _e(", ".join(chain["broken_hosts"])) + "."
+                   if chain["broken_hosts"] else "Anchors not checked on some host.")
+        return (f'<section id="chain"><h2>Audit chain, per host</h2><p class="{cls}" data-status="{_e(chain["status"])}">'
+                f"{verdict}</p>" + _table(["Host", "Status", "Detail"], rows, table_id="chain-table") + "</section>")
     out = ['<section id="chain"><h2>Audit chain</h2>']
     if chain["status"] == "empty":
         out.append('<p class="muted" data-status="empty">The log holds no records yet.</p>')
@@ -257,15 +293,22 @@ def _chain(chain: Mapping[str, Any]) -> str:
 
 def _sections(r: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
+    fleet = bool(r.get("fleet"))  # every row names its host (the folder its log was collected in)
+    hh = ["Host"] if fleet else []
+    sh = 1 if fleet else 0
+
+    def hc(row: Mapping[str, Any]) -> list[Any]:
+        return [row.get("host") or "?"] if fleet else []
+
     out.append('<section id="profiles"><h2>Profiles</h2>')
     out.append(_table(
-        ["Profile", "Secret", "Accesses", "Runs", "Commands", "Hosts", "Users", "Versions", "Refused",
+        [*hh, "Profile", "Secret", "Accesses", "Runs", "Commands", "Hosts", "Users", "Versions", "Refused",
          "Sig. failures"],
-        [[p["profile"], _Raw(f"<code>{_e(p['secret'])}</code>"), p["accesses"], p["injections"],
+        [[*hc(p), p["profile"], _Raw(f"<code>{_e(p['secret'])}</code>"), p["accesses"], p["injections"],
           p["distinct_commands"], p["distinct_hosts"], p["distinct_users"],
           " ".join(f"v{v}: {n}" for v, n in p["versions"].items()) or "-",
           p["refusals"], p["signature_failures"]] for p in r["profiles"]],
-        num=(2, 3, 4, 5, 6, 8, 9), table_id="profiles-table"))
+        num=tuple(i + sh for i in (2, 3, 4, 5, 6, 8, 9)), table_id="profiles-table"))
     out.append(_columns({
         "Secret": "the Vault address, [namespace] and path the profile read (one row per secret: the same "
                   "profile against two Vaults is two rows), or the keyring service",
@@ -322,19 +365,19 @@ def _sections(r: Mapping[str, Any]) -> list[str]:
             ["When", "Profile", "Host", "Command"],
             lambda i: [_Raw(_ts(i["ts"])), i["profile"], i["host"], i.get("command") or "(fetch)"],
             {"Command": "the bot started, or (fetch) for a read without a bot (check, get_signer)"})
-    listing("rotations", "Rotations detected", r["rotations"], ["When", "Profile", "Secret", "Old", "New", "Seq"],
-            lambda i: [_Raw(_ts(i["ts"])), i["profile"], i.get("secret"), i["old_version"], i["new_version"],
+    listing("rotations", "Rotations detected", r["rotations"], ["When", *hh, "Profile", "Secret", "Old", "New", "Seq"],
+            lambda i: [_Raw(_ts(i["ts"])), *hc(i), i["profile"], i.get("secret"), i["old_version"], i["new_version"],
                        i.get("seq")],
             {"Old / New": "the version before and after", "Seq": "the audit record"})
 
     ref = r["refusals"]
     out.append(f'<section id="refusals"><h2>Fail-closed refusals ({int(ref["total"])})</h2>')
     if ref["groups"]:
-        out.append(_table(["Profile", "Secret", "Count", "Error", "Reason", "First", "Last", "Records (seq)"],
-                          [[g["profile"], _Raw(f"<code>{_e(g['secret'])}</code>"), g["count"], g["error"],
+        out.append(_table([*hh, "Profile", "Secret", "Count", "Error", "Reason", "First", "Last", "Records (seq)"],
+                          [[*hc(g), g["profile"], _Raw(f"<code>{_e(g['secret'])}</code>"), g["count"], g["error"],
                             g["reason"], _Raw(_ts(g["first"])), _Raw(_ts(g["last"])),
                             ", ".join(str(s) for s in g["seqs"])] for g in ref["groups"]],
-                          num=(2,), table_id="refusals-table"))
+                          num=(2 + sh,), table_id="refusals-table"))
         out.append(_columns({"Secret": "the Vault address, [namespace] and path the run was for",
                              "Error": "credbroker's error class", "Reason": "its one-line message",
                              "Count": "refusals with that profile, secret, error and reason"}))
@@ -345,8 +388,9 @@ def _sections(r: Mapping[str, Any]) -> list[str]:
     pr = r["policy_refusals"]
     out.append(f'<section id="policy-refusals"><h2>Signing policy refusals ({int(pr["total"])})</h2>')
     if pr["by_rule"]:
-        out.append(_table(["Profile", "Rule", "Count"], [[i["profile"], i["rule"], i["count"]] for i in pr["by_rule"]],
-                          num=(2,), table_id="policy-refusals-table"))
+        out.append(_table([*hh, "Profile", "Rule", "Count"],
+                          [[*hc(i), i["profile"], i["rule"], i["count"]] for i in pr["by_rule"]],
+                          num=(2 + sh,), table_id="policy-refusals-table"))
         out.append(_columns({"Rule": "the [policy] rule of the profile that refused a signing request"}))
     else:
         out.append('<p class="muted">None.</p>')
@@ -358,8 +402,8 @@ def _sections(r: Mapping[str, Any]) -> list[str]:
         out.append(f'<p class="muted history">{_e(un["note"][0].upper() + un["note"][1:])}: the log is younger '
                    f'than {int(un["days"])} days and Vault\'s KV metadata was not readable.</p>')
     elif un["items"]:
-        out.append(_table(["Secret", "Newest version", "Since", "From"],
-                          [[i["secret"], f"v{i['version']}", _Raw(_ts(i["first_seen"])), i["source"]]
+        out.append(_table([*hh, "Secret", "Newest version", "Since", "From"],
+                          [[*hc(i), i["secret"], f"v{i['version']}", _Raw(_ts(i["first_seen"])), i["source"]]
                            for i in un["items"]], table_id="unrotated-table"))
         out.append(_columns({"Since": "when the newest version was created (Vault's KV metadata) or, where that "
                                       "was not readable, first read by the broker (the audit log)",

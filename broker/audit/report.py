@@ -60,6 +60,9 @@ DETAIL_EVENTS = frozenset(
     {"secret_fetched", "secret_injected", "child_exited", "refused", "signature_failure", "rotation_detected",
      "policy_refused"}
 )
+#: What ``ReportBuilder.feed`` reads in records from before the period (baseline, versions, the
+#: Vault reads around it); a pass may leave out older records of other events (``fleet.py`` does).
+BEFORE_PERIOD_EVENTS = DETAIL_EVENTS | {"secret_imported"}
 #: Learned "usual hours" need some history before an hour can be called unusual.
 MIN_BASELINE_FOR_HOURS = 20
 #: A key whose newest version is older than this is "not rotated" in the summary.
@@ -769,13 +772,62 @@ def summary_lines(report: Report) -> list[str]:
     return out
 
 
+def _fleet_hosts(hosts: list[Mapping[str, Any]]) -> list[str]:
+    """The fleet report's first table: one row per host (its own chain, its own counts)."""
+    rows = [[h["host"], "intact" if h["ok"] else str(h["chain"]).upper(), str(h["records"]),
+             str(h["records_in_period"]), str(h["signature_failures"]), str(h["findings"]), str(h["gaps"]),
+             _anchors_cell(h)] for h in hosts]
+    return [f"HOSTS: {len(hosts)} (each host's chain verified on its own)"] + _table(
+        rows, ["host", "chain", "records", "in period", "sig.fail", "findings", "gaps", "anchors"])
+
+
+def _anchors_cell(h: Mapping[str, Any]) -> str:
+    if h.get("anchors_error"):
+        return "NOT checked"
+    return "-" if h.get("anchors_checked") is None else f"{h['anchors_checked']} matched"
+
+
+def _fleet_chains(chain: Mapping[str, Any]) -> list[str]:
+    """One chain line per host, then its gaps and notes, each naming the host."""
+    if chain["broken_hosts"]:
+        verdict = "NOT intact on " + ", ".join(chain["broken_hosts"])
+    else:
+        verdict = "intact on every host" if chain["ok"] else "intact, but some host's anchors were not checked"
+    out = [f"CHAIN (per host): {verdict}"]
+    for c in chain["hosts"]:
+        p = c.get("problem")
+        if p:
+            out.append(f"  {c['host']}: {str(c['status']).upper()}: {p['file']}:{p['line']}: {p['kind']}: "
+                       f"{p['message']}")
+        else:
+            out.append(f"  {c['host']}: intact, {c['records']} records, seq {c['first_seq']}..{c['last_seq']}"
+                       if c["status"] != "empty" else f"  {c['host']}: no records")
+        for g in c.get("gaps") or []:
+            if g != p:
+                out.append(f"  {c['host']}: gap: {g['file']}:{g['line']}: {g['message']}")
+        for n in c.get("notes") or []:
+            out.append(f"  {c['host']}: note: {n['file']}:{n['line']}: {n['message']}")
+        if c.get("anchors_error"):
+            out.append(f"  {c['host']}: anchors: NOT checked: {c['anchors_error']}")
+    return out
+
+
 def render_text(report: Report) -> str:
     """The readable form (the default output): the verdict first, then findings, then the detail."""
     r = report.to_dict()
     out: list[str] = []
     out.append(f"credbroker audit report: {_short(report.since)} .. {_short(report.until)} UTC, "
                f"{report.records_in_period} records in the period")
-    out.append(f"read: {', '.join(report.files) or '(no file)'}")
+    fleet = bool(r.get("fleet"))  # logs of several hosts (``fleet.merge``): every row names its host
+    hh = ["host"] if fleet else []
+
+    def hc(row: Mapping[str, Any]) -> list[str]:
+        return [str(row.get("host") or "?")] if fleet else []
+
+    if fleet:
+        out += _fleet_hosts(r["hosts"])
+    else:
+        out.append(f"read: {', '.join(report.files) or '(no file)'}")
     out.append("")
     out.append("SUMMARY (! = look at it; ? = not known)")
     out += summary_lines(report)
@@ -783,7 +835,7 @@ def render_text(report: Report) -> str:
     out.append("")
     out.append(f"FINDINGS: {len(report.findings)}")
     for i, f in enumerate(report.findings, 1):
-        out.append(f"  {i}. [{f.kind.value}] {f.profile}: {f.summary}")
+        out.append(f"  {i}. [{f.kind.value}] {f.host + ' ' if fleet and f.host else ''}{f.profile}: {f.summary}")
         out.append(f"     what to do: {f.advice}")
         out.append(f"     {_short(f.first)} .. {_short(f.last)} UTC, records {seq_list(f.seqs, None)}")
 
@@ -807,16 +859,18 @@ def render_text(report: Report) -> str:
 
     chain = r["chain"]
     out.append("")
-    if chain["ok"]:
+    if fleet:
+        out += _fleet_chains(chain)
+    elif chain["ok"]:
         note = f" ({len(chain['notes'])} note(s))" if chain["notes"] else ""
         out.append((f"CHAIN: intact, {chain['records']} records, seq {chain['first_seq']}..{chain['last_seq']}"
                     if chain["status"] != "empty" else "CHAIN: no records") + note)
     else:
         p = chain["problem"]
         out.append(f"CHAIN: {chain['status'].upper()}: {p['file']}:{p['line']}: {p['kind']}: {p['message']}")
-    for n in chain["notes"]:
+    for n in chain["notes"] if not fleet else ():
         out.append(f"  note: {n['file']}:{n['line']}: {n['message']}")
-    gaps = chain.get("gaps") or []
+    gaps = chain.get("gaps") or [] if not fleet else []
     if gaps:
         out.append(f"AUDIT LOG GAPS (records lost: treat as tampering): {len(gaps)}")
         for g in gaps:
@@ -824,11 +878,11 @@ def render_text(report: Report) -> str:
 
     out.append("")
     out.append("PROFILES (per secret: Vault address [namespace] path)")
-    rows = [[p["profile"], _clip(p["secret"], 60), str(p["accesses"]), str(p["injections"]),
+    rows = [[*hc(p), p["profile"], _clip(p["secret"], 60), str(p["accesses"]), str(p["injections"]),
              str(p["distinct_commands"]), str(p["distinct_hosts"]), str(p["distinct_users"]),
              " ".join(f"v{v}:{n}" for v, n in p["versions"].items()) or "-",
              str(p["refusals"]), str(p["signature_failures"])] for p in r["profiles"]]
-    out += _table(rows, ["profile", "secret", "accesses", "runs", "commands", "hosts", "users", "versions",
+    out += _table(rows, [*hh, "profile", "secret", "accesses", "runs", "commands", "hosts", "users", "versions",
                          "refused", "sig.fail"]) if rows else ["  (no access in the period)"]
 
     def section(title: str, block: Mapping[str, Any], cols: list[str], row: Any) -> None:
@@ -851,8 +905,8 @@ def render_text(report: Report) -> str:
                         f"v{b['latest_version']}", _short(b["started"]),
                         "running" if b["running"] else f"exited {_short(b['exited'])}"]
                        for b in stale], ["profile", "host", "pid", "command", "uses", "latest", "since", "state"])
-    section("ROTATIONS", r["rotations"], ["when", "profile", "old", "new", "seq"],
-            lambda i: [_short(i["ts"]), i["profile"], str(i["old_version"]), str(i["new_version"]), str(i["seq"])])
+    section("ROTATIONS", r["rotations"], ["when", *hh, "profile", "old", "new", "seq"],
+            lambda i: [_short(i["ts"]), *hc(i), i["profile"], str(i["old_version"]), str(i["new_version"]), str(i["seq"])])
     section("NEW COMMANDS (never seen before the period)", r["new_commands"], ["first seen", "profile", "host",
                                                                                "command"],
             lambda i: [_short(i["first_seen"]), i["profile"], i["host"], _clip(i["command"], 50)])
@@ -864,14 +918,15 @@ def render_text(report: Report) -> str:
     out.append("")
     out.append(f"FAIL-CLOSED REFUSALS (by profile and reason): {ref['total']}")
     if ref["groups"]:
-        out += _table([[g["profile"], _clip(g["secret"], 50), str(g["count"]), g["error"], _clip(g["reason"], 60),
-                        _short(g["last"])] for g in ref["groups"]],
-                      ["profile", "secret", "count", "error", "reason", "last"])
+        out += _table([[*hc(g), g["profile"], _clip(g["secret"], 50), str(g["count"]), g["error"],
+                        _clip(g["reason"], 60), _short(g["last"])] for g in ref["groups"]],
+                      [*hh, "profile", "secret", "count", "error", "reason", "last"])
     pr = r["policy_refusals"]
     out.append("")
     out.append(f"SIGNING POLICY REFUSALS: {pr['total']}")
     if pr["by_rule"]:
-        out += _table([[i["profile"], i["rule"], str(i["count"])] for i in pr["by_rule"]], ["profile", "rule", "count"])
+        out += _table([[*hc(i), i["profile"], i["rule"], str(i["count"])] for i in pr["by_rule"]],
+                      [*hh, "profile", "rule", "count"])
     un = r["unrotated"]
     out.append("")
     if un["note"]:
@@ -879,8 +934,8 @@ def render_text(report: Report) -> str:
     else:
         out.append(f"KEYS NOT ROTATED IN {un['days']} DAYS: {len(un['items'])}")
         if un["items"]:
-            out += _table([[i["secret"], f"v{i['version']}", _short(i["first_seen"]), i["source"]]
-                           for i in un["items"]], ["secret", "newest", "since", "from"])
+            out += _table([[*hc(i), i["secret"], f"v{i['version']}", _short(i["first_seen"]), i["source"]]
+                           for i in un["items"]], [*hh, "secret", "newest", "since", "from"])
     vault = r.get("vault_audit")
     if vault is not None:
         out.append("")

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Benchmark the fleet review: `credbroker audit report --host-logs DIR` over 20 hosts x 10^6 records.
+
+    python scripts/bench_fleet.py                           # 20 hosts x 1,000,000 records (generated once)
+    python scripts/bench_fleet.py --hosts 4 --records 200000  # quicker
+
+The logs are generated once into a cache folder (``--cache``, default
+/var/tmp/credbroker-bench-fleet; not timed): per host 90 days of a busy bot
+host in the writer's exact format (valid keyless chains, rotated at 64 MB),
+mostly ``sign`` records, runs of bots, a few signature failures and
+refusals, laid out as DIR/HOST/audit.log* like a collector's copy.
+
+Timed, each in a fresh process, same run:
+
+- the report (every host's chain verified on its own, then its report, one
+  process per CPU), wall time and peak RSS of the parent and of the largest
+  worker;
+- references: ``cat`` of every file to /dev/null and ``wc -l`` of every file
+  (the cost of only reading the bytes), and the ratios.
+
+Target (issue): <= 30 s on this machine's two cores, memory bounded. Not a
+test: the machine is shared (TESTING.md, "Benchmarks are not tests").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+FORMAT = 3  # bump when the generated records change: the cache is rebuilt
+
+
+def generate_host(folder: Path, host: str, n: int, end: datetime, days: int = 90) -> None:
+    """One busy host's 90 days up to ``end``: the writer's exact line format and chain (``chain.py``),
+    written straight to files (the writer's lock and group commit would make 20 x 10^6 records take
+    half an hour to generate), rotated at 64 MB under the writer's file names."""
+    from broker.audit.chain import GENESIS, build_prefix, encode_rest, finish_line, make_hasher
+
+    alg, hasher = make_hasher(None)
+    start = end - timedelta(days=days)
+    step = days * 86400 / n
+    pid = 1000
+    path = "secret/credbroker/binance/"
+    prev = GENESIS
+    out = (folder / "audit.log").open("wb", buffering=1 << 20)
+    written = 0
+    for i in range(n):
+        when = start + timedelta(seconds=i * step)
+        ts = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        k = i % 100
+        bot = f"bot{i % 7}"
+        version = 3 + i * 2 // n
+        if k == 0:
+            pid += 1
+            event, data = "secret_fetched", {"profile": bot, "source": "vault", "version": version,
+                                             "path": path + bot, "address": "https://vault.internal:8200",
+                                             "fields": ["api_key", "api_secret"]}
+        elif k == 1:
+            event, data = "secret_injected", {"profile": bot, "version": version, "pid": pid, "source": "vault",
+                                              "path": path + bot, "address": "https://vault.internal:8200",
+                                              "command": ["python", f"{bot}.py"], "host": host, "user": "trader",
+                                              "cwd": "/srv/bots",
+                                              "variables": ["BINANCE_API_KEY", "BINANCE_API_SECRET"]}
+        elif k == 2:
+            event, data = "child_exited", {"profile": bot, "pid": pid, "status": 0, "duration_s": 60.0}
+        elif i % 5003 == 3:
+            event, data = "signature_failure", {"profile": bot, "code": -1022, "status": 400, "host": host,
+                                                "api_key": "****x7Qa",
+                                                "endpoint": "https://fapi.binance.com/fapi/v1/order"}
+        elif i % 20011 == 4:
+            event, data = "refused", {"profile": bot, "error": "VaultSealed", "reason": "Vault is sealed",
+                                      "source": "vault", "path": path + bot}
+        else:
+            event, data = "sign", {"profile": bot, "endpoint": "/fapi/v1/order", "kind": "hmac"}
+        rest = encode_rest({"data": data, "host": host, "pid": 4000 + pid % 97, "user": "trader"})
+        prefix = build_prefix(i + 1, ts, event, prev, alg, None, rest)
+        prev = hasher(prefix)
+        line = finish_line(prefix, prev)
+        if written + len(line) > 64 * 1024 * 1024:  # rotate like the writer: the old file gets a time stamp
+            out.close()
+            (folder / "audit.log").rename(folder / ("audit.log." + when.strftime("%Y%m%dT%H%M%SZ")))
+            out = (folder / "audit.log").open("wb", buffering=1 << 20)
+            written = 0
+        out.write(line)
+        written += len(line)
+    out.close()
+
+
+def _generate_one(args: tuple[str, str, int, str]) -> str:
+    folder, host, n, end = args
+    generate_host(Path(folder), host, n, datetime.fromisoformat(end))
+    return host
+
+
+def ensure_cache(cache: Path, hosts: int, n: int) -> dict[str, object]:
+    """The generated fleet (made once; reused while its parameters match)."""
+    marker = cache / "bench-fleet.json"
+    want = {"format": FORMAT, "hosts": hosts, "records": n}
+    if marker.exists():
+        meta = json.loads(marker.read_text())
+        if {k: meta.get(k) for k in want} == want:
+            return meta
+    import shutil
+    from concurrent.futures import ProcessPoolExecutor
+
+    if cache.exists():
+        shutil.rmtree(cache)
+    end = datetime.now(timezone.utc).replace(microsecond=0)
+    names = [f"bot-{i + 1:02d}" for i in range(hosts)]
+    for name in names:
+        (cache / "fleet" / name).mkdir(parents=True)
+    t = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for host in pool.map(_generate_one, [(str(cache / "fleet" / h), h, n, end.isoformat()) for h in names]):
+            print(f"  generated {host}", flush=True)
+    meta = {**want, "end": end.isoformat(), "generate_s": round(time.perf_counter() - t, 1)}
+    marker.write_text(json.dumps(meta))
+    return meta
+
+
+REPORT_CHILD = """
+import json, sys, time, resource
+from datetime import datetime, timedelta
+from broker.audit.fleet import discover, fleet_report
+until = datetime.fromisoformat(sys.argv[2])
+t = time.perf_counter()
+report = fleet_report(discover([sys.argv[1]]), since=until - timedelta(days=7), until=until)
+text = json.dumps(report.to_dict())
+wall = time.perf_counter() - t
+own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"wall": wall, "rss": own, "worker_rss": workers, "ok": report.chain["ok"],
+                  "records": report.chain["records"], "in_period": report.records_in_period,
+                  "hosts": len(report.sections["hosts"]), "json_bytes": len(text)}))
+"""
+
+
+def timed(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hosts", type=int, default=20)
+    ap.add_argument("--records", type=int, default=1_000_000, help="records per host")
+    ap.add_argument("--cache", type=Path, default=Path("/var/tmp/credbroker-bench-fleet"),
+                    help="where the generated logs are kept between runs")
+    args = ap.parse_args()
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f}")
+    meta = ensure_cache(args.cache, args.hosts, args.records)
+    fleet = args.cache / "fleet"
+    files = sorted(str(p) for p in fleet.rglob("audit.log*") if not p.name.endswith((".head", ".lock")))
+    size = sum(os.path.getsize(f) for f in files)
+    print(f"fleet: {args.hosts} hosts x {args.records:,} records, {len(files)} files, {size / 1e9:.2f} GB "
+          f"(generated in {meta.get('generate_s')} s, not timed)")
+    # Warm the page cache the same way for everyone: read once before timing anything.
+    timed(["cat", *files])
+    cat = timed(["sh", "-c", 'cat "$@" >/dev/null', "cat", *files])
+    wc = timed(["wc", "-l", *files])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", REPORT_CHILD, str(fleet), str(meta["end"])], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    r = json.loads(out)
+    print(f"report over the fleet: {r['wall']:.1f} s, {r['hosts']} hosts, {r['records']:,} records "
+          f"({r['in_period']:,} in the 7-day period), chains {'intact' if r['ok'] else 'NOT intact'}")
+    print(f"  peak RSS: parent {r['rss']:.0f} MB, largest worker {r['worker_rss']:.0f} MB "
+          f"(workers: {min(os.cpu_count() or 1, args.hosts)})")
+    print(f"  references: cat of every file {cat:.1f} s (report/cat {r['wall'] / cat:.1f}x); "
+          f"wc -l of every file {wc:.1f} s (report/wc {r['wall'] / wc:.1f}x)")
+    print(f"  {args.hosts * args.records / r['wall']:,.0f} records/s; target <= 30 s: "
+          f"{'met' if r['wall'] <= 30 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
