@@ -62,7 +62,7 @@ DETAIL_EVENTS = frozenset(
 )
 #: What ``ReportBuilder.feed`` reads in records from before the period (baseline, versions, the
 #: Vault reads around it); a pass may leave out older records of other events (``fleet.py`` does).
-BEFORE_PERIOD_EVENTS = DETAIL_EVENTS | {"secret_imported"}
+BEFORE_PERIOD_EVENTS = DETAIL_EVENTS | {"secret_imported"} | UPKEEP_EVENTS  # the newest preflight counts
 #: Learned "usual hours" need some history before an hour can be called unusual.
 MIN_BASELINE_FOR_HOURS = 20
 #: A key whose newest version is older than this is "not rotated" in the summary.
