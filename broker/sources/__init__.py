@@ -57,6 +57,10 @@ def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon:
     process, so no stray copy of the secret stays in this one.
     """
     env = os.environ if env is None else env
+    for name in profile.fields:  # a profile built in code skips the config file's checks
+        if not isinstance(name, str) or not name.strip() or not name.isprintable():
+            raise ConfigError(f"profile {profile.name!r}: the field name {name!r} is empty or not printable",
+                              "map each variable to a field name, e.g. env = { BINANCE_API_SECRET = \"api_secret\" }")
     creds = None
     if use_daemon and profile.source == "vault":
         from .. import daemon
@@ -77,6 +81,28 @@ def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon:
     if field not in creds and any(_encrypted(s) for s in creds.values()):
         creds = _with_passphrase(profile, creds, field, env=env, use_daemon=use_daemon)
     return creds
+
+
+#: The most bytes one field's value may hold. One environment string cannot exceed 128 KiB on Linux
+#: (MAX_ARG_STRLEN: execve fails with E2BIG) and no exchange credential (an API secret, a PEM key) comes
+#: near 64 KiB: a bigger value is a file stored by mistake, refused at the fetch rather than at the exec.
+MAX_VALUE_BYTES = 64 * 1024
+
+
+def value_problem(secret: Secret) -> str | None:
+    """Why a fetched value cannot be handed to a bot ("is empty"...), or None; every source asks this
+    of each value it fetched, so all refuse the same values with the same words. Never shows the value."""
+    if not len(secret):
+        return "is empty"
+    if len(secret) > MAX_VALUE_BYTES:
+        return f"is {len(secret)} bytes, more than the {MAX_VALUE_BYTES} a field may hold"
+    buf = secret.reveal_buffer()
+    try:
+        if 0 in buf:
+            return "holds a NUL byte, which no environment variable can carry"
+    finally:
+        wipe_buffer(buf)
+    return None
 
 
 #: Where a stored PEM key's passphrase lives unless ``[signer] passphrase_field`` says otherwise.
