@@ -21,11 +21,14 @@ The promises checked, for every source:
 - no error text (message, remedy, ``repr``, the whole traceback chain)
   contains a secret value;
 - refused names: an empty field name, an empty location or one with a
-  ``..`` segment is refused before the backend is asked (``ConfigError``).
+  ``..`` segment is refused before the backend is asked (``ConfigError``);
+- the records ``broker.access`` writes for a fetch and for a refusal have one
+  schema whatever the source (``request_id`` where the backend has one).
 """
 
 from __future__ import annotations
 
+import json
 import traceback
 import uuid
 from abc import ABC, abstractmethod
@@ -35,8 +38,9 @@ from typing import Any
 
 import pytest
 
-from broker import sources
-from broker.config import Profile
+from broker import access, sources
+from broker.access import Recorder
+from broker.config import Config, Profile
 from broker.errors import BrokerError, ConfigError, SourceError
 from broker.secret import Credentials, Secret
 
@@ -74,6 +78,21 @@ class SourceAdapter(ABC):
     @abstractmethod
     def fetch(self, profile: Profile) -> Credentials:
         """Fetch ``profile`` through this source, the way the broker does."""
+
+    #: True when the backend names each read (Vault's ``request_id``, the id its own audit device logs).
+    request_ids: bool = False
+    #: ``use_daemon`` for ``broker.access.fetch``: whether a running ``credbroker daemon`` serves the read.
+    use_daemon: bool = False
+
+    @property
+    @abstractmethod
+    def env(self) -> Mapping[str, str]:
+        """The environment the fetch reads its settings from."""
+
+    def fetch_audited(self, profile: Profile, record: Recorder) -> Credentials:
+        """Fetch ``profile`` through ``broker.access.fetch``, the one audited way, recording with ``record``."""
+        return access.fetch(profile, config=Config(path=None, profiles={}), env=self.env, record=record,
+                            use_daemon=self.use_daemon)
 
     def offline(self) -> AbstractContextManager[None]:
         """Within it the backend cannot answer (so a name refused late shows up as another error)."""
@@ -204,3 +223,43 @@ class SourceConformance(ABC):
             for profile in cases:
                 self.refused(adapter, profile, made, ConfigError)
         assert not made
+
+    def test_the_access_record_has_one_schema_whatever_the_source(self, adapter: SourceAdapter,
+                                                                   made: list[Secret]) -> None:
+        options = adapter.store({"api_key": API_KEY, "api_secret": API_SECRET})
+        records: list[tuple[str, dict[str, Any]]] = []
+
+        def record(event: str, fields: dict[str, Any]) -> None:
+            records.append((event, fields))
+
+        profile = self._profile(adapter, options)
+        adapter.fetch_audited(profile, record).wipe()
+        missing = self._profile(adapter, options, "api_key", "api_passphrase")
+        with pytest.raises(SourceError):
+            adapter.fetch_audited(missing, record).wipe()
+        assert [event for event, _ in records] == ["secret_fetched", "refused"]
+        fetched, refused = records[0][1], records[1][1]
+
+        assert FETCHED_KEYS <= set(fetched) <= FETCHED_KEYS | FETCHED_OPTIONAL, sorted(fetched)
+        assert fetched["profile"] == profile.name and fetched["source"] == adapter.source
+        assert fetched["fields"] == ["api_key", "api_secret"] and fetched["by"] == "library"
+        assert isinstance(fetched["path"], str) and fetched["path"]
+        assert REFUSED_KEYS <= set(refused) <= REFUSED_KEYS | REFUSED_OPTIONAL, sorted(refused)
+        assert refused["profile"] == missing.name and refused["source"] == adapter.source
+        assert "api_passphrase" in refused["reason"] and refused["by"] == "library"
+        if adapter.request_ids:  # both reads are in the backend's own log under these ids
+            assert isinstance(fetched["request_id"], str) and fetched["request_id"]
+            assert isinstance(refused["request_id"], str) and refused["request_id"] != fetched["request_id"]
+            assert refused["path"] == fetched["path"]
+        else:
+            assert "request_id" not in fetched and "request_id" not in refused
+        shown = json.dumps(records)
+        assert API_KEY not in shown and API_SECRET not in shown
+
+
+#: The ``secret_fetched`` record's fields for every source; the optional ones where the source has them.
+FETCHED_KEYS = {"profile", "source", "path", "version", "address", "fields", "by"}
+FETCHED_OPTIONAL = {"request_id", "namespace", "via"}
+#: The ``refused`` record's fields for every source; Vault's read id and path when Vault had answered.
+REFUSED_KEYS = {"profile", "source", "error", "reason", "by"}
+REFUSED_OPTIONAL = {"request_id", "path"}

@@ -34,10 +34,15 @@ class VaultAdapter(SourceAdapter):
     """A KV v2 secret at ``secret/conform/<random>``, fetched in this process."""
 
     source = "vault"
+    request_ids = True
 
     def __init__(self, server: OpenBao, env: Mapping[str, str] | None = None) -> None:
         self.server = server
-        self.env = dict(env if env is not None else server.env())
+        self._env = dict(env if env is not None else server.env())
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self._env
 
     def store(self, values: Mapping[str, Any]) -> dict[str, Any]:
         path = f"conform/{uuid.uuid4().hex}"
@@ -73,6 +78,7 @@ class VaultDaemonAdapter(VaultAdapter):
     """The same secret, fetched through a running ``credbroker daemon`` (never in-process behind its back)."""
 
     in_process = False
+    use_daemon = True
 
     def __init__(self, server: OpenBao, env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
         super().__init__(server, env)
@@ -92,7 +98,9 @@ class VaultDaemonAdapter(VaultAdapter):
 
 
 class VaultChildAdapter(VaultAdapter):
-    """The same secret, fetched in a forked child, as ``credbroker run`` does when no daemon runs."""
+    """The same secret, fetched in a forked child, as ``credbroker run`` does when no daemon runs.
+
+    (``broker.access.fetch`` has no isolated mode: its records are those of an in-process fetch.)"""
 
     in_process = False
 
@@ -117,6 +125,10 @@ class KeyringAdapter(SourceAdapter):
     """Entries of a service ``credbroker/conform-<random>`` in the real Secret Service."""
 
     source = "keyring"
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        return os.environ
 
     def store(self, values: Mapping[str, Any]) -> dict[str, Any]:
         import keyring
