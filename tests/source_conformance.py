@@ -195,6 +195,15 @@ class SourceConformance(ABC):
         if adapter.in_process:
             assert len(made) >= 2
 
+    def test_a_value_at_the_size_limit_is_returned(self, adapter: SourceAdapter, made: list[Secret]) -> None:
+        big = "k" * sources.MAX_VALUE_BYTES  # a PEM key file is a few KiB: the limit leaves room
+        options = adapter.store({"api_key": API_KEY, "api_secret": big})
+        creds = adapter.fetch(self._profile(adapter, options))
+        try:
+            assert creds["api_secret"] == big.encode() and len(creds["api_secret"]) == sources.MAX_VALUE_BYTES
+        finally:
+            creds.wipe()
+
     def test_a_value_no_bot_can_use_is_refused(self, adapter: SourceAdapter, made: list[Secret]) -> None:
         for label, value in adapter.bad_values().items():
             made.clear()
