@@ -38,11 +38,12 @@ from typing import Any
 
 import pytest
 
-from broker import access, sources
+from broker import access
 from broker.access import Recorder
 from broker.config import Config, Profile
 from broker.errors import BrokerError, ConfigError, SourceError
 from broker.secret import Credentials, Secret
+from broker.sources.values import MAX_VALUE_BYTES
 
 #: Values stored in the good fields of each case: distinctive, so a leak is found by a substring search.
 API_KEY = "AK-conform-6b2e0f91c4"
@@ -187,20 +188,20 @@ class SourceConformance(ABC):
     @pytest.mark.parametrize("label", ["empty", "oversized"])
     def test_an_empty_or_oversized_value_is_refused(self, adapter: SourceAdapter, made: list[Secret],
                                                    label: str) -> None:
-        value = "" if label == "empty" else "x" * (sources.MAX_VALUE_BYTES + 1)
+        value = "" if label == "empty" else "x" * (MAX_VALUE_BYTES + 1)
         options = adapter.store({"api_key": API_KEY, "api_secret": API_SECRET, "api_extra": value})
         profile = self._profile(adapter, options, "api_key", "api_secret", "api_extra")
         exc = self.refused(adapter, profile, made, names=("api_extra",), values=(API_KEY, API_SECRET, value))
-        assert ("empty" if label == "empty" else str(sources.MAX_VALUE_BYTES)) in exc.message
+        assert ("empty" if label == "empty" else str(MAX_VALUE_BYTES)) in exc.message
         if adapter.in_process:
             assert len(made) >= 2
 
     def test_a_value_at_the_size_limit_is_returned(self, adapter: SourceAdapter, made: list[Secret]) -> None:
-        big = "k" * sources.MAX_VALUE_BYTES  # a PEM key file is a few KiB: the limit leaves room
+        big = "k" * MAX_VALUE_BYTES  # a PEM key file is a few KiB: the limit leaves room
         options = adapter.store({"api_key": API_KEY, "api_secret": big})
         creds = adapter.fetch(self._profile(adapter, options))
         try:
-            assert creds["api_secret"] == big.encode() and len(creds["api_secret"]) == sources.MAX_VALUE_BYTES
+            assert creds["api_secret"] == big.encode() and len(creds["api_secret"]) == MAX_VALUE_BYTES
         finally:
             creds.wipe()
 

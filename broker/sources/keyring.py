@@ -17,7 +17,7 @@ from typing import Any
 from ..config import Profile
 from ..errors import ConfigError, KeyringError, KeyringLocked, KeyringNotFound, KeyringUnavailable
 from ..secret import Credentials, Origin, Secret
-from . import value_problem
+from .values import value_problem
 
 
 def service_for(profile: Profile) -> str:

@@ -20,7 +20,7 @@ from ..secret import Credentials, Origin, Secret
 from ..vault.paths import PathKind, check
 from ..vault.session import close, mapped, open_client
 from ..vault.settings import VaultSettings
-from . import value_problem
+from .values import value_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import hvac
