@@ -57,6 +57,10 @@ def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon:
     process, so no stray copy of the secret stays in this one.
     """
     env = os.environ if env is None else env
+    for name in profile.fields:  # a profile built in code skips the config file's checks
+        if not isinstance(name, str) or not name.strip() or not name.isprintable():
+            raise ConfigError(f"profile {profile.name!r}: the field name {name!r} is empty or not printable",
+                              "map each variable to a field name, e.g. env = { BINANCE_API_SECRET = \"api_secret\" }")
     creds = None
     if use_daemon and profile.source == "vault":
         from .. import daemon

@@ -17,11 +17,22 @@ from typing import Any
 from ..config import Profile
 from ..errors import ConfigError, KeyringError, KeyringLocked, KeyringNotFound, KeyringUnavailable
 from ..secret import Credentials, Origin, Secret
+from .values import value_problem
 
 
 def service_for(profile: Profile) -> str:
-    """The keyring service a profile's entries live under."""
-    return str(profile.options.get("service") or f"credbroker/{profile.name}")
+    """The keyring service a profile's entries live under; an empty name, a control character or a
+    ``.``/``..`` segment is refused, never replaced by the default (each would name another entry than
+    the one the operator meant, and the audit record would name it too)."""
+    service = profile.options.get("service")
+    if service is None:
+        return f"credbroker/{profile.name}"
+    if not isinstance(service, str) or not service.strip() or not service.isprintable() or any(
+            seg in (".", "..") for seg in service.split("/")):
+        raise ConfigError(f"{profile.where('service')}: {service!r} is not a usable keyring service name",
+                          'give a plain name, e.g. "credbroker/spot" (no empty name, control characters, '
+                          "'.' or '..' segments)")
+    return service
 
 
 def backend_for(profile: Profile | None = None) -> Any:
@@ -53,11 +64,15 @@ def backend_for(profile: Profile | None = None) -> Any:
     return backend
 
 
-def _call(what: str, service: str, fn: Any, *args: Any) -> Any:
+def _call(what: str, service: str, fn: Any, *args: Any, field: str | None = None) -> Any:
     import keyring.errors
 
     try:
         return fn(*args)
+    except UnicodeDecodeError as exc:  # the backend holds bytes another program stored; keyring wants text
+        entry = f"entry {field!r}" if field is not None else "an entry"
+        raise KeyringError(f"the OS keyring's {entry} for service {service!r} is not UTF-8 text",
+                           "store it again as text with `credbroker keyring set`") from exc
     except keyring.errors.KeyringLocked as exc:
         raise KeyringLocked(
             f"the OS keyring is locked; cannot {what} service {service!r}",
@@ -83,19 +98,28 @@ def _call(what: str, service: str, fn: Any, *args: Any) -> Any:
 
 def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
     """Read every field the profile names from the keyring (fail closed)."""
+    service = service_for(profile)  # a refused name fails before the backend is asked
     backend = backend_for(profile)
-    service = service_for(profile)
     fields: dict[str, Secret] = {}
     try:
         for name in profile.fields:
-            value = _call("read", service, backend.get_password, service, name)
-            if value is None or value == "":
+            value = _call("read", service, backend.get_password, service, name, field=name)
+            if value is None:
                 raise KeyringNotFound(
                     f"the OS keyring has no entry {name!r} for service {service!r}",
                     f"store it with `credbroker keyring set {profile.name} {name}`",
                 )
+            if not isinstance(value, str):
+                raise KeyringError(f"the OS keyring's entry {name!r} for service {service!r} is not text "
+                                   f"({type(value).__name__})", "check the keyring backend")
             fields[name] = Secret(value)
             del value
+            why = value_problem(fields[name])
+            if why is not None:
+                raise (KeyringNotFound if why == "is empty" else KeyringError)(
+                    f"the OS keyring's entry {name!r} for service {service!r} {why}",
+                    f"store the value itself with `credbroker keyring set {profile.name} {name}`",
+                )
     except BaseException:
         for secret in fields.values():
             secret.wipe()

@@ -20,6 +20,7 @@ from ..secret import Credentials, Origin, Secret
 from ..vault.paths import PathKind, check
 from ..vault.session import close, mapped, open_client
 from ..vault.settings import VaultSettings
+from .values import value_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import hvac
@@ -191,12 +192,19 @@ def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
                 )
             text = str(value)
             if not text:
-                raise VaultNotFound(f"field {name!r} in {mount}/{path} is empty", "store a value in it")
+                raise VaultNotFound(f"field {name!r} in {mount}/{path} is empty",
+                                    f"store a value in it with `vault kv patch -mount={mount} {path} {name}=-` "
+                                    "(value on stdin)")
             if text.startswith(TRANSIT_PREFIX):
                 held = [*fields.values(), *(v for v in data.values() if isinstance(v, str))]
                 fields[name] = _decrypt(client, settings, profile, name, text, held)
             else:
                 fields[name] = Secret(text)
+            why = value_problem(fields[name])
+            if why is not None:
+                raise VaultBadResponse(f"field {name!r} in {mount}/{path} {why}",
+                                       f"store the value itself with `vault kv patch -mount={mount} {path} {name}=-` "
+                                       "(value on stdin)")
     except BaseException as exc:
         for secret in fields.values():
             secret.wipe()
