@@ -91,3 +91,16 @@ def test_the_cli_reference_in_docs_is_current() -> None:
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "gen-cli-reference"), "--check"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_the_repository_tracks_no_link_but_the_policy_links() -> None:
+    """A worktree's set-up links (``.venv-clients`` -> another checkout) must never be committed: merged,
+    they replace the real folder with a link to itself. The only links the project means are the
+    package-data links to ``vault-policies/``."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout (an installed copy)")
+    listing = subprocess.run(["git", "-C", str(root), "ls-files", "-s"], capture_output=True, text=True, check=True)
+    links = [line.split("\t", 1)[1] for line in listing.stdout.splitlines() if line.startswith("120000 ")]
+    assert links, "the policy links in broker/policies/ are tracked"
+    assert [p for p in links if not p.startswith("broker/policies/")] == []
