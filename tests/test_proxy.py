@@ -77,13 +77,13 @@ def real_signer(fake: FakeBinance, kind: str) -> Any:
 class Harness:
     def __init__(self, fake: FakeBinance, kind: str = "hmac", policy: SigningPolicy | None = None,
                  root_pid: int | None = None, allow_root: bool = True, ca_file: str | None = None,
-                 sync: bool = True) -> None:
+                 sync: bool = True, table: dict[str, Any] | None = None) -> None:
         self.records: list[tuple[str, dict[str, Any]]] = []
         self.signer = real_signer(fake, kind)
         self.client_key = ClientKey(kind)
         settings = ProxySettings.from_mapping({"spot": fake.url, "futures": fake.url,
                                                "unsafe_plain_http_loopback": True,
-                                               **({"ca_file": ca_file} if ca_file else {})}, "test")
+                                               **({"ca_file": ca_file} if ca_file else {}), **(table or {})}, "test")
         upstreams = make_upstreams(settings)
         for u in upstreams.values():
             if sync:

@@ -154,7 +154,8 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
                                           if f not in replaced and f != settings.passphrase_field})
     record("proxy_started", {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,
                              "upstreams": {n: u.base_url for n, u in upstreams.items()},
-                             "clock_offset_ms": offsets, "policy": policy.describe()})
+                             "clock_offset_ms": offsets, "policy": policy.describe(),
+                             "rate_limits": {n: lim.limits() for n, lim in server.limiters.items()}})
     return ProxyRun(server, child_env, child_profile, record)
 
 

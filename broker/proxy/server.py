@@ -50,6 +50,7 @@ from .clientkey import ClientKey
 from .peer import peer_in_tree
 from .settings import ProxySettings
 from .upstream import Answer, Upstream, UpstreamError
+from .weight import Limiter, Ticket, Verdict, cost
 
 FLUSH_INTERVAL = 0.2  # seconds: the longest a queued audit record waits for its fsync
 MAX_BODY = 1 << 20
@@ -76,9 +77,9 @@ class Refusal(NamedTuple):
     rule: str
 
 
-def _json_answer(status: int, code: int, message: str) -> Answer:
+def _json_answer(status: int, code: int, message: str, extra: tuple[tuple[str, str], ...] = ()) -> Answer:
     body = json.dumps({"code": code, "msg": message}).encode()
-    return Answer(status, [("Content-Type", "application/json;charset=UTF-8")], body)
+    return Answer(status, [("Content-Type", "application/json;charset=UTF-8"), *extra], body)
 
 
 def _strip_signature(raw: str) -> tuple[str, str | None, int]:
@@ -148,6 +149,8 @@ class SigningProxy:
         self._sync_lock = threading.Lock()
         self.forwarded = 0
         self.refused = 0
+        #: Request weight and order rate per upstream (``weight``); the profile's limits win.
+        self.limiters = {name: Limiter(name, fixed=settings.rate_limits.get(name)) for name in self.upstreams}
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
@@ -262,6 +265,11 @@ class SigningProxy:
                 out_query, out_body = self._resign(q_rest, b_rest, upstream)
             except BrokerError as exc:
                 return self._refuse(Refusal(500, -1000, f"signing failed: {exc.message}", "signing"), pid, summary)
+        limiter = self.limiters[upstream.name]
+        weight, orders = cost(upstream.name, method, path, out_query, out_body)
+        ticket = limiter.acquire(weight, orders, upstream.now_ms())
+        if isinstance(ticket, Verdict):
+            return self._rate_limited(ticket, pid, summary)
         record = {"profile": self.profile, "pid": pid, "signed": signed, "upstream": upstream.name, **summary}
         if not self._record(PROXY_REQUEST, record):
             return _json_answer(500, -1000, "credbroker proxy: the audit log cannot be written; nothing is forwarded")
@@ -279,9 +287,17 @@ class SigningProxy:
                                         "method": method, "status": 502, "error": exc.message})
             return _json_answer(502, -1000, f"credbroker proxy: {exc.message}")
         self.forwarded += 1
+        self._observe(limiter, ticket, answer, path)
         if answer.status >= 400:
             self._after_error(answer, upstream, path, method, pid)
         return answer
+
+    def _observe(self, limiter: Limiter, ticket: Ticket, answer: Answer, path: str) -> None:
+        """Feed the answer's weight headers (and an exchangeInfo's rateLimits) to the upstream's limiter."""
+        limiter.observe(ticket, answer.status, answer.headers)
+        if answer.status == 200 and path.endswith("/exchangeInfo") and limiter.learn_exchange_info(answer.body):
+            self._record("proxy_rate_limits", {"profile": self.profile, "upstream": limiter.upstream,
+                                               "limits": limiter.limits(), "from": "exchangeInfo"})
 
     def _check_target(self, method: str, path: str, headers: Mapping[str, str]) -> Refusal | None:
         if method not in ("GET", "POST", "PUT", "DELETE"):
@@ -373,6 +389,13 @@ class SigningProxy:
         self._record(PROXY_REFUSED, {"profile": self.profile, "pid": pid, "rule": refusal.rule,
                                      "reason": refusal.message, **summary})
         return _json_answer(refusal.status, refusal.code, refusal.message)
+
+    def _rate_limited(self, verdict: Verdict, pid: int | None, summary: Mapping[str, Any]) -> Answer:
+        self.refused += 1
+        self._record(PROXY_REFUSED, {"profile": self.profile, "pid": pid, "rule": verdict.rule,
+                                     "reason": verdict.message, "retry_after": verdict.retry_after, **summary})
+        return _json_answer(verdict.status, verdict.code, verdict.message,
+                            (("Retry-After", str(verdict.retry_after)),))
 
     def _policy_refused(self, exc: PolicyRefused, pid: int | None, summary: Mapping[str, Any]) -> Answer:
         self.refused += 1

@@ -10,6 +10,10 @@ Example::
     # client_key = "hmac"                    # the bot's stand-in: "same" kind as the real key (default) or "hmac"
     # unsafe_plain_http_loopback = true      # tests only: an http:// upstream on 127.0.0.1
 
+    [profiles.um-futures.proxy.rate_limits.futures]   # optional: lower than the exchange's (weight.py)
+    weight_1m = 1200                         # request weight per minute
+    orders_10s = 50                          # orders per 10 seconds
+
 ``client_key = "hmac"`` gives the bot an HMAC proxy secret even when the real
 key is Ed25519 or RSA: for clients whose PEM handling is broken (python-binance
 misreads an encrypted Ed25519 key as RSA and crashes on batch orders with a PEM
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,7 +44,8 @@ ROUTES: tuple[tuple[str, str], ...] = (("/fapi/", "futures"), ("/api/", "spot"),
 #: Where each upstream tells its time (GET, unsigned): spot and USDⓈ-M futures "Check Server Time".
 TIME_PATHS = {"spot": "/api/v3/time", "futures": "/fapi/v1/time"}
 
-_KNOWN = frozenset({"testnet", "spot", "futures", "unsafe_plain_http_loopback", "client_key", "ca_file"})
+_KNOWN = frozenset({"testnet", "spot", "futures", "unsafe_plain_http_loopback", "client_key", "ca_file",
+                    "rate_limits"})
 CLIENT_KEYS = ("same", "hmac")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -55,6 +60,8 @@ class ProxySettings:
     unsafe_plain_http_loopback: bool = False
     client_key: str = "same"
     ca_file: str | None = None  # None: certifi's bundle (what requests trusts)
+    #: upstream -> {(kind, interval): limit} from [proxy.rate_limits.<upstream>]; wins over exchangeInfo's
+    rate_limits: Mapping[str, Mapping[tuple[str, str], int]] = field(default_factory=dict)
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any] | None, where: str) -> ProxySettings:
@@ -87,7 +94,7 @@ class ProxySettings:
                               "name a PEM file of CA certificates, or remove ca_file")
         return cls(spot=urls["spot"], futures=urls["futures"], testnet=flags["testnet"],
                    unsafe_plain_http_loopback=flags["unsafe_plain_http_loopback"], client_key=client_key,
-                   ca_file=ca_file)
+                   ca_file=ca_file, rate_limits=_rate_limits(table.get("rate_limits"), f"{where}.rate_limits"))
 
     @classmethod
     def for_profile(cls, profile: Any) -> ProxySettings:
@@ -109,6 +116,22 @@ class ProxySettings:
     def plain_http(self) -> list[str]:
         """The upstreams reached over plain HTTP (loopback only, by the unsafe switch)."""
         return [name for name in ("spot", "futures") if self.base_url(name).startswith("http://")]
+
+
+def _rate_limits(table: object, where: str) -> dict[str, dict[tuple[str, str], int]]:
+    """``[proxy.rate_limits]``: one table per upstream (spot, futures) of ``weight_1m = N``-style limits."""
+    from .weight import parse_limits
+
+    if table is None:
+        return {}
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table", "e.g. [profiles.NAME.proxy.rate_limits.futures]")
+    out = {}
+    for name, limits in table.items():
+        if name not in ("spot", "futures"):
+            raise ConfigError(f"{where}.{name}: unknown upstream", "expected spot or futures")
+        out[str(name)] = parse_limits(limits, f"{where}.{name}")
+    return out
 
 
 def check_base_url(raw: object, where: str, *, allow_plain_loopback: bool) -> str:
