@@ -37,9 +37,8 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from fnmatch import fnmatchcase
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NamedTuple
+from fnmatch import fnmatchcase, translate
+from typing import Any, NamedTuple, cast
 
 from ..agent import AuditSink
 from ..errors import BrokerError
@@ -47,17 +46,18 @@ from ..signing import binance
 from ..signing.failures import classify
 from ..signing_policy import KINDS, PolicyRefused, SigningPolicy, SignRequest
 from .clientkey import ClientKey
+from .http11 import HttpServer, Request
 from .peer import peer_in_tree
 from .settings import ProxySettings
 from .upstream import Answer, Upstream, UpstreamError
 from .weight import Limiter, Ticket, Verdict, cost
 
 FLUSH_INTERVAL = 0.2  # seconds: the longest a queued audit record waits for its fsync
-MAX_BODY = 1 << 20
 #: A path the exchange reads the same way we do: no "//", no dot segments, no percent-escapes.
 _CANONICAL = re.compile(r"^(/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)+/?$")
 #: Request headers passed on to the exchange; every other one stays here.
 _FORWARDED_HEADERS = ("Content-Type", "Accept", "Accept-Encoding", "User-Agent")
+_WANTED = tuple((name, name.lower()) for name in (*_FORWARDED_HEADERS, binance.API_KEY_HEADER))
 _RESYNC_AFTER = 1.0  # seconds between two clock syncs triggered by -1021
 
 # Audit event names written here.
@@ -137,7 +137,7 @@ class SigningProxy:
         self.allow_root = allow_root
         self._say = say
         self._api_key = str(signer.api_key)
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: HttpServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._audit_failed: BrokerError | None = None
@@ -151,24 +151,23 @@ class SigningProxy:
         self.refused = 0
         #: Request weight and order rate per upstream (``weight``); the profile's limits win.
         self.limiters = {name: Limiter(name, fixed=settings.rate_limits.get(name)) for name in self.upstreams}
+        patterns = [translate(p.lower()) for p in policy.deny_endpoints]
+        self._deny = re.compile("|".join(f"(?:{p})" for p in patterns) if patterns else "(?!)")
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
     def url(self) -> str:
         """The base URL the bot's client points at."""
         assert self._httpd is not None
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        return f"http://127.0.0.1:{self._httpd.port}"
 
     def start(self) -> str:
         """Listen on 127.0.0.1 (a free port), serve in threads; returns the base URL."""
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
-        self._httpd.proxy = self
-        serve = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                 name="credbroker-proxy", daemon=True)
+        self._httpd = HttpServer(self.check_peer, self._serve_http)
+        self._httpd.start()
         flusher = threading.Thread(target=self._flush_loop, name="credbroker-proxy-audit", daemon=True)
-        self._threads = [serve, flusher]
-        for t in self._threads:
-            t.start()
+        self._threads = [flusher]
+        flusher.start()
         return self.url
 
     def stop(self) -> None:
@@ -176,8 +175,7 @@ class SigningProxy:
         httpd, self._httpd = self._httpd, None
         self._stop.set()
         if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+            httpd.stop()
         for t in self._threads:
             t.join(timeout=5.0)
         self._threads = []
@@ -219,6 +217,18 @@ class SigningProxy:
         return pid, reason
 
     # -- requests ---------------------------------------------------------------------------
+    def _serve_http(self, peer: object, request: Request) -> tuple[Answer, bool]:
+        """One request from the HTTP loop: (answer, close the connection after it)."""
+        pid, reason = cast("tuple[int | None, str | None]", peer)  # what check_peer returned for this connection
+        if reason is not None:
+            return _json_answer(403, -1002, f"credbroker proxy: this process may not use the proxy: {reason}; "
+                                            "only the bot `credbroker run --proxy` started (and its children) "
+                                            "may"), True
+        # Header names are case-insensitive: the loop lower-cased them; handle() reads these names.
+        lookup = request.headers
+        wanted = {name: lookup[low] for name, low in _WANTED if low in lookup}
+        return self.handle(request.method, request.target, wanted, request.body, pid), False
+
     def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes, pid: int | None
                ) -> Answer:
         """Check, re-sign and forward one request; the answer to give the bot."""
@@ -307,13 +317,15 @@ class SigningProxy:
         if self.settings.upstream_for(path) is None:
             return Refusal(404, -1000, f"{path[:80]} is not a Binance REST path the proxy serves "
                                        "(/api/, /sapi/, /fapi/)", "path")
-        # The exchange may read paths without regard to case: so does the endpoint denial.
+        # The exchange may read paths without regard to case: so does the endpoint denial. One regex
+        # of every pattern first (the common case: no match); then which pattern, for the record.
         lowered = path.lower()
-        for pattern in self.policy.deny_endpoints:
-            if fnmatchcase(lowered, pattern.lower()):
-                rule = next((f"deny_kinds:{kind}" for kind in self.policy.deny_kinds if pattern in KINDS[kind][0]),
-                            "deny_endpoints")
-                return Refusal(403, -1002, f"credbroker proxy: {path[:80]} is a denied endpoint", rule)
+        if self._deny.match(lowered):
+            for pattern in self.policy.deny_endpoints:
+                if fnmatchcase(lowered, pattern.lower()):
+                    rule = next((f"deny_kinds:{kind}" for kind in self.policy.deny_kinds
+                                 if pattern in KINDS[kind][0]), "deny_endpoints")
+                    return Refusal(403, -1002, f"credbroker proxy: {path[:80]} is a denied endpoint", rule)
         key = headers.get(binance.API_KEY_HEADER)
         if key is not None and not hmac.compare_digest(key.encode("utf-8", "replace"), self._api_key.encode()):
             return Refusal(401, -2015, "the X-MBX-APIKEY header is not this profile's API key", "api_key")
@@ -408,65 +420,3 @@ class SigningProxy:
             return False
         self._queue.append((event, fields))
         return True
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    proxy: SigningProxy
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive; every request goes to ``SigningProxy.handle``."""
-
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and the
-    # client's delayed ACK hold the body back ~40 ms on every kept-alive request.
-    disable_nagle_algorithm = True
-    server: _Server
-    _peer: tuple[int | None, str | None] | None = None
-
-    def _serve(self) -> None:
-        proxy = self.server.proxy
-        if self._peer is None:  # once per connection
-            client = (str(self.client_address[0]), int(self.client_address[1]))
-            self._peer = proxy.check_peer(client, ("127.0.0.1", int(self.server.server_address[1])))
-        pid, reason = self._peer
-        if reason is not None:
-            self.close_connection = True
-            self._send(_json_answer(403, -1002, f"credbroker proxy: this process may not use the proxy: {reason}; "
-                                                "only the bot `credbroker run --proxy` started (and its children) "
-                                                "may"))
-            return
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            self._send(_json_answer(411, -1000, "credbroker proxy: send the body with a Content-Length"))
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY:
-            self.close_connection = True
-            self._send(_json_answer(400, -1000, "credbroker proxy: bad Content-Length"))
-            return
-        body = self.rfile.read(length) if length else b""
-        # Header names are case-insensitive: normalise the ones the proxy reads.
-        lookup = {k.lower(): v for k, v in self.headers.items()}
-        wanted = {name: lookup[name.lower()] for name in (*_FORWARDED_HEADERS, binance.API_KEY_HEADER)
-                  if name.lower() in lookup}
-        self._send(proxy.handle(self.command, self.path, wanted, body, pid))
-
-    def _send(self, answer: Answer) -> None:
-        self.send_response_only(answer.status)
-        for name, value in answer.headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(answer.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(answer.body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-    def log_message(self, format: str, *args: Any) -> None:  # the audit log is the record, not stderr
-        pass
