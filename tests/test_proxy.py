@@ -836,3 +836,79 @@ def test_binance_modular_sdk_trades_through_the_proxy(openbao: OpenBao, tmp_path
     needle = secret if kind == "hmac" else secret.strip().splitlines()[1]
     assert needle not in json.dumps(out["environ"])
     assert all(r.status == 200 for r in fake.requests), [(r.path, r.code) for r in fake.requests]
+
+
+# -- rotation under --proxy: the proxy picks up a rotated key, the bot runs on -----------------------
+
+ROTATION_BOT = """
+import json, os, sys, time, requests
+from pathlib import Path
+from broker import get_signer
+state = Path(sys.argv[1])
+signer = get_signer()
+url = os.environ["CREDBROKER_PROXY_URL"] + "/fapi/v2/balance"
+session = requests.Session()
+deadline = time.monotonic() + 90
+with (state / "log").open("a") as log:
+    while not (state / "stop").exists() and time.monotonic() < deadline:
+        r = session.get(url, auth=signer)
+        log.write(json.dumps({"pid": os.getpid(), "status": r.status_code, "code": r.json().get("code")
+                              if isinstance(r.json(), dict) else None}) + "\\n")
+        log.flush()
+        time.sleep(0.1)
+"""
+
+
+def _wait_for(check: Any, what: str, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_rotated_secret_is_picked_up_by_the_proxy_without_restarting_the_bot(
+        openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
+    old = _profile(openbao, tmp_path, fake, "hmac")
+    text = (tmp_path / "credbroker.toml").read_text()
+    (tmp_path / "credbroker.toml").write_text(text.replace("[profiles.bot.proxy]\n",
+                                                           '[profiles.bot.proxy]\nrotation_interval = "1s"\n'))
+    kv = text.split('path = "secret/', 1)[1].split('"', 1)[0]
+    state = tmp_path / "state-rot"
+    state.mkdir()
+    log = state / "log"
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+    proc = subprocess.Popen([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", sys.executable, "-c",
+                             ROTATION_BOT, str(state)], env=openbao.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: any(x["status"] == 200 for x in lines()), "the bot's first answer")
+        # The admin rotates: a new secret on the exchange (the old one stops working) and in Vault.
+        new = secrets.token_hex(32)
+        fake.add_hmac(API_KEY, new)
+        openbao.kv_put(kv, api_key=API_KEY, api_secret=new)
+        seen = len(lines())
+        _wait_for(lambda: any(x["status"] == 200 for x in lines()[seen + 1:]), "an answer signed with the new key")
+        (state / "stop").touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out + err
+    assert len({x["pid"] for x in lines()}) == 1  # one bot process all along: no restart
+    assert lines()[-1]["status"] == 200
+    records = audit_records()
+    rotated = [r["data"] for r in records if r["event"] == "proxy_key_rotated"]
+    assert [r["version"] for r in rotated] == [2] and rotated[0]["kind"] == "hmac"
+    fetched = [r["data"] for r in records if r["event"] == "secret_fetched"]
+    assert [f.get("by") for f in fetched][-1] == "proxy_rotation"
+    # The exchange saw requests signed with the new secret after the rotation.
+    assert fake.signed()[-1].status == 200
+    text = json.dumps(records) + out + err
+    assert old not in text and new not in text

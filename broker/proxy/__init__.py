@@ -53,11 +53,12 @@ class ProxyRun:
     """A started proxy for one run: ``child_env`` and ``child_profile`` for the child, ``stop()`` at the end."""
 
     def __init__(self, server: Any, child_env: dict[str, str], child_profile: Any,
-                 record: Callable[[str, dict[str, Any]], Any]) -> None:
+                 record: Callable[[str, dict[str, Any]], Any], follower: Any = None) -> None:
         self.server = server
         self.child_env = child_env
         self.child_profile = child_profile
         self._record = record
+        self._follower = follower
 
     @property
     def url(self) -> str:
@@ -68,6 +69,8 @@ class ProxyRun:
         server, self.server = self.server, None
         if server is None:
             return
+        if self._follower is not None:
+            self._follower.stop()
         server.stop()
         self.child_env.clear()
         try:
@@ -110,8 +113,11 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
 
         vault_settings = VaultSettings.from_env(env if env is not None else os.environ)
         client = client_for(profile, env if env is not None else os.environ, settings=vault_settings)
-    signer = make_signer(settings, dict(creds.items()), profile=profile.name, where=profile.where("signer"),
-                         record_failures=False, vault_client=client, vault_settings=vault_settings)
+    def make(fields: Mapping[str, Any]) -> Any:
+        return make_signer(settings, dict(fields.items()), profile=profile.name, where=profile.where("signer"),
+                           record_failures=False, vault_client=client, vault_settings=vault_settings)
+
+    signer = make(creds)
     key_field = settings.key_field or next((f for f in ("private_key", "api_secret") if f in creds), None)
     # A transit key is Ed25519 inside Vault: the bot's stand-in is an Ed25519 key (or HMAC, if asked).
     same = "ed25519" if signer.kind == "transit" else signer.kind
@@ -156,7 +162,24 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
                              "upstreams": {n: u.base_url for n, u in upstreams.items()},
                              "clock_offset_ms": offsets, "policy": policy.describe(),
                              "rate_limits": {n: lim.limits() for n, lim in server.limiters.items()}})
-    return ProxyRun(server, child_env, child_profile, record)
+    follower = _follow_rotation(server, profile, creds, settings, proxy_settings, env, make, record)
+    return ProxyRun(server, child_env, child_profile, record, follower)
+
+
+def _follow_rotation(server: Any, profile: Any, creds: Any, settings: Any, proxy_settings: Any,
+                     env: Mapping[str, str] | None, make: Callable[[Any], Any],
+                     record: Callable[[str, dict[str, Any]], Any]) -> Any:
+    """Start following the Vault profile's versions (``follow``); None where there is nothing to follow."""
+    origin = getattr(creds, "origin", None)
+    version = getattr(origin, "version", None)
+    if settings.type == "transit" or getattr(origin, "source", None) != "vault" or version is None:
+        return None
+    from .follow import KeyFollower
+
+    follower = KeyFollower(server, profile, env if env is not None else os.environ, version,
+                           proxy_settings.rotation_interval, make, record)
+    follower.start()
+    return follower
 
 
 def _say(message: str) -> None:

@@ -136,7 +136,9 @@ class SigningProxy:
         self.root_pid = root_pid
         self.allow_root = allow_root
         self._say = say
-        self._api_key = str(signer.api_key)
+        self._api_key = str(signer.api_key)  # the real key's API key, sent to the exchange
+        self._bot_api_key = self._api_key  # the one the bot was given (a rotation may change the real one)
+        self._old_signers: list[Any] = []
         self._httpd: HttpServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -185,10 +187,19 @@ class SigningProxy:
             pass  # reported by the run's own records; nothing more can be done here
         for upstream in self.upstreams.values():
             upstream.close()
-        close = getattr(self.signer, "close", None)
-        if close is not None:
-            close()
+        for signer in (*self._old_signers, self.signer):
+            close = getattr(signer, "close", None)
+            if close is not None:
+                close()
+        self._old_signers = []
         self.client_key.wipe()
+
+    def swap_signer(self, signer: Any) -> None:
+        """Sign with ``signer`` from now on (a rotated key); the old one is closed at ``stop``, since a
+        request in flight may still be using it."""
+        old, self.signer = self.signer, signer
+        self._api_key = str(signer.api_key)
+        self._old_signers.append(old)
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
@@ -327,7 +338,7 @@ class SigningProxy:
                                  if pattern in KINDS[kind][0]), "deny_endpoints")
                     return Refusal(403, -1002, f"credbroker proxy: {path[:80]} is a denied endpoint", rule)
         key = headers.get(binance.API_KEY_HEADER)
-        if key is not None and not hmac.compare_digest(key.encode("utf-8", "replace"), self._api_key.encode()):
+        if key is not None and not hmac.compare_digest(key.encode("utf-8", "replace"), self._bot_api_key.encode()):
             return Refusal(401, -2015, "the X-MBX-APIKEY header is not this profile's API key", "api_key")
         return None
 

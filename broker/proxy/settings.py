@@ -8,6 +8,7 @@ Example::
     futures = "https://fapi.binance.com"     # /fapi/... (USDⓈ-M futures; default shown)
     # ca_file = "/etc/ssl/corp-ca.pem"       # trust these CAs for the exchange instead of certifi's bundle
     # client_key = "hmac"                    # the bot's stand-in: "same" kind as the real key (default) or "hmac"
+    # rotation_interval = "60s"              # how often the proxy looks for a rotated key in Vault
     # unsafe_plain_http_loopback = true      # tests only: an http:// upstream on 127.0.0.1
 
     [profiles.um-futures.proxy.rate_limits.futures]   # optional: lower than the exchange's (weight.py)
@@ -45,7 +46,7 @@ ROUTES: tuple[tuple[str, str], ...] = (("/fapi/", "futures"), ("/api/", "spot"),
 TIME_PATHS = {"spot": "/api/v3/time", "futures": "/fapi/v1/time"}
 
 _KNOWN = frozenset({"testnet", "spot", "futures", "unsafe_plain_http_loopback", "client_key", "ca_file",
-                    "rate_limits"})
+                    "rate_limits", "rotation_interval"})
 CLIENT_KEYS = ("same", "hmac")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -62,6 +63,7 @@ class ProxySettings:
     ca_file: str | None = None  # None: certifi's bundle (what requests trusts)
     #: upstream -> {(kind, interval): limit} from [proxy.rate_limits.<upstream>]; wins over exchangeInfo's
     rate_limits: Mapping[str, Mapping[tuple[str, str], int]] = field(default_factory=dict)
+    rotation_interval: float = 60.0  # seconds between two looks at the Vault profile's version
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any] | None, where: str) -> ProxySettings:
@@ -94,7 +96,8 @@ class ProxySettings:
                               "name a PEM file of CA certificates, or remove ca_file")
         return cls(spot=urls["spot"], futures=urls["futures"], testnet=flags["testnet"],
                    unsafe_plain_http_loopback=flags["unsafe_plain_http_loopback"], client_key=client_key,
-                   ca_file=ca_file, rate_limits=_rate_limits(table.get("rate_limits"), f"{where}.rate_limits"))
+                   ca_file=ca_file, rate_limits=_rate_limits(table.get("rate_limits"), f"{where}.rate_limits"),
+                   rotation_interval=_interval(table.get("rotation_interval", 60), f"{where}.rotation_interval"))
 
     @classmethod
     def for_profile(cls, profile: Any) -> ProxySettings:
@@ -116,6 +119,12 @@ class ProxySettings:
     def plain_http(self) -> list[str]:
         """The upstreams reached over plain HTTP (loopback only, by the unsafe switch)."""
         return [name for name in ("spot", "futures") if self.base_url(name).startswith("http://")]
+
+
+def _interval(value: object, where: str) -> float:
+    from ..rotation import parse_seconds
+
+    return parse_seconds(value, where)
 
 
 def _rate_limits(table: object, where: str) -> dict[str, dict[tuple[str, str], int]]:
