@@ -558,7 +558,8 @@ def _python_binance() -> str:
     return str(PYTHON_BINANCE)
 
 
-@pytest.mark.parametrize("kind, client_key", [("hmac", "same"), ("ed25519", "same"), ("ed25519", "hmac")])
+@pytest.mark.parametrize("kind, client_key", [("hmac", "same"), ("ed25519", "same"), ("ed25519", "hmac"),
+                                              ("rsa", "same")])
 def test_python_binance_encoding_bug_disappears_through_the_proxy(
         openbao: OpenBao, tmp_path: Path, fake: FakeBinance, kind: str, client_key: str) -> None:
     python = _python_binance()
