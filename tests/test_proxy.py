@@ -545,7 +545,7 @@ def test_get_signer_learns_the_exchange_clock_at_start(openbao: OpenBao, tmp_pat
 #: so it lives in its own venv, made before the tests (no network during them) by .ci/run:
 #:   python3 -m venv .venv-clients/python-binance && .venv-clients/python-binance/bin/pip install python-binance==1.0.37
 #: (and the same for binance-futures-connector==4.2.0, ccxt==4.5.90 and, in .venv-clients/binance-sdk,
-#: binance-sdk-derivatives-trading-usds-futures==18.1.0)
+#: binance-sdk-derivatives-trading-usds-futures==18.1.0, and in .venv-clients/binance-sdk-spot binance-sdk-spot==13.3.0)
 PYTHON_BINANCE = Path(__file__).resolve().parent.parent / ".venv-clients" / "python-binance" / "bin" / "python"
 
 
