@@ -215,7 +215,10 @@ if __name__ == "__main__":  # a fake exchange for a manual try: prints its URL, 
     import sys
 
     fake = FakeBinance().start()
-    for arg in sys.argv[1:]:
+    import os
+
+    # API_KEY=SECRET pairs from argv, or (keeping secrets out of /proc/PID/cmdline) from $FAKE_BINANCE_KEYS.
+    for arg in sys.argv[1:] + [a for a in os.environ.get("FAKE_BINANCE_KEYS", "").split(",") if a]:
         name, _, secret = arg.partition("=")
         fake.add_hmac(name, secret)
     print(fake.url, flush=True)
