@@ -183,3 +183,12 @@ def test_a_header_counts_what_was_sent_after_its_request() -> None:
     assert isinstance(lim.acquire(5, 0, now), Ticket)  # 100: at the limit, not over
     # A new window starts from nothing.
     assert isinstance(lim.acquire(50, 0, now + 60_000), Ticket)
+
+
+def test_rotation_interval_is_validated() -> None:
+    assert ProxySettings.from_mapping({}, "p").rotation_interval == 60.0
+    assert ProxySettings.from_mapping({"rotation_interval": "5m"}, "p").rotation_interval == 300.0
+    assert ProxySettings.from_mapping({"rotation_interval": 2}, "p").rotation_interval == 2.0
+    for bad in ("soon", 0, "-1s", True, ""):
+        with pytest.raises(ConfigError, match="rotation_interval: expected a duration > 0"):
+            ProxySettings.from_mapping({"rotation_interval": bad}, "p")

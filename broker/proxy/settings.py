@@ -121,10 +121,24 @@ class ProxySettings:
         return [name for name in ("spot", "futures") if self.base_url(name).startswith("http://")]
 
 
-def _interval(value: object, where: str) -> float:
-    from ..rotation import parse_seconds
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
-    return parse_seconds(value, where)
+
+def _interval(value: object, where: str) -> float:
+    """Seconds, as a number or ``"30s"`` / ``"5m"`` / ``"1h"``; > 0."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        unit = _UNITS.get(text[-1])
+        try:
+            seconds = float(text[:-1]) * unit if unit is not None else float(text)
+        except ValueError:
+            seconds = None
+    if seconds is None or not seconds > 0:
+        raise ConfigError(f"{where}: expected a duration > 0, got {value!r}", 'e.g. rotation_interval = "60s"')
+    return seconds
 
 
 def _rate_limits(table: object, where: str) -> dict[str, dict[tuple[str, str], int]]:
