@@ -15,8 +15,11 @@ and an audit record):
    exchange's clock, and the request signed with the real key over exactly
    the bytes that are sent (so a client that signs one encoding and sends
    another, like python-binance with a ``/`` in a value, gets through);
-4. the request goes to the exchange over a kept-alive pool; its answer comes
-   back unchanged (status, headers but hop-by-hop ones, body bytes).
+4. the upstream's request weight and order rate have room for it
+   (``weight.Limiter``: else Binance's own 429, answered here);
+5. the request goes to the exchange over a kept-alive connection; its answer
+   comes back unchanged (status, headers but hop-by-hop ones, body bytes), and
+   its weight headers (and an exchangeInfo's ``rateLimits``) feed the limiter.
 
 Audit: ``proxy_request`` before a request leaves (method, endpoint, parameter
 names, the order's public fields), ``proxy_answer`` for an answer that is not
