@@ -113,7 +113,8 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
 
         vault_settings = VaultSettings.from_env(env if env is not None else os.environ)
         client = client_for(profile, env if env is not None else os.environ, settings=vault_settings)
-    def make(fields: Mapping[str, Any]) -> Any:
+
+    def make(fields: Mapping[str, Any]) -> Any:  # the real key's signer: at start, and after a rotation
         return make_signer(settings, dict(fields.items()), profile=profile.name, where=profile.where("signer"),
                            record_failures=False, vault_client=client, vault_settings=vault_settings)
 
