@@ -418,6 +418,7 @@ def test_binance_connector_bot_trades_through_the_proxy_without_the_secret(
     assert {r["rule"] for r in refused} == {"deny_kinds:withdraw", "symbols"}
     started = next(r["data"] for r in records if r["event"] == "proxy_started")
     assert started["kind"] == kind and 7_000 < started["clock_offset_ms"]["futures"] < 9_000
+    assert started["rate_limits"]["futures"]["weight_1m"] == 2400 and started["rate_limits"]["spot"]["orders_10s"] == 100
     stopped = next(r["data"] for r in records if r["event"] == "proxy_stopped")
     assert stopped["forwarded"] == len(forwarded) and stopped["refused"] == 2
     text = json.dumps(records) + proc.stdout + proc.stderr
@@ -913,3 +914,34 @@ def test_a_rotated_secret_is_picked_up_by_the_proxy_without_restarting_the_bot(
     assert fake.signed()[-1].status == 200
     text = json.dumps(records) + out + err
     assert old not in text and new not in text
+
+
+def test_a_replaced_signer_is_closed_once_no_request_can_still_use_it(fake: FakeBinance,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.proxy import server
+
+    class Stub:
+        api_key = API_KEY
+        kind = "hmac"
+        closed = 0
+
+        def close(self) -> None:
+            self.closed += 1
+
+    h = Harness(fake)
+    first, second, third = Stub(), Stub(), Stub()
+    clock = [1000.0]
+    monkeypatch.setattr(server.time, "monotonic", lambda: clock[0])
+    try:
+        original = h.proxy.signer
+        h.proxy.swap_signer(first)
+        h.proxy.swap_signer(second)  # at once: the original may still be signing
+        assert h.proxy.signer is second and first.closed == 0
+        clock[0] += server._SIGNER_GRACE + 1
+        h.proxy.swap_signer(third)  # the original and `first` were replaced long ago; `second` just now
+        assert first.closed == 1 and second.closed == 0 and h.proxy.signer is third
+        assert original is not None
+    finally:
+        monkeypatch.undo()
+        h.close()
+    assert second.closed == 1 and third.closed == 1 and first.closed == 1

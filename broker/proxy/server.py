@@ -61,6 +61,7 @@ _CANONICAL = re.compile(r"^(/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)+/?$")
 #: Request headers passed on to the exchange; every other one stays here.
 _FORWARDED_HEADERS = ("Content-Type", "Accept", "Accept-Encoding", "User-Agent")
 _WANTED = tuple((name, name.lower()) for name in (*_FORWARDED_HEADERS, binance.API_KEY_HEADER))
+_SIGNER_GRACE = 60.0  # seconds a replaced signer stays open: longer than any upstream request's timeout
 _RESYNC_AFTER = 1.0  # seconds between two clock syncs triggered by -1021
 
 # Audit event names written here.
@@ -141,7 +142,7 @@ class SigningProxy:
         self._say = say
         self._api_key = str(signer.api_key)  # the real key's API key, sent to the exchange
         self._bot_api_key = self._api_key  # the one the bot was given (a rotation may change the real one)
-        self._old_signers: list[Any] = []
+        self._old_signers: list[tuple[float, Any]] = []  # (monotonic time replaced, signer)
         self._httpd: HttpServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -190,7 +191,7 @@ class SigningProxy:
             pass  # reported by the run's own records; nothing more can be done here
         for upstream in self.upstreams.values():
             upstream.close()
-        for signer in (*self._old_signers, self.signer):
+        for signer in (*(old for _, old in self._old_signers), self.signer):
             close = getattr(signer, "close", None)
             if close is not None:
                 close()
@@ -198,11 +199,19 @@ class SigningProxy:
         self.client_key.wipe()
 
     def swap_signer(self, signer: Any) -> None:
-        """Sign with ``signer`` from now on (a rotated key); the old one is closed at ``stop``, since a
-        request in flight may still be using it."""
+        """Sign with ``signer`` from now on (a rotated key). The one it replaces may still be signing a
+        request in flight: it is closed at a later swap once no request can still use it (longer ago
+        than an upstream timeout), or at ``stop``."""
         old, self.signer = self.signer, signer
         self._api_key = str(signer.api_key)
-        self._old_signers.append(old)
+        now = time.monotonic()
+        keep = []
+        for since, previous in self._old_signers:
+            if now - since < _SIGNER_GRACE:
+                keep.append((since, previous))
+            elif (close := getattr(previous, "close", None)) is not None:
+                close()
+        self._old_signers = [*keep, (now, old)]
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
