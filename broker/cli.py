@@ -321,9 +321,10 @@ def run_cmd(
             raise ConfigError("--proxy and --agent exclude each other",
                               "--proxy serves any Binance client; --agent serves get_signer(): pick one")
         if policy is not None and policy.action != "ignore":
-            raise ConfigError("--proxy does not follow key rotation yet: the proxy would keep signing with the "
-                              "key it was started with", "run without --on-rotate (or with --on-rotate ignore), "
-                              "and restart the run after a rotation")
+            raise ConfigError("--on-rotate does not apply to --proxy: the proxy follows key rotation itself and "
+                              "the bot, which holds only the proxy secret, never needs a restart for it",
+                              "run without --on-rotate; set how often the proxy checks with [proxy] "
+                              "rotation_interval")
         check_profile(prof)  # a typo in [proxy] is one line, before any secret is fetched
     stop_grace = None
     if grace:

@@ -58,6 +58,12 @@ class FakeBinance:
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     scheme: str = "http"
+    #: Headers sent with every signed answer, e.g. {"X-MBX-USED-WEIGHT-1M": "2390"} (default: weight 1).
+    weight_headers: dict[str, str] = field(default_factory=lambda: {"X-MBX-USED-WEIGHT-1M": "1"})
+    #: (status, Retry-After) answered to every signed request while set: the exchange's 429 or 418.
+    limited: tuple[int, str] | None = None
+    #: exchangeInfo's rateLimits (GET /fapi/v1/exchangeInfo, /api/v3/exchangeInfo).
+    rate_limits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def clock_offset_ms(self) -> int:
@@ -90,6 +96,8 @@ class FakeBinance:
         path = parts.path
         if path in TIME_PATHS:
             return 200, {"serverTime": int(time.time() * 1000) + self.clock_offset_ms}, {}
+        if path.endswith("/exchangeInfo"):
+            return 200, {"timezone": "UTC", "rateLimits": self.rate_limits, "symbols": []}, {}
         if path in LISTEN_KEY_PATHS:
             return self._listen_key(method, headers, {**dict(parse_qsl(body)), **dict(parse_qsl(parts.query))})
         params = {**dict(parse_qsl(body, keep_blank_values=True)), **dict(parse_qsl(parts.query, keep_blank_values=True))}
@@ -100,7 +108,11 @@ class FakeBinance:
         if status != 200:
             return status, payload, {}
         params = payload["params"]
-        weight = {"X-MBX-USED-WEIGHT-1M": "1"}
+        if self.limited is not None:
+            status, retry = self.limited
+            return status, {"code": -1003, "msg": "Way too many requests; IP banned until later."}, \
+                {"Retry-After": retry}
+        weight = dict(self.weight_headers)
         if path.endswith("/batchOrders") and method == "POST":
             orders = json.loads(params["batchOrders"])
             return 200, [self._order(o) for o in orders], weight
@@ -203,7 +215,10 @@ if __name__ == "__main__":  # a fake exchange for a manual try: prints its URL, 
     import sys
 
     fake = FakeBinance().start()
-    for arg in sys.argv[1:]:
+    import os
+
+    # API_KEY=SECRET pairs from argv, or (keeping secrets out of /proc/PID/cmdline) from $FAKE_BINANCE_KEYS.
+    for arg in sys.argv[1:] + [a for a in os.environ.get("FAKE_BINANCE_KEYS", "").split(",") if a]:
         name, _, secret = arg.partition("=")
         fake.add_hmac(name, secret)
     print(fake.url, flush=True)

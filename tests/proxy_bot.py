@@ -26,7 +26,10 @@ from binance.spot import Spot
 def main() -> None:
     state = Path(sys.argv[1])
     # The two lines that point binance-connector at credbroker:
-    base_url, secret = os.environ["CREDBROKER_PROXY_URL"], os.environ["CREDBROKER_PROXY_SECRET"]
+    # Under --proxy: the proxy's URL and secret; in env mode (argv[2] = the exchange's URL): the key itself.
+    base_url = os.environ.get("CREDBROKER_PROXY_URL") or sys.argv[2]
+    secret = os.environ.get("CREDBROKER_PROXY_SECRET") or os.environ.get("BINANCE_API_SECRET") or \
+        os.environ["BINANCE_PRIVATE_KEY"]
     if os.environ["CREDBROKER_KEY_KIND"] == "hmac":
         client = Spot(api_key=os.environ["BINANCE_API_KEY"], api_secret=secret, base_url=base_url)
     else:

@@ -30,10 +30,13 @@ def _plain(data: Any) -> Any:
 
 def main() -> None:
     state = Path(sys.argv[1])
-    secret = os.environ["CREDBROKER_PROXY_SECRET"]
+    # Under --proxy: the proxy's URL and secret; in env mode (argv[2] = the exchange's URL): the key itself.
+    url = os.environ.get("CREDBROKER_PROXY_URL") or sys.argv[2]
+    secret = os.environ.get("CREDBROKER_PROXY_SECRET") or os.environ.get("BINANCE_API_SECRET") or \
+        os.environ["BINANCE_PRIVATE_KEY"]
     key = {"api_secret": secret} if os.environ["CREDBROKER_KEY_KIND"] == "hmac" else {"private_key": secret}
     # The two lines that point the SDK at credbroker:
-    config = ConfigurationRestAPI(api_key=os.environ["BINANCE_API_KEY"], base_path=os.environ["CREDBROKER_PROXY_URL"],
+    config = ConfigurationRestAPI(api_key=os.environ["BINANCE_API_KEY"], base_path=url,
                                   retries=0, **key)
     client = DerivativesTradingUsdsFutures(config_rest_api=config).rest_api
     results: dict[str, Any] = {}

@@ -20,13 +20,16 @@ import ccxt
 
 def main() -> None:
     state = Path(sys.argv[1])
-    url = os.environ["CREDBROKER_PROXY_URL"]
+    # Under --proxy: the proxy's URL and secret; in env mode (argv[2] = the exchange's URL): the key itself.
+    url = os.environ.get("CREDBROKER_PROXY_URL") or sys.argv[2]
+    secret = os.environ.get("CREDBROKER_PROXY_SECRET") or os.environ.get("BINANCE_API_SECRET") or \
+        os.environ["BINANCE_PRIVATE_KEY"]
     results: dict[str, Any] = {}
     clients = {}
     for name in ("binance", "binanceusdm"):
         # The two lines that point ccxt at credbroker:
         ex = getattr(ccxt, name)({"apiKey": os.environ["BINANCE_API_KEY"],
-                                  "secret": os.environ["CREDBROKER_PROXY_SECRET"]})
+                                  "secret": secret})
         ex.urls["api"] = {k: v.replace("https://fapi.binance.com", url).replace("https://api.binance.com", url)
                           for k, v in ex.urls["api"].items()}
         clients[name] = ex

@@ -22,7 +22,10 @@ from binance.um_futures import UMFutures
 def main() -> None:
     state = Path(sys.argv[1])
     # The two lines that point binance-futures-connector at credbroker:
-    secret, url = os.environ["CREDBROKER_PROXY_SECRET"], os.environ["CREDBROKER_PROXY_URL"]
+    # Under --proxy: the proxy's URL and secret; in env mode (argv[2] = the exchange's URL): the key itself.
+    url = os.environ.get("CREDBROKER_PROXY_URL") or sys.argv[2]
+    secret = os.environ.get("CREDBROKER_PROXY_SECRET") or os.environ.get("BINANCE_API_SECRET") or \
+        os.environ["BINANCE_PRIVATE_KEY"]
     client = UMFutures(key=os.environ["BINANCE_API_KEY"], base_url=url,
                        **({"secret": secret} if os.environ["CREDBROKER_KEY_KIND"] == "hmac" else {"private_key": secret}))
     results: dict[str, Any] = {}

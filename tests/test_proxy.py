@@ -77,13 +77,13 @@ def real_signer(fake: FakeBinance, kind: str) -> Any:
 class Harness:
     def __init__(self, fake: FakeBinance, kind: str = "hmac", policy: SigningPolicy | None = None,
                  root_pid: int | None = None, allow_root: bool = True, ca_file: str | None = None,
-                 sync: bool = True) -> None:
+                 sync: bool = True, table: dict[str, Any] | None = None) -> None:
         self.records: list[tuple[str, dict[str, Any]]] = []
         self.signer = real_signer(fake, kind)
         self.client_key = ClientKey(kind)
         settings = ProxySettings.from_mapping({"spot": fake.url, "futures": fake.url,
                                                "unsafe_plain_http_loopback": True,
-                                               **({"ca_file": ca_file} if ca_file else {})}, "test")
+                                               **({"ca_file": ca_file} if ca_file else {}), **(table or {})}, "test")
         upstreams = make_upstreams(settings)
         for u in upstreams.values():
             if sync:
@@ -418,6 +418,7 @@ def test_binance_connector_bot_trades_through_the_proxy_without_the_secret(
     assert {r["rule"] for r in refused} == {"deny_kinds:withdraw", "symbols"}
     started = next(r["data"] for r in records if r["event"] == "proxy_started")
     assert started["kind"] == kind and 7_000 < started["clock_offset_ms"]["futures"] < 9_000
+    assert started["rate_limits"]["futures"]["weight_1m"] == 2400 and started["rate_limits"]["spot"]["orders_10s"] == 100
     stopped = next(r["data"] for r in records if r["event"] == "proxy_stopped")
     assert stopped["forwarded"] == len(forwarded) and stopped["refused"] == 2
     text = json.dumps(records) + proc.stdout + proc.stderr
@@ -433,7 +434,7 @@ def test_proxy_refuses_agent_and_a_bad_proxy_table_before_any_fetch(openbao: Ope
     assert proc.returncode == 125 and "--proxy and --agent exclude each other" in proc.stderr
     proc = subprocess.run([credbroker_bin(), "run", "--proxy", "--on-rotate", "restart", "-p", "bot", "--", "true"],
                           env=openbao.env(), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 125 and "--proxy does not follow key rotation yet" in proc.stderr
+    assert proc.returncode == 125 and "--on-rotate does not apply to --proxy" in proc.stderr
     text = (tmp_path / "credbroker.toml").read_text().replace(f'spot = "{fake.url}"', 'spot = "http://example.com"')
     (tmp_path / "credbroker.toml").write_text(text)
     proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", "true"],
@@ -545,7 +546,7 @@ def test_get_signer_learns_the_exchange_clock_at_start(openbao: OpenBao, tmp_pat
 #: so it lives in its own venv, made before the tests (no network during them) by .ci/run:
 #:   python3 -m venv .venv-clients/python-binance && .venv-clients/python-binance/bin/pip install python-binance==1.0.37
 #: (and the same for binance-futures-connector==4.2.0, ccxt==4.5.90 and, in .venv-clients/binance-sdk,
-#: binance-sdk-derivatives-trading-usds-futures==18.1.0)
+#: binance-sdk-derivatives-trading-usds-futures==18.1.0, and in .venv-clients/binance-sdk-spot binance-sdk-spot==13.3.0)
 PYTHON_BINANCE = Path(__file__).resolve().parent.parent / ".venv-clients" / "python-binance" / "bin" / "python"
 
 
@@ -558,7 +559,8 @@ def _python_binance() -> str:
     return str(PYTHON_BINANCE)
 
 
-@pytest.mark.parametrize("kind, client_key", [("hmac", "same"), ("ed25519", "same"), ("ed25519", "hmac")])
+@pytest.mark.parametrize("kind, client_key", [("hmac", "same"), ("ed25519", "same"), ("ed25519", "hmac"),
+                                              ("rsa", "same")])
 def test_python_binance_encoding_bug_disappears_through_the_proxy(
         openbao: OpenBao, tmp_path: Path, fake: FakeBinance, kind: str, client_key: str) -> None:
     python = _python_binance()
@@ -836,3 +838,110 @@ def test_binance_modular_sdk_trades_through_the_proxy(openbao: OpenBao, tmp_path
     needle = secret if kind == "hmac" else secret.strip().splitlines()[1]
     assert needle not in json.dumps(out["environ"])
     assert all(r.status == 200 for r in fake.requests), [(r.path, r.code) for r in fake.requests]
+
+
+# -- rotation under --proxy: the proxy picks up a rotated key, the bot runs on -----------------------
+
+ROTATION_BOT = """
+import json, os, sys, time, requests
+from pathlib import Path
+from broker import get_signer
+state = Path(sys.argv[1])
+signer = get_signer()
+url = os.environ["CREDBROKER_PROXY_URL"] + "/fapi/v2/balance"
+session = requests.Session()
+deadline = time.monotonic() + 90
+with (state / "log").open("a") as log:
+    while not (state / "stop").exists() and time.monotonic() < deadline:
+        r = session.get(url, auth=signer)
+        log.write(json.dumps({"pid": os.getpid(), "status": r.status_code, "code": r.json().get("code")
+                              if isinstance(r.json(), dict) else None}) + "\\n")
+        log.flush()
+        time.sleep(0.1)
+"""
+
+
+def _wait_for(check: Any, what: str, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_rotated_secret_is_picked_up_by_the_proxy_without_restarting_the_bot(
+        openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
+    old = _profile(openbao, tmp_path, fake, "hmac")
+    text = (tmp_path / "credbroker.toml").read_text()
+    (tmp_path / "credbroker.toml").write_text(text.replace("[profiles.bot.proxy]\n",
+                                                           '[profiles.bot.proxy]\nrotation_interval = "1s"\n'))
+    kv = text.split('path = "secret/', 1)[1].split('"', 1)[0]
+    state = tmp_path / "state-rot"
+    state.mkdir()
+    log = state / "log"
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+    proc = subprocess.Popen([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", sys.executable, "-c",
+                             ROTATION_BOT, str(state)], env=openbao.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: any(x["status"] == 200 for x in lines()), "the bot's first answer")
+        # The admin rotates: a new secret on the exchange (the old one stops working) and in Vault.
+        new = secrets.token_hex(32)
+        fake.add_hmac(API_KEY, new)
+        openbao.kv_put(kv, api_key=API_KEY, api_secret=new)
+        seen = len(lines())
+        _wait_for(lambda: any(x["status"] == 200 for x in lines()[seen + 1:]), "an answer signed with the new key")
+        (state / "stop").touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out + err
+    assert len({x["pid"] for x in lines()}) == 1  # one bot process all along: no restart
+    assert lines()[-1]["status"] == 200
+    records = audit_records()
+    rotated = [r["data"] for r in records if r["event"] == "proxy_key_rotated"]
+    assert [r["version"] for r in rotated] == [2] and rotated[0]["kind"] == "hmac"
+    fetched = [r["data"] for r in records if r["event"] == "secret_fetched"]
+    assert [f.get("by") for f in fetched][-1] == "proxy_rotation"
+    # The exchange saw requests signed with the new secret after the rotation.
+    assert fake.signed()[-1].status == 200
+    text = json.dumps(records) + out + err
+    assert old not in text and new not in text
+
+
+def test_a_replaced_signer_is_closed_once_no_request_can_still_use_it(fake: FakeBinance,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.proxy import server
+
+    class Stub:
+        api_key = API_KEY
+        kind = "hmac"
+        closed = 0
+
+        def close(self) -> None:
+            self.closed += 1
+
+    h = Harness(fake)
+    first, second, third = Stub(), Stub(), Stub()
+    clock = [1000.0]
+    monkeypatch.setattr(server.time, "monotonic", lambda: clock[0])
+    try:
+        original = h.proxy.signer
+        h.proxy.swap_signer(first)
+        h.proxy.swap_signer(second)  # at once: the original may still be signing
+        assert h.proxy.signer is second and first.closed == 0
+        clock[0] += server._SIGNER_GRACE + 1
+        h.proxy.swap_signer(third)  # the original and `first` were replaced long ago; `second` just now
+        assert first.closed == 1 and second.closed == 0 and h.proxy.signer is third
+        assert original is not None
+    finally:
+        monkeypatch.undo()
+        h.close()
+    assert second.closed == 1 and third.closed == 1 and first.closed == 1

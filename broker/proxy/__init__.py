@@ -58,12 +58,13 @@ class ProxyRun:
     """A started proxy for one run: ``child_env`` and ``child_profile`` for the child, ``stop()`` at the end."""
 
     def __init__(self, server: Any, child_env: dict[str, str], child_profile: Any,
-                 record: Callable[[str, dict[str, Any]], Any], ws: Any = None) -> None:
+                 record: Callable[[str, dict[str, Any]], Any], ws: Any = None, follower: Any = None) -> None:
         self.server = server
         self.ws = ws
         self.child_env = child_env
         self.child_profile = child_profile
         self._record = record
+        self._follower = follower
 
     @property
     def url(self) -> str:
@@ -74,6 +75,8 @@ class ProxyRun:
         server, self.server = self.server, None
         if server is None:
             return
+        if self._follower is not None:
+            self._follower.stop()
         ws, self.ws = self.ws, None
         if ws is not None:
             ws.stop()
@@ -120,8 +123,12 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
 
         vault_settings = VaultSettings.from_env(env if env is not None else os.environ)
         client = client_for(profile, env if env is not None else os.environ, settings=vault_settings)
-    signer = make_signer(settings, dict(creds.items()), profile=profile.name, where=profile.where("signer"),
-                         record_failures=False, vault_client=client, vault_settings=vault_settings)
+
+    def make(fields: Mapping[str, Any]) -> Any:  # the real key's signer: at start, and after a rotation
+        return make_signer(settings, dict(fields.items()), profile=profile.name, where=profile.where("signer"),
+                           record_failures=False, vault_client=client, vault_settings=vault_settings)
+
+    signer = make(creds)
     key_field = settings.key_field or next((f for f in ("private_key", "api_secret") if f in creds), None)
     # A transit key is Ed25519 inside Vault: the bot's stand-in is an Ed25519 key (or HMAC, if asked).
     same = "ed25519" if signer.kind == "transit" else signer.kind
@@ -168,8 +175,10 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
     record("proxy_started", {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,
                              "upstreams": {n: u.base_url for n, u in upstreams.items()},
                              "clock_offset_ms": offsets, "policy": policy.describe(),
-                             "ws_url": ws.url if ws is not None else None})
-    return ProxyRun(server, child_env, child_profile, record, ws)
+                             "ws_url": ws.url if ws is not None else None,
+                             "rate_limits": {n: lim.limits() for n, lim in server.limiters.items()}})
+    follower = _follow_rotation(server, profile, creds, settings, proxy_settings, env, make, record)
+    return ProxyRun(server, child_env, child_profile, record, ws, follower)
 
 
 def _ws_endpoint(profile: Any, signer: Any, client_key: Any, policy: Any, server: Any, upstreams: Any,
@@ -184,6 +193,8 @@ def _ws_endpoint(profile: Any, signer: Any, client_key: Any, policy: Any, server
     endpoint = ws.WsProxy(signer, client_key, policy, urls, profile=profile.name, record=server._record,
                           check_peer=server.check_peer, now_ms={n: u.now_ms for n, u in upstreams.items()},
                           ca_file=proxy_settings.ca_file)
+    # A rotated key (follow.py swaps the REST proxy's signer) signs the WebSocket requests too.
+    server.signer_followers.append(lambda new: setattr(endpoint, "signer", new))
     endpoint.start()
     return endpoint
 
@@ -200,6 +211,22 @@ def _ws_urls(profile: Any) -> dict[str, str] | None:
                               "is not installed", "pip install 'credbroker[ws]'")
         return None
     return urls
+
+
+def _follow_rotation(server: Any, profile: Any, creds: Any, settings: Any, proxy_settings: Any,
+                     env: Mapping[str, str] | None, make: Callable[[Any], Any],
+                     record: Callable[[str, dict[str, Any]], Any]) -> Any:
+    """Start following the Vault profile's versions (``follow``); None where there is nothing to follow."""
+    origin = getattr(creds, "origin", None)
+    version = getattr(origin, "version", None)
+    if settings.type == "transit" or getattr(origin, "source", None) != "vault" or version is None:
+        return None
+    from .follow import KeyFollower
+
+    follower = KeyFollower(server, profile, env if env is not None else os.environ, version,
+                           proxy_settings.rotation_interval, make, record)
+    follower.start()
+    return follower
 
 
 def _say(message: str) -> None:

@@ -15,8 +15,11 @@ and an audit record):
    exchange's clock, and the request signed with the real key over exactly
    the bytes that are sent (so a client that signs one encoding and sends
    another, like python-binance with a ``/`` in a value, gets through);
-4. the request goes to the exchange over a kept-alive pool; its answer comes
-   back unchanged (status, headers but hop-by-hop ones, body bytes).
+4. the upstream's request weight and order rate have room for it
+   (``weight.Limiter``: else Binance's own 429, answered here);
+5. the request goes to the exchange over a kept-alive connection; its answer
+   comes back unchanged (status, headers but hop-by-hop ones, body bytes), and
+   its weight headers (and an exchangeInfo's ``rateLimits``) feed the limiter.
 
 Audit: ``proxy_request`` before a request leaves (method, endpoint, parameter
 names, the order's public fields), ``proxy_answer`` for an answer that is not
@@ -37,9 +40,8 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from fnmatch import fnmatchcase
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NamedTuple
+from fnmatch import fnmatchcase, translate
+from typing import Any, NamedTuple, cast
 
 from ..agent import AuditSink
 from ..errors import BrokerError
@@ -48,16 +50,19 @@ from ..signing.failures import classify
 from ..signing_policy import KINDS, PolicyRefused, SigningPolicy, SignRequest
 from .clientkey import ClientKey
 from .listenkeys import STREAM_EVENT_PATH, ProxyListenKeys
+from .http11 import HttpServer, Request
 from .peer import peer_in_tree
 from .settings import ProxySettings
 from .upstream import Answer, Upstream, UpstreamError
+from .weight import Limiter, Ticket, Verdict, cost
 
 FLUSH_INTERVAL = 0.2  # seconds: the longest a queued audit record waits for its fsync
-MAX_BODY = 1 << 20
 #: A path the exchange reads the same way we do: no "//", no dot segments, no percent-escapes.
 _CANONICAL = re.compile(r"^(/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)+/?$")
 #: Request headers passed on to the exchange; every other one stays here.
 _FORWARDED_HEADERS = ("Content-Type", "Accept", "Accept-Encoding", "User-Agent")
+_WANTED = tuple((name, name.lower()) for name in (*_FORWARDED_HEADERS, binance.API_KEY_HEADER))
+_SIGNER_GRACE = 60.0  # seconds a replaced signer stays open: longer than any upstream request's timeout
 _RESYNC_AFTER = 1.0  # seconds between two clock syncs triggered by -1021
 
 # Audit event names written here.
@@ -77,9 +82,9 @@ class Refusal(NamedTuple):
     rule: str
 
 
-def _json_answer(status: int, code: int, message: str) -> Answer:
+def _json_answer(status: int, code: int, message: str, extra: tuple[tuple[str, str], ...] = ()) -> Answer:
     body = json.dumps({"code": code, "msg": message}).encode()
-    return Answer(status, [("Content-Type", "application/json;charset=UTF-8")], body)
+    return Answer(status, [("Content-Type", "application/json;charset=UTF-8"), *extra], body)
 
 
 def _strip_signature(raw: str) -> tuple[str, str | None, int]:
@@ -136,8 +141,12 @@ class SigningProxy:
         self.root_pid = root_pid
         self.allow_root = allow_root
         self._say = say
-        self._api_key = str(signer.api_key)
-        self._httpd: ThreadingHTTPServer | None = None
+        self._api_key = str(signer.api_key)  # the real key's API key, sent to the exchange
+        self._bot_api_key = self._api_key  # the one the bot was given (a rotation may change the real one)
+        self._old_signers: list[tuple[float, Any]] = []  # (monotonic time replaced, signer)
+        #: Called with the new signer at every swap (the WebSocket API endpoint follows the REST proxy's key).
+        self.signer_followers: list[Callable[[Any], None]] = []
+        self._httpd: HttpServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._audit_failed: BrokerError | None = None
@@ -151,24 +160,25 @@ class SigningProxy:
         self.refused = 0
         # The bot's futures listenKey, kept alive by the proxy (listenkeys.py).
         self.listen_keys = ProxyListenKeys(self._api_key, profile, self._record)
+        #: Request weight and order rate per upstream (``weight``); the profile's limits win.
+        self.limiters = {name: Limiter(name, fixed=settings.rate_limits.get(name)) for name in self.upstreams}
+        patterns = [translate(p.lower()) for p in policy.deny_endpoints]
+        self._deny = re.compile("|".join(f"(?:{p})" for p in patterns) if patterns else "(?!)")
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
     def url(self) -> str:
         """The base URL the bot's client points at."""
         assert self._httpd is not None
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        return f"http://127.0.0.1:{self._httpd.port}"
 
     def start(self) -> str:
         """Listen on 127.0.0.1 (a free port), serve in threads; returns the base URL."""
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
-        self._httpd.proxy = self
-        serve = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                 name="credbroker-proxy", daemon=True)
+        self._httpd = HttpServer(self.check_peer, self._serve_http)
+        self._httpd.start()
         flusher = threading.Thread(target=self._flush_loop, name="credbroker-proxy-audit", daemon=True)
-        self._threads = [serve, flusher]
-        for t in self._threads:
-            t.start()
+        self._threads = [flusher]
+        flusher.start()
         return self.url
 
     def stop(self) -> None:
@@ -177,8 +187,7 @@ class SigningProxy:
         self._stop.set()
         self.listen_keys.stop()
         if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+            httpd.stop()
         for t in self._threads:
             t.join(timeout=5.0)
         self._threads = []
@@ -188,10 +197,29 @@ class SigningProxy:
             pass  # reported by the run's own records; nothing more can be done here
         for upstream in self.upstreams.values():
             upstream.close()
-        close = getattr(self.signer, "close", None)
-        if close is not None:
-            close()
+        for signer in (*(old for _, old in self._old_signers), self.signer):
+            close = getattr(signer, "close", None)
+            if close is not None:
+                close()
+        self._old_signers = []
         self.client_key.wipe()
+
+    def swap_signer(self, signer: Any) -> None:
+        """Sign with ``signer`` from now on (a rotated key). The one it replaces may still be signing a
+        request in flight: it is closed at a later swap once no request can still use it (longer ago
+        than an upstream timeout), or at ``stop``."""
+        old, self.signer = self.signer, signer
+        self._api_key = str(signer.api_key)
+        for follow in self.signer_followers:  # the WebSocket API endpoint signs with the same key
+            follow(signer)
+        now = time.monotonic()
+        keep = []
+        for since, previous in self._old_signers:
+            if now - since < _SIGNER_GRACE:
+                keep.append((since, previous))
+            elif (close := getattr(previous, "close", None)) is not None:
+                close()
+        self._old_signers = [*keep, (now, old)]
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
@@ -220,6 +248,18 @@ class SigningProxy:
         return pid, reason
 
     # -- requests ---------------------------------------------------------------------------
+    def _serve_http(self, peer: object, request: Request) -> tuple[Answer, bool]:
+        """One request from the HTTP loop: (answer, close the connection after it)."""
+        pid, reason = cast("tuple[int | None, str | None]", peer)  # what check_peer returned for this connection
+        if reason is not None:
+            return _json_answer(403, -1002, f"credbroker proxy: this process may not use the proxy: {reason}; "
+                                            "only the bot `credbroker run --proxy` started (and its children) "
+                                            "may"), True
+        # Header names are case-insensitive: the loop lower-cased them; handle() reads these names.
+        lookup = request.headers
+        wanted = {name: lookup[low] for name, low in _WANTED if low in lookup}
+        return self.handle(request.method, request.target, wanted, request.body, pid), False
+
     def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes, pid: int | None
                ) -> Answer:
         """Check, re-sign and forward one request; the answer to give the bot."""
@@ -268,6 +308,11 @@ class SigningProxy:
                 out_query, out_body = self._resign(q_rest, b_rest, upstream)
             except BrokerError as exc:
                 return self._refuse(Refusal(500, -1000, f"signing failed: {exc.message}", "signing"), pid, summary)
+        limiter = self.limiters[upstream.name]
+        weight, orders = cost(upstream.name, method, path, out_query, out_body)
+        ticket = limiter.acquire(weight, orders, upstream.now_ms())
+        if isinstance(ticket, Verdict):
+            return self._rate_limited(ticket, pid, summary)
         record = {"profile": self.profile, "pid": pid, "signed": signed, "upstream": upstream.name, **summary}
         if not self._record(PROXY_REQUEST, record):
             return _json_answer(500, -1000, "credbroker proxy: the audit log cannot be written; nothing is forwarded")
@@ -285,10 +330,18 @@ class SigningProxy:
                                         "method": method, "status": 502, "error": exc.message})
             return _json_answer(502, -1000, f"credbroker proxy: {exc.message}")
         self.forwarded += 1
+        self._observe(limiter, ticket, answer, path)
         if answer.status >= 400:
             self._after_error(answer, upstream, path, method, pid)
         self.listen_keys.after_answer(method, path, answer, upstream)
         return answer
+
+    def _observe(self, limiter: Limiter, ticket: Ticket, answer: Answer, path: str) -> None:
+        """Feed the answer's weight headers (and an exchangeInfo's rateLimits) to the upstream's limiter."""
+        limiter.observe(ticket, answer.status, answer.headers)
+        if answer.status == 200 and path.endswith("/exchangeInfo") and limiter.learn_exchange_info(answer.body):
+            self._record("proxy_rate_limits", {"profile": self.profile, "upstream": limiter.upstream,
+                                               "limits": limiter.limits(), "from": "exchangeInfo"})
 
     def _check_target(self, method: str, path: str, headers: Mapping[str, str]) -> Refusal | None:
         if method not in ("GET", "POST", "PUT", "DELETE"):
@@ -298,15 +351,17 @@ class SigningProxy:
         if self.settings.upstream_for(path) is None:
             return Refusal(404, -1000, f"{path[:80]} is not a Binance REST path the proxy serves "
                                        "(/api/, /sapi/, /fapi/)", "path")
-        # The exchange may read paths without regard to case: so does the endpoint denial.
+        # The exchange may read paths without regard to case: so does the endpoint denial. One regex
+        # of every pattern first (the common case: no match); then which pattern, for the record.
         lowered = path.lower()
-        for pattern in self.policy.deny_endpoints:
-            if fnmatchcase(lowered, pattern.lower()):
-                rule = next((f"deny_kinds:{kind}" for kind in self.policy.deny_kinds if pattern in KINDS[kind][0]),
-                            "deny_endpoints")
-                return Refusal(403, -1002, f"credbroker proxy: {path[:80]} is a denied endpoint", rule)
+        if self._deny.match(lowered):
+            for pattern in self.policy.deny_endpoints:
+                if fnmatchcase(lowered, pattern.lower()):
+                    rule = next((f"deny_kinds:{kind}" for kind in self.policy.deny_kinds
+                                 if pattern in KINDS[kind][0]), "deny_endpoints")
+                    return Refusal(403, -1002, f"credbroker proxy: {path[:80]} is a denied endpoint", rule)
         key = headers.get(binance.API_KEY_HEADER)
-        if key is not None and not hmac.compare_digest(key.encode("utf-8", "replace"), self._api_key.encode()):
+        if key is not None and not hmac.compare_digest(key.encode("utf-8", "replace"), self._bot_api_key.encode()):
             return Refusal(401, -2015, "the X-MBX-APIKEY header is not this profile's API key", "api_key")
         return None
 
@@ -381,6 +436,13 @@ class SigningProxy:
                                      "reason": refusal.message, **summary})
         return _json_answer(refusal.status, refusal.code, refusal.message)
 
+    def _rate_limited(self, verdict: Verdict, pid: int | None, summary: Mapping[str, Any]) -> Answer:
+        self.refused += 1
+        self._record(PROXY_REFUSED, {"profile": self.profile, "pid": pid, "rule": verdict.rule,
+                                     "reason": verdict.message, "retry_after": verdict.retry_after, **summary})
+        return _json_answer(verdict.status, verdict.code, verdict.message,
+                            (("Retry-After", str(verdict.retry_after)),))
+
     def _policy_refused(self, exc: PolicyRefused, pid: int | None, summary: Mapping[str, Any]) -> Answer:
         self.refused += 1
         self._record(POLICY_REFUSED, {"profile": self.profile, "pid": pid, "rule": exc.rule, "reason": exc.message,
@@ -392,65 +454,3 @@ class SigningProxy:
             return False
         self._queue.append((event, fields))
         return True
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    proxy: SigningProxy
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive; every request goes to ``SigningProxy.handle``."""
-
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and the
-    # client's delayed ACK hold the body back ~40 ms on every kept-alive request.
-    disable_nagle_algorithm = True
-    server: _Server
-    _peer: tuple[int | None, str | None] | None = None
-
-    def _serve(self) -> None:
-        proxy = self.server.proxy
-        if self._peer is None:  # once per connection
-            client = (str(self.client_address[0]), int(self.client_address[1]))
-            self._peer = proxy.check_peer(client, ("127.0.0.1", int(self.server.server_address[1])))
-        pid, reason = self._peer
-        if reason is not None:
-            self.close_connection = True
-            self._send(_json_answer(403, -1002, f"credbroker proxy: this process may not use the proxy: {reason}; "
-                                                "only the bot `credbroker run --proxy` started (and its children) "
-                                                "may"))
-            return
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            self._send(_json_answer(411, -1000, "credbroker proxy: send the body with a Content-Length"))
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY:
-            self.close_connection = True
-            self._send(_json_answer(400, -1000, "credbroker proxy: bad Content-Length"))
-            return
-        body = self.rfile.read(length) if length else b""
-        # Header names are case-insensitive: normalise the ones the proxy reads.
-        lookup = {k.lower(): v for k, v in self.headers.items()}
-        wanted = {name: lookup[name.lower()] for name in (*_FORWARDED_HEADERS, binance.API_KEY_HEADER)
-                  if name.lower() in lookup}
-        self._send(proxy.handle(self.command, self.path, wanted, body, pid))
-
-    def _send(self, answer: Answer) -> None:
-        self.send_response_only(answer.status)
-        for name, value in answer.headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(answer.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(answer.body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-    def log_message(self, format: str, *args: Any) -> None:  # the audit log is the record, not stderr
-        pass

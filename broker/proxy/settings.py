@@ -8,9 +8,14 @@ Example::
     futures = "https://fapi.binance.com"     # /fapi/... (USDⓈ-M futures; default shown)
     # ca_file = "/etc/ssl/corp-ca.pem"       # trust these CAs for the exchange instead of certifi's bundle
     # client_key = "hmac"                    # the bot's stand-in: "same" kind as the real key (default) or "hmac"
+    # rotation_interval = "60s"              # how often the proxy looks for a rotated key in Vault
     # unsafe_plain_http_loopback = true      # tests only: an http:// upstream on 127.0.0.1
     # ws_spot = "wss://ws-api.binance.com:443/ws-api/v3"   # WebSocket API upstreams (credbroker[ws]; defaults shown)
     # ws_futures = "wss://ws-fapi.binance.com/ws-fapi/v1"
+
+    [profiles.um-futures.proxy.rate_limits.futures]   # optional: lower than the exchange's (weight.py)
+    weight_1m = 1200                         # request weight per minute
+    orders_10s = 50                          # orders per 10 seconds
 
 ``client_key = "hmac"`` gives the bot an HMAC proxy secret even when the real
 key is Ed25519 or RSA: for clients whose PEM handling is broken (python-binance
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,7 +48,8 @@ ROUTES: tuple[tuple[str, str], ...] = (("/fapi/", "futures"), ("/api/", "spot"),
 TIME_PATHS = {"spot": "/api/v3/time", "futures": "/fapi/v1/time"}
 
 _KNOWN = frozenset({"testnet", "spot", "futures", "unsafe_plain_http_loopback", "client_key", "ca_file",
-                    "ws_spot", "ws_futures"})  # ws_*: the WebSocket API upstreams, read by broker.proxy.ws
+                    "ws_spot", "ws_futures",  # ws_*: the WebSocket API upstreams, read by broker.proxy.ws
+                    "rate_limits", "rotation_interval"})
 CLIENT_KEYS = ("same", "hmac")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -58,6 +64,9 @@ class ProxySettings:
     unsafe_plain_http_loopback: bool = False
     client_key: str = "same"
     ca_file: str | None = None  # None: certifi's bundle (what requests trusts)
+    #: upstream -> {(kind, interval): limit} from [proxy.rate_limits.<upstream>]; wins over exchangeInfo's
+    rate_limits: Mapping[str, Mapping[tuple[str, str], int]] = field(default_factory=dict)
+    rotation_interval: float = 60.0  # seconds between two looks at the Vault profile's version
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any] | None, where: str) -> ProxySettings:
@@ -90,7 +99,8 @@ class ProxySettings:
                               "name a PEM file of CA certificates, or remove ca_file")
         return cls(spot=urls["spot"], futures=urls["futures"], testnet=flags["testnet"],
                    unsafe_plain_http_loopback=flags["unsafe_plain_http_loopback"], client_key=client_key,
-                   ca_file=ca_file)
+                   ca_file=ca_file, rate_limits=_rate_limits(table.get("rate_limits"), f"{where}.rate_limits"),
+                   rotation_interval=_interval(table.get("rotation_interval", 60), f"{where}.rotation_interval"))
 
     @classmethod
     def for_profile(cls, profile: Any) -> ProxySettings:
@@ -112,6 +122,42 @@ class ProxySettings:
     def plain_http(self) -> list[str]:
         """The upstreams reached over plain HTTP (loopback only, by the unsafe switch)."""
         return [name for name in ("spot", "futures") if self.base_url(name).startswith("http://")]
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _interval(value: object, where: str) -> float:
+    """Seconds, as a number or ``"30s"`` / ``"5m"`` / ``"1h"``; > 0."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        unit = _UNITS.get(text[-1])
+        try:
+            seconds = float(text[:-1]) * unit if unit is not None else float(text)
+        except ValueError:
+            seconds = None
+    if seconds is None or not seconds > 0:
+        raise ConfigError(f"{where}: expected a duration > 0, got {value!r}", 'e.g. rotation_interval = "60s"')
+    return seconds
+
+
+def _rate_limits(table: object, where: str) -> dict[str, dict[tuple[str, str], int]]:
+    """``[proxy.rate_limits]``: one table per upstream (spot, futures) of ``weight_1m = N``-style limits."""
+    from .weight import parse_limits
+
+    if table is None:
+        return {}
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table", "e.g. [profiles.NAME.proxy.rate_limits.futures]")
+    out = {}
+    for name, limits in table.items():
+        if name not in ("spot", "futures"):
+            raise ConfigError(f"{where}.{name}: unknown upstream", "expected spot or futures")
+        out[str(name)] = parse_limits(limits, f"{where}.{name}")
+    return out
 
 
 def check_base_url(raw: object, where: str, *, allow_plain_loopback: bool) -> str:

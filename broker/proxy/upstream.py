@@ -1,12 +1,18 @@
-"""The way out: a kept-alive connection pool per exchange base URL, and the exchange's clock.
+"""The way out: kept-alive connections per exchange base URL, and the exchange's clock.
 
-urllib3 (already installed: ``requests`` is built on it, and ``broker.sources``
-uses ``requests``) gives thread-safe pools of kept-alive HTTP/1.1 connections
-with certificate verification on by default, total timeouts, and switches to
-turn off what a proxy must not do by itself: no retries (an order must never
-be sent twice because a read timed out) and no redirects (the API key would
-follow them). The standard library's ``http.client`` has no pool, and
-``requests`` adds sessions, cookies and hooks this path does not want.
+A small HTTP/1.1 client over the standard library's ``socket`` and ``ssl``:
+one request written in one ``sendall``, the answer read by hand (status line,
+headers, a ``Content-Length`` or chunked body), the connection put back for
+the next request. It replaced urllib3's pool (on ``http.client``), whose
+per-request cost, mostly ``http.client`` parsing every answer's headers with
+the ``email`` package, was most of the proxy's own (``scripts/bench_proxy.py``).
+What a proxy must not do by itself it does not do: no retries (an order must
+never be sent twice because a read timed out; a kept-alive connection is only
+reused when it has not been closed by the exchange meanwhile), no redirects
+(the API key would follow them). TLS: ``ssl.create_default_context`` with
+certificate and host name verification, trusting certifi's bundle (what
+requests trusts) or the profile's ``ca_file``. Each request has a connect
+timeout and a read timeout.
 
 Clock offset: Binance accepts a request when ``timestamp < serverTime + 1000``
 and ``serverTime - timestamp <= recvWindow`` ("Timing security"). The proxy
@@ -19,10 +25,14 @@ offset, so a host whose clock is seconds off still sends valid timestamps.
 from __future__ import annotations
 
 import json
+import select
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from ..errors import BrokerError
 
@@ -43,51 +53,217 @@ class Answer(NamedTuple):
     body: bytes
 
 
+MAX_HEAD = 64 * 1024  # bytes of status line and headers an answer may have
+MAX_ANSWER = 64 * 1024 * 1024  # bytes of body (exchangeInfo is a few MB)
+
+
+class _Conn:
+    """One kept-alive connection and what was read past the last answer."""
+
+    __slots__ = ("sock", "buf")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    def fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the exchange closed the connection")
+        self.buf += data
+
+    def read_until(self, mark: bytes, limit: int) -> bytes:
+        while True:
+            i = self.buf.find(mark, 0, limit + len(mark))
+            if i >= 0:
+                out = bytes(self.buf[:i])
+                del self.buf[:i + len(mark)]
+                return out
+            if len(self.buf) > limit:
+                raise ValueError("an answer's head is too long")
+            self.fill()
+
+    def read_exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.fill()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def read_to_end(self) -> bytes:
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            self.buf += data
+            if len(self.buf) > MAX_ANSWER:
+                raise ValueError("the answer is too long")
+        out = bytes(self.buf)
+        self.buf.clear()
+        return out
+
+    def dropped(self) -> bool:
+        """True when an idle connection was closed by the other end (or has unexpected bytes)."""
+        if self.buf:
+            return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
 class Upstream:
-    """One exchange base URL: its connection pool and its clock offset (ms)."""
+    """One exchange base URL: its kept-alive connections and its clock offset (ms)."""
 
     def __init__(self, name: str, base_url: str, time_path: str, *, timeout: float = 10.0,
                  pool_size: int = 16, ca_file: str | None = None) -> None:
-        import urllib3
-
         self.name = name
         self.base_url = base_url
         self.time_path = time_path
         self.offset_ms = 0
         self.synced = False
         self._lock = threading.Lock()
-        self._timeout = urllib3.Timeout(connect=min(timeout, 5.0), read=timeout)
-        # certifi's bundle when present (what requests trusts), else the system's default store.
-        ca_certs: str | None = ca_file
-        if ca_certs is None:
-            try:
-                import certifi
+        parts = urlsplit(base_url)
+        self._host = parts.hostname or ""
+        self._tls = parts.scheme == "https"
+        self._port = parts.port or (443 if self._tls else 80)
+        self._host_header = parts.netloc.encode("idna")
+        self._connect_timeout = min(timeout, 5.0)
+        self._read_timeout = timeout
+        self._pool_size = pool_size
+        self._idle: list[_Conn] = []
+        self._ctx: ssl.SSLContext | None = None
+        if self._tls:
+            # certifi's bundle when present (what requests trusts), else the system's default store.
+            ca_certs: str | None = ca_file
+            if ca_certs is None:
+                try:
+                    import certifi
 
-                ca_certs = certifi.where()
-            except ImportError:
-                pass
-        self._pool = urllib3.connection_from_url(
-            base_url, maxsize=pool_size, block=False, retries=False, timeout=self._timeout,
-            **({"cert_reqs": "CERT_REQUIRED", "ca_certs": ca_certs} if base_url.startswith("https://") else {}),
-        )
+                    ca_certs = certifi.where()
+                except ImportError:
+                    pass
+            self._ctx = ssl.create_default_context(cafile=ca_certs)  # verifies the chain and the host name
+
+    def _connection(self) -> _Conn:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.dropped():
+                    return conn
+                conn.close()
+        sock = socket.create_connection((self._host, self._port), timeout=self._connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ctx is not None:
+                sock = self._ctx.wrap_socket(sock, server_hostname=self._host)
+            sock.settimeout(self._read_timeout)
+        except (OSError, ssl.SSLError):
+            sock.close()
+            raise
+        return _Conn(sock)
+
+    def _put_back(self, conn: _Conn) -> None:
+        with self._lock:
+            if len(self._idle) < self._pool_size:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def request(self, method: str, target: str, body: bytes | None, headers: Mapping[str, str]) -> Answer:
         """Send one request (``target`` = path?query) and read the whole answer, not decoded."""
-        import urllib3
-
+        conn: _Conn | None = None
         try:
-            resp = self._pool.urlopen(method, target, body=body, headers=dict(headers), redirect=False,
-                                      retries=False, preload_content=False, decode_content=False,
-                                      assert_same_host=True)
-            try:
-                data = resp.read(decode_content=False)
-            finally:
-                resp.release_conn()
-        except urllib3.exceptions.HTTPError as exc:
-            raise UpstreamError(f"cannot reach the exchange at {self.base_url}: {type(exc).__name__}",
+            conn = self._connection()
+            lines = [f"{method} {target} HTTP/1.1".encode("latin-1"), b"Host: " + self._host_header]
+            for name, value in headers.items():
+                lines.append(f"{name}: {value}".encode("latin-1"))
+            if body is None and method in ("POST", "PUT"):
+                lines.append(b"Content-Length: 0")
+            if "Accept-Encoding" not in headers:
+                lines.append(b"Accept-Encoding: identity")
+            conn.sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + (body or b""))
+            answer, reuse = self._read_answer(conn, method)
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            if conn is not None:
+                conn.close()
+            kind = "SSLError" if isinstance(exc, ssl.SSLError) else type(exc).__name__
+            raise UpstreamError(f"cannot reach the exchange at {self.base_url}: {kind}",
                                 "check the network and the profile's [proxy] base URLs") from None
-        headers_out = [(k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP]
-        return Answer(resp.status, headers_out, data)
+        if reuse:
+            self._put_back(conn)
+        else:
+            conn.close()
+        return answer
+
+    @staticmethod
+    def _read_answer(conn: _Conn, method: str) -> tuple[Answer, bool]:
+        while True:
+            head = conn.read_until(b"\r\n\r\n", MAX_HEAD).decode("latin-1")
+            status_line, _, rest = head.partition("\r\n")
+            version, _, tail = status_line.partition(" ")
+            if not version.startswith("HTTP/1."):
+                raise ValueError("the answer is not HTTP/1.x")
+            status = int(tail[:3])
+            if status >= 200 or status == 101:
+                break  # 1xx interim answers (100 Continue) are skipped
+        raw_headers: list[tuple[str, str]] = []
+        length: int | None = None
+        chunked = close = False
+        for line in rest.split("\r\n") if rest else []:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ValueError("a malformed header line")
+            value = value.strip()
+            lower = name.strip().lower()
+            if lower == "content-length":
+                if length is not None and length != int(value):
+                    raise ValueError("conflicting Content-Length headers")
+                length = int(value)
+            elif lower == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+            elif lower == "connection":
+                close = "close" in value.lower()
+            if lower not in HOP_BY_HOP:
+                raw_headers.append((name.strip(), value))
+        if version == "HTTP/1.0":
+            close = True
+        if method == "HEAD" or status in (204, 304):
+            data = b""
+        elif chunked:
+            data = Upstream._read_chunked(conn)
+        elif length is not None:
+            if not 0 <= length <= MAX_ANSWER:
+                raise ValueError("a bad Content-Length")
+            data = conn.read_exactly(length)
+        else:
+            data, close = conn.read_to_end(), True
+        return Answer(status, raw_headers, data), not close
+
+    @staticmethod
+    def _read_chunked(conn: _Conn) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            size = int(conn.read_until(b"\r\n", 1024).split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                while conn.read_until(b"\r\n", MAX_HEAD):  # trailers, up to the empty line
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > MAX_ANSWER:
+                raise ValueError("the answer is too long")
+            parts.append(conn.read_exactly(size))
+            conn.read_exactly(2)
 
     def now_ms(self) -> int:
         """The exchange's time as this host best knows it (ms)."""
@@ -113,7 +289,11 @@ class Upstream:
         return offset
 
     def close(self) -> None:
-        self._pool.close()
+        """Close every idle connection."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 def make_upstreams(settings: Any, *, timeout: float = 10.0) -> dict[str, Upstream]:

@@ -1,0 +1,91 @@
+"""The proxy follows key rotation: a rotated secret is signed with, without restarting the bot.
+
+Under ``--proxy`` the bot holds only the per-run proxy secret, which does not
+change when an admin rotates the real key in Vault. So the proxy itself
+watches the profile's KV version (``broker.rotation.Watcher``: the same poll,
+token renewal and back-off as ``--on-rotate``), reads the new version when one
+appears (recorded as ``secret_fetched``, ``by: proxy_rotation``), builds a new
+signer from it and swaps it in (``SigningProxy.swap_signer``): requests from
+then on are signed with the new key; the bot notices nothing. A new version
+that cannot be read or does not make a signer is recorded and the old key
+stays in use (the exchange's answers will say when it stops working).
+
+The interval is the profile's ``[proxy] rotation_interval`` (seconds, default
+60). A transit key rotates inside Vault (transit signs with its newest
+version): nothing to follow there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import BrokerError
+
+DEFAULT_INTERVAL = 60.0
+
+
+class KeyFollower:
+    """A thread that polls the profile's version and swaps the proxy's signer on a new one."""
+
+    def __init__(self, proxy: Any, profile: Any, env: Mapping[str, str], version: int | None, interval: float,
+                 make: Callable[[Any], Any], record: Callable[[str, dict[str, Any]], Any]) -> None:
+        from ..rotation import Watcher
+
+        self._proxy = proxy
+        self._profile = profile
+        self._env = dict(env)
+        self._make = make
+        self._record = record
+        self._interval = interval
+        self._watcher = Watcher(profile, self._env, record, version, interval)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="credbroker-proxy-rotation", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+        self._watcher.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.check()
+            except BrokerError:
+                pass  # recorded by check(); the old key stays in use
+
+    def check(self) -> int | None:
+        """One poll: the version swapped in, or None."""
+        from .. import sources
+
+        version = self._watcher.poll()
+        if version is None:
+            return None
+        self._watcher.acted(version)
+        try:
+            creds = sources.fetch(self._profile, env=self._env, isolate=True)
+        except BrokerError as exc:
+            self._watcher.fetch_failed(exc)
+            self._record("proxy_rotation_failed", {"profile": self._profile.name, "version": version,
+                                                   "reason": exc.message})
+            raise
+        try:
+            self._record("secret_fetched", {"profile": self._profile.name, **creds.origin.to_dict(),
+                                            "fields": list(self._profile.fields), "by": "proxy_rotation"})
+            signer = self._make(creds)
+        except BrokerError as exc:
+            self._record("proxy_rotation_failed", {"profile": self._profile.name, "version": version,
+                                                   "reason": exc.message})
+            raise
+        finally:
+            creds.wipe()
+        self._proxy.swap_signer(signer)
+        self._watcher.version = version
+        self._record("proxy_key_rotated", {"profile": self._profile.name, "version": version,
+                                           "kind": signer.kind})
+        return version
