@@ -444,7 +444,7 @@ def run(
     rec: Recorder = record
     signing: Any = None
     if agent or (preflight is not None and preflight.mode != "off"):
-        from .agent import RunSigning
+        from .agent.run import RunSigning
 
         signing = RunSigning.prepare(profile, agent=agent, preflight=preflight, env=env)
     elif profile.sections.get("policy") and not proxy:

@@ -323,7 +323,7 @@ def main() -> None:
 
         # The agent alone: an Agent in this process whose audit records are dropped (NOT a mode
         # credbroker offers; it shows what the audit commit costs), serving the same bot.
-        from broker.agent import Agent, RecorderSink
+        from broker.agent.server import Agent, RecorderSink
         from broker.secret import Secret
         from broker.signing.hmac_sha256 import HmacSigner
         from broker.signing_policy import SigningPolicy

@@ -41,11 +41,11 @@ from fnmatch import fnmatchcase
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
-from ..agent import AuditSink
-from ..errors import BrokerError
+from ..agent.server import AuditSink
+from ..errors import BrokerError, PolicyRefused
 from ..signing import binance
 from ..signing.failures import classify
-from ..signing_policy import KINDS, PolicyRefused, SigningPolicy, SignRequest
+from ..signing_policy import KINDS, SigningPolicy, SignRequest
 from .clientkey import ClientKey
 from .peer import peer_in_tree
 from .settings import ProxySettings

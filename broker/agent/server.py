@@ -1,20 +1,20 @@
-"""The signing agent: the broker signs for its bot, so the bot never holds the secret (issue 6).
+"""The signing agent's server: the broker signs for its bot, so the bot never holds the secret.
 
 ``credbroker run --agent --profile P -- python bot.py`` keeps the signing key
 in the broker. The child gets the public API key and ``CREDBROKER_AGENT_SOCKET``,
 the path of a Unix socket served by a thread of the broker; ``get_signer()``
 in the child finds it and asks the broker to sign (``broker.signing.agent``).
+The wire protocol is ``broker.agent.protocol``; the run's glue is
+``broker.agent.run``; the sign op's policy glue ``broker.agent.policy``.
 
 Who may connect:
 
 * the socket sits in a fresh folder only this user can enter (0700, made by
   ``mkdtemp``); the socket itself is 0600;
-* at every connection the agent reads the peer's credentials (``SO_PEERCRED``):
-  the uid must be ours, and the pid must be the bot the broker started or one
-  of its descendants (the parent chain in ``/proc/PID/stat`` leads to the
-  child's pid). Anything else is refused and closed, with a one-line reason
-  for its first ``EXPLAIN_REFUSALS`` attempts in a window. A process the bot
-  double-forked away (re-parented to init) is outside the tree and refused too;
+* at every connection the agent checks the peer (``broker.agent.peer``): the
+  bot the broker started or one of its descendants, with the bot's uid.
+  Anything else is refused and closed, with a one-line reason for its first
+  ``EXPLAIN_REFUSALS`` attempts in a window;
 * the agent is a thread of the broker: it dies with it. It removes its folder
   when the run ends; after a SIGKILL of the broker the folder (with a socket
   nobody listens on) stays behind in ``$XDG_RUNTIME_DIR`` or ``/tmp``.
@@ -47,16 +47,13 @@ signing one request at a time therefore waits one fsync per signature; many
 concurrent requests share one. If the log cannot be written, every request of
 that group is answered with an error instead of a signature (fail closed).
 
-Wire format: a 4-byte big-endian length, then a JSON object (as
-``broker.daemon``). Requests: ``{"op": "hello"}`` and ``{"op": "sign", "q":
-QUERY, "b": BODY, "e": PATH, "m": METHOD}``; the agent signs ``q + b``
-(Binance's totalParams). Replies: ``{"ok": true, ...}`` or ``{"ok": false,
-"error": {"type", "message", "remedy", "rule"}}``.
+Ops are dispatched from one table (``Agent._ops``): a new op is one handler
+there and its name in ``protocol.Op``. What a connection may use (the profile,
+its signer and its policy) comes from one method, ``Agent._served``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import socket
@@ -67,23 +64,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import BrokerError, RunError
-from .signing_policy import PolicyRefused, SigningPolicy, SignRequest
-from .unixsock import HEADER, MAX_MESSAGE, frame, listen_private, peer_credentials, private_dir
-
-PROTOCOL = 1
-SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
-_MAX_TREE_DEPTH = 128
-_MAX_OUTSIDERS = 4096
+from ..errors import AgentRefused, AuditError, BrokerError, RunError, SigningError
+from ..signing_policy import SigningPolicy
+from ..unixsock import listen_private, peer_credentials, private_dir
+from . import policy as policy_glue
+from .peer import PeerCheck, RefusalTally
+from .protocol import HEADER, MAX_MESSAGE, PROTOCOL, SIGNATURE, Op, decode, encode, error_reply
 
 #: New connections accepted (and checked) per round, after the round's requests are answered.
 ACCEPT_BATCH = 4
-#: Refusals are counted per peer and recorded once per window of this many seconds.
-REFUSAL_WINDOW = 10.0
 #: Refusals per peer and window that are explained to the peer (one line); later ones are just closed.
 EXPLAIN_REFUSALS = 8
-#: Peers recorded one by one per window; the rest share one record.
-MAX_PEERS_RECORDED = 64
 
 #: Audit event names this module writes.
 SIGNED = "signed"
@@ -91,10 +82,6 @@ POLICY_REFUSED = "policy_refused"
 AGENT_REFUSED = "agent_refused"
 AGENT_STARTED = "agent_started"
 AGENT_STOPPED = "agent_stopped"
-
-
-class AgentRefused(BrokerError):
-    """The signing agent refused a connection (not the bot's process tree)."""
 
 
 class AuditSink(Protocol):
@@ -118,68 +105,6 @@ class RecorderSink:
         pass
 
 
-# -- peer checks ---------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> list[bytes] | None:
-    """The fields of ``/proc/PID/stat`` after the command name (None if the process is gone).
-
-    Read with ``os.open``/``os.read``: a third of the cost of ``open()``, and this
-    runs for every connection a stranger makes.
-    """
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
-    # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split after the last ')'.
-    try:
-        return data[data.rindex(b")") + 2:].split()
-    except ValueError:
-        return None
-
-
-def parent_pid(pid: int) -> int | None:
-    """The parent of ``pid`` from ``/proc/PID/stat`` (None if it is gone)."""
-    fields = _stat(pid)
-    try:
-        return int(fields[1]) if fields is not None else None
-    except (ValueError, IndexError):
-        return None
-
-
-def start_time(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot): with the pid, names one process, never its successor."""
-    fields = _stat(pid)
-    try:
-        return int(fields[19]) if fields is not None else None
-    except (ValueError, IndexError):
-        return None
-
-
-def in_tree(pid: int, root: int) -> bool:
-    """True when ``pid`` is ``root`` or one of its descendants."""
-    return tree_walk(pid, root) is True
-
-
-def tree_walk(pid: int, root: int) -> bool | None:
-    """True: ``pid`` is ``root`` or below it; False: the chain reached init without it;
-    None: a process of the chain vanished during the walk (no lasting verdict)."""
-    current: int | None = pid
-    for _ in range(_MAX_TREE_DEPTH):
-        if current is None:
-            return None
-        if current <= 1:
-            return False
-        if current == root:
-            return True
-        current = parent_pid(current)
-    return False
-
-
 # -- the server ----------------------------------------------------------------------------
 
 
@@ -191,40 +116,6 @@ class _Conn:
         self.pid = pid
         self.inbuf = bytearray()
         self.outbuf = bytearray()
-
-
-class RefusalTally:
-    """Refused connections counted per peer, turned into one audit record per peer per window."""
-
-    def __init__(self, window: float | None = None, max_peers: int | None = None) -> None:
-        self.window = REFUSAL_WINDOW if window is None else window
-        self.max_peers = MAX_PEERS_RECORDED if max_peers is None else max_peers
-        self.counts: dict[tuple[int | None, int | None, str], int] = {}
-        self.started: float | None = None
-
-    def add(self, pid: int | None, uid: int | None, reason: str, now: float) -> int:
-        """Count one refusal; how many this peer has had in this window."""
-        if self.started is None:
-            self.started = now
-        key = (pid, uid, reason)
-        if key not in self.counts and len(self.counts) >= self.max_peers:
-            key = (None, None, "more peers than recorded one by one in this window")
-        count = self.counts[key] = self.counts.get(key, 0) + 1
-        return count
-
-    def due(self, now: float) -> bool:
-        return self.started is not None and now - self.started >= self.window
-
-    def deadline(self) -> float | None:
-        return None if self.started is None else self.started + self.window
-
-    def drain(self, profile: str, now: float) -> list[dict[str, Any]]:
-        """The records for the window so far (and start a new one)."""
-        seconds = 0.0 if self.started is None else round(now - self.started, 3)
-        records = [{"profile": profile, "pid": pid, "uid": uid, "reason": reason, "count": count,
-                    "window_s": seconds} for (pid, uid, reason), count in self.counts.items()]
-        self.counts, self.started = {}, None
-        return records
 
 
 class Agent:
@@ -261,8 +152,11 @@ class Agent:
         self._pending_records = 0
         self._round_failed: BrokerError | None = None
         self._tally = RefusalTally()
-        #: pid -> (start time, bot pid) of processes found outside the bot's tree.
-        self._outsiders: dict[int, tuple[int, int]] = {}
+        self._peers = PeerCheck(self.peer_uid)
+        self._ops: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
+            Op.HELLO: self._hello,
+            Op.SIGN: self._sign,
+        }
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> Path:
@@ -439,28 +333,10 @@ class Agent:
             sel.register(sock, selectors.EVENT_READ, conn)
 
     def _refusal(self, pid: int, uid: int) -> str | None:
-        """Why a peer may not sign (None: it may). Never blocks; the cheapest checks come first."""
-        if uid != self.peer_uid:
-            return f"uid {uid} is not the bot's"
+        """Why a peer may not sign (None: it may)."""
         with self._lock:
             child = self._child
-        if child is None:
-            return "no bot is running"
-        # A process whose whole parent chain up to init lies outside the bot's tree never
-        # enters it (re-parenting only moves a process to one of its own ancestors), so that
-        # verdict is remembered for the process (pid and start time) and the bot's pid: a
-        # stranger's repeated connections cost one /proc read each.
-        started = start_time(pid)
-        if started is not None and self._outsiders.get(pid) == (started, child):
-            return f"pid {pid} is not the bot (pid {child}) or one of its descendants"
-        verdict = tree_walk(pid, child)
-        if verdict is not True:
-            if verdict is False and started is not None:
-                if len(self._outsiders) >= _MAX_OUTSIDERS:
-                    self._outsiders.clear()
-                self._outsiders[pid] = (started, child)
-            return f"pid {pid} is not the bot (pid {child}) or one of its descendants"
-        return None
+        return self._peers.refusal(pid, uid, child)
 
     def _refuse(self, sock: socket.socket, pid: int, uid: int, reason: str) -> None:
         """Tell the peer why in one line (if it can take it at once), close, and count it."""
@@ -470,10 +346,10 @@ class Agent:
             if seen <= EXPLAIN_REFUSALS:
                 # Telling costs a wake-up of the peer; a peer refused again and again in one
                 # window has had its explanation and is just closed.
-                error = {"type": "AgentRefused",
-                         "message": f"the credbroker signing agent refused this process: {reason}",
-                         "remedy": "only the bot that `credbroker run --agent` started (and its children) may sign"}
-                sock.send(frame({"ok": False, "protocol": PROTOCOL, "error": error}), socket.MSG_DONTWAIT)
+                error = AgentRefused(f"the credbroker signing agent refused this process: {reason}",
+                                     "only the bot that `credbroker run --agent` started (and its children) "
+                                     "may sign")
+                sock.send(encode(error_reply(error, protocol=PROTOCOL)), socket.MSG_DONTWAIT)
         except OSError:
             pass  # a peer that cannot take a few hundred bytes at once gets no explanation
         finally:
@@ -529,10 +405,10 @@ class Agent:
                 failure = exc
         if failure is not None:
             # Not recorded means not acknowledged: no signature leaves this round.
-            failed = _error("AuditError", failure.message, failure.remedy)
+            failed = error_reply(AuditError(failure.message, failure.remedy))
             replies = [(conn, failed) for conn, _ in replies]
         for conn, reply in replies:
-            conn.outbuf += frame(reply)
+            conn.outbuf += encode(reply)
 
     def _write(self, sel: selectors.BaseSelector, conn: _Conn) -> bool:
         if conn.outbuf:
@@ -557,53 +433,52 @@ class Agent:
         conn.sock.close()
 
     # -- requests ----------------------------------------------------------------------
+    def _served(self, pid: int) -> tuple[str, Any, SigningPolicy]:
+        """(profile name, signer, policy) that the peer ``pid`` signs with: the one place a request's
+        profile is looked up. The signer is None while the agent shuts down."""
+        return self.profile, self._signer, self.policy
+
     def _handle(self, raw: bytes, pid: int) -> dict[str, Any]:
         try:
-            request = json.loads(raw)
+            request = decode(raw)
         except ValueError:
-            return _error("SigningError", "the signing agent got a malformed request",
-                          "use the same credbroker version in the bot as in the broker")
+            return error_reply(SigningError("the signing agent got a malformed request",
+                                            "use the same credbroker version in the bot as in the broker"))
         if not isinstance(request, dict):
-            return _error("SigningError", "the signing agent got a malformed request", None)
+            return error_reply(SigningError("the signing agent got a malformed request"))
         op = request.get("op")
-        if op == "sign":
-            return self._sign(request, pid)
-        if op == "hello":
-            signer = self._signer
-            # The public API key too, for a profile that maps no variable to it (it is not the secret).
-            api_key = getattr(signer, "_api_key", None)
-            return {"ok": True, "protocol": PROTOCOL, "profile": self.profile,
-                    "kind": getattr(signer, "kind", None), "recv_window": getattr(signer, "recv_window", None),
-                    "api_key": str(api_key) if api_key is not None else None}
-        return _error("SigningError", f"the signing agent does not know the operation {str(op)[:32]!r}",
-                      "use the same credbroker version in the bot as in the broker")
+        handler = self._ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return error_reply(SigningError(f"the signing agent does not know the operation {str(op)[:32]!r}",
+                                            "use the same credbroker version in the bot as in the broker"))
+        return handler(request, pid)
 
-    def _sign(self, request: Mapping[str, Any], pid: int) -> dict[str, Any]:
-        query, body = request.get("q", ""), request.get("b", "")
-        endpoint, method = request.get("e"), request.get("m")
-        if not isinstance(query, str) or not isinstance(body, str) or not all(
-                v is None or (isinstance(v, str) and len(v) <= 2048) for v in (endpoint, method)):
-            return _error("SigningError", "the signing agent got a malformed sign request", None)
-        summary: dict[str, Any] = {"endpoint": endpoint, "method": method}
+    def _hello(self, request: dict[str, Any], pid: int) -> dict[str, Any]:
+        profile, signer, _policy = self._served(pid)
+        # The public API key too, for a profile that maps no variable to it (it is not the secret).
+        api_key = getattr(signer, "_api_key", None)
+        return {"ok": True, "protocol": PROTOCOL, "profile": profile,
+                "kind": getattr(signer, "kind", None), "recv_window": getattr(signer, "recv_window", None),
+                "api_key": str(api_key) if api_key is not None else None}
+
+    def _sign(self, request: dict[str, Any], pid: int) -> dict[str, Any]:
+        profile, signer, policy = self._served(pid)
         try:
-            req = SignRequest.from_parts(query, body, endpoint, method)
-            summary = req.summary()
-            self.policy.check(req)
-        except PolicyRefused as exc:
+            query, body, summary, refusal = policy_glue.check_sign(request, policy)
+        except SigningError as exc:
+            return error_reply(exc)
+        if refusal is not None:
             self.refused += 1
-            return self._recorded(POLICY_REFUSED, {"profile": self.profile, "pid": pid, "rule": exc.rule,
-                                                   "reason": exc.message, **summary},
-                                  _error("PolicyRefused", exc.message, exc.remedy, rule=exc.rule))
-        signer = self._signer
+            return self._recorded(POLICY_REFUSED, {"profile": profile, "pid": pid, "rule": refusal.rule,
+                                                   "reason": refusal.message, **summary}, error_reply(refusal))
         if signer is None:
-            return _error("SigningError", "the signing agent is shutting down", None)
+            return error_reply(SigningError("the signing agent is shutting down"))
         try:
             signature = signer.sign(query + body)  # Binance's totalParams: query then body, no separator
         except BrokerError as exc:
-            return _error(type(exc).__name__, exc.message, exc.remedy)
+            return error_reply(exc)
         self.signed += 1
-        return self._recorded(SIGNED, {"profile": self.profile, "pid": pid, **summary},
-                              {"ok": True, "sig": signature})
+        return self._recorded(SIGNED, {"profile": profile, "pid": pid, **summary}, {"ok": True, SIGNATURE: signature})
 
     def _recorded(self, event: str, fields: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -611,146 +486,6 @@ class Agent:
         except BrokerError as exc:
             # An automatic flush inside record() may have lost earlier records of this round too.
             self._round_failed = exc
-            return _error("AuditError", exc.message, exc.remedy)
+            return error_reply(AuditError(exc.message, exc.remedy))
         self._pending_records += 1
         return reply
-
-
-def _error(kind: str, message: str, remedy: str | None, *, rule: str | None = None) -> dict[str, Any]:
-    err: dict[str, Any] = {"type": kind, "message": message, "remedy": remedy}
-    if rule is not None:
-        err["rule"] = rule
-    return {"ok": False, "error": err}
-
-
-
-
-
-# -- what `credbroker run` calls --------------------------------------------------------------
-
-
-class RunSigning:
-    """The broker's signing for one ``credbroker run``: key preflight and, in agent mode, the agent.
-
-    ``broker.runner.run`` calls, in order: ``prepare`` (before any fetch:
-    validates the policy and the signer kind), ``check_key`` (after the fetch:
-    builds the signer, runs the preflight), ``child_view`` (what the child may
-    see), ``start_agent`` (signals already blocked), ``use``/``started`` around
-    each spawn, and ``stop`` at the end.
-    """
-
-    def __init__(self, profile: Any, *, agent: bool, preflight: Any, settings: Any, policy: SigningPolicy | None
-                 ) -> None:
-        self.profile = profile
-        self.agent = agent
-        self.preflight = preflight
-        self.settings = settings
-        self.policy = policy
-        self.signer: Any = None
-        self._creds: Any = None
-        self._audit_config: Any = None
-        self.server: Agent | None = None
-        self._record: Callable[[str, dict[str, Any]], Any] | None = None
-
-    @classmethod
-    def prepare(cls, profile: Any, *, agent: bool, preflight: Any, env: Mapping[str, str]) -> RunSigning:
-        """Validate what can be validated before any secret is fetched (ConfigError: one line)."""
-        from .errors import ConfigError
-        from .signing.settings import SignerSettings
-
-        settings = SignerSettings.for_profile(profile)
-        policy = None
-        if agent:
-            if settings.type == "transit":
-                raise ConfigError(f"{profile.where('signer')}: --agent does not apply to a transit signer",
-                                  "run without --agent: with transit the key already stays inside Vault")
-            policy = SigningPolicy.for_profile(profile)
-            if preflight is None:
-                from .preflight import PreflightOptions
-
-                preflight = PreflightOptions.build(mode="auto", env=env)
-        elif preflight is not None and preflight.mode != "off" and settings.type == "transit":
-            raise ConfigError(f"{profile.where('signer')}: the key preflight needs a local key, not transit",
-                              "run without --preflight")
-        return cls(profile, agent=agent, preflight=preflight, settings=settings, policy=policy)
-
-    def _make_signer(self, creds: Any) -> Any:
-        from .signing import make_signer
-
-        return make_signer(self.settings, dict(creds.items()), profile=self.profile.name,
-                           where=self.profile.where("signer"), audit_config=self._audit_config,
-                           record_failures=False)
-
-    def check_key(self, creds: Any, *, record: Callable[[str, dict[str, Any]], Any], audit_config: Any = None
-                  ) -> None:
-        """Build the broker's signer from ``creds`` and run the key preflight (raises to stop the run)."""
-        self._audit_config = audit_config
-        self._record = record
-        signer = self._make_signer(creds)
-        try:
-            if self.preflight is not None and self.preflight.mode != "off":
-                from .preflight import run_preflight
-
-                run_preflight(signer, self.preflight, profile=self.profile.name, record=record)
-        except BaseException:
-            signer.close()
-            raise
-        if self.agent:
-            self.signer, self._creds = signer, creds
-        else:
-            signer.close()
-
-    def child_view(self, parent: Mapping[str, str], profile: Any) -> tuple[dict[str, str], Any]:
-        """(parent environment, profile) the child's environment is built from: the API key variable only.
-
-        Every variable the profile maps is removed from the parent environment
-        first (a stale copy of the secret must not reach the child either).
-        """
-        keep = {var: field for var, field in profile.env.items() if field == self.settings.api_key_field}
-        clean = {k: v for k, v in parent.items() if k not in profile.env and k != SOCKET_VAR}
-        return clean, profile._replace(env=keep)
-
-    def start_agent(self, audit_log: Any, record: Callable[[str, dict[str, Any]], Any],
-                    peer_uid: int | None = None) -> dict[str, str]:
-        """Start the agent's thread; the variables the child needs (``CREDBROKER_AGENT_SOCKET``).
-
-        ``peer_uid``: the bot runs as that user (``--user``); the socket admits
-        it, in a folder under the system's temporary folder (our runtime folder
-        is closed to it).
-        """
-        assert self.policy is not None and self.signer is not None
-        sink: AuditSink = audit_log if audit_log is not None else RecorderSink(record)
-        runtime = tempfile.gettempdir() if peer_uid is not None and peer_uid != os.getuid() else None
-        self.server = Agent(self.signer, profile=self.profile.name, policy=self.policy, audit=sink,
-                            runtime_dir=runtime, peer_uid=peer_uid)
-        path = self.server.start()
-        record(AGENT_STARTED, {"profile": self.profile.name, "socket": str(path), "kind": self.signer.kind,
-                               "policy": self.policy.describe()})
-        return {SOCKET_VAR: str(path)}
-
-    def use(self, creds: Any) -> None:
-        """Before a (re)start: sign with ``creds`` (a rotation brings new ones)."""
-        if self.server is None or creds is self._creds:
-            return
-        self.server.set_signer(self._make_signer(creds))
-        self._creds = creds
-
-    def started(self, pid: int) -> None:
-        """The bot now running: only its process tree may use the socket."""
-        if self.server is not None:
-            self.server.set_child(pid)
-
-    def stop(self) -> None:
-        """Stop the agent (if any), record its totals, forget the key. Idempotent."""
-        server, self.server = self.server, None
-        if server is not None:
-            server.stop()
-            if self._record is not None:
-                try:
-                    self._record(AGENT_STOPPED, {"profile": self.profile.name, "signed": server.signed,
-                                                 "refused": server.refused})
-                except BrokerError:
-                    pass
-        elif self.signer is not None:
-            self.signer.close()
-        self.signer = None
