@@ -109,13 +109,14 @@ class RecorderSink:
 
 
 class _Conn:
-    __slots__ = ("sock", "pid", "inbuf", "outbuf")
+    __slots__ = ("sock", "pid", "inbuf", "outbuf", "writing")
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
         self.pid = pid
         self.inbuf = bytearray()
         self.outbuf = bytearray()
+        self.writing = False  # registered for EVENT_WRITE (an answer did not fit at once)
 
 
 class Agent:
@@ -419,7 +420,10 @@ class Agent:
                 pass
             except OSError:
                 return False
-        sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0), conn)
+        want = bool(conn.outbuf)
+        if want != conn.writing:  # one epoll_ctl only when the interest changes, not per answer
+            sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0), conn)
+            conn.writing = want
         return True
 
     def _drop(self, sel: selectors.BaseSelector, conns: dict[int, _Conn], conn: _Conn) -> None:
