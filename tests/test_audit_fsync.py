@@ -95,6 +95,7 @@ def test_every_mode_fsyncs_each_commit_before_it_returns(tmp_path: Path, fsyncs:
 def test_group_mode_writes_before_returning_and_fsyncs_in_the_background(
         tmp_path: Path, fsyncs: Fsyncs, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(log_module, "FSYNC_GROUP_WINDOW", 3600.0)
+    monkeypatch.setattr(log_module, "SYNCER_DELAY", 0.0)
     log = make_log(tmp_path / "audit.log", "group")
     log.record("opened", {}, durable=True)  # durable: fsynced by the writer in group mode too
     assert fsyncs.writer == 1 and log.unsynced() == 0
@@ -207,3 +208,15 @@ def test_the_agents_record_is_in_the_file_when_the_bot_gets_its_signature(
     assert sum(b'"event":"signed"' in line for line in lines(log.path)) == 120
     assert log.unsynced() == 0
     assert verify_files(None, active=log.path).ok
+
+
+def test_group_mode_syncs_a_lone_commit_without_further_writes(tmp_path: Path, fsyncs: Fsyncs) -> None:
+    """With no later commit to push it, the syncer still takes the last record to disk (and the head)."""
+    log = make_log(tmp_path / "audit.log", "group")
+    log.record("opened", {}, durable=True)
+    log.record("signed", {"n": 1}, durable=False)
+    log.flush()
+    wait_until(lambda: log.unsynced() == 0 and read_head(log.path).seq == 2,  # type: ignore[union-attr]
+               "the last commit was never synced")
+    assert fsyncs.syncer == 1 and fsyncs.writer == 1
+    log.close()

@@ -94,6 +94,9 @@ from .settings import FSYNC_GROUP_WINDOW, AuditSettings, ensure_private_folder
 
 BATCH_MAX = 1000
 BATCH_MAX_AGE = 1.0
+#: Group mode: the syncer fsyncs once the oldest unsynced commit is this old (half the window:
+#: the other half is the fsync's own time before a writer would wait for the disk itself).
+SYNCER_DELAY = FSYNC_GROUP_WINDOW / 2
 
 #: Event names other modules write (issue 3). The schema stays open: any name
 #: matching ``[a-z][a-z0-9_]*`` is accepted.
@@ -749,7 +752,8 @@ class AuditLog:
             self._written += 1
             self._unsynced.append((self._written, now))
             if now - self._unsynced[0][1] < FSYNC_GROUP_WINDOW:
-                self._wake_syncer()
+                if len(self._unsynced) == 1:
+                    self._wake_syncer()  # the first unsynced commit starts the syncer's clock
                 return
         self._sync_locked(fd, state)
 
@@ -780,11 +784,19 @@ class AuditLog:
             thread.join(timeout=30)
 
     def _syncer(self) -> None:
-        """Fsync written commits as soon as they are there; then write the head they reach."""
+        """Fsync written commits once the oldest is half a window old (one fsync and one head
+        write for every commit of that half window, not one per commit: this thread competes
+        with the writer for the GIL and the thread lock); then write the head they reach."""
         while True:
             with self._thread_lock:
-                while not self._unsynced and not self._sync_stop:
-                    self._sync_wake.wait()
+                while not self._sync_stop:
+                    if self._unsynced:
+                        delay = self._unsynced[0][1] + SYNCER_DELAY - time.monotonic()
+                        if delay <= 0:
+                            break
+                        self._sync_wake.wait(delay)
+                    else:
+                        self._sync_wake.wait()
                 if self._sync_stop:
                     return
                 fd, state, upto = self._fd, self._state, self._written
