@@ -281,7 +281,9 @@ class AuditLog:
         self._acked: dict[str, Any] | None = None
         self._host = os.uname().nodename
         self._user = _user()
-        self._rotate_at: tuple[int, float] | None = None  # (ino, epoch when the time rule rotates it)
+        self._rotate_at: tuple[int, float] | None = None
+        self._fd_ino = -1  # inode of self._fd
+        self._fresh_stat: os.stat_result | None = None  # the active file's stat, taken this commit  # (ino, epoch when the time rule rotates it)
         # fsync = "group": written-but-not-fsynced commits, synced by a background thread.
         self._group = settings.fsync == "group"
         self._sync_lock = threading.Lock()  # held around fdatasync and around closing the active fd
@@ -493,7 +495,9 @@ class AuditLog:
         """The active file's fd, reopened if another writer rotated it away."""
         if self._fd is not None:
             try:
-                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                st = os.stat(self.path)
+                if st.st_ino == self._fd_ino:
+                    self._fresh_stat = st  # the same file: _current_state needs no fstat of its own
                     return self._fd
             except FileNotFoundError:
                 pass
@@ -513,13 +517,15 @@ class AuditLog:
         if not existed:
             _fsync_dir(self.path.parent)
         self._fd = fd
+        self._fd_ino = st.st_ino
+        self._fresh_stat = None
         self._active_created = not existed
         return fd
 
     def _current_state(self, fd: int) -> tuple[_State, int | None, bytes, _Gap | None]:
         """Last seq/hash, any partial last line a crash left (its offset and bytes), and
         what is missing when the log's end does not match its head."""
-        st = os.fstat(fd)
+        st, self._fresh_stat = self._fresh_stat or os.fstat(fd), None
         cached = self._state
         if cached is not None and cached.ino == st.st_ino and cached.size == st.st_size:
             return cached, None, b"", None
@@ -656,7 +662,7 @@ class AuditLog:
             return True
         if self.settings.rotate == "size":
             return False
-        ino = os.fstat(fd).st_ino
+        ino = self._fd_ino
         if self._rotate_at is None or self._rotate_at[0] != ino:
             self._rotate_at = (ino, self._rotation_time(ino))
         return time.time() >= self._rotate_at[1]
@@ -740,10 +746,11 @@ class AuditLog:
         ``durable=False`` (group mode): written only; the syncer thread fsyncs it soon, and this
         writer fsyncs itself when the oldest unsynced commit is older than the window.
         """
-        _write_all(fd, b"".join(chunks))
-        st = os.fstat(fd)
-        state.size = st.st_size
-        state.ino = st.st_ino
+        data = b"".join(chunks)
+        _write_all(fd, data)
+        # Under the file lock nobody else appends: the size follows without an fstat.
+        state.size += len(data)
+        state.ino = self._fd_ino
         self._state = state
         if not durable and self._head_seq >= 0:
             # (A writer's first commit is synced here, head included: a log whose head is
