@@ -31,8 +31,9 @@ def check_sign(request: dict[str, Any], policy: SigningPolicy) -> Checked:
     """Parse and check a ``sign`` request; SigningError when it is malformed (not recorded)."""
     query, body = request.get(QUERY, ""), request.get(BODY, "")
     endpoint, method = request.get(ENDPOINT), request.get(METHOD)
-    if not isinstance(query, str) or not isinstance(body, str) or not all(
-            v is None or (isinstance(v, str) and len(v) <= _MAX_NAME) for v in (endpoint, method)):
+    if (type(query) is not str or type(body) is not str
+            or endpoint is not None and (type(endpoint) is not str or len(endpoint) > _MAX_NAME)
+            or method is not None and (type(method) is not str or len(method) > _MAX_NAME)):
         raise SigningError("the signing agent got a malformed sign request")
     summary: dict[str, Any] = {"endpoint": endpoint, "method": method}
     try:

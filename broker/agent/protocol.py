@@ -60,6 +60,9 @@ SIGNATURE = "sig"
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.JSONDecoder().decode
+#: The C string escaper of the json module (quotes included, ASCII out).
+_quote: Any = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.encoder.encode_basestring_ascii
+_pack = HEADER.pack
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
@@ -81,6 +84,22 @@ def hello_request() -> dict[str, Any]:
 
 def sign_request(query: str, body: str, endpoint: str | None, method: str | None) -> dict[str, Any]:
     return {"op": Op.SIGN.value, QUERY: query, BODY: body, ENDPOINT: endpoint, METHOD: method}
+
+
+def encode_sign_request(query: str, body: str, endpoint: str | None, method: str | None) -> bytes:
+    """``encode(sign_request(...))`` without the general encoder: the one request on every signature."""
+    data = (f'{{"op":"sign","{QUERY}":{_quote(query)},"{BODY}":{_quote(body)},'
+            f'"{ENDPOINT}":{"null" if endpoint is None else _quote(endpoint)},'
+            f'"{METHOD}":{"null" if method is None else _quote(method)}}}').encode("ascii")
+    if len(data) > MAX_MESSAGE:
+        raise ValueError("message too large")
+    return _pack(len(data)) + data
+
+
+def encode_signature(signature: str) -> bytes:
+    """``encode({"ok": True, SIGNATURE: signature})``: the answer to every signature."""
+    data = f'{{"ok":true,"{SIGNATURE}":{_quote(signature)}}}'.encode("ascii")
+    return _pack(len(data)) + data
 
 
 def error_reply(error: BrokerError, **extra: Any) -> dict[str, Any]:

@@ -69,7 +69,7 @@ from ..signing_policy import SigningPolicy
 from ..unixsock import listen_private, peer_credentials, private_dir
 from . import policy as policy_glue
 from .peer import PeerCheck, RefusalTally
-from .protocol import HEADER, MAX_MESSAGE, PROTOCOL, SIGNATURE, Op, decode, encode, error_reply
+from .protocol import HEADER, MAX_MESSAGE, PROTOCOL, Op, decode, encode, encode_signature, error_reply
 
 #: New connections accepted (and checked) per round, after the round's requests are answered.
 ACCEPT_BATCH = 4
@@ -149,12 +149,12 @@ class Agent:
         self._lock = threading.Lock()
         self.signed = 0
         self.refused = 0
-        self._pending_replies: list[tuple[_Conn, dict[str, Any]]] = []
+        self._pending_replies: list[tuple[_Conn, dict[str, Any] | bytes]] = []
         self._pending_records = 0
         self._round_failed: BrokerError | None = None
         self._tally = RefusalTally()
         self._peers = PeerCheck(self.peer_uid)
-        self._ops: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
+        self._ops: dict[str, Callable[[dict[str, Any], int], dict[str, Any] | bytes]] = {
             Op.HELLO: self._hello,
             Op.SIGN: self._sign,
         }
@@ -381,6 +381,14 @@ class Agent:
         if len(conn.outbuf) > 4 * MAX_MESSAGE:
             return False  # a client that sends without ever reading its answers: drop it, not our memory
         buf = conn.inbuf
+        if not buf and len(data) >= HEADER.size:
+            # The usual read: exactly one whole request, handled without copying it into the buffer.
+            (length,) = HEADER.unpack_from(data)
+            if length > MAX_MESSAGE:
+                return False
+            if len(data) == HEADER.size + length:
+                self._pending_replies.append((conn, self._handle(data[HEADER.size:], conn.pid)))
+                return True
         buf += data
         while len(buf) >= HEADER.size:
             (length,) = HEADER.unpack_from(buf)
@@ -409,7 +417,7 @@ class Agent:
             failed = error_reply(AuditError(failure.message, failure.remedy))
             replies = [(conn, failed) for conn, _ in replies]
         for conn, reply in replies:
-            conn.outbuf += encode(reply)
+            conn.outbuf += reply if isinstance(reply, bytes) else encode(reply)
 
     def _write(self, sel: selectors.BaseSelector, conn: _Conn) -> bool:
         if conn.outbuf:
@@ -442,7 +450,8 @@ class Agent:
         profile is looked up. The signer is None while the agent shuts down."""
         return self.profile, self._signer, self.policy
 
-    def _handle(self, raw: bytes, pid: int) -> dict[str, Any]:
+    def _handle(self, raw: bytes, pid: int) -> dict[str, Any] | bytes:
+        """The reply to one request: a message, or one already encoded (the signature's)."""
         try:
             request = decode(raw)
         except ValueError:
@@ -465,7 +474,7 @@ class Agent:
                 "kind": getattr(signer, "kind", None), "recv_window": getattr(signer, "recv_window", None),
                 "api_key": str(api_key) if api_key is not None else None}
 
-    def _sign(self, request: dict[str, Any], pid: int) -> dict[str, Any]:
+    def _sign(self, request: dict[str, Any], pid: int) -> dict[str, Any] | bytes:
         profile, signer, policy = self._served(pid)
         try:
             query, body, summary, refusal = policy_glue.check_sign(request, policy)
@@ -482,9 +491,9 @@ class Agent:
         except BrokerError as exc:
             return error_reply(exc)
         self.signed += 1
-        return self._recorded(SIGNED, {"profile": profile, "pid": pid, **summary}, {"ok": True, SIGNATURE: signature})
+        return self._recorded(SIGNED, {"profile": profile, "pid": pid, **summary}, encode_signature(signature))
 
-    def _recorded(self, event: str, fields: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
+    def _recorded(self, event: str, fields: dict[str, Any], reply: dict[str, Any] | bytes) -> dict[str, Any] | bytes:
         try:
             self._audit.record(event, fields, durable=False)
         except BrokerError as exc:

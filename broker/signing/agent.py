@@ -80,7 +80,7 @@ class AgentSigner(Signer):
     sign_query = sign_params
 
     def _remote_sign(self, query: str, body: str, endpoint: str | None, method: str | None) -> str:
-        reply = self._call(protocol.sign_request(query, body, endpoint, method))
+        reply = self._call_raw(protocol.encode_sign_request(query, body, endpoint, method))
         signature = reply.get(protocol.SIGNATURE)
         if not isinstance(signature, str):
             raise SigningError("the signing agent answered without a signature", "restart the bot under credbroker")
@@ -117,8 +117,10 @@ class AgentSigner(Signer):
         return sock
 
     def _call(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        return self._call_raw(protocol.encode(request))
+
+    def _call_raw(self, data: bytes) -> dict[str, Any]:
         sock = self._connect()
-        data = protocol.encode(request)
         try:
             try:
                 sock.sendall(data)
