@@ -281,6 +281,7 @@ class AuditLog:
         self._acked: dict[str, Any] | None = None
         self._host = os.uname().nodename
         self._user = _user()
+        self._pid = os.getpid()  # renewed in a forked child
         self._rotate_at: tuple[int, float] | None = None
         self._fd_ino = -1  # inode of self._fd
         self._fresh_stat: os.stat_result | None = None  # the active file's stat, taken this commit  # (ino, epoch when the time rule rotates it)
@@ -307,7 +308,7 @@ class AuditLog:
         data = check_fields(fields if fields is not None else {}, "fields")
         if not isinstance(data, dict):
             raise AuditError("audit fields must be a mapping", "pass a dict of field name -> value")
-        pid = os.getpid()
+        pid = self._pid
         try:
             rest = _encode_rest({"data": data, "host": self._host, "pid": pid, "user": self._user})[1:-1]
         except (TypeError, ValueError) as exc:
@@ -318,12 +319,13 @@ class AuditLog:
         rec: dict[str, Any] = {"v": FORMAT_VERSION, "ts": ts, "event": event, "data": data, "host": self._host,
                                "pid": pid, "user": self._user}
         with self._thread_lock:
+            now = time.monotonic()
             if not self._pending:
-                self._pending_since = time.monotonic()
+                self._pending_since = now
             self._pending.append(_Pending(ts, event, rest, rec))
             if durable:
                 self._flush(durable=True)
-            elif len(self._pending) >= BATCH_MAX or time.monotonic() - self._pending_since >= BATCH_MAX_AGE:
+            elif len(self._pending) >= BATCH_MAX or now - self._pending_since >= BATCH_MAX_AGE:
                 self.flush()
         return rec
 
@@ -458,6 +460,7 @@ class AuditLog:
         if self.anchorer is not None:
             self.anchorer.forget_after_fork()
             self.anchorer = None
+        self._pid = os.getpid()
         self._thread_lock = threading.RLock()
         self._sync_lock = threading.Lock()
         self._sync_wake = threading.Condition(self._thread_lock)
