@@ -38,14 +38,16 @@ What is checked and recorded, per request: the profile's signing policy
 order's public fields; never the signature, the timestamp or any secret), or
 one ``policy_refused`` record for a refusal.
 
-Durability ("nothing acknowledged is lost"): a signature is sent back only
-after its audit record is written to the log file *and* fsynced. Records are
-group-committed: the agent reads every request that is waiting on any
-connection, signs them, writes all their records with one ``write`` and one
-``fdatasync`` (``AuditLog.flush``), and only then answers them all. One bot
-signing one request at a time therefore waits one fsync per signature; many
-concurrent requests share one. If the log cannot be written, every request of
-that group is answered with an error instead of a signature (fail closed).
+Durability: a signature is sent back only after its audit record is written
+to the log file. Records are group-committed: the agent reads every request
+that is waiting on any connection, signs them, writes all their records with
+one ``write`` (``AuditLog.flush``), and only then answers them all. With
+``[audit] fsync = "every"`` (the default: "nothing acknowledged is lost") that
+flush also fdatasyncs, so one bot signing one request at a time waits one
+fsync per signature and concurrent requests share one; with ``"group"`` the
+log fsyncs in the background within 50 ms (``broker.audit.log``). If the log
+cannot be written, every request of that group is answered with an error
+instead of a signature (fail closed).
 
 Ops are dispatched from one table (``Agent._ops``): a new op is one handler
 there and its name in ``protocol.Op``. What a connection may use (the profile,
