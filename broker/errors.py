@@ -14,6 +14,9 @@ class BrokerError(Exception):
 
     #: Exit status like ``env``/``timeout``: 125 = credbroker failed before the child ran.
     exit_code: int = 125
+    #: Extra attributes (str or None) a subclass carries across the wire: ``to_dict`` writes them
+    #: when set, ``from_dict`` restores them.
+    wire_fields: tuple[str, ...] = ()
 
     def __init__(self, message: str, remedy: str | None = None) -> None:
         # Keep it one line whatever a lower layer handed us.
@@ -34,26 +37,30 @@ class BrokerError(Exception):
             "remedy": self.remedy,
             "exit_code": self.exit_code,
         }
-        for attr in ("request_id", "secret_path"):
+        for attr in self.wire_fields:
             if getattr(self, attr, None):
                 out[attr] = getattr(self, attr)
         return out
 
 
-def from_dict(data: object) -> BrokerError:
-    """The error ``BrokerError.to_dict`` described (from a daemon or a fetch child), of the same class;
-    a ``BrokerError`` saying so when ``data`` is not such a description."""
+def from_dict(data: object, default: type[BrokerError] | None = None) -> BrokerError:
+    """The error ``BrokerError.to_dict`` described (from a daemon, a fetch child or the signing
+    agent), of the same class, message and remedy as sent; a ``default`` (``BrokerError``) saying so
+    when ``data`` is not such a description. An unknown class name becomes ``default`` too."""
+    base = BrokerError if default is None else default
     if not isinstance(data, dict) or not isinstance(data.get("message"), str):
-        return BrokerError("a credbroker helper process answered with an invalid error", "restart it")
+        return base("a credbroker helper process answered with an invalid error", "restart it")
     cls = globals().get(str(data.get("error")))
     if not (isinstance(cls, type) and issubclass(cls, BrokerError)):
-        cls = BrokerError
+        cls = base
     remedy = data.get("remedy")
-    err = cls(data["message"], remedy if isinstance(remedy, str) else None)
-    if isinstance(err, VaultError):
-        rid, path = data.get("request_id"), data.get("secret_path")
-        err.request_id = rid if isinstance(rid, str) else None
-        err.secret_path = path if isinstance(path, str) else None
+    # Not cls(...): a subclass's constructor may take other arguments (PolicyRefused's rule) and
+    # rewrite the message; the message as sent is what the receiver shows.
+    err = cls.__new__(cls)
+    BrokerError.__init__(err, data["message"], remedy if isinstance(remedy, str) else None)
+    for attr in cls.wire_fields:
+        value = data.get(attr)
+        setattr(err, attr, value if isinstance(value, str) else None)
     return err
 
 
@@ -72,6 +79,7 @@ class VaultError(SourceError):
     #: a value it cannot use): the read is in Vault's audit log under this id, at this path.
     request_id: str | None = None
     secret_path: str | None = None
+    wire_fields = ("request_id", "secret_path")
 
 
 class VaultUnreachable(VaultError):
@@ -140,3 +148,27 @@ class AuditError(BrokerError):
 
 class SigningError(BrokerError):
     """A request could not be signed."""
+
+
+class PolicyRefused(SigningError):
+    """The signing policy refused a request; ``rule`` names the rule (``symbols``, ``rate_limit``...)."""
+
+    wire_fields = ("rule",)
+
+    def __init__(self, rule: str, message: str, remedy: str | None = None) -> None:
+        super().__init__(f"signing policy refused the request ({rule}): {message}",
+                         remedy or f"change the bot, or the profile's [policy] {rule.split(':')[0]} "
+                         "if this request is intended")
+        self.rule: str | None = rule
+
+    @classmethod
+    def from_wire(cls, rule: str, message: str, remedy: str | None) -> PolicyRefused:
+        """Rebuild the broker's refusal in the bot (the message already says it is the policy)."""
+        exc = cls(rule, message, remedy)
+        exc.message = " ".join(message.split())
+        exc.args = (exc.message,)
+        return exc
+
+
+class AgentRefused(BrokerError):
+    """The signing agent refused a connection (not the bot's process tree)."""

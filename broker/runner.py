@@ -504,7 +504,7 @@ def run(
     rec: Recorder = record
     signings: list[Any] = []  # one per profile: its key check, and with --agent its agent
     if agent or (preflight is not None and preflight.mode != "off"):
-        from .agent import RunSigning
+        from .agent.run import RunSigning
 
         signings = [RunSigning.prepare(p, agent=agent, preflight=preflight, env=env) for p in profiles]
     else:

@@ -60,7 +60,7 @@ from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
-from .errors import ConfigError, SigningError
+from .errors import ConfigError, PolicyRefused, SigningError
 
 #: Binance's default recvWindow (ms), used when a request carries none.
 DEFAULT_RECV_WINDOW = 5000
@@ -175,24 +175,6 @@ _RATE = re.compile(r"^\s*([1-9][0-9]*)\s*/\s*(s|sec|second|m|min|minute|h|hour)\
 _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 _KNOWN = frozenset({"rate_limit", "burst", "symbols", "max_quantity", "max_notional", "max_recv_window",
                     "deny_kinds", "deny_params", "deny_endpoints", "require_endpoint"})
-
-
-class PolicyRefused(SigningError):
-    """The signing policy refused a request; ``rule`` names the rule (``symbols``, ``rate_limit``...)."""
-
-    def __init__(self, rule: str, message: str, remedy: str | None = None) -> None:
-        super().__init__(f"signing policy refused the request ({rule}): {message}",
-                         remedy or f"change the bot, or the profile's [policy] {rule.split(':')[0]} "
-                         "if this request is intended")
-        self.rule = rule
-
-    @classmethod
-    def from_wire(cls, rule: str, message: str, remedy: str | None) -> PolicyRefused:
-        """Rebuild the broker's refusal in the bot (the message already says it is the policy)."""
-        exc = cls(rule, message, remedy)
-        exc.message = " ".join(message.split())
-        exc.args = (exc.message,)
-        return exc
 
 
 class SignRequest(NamedTuple):

@@ -6,12 +6,17 @@
     python scripts/bench_agent.py --flood         # the bot's latency while strangers flood the socket
 
 Starts a throwaway OpenBao dev server (the secret's source), then runs a bench
-bot under ``credbroker run --agent --no-preflight`` twice:
+bot under ``credbroker run --agent --no-preflight --unsafe-shared-credentials``
+(the bench bot runs as the same user as the broker) three times:
 
-  disk    the audit log on the machine's disk (the default place): every
-          signature's record is written and fdatasync'ed before the bot gets
-          the signature (group commit: one fsync per batch of waiting requests)
-  tmpfs   the same, with the audit log on /dev/shm, where fsync costs nothing:
+  every   the audit log on the machine's disk (the default place), ``[audit]
+          fsync = "every"`` (the default): every signature's record is written
+          and fdatasync'ed before the bot gets the signature (group commit: one
+          fsync per batch of waiting requests)
+  group   the same disk, ``[audit] fsync = "group"``: the record is written to
+          the file before the answer, fsynced by a background thread within
+          50 ms
+  tmpfs   "every", with the audit log on /dev/shm, where fsync costs nothing:
           what the agent costs without the disk, i.e. what the disk adds
 
 and once more against an Agent in this script whose audit records are
@@ -20,6 +25,8 @@ audit log's commit path costs per signature.
 
 Inside each bot, measured in the same process and run:
 
+  echo         a socketpair echo between two threads of the bot, 200 bytes each
+               way (the floor for any round trip through a socket in Python)
   local        bare local signing: HmacSigner.sign_params (the reference)
   agent 1      one thread, one request at a time: latency p50/p99 and signatures/s
   agent Nt     N threads of the bot signing at once (one connection each)
@@ -75,14 +82,38 @@ def latencies(fn, n):
     out.sort()
     return {"p50_us": statistics.median(out), "p99_us": out[int(len(out) * 0.99) - 1], "per_s": n / wall}
 
+def echo_reference(n):
+    import socket
+    a, b = socket.socketpair()
+    def serve():
+        while True:
+            data = b.recv(65536)
+            if not data:
+                return
+            b.sendall(data)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    msg = b"x" * 200
+    def once():
+        a.sendall(msg)
+        a.recv(65536)
+    for _ in range(300):
+        once()
+    res = latencies(once, n)
+    a.close()
+    t.join()
+    return res
+
 signer = get_signer()
 local = HmacSigner("BENCHKEY", Secret(b"x" * 64))
 for _ in range(300):
     signer.sign_params(PARAMS, endpoint=EP)
     local.sign_params(PARAMS)
 res = {"remote_kind": signer.remote_kind}
+res["echo"] = echo_reference(SEQ)
 res["local"] = latencies(lambda: local.sign_params(PARAMS), max(SEQ, 20000))
 res["agent 1"] = latencies(lambda: signer.sign_params(PARAMS, endpoint=EP), SEQ)
+res["echo again"] = echo_reference(SEQ)  # the machine's load may have changed meanwhile
 
 def threads(n):
     per = CONC // n
@@ -212,7 +243,7 @@ def flood(credbroker: str, env: dict[str, str], work: Path, seq: int, flooders: 
     bot = work / "flood_bot.py"
     bot.write_text(FLOOD_BOT)
     run_env = {**env, "CREDBROKER_AUDIT_LOG": str(log)}
-    broker = subprocess.Popen([credbroker, "run", "--agent", "--no-preflight", "--profile", "bench", "--",
+    broker = subprocess.Popen([credbroker, "run", "--agent", "--no-preflight", "--unsafe-shared-credentials", "--profile", "bench", "--",
                                sys.executable, str(bot), str(seq), str(state), ",".join(PHASES)],
                               env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -295,24 +326,30 @@ def main() -> None:
     try:
         subprocess.run([bao, "kv", "put", "-mount=secret", "credbroker/bench", "api_key=BENCHKEY", "api_secret=-"],
                        input=secrets.token_urlsafe(48), text=True, env=env, check=True, stdout=subprocess.DEVNULL)
-        cfg = work / "credbroker.toml"
-        cfg.write_text('[profiles.bench]\nsource = "vault"\npath = "secret/credbroker/bench"\n'
-                       'env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }\n')
-        env["CREDBROKER_CONFIG"] = str(cfg)
-        places = [("disk", work / "state" / "credbroker" / "audit.log")]
+        profile = ('[profiles.bench]\nsource = "vault"\npath = "secret/credbroker/bench"\n'
+                   'env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }\n')
+        configs = {}
+        for fsync in ("every", "group"):
+            configs[fsync] = work / f"credbroker-{fsync}.toml"
+            configs[fsync].write_text(f'[audit]\nfsync = "{fsync}"\n\n{profile}')
+        env["CREDBROKER_CONFIG"] = str(configs["every"])
+        disk = work / "state" / "credbroker"
+        places = [("every", disk / "audit.log", "every"), ("group", disk / "audit-group.log", "group")]
         if shm is not None:
-            places.append(("tmpfs", shm / "audit.log"))
+            places.append(("tmpfs", shm / "audit.log", "every"))
         if args.flood:
-            for name, log in places:
+            for name, log, _ in places:
+                if name == "group":
+                    continue
                 flood(credbroker, env, work, 1000 if args.quick else 3000, args.flooders, args.rate, name,
                       log.with_name("audit-flood.log"))
             return
         bot = work / "bench_bot.py"
         bot.write_text(BOT)
         results = {}
-        for name, log in places:
-            run_env = {**env, "CREDBROKER_AUDIT_LOG": str(log)}
-            out = subprocess.run([credbroker, "run", "--agent", "--no-preflight", "--profile", "bench", "--",
+        for name, log, fsync in places:
+            run_env = {**env, "CREDBROKER_AUDIT_LOG": str(log), "CREDBROKER_CONFIG": str(configs[fsync])}
+            out = subprocess.run([credbroker, "run", "--agent", "--no-preflight", "--unsafe-shared-credentials", "--profile", "bench", "--",
                                   sys.executable, str(bot), str(seq), str(conc), workers],
                                  env=run_env, capture_output=True, text=True, timeout=1800)
             if out.returncode != 0:
@@ -323,7 +360,7 @@ def main() -> None:
 
         # The agent alone: an Agent in this process whose audit records are dropped (NOT a mode
         # credbroker offers; it shows what the audit commit costs), serving the same bot.
-        from broker.agent import Agent, RecorderSink
+        from broker.agent.server import Agent, RecorderSink
         from broker.secret import Secret
         from broker.signing.hmac_sha256 import HmacSigner
         from broker.signing_policy import SigningPolicy
@@ -344,15 +381,28 @@ def main() -> None:
         line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
         results["no-audit"] = {**json.loads(line[len("RESULT "):]), "records": 0}
 
-        print(f"signing agent round trip from a bot (HMAC, {os.cpu_count()} cores; audit record per signature "
-              "included; ratio = time per signature / bare local signing)")
+        load = os.getloadavg()
+        print(f"signing agent round trip from a bot (HMAC, {os.cpu_count()} cores, load average "
+              f"{load[0]:.1f}; audit record per signature included; ratios: time per signature / bare local "
+              "signing, and agent p50 / socketpair echo p50 measured in the same bot)")
+        summary = []
         for name, res in results.items():
             local = res["local"]
-            what = {"disk": "fsync on disk", "tmpfs": "tmpfs (fsync is free)",
+            what = {"every": 'fsync = "every" on disk (each answer waits for its fsync)',
+                    "group": 'fsync = "group" on disk (written before the answer, fsynced within 50 ms)',
+                    "tmpfs": 'fsync = "every" on tmpfs (fsync is free)',
                     "no-audit": "records dropped (not a credbroker mode: the agent's own cost)"}[name]
             print(f"\n[{name}] audit log: {what}; {res['records']} 'signed' records written")
+            for ref in ("echo", "echo again"):
+                e = res[ref]
+                print(f"  {ref:<12} p50 {e['p50_us']:8.1f} us  p99 {e['p99_us']:8.1f} us  "
+                      f"{e['per_s']:>9,.0f} trips/s (reference: socketpair echo, two threads)")
             print(f"  {'local':<12} p50 {local['p50_us']:8.1f} us  p99 {local['p99_us']:8.1f} us  "
                   f"{local['per_s']:>9,.0f} sig/s   (reference)")
+            echo = min(res["echo"]["p50_us"], res["echo again"]["p50_us"])
+            one = res["agent 1"]
+            summary.append(f"  {name:<9} p50 {one['p50_us']:7.1f} us  p99 {one['p99_us']:8.1f} us  "
+                           f"echo p50 {echo:6.1f} us  agent/echo {one['p50_us'] / echo:5.1f}x")
             for key, r in res.items():
                 if not key.startswith("agent"):
                     continue
@@ -360,6 +410,8 @@ def main() -> None:
                        else " " * 36)
                 ratio = local["per_s"] / r["per_s"]
                 print(f"  {key:<12} {lat}{r['per_s']:>9,.0f} sig/s   {ratio:6.1f}x local")
+        print("\none bot thread, one request at a time:")
+        print("\n".join(summary))
     finally:
         stop(server)
         shutil.rmtree(work, ignore_errors=True)

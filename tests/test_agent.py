@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from broker.agent import Agent, RecorderSink, in_tree, parent_pid
+from broker.agent.peer import in_tree, parent_pid
+from broker.agent.server import Agent, RecorderSink
 from broker.unixsock import frame, recv_message
-from broker.errors import BrokerError
+from broker.errors import BrokerError, SigningError
 from broker.secret import Secret
 from broker.signing.agent import AgentSigner
 from broker.signing.hmac_sha256 import HmacSigner
@@ -374,7 +375,7 @@ def test_process_outside_the_tree_and_other_uid_are_refused(tmp_path: Path) -> N
 
 
 def test_in_tree_walks_parents() -> None:
-    from broker.agent import start_time, tree_walk
+    from broker.agent.peer import start_time, tree_walk
 
     me = os.getpid()
     assert in_tree(me, me)
@@ -427,7 +428,7 @@ def test_socket_folder_is_private_and_a_missing_agent_is_a_clear_error(tmp_path:
 
 
 def test_run_signing_swaps_the_key_on_rotation_and_hides_the_secret_variables() -> None:
-    from broker.agent import RunSigning
+    from broker.agent.run import RunSigning
     from broker.config import Profile
     from broker.secret import Credentials, Origin
 
@@ -569,7 +570,7 @@ print(done, flush=True)
 
 FLOOD_BOT = """
 import sys
-from broker.errors import BrokerError
+from broker.errors import BrokerError, SigningError
 from broker.signing.agent import AgentSigner
 signer = AgentSigner(None, sys.argv[1])
 ok = 0
@@ -582,7 +583,7 @@ print(ok, flush=True)
 
 def test_a_flood_of_foreign_connections_is_refused_in_aggregate_while_the_bot_signs(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from broker import agent as agent_module
+    from broker.agent import peer as agent_module
 
     log = FakeLog()
     # One window for the whole test: every refusal of a peer lands in one record.
@@ -623,7 +624,7 @@ def test_a_flood_of_foreign_connections_is_refused_in_aggregate_while_the_bot_si
 
 
 def test_refusals_are_recorded_when_their_window_ends_not_only_at_stop(monkeypatch: pytest.MonkeyPatch) -> None:
-    from broker import agent as agent_module
+    from broker.agent import peer as agent_module
 
     monkeypatch.setattr(agent_module, "REFUSAL_WINDOW", 0.2)
     log = FakeLog()
@@ -648,7 +649,7 @@ def test_refusals_are_recorded_when_their_window_ends_not_only_at_stop(monkeypat
 
 
 def test_refusal_tally_counts_per_peer_and_caps_the_number_of_records() -> None:
-    from broker.agent import RefusalTally
+    from broker.agent.peer import RefusalTally
 
     tally = RefusalTally(window=10.0, max_peers=2)
     assert not tally.due(0.0) and tally.deadline() is None
@@ -745,3 +746,66 @@ env = {{ BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }}
         proc.send_signal(15)
         out, err = proc.communicate(timeout=30)
     assert "the agent signs with the new key" in err
+
+
+# -- one package for the agent: the protocol written once, errors rebuilt in one place ------------------
+
+
+def test_the_bots_client_loads_only_the_protocol_and_the_errors_of_the_agent() -> None:
+    """The bot imports the wire protocol and broker.errors, never the server, its peer checks or the policy."""
+    code = ("import sys\nimport broker.signing.agent\n"
+            "print('\\n'.join(sorted(m for m in sys.modules if m.startswith('broker'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = set(out.stdout.split())
+    assert {"broker.agent", "broker.agent.protocol", "broker.errors"} <= loaded
+    assert not loaded & {"broker.agent.server", "broker.agent.peer", "broker.agent.policy", "broker.agent.run",
+                         "broker.signing_policy"}, sorted(loaded)
+
+
+def test_both_ends_share_one_definition_of_the_protocol() -> None:
+    import broker.agent.server as server
+    import broker.signing.agent as client
+    from broker.agent import protocol
+
+    assert client.SOCKET_VAR is protocol.SOCKET_VAR == "CREDBROKER_AGENT_SOCKET"
+    assert server.PROTOCOL is protocol.PROTOCOL
+    assert not hasattr(client, "PROTOCOL")  # the client's own copy is gone
+    assert protocol.sign_request("a=1", "b=2", "/fapi/v1/order", "POST") == {
+        "op": "sign", "q": "a=1", "b": "b=2", "e": "/fapi/v1/order", "m": "POST"}
+    assert protocol.decode(protocol.encode({"op": "hello"})[protocol.HEADER.size:]) == {"op": "hello"}
+    # The fast encoders of the two messages on every signature say what the general one says.
+    for query, body, endpoint, method in [("a=1&b=%2F", "", None, None), ('q="x"\\\n\t\x00', "é=€", "/p", "POST"),
+                                          ("newClientOrderId=a b+c/=d", "x" * 5000, "/fapi/v1/order", None)]:
+        fast = protocol.encode_sign_request(query, body, endpoint, method)
+        assert protocol.decode(fast[4:]) == protocol.sign_request(query, body, endpoint, method)
+        assert protocol.HEADER.unpack_from(fast)[0] == len(fast) - 4
+    for sig in ("ab" * 32, "a+b/c==", 'q"\\'):
+        fast = protocol.encode_signature(sig)
+        assert protocol.decode(fast[4:]) == {"ok": True, "sig": sig}
+        assert protocol.HEADER.unpack_from(fast)[0] == len(fast) - 4
+    agent = Agent(None, profile="p", policy=SigningPolicy.from_mapping(None, "x"), audit=FakeLog())
+    assert set(agent._ops) == set(protocol.Op)  # every op has its handler
+
+
+def test_errors_cross_the_wire_as_their_own_class_with_their_fields() -> None:
+    from broker.agent import protocol
+    from broker.errors import AgentRefused, AuditError, VaultNotFound, from_dict
+
+    refusal = PolicyRefused("symbols", "symbol 'XRPUSDT' is not allowed")
+    with pytest.raises(PolicyRefused) as info:
+        protocol.raise_error(json.loads(json.dumps(protocol.error_reply(refusal)["error"])))
+    assert info.value.rule == "symbols" and info.value.message == refusal.message
+    assert info.value.remedy == refusal.remedy and str(info.value) == str(refusal)
+    for exc in (AgentRefused("refused: pid 1 is not the bot", "only the bot"), AuditError("disk full", "free it")):
+        back = from_dict(exc.to_dict())
+        assert type(back) is type(exc) and (back.message, back.remedy) == (exc.message, exc.remedy)
+    vault = VaultNotFound("no such path", "check it")
+    vault.request_id, vault.secret_path = "rid-1", "secret/x"
+    back = from_dict(vault.to_dict())
+    assert isinstance(back, VaultNotFound) and (back.request_id, back.secret_path) == ("rid-1", "secret/x")
+    # An unknown class or a malformed error is a SigningError in the bot, never a crash.
+    with pytest.raises(SigningError, match="unheard of"):
+        protocol.raise_error({"error": "NoSuchError", "message": "unheard of"})
+    with pytest.raises(SigningError, match="without a reason"):
+        protocol.raise_error("nonsense")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 
-from broker.agent import RecorderSink
+from broker.agent.server import RecorderSink
 from broker.errors import ConfigError
 from broker.proxy.clientkey import ClientKey
 from broker.proxy.server import SigningProxy

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from broker.agent import Agent
+from broker.agent.server import Agent
 from broker.secret import Secret
 from broker.signing.agent import AgentSigner
 from broker.signing.hmac_sha256 import HmacSigner

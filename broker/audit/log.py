@@ -28,19 +28,34 @@ or ``log.record(..., durable=False)`` and later ``log.flush()``. Pending
 records are also flushed when 1000 are waiting, when the oldest has waited a
 second (checked at the next ``record``), by any durable record (order is
 kept), and at interpreter exit.
+
+``[audit] fsync = "group"`` (the way Vault's file audit device works, which
+does not fsync each entry): a batch commit (``flush()``) writes its records
+to the file and updates nothing else before it returns, so the records are
+in the kernel's page cache when the signing agent answers (a crash of
+credbroker loses none); a background thread then fdatasyncs the file and
+writes the head. A record is fsynced at most ``FSYNC_GROUP_WINDOW`` (50 ms)
+after it was written: a ``flush()`` that finds older records still waiting
+for the disk fsyncs them itself before it returns. A crash of the machine
+(power loss, kernel panic) can therefore lose the records of the last 50 ms,
+and the head may name a record a little before the last one (which the gap
+check accepts, as it accepts a writer cut off between its write and its head
+update). ``durable=True`` records are fsynced before they return in both modes.
 """
 
 from __future__ import annotations
 
 import atexit
 import fcntl
+import json
 import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -75,10 +90,13 @@ from .files import (
     rotated_files,
 )
 from .keys import key_id
-from .settings import AuditSettings, ensure_private_folder
+from .settings import FSYNC_GROUP_WINDOW, AuditSettings, ensure_private_folder
 
 BATCH_MAX = 1000
 BATCH_MAX_AGE = 1.0
+#: Group mode: the syncer fsyncs once the oldest unsynced commit is this old (half the window:
+#: the other half is the fsync's own time before a writer would wait for the disk itself).
+SYNCER_DELAY = FSYNC_GROUP_WINDOW / 2
 
 #: Event names other modules write (issue 3). The schema stays open: any name
 #: matching ``[a-z][a-z0-9_]*`` is accepted.
@@ -100,10 +118,20 @@ GAP_ACKNOWLEDGED = "gap_acknowledged"
 ANCHOR_FAILED = "anchor_failed"
 
 
+_second: tuple[int, str] = (-1, "")
+
+
 def utc_timestamp(now: float | None = None) -> str:
-    """``2026-11-24T04:00:00.123456Z``."""
-    dt = datetime.fromtimestamp(time.time() if now is None else now, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """``2026-11-24T04:00:00.123456Z`` (the formatted second is reused within the second)."""
+    global _second
+    if now is None:
+        now = time.time()
+    sec = int(now // 1)
+    micros = int((now - sec) * 1_000_000)
+    cached = _second
+    if cached[0] != sec:
+        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 def _user() -> str:
@@ -115,12 +143,20 @@ def _user() -> str:
         return str(os.getuid())
 
 
+#: Exactly these types are plain scalars (not subclasses: a str subclass may carry anything).
+_SCALARS = frozenset({str, int, bool, type(None)})
+
+
 def check_fields(value: Any, where: str = "fields") -> Any:
     """A JSON-ready copy of ``value``; AuditError for a secret or anything not plain data.
 
     The guard that keeps secret values out of the log: a ``Secret`` (or a
     ``Credentials``, whose values are Secrets) anywhere in the fields is refused.
     """
+    if type(value) is dict and all(type(k) is str and (type(v) in _SCALARS or type(v) is list and all(
+            type(x) in _SCALARS for x in v)) for k, v in value.items()):
+        # The common flat record (names, numbers, lists of names): one pass, no recursion.
+        return {k: list(v) if type(v) is list else v for k, v in value.items()}
     if isinstance(value, Secret):
         raise AuditError(
             f"refusing to write a secret value into the audit log ({where})",
@@ -190,6 +226,7 @@ def _flush_all_at_exit() -> None:
     for log in list(_LIVE):
         try:
             log.flush()
+            log.sync()
         except Exception:  # noqa: BLE001 - at exit, nowhere left to raise to
             pass
         try:
@@ -244,6 +281,19 @@ class AuditLog:
         self._acked: dict[str, Any] | None = None
         self._host = os.uname().nodename
         self._user = _user()
+        self._pid = os.getpid()  # renewed in a forked child
+        self._rotate_at: tuple[int, float] | None = None
+        self._fd_ino = -1  # inode of self._fd
+        self._fresh_stat: os.stat_result | None = None  # the active file's stat, taken this commit  # (ino, epoch when the time rule rotates it)
+        # fsync = "group": written-but-not-fsynced commits, synced by a background thread.
+        self._group = settings.fsync == "group"
+        self._sync_lock = threading.Lock()  # held around fdatasync and around closing the active fd
+        self._sync_wake = threading.Condition(self._thread_lock)
+        self._written = 0  # commits written (group mode)
+        self._unsynced: deque[tuple[int, float]] = deque()  # (commit number, when written), oldest first
+        self._sync_thread: threading.Thread | None = None
+        self._sync_stop = False
+        self._head_seq = -1  # the seq this writer last wrote into the head
         _LIVE.add(self)
 
     # -- public API ---------------------------------------------------------------------
@@ -258,9 +308,9 @@ class AuditLog:
         data = check_fields(fields if fields is not None else {}, "fields")
         if not isinstance(data, dict):
             raise AuditError("audit fields must be a mapping", "pass a dict of field name -> value")
-        pid = os.getpid()
+        pid = self._pid
         try:
-            rest = encode_rest({"data": data, "host": self._host, "pid": pid, "user": self._user})
+            rest = _encode_rest({"data": data, "host": self._host, "pid": pid, "user": self._user})[1:-1]
         except (TypeError, ValueError) as exc:
             raise AuditError(f"audit fields cannot be written as JSON: {type(exc).__name__}", "pass plain data") from None
         if len(rest) > MAX_LINE - 400:
@@ -269,26 +319,53 @@ class AuditLog:
         rec: dict[str, Any] = {"v": FORMAT_VERSION, "ts": ts, "event": event, "data": data, "host": self._host,
                                "pid": pid, "user": self._user}
         with self._thread_lock:
+            now = time.monotonic()
             if not self._pending:
-                self._pending_since = time.monotonic()
+                self._pending_since = now
             self._pending.append(_Pending(ts, event, rest, rec))
-            if durable or len(self._pending) >= BATCH_MAX or time.monotonic() - self._pending_since >= BATCH_MAX_AGE:
+            if durable:
+                self._flush(durable=True)
+            elif len(self._pending) >= BATCH_MAX or now - self._pending_since >= BATCH_MAX_AGE:
                 self.flush()
         return rec
 
     def flush(self) -> None:
-        """Commit every pending record: one write, one fsync, under the file lock."""
+        """Commit every pending record: one write, under the file lock, and one fsync (``fsync =
+        "every"``) or a deferred one (``"group"``, see the module docstring)."""
+        self._flush(durable=not self._group)
+
+    def sync(self) -> None:
+        """Fsync what is written but not yet on disk (group mode) and update the head now."""
+        with self._thread_lock:
+            if not self._unsynced or self._fd is None or self._state is None:
+                return
+            try:
+                with self._locked():
+                    self._sync_locked(self._fd, self._state)
+            except OSError as exc:
+                raise self._write_error(exc) from exc
+
+    def unsynced(self) -> int:
+        """Commits written but not yet fsynced (group mode; 0 in "every" mode)."""
+        return len(self._unsynced)
+
+    def _flush(self, *, durable: bool) -> None:
         with self._thread_lock:
             if not self._pending:
+                if durable and self._unsynced:
+                    self.sync()
                 return
             pending, self._pending = self._pending, []
             try:
-                self._commit(pending)
+                self._commit(pending, durable=durable)
             except OSError as exc:
-                raise AuditError(
-                    f"cannot write the audit log {self.path}: {exc.strerror or type(exc).__name__}",
-                    "check the folder's permissions and free space, or set [audit] path",
-                ) from exc
+                raise self._write_error(exc) from exc
+
+    def _write_error(self, exc: OSError) -> AuditError:
+        return AuditError(
+            f"cannot write the audit log {self.path}: {exc.strerror or type(exc).__name__}",
+            "check the folder's permissions and free space, or set [audit] path",
+        )
 
     @contextmanager
     def batch(self) -> Iterator[AuditLog]:
@@ -356,10 +433,11 @@ class AuditLog:
             return self._rotate_locked()
 
     def close(self) -> None:
-        """Flush and release the file descriptors."""
+        """Flush, fsync, stop the background syncer and release the file descriptors."""
+        self._stop_syncer()
         with self._thread_lock:
             try:
-                self.flush()
+                self._flush(durable=True)
             finally:
                 for fd in (self._fd, self._lock_fd):
                     if fd is not None:
@@ -382,7 +460,13 @@ class AuditLog:
         if self.anchorer is not None:
             self.anchorer.forget_after_fork()
             self.anchorer = None
+        self._pid = os.getpid()
         self._thread_lock = threading.RLock()
+        self._sync_lock = threading.Lock()
+        self._sync_wake = threading.Condition(self._thread_lock)
+        self._sync_thread = None
+        self._sync_stop = False
+        self._unsynced.clear()
         self._pending = []
         self._fd = self._lock_fd = None  # O_CLOEXEC: gone at exec; never used by this child
         self._state = None
@@ -414,12 +498,18 @@ class AuditLog:
         """The active file's fd, reopened if another writer rotated it away."""
         if self._fd is not None:
             try:
-                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                st = os.stat(self.path)
+                if st.st_ino == self._fd_ino:
+                    self._fresh_stat = st  # the same file: _current_state needs no fstat of its own
                     return self._fd
             except FileNotFoundError:
                 pass
-            os.close(self._fd)
-            self._fd = None
+            with self._sync_lock:  # what group mode left unsynced goes to disk before the fd goes
+                if self._unsynced:
+                    os.fdatasync(self._fd)
+                    self._unsynced.clear()
+                os.close(self._fd)
+                self._fd = None
             self._state = None
         ensure_private_folder(self.path.parent)
         existed = self.path.exists()
@@ -430,13 +520,15 @@ class AuditLog:
         if not existed:
             _fsync_dir(self.path.parent)
         self._fd = fd
+        self._fd_ino = st.st_ino
+        self._fresh_stat = None
         self._active_created = not existed
         return fd
 
     def _current_state(self, fd: int) -> tuple[_State, int | None, bytes, _Gap | None]:
         """Last seq/hash, any partial last line a crash left (its offset and bytes), and
         what is missing when the log's end does not match its head."""
-        st = os.fstat(fd)
+        st, self._fresh_stat = self._fresh_stat or os.fstat(fd), None
         cached = self._state
         if cached is not None and cached.ino == st.st_ino and cached.size == st.st_size:
             return cached, None, b"", None
@@ -573,19 +665,25 @@ class AuditLog:
             return True
         if self.settings.rotate == "size":
             return False
-        ino = os.fstat(fd).st_ino
+        ino = self._fd_ino
+        if self._rotate_at is None or self._rotate_at[0] != ino:
+            self._rotate_at = (ino, self._rotation_time(ino))
+        return time.time() >= self._rotate_at[1]
+
+    def _rotation_time(self, ino: int) -> float:
+        """When the active file (``ino``) is due by the calendar rule: the start of the UTC day
+        (daily) or ISO week (weekly) after its first record's; never when it has none."""
         if self._first_ts is None or self._first_ts[0] != ino:
             first = first_header(self.path)
             self._first_ts = (ino, first.ts if first else None)
         first_ts = self._first_ts[1]
         if first_ts is None:
-            return False
-        now = datetime.now(timezone.utc)
+            return float("inf")
         # fromisoformat, not strptime: the same parse without importing _strptime (and its regexes) on every run
-        then = datetime.fromisoformat(first_ts[:19]).replace(tzinfo=timezone.utc)
+        then = datetime.fromisoformat(first_ts[:10]).replace(tzinfo=timezone.utc)
         if self.settings.rotate == "daily":
-            return then.date() != now.date()
-        return then.isocalendar()[:2] != now.isocalendar()[:2]
+            return (then + timedelta(days=1)).timestamp()
+        return (then + timedelta(days=7 - then.weekday())).timestamp()
 
     def _rotate_locked(self) -> Path:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -605,7 +703,7 @@ class AuditLog:
                                  state.event)
         return target
 
-    def _commit(self, pending: list[_Pending]) -> bool:
+    def _commit(self, pending: list[_Pending], *, durable: bool = True) -> bool:
         with self._locked():
             fd = self._open_active()
             state, partial_offset, partial, gap = self._current_state(fd)
@@ -643,20 +741,96 @@ class AuditLog:
                 chunks.append(self._line(state, p.ts, p.event, p.rest, p.record))
             if pending:
                 state.event = pending[-1].event
-            self._write_locked(fd, state, chunks)
+            self._write_locked(fd, state, chunks, durable=durable)
             return True
 
-    def _write_locked(self, fd: int, state: _State, chunks: list[bytes]) -> None:
-        """Write, fdatasync, update the head (and tell the anchorer), under the file lock."""
-        _write_all(fd, b"".join(chunks))
-        os.fdatasync(fd)
-        st = os.fstat(fd)
-        state.size = st.st_size
-        state.ino = st.st_ino
+    def _write_locked(self, fd: int, state: _State, chunks: list[bytes], *, durable: bool = True) -> None:
+        """Write, then fdatasync and update the head (and tell the anchorer), under the file lock.
+
+        ``durable=False`` (group mode): written only; the syncer thread fsyncs it soon, and this
+        writer fsyncs itself when the oldest unsynced commit is older than the window.
+        """
+        data = b"".join(chunks)
+        _write_all(fd, data)
+        # Under the file lock nobody else appends: the size follows without an fstat.
+        state.size += len(data)
+        state.ino = self._fd_ino
         self._state = state
+        if not durable and self._head_seq >= 0:
+            # (A writer's first commit is synced here, head included: a log whose head is
+            # missing after a crash would read as records cut off the end.)
+            now = time.monotonic()
+            self._written += 1
+            self._unsynced.append((self._written, now))
+            if now - self._unsynced[0][1] < FSYNC_GROUP_WINDOW:
+                if len(self._unsynced) == 1:
+                    self._wake_syncer()  # the first unsynced commit starts the syncer's clock
+                return
+        self._sync_locked(fd, state)
+
+    def _sync_locked(self, fd: int, state: _State) -> None:
+        """fdatasync ``fd`` (everything written so far) and write the head, under the file lock."""
+        with self._sync_lock:
+            os.fdatasync(fd)
+        self._unsynced.clear()
         self._write_head(state)
         if self.anchorer is not None and state.alg == ALG_HMAC:
             self.anchorer.committed(state.seq, state.hash)
+
+    # -- group mode's syncer ------------------------------------------------------------
+    def _wake_syncer(self) -> None:
+        """Called with the thread lock held."""
+        if self._sync_thread is None:
+            self._sync_stop = False
+            self._sync_thread = threading.Thread(target=self._syncer, name="credbroker-audit-sync", daemon=True)
+            self._sync_thread.start()
+        self._sync_wake.notify()
+
+    def _stop_syncer(self) -> None:
+        with self._thread_lock:
+            thread, self._sync_thread = self._sync_thread, None
+            self._sync_stop = True
+            self._sync_wake.notify()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
+    def _syncer(self) -> None:
+        """Fsync written commits once the oldest is half a window old (one fsync and one head
+        write for every commit of that half window, not one per commit: this thread competes
+        with the writer for the GIL and the thread lock); then write the head they reach."""
+        while True:
+            with self._thread_lock:
+                while not self._sync_stop:
+                    if self._unsynced:
+                        delay = self._unsynced[0][1] + SYNCER_DELAY - time.monotonic()
+                        if delay <= 0:
+                            break
+                        self._sync_wake.wait(delay)
+                    else:
+                        self._sync_wake.wait()
+                if self._sync_stop:
+                    return
+                fd, state, upto = self._fd, self._state, self._written
+                if fd is None or state is None:
+                    self._unsynced.clear()
+                    continue
+                head = _State(state.ino, state.size, state.seq, state.hash, state.alg, state.kid)
+            try:
+                with self._sync_lock:
+                    if self._fd != fd:
+                        continue  # closed meanwhile: synced before it was closed
+                    os.fdatasync(fd)  # the GIL is released: the writer goes on meanwhile
+                with self._thread_lock:
+                    while self._unsynced and self._unsynced[0][0] <= upto:
+                        self._unsynced.popleft()
+                    if self._fd == fd and self._lock_fd is not None and head.seq > self._head_seq:
+                        with self._locked():
+                            self._write_head(head)
+                        if self.anchorer is not None and head.alg == ALG_HMAC:
+                            self.anchorer.committed(head.seq, head.hash)
+            except (OSError, AuditError):
+                # The next writer past the window fsyncs itself and reports the error to its caller.
+                time.sleep(FSYNC_GROUP_WINDOW)
 
     def _write_head(self, state: _State) -> None:
         fd = os.open(head_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -667,6 +841,10 @@ class AuditLog:
             os.pwrite(fd, encode_head(state.seq, state.hash, self.path.name, self.key_id, mac), 0)
         finally:
             os.close(fd)
+        self._head_seq = state.seq
+
+
+_encode_rest = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 
 
 def _write_all(fd: int, data: bytes) -> None:

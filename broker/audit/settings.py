@@ -12,6 +12,9 @@ Keys (all optional)::
     anchor = "secret/credbroker-audit"             # KV v2 MOUNT/PATH the keyed head is anchored under
                                                    # (+ "/<host>"); "off" to turn it off
     anchor_interval = "5m"                         # also anchor this often during long runs
+    fsync = "every"                                # "every": each commit fsynced before it returns;
+                                                   # "group": written before it returns, fsynced in
+                                                   # groups within FSYNC_GROUP_WINDOW (50 ms)
 
 Where the log is, first match wins (documented in the README):
 
@@ -34,10 +37,17 @@ from ..errors import ConfigError
 ENV_LOG = "CREDBROKER_AUDIT_LOG"
 ENV_KEY = "CREDBROKER_AUDIT_KEY"
 
-KNOWN_KEYS = frozenset({"path", "key", "rotate", "max_size", "keep", "work_hours", "anchor", "anchor_interval"})
+KNOWN_KEYS = frozenset({"path", "key", "rotate", "max_size", "keep", "work_hours", "anchor", "anchor_interval",
+                        "fsync"})
 DEFAULT_ANCHOR = "secret/credbroker-audit"
 DEFAULT_ANCHOR_INTERVAL = timedelta(minutes=5)
 ROTATE_CHOICES = ("weekly", "daily", "size")
+#: "every": a commit is fsynced before it returns. "group": a batch commit (the signing agent's
+#: records, ``flush()``) is written to the file before it returns and fsynced by a background thread,
+#: at most FSYNC_GROUP_WINDOW seconds later (a writer that gets further ahead waits for the disk).
+#: A ``durable=True`` record is always fsynced before it returns.
+FSYNC_CHOICES = ("every", "group")
+FSYNC_GROUP_WINDOW = 0.05
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 DEFAULT_KEEP = timedelta(days=90)
 
@@ -65,6 +75,8 @@ class AuditSettings(NamedTuple):
     #: anchoring is off. Used only for a keyed chain and when Vault is configured.
     anchor: str | None = DEFAULT_ANCHOR
     anchor_interval: timedelta = DEFAULT_ANCHOR_INTERVAL
+    #: "every" or "group" (FSYNC_CHOICES)
+    fsync: str = "every"
 
 
 def default_log_path(env: Mapping[str, str]) -> Path:
@@ -146,8 +158,11 @@ def load_settings(audit_config: Mapping[str, Any] | None, env: Mapping[str, str]
     anchor = parse_anchor(cfg.get("anchor", DEFAULT_ANCHOR))
     interval = (parse_duration(str(cfg["anchor_interval"]), "[audit] anchor_interval") if "anchor_interval" in cfg
                 else DEFAULT_ANCHOR_INTERVAL)
+    fsync = cfg.get("fsync", "every")
+    if fsync not in FSYNC_CHOICES:
+        raise ConfigError(f"[audit] fsync: unknown value {fsync!r}", f"use one of: {', '.join(FSYNC_CHOICES)}")
     return AuditSettings(path=path, key_spec=key_spec, rotate=str(rotate), max_size=max_size, keep=keep,
-                         work_hours=hours, anchor=anchor, anchor_interval=interval)
+                         work_hours=hours, anchor=anchor, anchor_interval=interval, fsync=str(fsync))
 
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")

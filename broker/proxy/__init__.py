@@ -102,7 +102,7 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
     settings a transit profile's signer uses (the broker's own token: it never
     reaches the child, which gets an Ed25519 stand-in).
     """
-    from ..agent import RecorderSink
+    from ..agent.server import RecorderSink
     from ..signing import make_signer
     from ..signing.settings import SignerSettings
     from ..signing_policy import SigningPolicy

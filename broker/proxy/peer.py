@@ -5,7 +5,7 @@ connection to the proxy the kernel still knows the owner: the client's end is
 a line of ``/proc/net/tcp`` (its local address and port, the proxy's as the
 remote one, its uid, its inode), and the process holding it has
 ``socket:[INODE]`` among its ``/proc/PID/fd`` links. Only processes in the
-bot's tree are searched (``broker.agent.in_tree``, the agent's own check), so
+bot's tree are searched (``broker.agent.peer.in_tree``, the agent's own check), so
 the cost is a read of ``/proc/net/tcp`` and of the tree's ``stat`` and ``fd``
 entries, once per connection (clients keep connections alive).
 """
@@ -16,7 +16,7 @@ import os
 import socket
 import struct
 
-from ..agent import in_tree
+from ..agent.peer import in_tree
 
 
 def _hex_addr(host: str, port: int) -> str:

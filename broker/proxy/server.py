@@ -43,11 +43,11 @@ from collections.abc import Callable, Mapping
 from fnmatch import fnmatchcase, translate
 from typing import Any, NamedTuple, cast
 
-from ..agent import AuditSink
-from ..errors import BrokerError
+from ..agent.server import AuditSink
+from ..errors import BrokerError, PolicyRefused
 from ..signing import binance
 from ..signing.failures import classify
-from ..signing_policy import KINDS, PolicyRefused, SigningPolicy, SignRequest
+from ..signing_policy import KINDS, SigningPolicy, SignRequest
 from .clientkey import ClientKey
 from .listenkeys import STREAM_EVENT_PATH, ProxyListenKeys
 from .http11 import HttpServer, Request

@@ -1,4 +1,4 @@
-"""The bot's side of the signing agent: a Signer that asks the broker to sign (issue 6).
+"""The bot's side of the signing agent: a Signer that asks the broker to sign.
 
 Under ``credbroker run --agent`` the child's environment holds the public API
 key and ``CREDBROKER_AGENT_SOCKET``, never the secret. ``get_signer()`` then
@@ -12,6 +12,9 @@ with the broker's one-line reason; so does any other refusal.
 
 Thread-safe: each thread keeps its own connection, so a bot's threads sign
 concurrently (and the broker commits their audit records together).
+
+Of the agent it imports only the wire protocol (``broker.agent.protocol``) and
+the error tree: the bot never loads the broker's server, peer checks or policy.
 """
 
 from __future__ import annotations
@@ -22,15 +25,15 @@ import socket
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
-from ..errors import BrokerError, SigningError
-from ..unixsock import frame, recv_message
+from ..agent import protocol
+from ..agent.protocol import SOCKET_VAR
+from ..errors import AgentRefused, BrokerError, SigningError
 from . import binance
 from .base import Signer
 
-SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
-PROTOCOL = 1
+__all__ = ["SOCKET_VAR", "AgentSigner", "from_environment"]
 
 
 class AgentSigner(Signer):
@@ -47,7 +50,7 @@ class AgentSigner(Signer):
         self._closed = False
         #: The broker's signer kind (hmac, ed25519, rsa), from the agent's hello.
         self.remote_kind: str | None = None
-        hello = self._call({"op": "hello"})
+        hello = self._call(protocol.hello_request())
         self.remote_kind = hello.get("kind") if isinstance(hello.get("kind"), str) else None
         if self._api_key is None and isinstance(hello.get("api_key"), str) and hello["api_key"]:
             from .base import ApiKey
@@ -80,8 +83,8 @@ class AgentSigner(Signer):
         # The parameters travel as a JSON object, values as they go into the payload: the agent
         # reads values holding '=' or '&' as they are, checks its policy, and builds the payload.
         values = {name: binance.ws_value(name, value) for name, value in params.items() if value is not None}
-        reply = self._call({"op": "sign_ws", "p": values, "wm": method, "api": api})
-        signature = reply.get("sig")
+        reply = self._call(protocol.sign_ws_request(values, method, api))
+        signature = reply.get(protocol.SIGNATURE)
         if not isinstance(signature, str):
             raise SigningError("the signing agent answered without a signature", "restart the bot under credbroker")
         return signature
@@ -92,8 +95,8 @@ class AgentSigner(Signer):
         return "ed25519" if remote == "transit" else remote
 
     def _remote_sign(self, query: str, body: str, endpoint: str | None, method: str | None) -> str:
-        reply = self._call({"op": "sign", "q": query, "b": body, "e": endpoint, "m": method})
-        signature = reply.get("sig")
+        reply = self._call_raw(protocol.encode_sign_request(query, body, endpoint, method))
+        signature = reply.get(protocol.SIGNATURE)
         if not isinstance(signature, str):
             raise SigningError("the signing agent answered without a signature", "restart the bot under credbroker")
         return signature
@@ -129,8 +132,10 @@ class AgentSigner(Signer):
         return sock
 
     def _call(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        return self._call_raw(protocol.encode(request))
+
+    def _call_raw(self, data: bytes) -> dict[str, Any]:
         sock = self._connect()
-        data = frame(request)
         try:
             try:
                 sock.sendall(data)
@@ -138,7 +143,7 @@ class AgentSigner(Signer):
                 # The agent may have refused this connection and closed it: its one-line
                 # reason is still waiting to be read.
                 pass
-            reply = recv_message(sock)
+            reply = protocol.recv_reply(sock)
         except (OSError, ValueError, ConnectionError) as exc:
             self._forget()
             raise SigningError(f"the signing agent did not answer ({type(exc).__name__})",
@@ -149,27 +154,12 @@ class AgentSigner(Signer):
             self._raise(reply.get("error"))
         return reply
 
-    def _raise(self, error: Any) -> None:
-        if not isinstance(error, dict):
-            raise SigningError("the signing agent refused without a reason", "check the audit log")
-        kind = str(error.get("type") or "")
-        message = str(error.get("message") or "refused")
-        remedy = error.get("remedy") if isinstance(error.get("remedy"), str) else None
-        if kind == "PolicyRefused":
-            from ..signing_policy import PolicyRefused
-
-            raise PolicyRefused.from_wire(str(error.get("rule") or "policy"), message, remedy)
-        if kind == "AgentRefused":
-            from ..agent import AgentRefused
-
-            self._forget()
-            raise AgentRefused(message, remedy)
-        from .. import errors
-
-        cls = getattr(errors, kind, None)
-        if not (isinstance(cls, type) and issubclass(cls, BrokerError)):
-            cls = SigningError
-        raise cls(message, remedy)
+    def _raise(self, error: Any) -> NoReturn:
+        try:
+            protocol.raise_error(error)
+        except AgentRefused:
+            self._forget()  # the agent closed this connection
+            raise
 
     def _forget(self) -> None:
         sock = getattr(self._local, "sock", None)
