@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
+from .cli import json_flag
 from .errors import AuditError, ConfigError
 
 
@@ -71,7 +72,7 @@ def audit() -> None:
 
 @audit.command("verify")
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_flag("Print JSON.")
 @click.option("--vault-anchors/--no-vault-anchors", "vault_anchors", default=None,
               help="Compare the chain with its anchors in Vault. Default: on for a keyed log when [audit] "
                    "anchor is not off and a Vault address is set.")
@@ -192,7 +193,7 @@ def _fail_on(text: str | None) -> list[str]:
 @click.option("--since", default="7d", show_default=True, metavar="AGE|DATE",
               help="Start of the period: 7d, 24h, 2w ago, or an ISO date (UTC).")
 @click.option("--until", "until_text", default=None, metavar="DATE", help="End of the period (default: now).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_flag("Print the report as JSON.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               metavar="FILE", help="Also write a self-contained HTML page with a daily-activity chart.")
 @click.option("--vault-audit", "vault_audit", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -339,7 +340,7 @@ _FILTERS = [
     click.option("--until", "until_text", default=None, metavar="DATE", help="Up to this time."),
     click.option("--seq", "seqs", multiple=True, type=int, metavar="N",
                  help="Only the record with this sequence number (repeatable)."),
-    click.option("--json", "as_json", is_flag=True, help="One JSON record per line, as written."),
+    json_flag("One JSON record per line, as written."),
     click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
                  help="Active log file to read (default: the configured one)."),
 ]
@@ -404,7 +405,7 @@ def tail_cmd(ctx: click.Context, events: tuple[str, ...], profiles: tuple[str, .
 @click.option("--keep", "keep_text", default=None, metavar="AGE",
               help="Keep rotated files with records newer than this (default: [audit] keep, 90d).")
 @click.option("--dry-run", is_flag=True, help="Only say which files would go.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_flag("Print JSON.")
 @click.pass_context
 def prune_cmd(ctx: click.Context, keep_text: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove rotated log files older than --keep; what remains still verifies."""
