@@ -311,9 +311,9 @@ def run_cmd(
         check_profile(prof)  # a typo in [proxy] is one line, before any secret is fetched
     stop_grace = None
     if grace:
-        from .rotation import parse_seconds
+        from . import units
 
-        stop_grace = parse_seconds(grace, "--grace")
+        stop_grace = units.seconds(grace, "--grace")
     status = runner.run(prof, list(command), config=config, verbose=verbose, rotation=policy,
                         restart=restart_policy, agent=agent, preflight=preflight, mask=mask, grace=stop_grace,
                         user=as_user, group=as_group, sandbox=sandbox,

@@ -48,10 +48,10 @@ def _key_bytes(settings: Any, env: dict[str, str]) -> bytes | None:
 
 def _parse_since(text: str, now: datetime) -> datetime:
     """``7d`` / ``12h`` (ago) or an ISO date/time (UTC)."""
-    from .audit.settings import parse_duration
+    from . import units
 
-    if text and text[-1] in "smhdw" and text[:-1].strip().isdigit():
-        return now - parse_duration(text, "--since")
+    if text and text[-1] in units.DURATION_UNITS and text[:-1].strip().isdigit():
+        return now - units.duration(text, "--since")
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -411,10 +411,10 @@ def prune_cmd(ctx: click.Context, keep_text: str | None, dry_run: bool, as_json:
     """Remove rotated log files older than --keep; what remains still verifies."""
     from . import audit as audit_pkg
     from .audit.prune import prune
-    from .audit.settings import parse_duration
+    from . import units
 
     settings, env, config = _context(ctx)
-    keep: timedelta = parse_duration(keep_text, "--keep") if keep_text else settings.keep
+    keep: timedelta = units.duration(keep_text, "--keep") if keep_text else settings.keep
     log = audit_pkg.open_log(config.audit or None, env=env)
     result = prune(log, keep, dry_run=dry_run)
     if as_json:

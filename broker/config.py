@@ -491,8 +491,9 @@ def with_config_defaults(environ: Mapping[str, str], config: Config | None) -> d
     for key, value in config.vault.items():
         var = VAULT_CONFIG_ENV[key]
         if key == "timeout":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{origin}: vault.timeout: expected seconds > 0, got {value!r}", "e.g. timeout = 10")
+            from . import units
+
+            units.seconds(value, f"{origin}: vault.timeout")
         elif key == "addrs":
             if not isinstance(value, list) or not all(isinstance(a, str) and a.strip() for a in value):
                 raise ConfigError(f"{origin}: vault.addrs: expected a list of addresses, got {value!r}",

@@ -57,7 +57,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, units
 from .config import Profile
 from .errors import BrokerError
 from .secret import Credentials, Origin, Secret, wipe_buffer
@@ -127,7 +127,7 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(float(env.get("CREDBROKER_VAULT_TIMEOUT") or 10) + 5)
+        sock.settimeout(units.seconds(env.get("CREDBROKER_VAULT_TIMEOUT") or 10, "CREDBROKER_VAULT_TIMEOUT") + 5)
         sock.connect(str(path))
         if not peer_is_me(sock):
             return None  # someone else's socket: never send it a token
@@ -228,7 +228,7 @@ def fetch_isolated(profile: Profile, env: Mapping[str, str]) -> Credentials | No
     theirs.close()
     answer: bytearray | None = None
     try:
-        ours.settimeout(4 * float(env.get("CREDBROKER_VAULT_TIMEOUT") or 10) + 10)
+        ours.settimeout(4 * units.seconds(env.get("CREDBROKER_VAULT_TIMEOUT") or 10, "CREDBROKER_VAULT_TIMEOUT") + 10)
         answer = recv_frame(ours)
     except (OSError, ValueError, ConnectionError):
         pass

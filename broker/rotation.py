@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from . import units
 from .config import Profile
 from .errors import BrokerError, ConfigError
 from .runner import say
@@ -69,27 +70,6 @@ class RotationPolicy(NamedTuple):
         raise ConfigError(f"{what}: {spec!r} is not a rotation policy", "use restart, signal:HUP or ignore")
 
 
-def parse_seconds(value: object, what: str) -> float:
-    """``30s``/``5m``/``1h`` or a number of seconds -> float seconds, or ConfigError."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        from .audit.settings import parse_duration
-
-        text = str(value).strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            try:
-                seconds = parse_duration(text, what).total_seconds()
-            except ConfigError:  # its examples are weeks and days, for log retention
-                raise ConfigError(f"{what}: invalid duration {value!r}",
-                                  "write seconds or a number and a unit, e.g. 30s, 5m, 1h") from None
-    if seconds <= 0:
-        raise ConfigError(f"{what}: expected a duration > 0, got {value!r}", "e.g. 30s, 5m")
-    return seconds
-
-
 def policy_from(profile: Profile, on_rotate: str | None, interval: str | None, grace: str | None
                 ) -> RotationPolicy | None:
     """The rotation policy from flags, else the profile's ``[rotation]`` table; None = do not watch."""
@@ -113,9 +93,9 @@ def policy_from(profile: Profile, on_rotate: str | None, interval: str | None, g
                           "nothing to follow", "remove the pinned version to follow rotation")
     return RotationPolicy.parse(
         str(spec),
-        interval=parse_seconds(interval or table.get("interval", 60),
+        interval=units.seconds(interval or table.get("interval", 60),
                                "--rotate-interval" if interval else profile.where("rotation.interval")),
-        grace=parse_seconds(grace or table.get("grace", 10),
+        grace=units.seconds(grace or table.get("grace", 10),
                             "--grace" if grace else profile.where("rotation.grace")),
         what=spec_from,
     )

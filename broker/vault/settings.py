@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .. import units
 from ..errors import ConfigError, VaultAuthError
 from ..secret import Secret
 from .origins import CONFIG_ENV, FALSE_WORDS, TRUE_WORDS, describe
@@ -176,14 +177,8 @@ class VaultSettings:
             origins["addr"] = (f"VAULT_ADDR: it is unset, so the default {DEFAULT_ADDR} was tried; export "
                                "VAULT_ADDR or set [vault] addr")
         timeout_s = pick("timeout", "CREDBROKER_VAULT_TIMEOUT")
-        try:
-            timeout = float(timeout_s) if timeout_s else DEFAULT_TIMEOUT
-            if not timeout > 0 or timeout == float("inf"):
-                raise ValueError
-        except ValueError:
-            where = origins.get("timeout", "CREDBROKER_VAULT_TIMEOUT")
-            raise ConfigError(f"{where}={timeout_s!r} is not a number of seconds > 0",
-                              "e.g. CREDBROKER_VAULT_TIMEOUT=10") from None
+        timeout = (units.seconds(timeout_s, origins.get("timeout", "CREDBROKER_VAULT_TIMEOUT")) if timeout_s
+                   else DEFAULT_TIMEOUT)
         auth = env.get("CREDBROKER_VAULT_AUTH") or "token"
         if auth not in ("token", "approle"):
             raise ConfigError(f"Vault auth method {auth!r} is not supported", 'use "token" or "approle"')
