@@ -67,8 +67,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import BrokerError, RunError
-from .signing_policy import PolicyRefused, SigningPolicy, SignRequest
+from .errors import AgentRefused, BrokerError, PolicyRefused, RunError, from_dict
+from .signing_policy import SigningPolicy, SignRequest
 from .unixsock import HEADER, MAX_MESSAGE, frame, listen_private, peer_credentials, private_dir
 
 PROTOCOL = 1
@@ -91,10 +91,6 @@ POLICY_REFUSED = "policy_refused"
 AGENT_REFUSED = "agent_refused"
 AGENT_STARTED = "agent_started"
 AGENT_STOPPED = "agent_stopped"
-
-
-class AgentRefused(BrokerError):
-    """The signing agent refused a connection (not the bot's process tree)."""
 
 
 class AuditSink(Protocol):
@@ -470,9 +466,8 @@ class Agent:
             if seen <= EXPLAIN_REFUSALS:
                 # Telling costs a wake-up of the peer; a peer refused again and again in one
                 # window has had its explanation and is just closed.
-                error = {"type": "AgentRefused",
-                         "message": f"the credbroker signing agent refused this process: {reason}",
-                         "remedy": "only the bot that `credbroker run --agent` started (and its children) may sign"}
+                error = AgentRefused(f"the credbroker signing agent refused this process: {reason}", "only the bot "
+                                     "that `credbroker run --agent` started (and its children) may sign").to_wire()
                 sock.send(frame({"ok": False, "protocol": PROTOCOL, "error": error}), socket.MSG_DONTWAIT)
         except OSError:
             pass  # a peer that cannot take a few hundred bytes at once gets no explanation
@@ -617,10 +612,8 @@ class Agent:
 
 
 def _error(kind: str, message: str, remedy: str | None, *, rule: str | None = None) -> dict[str, Any]:
-    err: dict[str, Any] = {"type": kind, "message": message, "remedy": remedy}
-    if rule is not None:
-        err["rule"] = rule
-    return {"ok": False, "error": err}
+    err = from_dict({"error": kind, "message": message, "remedy": remedy, "rule": rule})
+    return {"ok": False, "error": err.to_wire()}
 
 
 

@@ -300,9 +300,8 @@ def _handle(request: Any) -> bytearray:
         # and Vault sees exactly one read for the one fetch the broker records.
         return _encode_reply({**base, "ok": False, "stale": True})
     if not isinstance(request, dict) or request.get("op") != "fetch" or request.get("protocol") != PROTOCOL:
-        return _encode_reply({**base, "ok": False, "error": {
-            "type": "BrokerError", "message": "unsupported request",
-            "remedy": "use the same credbroker version as the daemon"}})
+        return _encode_reply({**base, "ok": False, "error": BrokerError(
+            "unsupported request", "use the same credbroker version as the daemon").to_dict()})
     try:
         p = request["profile"]
         profile = Profile(name=str(p["name"]), source=str(p["source"]), env=dict(p["env"]),
@@ -313,9 +312,8 @@ def _handle(request: Any) -> bytearray:
     except BrokerError as exc:
         return _encode_reply({**base, "ok": False, "error": exc.to_dict()})
     except (KeyError, TypeError, ValueError):
-        return _encode_reply({**base, "ok": False, "error": {
-            "type": "BrokerError", "message": "malformed request",
-            "remedy": "use the same credbroker version as the daemon"}})
+        return _encode_reply({**base, "ok": False, "error": BrokerError(
+            "malformed request", "use the same credbroker version as the daemon").to_dict()})
     return _fetch_reply(profile, env, base)
 
 

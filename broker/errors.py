@@ -4,9 +4,16 @@ Every error carries a one-line ``message`` (what failed) and a ``remedy``
 (how to fix it). The CLI prints ``credbroker: <message> (<remedy>)`` and exits
 with ``exit_code``; a traceback only appears with ``--debug``. Messages never
 contain secret values: they name profiles, paths, fields and variables.
+
+Every error class credbroker raises lives here, so that one pair of functions
+serialises an error (``BrokerError.to_dict``, for ``--json``, audit records, the
+daemon's and the signing agent's sockets) and rebuilds it on the other side
+(``from_dict``), of the same class with the same fields.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class BrokerError(Exception):
@@ -34,22 +41,40 @@ class BrokerError(Exception):
             "remedy": self.remedy,
             "exit_code": self.exit_code,
         }
-        for attr in ("request_id", "secret_path"):
+        for attr in _EXTRA_FIELDS:
             if getattr(self, attr, None):
                 out[attr] = getattr(self, attr)
         return out
 
+    def to_wire(self) -> dict[str, object]:
+        """``to_dict`` for a socket: also under ``type``, the key the signing agent's protocol 1 reads."""
+        return {**self.to_dict(), "type": type(self).__name__}
 
-def from_dict(data: object) -> BrokerError:
-    """The error ``BrokerError.to_dict`` described (from a daemon or a fetch child), of the same class;
-    a ``BrokerError`` saying so when ``data`` is not such a description."""
+    @classmethod
+    def _rebuild(cls, message: str, remedy: str | None, data: dict[str, Any]) -> BrokerError:
+        return cls(message, remedy)
+
+
+#: Optional fields an error carries across a process boundary (``to_dict`` / ``from_dict``).
+_EXTRA_FIELDS = ("request_id", "secret_path", "rule")
+
+
+def error_class(name: object) -> type[BrokerError] | None:
+    """The error class of this module named ``name``, or None."""
+    cls = globals().get(name) if isinstance(name, str) else None
+    return cls if isinstance(cls, type) and issubclass(cls, BrokerError) else None
+
+
+def from_dict(data: object, default: type[BrokerError] | None = None) -> BrokerError:
+    """The error ``BrokerError.to_dict`` (or ``to_wire``) described, of the same class with the same fields.
+
+    An unknown class name gives ``default`` (``BrokerError`` unless said); ``data`` that is not such a
+    description gives a ``BrokerError`` saying so."""
     if not isinstance(data, dict) or not isinstance(data.get("message"), str):
         return BrokerError("a credbroker helper process answered with an invalid error", "restart it")
-    cls = globals().get(str(data.get("error")))
-    if not (isinstance(cls, type) and issubclass(cls, BrokerError)):
-        cls = BrokerError
+    cls = error_class(data.get("error")) or error_class(data.get("type")) or default or BrokerError
     remedy = data.get("remedy")
-    err = cls(data["message"], remedy if isinstance(remedy, str) else None)
+    err = cls._rebuild(data["message"], remedy if isinstance(remedy, str) else None, data)
     if isinstance(err, VaultError):
         rid, path = data.get("request_id"), data.get("secret_path")
         err.request_id = rid if isinstance(rid, str) else None
@@ -140,3 +165,54 @@ class AuditError(BrokerError):
 
 class SigningError(BrokerError):
     """A request could not be signed."""
+
+
+class PolicyRefused(SigningError):
+    """The signing policy refused a request; ``rule`` names the rule (``symbols``, ``rate_limit``...)."""
+
+    def __init__(self, rule: str, message: str, remedy: str | None = None) -> None:
+        super().__init__(f"signing policy refused the request ({rule}): {message}",
+                         remedy or f"change the bot, or the profile's [policy] {rule.split(':')[0]} "
+                         "if this request is intended")
+        self.rule = rule
+
+    @classmethod
+    def from_wire(cls, rule: str, message: str, remedy: str | None) -> PolicyRefused:
+        """Rebuild the broker's refusal in the bot (the message already says it is the policy)."""
+        exc = cls(rule, message, remedy)
+        exc.message = " ".join(message.split())
+        exc.args = (exc.message,)
+        return exc
+
+    @classmethod
+    def _rebuild(cls, message: str, remedy: str | None, data: dict[str, Any]) -> BrokerError:
+        rule = data.get("rule")
+        return cls.from_wire(rule if isinstance(rule, str) and rule else "policy", message, remedy)
+
+
+class AgentRefused(BrokerError):
+    """The signing agent refused a connection (not the bot's process tree)."""
+
+
+class PreflightError(BrokerError):
+    """The key preflight refused to start the bot, or could not complete."""
+
+
+class ExchangeUnreachable(PreflightError):
+    """The exchange could not be reached at all (DNS, connect): ``auto`` mode skips the check."""
+
+
+class UpstreamError(BrokerError):
+    """The exchange could not be reached (or answered something that is not HTTP)."""
+
+
+class PlaintextFormatError(ConfigError):
+    """The plaintext key file is not in the flat format credbroker reads."""
+
+
+class ImportVerifyError(SourceError):
+    """The copy read back from the store differs from the plaintext file."""
+
+
+class ShredError(ConfigError):
+    """The plaintext file could not be overwritten or removed."""

@@ -35,6 +35,10 @@ from typing import Any
 
 from .config import Profile
 from .errors import ConfigError, SourceError
+# Error classes live in errors.py; these names stay importable from here too.
+from .errors import ImportVerifyError as ImportVerifyError
+from .errors import PlaintextFormatError as PlaintextFormatError
+from .errors import ShredError as ShredError
 from .secret import Secret
 
 #: A key file bigger than this is not a key file.
@@ -46,18 +50,6 @@ SHRED_WARNING = (
     "levelling, snapshots, backups, editor swap/backup files, shell history and git history. If this key was "
     "ever copied, committed or backed up, treat it as exposed: rotate it at the exchange."
 )
-
-
-class PlaintextFormatError(ConfigError):
-    """The plaintext key file is not in the flat format credbroker reads."""
-
-
-class ImportVerifyError(SourceError):
-    """The copy read back from the store differs from the plaintext file."""
-
-
-class ShredError(ConfigError):
-    """The plaintext file could not be overwritten or removed."""
 
 
 @dataclass(frozen=True)

@@ -49,20 +49,15 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from .errors import BrokerError, ConfigError
+# Error classes live in errors.py; these names stay importable from here too.
+from .errors import ExchangeUnreachable as ExchangeUnreachable
+from .errors import PreflightError as PreflightError
 
 DEFAULT_BASE_URL = "https://api.binance.com"
 PATH = "/sapi/v1/account/apiRestrictions"
 URL_VAR = "CREDBROKER_PREFLIGHT_URL"
 MODES = ("auto", "on", "off")
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-
-
-class PreflightError(BrokerError):
-    """The key preflight refused to start the bot, or could not complete."""
-
-
-class ExchangeUnreachable(PreflightError):
-    """The exchange could not be reached at all (DNS, connect): ``auto`` mode skips the check."""
 
 
 class PreflightOptions(NamedTuple):

@@ -61,6 +61,8 @@ from typing import Any, NamedTuple
 
 from . import units
 from .errors import ConfigError, SigningError
+# Error classes live in errors.py; these names stay importable from here too.
+from .errors import PolicyRefused as PolicyRefused
 
 #: Binance's default recvWindow (ms), used when a request carries none.
 DEFAULT_RECV_WINDOW = 5000
@@ -173,24 +175,6 @@ KINDS: Mapping[str, Kind] = {
 
 _KNOWN = frozenset({"rate_limit", "burst", "symbols", "max_quantity", "max_notional", "max_recv_window",
                     "deny_kinds", "deny_params", "deny_endpoints", "require_endpoint"})
-
-
-class PolicyRefused(SigningError):
-    """The signing policy refused a request; ``rule`` names the rule (``symbols``, ``rate_limit``...)."""
-
-    def __init__(self, rule: str, message: str, remedy: str | None = None) -> None:
-        super().__init__(f"signing policy refused the request ({rule}): {message}",
-                         remedy or f"change the bot, or the profile's [policy] {rule.split(':')[0]} "
-                         "if this request is intended")
-        self.rule = rule
-
-    @classmethod
-    def from_wire(cls, rule: str, message: str, remedy: str | None) -> PolicyRefused:
-        """Rebuild the broker's refusal in the bot (the message already says it is the policy)."""
-        exc = cls(rule, message, remedy)
-        exc.message = " ".join(message.split())
-        exc.args = (exc.message,)
-        return exc
 
 
 class SignRequest(NamedTuple):

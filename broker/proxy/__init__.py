@@ -96,7 +96,8 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
     from .clientkey import ClientKey
     from .server import SigningProxy
     from .settings import ProxySettings
-    from .upstream import UpstreamError, make_upstreams
+    from ..errors import UpstreamError
+    from .upstream import make_upstreams
 
     check_profile(profile)
     settings = SignerSettings.for_profile(profile)

@@ -42,14 +42,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
 from ..agent import AuditSink
-from ..errors import BrokerError
+from ..errors import BrokerError, PolicyRefused, UpstreamError
 from ..signing import binance
 from ..signing.failures import classify
-from ..signing_policy import KINDS, PolicyRefused, SigningPolicy, SignRequest
+from ..signing_policy import KINDS, SigningPolicy, SignRequest
 from .clientkey import ClientKey
 from .peer import peer_in_tree
 from .settings import ProxySettings
-from .upstream import Answer, Upstream, UpstreamError
+from .upstream import Answer, Upstream
 
 FLUSH_INTERVAL = 0.2  # seconds: the longest a queued audit record waits for its fsync
 MAX_BODY = 1 << 20

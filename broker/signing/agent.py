@@ -137,24 +137,12 @@ class AgentSigner(Signer):
     def _raise(self, error: Any) -> None:
         if not isinstance(error, dict):
             raise SigningError("the signing agent refused without a reason", "check the audit log")
-        kind = str(error.get("type") or "")
-        message = str(error.get("message") or "refused")
-        remedy = error.get("remedy") if isinstance(error.get("remedy"), str) else None
-        if kind == "PolicyRefused":
-            from ..signing_policy import PolicyRefused
+        from ..errors import AgentRefused, from_dict
 
-            raise PolicyRefused.from_wire(str(error.get("rule") or "policy"), message, remedy)
-        if kind == "AgentRefused":
-            from ..agent import AgentRefused
-
+        err = from_dict({**error, "message": str(error.get("message") or "refused")}, default=SigningError)
+        if isinstance(err, AgentRefused):
             self._forget()
-            raise AgentRefused(message, remedy)
-        from .. import errors
-
-        cls = getattr(errors, kind, None)
-        if not (isinstance(cls, type) and issubclass(cls, BrokerError)):
-            cls = SigningError
-        raise cls(message, remedy)
+        raise err
 
     def _forget(self) -> None:
         sock = getattr(self._local, "sock", None)
