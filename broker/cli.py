@@ -513,7 +513,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         click.echo(
-            f"credbroker: internal error: {type(exc).__name__} (run with --debug for details, and report it)",
+            f"credbroker: internal error (run with --debug for the traceback): {type(exc).__name__}; "
+            "this is a bug in credbroker, please report it",
             err=True,
         )
         sys.exit(EXIT_BROKER_FAILED)

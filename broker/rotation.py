@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from . import units
 from .config import Profile
-from .errors import BrokerError, ConfigError
+from .errors import BrokerError, ConfigError, VaultAuthError
 from .runner import say
 from .secret import Credentials
 
@@ -119,23 +119,41 @@ class Watcher:
         self._next_try = 0.0
         self._backoff = interval
         self._vault_down = False
+        self._settings: Any = None
+        self._lookup_warned = False
+        self._lookup_failed = False  # the token's lifetime is unknown: ask again at the next poll
 
     # -- token lifecycle --------------------------------------------------------------
     def _login(self) -> Any:
         from .vault.session import open_client
         from .vault.settings import VaultSettings
 
-        client = open_client(VaultSettings.from_env(self.env))
+        self._settings = VaultSettings.from_env(self.env)
+        client = open_client(self._settings)
         self._learn_token(client)
         return client
 
     def _learn_token(self, client: Any) -> None:
+        from .vault.session import mapped
+
         try:
-            data = client.auth.token.lookup_self()["data"]
+            with mapped(self._settings, "look up the broker's token at", "auth/token/lookup-self", client,
+                        check_token=False):
+                data = client.auth.token.lookup_self()["data"]
+            if not isinstance(data, dict):
+                raise TypeError(type(data).__name__)
             ttl = float(data.get("ttl") or 0)
             self._renewable = bool(data.get("renewable"))
-        except Exception:  # noqa: BLE001 - unknown lifetime: renewals are then skipped
-            ttl, self._renewable = 0.0, False
+            self._lookup_failed = False
+        except (BrokerError, KeyError, TypeError, ValueError) as exc:
+            # Vault refused or answered something unusable: the token's lifetime is unknown, so it is
+            # not renewed. Say so once (the run goes on; rotation stops being followed if it expires).
+            ttl, self._renewable, self._lookup_failed = 0.0, False, True
+            if not self._lookup_warned:
+                self._lookup_warned = True
+                reason = exc.message if isinstance(exc, BrokerError) else f"unexpected answer ({type(exc).__name__})"
+                self.record("token_lookup_failed", {"profile": self.profile.name, "reason": reason})
+                say(f"cannot look up the Vault token's lifetime, so it will not be renewed: {reason}")
         self._token_expires = self.clock() + ttl if ttl > 0 else None
 
     def _keep_token_alive(self) -> None:
@@ -144,20 +162,25 @@ class Watcher:
             self._client = self._login()
             return
         if self._token_expires is None:
+            if self._lookup_failed:
+                self._learn_token(self._client)
             return
         remaining = self._token_expires - self.clock()
         if remaining > max(2 * self.interval, 5.0):
             return
         if self._renewable and remaining > 0:
+            from .vault.session import mapped
+
             try:
-                resp = self._client.auth.token.renew_self()
+                with mapped(self._settings, "renew the broker's token at", "auth/token/renew-self", self._client):
+                    resp = self._client.auth.token.renew_self()
                 ttl = float(resp["auth"]["lease_duration"])
                 if ttl > remaining:  # at max TTL, Vault "renews" without extending it
                     self._token_expires = self.clock() + ttl
                     self.record("token_renewed", {"profile": self.profile.name, "ttl_s": int(ttl)})
                     return
-            except Exception:  # noqa: BLE001 - fall through to a fresh login
-                pass
+            except (BrokerError, KeyError, TypeError, ValueError):
+                pass  # not renewed: fall through to a fresh login
         settings_has_approle = bool(self.env.get("VAULT_ROLE_ID") or self.env.get("CREDBROKER_ROLE_ID")
                                     or self.env.get("BAO_ROLE_ID") or self.env.get("CREDBROKER_ROLE_ID_FILE"))
         if not settings_has_approle:
@@ -202,7 +225,8 @@ class Watcher:
             self._keep_token_alive()
             latest = current_version(self.profile, self.env, client=self._client)
         except BrokerError as exc:
-            self._client = None if "token" in exc.message.lower() else self._client
+            if isinstance(exc, VaultAuthError):  # the token is no longer good: log in afresh next time
+                self._client = None
             self._failed("checking for a rotated key", exc)
             return None
         self._next_try = self.clock() + self.interval
@@ -224,9 +248,11 @@ class Watcher:
 
     def close(self) -> None:
         if self._client is not None:
+            from .vault.session import close
+
             try:
-                self._client.adapter.close()
-            except Exception:  # noqa: BLE001
+                close(self._client)
+            except OSError:
                 pass
 
 

@@ -53,6 +53,28 @@ def backend_for(profile: Profile | None = None) -> Any:
     return backend
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a backend raises when the keyring service does not answer: D-Bus errors of
+    secretstorage and jeepney (Secret Service), and OSError (a socket, a file, a timeout).
+
+    Anything else (a TypeError, a bug of ours or of a backend) is not "the keyring did not
+    answer" and is left to surface as an internal error."""
+    kinds: list[type[BaseException]] = [OSError]
+    try:
+        import secretstorage.exceptions
+
+        kinds.append(secretstorage.exceptions.SecretStorageException)
+    except ImportError:
+        pass
+    try:
+        import jeepney
+
+        kinds += [jeepney.DBusErrorResponse, jeepney.AuthenticationError, jeepney.SizeLimitError]
+    except (ImportError, AttributeError):
+        pass
+    return tuple(kinds)
+
+
 def _call(what: str, service: str, fn: Any, *args: Any) -> Any:
     import keyring.errors
 
@@ -74,7 +96,7 @@ def _call(what: str, service: str, fn: Any, *args: Any) -> Any:
     except keyring.errors.KeyringError as exc:
         raise KeyringError(f"the OS keyring failed to {what} service {service!r}: {type(exc).__name__}",
                            "check the keyring daemon") from exc
-    except Exception as exc:  # D-Bus transport errors come from secretstorage/jeepney
+    except _transport_errors() as exc:
         raise KeyringUnavailable(
             f"the OS keyring did not answer while trying to {what} service {service!r} ({type(exc).__name__})",
             "check that the D-Bus session and the keyring daemon are running",
