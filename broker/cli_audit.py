@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from datetime import datetime, timedelta, timezone
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,7 +23,7 @@ from .cli import json_flag
 from .errors import AuditError, ConfigError
 
 
-def _context(ctx: click.Context) -> tuple[Any, dict[str, str], Any]:
+def _context(ctx: click.Context) -> tuple[Any, Mapping[str, str], Any]:
     """(settings, env) from the config file the root command was given."""
     from .audit.settings import load_settings
     from .config import load
@@ -34,7 +35,7 @@ def _context(ctx: click.Context) -> tuple[Any, dict[str, str], Any]:
     return load_settings(config.audit or None, env), env, config
 
 
-def _key_bytes(settings: Any, env: dict[str, str]) -> bytes | None:
+def _key_bytes(settings: Any, env: Mapping[str, str]) -> bytes | None:
     from .audit.keys import resolve_key
 
     secret = resolve_key(settings.key_spec, env)
@@ -125,7 +126,7 @@ def _nothing_recorded(active: Path, as_json: bool) -> NoReturn:
     sys.exit(0)
 
 
-def _read_anchors(settings: Any, env: dict[str, str], key: bytes | None, wanted: bool | None
+def _read_anchors(settings: Any, env: Mapping[str, str], key: bytes | None, wanted: bool | None
                   ) -> tuple[list[Any] | None, str, str | None]:
     """(anchors or None when not checked, their place, why they could not be read)."""
     from .audit.anchor import place_for, read_all, vault_configured
@@ -283,7 +284,7 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
         sys.exit(1)
 
 
-def _kv_versions(config: Any, env: dict[str, str]) -> dict[str, tuple[int, str]]:
+def _kv_versions(config: Any, env: Mapping[str, str]) -> dict[str, tuple[int, str]]:
     """(current version, created_time) of each configured Vault profile's secret, where metadata is readable.
 
     Only with a Vault address and token in the environment; one that does not
@@ -292,7 +293,9 @@ def _kv_versions(config: Any, env: dict[str, str]) -> dict[str, tuple[int, str]]
     from .errors import BrokerError, VaultSealed, VaultUnreachable
     from .sources.vault import current_version_created
 
-    if not (env.get("VAULT_ADDR") or env.get("BAO_ADDR")):
+    from .vault.origins import value
+
+    if not value(env, "VAULT_ADDR", "BAO_ADDR"):
         return {}
     out: dict[str, tuple[int, str]] = {}
     for profile in config.profiles.values():

@@ -181,8 +181,10 @@ class Watcher:
                     return
             except (BrokerError, KeyError, TypeError, ValueError):
                 pass  # not renewed: fall through to a fresh login
-        settings_has_approle = bool(self.env.get("VAULT_ROLE_ID") or self.env.get("CREDBROKER_ROLE_ID")
-                                    or self.env.get("BAO_ROLE_ID") or self.env.get("CREDBROKER_ROLE_ID_FILE"))
+        from .vault.origins import value, without
+
+        settings_has_approle = bool(value(self.env, "VAULT_ROLE_ID", "CREDBROKER_ROLE_ID", "BAO_ROLE_ID")
+                                    or value(self.env, "CREDBROKER_ROLE_ID_FILE"))
         if not settings_has_approle:
             if remaining <= 0:
                 self.record("token_failed", {"profile": self.profile.name,
@@ -191,8 +193,7 @@ class Watcher:
                       "(configure AppRole for long runs)")
                 self._token_expires = None
             return
-        env = {k: v for k, v in self.env.items() if k not in ("VAULT_TOKEN", "BAO_TOKEN")}
-        self.env = env
+        self.env = without(self.env, "VAULT_TOKEN", "BAO_TOKEN")  # keeps [vault] (role_id_file...)
         try:
             self._client = self._login()
         except BrokerError as exc:

@@ -89,8 +89,10 @@ def place_for(settings: AuditSettings, kid: str | None, host: str | None = None)
 
 
 def vault_configured(env: Mapping[str, str]) -> bool:
-    """True when a Vault address is set (environment, or ``[vault] addr`` carried in it)."""
-    return bool(env.get("VAULT_ADDR") or env.get("BAO_ADDR"))
+    """True when a Vault address is set (the environment, or ``[vault] addr`` carried beside it)."""
+    from ..vault.origins import value
+
+    return bool(value(env, "VAULT_ADDR", "BAO_ADDR"))
 
 
 def message(fields: Mapping[str, Any]) -> bytes:
