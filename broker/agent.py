@@ -63,10 +63,11 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from .events import Event, Recorder
 from .errors import AgentRefused, BrokerError, PolicyRefused, RunError, from_dict
 from .signing_policy import SigningPolicy, SignRequest
 from .unixsock import HEADER, MAX_MESSAGE, frame, listen_private, peer_credentials, private_dir
@@ -86,11 +87,11 @@ EXPLAIN_REFUSALS = 8
 MAX_PEERS_RECORDED = 64
 
 #: Audit event names this module writes.
-SIGNED = "signed"
-POLICY_REFUSED = "policy_refused"
-AGENT_REFUSED = "agent_refused"
-AGENT_STARTED = "agent_started"
-AGENT_STOPPED = "agent_stopped"
+SIGNED = Event.SIGNED
+POLICY_REFUSED = Event.POLICY_REFUSED
+AGENT_REFUSED = Event.AGENT_REFUSED
+AGENT_STARTED = Event.AGENT_STARTED
+AGENT_STOPPED = Event.AGENT_STOPPED
 
 
 class AuditSink(Protocol):
@@ -104,7 +105,7 @@ class AuditSink(Protocol):
 class RecorderSink:
     """An ``AuditSink`` over a plain ``record(event, fields)`` callable: every record durable."""
 
-    def __init__(self, record: Callable[[str, dict[str, Any]], Any]) -> None:
+    def __init__(self, record: Recorder) -> None:
         self._record = record
 
     def record(self, event: str, fields: Mapping[str, Any], *, durable: bool = True) -> Any:
@@ -643,7 +644,7 @@ class RunSigning:
         self._creds: Any = None
         self._audit_config: Any = None
         self.server: Agent | None = None
-        self._record: Callable[[str, dict[str, Any]], Any] | None = None
+        self._record: Recorder | None = None
 
     @classmethod
     def prepare(cls, profile: Any, *, agent: bool, preflight: Any, env: Mapping[str, str]) -> RunSigning:
@@ -674,7 +675,7 @@ class RunSigning:
                            where=self.profile.where("signer"), audit_config=self._audit_config,
                            record_failures=False)
 
-    def check_key(self, creds: Any, *, record: Callable[[str, dict[str, Any]], Any], audit_config: Any = None
+    def check_key(self, creds: Any, *, record: Recorder, audit_config: Any = None
                   ) -> None:
         """Build the broker's signer from ``creds`` and run the key preflight (raises to stop the run)."""
         self._audit_config = audit_config
@@ -703,7 +704,7 @@ class RunSigning:
         clean = {k: v for k, v in parent.items() if k not in profile.env and k != SOCKET_VAR}
         return clean, profile._replace(env=keep)
 
-    def start_agent(self, audit_log: Any, record: Callable[[str, dict[str, Any]], Any],
+    def start_agent(self, audit_log: Any, record: Recorder,
                     peer_uid: int | None = None) -> dict[str, str]:
         """Start the agent's thread; the variables the child needs (``CREDBROKER_AGENT_SOCKET``).
 

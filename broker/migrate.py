@@ -28,18 +28,19 @@ import hmac
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import Profile
-from .errors import ConfigError, SourceError
+from .errors import ConfigError
 # Error classes live in errors.py; these names stay importable from here too.
 from .errors import ImportVerifyError as ImportVerifyError
 from .errors import PlaintextFormatError as PlaintextFormatError
 from .errors import ShredError as ShredError
 from .secret import Secret
+from .events import Event, Recorder
 
 #: A key file bigger than this is not a key file.
 MAX_BYTES = 1 << 20
@@ -597,7 +598,6 @@ def shred(path: str | os.PathLike[str]) -> Shredded:
 
 # -- the whole import, as `credbroker import` runs it ----------------------------------------
 #: ``record(event, fields)``: the audit log's ``AuditLog.record``, or a test's list.append.
-Recorder = Callable[[str, Mapping[str, Any]], object]
 
 
 @dataclass(frozen=True)
@@ -647,7 +647,7 @@ def import_plaintext(
         plain.wipe()
     result = ImportResult(file=plain.path, stored=stored, sources=dict(sel.sources), left_out=sel.left_out)
     if record is not None:
-        record("secret_imported", {
+        record(Event.SECRET_IMPORTED, {
             "file": str(plain.path.resolve()), "target": stored.target, "location": stored.location,
             "version": stored.version, "address": stored.address, "fields": list(stored.fields),
             "profile": profile.name if profile is not None else None, "forced": force, **read_back,
@@ -665,6 +665,6 @@ def delete_plaintext(result: ImportResult, *, record: Recorder | None = None) ->
     full = str(result.file.resolve())
     shredded = shred(result.file)
     if record is not None:
-        record("plaintext_deleted", {"file": full, "bytes_overwritten": shredded.bytes_overwritten,
+        record(Event.PLAINTEXT_DELETED, {"file": full, "bytes_overwritten": shredded.bytes_overwritten,
                                      "other_links": shredded.other_links})
     return shredded

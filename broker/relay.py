@@ -24,11 +24,12 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable
 from typing import Any
 
+from .events import Event, Recorder
+
 RELAY_FD_VAR = "CREDBROKER_AUDIT_FD"
-RELAYED_EVENTS = frozenset({"signature_failure"})
+RELAYED_EVENTS = frozenset({Event.SIGNATURE_FAILURE})
 MAX_LINE = 4096
 _MAX_VALUE = 512
 _MAX_FIELDS = 32
@@ -60,7 +61,7 @@ def _scalar(value: Any) -> bool:
 class AuditRelay:
     """One pipe for the whole run (restarts included) and a thread that records what arrives."""
 
-    def __init__(self, record: Callable[[str, dict[str, Any]], Any], *, profile: str | None = None,
+    def __init__(self, record: Recorder, *, profile: str | None = None,
                  host: str | None = None, user: str | None = None) -> None:
         self._record = record
         self.profile = profile

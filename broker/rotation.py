@@ -35,8 +35,8 @@ from .config import Profile
 from .errors import BrokerError, ConfigError, VaultAuthError
 from .runner import say
 from .secret import Credentials
+from .events import Event, Recorder
 
-Recorder = Callable[[str, dict[str, Any]], Any]
 
 #: Backoff between failed attempts: doubles from the interval up to this.
 MAX_BACKOFF = 300.0
@@ -152,7 +152,7 @@ class Watcher:
             if not self._lookup_warned:
                 self._lookup_warned = True
                 reason = exc.message if isinstance(exc, BrokerError) else f"unexpected answer ({type(exc).__name__})"
-                self.record("token_lookup_failed", {"profile": self.profile.name, "reason": reason})
+                self.record(Event.TOKEN_LOOKUP_FAILED, {"profile": self.profile.name, "reason": reason})
                 say(f"cannot look up the Vault token's lifetime, so it will not be renewed: {reason}")
         self._token_expires = self.clock() + ttl if ttl > 0 else None
 
@@ -177,7 +177,7 @@ class Watcher:
                 ttl = float(resp["auth"]["lease_duration"])
                 if ttl > remaining:  # at max TTL, Vault "renews" without extending it
                     self._token_expires = self.clock() + ttl
-                    self.record("token_renewed", {"profile": self.profile.name, "ttl_s": int(ttl)})
+                    self.record(Event.TOKEN_RENEWED, {"profile": self.profile.name, "ttl_s": int(ttl)})
                     return
             except (BrokerError, KeyError, TypeError, ValueError):
                 pass  # not renewed: fall through to a fresh login
@@ -187,7 +187,7 @@ class Watcher:
                                     or value(self.env, "CREDBROKER_ROLE_ID_FILE"))
         if not settings_has_approle:
             if remaining <= 0:
-                self.record("token_failed", {"profile": self.profile.name,
+                self.record(Event.TOKEN_FAILED, {"profile": self.profile.name,
                                              "reason": "token expired and no AppRole credentials to log in again"})
                 say("the Vault token expired and cannot be renewed; rotation is no longer followed "
                       "(configure AppRole for long runs)")
@@ -197,10 +197,10 @@ class Watcher:
         try:
             self._client = self._login()
         except BrokerError as exc:
-            self.record("token_failed", {"profile": self.profile.name, "reason": exc.message})
+            self.record(Event.TOKEN_FAILED, {"profile": self.profile.name, "reason": exc.message})
             say(f"AppRole login to keep following rotation failed: {exc}")
             raise
-        self.record("token_relogin", {"profile": self.profile.name, "method": "approle"})
+        self.record(Event.TOKEN_RELOGIN, {"profile": self.profile.name, "method": "approle"})
 
     # -- polling ----------------------------------------------------------------------
     def due(self) -> bool:
@@ -213,7 +213,7 @@ class Watcher:
         if not self._vault_down:
             self._vault_down = True
             say(f"{what} failed, retrying with backoff; the bot keeps running: {exc}")
-        self.record("rotation_check_failed", {"profile": self.profile.name, "error": type(exc).__name__,
+        self.record(Event.ROTATION_CHECK_FAILED, {"profile": self.profile.name, "error": type(exc).__name__,
                                               "reason": exc.message, "retry_in_s": delay})
 
     def poll(self) -> int | None:
@@ -308,7 +308,7 @@ class RotationChecker:
         except BrokerError as exc:
             self.watcher.fetch_failed(exc)
             return None
-        self.record("secret_fetched", {"profile": self.profile.name, **new_creds.origin.to_dict(),
+        self.record(Event.SECRET_FETCHED, {"profile": self.profile.name, **new_creds.origin.to_dict(),
                                        "fields": list(self.profile.fields), "reason": "rotation"})
         if swap_possible:
             assert self.agent_fields is not None

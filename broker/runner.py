@@ -36,6 +36,7 @@ from typing import Any
 from .config import BROKER_CREDENTIAL_VARS, ENV_CONFIG, Profile
 from .errors import BrokerError, CommandNotExecutable, CommandNotFound, NestedRunError, RunError
 from .secret import Credentials
+from .events import Event, Recorder
 
 FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGINT,
@@ -365,7 +366,6 @@ def _pause(seconds: float) -> int | None:
 
 
 #: Called as record(event, fields); broker.audit.AuditLog.record fits.
-Recorder = Callable[[str, dict[str, Any]], Any]
 
 #: Restart policies for a child that exits by itself (like Docker's).
 RESTART_POLICIES = ("no", "on-failure")
@@ -460,7 +460,7 @@ def run(
         from .access import refusal  # the one schema of a refusal (with Vault's request id when it answered)
 
         try:
-            rec("refused", {**_refused_secret(profile, source_env),
+            rec(Event.REFUSED, {**_refused_secret(profile, source_env),
                             **refusal(profile, exc, "run", command=audit_fields(command)[0])})
         except BrokerError:
             pass  # the original failure is what the operator must see
@@ -480,7 +480,7 @@ def run(
     except BrokerError as exc:
         refused(exc)
         raise
-    rec("secret_fetched", {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields)})
+    rec(Event.SECRET_FETCHED, {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields)})
     from .access import value_warnings
 
     for line in value_warnings(profile, creds):  # a stored newline signs wrong on every request: say so
@@ -563,7 +563,7 @@ def run(
             print(f"credbroker: started pid {child.pid} with {', '.join(child_profile.env)} "
                   f"from {origin.source} {origin.path}{version}{via}", file=sys.stderr, flush=True)
         shown, more = audit_fields(command)
-        rec("secret_injected", {
+        rec(Event.SECRET_INJECTED, {
             "profile": profile.name, "version": origin.version, **_secret_identity(origin),
             "variables": list(child_profile.env),
             "command": shown, "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
@@ -575,7 +575,7 @@ def run(
         return child
 
     def exited(child: Child, status: int, reason: str) -> None:
-        rec("child_exited", {"profile": profile.name, "pid": child.pid, "status": status, "reason": reason,
+        rec(Event.CHILD_EXITED, {"profile": profile.name, "pid": child.pid, "status": status, "reason": reason,
                              "duration_s": round(time.monotonic() - child.started, 3)})
 
     watcher = None
@@ -603,7 +603,7 @@ def run(
         if found.kind == "restart":
             assert found.creds is not None
             pending.append(found.creds)  # worker.done() once the new bot runs
-            rec("rotation_detected", {**event, "action": "restart"} if found.new_api_key else event)
+            rec(Event.ROTATION_DETECTED, {**event, "action": "restart"} if found.new_api_key else event)
             say(f"key rotated (v{old} -> v{new})" + (" with a new API key" if found.new_api_key else "")
                 + ": restarting the bot")
             return True
@@ -614,10 +614,10 @@ def run(
             signing.use(found.creds)
             creds.wipe()
             creds = found.creds
-            rec("rotation_detected", {**event, "action": "agent_key_swapped"})
+            rec(Event.ROTATION_DETECTED, {**event, "action": "agent_key_swapped"})
             say(f"key rotated (v{old} -> v{new}): the agent signs with the new key; the bot keeps running")
         else:
-            rec("rotation_detected", event)
+            rec(Event.ROTATION_DETECTED, event)
             say(f"key rotated (v{old} -> v{new}): " + ("ignored by policy" if found.kind == "ignore" else
                 f"sent {signal.Signals(rotation.signum).name if rotation.signum else ''} to the bot"))
         if found.kind != "ignore":
@@ -691,7 +691,7 @@ def run(
                 exited(child, status, "failed")
                 if time.monotonic() - child.started >= _HEALTHY_AFTER:
                     delay = 1.0
-                rec("child_restarting", {"profile": profile.name, "status": status, "delay_s": delay,
+                rec(Event.CHILD_RESTARTING, {"profile": profile.name, "status": status, "delay_s": delay,
                                          "version": creds.origin.version})
                 say(f"the bot exited with status {status}; restarting in {delay:g} s from the secret in memory")
                 stop = _pause(delay)

@@ -60,7 +60,7 @@ from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
 from . import units
-from .errors import ConfigError, SigningError
+from .errors import ConfigError
 # Error classes live in errors.py; these names stay importable from here too.
 from .errors import PolicyRefused as PolicyRefused
 

@@ -35,11 +35,12 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from ..events import Event
 from ..errors import BrokerError, VaultAuthError, VaultPermissionDenied
 from .chain import ANCHOR_LABEL, Hasher, digest_matches, labelled_mac
 from .settings import AuditSettings
 
-ANCHOR_FAILED = "anchor_failed"
+ANCHOR_FAILED = Event.ANCHOR_FAILED
 #: How many retained versions ``verify`` reads at most.
 MAX_VERSIONS_READ = 100
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9._-]")

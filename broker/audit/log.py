@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..events import Event
 from ..errors import AuditError
 from ..secret import Secret
 from .chain import (
@@ -80,24 +81,24 @@ from .settings import AuditSettings, ensure_private_folder
 BATCH_MAX = 1000
 BATCH_MAX_AGE = 1.0
 
-#: Event names other modules write (issue 3). The schema stays open: any name
-#: matching ``[a-z][a-z0-9_]*`` is accepted.
-SECRET_FETCHED = "secret_fetched"
-SECRET_INJECTED = "secret_injected"
-CHILD_EXITED = "child_exited"
-REFUSED = "refused"
-SIGNATURE_FAILURE = "signature_failure"
-ROTATION_DETECTED = "rotation_detected"
+#: Event names (every one is in ``broker.events.Event``; these names stay importable from here).
+#: The schema stays open: any name matching ``[a-z][a-z0-9_]*`` is accepted.
+SECRET_FETCHED = Event.SECRET_FETCHED
+SECRET_INJECTED = Event.SECRET_INJECTED
+CHILD_EXITED = Event.CHILD_EXITED
+REFUSED = Event.REFUSED
+SIGNATURE_FAILURE = Event.SIGNATURE_FAILURE
+ROTATION_DETECTED = Event.ROTATION_DETECTED
 #: Written by the audit log itself.
-PARTIAL_TAIL = "partial_tail"
-PRUNED = "pruned"
-AUDIT_KEYED = "audit_keyed"
+PARTIAL_TAIL = Event.PARTIAL_TAIL
+PRUNED = Event.PRUNED
+AUDIT_KEYED = Event.AUDIT_KEYED
 #: Records were lost (the log is shorter than its head, the head or the active file is missing):
 #: written by the first writer that finds it, before anything else. A keyed log then takes no
 #: record but ``gap_acknowledged`` (``credbroker audit acknowledge-gap``).
-GAP = "gap"
-GAP_ACKNOWLEDGED = "gap_acknowledged"
-ANCHOR_FAILED = "anchor_failed"
+GAP = Event.GAP
+GAP_ACKNOWLEDGED = Event.GAP_ACKNOWLEDGED
+ANCHOR_FAILED = Event.ANCHOR_FAILED
 
 
 def utc_timestamp(now: float | None = None) -> str:

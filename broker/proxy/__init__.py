@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import BrokerError, ConfigError
+from ..events import Event, Recorder
 
 URL_VAR = "CREDBROKER_PROXY_URL"
 SECRET_VAR = "CREDBROKER_PROXY_SECRET"
@@ -53,7 +54,7 @@ class ProxyRun:
     """A started proxy for one run: ``child_env`` and ``child_profile`` for the child, ``stop()`` at the end."""
 
     def __init__(self, server: Any, child_env: dict[str, str], child_profile: Any,
-                 record: Callable[[str, dict[str, Any]], Any]) -> None:
+                 record: Recorder) -> None:
         self.server = server
         self.child_env = child_env
         self.child_profile = child_profile
@@ -71,13 +72,13 @@ class ProxyRun:
         server.stop()
         self.child_env.clear()
         try:
-            self._record("proxy_stopped", {"profile": server.profile, "forwarded": server.forwarded,
+            self._record(Event.PROXY_STOPPED, {"profile": server.profile, "forwarded": server.forwarded,
                                            "refused": server.refused})
         except BrokerError:
             pass  # the run's own exit matters more than this total
 
 
-def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[str, dict[str, Any]], Any],
+def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Recorder,
                   audit_log: Any = None, env: Mapping[str, str] | None = None, root_pid: int | None = None,
                   allow_root: bool = False) -> ProxyRun:
     """Start the proxy for ``credbroker run --proxy``; what the child gets and how to stop it.
@@ -153,7 +154,7 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
     child_env["CREDBROKER_ENV_MAP"] = json.dumps(env_map, separators=(",", ":"))
     child_profile = profile._replace(env={v: f for v, f in profile.env.items()
                                           if f not in replaced and f != settings.passphrase_field})
-    record("proxy_started", {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,
+    record(Event.PROXY_STARTED, {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,
                              "upstreams": {n: u.base_url for n, u in upstreams.items()},
                              "clock_offset_ms": offsets, "policy": policy.describe()})
     return ProxyRun(server, child_env, child_profile, record)

@@ -50,6 +50,7 @@ from .clientkey import ClientKey
 from .peer import peer_in_tree
 from .settings import ProxySettings
 from .upstream import Answer, Upstream
+from ..events import Event
 
 FLUSH_INTERVAL = 0.2  # seconds: the longest a queued audit record waits for its fsync
 MAX_BODY = 1 << 20
@@ -60,11 +61,11 @@ _FORWARDED_HEADERS = ("Content-Type", "Accept", "Accept-Encoding", "User-Agent")
 _RESYNC_AFTER = 1.0  # seconds between two clock syncs triggered by -1021
 
 # Audit event names written here.
-PROXY_REQUEST = "proxy_request"
-PROXY_ANSWER = "proxy_answer"
-PROXY_REFUSED = "proxy_refused"
-POLICY_REFUSED = "policy_refused"
-SIGNATURE_FAILURE = "signature_failure"
+PROXY_REQUEST = Event.PROXY_REQUEST
+PROXY_ANSWER = Event.PROXY_ANSWER
+PROXY_REFUSED = Event.PROXY_REFUSED
+POLICY_REFUSED = Event.POLICY_REFUSED
+SIGNATURE_FAILURE = Event.SIGNATURE_FAILURE
 
 
 class Refusal(NamedTuple):
@@ -364,7 +365,7 @@ class SigningProxy:
             self._record(PROXY_ANSWER, {"profile": self.profile, "endpoint": upstream.time_path, "method": "GET",
                                         "status": 502, "error": exc.message})
             return
-        self._record("proxy_clock_synced", {"profile": self.profile, "upstream": upstream.name,
+        self._record(Event.PROXY_CLOCK_SYNCED, {"profile": self.profile, "upstream": upstream.name,
                                             "offset_ms": offset, "reason": "-1021"})
 
     # -- refusals and records ------------------------------------------------------------------

@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ..errors import BrokerError, UpstreamError
+from ..errors import UpstreamError
 
 #: Headers a response must not carry back through the proxy as they are (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",

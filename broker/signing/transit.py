@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import SigningError, VaultBadResponse, VaultError, VaultPermissionDenied
+from ..errors import SigningError, VaultBadResponse, VaultPermissionDenied
 from ..secret import Secret
 from . import core
 from .base import Signer
