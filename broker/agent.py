@@ -67,13 +67,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import childenv
 from .events import Event, Recorder
 from .errors import AgentRefused, BrokerError, PolicyRefused, RunError, from_dict
 from .signing_policy import SigningPolicy, SignRequest
 from .unixsock import HEADER, MAX_MESSAGE, frame, listen_private, peer_credentials, private_dir
 
 PROTOCOL = 1
-SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
+SOCKET_VAR = childenv.AGENT_SOCKET
 _MAX_TREE_DEPTH = 128
 _MAX_OUTSIDERS = 4096
 

@@ -18,6 +18,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from . import childenv
+
 from .errors import BrokerError
 
 EXIT_BROKER_FAILED = 125
@@ -194,7 +196,7 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
 
 
 @cli.command("run", help=RUN_HELP, context_settings={"ignore_unknown_options": False})
-@click.option("-p", "--profile", metavar="NAME", envvar="CREDBROKER_PROFILE", show_envvar=True,
+@click.option("-p", "--profile", metavar="NAME", envvar=childenv.PROFILE, show_envvar=True,
               help="Profile to use from the config file.")
 @click.option("--vault-path", metavar="MOUNT/PATH", help="One-off: KV v2 secret to read (no config needed).")
 @click.option("--vault-version", type=click.IntRange(min=1), metavar="N", help="Pin a KV v2 version.")

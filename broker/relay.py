@@ -26,9 +26,10 @@ import os
 import threading
 from typing import Any
 
+from . import childenv
 from .events import Event, Recorder
 
-RELAY_FD_VAR = "CREDBROKER_AUDIT_FD"
+RELAY_FD_VAR = childenv.AUDIT_FD
 RELAYED_EVENTS = frozenset({Event.SIGNATURE_FAILURE})
 MAX_LINE = 4096
 _MAX_VALUE = 512

@@ -22,7 +22,6 @@ a second time.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import stat
@@ -33,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from . import childenv
 from .config import BROKER_CREDENTIAL_VARS, ENV_CONFIG, Profile
 from .errors import BrokerError, CommandNotExecutable, CommandNotFound, NestedRunError, RunError
 from .secret import Credentials
@@ -53,7 +53,7 @@ BLOCKED_SIGNALS: tuple[signal.Signals, ...] = (*FORWARDED_SIGNALS, *JOB_SIGNALS,
 SI_KERNEL = 0x80  # Linux: the signal came from the kernel (a terminal), not kill(2)
 
 #: Set in every child; its presence makes a nested `credbroker run` refuse.
-NEST_VAR = "CREDBROKER_RUN"
+NEST_VAR = childenv.RUN
 
 
 def check_not_nested(environ: Mapping[str, str]) -> None:
@@ -114,8 +114,8 @@ def child_environment(
         env[os.fsencode(key)] = os.fsencode(value)
     markers = {
         NEST_VAR: str(os.getpid()),
-        "CREDBROKER_PROFILE": profile.name,
-        "CREDBROKER_ENV_MAP": json.dumps(dict(profile.env), separators=(",", ":")),
+        childenv.PROFILE: profile.name,
+        childenv.ENV_MAP: childenv.encode_env_map(profile.env),
         **(extra or {}),
     }
     for key, value in markers.items():
@@ -728,7 +728,7 @@ def run(
             c.wipe()
         if watcher is not None:
             watcher.close()
-        if "CREDBROKER_SIGNER_TOKEN" in extra:  # a transit profile's scoped token: revoke it now
+        if childenv.SIGNER_TOKEN in extra:  # a transit profile's scoped token: revoke it now
             from .signing import release_child_env
 
             release_child_env(extra, env=source_env)

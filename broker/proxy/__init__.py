@@ -29,12 +29,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from .. import childenv
 from ..errors import BrokerError, ConfigError
 from ..events import Event, Recorder
 
-URL_VAR = "CREDBROKER_PROXY_URL"
-SECRET_VAR = "CREDBROKER_PROXY_SECRET"
-KIND_VAR = "CREDBROKER_KEY_KIND"
+URL_VAR = childenv.PROXY_URL
+SECRET_VAR = childenv.PROXY_SECRET
+KIND_VAR = childenv.KEY_KIND
 
 __all__ = ["KIND_VAR", "ProxyRun", "SECRET_VAR", "URL_VAR", "check_profile", "start_for_run"]
 
@@ -146,12 +147,10 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Recorder,
             child_env[var] = client_key.passphrase.reveal_str()
             replaced.add(field)
     # get_signer() in the child reads the full map; the proxy's values stand in for the key's.
-    import json
-
     env_map = dict(profile.env)
     if key_field is None or key_field not in env_map.values():  # e.g. transit: no variable holds a key
         env_map[SECRET_VAR] = "api_secret" if client_kind == "hmac" else "private_key"
-    child_env["CREDBROKER_ENV_MAP"] = json.dumps(env_map, separators=(",", ":"))
+    child_env[childenv.ENV_MAP] = childenv.encode_env_map(env_map)
     child_profile = profile._replace(env={v: f for v, f in profile.env.items()
                                           if f not in replaced and f != settings.passphrase_field})
     record(Event.PROXY_STARTED, {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,

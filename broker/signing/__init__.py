@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import childenv
 from ..errors import BrokerError, ConfigError, SigningError
 from ..secret import Secret
 from .base import ApiKey, Signer
@@ -54,15 +55,15 @@ __all__ = [
 ]
 
 #: Set by ``credbroker run`` in its child (see broker.runner).
-RUN_VAR = "CREDBROKER_RUN"
-PROFILE_VAR = "CREDBROKER_PROFILE"
-ENV_MAP_VAR = "CREDBROKER_ENV_MAP"
+RUN_VAR = childenv.RUN
+PROFILE_VAR = childenv.PROFILE
+ENV_MAP_VAR = childenv.ENV_MAP
 #: Set by ``child_env``: the signer settings (JSON, no secret) and, for transit, the scoped token.
-SIGNER_VAR = "CREDBROKER_SIGNER"
-SIGNER_TOKEN_VAR = "CREDBROKER_SIGNER_TOKEN"
+SIGNER_VAR = childenv.SIGNER
+SIGNER_TOKEN_VAR = childenv.SIGNER_TOKEN
 #: Set by ``key_env``: the key's kind, and an encrypted key's passphrase that the profile maps to no variable.
-KEY_KIND_VAR = "CREDBROKER_KEY_KIND"
-KEY_PASSPHRASE_VAR = "CREDBROKER_KEY_PASSPHRASE"
+KEY_KIND_VAR = childenv.KEY_KIND
+KEY_PASSPHRASE_VAR = childenv.KEY_PASSPHRASE
 
 
 def get_signer(
@@ -89,7 +90,7 @@ def get_signer(
     environ: Mapping[str, str] = os.environ if env is None else env
     name = getattr(profile, "name", profile)
     if environ.get(RUN_VAR) and (profile is None or (isinstance(profile, str) and profile == environ.get(PROFILE_VAR))):
-        if environ.get("CREDBROKER_AGENT_SOCKET"):  # `credbroker run --agent`: the broker signs (issue 6)
+        if environ.get(childenv.AGENT_SOCKET):  # `credbroker run --agent`: the broker signs (issue 6)
             from .agent import from_environment
 
             return from_environment(environ, recv_window=recv_window, record_failures=record_failures)
