@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-__all__ = ["AGENT_SOCKET", "AUDIT_FD", "CONTRACT", "ENV_MAP", "KEY_KIND", "KEY_PASSPHRASE", "PROFILE", "PROXY_SECRET", "PROXY_URL",
-           "RUN", "SIGNER", "SIGNER_TOKEN", "encode_env_map", "env_map", "profile"]
+__all__ = ["AGENT_SOCKET", "AUDIT_FD", "CONTRACT", "ENV_MAP", "KEY_KIND", "KEY_PASSPHRASE", "PROFILE",
+           "PROXY_SECRET", "PROXY_URL", "RUN", "SIGNER", "SIGNER_TOKEN", "encode_env_map", "env_map", "profile"]
 
 #: Set in every child (the broker's pid): `credbroker run` inside it is refused, get_signer() knows where it is.
 RUN = "CREDBROKER_RUN"

@@ -337,11 +337,14 @@ def _settings_env(request: Mapping[str, Any]) -> SettingsEnv:
 
 
 def _fetch_reply(profile: Profile, env: Mapping[str, str], base: Mapping[str, Any]) -> bytearray:
-    """Fetch in this (throwaway) process; the reply frame, secrets raw after the metadata."""
-    from .sources import fetch as source_fetch
+    """Fetch in this (throwaway) process; the reply frame, secrets raw after the metadata.
+
+    The vault source itself, not ``sources.fetch`` (whose client side asks this daemon): the caller's
+    ``sources.fetch`` checks the fields and fetches a PEM key's passphrase as for an in-process read."""
+    from .sources.vault import fetch as vault_fetch
 
     try:
-        creds = source_fetch(profile, env=env, use_daemon=False)
+        creds = vault_fetch(profile, env=env)
     except BrokerError as exc:
         return _encode_reply({**base, "ok": False, "error": exc.to_dict()})
     try:

@@ -508,27 +508,27 @@ def _compare(stored: Stored, data: Mapping[str, Any], fields: Mapping[str, Secre
 def store_keyring(service: str, fields: Mapping[str, Secret], *, force: bool = False,
                   profile: Profile | None = None) -> Stored:
     """Write each field as an entry of ``service`` (refusing to replace one unless ``force``)."""
-    from .sources.keyring import _call, backend_for
+    from .sources.keyring import backend_for, call_backend
 
     backend = backend_for(profile)
     if not force:
-        present = [n for n in fields if _call("read", service, backend.get_password, service, n) is not None]
+        present = [n for n in fields if call_backend("read", service, backend.get_password, service, n) is not None]
         if present:
             raise ConfigError(
                 f"the OS keyring already holds {', '.join(present)} for service {service!r}",
                 "pass --force to replace them, or delete them with `credbroker keyring delete`",
             )
     for name, secret in fields.items():
-        _call("write to", service, backend.set_password, service, name, secret.reveal_str())
+        call_backend("write to", service, backend.set_password, service, name, secret.reveal_str())
     return Stored("keyring", service, tuple(fields))
 
 
 def verify_keyring(stored: Stored, fields: Mapping[str, Secret], *, profile: Profile | None = None) -> None:
     """Read every entry back and compare it in constant time."""
-    from .sources.keyring import _call, backend_for
+    from .sources.keyring import backend_for, call_backend
 
     backend = backend_for(profile)
-    data = {n: _call("read", stored.location, backend.get_password, stored.location, n) for n in fields}
+    data = {n: call_backend("read", stored.location, backend.get_password, stored.location, n) for n in fields}
     try:
         _compare(stored, data, fields, True)
     finally:

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from ..events import Event
 from ..errors import BrokerError, VaultAuthError, VaultPermissionDenied
-from .chain import ANCHOR_LABEL, Hasher, digest_matches, labelled_mac
+from .chain import ANCHOR_LABEL, Hasher, digest_matches, labelled_mac, utc_timestamp
 from .settings import AuditSettings
 
 ANCHOR_FAILED = Event.ANCHOR_FAILED
@@ -209,8 +209,6 @@ class Anchorer:
             latest = self._latest
             if latest is None or latest == self._anchored:
                 return True
-            from .log import utc_timestamp
-
             payload = make_payload(latest[0], latest[1], self._kid, self._log, utc_timestamp(), self._mac)
             try:
                 self._client = write(self._env, self.place, payload, self._client)

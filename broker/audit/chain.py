@@ -27,7 +27,9 @@ import hashlib
 import hmac
 import json
 import re
+import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 FORMAT_VERSION = 1
@@ -144,3 +146,9 @@ def parse_header(line: bytes) -> Header | None:
 def digest_matches(expected_hex: str, actual_hex: str) -> bool:
     """Constant-time comparison of two hex digests (STYLE.md: MACs via compare_digest)."""
     return hmac.compare_digest(expected_hex, actual_hex)
+
+
+def utc_timestamp(now: float | None = None) -> str:
+    """A record's ``ts``: ``2026-11-24T04:00:00.123456Z`` (UTC, microseconds)."""
+    dt = datetime.fromtimestamp(time.time() if now is None else now, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -62,6 +62,7 @@ from .chain import (
     finish_line,
     labelled_mac,
     make_hasher,
+    utc_timestamp,
 )
 from .files import (
     Head,
@@ -99,12 +100,6 @@ AUDIT_KEYED = Event.AUDIT_KEYED
 GAP = Event.GAP
 GAP_ACKNOWLEDGED = Event.GAP_ACKNOWLEDGED
 ANCHOR_FAILED = Event.ANCHOR_FAILED
-
-
-def utc_timestamp(now: float | None = None) -> str:
-    """``2026-11-24T04:00:00.123456Z``."""
-    dt = datetime.fromtimestamp(time.time() if now is None else now, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _user() -> str:

@@ -31,9 +31,10 @@ from typing import Any, NamedTuple
 
 from .. import units
 from ..errors import ConfigError
+from .keys import ENV_KEY as ENV_KEY  # where it is defined; importable from here too
+from .keys import parse_key_spec
 
 ENV_LOG = "CREDBROKER_AUDIT_LOG"
-ENV_KEY = "CREDBROKER_AUDIT_KEY"
 
 KNOWN_KEYS = frozenset({"path", "key", "rotate", "max_size", "keep", "work_hours", "anchor", "anchor_interval"})
 DEFAULT_ANCHOR = "secret/credbroker-audit"
@@ -101,8 +102,6 @@ def load_settings(audit_config: Mapping[str, Any] | None, env: Mapping[str, str]
 
     key_spec = cfg.get("key")
     if key_spec is not None:
-        from .keys import parse_key_spec
-
         if not isinstance(key_spec, str):
             raise ConfigError("[audit] key: expected a string", 'write key = "vault:MOUNT/PATH#FIELD" or "keyring:SERVICE:FIELD"')
         parse_key_spec(key_spec)  # validate the reference now; fetch only when used
@@ -110,7 +109,8 @@ def load_settings(audit_config: Mapping[str, Any] | None, env: Mapping[str, str]
     rotate = cfg.get("rotate", "weekly")
     if rotate not in ROTATE_CHOICES:
         raise ConfigError(f"[audit] rotate: unknown value {rotate!r}", f"use one of: {', '.join(ROTATE_CHOICES)}")
-    max_size = units.size(cfg["max_size"], "[audit] max_size", minimum=4096) if "max_size" in cfg else DEFAULT_MAX_SIZE
+    max_size = (units.size(cfg["max_size"], "[audit] max_size", minimum=4096) if "max_size" in cfg
+                else DEFAULT_MAX_SIZE)
     keep = units.duration(cfg["keep"], "[audit] keep") if "keep" in cfg else DEFAULT_KEEP
     hours = parse_hours(cfg["work_hours"]) if "work_hours" in cfg else None
     anchor = parse_anchor(cfg.get("anchor", DEFAULT_ANCHOR))

@@ -75,7 +75,8 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
-def _call(what: str, service: str, fn: Any, *args: Any) -> Any:
+def call_backend(what: str, service: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on a keyring backend, its failures as credbroker's keyring errors (what names the act)."""
     import keyring.errors
 
     try:
@@ -110,7 +111,7 @@ def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
     fields: dict[str, Secret] = {}
     try:
         for name in profile.fields:
-            value = _call("read", service, backend.get_password, service, name)
+            value = call_backend("read", service, backend.get_password, service, name)
             if value is None or value == "":
                 raise KeyringNotFound(
                     f"the OS keyring has no entry {name!r} for service {service!r}",
@@ -129,7 +130,7 @@ def store(profile: Profile, field: str, value: Secret) -> None:
     """Store one field's value in the keyring (used by `credbroker keyring set`)."""
     backend = backend_for(profile)
     service = service_for(profile)
-    _call("write to", service, backend.set_password, service, field, value.reveal_str())
+    call_backend("write to", service, backend.set_password, service, field, value.reveal_str())
 
 
 def delete(profile: Profile, field: str) -> None:
@@ -139,7 +140,7 @@ def delete(profile: Profile, field: str) -> None:
     backend = backend_for(profile)
     service = service_for(profile)
     try:
-        _call("delete from", service, backend.delete_password, service, field)
+        call_backend("delete from", service, backend.delete_password, service, field)
     except KeyringError as exc:
         if isinstance(exc.__cause__, keyring.errors.PasswordDeleteError):
             raise KeyringNotFound(f"the OS keyring has no entry {field!r} for service {service!r}",
