@@ -91,7 +91,7 @@ def fetch(
         raise
     try:
         rec(Event.SECRET_FETCHED, {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields),
-                               "by": by, **extra})
+                                   "by": by, **extra})
     except BrokerError:
         creds.wipe()  # not recorded, not handed out
         raise

@@ -116,5 +116,5 @@ def delete_cmd(ctx: click.Context, profile: str, field: str, service: str | None
     record = _audit(ctx)
     delete(prof, field)
     record(Event.KEYRING_DELETED, {"profile": prof.name, "field": field, "service": service_for(prof),
-                               "source": "keyring"})
+                                   "source": "keyring"})
     click.echo(f"deleted {field} from keyring service {service_for(prof)!r}", err=True)

@@ -666,5 +666,5 @@ def delete_plaintext(result: ImportResult, *, record: Recorder | None = None) ->
     shredded = shred(result.file)
     if record is not None:
         record(Event.PLAINTEXT_DELETED, {"file": full, "bytes_overwritten": shredded.bytes_overwritten,
-                                     "other_links": shredded.other_links})
+                                         "other_links": shredded.other_links})
     return shredded

@@ -188,7 +188,7 @@ class Watcher:
         if not settings_has_approle:
             if remaining <= 0:
                 self.record(Event.TOKEN_FAILED, {"profile": self.profile.name,
-                                             "reason": "token expired and no AppRole credentials to log in again"})
+                                                 "reason": "token expired and no AppRole credentials to log in again"})
                 say("the Vault token expired and cannot be renewed; rotation is no longer followed "
                       "(configure AppRole for long runs)")
                 self._token_expires = None
@@ -214,7 +214,7 @@ class Watcher:
             self._vault_down = True
             say(f"{what} failed, retrying with backoff; the bot keeps running: {exc}")
         self.record(Event.ROTATION_CHECK_FAILED, {"profile": self.profile.name, "error": type(exc).__name__,
-                                              "reason": exc.message, "retry_in_s": delay})
+                                                  "reason": exc.message, "retry_in_s": delay})
 
     def poll(self) -> int | None:
         """A version newer than the bot's, not yet acted on; None otherwise (never raises BrokerError)."""
@@ -309,7 +309,7 @@ class RotationChecker:
             self.watcher.fetch_failed(exc)
             return None
         self.record(Event.SECRET_FETCHED, {"profile": self.profile.name, **new_creds.origin.to_dict(),
-                                       "fields": list(self.profile.fields), "reason": "rotation"})
+                                           "fields": list(self.profile.fields), "reason": "rotation"})
         if swap_possible:
             assert self.agent_fields is not None
             current = self.current()

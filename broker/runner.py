@@ -461,7 +461,7 @@ def run(
 
         try:
             rec(Event.REFUSED, {**_refused_secret(profile, source_env),
-                            **refusal(profile, exc, "run", command=audit_fields(command)[0])})
+                                **refusal(profile, exc, "run", command=audit_fields(command)[0])})
         except BrokerError:
             pass  # the original failure is what the operator must see
 
@@ -576,7 +576,7 @@ def run(
 
     def exited(child: Child, status: int, reason: str) -> None:
         rec(Event.CHILD_EXITED, {"profile": profile.name, "pid": child.pid, "status": status, "reason": reason,
-                             "duration_s": round(time.monotonic() - child.started, 3)})
+                                 "duration_s": round(time.monotonic() - child.started, 3)})
 
     watcher = None
     worker: Any = None
@@ -692,7 +692,7 @@ def run(
                 if time.monotonic() - child.started >= _HEALTHY_AFTER:
                     delay = 1.0
                 rec(Event.CHILD_RESTARTING, {"profile": profile.name, "status": status, "delay_s": delay,
-                                         "version": creds.origin.version})
+                                             "version": creds.origin.version})
                 say(f"the bot exited with status {status}; restarting in {delay:g} s from the secret in memory")
                 stop = _pause(delay)
                 if stop is not None:

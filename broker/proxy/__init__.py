@@ -74,7 +74,7 @@ class ProxyRun:
         self.child_env.clear()
         try:
             self._record(Event.PROXY_STOPPED, {"profile": server.profile, "forwarded": server.forwarded,
-                                           "refused": server.refused})
+                                               "refused": server.refused})
         except BrokerError:
             pass  # the run's own exit matters more than this total
 
@@ -154,8 +154,8 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Recorder,
     child_profile = profile._replace(env={v: f for v, f in profile.env.items()
                                           if f not in replaced and f != settings.passphrase_field})
     record(Event.PROXY_STARTED, {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,
-                             "upstreams": {n: u.base_url for n, u in upstreams.items()},
-                             "clock_offset_ms": offsets, "policy": policy.describe()})
+                                 "upstreams": {n: u.base_url for n, u in upstreams.items()},
+                                 "clock_offset_ms": offsets, "policy": policy.describe()})
     return ProxyRun(server, child_env, child_profile, record)
 
 

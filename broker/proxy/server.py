@@ -366,7 +366,7 @@ class SigningProxy:
                                         "status": 502, "error": exc.message})
             return
         self._record(Event.PROXY_CLOCK_SYNCED, {"profile": self.profile, "upstream": upstream.name,
-                                            "offset_ms": offset, "reason": "-1021"})
+                                                "offset_ms": offset, "reason": "-1021"})
 
     # -- refusals and records ------------------------------------------------------------------
     def _refuse(self, refusal: Refusal, pid: int | None, summary: Mapping[str, Any]) -> Answer:

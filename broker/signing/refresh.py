@@ -123,7 +123,7 @@ class RefreshingSigner(Signer):
             old.close()
             self._schedule()
         self._rec(Event.ROTATION_DETECTED, {"profile": self.profile, "old_version": old_version,
-                                        "new_version": version, "action": "refresh", "by": "get_signer"})
+                                            "new_version": version, "action": "refresh", "by": "get_signer"})
         return True
 
     def _schedule(self) -> None:
@@ -137,7 +137,7 @@ class RefreshingSigner(Signer):
             self._schedule()  # keep signing with the key in hand; try again next interval
             try:
                 self._rec(Event.ROTATION_CHECK_FAILED, {"profile": self.profile, "error": type(exc).__name__,
-                                                    "reason": exc.message, "by": "get_signer"})
+                                                        "reason": exc.message, "by": "get_signer"})
             except BrokerError:
                 pass
             print(f"credbroker: could not check for a rotated key, still signing with v{self.version}: {exc}",
