@@ -13,16 +13,16 @@ that read to the broker and never lists it as a read from outside.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .config import Config, Profile
 from .errors import BrokerError, VaultError
 from .secret import Credentials
+from .events import Event, Recorder
 
 #: ``record(event, fields)``: what every audited reader writes through.
-Recorder = Callable[[str, dict[str, Any]], Any]
 
 
 def config_for(profile: Profile, config: Config | None = None) -> Config:
@@ -57,7 +57,7 @@ def refusal(profile: Profile, exc: BrokerError, by: str, **context: Any) -> dict
 def record_refusal(record: Recorder, profile: Profile, exc: BrokerError, by: str, **context: Any) -> None:
     """Record ``exc`` as a refusal; a failure to record never hides the original error."""
     try:
-        record("refused", refusal(profile, exc, by, **context))
+        record(Event.REFUSED, refusal(profile, exc, by, **context))
     except BrokerError:
         pass  # the original failure is what the operator must see
 
@@ -90,8 +90,8 @@ def fetch(
         record_refusal(rec, profile, exc, by, **extra)
         raise
     try:
-        rec("secret_fetched", {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields),
-                               "by": by, **extra})
+        rec(Event.SECRET_FETCHED, {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields),
+                                   "by": by, **extra})
     except BrokerError:
         creds.wipe()  # not recorded, not handed out
         raise

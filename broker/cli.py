@@ -13,13 +13,17 @@ import importlib
 import json
 import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import click
+
+from . import childenv
 
 from .errors import BrokerError
 
 EXIT_BROKER_FAILED = 125
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 #: name -> "module:attribute" of a click command, imported on first use.
 _LAZY_COMMANDS = {
@@ -62,6 +66,21 @@ class _LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
+def _note_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    """Remember that the user asked for JSON, so that ``main`` prints an error as JSON too.
+
+    Only an option click parsed as credbroker's own counts: a ``--json`` among the bot's
+    arguments (``credbroker run -p P -- bot --json``) or as another option's value never does."""
+    if value and isinstance(ctx.obj, dict):
+        ctx.obj["json"] = True
+    return value
+
+
+def json_flag(help_text: str) -> Callable[[_F], _F]:
+    """The ``--json`` option of a subcommand (its errors are JSON too)."""
+    return click.option("--json", "as_json", is_flag=True, help=help_text, callback=_note_json)
+
+
 def fail(err: BrokerError, *, as_json: bool = False) -> NoReturn:
     """Print one line (or a JSON object) for ``err`` and exit with its code."""
     if as_json:
@@ -75,6 +94,8 @@ def fail(err: BrokerError, *, as_json: bool = False) -> NoReturn:
 @click.option("--config", "config_path", metavar="FILE", help="Config file (default: $CREDBROKER_CONFIG, "
               "./credbroker.toml, ~/.config/credbroker/config.toml).")
 @click.option("--debug", is_flag=True, help="Print tracebacks for errors (never secret values).")
+@click.option("--json", "as_json", is_flag=True, callback=_note_json, expose_value=False,
+              help="Print an error as one JSON object on stderr (a subcommand's own --json does too).")
 @click.version_option(package_name="credbroker", prog_name="credbroker")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
@@ -183,7 +204,7 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
 
 
 @cli.command("run", help=RUN_HELP, context_settings={"ignore_unknown_options": False})
-@click.option("-p", "--profile", "profiles", metavar="NAME", multiple=True, envvar="CREDBROKER_PROFILE",
+@click.option("-p", "--profile", "profiles", metavar="NAME", multiple=True, envvar=childenv.PROFILE,
               show_envvar=True, help="Profile to use from the config file; repeat it to give the bot several "
               "(all fetched or none; a variable two of them set is refused).")
 @click.option("--vault-path", metavar="MOUNT/PATH", help="One-off: KV v2 secret to read (no config needed).")
@@ -328,9 +349,9 @@ def run_cmd(
         check_profile(prof)  # a typo in [proxy] is one line, before any secret is fetched
     stop_grace = None
     if grace:
-        from .rotation import parse_seconds
+        from . import units
 
-        stop_grace = parse_seconds(grace, "--grace")
+        stop_grace = units.seconds(grace, "--grace")
     from . import runner
 
     status = runner.run(profs if len(profs) > 1 else prof, list(command), config=config, verbose=verbose,
@@ -367,7 +388,7 @@ def _exit_now(code: int) -> NoReturn:
 @click.option("-p", "--profile", "profiles", metavar="NAME", multiple=True,
               help="Profile to check (repeatable: the profiles of one `run -p A -p B`).")
 @click.option("--all", "check_all", is_flag=True, help="Check every profile in the config.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_flag("Print JSON.")
 @click.pass_context
 def check_cmd(ctx: click.Context, profiles: tuple[str, ...], check_all: bool, as_json: bool) -> None:
     """Fetch a profile's secrets and report what was found (never the values).
@@ -426,7 +447,7 @@ def _print_check(info: dict[str, Any]) -> None:
 
 
 @cli.command("profiles")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_flag("Print JSON.")
 @click.pass_context
 def profiles_cmd(ctx: click.Context, as_json: bool) -> None:
     """List the configured profiles and where the config was found."""
@@ -529,17 +550,19 @@ def main(argv: list[str] | None = None) -> None:
     own, rest = _own_args(sys.argv[1:] if argv is None else list(argv))
     args = own + rest
     debug = "--debug" in own
+    #: what click parsed: ``json`` is set only by an option of credbroker's own (``_note_json``)
+    state: dict[str, Any] = {}
     if not args:  # bare `credbroker`: the help, as help, not as an error
         click.echo(cli.get_help(click.Context(cli, info_name="credbroker", **cli.context_settings)))
         sys.exit(0)
     try:
-        cli.main(args=args, prog_name="credbroker", standalone_mode=False)
+        cli.main(args=args, prog_name="credbroker", standalone_mode=False, obj=state)
     except BrokerError as err:
         if debug:
             import traceback
 
             traceback.print_exc()
-        fail(err, as_json="--json" in own)
+        fail(err, as_json=bool(state.get("json")))
     except click.exceptions.Abort:
         # click turns Ctrl-C (KeyboardInterrupt) into Abort: exit like any interrupted command.
         click.echo("credbroker: interrupted", err=True)
@@ -560,7 +583,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         click.echo(
-            f"credbroker: internal error: {type(exc).__name__} (run with --debug for details, and report it)",
+            f"credbroker: internal error (run with --debug for the traceback): {type(exc).__name__}; "
+            "this is a bug in credbroker, please report it",
             err=True,
         )
         sys.exit(EXIT_BROKER_FAILED)

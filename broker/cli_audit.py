@@ -13,15 +13,17 @@ import json
 import os
 import sys
 from datetime import datetime, timedelta, timezone
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
+from .cli import json_flag
 from .errors import AuditError, ConfigError
 
 
-def _context(ctx: click.Context) -> tuple[Any, dict[str, str], Any]:
+def _context(ctx: click.Context) -> tuple[Any, Mapping[str, str], Any]:
     """(settings, env) from the config file the root command was given."""
     from .audit.settings import load_settings
     from .config import load
@@ -33,7 +35,7 @@ def _context(ctx: click.Context) -> tuple[Any, dict[str, str], Any]:
     return load_settings(config.audit or None, env), env, config
 
 
-def _key_bytes(settings: Any, env: dict[str, str]) -> bytes | None:
+def _key_bytes(settings: Any, env: Mapping[str, str]) -> bytes | None:
     from .audit.keys import resolve_key
 
     secret = resolve_key(settings.key_spec, env)
@@ -47,10 +49,10 @@ def _key_bytes(settings: Any, env: dict[str, str]) -> bytes | None:
 
 def _parse_since(text: str, now: datetime) -> datetime:
     """``7d`` / ``12h`` (ago) or an ISO date/time (UTC)."""
-    from .audit.settings import parse_duration
+    from . import units
 
-    if text and text[-1] in "smhdw" and text[:-1].strip().isdigit():
-        return now - parse_duration(text, "--since")
+    if text and text[-1] in units.DURATION_UNITS and text[:-1].strip().isdigit():
+        return now - units.duration(text, "--since")
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -78,7 +80,7 @@ _HOST_LOGS = click.option(
 @audit.command("verify")
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @_HOST_LOGS
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_flag("Print JSON.")
 @click.option("--vault-anchors/--no-vault-anchors", "vault_anchors", default=None,
               help="Compare the chain with its anchors in Vault. Default: on for a keyed log when [audit] "
                    "anchor is not off and a Vault address is set.")
@@ -120,7 +122,7 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], host_logs: tuple[str
     sys.exit(0 if ok else 1)
 
 
-def _verify_fleet(specs: tuple[str, ...], settings: Any, env: dict[str, str], key: bytes | None,
+def _verify_fleet(specs: tuple[str, ...], settings: Any, env: Mapping[str, str], key: bytes | None,
                   wanted: bool | None, as_json: bool) -> NoReturn:
     """``verify --host-logs``: one line per host; exit 1 when any host's chain (or its anchors) is not intact."""
     from .audit.fleet import discover, host_anchors, make_jobs, run_jobs, verify_job
@@ -169,7 +171,7 @@ def _nothing_recorded(active: Path, as_json: bool) -> NoReturn:
     sys.exit(0)
 
 
-def _read_anchors(settings: Any, env: dict[str, str], key: bytes | None, wanted: bool | None
+def _read_anchors(settings: Any, env: Mapping[str, str], key: bytes | None, wanted: bool | None
                   ) -> tuple[list[Any] | None, str, str | None]:
     """(anchors or None when not checked, their place, why they could not be read)."""
     from .audit.anchor import place_for, read_all, vault_configured
@@ -237,7 +239,7 @@ def _fail_on(text: str | None) -> list[str]:
 @click.option("--since", default="7d", show_default=True, metavar="AGE|DATE",
               help="Start of the period: 7d, 24h, 2w ago, or an ISO date (UTC).")
 @click.option("--until", "until_text", default=None, metavar="DATE", help="End of the period (default: now).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_flag("Print the report as JSON.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               metavar="FILE", help="Also write a self-contained HTML page with a daily-activity chart.")
 @click.option("--vault-audit", "vault_audit", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -340,7 +342,7 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
         sys.exit(1)
 
 
-def _kv_versions(config: Any, env: dict[str, str]) -> dict[str, tuple[int, str]]:
+def _kv_versions(config: Any, env: Mapping[str, str]) -> dict[str, tuple[int, str]]:
     """(current version, created_time) of each configured Vault profile's secret, where metadata is readable.
 
     Only with a Vault address and token in the environment; one that does not
@@ -349,7 +351,9 @@ def _kv_versions(config: Any, env: dict[str, str]) -> dict[str, tuple[int, str]]
     from .errors import BrokerError, VaultSealed, VaultUnreachable
     from .sources.vault import current_version_created
 
-    if not (env.get("VAULT_ADDR") or env.get("BAO_ADDR")):
+    from .vault.origins import value
+
+    if not value(env, "VAULT_ADDR", "BAO_ADDR"):
         return {}
     out: dict[str, tuple[int, str]] = {}
     for profile in config.profiles.values():
@@ -397,7 +401,7 @@ _FILTERS = [
     click.option("--until", "until_text", default=None, metavar="DATE", help="Up to this time."),
     click.option("--seq", "seqs", multiple=True, type=int, metavar="N",
                  help="Only the record with this sequence number (repeatable)."),
-    click.option("--json", "as_json", is_flag=True, help="One JSON record per line, as written."),
+    json_flag("One JSON record per line, as written."),
     click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
                  help="Active log file to read (default: the configured one)."),
 ]
@@ -462,16 +466,16 @@ def tail_cmd(ctx: click.Context, events: tuple[str, ...], profiles: tuple[str, .
 @click.option("--keep", "keep_text", default=None, metavar="AGE",
               help="Keep rotated files with records newer than this (default: [audit] keep, 90d).")
 @click.option("--dry-run", is_flag=True, help="Only say which files would go.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_flag("Print JSON.")
 @click.pass_context
 def prune_cmd(ctx: click.Context, keep_text: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove rotated log files older than --keep; what remains still verifies."""
     from . import audit as audit_pkg
     from .audit.prune import prune
-    from .audit.settings import parse_duration
+    from . import units
 
     settings, env, config = _context(ctx)
-    keep: timedelta = parse_duration(keep_text, "--keep") if keep_text else settings.keep
+    keep: timedelta = units.duration(keep_text, "--keep") if keep_text else settings.keep
     log = audit_pkg.open_log(config.audit or None, env=env)
     result = prune(log, keep, dry_run=dry_run)
     if as_json:

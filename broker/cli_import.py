@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from .cli import json_flag
 from .config import Profile
 from .errors import ConfigError
 
@@ -103,7 +104,7 @@ def _parse_mapping(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--force", is_flag=True, help="Replace an existing Vault secret (new version) or keyring entries.")
 @click.option("--delete/--keep", "delete", default=None, help="Delete FILE after a verified import, or keep it.")
 @click.option("-y", "--yes", is_flag=True, help="Answer yes to deleting FILE (same as --delete).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_flag("Print the result as JSON.")
 @click.pass_context
 def import_cmd(ctx: click.Context, file: str, profile_name: str | None, vault_path: str | None,
                keyring_service: str | None, fmt: str | None, field_items: tuple[str, ...], force: bool,

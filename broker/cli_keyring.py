@@ -21,6 +21,7 @@ import click
 from .config import Profile
 from .errors import ConfigError
 from .secret import Secret
+from .events import Event
 
 
 def _audit(ctx: click.Context) -> Any:
@@ -97,7 +98,7 @@ def set_cmd(ctx: click.Context, profile: str, field: str, service: str | None) -
         store(prof, field, secret)
     finally:
         secret.wipe()
-    record("keyring_set", {"profile": prof.name, "field": field, "service": service_for(prof), "source": "keyring"})
+    record(Event.KEYRING_SET, {"profile": prof.name, "field": field, "service": service_for(prof), "source": "keyring"})
     click.echo(f"stored {field} in keyring service {service_for(prof)!r}", err=True)
 
 
@@ -114,6 +115,6 @@ def delete_cmd(ctx: click.Context, profile: str, field: str, service: str | None
     prof = _profile(ctx, profile, service)
     record = _audit(ctx)
     delete(prof, field)
-    record("keyring_deleted", {"profile": prof.name, "field": field, "service": service_for(prof),
-                               "source": "keyring"})
+    record(Event.KEYRING_DELETED, {"profile": prof.name, "field": field, "service": service_for(prof),
+                                   "source": "keyring"})
     click.echo(f"deleted {field} from keyring service {service_for(prof)!r}", err=True)

@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .events import Event
 from .errors import RunError
 
 MAX_ARG_STRLEN = 32 * 4096  # per string, including its NUL (the kernel's 32 pages)
@@ -32,7 +33,7 @@ _MAX_ARG_MAX = 6 * 1024 * 1024  # _STK_LIM / 4 * 3
 INLINE_BUDGET = 16 * 1024
 #: Characters of argv JSON per ``command_args`` record: re-escaped inside a record at most 2x.
 CHUNK = 24 * 1024
-COMMAND_ARGS = "command_args"
+COMMAND_ARGS = Event.COMMAND_ARGS
 
 
 def exec_limit() -> int:

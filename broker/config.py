@@ -31,7 +31,6 @@ Every mistake is a ``ConfigError`` naming the file, the key and what is wrong.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -41,7 +40,8 @@ from typing import Any, NamedTuple
 
 from .errors import ConfigError
 from .vault.paths import PathKind, check
-from .vault.origins import CONFIG_ENV, FROM_CONFIG_VAR
+from .vault.origins import CONFIG_ENV, SettingsEnv, VaultTable
+from .vault.origins import value as lookup_value
 
 ENV_CONFIG = "CREDBROKER_CONFIG"
 LOCAL_NAME = "credbroker.toml"
@@ -473,40 +473,32 @@ def _check_profile(profile: Profile) -> None:
 VAULT_CONFIG_ENV = CONFIG_ENV
 
 
-def with_config_defaults(environ: Mapping[str, str], config: Config | None) -> dict[str, str]:
-    """The environment, with ``[vault]`` config values filled in where no variable is set.
+def with_config_defaults(environ: Mapping[str, str], config: Config | None) -> SettingsEnv:
+    """The environment with the config's ``[vault]`` table beside it (validated here, once).
 
-    Sources read their settings from this one mapping: environment first (as
-    the Vault CLI does), then the config file. Which values came from the file
-    is noted in ``FROM_CONFIG_VAR``, so errors name ``[vault] addr`` rather than
-    ``VAULT_ADDR`` when that is where the address came from.
+    Vault settings are then resolved from this one value: the environment first (as the Vault CLI
+    reads it), then ``[vault]``, each value knowing where it came from, so errors name
+    ``[vault] addr in FILE`` or ``VAULT_ADDR``. No ``[vault]`` value is written into the environment.
     """
-    env = dict(environ)
-    env.pop(FROM_CONFIG_VAR, None)  # only this function says what came from a file
-    if config is None:
-        check_credential_files(env)
-        return env
-    origin = str(config.path or "<config>")
-    filled: dict[str, str] = {}
-    for key, value in config.vault.items():
-        var = VAULT_CONFIG_ENV[key]
-        if key == "timeout":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{origin}: vault.timeout: expected seconds > 0, got {value!r}", "e.g. timeout = 10")
-        elif key == "addrs":
-            if not isinstance(value, list) or not all(isinstance(a, str) and a.strip() for a in value):
-                raise ConfigError(f"{origin}: vault.addrs: expected a list of addresses, got {value!r}",
-                                  'e.g. addrs = ["https://vault-2.example:8200"]')
-            value = ",".join(value)
-        elif not isinstance(value, str):
-            raise ConfigError(f"{origin}: vault.{key}: expected a string, got {value!r}", f"quote the {key} value")
-        if key == "addr" and "BAO_ADDR" in env:
-            continue
-        if var not in env:
-            env[var] = str(value)
-            filled[var] = origin
-    if filled:
-        env[FROM_CONFIG_VAR] = json.dumps(filled)
+    table = None
+    if config is not None and config.vault:
+        origin = str(config.path or "<config>")
+        values: dict[str, str] = {}
+        for key, value in config.vault.items():
+            if key == "timeout":
+                from . import units
+
+                units.seconds(value, f"{origin}: vault.timeout")
+            elif key == "addrs":
+                if not isinstance(value, list) or not all(isinstance(a, str) and a.strip() for a in value):
+                    raise ConfigError(f"{origin}: vault.addrs: expected a list of addresses, got {value!r}",
+                                      'e.g. addrs = ["https://vault-2.example:8200"]')
+                value = ",".join(value)
+            elif not isinstance(value, str):
+                raise ConfigError(f"{origin}: vault.{key}: expected a string, got {value!r}", f"quote the {key} value")
+            values[key] = str(value)
+        table = VaultTable(values=values, file=origin)
+    env = SettingsEnv(environ, table)
     check_credential_files(env)
     return env
 
@@ -531,10 +523,12 @@ TRUST_FILE_VARS = {
 
 
 def check_credential_files(env: Mapping[str, str]) -> None:
-    """The credential and trust files the settings name must be safe from other users (``check_safe_path``)."""
+    """The credential and trust files the settings name (in the environment or ``[vault]``) must be safe
+    from other users (``check_safe_path``)."""
     for var, what in (*CREDENTIAL_FILE_VARS.items(), *TRUST_FILE_VARS.items()):
-        if env.get(var):
-            check_safe_path(env[var], what)
+        path = lookup_value(env, var)
+        if path:
+            check_safe_path(path, what)
 
 
 def parse_env_mapping(items: tuple[str, ...] | list[str]) -> dict[str, str]:

@@ -57,12 +57,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, units
 from .config import Profile
 from .errors import BrokerError
 from .secret import Credentials, Origin, Secret, wipe_buffer
 from .unixsock import HEADER, frame, listen_private, peer_is_me, private_dir, recv_frame
-from .vault.origins import skip_verify_var
+from .vault.origins import SettingsEnv, VaultTable, lookup, skip_verify_var, value, vault_table
 
 #: 2: the reply carries the secret bytes raw after its JSON metadata (never in JSON).
 PROTOCOL = 2
@@ -127,7 +127,7 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(float(env.get("CREDBROKER_VAULT_TIMEOUT") or 10) + 5)
+        sock.settimeout(_timeout(env) + 5)
         sock.connect(str(path))
         if not peer_is_me(sock):
             return None  # someone else's socket: never send it a token
@@ -141,6 +141,9 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
                         "options": dict(profile.options)},
             "env": {k: v for k, v in env.items() if k.startswith(_ENV_PREFIXES) or k == "HOME"},
         }
+        table = vault_table(env)
+        if table is not None:  # the caller's [vault], beside its environment as in-process
+            request["vault"] = {"values": dict(table.values), "file": table.file}
         sock.sendall(frame(request))
         del request
         answer = recv_frame(sock)
@@ -152,7 +155,7 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
     if insecure:  # the daemon's own warning went to its stderr: say it where this run's operator looks
         from .vault.session import warn_insecure
 
-        warn_insecure(insecure, env.get("VAULT_ADDR") or env.get("BAO_ADDR") or "Vault")
+        warn_insecure(insecure, value(env, "VAULT_ADDR", "BAO_ADDR") or "Vault")
     try:
         return _decode_reply(answer, profile, request_code, via="daemon")
     finally:
@@ -341,7 +344,7 @@ def _isolated_answer(pid: int, ours: socket.socket, profile: Profile, env: Mappi
     """The fetch child's answer (then reaped); None when it ended without one."""
     answer: bytearray | None = None
     try:
-        ours.settimeout(4 * float(env.get("CREDBROKER_VAULT_TIMEOUT") or 10) + 10)
+        ours.settimeout(4 * _timeout(env) + 10)
         answer = recv_frame(ours)
     except (OSError, ValueError, ConnectionError):
         pass
@@ -359,6 +362,12 @@ def _isolated_answer(pid: int, ours: socket.socket, profile: Profile, env: Mappi
         return _decode_reply(answer, profile, nonce, via="child")
     finally:
         wipe_buffer(answer)
+
+
+def _timeout(env: Mapping[str, str]) -> float:
+    """The Vault request deadline the caller's settings name (the environment, else ``[vault] timeout``)."""
+    raw, where = lookup(env, "CREDBROKER_VAULT_TIMEOUT")
+    return units.seconds(raw, where or "CREDBROKER_VAULT_TIMEOUT") if raw else 10.0
 
 
 def _default_signals() -> None:
@@ -413,31 +422,42 @@ def _handle(request: Any) -> bytearray:
         # and Vault sees exactly one read for the one fetch the broker records.
         return _encode_reply({**base, "ok": False, "stale": True})
     if not isinstance(request, dict) or request.get("op") != "fetch" or request.get("protocol") != PROTOCOL:
-        return _encode_reply({**base, "ok": False, "error": {
-            "type": "BrokerError", "message": "unsupported request",
-            "remedy": "use the same credbroker version as the daemon"}})
+        return _encode_reply({**base, "ok": False, "error": BrokerError(
+            "unsupported request", "use the same credbroker version as the daemon").to_dict()})
     try:
         p = request["profile"]
         profile = Profile(name=str(p["name"]), source=str(p["source"]), env=dict(p["env"]),
                           options=dict(p["options"]))
         if profile.source != "vault":
             raise BrokerError("the daemon only serves vault profiles", "fetch keyring profiles in-process")
-        env = {str(k): str(v) for k, v in dict(request["env"]).items()}
+        env = _settings_env(request)
     except BrokerError as exc:
         return _encode_reply({**base, "ok": False, "error": exc.to_dict()})
     except (KeyError, TypeError, ValueError):
-        return _encode_reply({**base, "ok": False, "error": {
-            "type": "BrokerError", "message": "malformed request",
-            "remedy": "use the same credbroker version as the daemon"}})
+        return _encode_reply({**base, "ok": False, "error": BrokerError(
+            "malformed request", "use the same credbroker version as the daemon").to_dict()})
     return _fetch_reply(profile, env, base)
 
 
+def _settings_env(request: Mapping[str, Any]) -> SettingsEnv:
+    """The caller's environment and ``[vault]`` table, as it sent them (KeyError/TypeError when malformed)."""
+    environ = {str(k): str(v) for k, v in dict(request["env"]).items()}
+    vault = request.get("vault")
+    if vault is None:
+        return SettingsEnv(environ)
+    values = {str(k): str(v) for k, v in dict(vault["values"]).items()}
+    return SettingsEnv(environ, VaultTable(values=values, file=str(vault["file"])))
+
+
 def _fetch_reply(profile: Profile, env: Mapping[str, str], base: Mapping[str, Any]) -> bytearray:
-    """Fetch in this (throwaway) process; the reply frame, secrets raw after the metadata."""
-    from .sources import fetch as source_fetch
+    """Fetch in this (throwaway) process; the reply frame, secrets raw after the metadata.
+
+    The vault source itself, not ``sources.fetch`` (whose client side asks this daemon): the caller's
+    ``sources.fetch`` checks the fields and fetches a PEM key's passphrase as for an in-process read."""
+    from .sources.vault import fetch as vault_fetch
 
     try:
-        creds = source_fetch(profile, env=env, use_daemon=False)
+        creds = vault_fetch(profile, env=env)
     except BrokerError as exc:
         return _encode_reply({**base, "ok": False, "error": exc.to_dict()})
     try:

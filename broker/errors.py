@@ -4,9 +4,16 @@ Every error carries a one-line ``message`` (what failed) and a ``remedy``
 (how to fix it). The CLI prints ``credbroker: <message> (<remedy>)`` and exits
 with ``exit_code``; a traceback only appears with ``--debug``. Messages never
 contain secret values: they name profiles, paths, fields and variables.
+
+Every error class credbroker raises lives here, so that one pair of functions
+serialises an error (``BrokerError.to_dict``, for ``--json``, audit records, the
+daemon's and the signing agent's sockets) and rebuilds it on the other side
+(``from_dict``), of the same class with the same fields.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class BrokerError(Exception):
@@ -14,9 +21,6 @@ class BrokerError(Exception):
 
     #: Exit status like ``env``/``timeout``: 125 = credbroker failed before the child ran.
     exit_code: int = 125
-    #: Extra attributes (str or None) a subclass carries across the wire: ``to_dict`` writes them
-    #: when set, ``from_dict`` restores them.
-    wire_fields: tuple[str, ...] = ()
 
     def __init__(self, message: str, remedy: str | None = None) -> None:
         # Keep it one line whatever a lower layer handed us.
@@ -37,30 +41,44 @@ class BrokerError(Exception):
             "remedy": self.remedy,
             "exit_code": self.exit_code,
         }
-        for attr in self.wire_fields:
+        for attr in _EXTRA_FIELDS:
             if getattr(self, attr, None):
                 out[attr] = getattr(self, attr)
         return out
 
+    def to_wire(self) -> dict[str, object]:
+        """``to_dict`` for a socket: also under ``type``, the key the signing agent's protocol 1 reads."""
+        return {**self.to_dict(), "type": type(self).__name__}
+
+    @classmethod
+    def _rebuild(cls, message: str, remedy: str | None, data: dict[str, Any]) -> BrokerError:
+        return cls(message, remedy)
+
+
+#: Optional fields an error carries across a process boundary (``to_dict`` / ``from_dict``).
+_EXTRA_FIELDS = ("request_id", "secret_path", "rule")
+
+
+def error_class(name: object) -> type[BrokerError] | None:
+    """The error class of this module named ``name``, or None."""
+    cls = globals().get(name) if isinstance(name, str) else None
+    return cls if isinstance(cls, type) and issubclass(cls, BrokerError) else None
+
 
 def from_dict(data: object, default: type[BrokerError] | None = None) -> BrokerError:
-    """The error ``BrokerError.to_dict`` described (from a daemon, a fetch child or the signing
-    agent), of the same class, message and remedy as sent; a ``default`` (``BrokerError``) saying so
-    when ``data`` is not such a description. An unknown class name becomes ``default`` too."""
-    base = BrokerError if default is None else default
+    """The error ``BrokerError.to_dict`` (or ``to_wire``) described, of the same class with the same fields.
+
+    An unknown class name gives ``default`` (``BrokerError`` unless said); ``data`` that is not such a
+    description gives a ``BrokerError`` saying so."""
     if not isinstance(data, dict) or not isinstance(data.get("message"), str):
-        return base("a credbroker helper process answered with an invalid error", "restart it")
-    cls = globals().get(str(data.get("error")))
-    if not (isinstance(cls, type) and issubclass(cls, BrokerError)):
-        cls = base
+        return BrokerError("a credbroker helper process answered with an invalid error", "restart it")
+    cls = error_class(data.get("error")) or error_class(data.get("type")) or default or BrokerError
     remedy = data.get("remedy")
-    # Not cls(...): a subclass's constructor may take other arguments (PolicyRefused's rule) and
-    # rewrite the message; the message as sent is what the receiver shows.
-    err = cls.__new__(cls)
-    BrokerError.__init__(err, data["message"], remedy if isinstance(remedy, str) else None)
-    for attr in cls.wire_fields:
-        value = data.get(attr)
-        setattr(err, attr, value if isinstance(value, str) else None)
+    err = cls._rebuild(data["message"], remedy if isinstance(remedy, str) else None, data)
+    if isinstance(err, VaultError):
+        rid, path = data.get("request_id"), data.get("secret_path")
+        err.request_id = rid if isinstance(rid, str) else None
+        err.secret_path = path if isinstance(path, str) else None
     return err
 
 
@@ -79,7 +97,6 @@ class VaultError(SourceError):
     #: a value it cannot use): the read is in Vault's audit log under this id, at this path.
     request_id: str | None = None
     secret_path: str | None = None
-    wire_fields = ("request_id", "secret_path")
 
 
 class VaultUnreachable(VaultError):
@@ -153,13 +170,11 @@ class SigningError(BrokerError):
 class PolicyRefused(SigningError):
     """The signing policy refused a request; ``rule`` names the rule (``symbols``, ``rate_limit``...)."""
 
-    wire_fields = ("rule",)
-
     def __init__(self, rule: str, message: str, remedy: str | None = None) -> None:
         super().__init__(f"signing policy refused the request ({rule}): {message}",
                          remedy or f"change the bot, or the profile's [policy] {rule.split(':')[0]} "
                          "if this request is intended")
-        self.rule: str | None = rule
+        self.rule = rule
 
     @classmethod
     def from_wire(cls, rule: str, message: str, remedy: str | None) -> PolicyRefused:
@@ -169,6 +184,39 @@ class PolicyRefused(SigningError):
         exc.args = (exc.message,)
         return exc
 
+    @classmethod
+    def _rebuild(cls, message: str, remedy: str | None, data: dict[str, Any]) -> BrokerError:
+        rule = data.get("rule")
+        return cls.from_wire(rule if isinstance(rule, str) and rule else "policy", message, remedy)
+
+
+class ListenKeyError(BrokerError):
+    """The listenKey could not be created or kept alive."""
+
 
 class AgentRefused(BrokerError):
     """The signing agent refused a connection (not the bot's process tree)."""
+
+
+class PreflightError(BrokerError):
+    """The key preflight refused to start the bot, or could not complete."""
+
+
+class ExchangeUnreachable(PreflightError):
+    """The exchange could not be reached at all (DNS, connect): ``auto`` mode skips the check."""
+
+
+class UpstreamError(BrokerError):
+    """The exchange could not be reached (or answered something that is not HTTP)."""
+
+
+class PlaintextFormatError(ConfigError):
+    """The plaintext key file is not in the flat format credbroker reads."""
+
+
+class ImportVerifyError(SourceError):
+    """The copy read back from the store differs from the plaintext file."""
+
+
+class ShredError(ConfigError):
+    """The plaintext file could not be overwritten or removed."""

@@ -28,14 +28,19 @@ import hmac
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import Profile
-from .errors import ConfigError, SourceError
+from .errors import ConfigError
+# Error classes live in errors.py; these names stay importable from here too.
+from .errors import ImportVerifyError as ImportVerifyError
+from .errors import PlaintextFormatError as PlaintextFormatError
+from .errors import ShredError as ShredError
 from .secret import Secret
+from .events import Event, Recorder
 
 #: A key file bigger than this is not a key file.
 MAX_BYTES = 1 << 20
@@ -46,18 +51,6 @@ SHRED_WARNING = (
     "levelling, snapshots, backups, editor swap/backup files, shell history and git history. If this key was "
     "ever copied, committed or backed up, treat it as exposed: rotate it at the exchange."
 )
-
-
-class PlaintextFormatError(ConfigError):
-    """The plaintext key file is not in the flat format credbroker reads."""
-
-
-class ImportVerifyError(SourceError):
-    """The copy read back from the store differs from the plaintext file."""
-
-
-class ShredError(ConfigError):
-    """The plaintext file could not be overwritten or removed."""
 
 
 @dataclass(frozen=True)
@@ -515,27 +508,27 @@ def _compare(stored: Stored, data: Mapping[str, Any], fields: Mapping[str, Secre
 def store_keyring(service: str, fields: Mapping[str, Secret], *, force: bool = False,
                   profile: Profile | None = None) -> Stored:
     """Write each field as an entry of ``service`` (refusing to replace one unless ``force``)."""
-    from .sources.keyring import _call, backend_for
+    from .sources.keyring import backend_for, call_backend
 
     backend = backend_for(profile)
     if not force:
-        present = [n for n in fields if _call("read", service, backend.get_password, service, n) is not None]
+        present = [n for n in fields if call_backend("read", service, backend.get_password, service, n) is not None]
         if present:
             raise ConfigError(
                 f"the OS keyring already holds {', '.join(present)} for service {service!r}",
                 "pass --force to replace them, or delete them with `credbroker keyring delete`",
             )
     for name, secret in fields.items():
-        _call("write to", service, backend.set_password, service, name, secret.reveal_str())
+        call_backend("write to", service, backend.set_password, service, name, secret.reveal_str())
     return Stored("keyring", service, tuple(fields))
 
 
 def verify_keyring(stored: Stored, fields: Mapping[str, Secret], *, profile: Profile | None = None) -> None:
     """Read every entry back and compare it in constant time."""
-    from .sources.keyring import _call, backend_for
+    from .sources.keyring import backend_for, call_backend
 
     backend = backend_for(profile)
-    data = {n: _call("read", stored.location, backend.get_password, stored.location, n) for n in fields}
+    data = {n: call_backend("read", stored.location, backend.get_password, stored.location, n) for n in fields}
     try:
         _compare(stored, data, fields, True)
     finally:
@@ -605,7 +598,6 @@ def shred(path: str | os.PathLike[str]) -> Shredded:
 
 # -- the whole import, as `credbroker import` runs it ----------------------------------------
 #: ``record(event, fields)``: the audit log's ``AuditLog.record``, or a test's list.append.
-Recorder = Callable[[str, Mapping[str, Any]], object]
 
 
 @dataclass(frozen=True)
@@ -655,7 +647,7 @@ def import_plaintext(
         plain.wipe()
     result = ImportResult(file=plain.path, stored=stored, sources=dict(sel.sources), left_out=sel.left_out)
     if record is not None:
-        record("secret_imported", {
+        record(Event.SECRET_IMPORTED, {
             "file": str(plain.path.resolve()), "target": stored.target, "location": stored.location,
             "version": stored.version, "address": stored.address, "fields": list(stored.fields),
             "profile": profile.name if profile is not None else None, "forced": force, **read_back,
@@ -673,6 +665,6 @@ def delete_plaintext(result: ImportResult, *, record: Recorder | None = None) ->
     full = str(result.file.resolve())
     shredded = shred(result.file)
     if record is not None:
-        record("plaintext_deleted", {"file": full, "bytes_overwritten": shredded.bytes_overwritten,
-                                     "other_links": shredded.other_links})
+        record(Event.PLAINTEXT_DELETED, {"file": full, "bytes_overwritten": shredded.bytes_overwritten,
+                                         "other_links": shredded.other_links})
     return shredded

@@ -60,7 +60,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from .errors import BrokerError, ConfigError
+from .errors import ConfigError
+# Error classes live in errors.py; these names stay importable from here too.
+from .errors import ExchangeUnreachable as ExchangeUnreachable
+from .errors import PreflightError as PreflightError
+from .events import Event, Recorder
 
 DEFAULT_BASE_URL = "https://api.binance.com"
 PATH = "/sapi/v1/account/apiRestrictions"
@@ -70,14 +74,6 @@ MODES = ("auto", "on", "off")
 EXPIRY_WARN_DAYS = 14
 _DAY_MS = 86_400_000
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-
-
-class PreflightError(BrokerError):
-    """The key preflight refused to start the bot, or could not complete."""
-
-
-class ExchangeUnreachable(PreflightError):
-    """The exchange could not be reached at all (DNS, connect): ``auto`` mode skips the check."""
 
 
 class PreflightOptions(NamedTuple):
@@ -238,7 +234,7 @@ def run_preflight(
     options: PreflightOptions,
     *,
     profile: str,
-    record: Callable[[str, dict[str, Any]], Any],
+    record: Recorder,
     warn: Callable[[str], None] | None = None,
     now: Callable[[], float] = time.time,
 ) -> PreflightResult | None:
@@ -263,27 +259,27 @@ def run_preflight(
         restrictions = fetch_restrictions(signer, options)
     except ExchangeUnreachable as exc:
         if options.mode == "on":
-            record("preflight", {**base, "outcome": "refused", "reason": exc.message})
+            record(Event.PREFLIGHT, {**base, "outcome": "refused", "reason": exc.message})
             raise
-        record("preflight", {**base, "outcome": "skipped", "reason": exc.message})
+        record(Event.PREFLIGHT, {**base, "outcome": "skipped", "reason": exc.message})
         say(f"WARNING: {exc.message}; the key's restrictions were NOT checked (pass --preflight to require it)")
         for flag in options.overrides:
             say(f"WARNING: {flag} is given; it would have let an unsafe key start")
         return PreflightResult("skipped", {}, (exc.message,))
     except PreflightError as exc:
-        record("preflight", {**base, "outcome": "refused", "reason": exc.message})
+        record(Event.PREFLIGHT, {**base, "outcome": "refused", "reason": exc.message})
         raise
     audited = {k: restrictions[k] for k in _AUDITED if isinstance(restrictions.get(k), (bool, int))}
     try:
         result = check(restrictions, options)
     except PreflightError as exc:
-        record("preflight", {**base, "outcome": "refused", "reason": exc.message, "restrictions": audited})
+        record(Event.PREFLIGHT, {**base, "outcome": "refused", "reason": exc.message, "restrictions": audited})
         raise
     expiry = trading_authority(restrictions, now() * 1000)
     if expiry is not None:
         base["trading_authority_expires"] = expiry.iso
         base["trading_authority_days_left"] = expiry.days_left
-    record("preflight", {**base, "outcome": result.outcome, "restrictions": audited})
+    record(Event.PREFLIGHT, {**base, "outcome": result.outcome, "restrictions": audited})
     for line in result.warnings:
         say(line)
     if expiry is not None and expiry.warning:

@@ -24,13 +24,15 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable
 from typing import Any
 
-RELAY_FD_VAR = "CREDBROKER_AUDIT_FD"
+from . import childenv
+from .events import Event, Recorder
+
+RELAY_FD_VAR = childenv.AUDIT_FD
 #: Signature failures, and the listenKey keeper's records (``broker.signing.listenkey``).
-RELAYED_EVENTS = frozenset({"signature_failure", "listen_key_created", "listen_key_kept_alive",
-                            "listen_key_recreated", "listen_key_failed"})
+RELAYED_EVENTS = frozenset({Event.SIGNATURE_FAILURE, Event.LISTEN_KEY_CREATED, Event.LISTEN_KEY_KEPT_ALIVE,
+                            Event.LISTEN_KEY_RECREATED, Event.LISTEN_KEY_FAILED})
 MAX_LINE = 4096
 _MAX_VALUE = 512
 _MAX_FIELDS = 32
@@ -62,7 +64,7 @@ def _scalar(value: Any) -> bool:
 class AuditRelay:
     """One pipe for the whole run (restarts included) and a thread that records what arrives."""
 
-    def __init__(self, record: Callable[[str, dict[str, Any]], Any], *, profile: str | None = None,
+    def __init__(self, record: Recorder, *, profile: str | None = None,
                  host: str | None = None, user: str | None = None, profiles: tuple[str, ...] = ()) -> None:
         self._record = record
         self.profile = profile

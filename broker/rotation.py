@@ -30,12 +30,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from . import units
 from .config import Profile
-from .errors import BrokerError, ConfigError
+from .errors import BrokerError, ConfigError, VaultAuthError
 from .runner import say
 from .secret import Credentials
+from .events import Event, Recorder
 
-Recorder = Callable[[str, dict[str, Any]], Any]
 
 #: Backoff between failed attempts: doubles from the interval up to this.
 MAX_BACKOFF = 300.0
@@ -69,27 +70,6 @@ class RotationPolicy(NamedTuple):
         raise ConfigError(f"{what}: {spec!r} is not a rotation policy", "use restart, signal:HUP or ignore")
 
 
-def parse_seconds(value: object, what: str) -> float:
-    """``30s``/``5m``/``1h`` or a number of seconds -> float seconds, or ConfigError."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        from .audit.settings import parse_duration
-
-        text = str(value).strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            try:
-                seconds = parse_duration(text, what).total_seconds()
-            except ConfigError:  # its examples are weeks and days, for log retention
-                raise ConfigError(f"{what}: invalid duration {value!r}",
-                                  "write seconds or a number and a unit, e.g. 30s, 5m, 1h") from None
-    if seconds <= 0:
-        raise ConfigError(f"{what}: expected a duration > 0, got {value!r}", "e.g. 30s, 5m")
-    return seconds
-
-
 def policy_from(profile: Profile, on_rotate: str | None, interval: str | None, grace: str | None
                 ) -> RotationPolicy | None:
     """The rotation policy from flags, else the profile's ``[rotation]`` table; None = do not watch."""
@@ -113,9 +93,9 @@ def policy_from(profile: Profile, on_rotate: str | None, interval: str | None, g
                           "nothing to follow", "remove the pinned version to follow rotation")
     return RotationPolicy.parse(
         str(spec),
-        interval=parse_seconds(interval or table.get("interval", 60),
+        interval=units.seconds(interval or table.get("interval", 60),
                                "--rotate-interval" if interval else profile.where("rotation.interval")),
-        grace=parse_seconds(grace or table.get("grace", 10),
+        grace=units.seconds(grace or table.get("grace", 10),
                             "--grace" if grace else profile.where("rotation.grace")),
         what=spec_from,
     )
@@ -139,23 +119,41 @@ class Watcher:
         self._next_try = 0.0
         self._backoff = interval
         self._vault_down = False
+        self._settings: Any = None
+        self._lookup_warned = False
+        self._lookup_failed = False  # the token's lifetime is unknown: ask again at the next poll
 
     # -- token lifecycle --------------------------------------------------------------
     def _login(self) -> Any:
         from .vault.session import open_client
         from .vault.settings import VaultSettings
 
-        client = open_client(VaultSettings.from_env(self.env))
+        self._settings = VaultSettings.from_env(self.env)
+        client = open_client(self._settings)
         self._learn_token(client)
         return client
 
     def _learn_token(self, client: Any) -> None:
+        from .vault.session import mapped
+
         try:
-            data = client.auth.token.lookup_self()["data"]
+            with mapped(self._settings, "look up the broker's token at", "auth/token/lookup-self", client,
+                        check_token=False):
+                data = client.auth.token.lookup_self()["data"]
+            if not isinstance(data, dict):
+                raise TypeError(type(data).__name__)
             ttl = float(data.get("ttl") or 0)
             self._renewable = bool(data.get("renewable"))
-        except Exception:  # noqa: BLE001 - unknown lifetime: renewals are then skipped
-            ttl, self._renewable = 0.0, False
+            self._lookup_failed = False
+        except (BrokerError, KeyError, TypeError, ValueError) as exc:
+            # Vault refused or answered something unusable: the token's lifetime is unknown, so it is
+            # not renewed. Say so once (the run goes on; rotation stops being followed if it expires).
+            ttl, self._renewable, self._lookup_failed = 0.0, False, True
+            if not self._lookup_warned:
+                self._lookup_warned = True
+                reason = exc.message if isinstance(exc, BrokerError) else f"unexpected answer ({type(exc).__name__})"
+                self.record(Event.TOKEN_LOOKUP_FAILED, {"profile": self.profile.name, "reason": reason})
+                say(f"cannot look up the Vault token's lifetime, so it will not be renewed: {reason}")
         self._token_expires = self.clock() + ttl if ttl > 0 else None
 
     def _keep_token_alive(self) -> None:
@@ -164,39 +162,45 @@ class Watcher:
             self._client = self._login()
             return
         if self._token_expires is None:
+            if self._lookup_failed:
+                self._learn_token(self._client)
             return
         remaining = self._token_expires - self.clock()
         if remaining > max(2 * self.interval, 5.0):
             return
         if self._renewable and remaining > 0:
+            from .vault.session import mapped
+
             try:
-                resp = self._client.auth.token.renew_self()
+                with mapped(self._settings, "renew the broker's token at", "auth/token/renew-self", self._client):
+                    resp = self._client.auth.token.renew_self()
                 ttl = float(resp["auth"]["lease_duration"])
                 if ttl > remaining:  # at max TTL, Vault "renews" without extending it
                     self._token_expires = self.clock() + ttl
-                    self.record("token_renewed", {"profile": self.profile.name, "ttl_s": int(ttl)})
+                    self.record(Event.TOKEN_RENEWED, {"profile": self.profile.name, "ttl_s": int(ttl)})
                     return
-            except Exception:  # noqa: BLE001 - fall through to a fresh login
-                pass
-        settings_has_approle = bool(self.env.get("VAULT_ROLE_ID") or self.env.get("CREDBROKER_ROLE_ID")
-                                    or self.env.get("BAO_ROLE_ID") or self.env.get("CREDBROKER_ROLE_ID_FILE"))
+            except (BrokerError, KeyError, TypeError, ValueError):
+                pass  # not renewed: fall through to a fresh login
+        from .vault.origins import value, without
+
+        settings_has_approle = bool(value(self.env, "VAULT_ROLE_ID", "CREDBROKER_ROLE_ID", "BAO_ROLE_ID")
+                                    or value(self.env, "CREDBROKER_ROLE_ID_FILE"))
         if not settings_has_approle:
             if remaining <= 0:
-                self.record("token_failed", {"profile": self.profile.name,
-                                             "reason": "token expired and no AppRole credentials to log in again"})
+                self.record(Event.TOKEN_FAILED, {"profile": self.profile.name,
+                                                 "reason": "token expired and no AppRole credentials to log in again"})
                 say("the Vault token expired and cannot be renewed; rotation is no longer followed "
                       "(configure AppRole for long runs)")
                 self._token_expires = None
             return
-        env = {k: v for k, v in self.env.items() if k not in ("VAULT_TOKEN", "BAO_TOKEN")}
-        self.env = env
+        self.env = without(self.env, "VAULT_TOKEN", "BAO_TOKEN")  # keeps [vault] (role_id_file...)
         try:
             self._client = self._login()
         except BrokerError as exc:
-            self.record("token_failed", {"profile": self.profile.name, "reason": exc.message})
+            self.record(Event.TOKEN_FAILED, {"profile": self.profile.name, "reason": exc.message})
             say(f"AppRole login to keep following rotation failed: {exc}")
             raise
-        self.record("token_relogin", {"profile": self.profile.name, "method": "approle"})
+        self.record(Event.TOKEN_RELOGIN, {"profile": self.profile.name, "method": "approle"})
 
     # -- polling ----------------------------------------------------------------------
     def due(self) -> bool:
@@ -209,8 +213,8 @@ class Watcher:
         if not self._vault_down:
             self._vault_down = True
             say(f"{what} failed, retrying with backoff; the bot keeps running: {exc}")
-        self.record("rotation_check_failed", {"profile": self.profile.name, "error": type(exc).__name__,
-                                              "reason": exc.message, "retry_in_s": delay})
+        self.record(Event.ROTATION_CHECK_FAILED, {"profile": self.profile.name, "error": type(exc).__name__,
+                                                  "reason": exc.message, "retry_in_s": delay})
 
     def poll(self) -> int | None:
         """A version newer than the bot's, not yet acted on; None otherwise (never raises BrokerError)."""
@@ -222,7 +226,8 @@ class Watcher:
             self._keep_token_alive()
             latest = current_version(self.profile, self.env, client=self._client)
         except BrokerError as exc:
-            self._client = None if "token" in exc.message.lower() else self._client
+            if isinstance(exc, VaultAuthError):  # the token is no longer good: log in afresh next time
+                self._client = None
             self._failed("checking for a rotated key", exc)
             return None
         self._next_try = self.clock() + self.interval
@@ -244,9 +249,11 @@ class Watcher:
 
     def close(self) -> None:
         if self._client is not None:
+            from .vault.session import close
+
             try:
-                self._client.adapter.close()
-            except Exception:  # noqa: BLE001
+                close(self._client)
+            except OSError:
                 pass
 
 
@@ -301,8 +308,8 @@ class RotationChecker:
         except BrokerError as exc:
             self.watcher.fetch_failed(exc)
             return None
-        self.record("secret_fetched", {"profile": self.profile.name, **new_creds.origin.to_dict(),
-                                       "fields": list(self.profile.fields), "reason": "rotation"})
+        self.record(Event.SECRET_FETCHED, {"profile": self.profile.name, **new_creds.origin.to_dict(),
+                                           "fields": list(self.profile.fields), "reason": "rotation"})
         if swap_possible:
             assert self.agent_fields is not None
             current = self.current()

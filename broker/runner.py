@@ -33,9 +33,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from . import childenv
 from .config import BROKER_CREDENTIAL_VARS, ENV_CONFIG, Profile
 from .errors import BrokerError, CommandNotExecutable, CommandNotFound, NestedRunError, RunError
 from .secret import Credentials
+from .events import Event, Recorder
 
 FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGINT,
@@ -52,7 +54,7 @@ BLOCKED_SIGNALS: tuple[signal.Signals, ...] = (*FORWARDED_SIGNALS, *JOB_SIGNALS,
 SI_KERNEL = 0x80  # Linux: the signal came from the kernel (a terminal), not kill(2)
 
 #: Set in every child; its presence makes a nested `credbroker run` refuse.
-NEST_VAR = "CREDBROKER_RUN"
+NEST_VAR = childenv.RUN
 
 
 def check_not_nested(environ: Mapping[str, str]) -> None:
@@ -113,8 +115,8 @@ def child_environment(
         env[os.fsencode(key)] = os.fsencode(value)
     markers = {
         NEST_VAR: str(os.getpid()),
-        "CREDBROKER_PROFILE": profile.name,
-        "CREDBROKER_ENV_MAP": json.dumps(dict(profile.env), separators=(",", ":")),
+        childenv.PROFILE: profile.name,
+        childenv.ENV_MAP: childenv.encode_env_map(profile.env),
         **(extra or {}),
     }
     for key, value in markers.items():
@@ -407,7 +409,6 @@ def _pause(seconds: float) -> int | None:
 
 
 #: Called as record(event, fields); broker.audit.AuditLog.record fits.
-Recorder = Callable[[str, dict[str, Any]], Any]
 
 #: Restart policies for a child that exits by itself (like Docker's).
 RESTART_POLICIES = ("no", "on-failure")
@@ -523,7 +524,7 @@ def run(
 
         for p in [only] if only is not None else profiles:
             try:
-                rec("refused", {**_refused_secret(p, source_env),
+                rec(Event.REFUSED, {**_refused_secret(p, source_env),
                                 **refusal(p, exc, "run", command=audit_fields(command)[0])})
             except BrokerError:
                 pass  # the original failure is what the operator must see
@@ -647,7 +648,7 @@ def run(
                     origin.via or "", " (fetched in-process)")
                 print(f"credbroker: started pid {child.pid} with {', '.join(variables)} "
                       f"from {origin.source} {origin.path}{version}{via}", file=sys.stderr, flush=True)
-            rec("secret_injected", {
+            rec(Event.SECRET_INJECTED, {
                 "profile": p.name, "version": origin.version, **_secret_identity(origin),
                 "variables": variables,
                 "command": shown, "pid": child.pid, "user": _user(), "host": _host(), "cwd": os.getcwd(),
@@ -661,7 +662,7 @@ def run(
 
     def exited(child: Child, status: int, reason: str) -> None:
         for p in profiles:
-            rec("child_exited", {"profile": p.name, "pid": child.pid, "status": status, "reason": reason,
+            rec(Event.CHILD_EXITED, {"profile": p.name, "pid": child.pid, "status": status, "reason": reason,
                                  "duration_s": round(time.monotonic() - child.started, 3)})
 
     watchers: list[Any] = [None] * len(profiles)
@@ -701,7 +702,7 @@ def run(
             if found.kind == "restart":
                 assert found.creds is not None
                 pending[i] = found.creds  # worker.done() once the new bot runs
-                rec("rotation_detected", {**event, "action": "restart"} if found.new_api_key else event)
+                rec(Event.ROTATION_DETECTED, {**event, "action": "restart"} if found.new_api_key else event)
                 say(f"{whose}key rotated (v{old} -> v{new})" + (" with a new API key" if found.new_api_key else "")
                     + ": restarting the bot")
                 continue
@@ -713,10 +714,10 @@ def run(
                 held[i].wipe()
                 held[i] = found.creds
                 creds = combine(profiles, held)[1]
-                rec("rotation_detected", {**event, "action": "agent_key_swapped"})
+                rec(Event.ROTATION_DETECTED, {**event, "action": "agent_key_swapped"})
                 say(f"{whose}key rotated (v{old} -> v{new}): the agent signs with the new key; the bot keeps running")
             else:
-                rec("rotation_detected", event)
+                rec(Event.ROTATION_DETECTED, event)
                 say(f"{whose}key rotated (v{old} -> v{new}): " + ("ignored by policy" if found.kind == "ignore" else
                     f"sent {signal.Signals(policy.signum).name if policy.signum else ''} to the bot"))
             if found.kind != "ignore":
@@ -807,7 +808,7 @@ def run(
                 if time.monotonic() - child.started >= _HEALTHY_AFTER:
                     delay = 1.0
                 for p, c in zip(profiles, held):
-                    rec("child_restarting", {"profile": p.name, "status": status, "delay_s": delay,
+                    rec(Event.CHILD_RESTARTING, {"profile": p.name, "status": status, "delay_s": delay,
                                              "version": c.origin.version})
                 say(f"the bot exited with status {status}; restarting in {delay:g} s from the secret in memory")
                 stop = _pause(delay)
@@ -881,7 +882,7 @@ def _fetch_each(profiles: Sequence[Profile], env: Mapping[str, str], rec: Record
             raise
         held.append(c)
         try:
-            rec("secret_fetched", {"profile": p.name, **c.origin.to_dict(), "fields": list(p.fields)})
+            rec(Event.SECRET_FETCHED, {"profile": p.name, **c.origin.to_dict(), "fields": list(p.fields)})
         except BaseException:
             for done in held:
                 done.wipe()
@@ -898,7 +899,7 @@ def _profiles_env(profiles: Sequence[Profile], per_profile: Sequence[Mapping[str
     out: dict[str, str] = {}
     table: dict[str, dict[str, Any]] = {}
     for n, (p, own) in enumerate(zip(profiles, per_profile), 1):
-        values = {"CREDBROKER_ENV_MAP": json.dumps(dict(p.env), separators=(",", ":")), **own}
+        values = {childenv.ENV_MAP: json.dumps(dict(p.env), separators=(",", ":")), **own}
         values.pop("CREDBROKER_CONFIG", None)  # one config for the run: the shared variable
         moved: dict[str, str] = {}
         for var in SECRET_CHILD_VARS:
@@ -910,13 +911,13 @@ def _profiles_env(profiles: Sequence[Profile], per_profile: Sequence[Mapping[str
     env_map: dict[str, str] = {}
     for p in profiles:
         env_map.update(p.env)
-    out["CREDBROKER_ENV_MAP"] = json.dumps(env_map, separators=(",", ":"))
-    out["CREDBROKER_PROFILE"] = ",".join(p.name for p in profiles)
+    out[childenv.ENV_MAP] = json.dumps(env_map, separators=(",", ":"))
+    out[childenv.PROFILE] = ",".join(p.name for p in profiles)
     return out
 
 
 def _release(issued: Mapping[str, str], env: Mapping[str, str]) -> None:
-    if "CREDBROKER_SIGNER_TOKEN" in issued:
+    if childenv.SIGNER_TOKEN in issued:
         from .signing import release_child_env
 
         release_child_env(issued, env=env)

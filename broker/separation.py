@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import ConfigError, RunError
+from .vault.origins import value
 
 _CAP_SETGID = 6
 _CAP_SETUID = 7
@@ -128,8 +129,9 @@ def broker_credentials(env: Mapping[str, str], profile_source: str, audit_key_sp
     for var, what in (("CREDBROKER_ROLE_ID_FILE", "the AppRole role_id_file"),
                       ("CREDBROKER_SECRET_ID_FILE", "the AppRole secret_id_file"),
                       ("VAULT_CLIENT_KEY", "the TLS client key"), ("BAO_CLIENT_KEY", "the TLS client key")):
-        if env.get(var):
-            path = Path(os.path.abspath(Path(env[var]).expanduser()))
+        named = value(env, var)  # the environment, else [vault] role_id_file ...
+        if named:
+            path = Path(os.path.abspath(Path(named).expanduser()))
             if path.is_file():
                 found.append(Credential(what, path))
     spec = audit_key_spec or ""

@@ -52,7 +52,6 @@ same one-line error.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -60,7 +59,10 @@ from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
-from .errors import ConfigError, PolicyRefused, SigningError
+from . import units
+from .errors import ConfigError, SigningError
+# Error classes live in errors.py; these names stay importable from here too.
+from .errors import PolicyRefused as PolicyRefused
 
 #: Binance's default recvWindow (ms), used when a request carries none.
 DEFAULT_RECV_WINDOW = 5000
@@ -171,8 +173,6 @@ KINDS: Mapping[str, Kind] = {
     ),
 }
 
-_RATE = re.compile(r"^\s*([1-9][0-9]*)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
-_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 _KNOWN = frozenset({"rate_limit", "burst", "symbols", "max_quantity", "max_notional", "max_recv_window",
                     "deny_kinds", "deny_params", "deny_endpoints", "require_endpoint"})
 
@@ -322,12 +322,7 @@ class SigningPolicy:
                 raise ConfigError(f"{where}.{key}: unknown key", f"expected one of: {', '.join(sorted(_KNOWN))}")
         rate = None
         if "rate_limit" in table:
-            raw = table["rate_limit"]
-            m = _RATE.match(raw) if isinstance(raw, str) else None
-            if m is None:
-                raise ConfigError(f"{where}.rate_limit: expected \"COUNT/s\", \"COUNT/m\" or \"COUNT/h\", got {raw!r}",
-                                  'e.g. rate_limit = "20/s"')
-            rate = (int(m.group(1)), _UNITS[m.group(2)])
+            rate = units.rate(table["rate_limit"], f"{where}.rate_limit")
         burst = table.get("burst")
         if burst is not None:
             if rate is None:

@@ -37,6 +37,22 @@ def test_check_json_is_credbrokers(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 125 and json.loads(err)["error"] == "ConfigError"
 
 
+def test_global_json_asks_for_json_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _main(["--json", "run", "-p", "nosuch", "--", "echo", "hi"], capsys)
+    assert code == 125 and out == "" and json.loads(err)["error"] == "ConfigError"
+
+
+def test_json_as_another_options_value_is_not_a_request_for_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """Only what click parsed as credbroker's own --json counts, not the word anywhere in argv."""
+    for args in (["run", "-p", "nosuch", "-e", "--json", "--", "true"],
+                 ["--config", "--json", "check", "-p", "nosuch"],
+                 ["run", "-p", "nosuch", "--", "echo", "--json"]):
+        code, _, err = _main(args, capsys)
+        assert code == 125 and err.startswith("credbroker: ") and err.count("\n") == 1, (args, err)
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(err)
+
+
 def test_global_options_after_the_subcommand(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
     code, _, err = _main(["run", "--config", "/nonexistent/c.toml", "-p", "x", "--", "true"], capsys)
     assert code == 125 and "config file /nonexistent/c.toml not found" in err

@@ -290,3 +290,19 @@ def test_an_isolated_fetch_leaves_no_copy_in_the_caller(openbao: OpenBao) -> Non
         assert counts[value.encode()] == 0, "the caller kept a copy of the fetched secret"
     finally:
         caller.communicate("")
+
+
+def test_the_daemon_reads_the_callers_vault_table(running: tuple[Path, dict[str, str]], openbao: OpenBao) -> None:
+    """[vault] travels beside the caller's environment to the daemon, not as invented variables."""
+    from broker.errors import VaultUnreachable
+    from broker.vault.origins import SettingsEnv, VaultTable
+
+    _, env = running
+    openbao.kv_put("credbroker/daemon-table", api_secret=SECRET)
+    environ = {k: v for k, v in env.items() if k not in ("VAULT_ADDR", "BAO_ADDR")}
+    good = SettingsEnv(environ, VaultTable(values={"addr": openbao.addr}, file="/etc/cb.toml"))
+    creds = daemon.fetch(profile("secret/credbroker/daemon-table"), good)
+    assert creds is not None and creds["api_secret"].reveal_str() == SECRET
+    bad = SettingsEnv(environ, VaultTable(values={"addr": "http://127.0.0.1:9", "timeout": "2"}, file="/etc/cb.toml"))
+    with pytest.raises(VaultUnreachable, match=r"\[vault\] addr in /etc/cb.toml"):
+        daemon.fetch(profile("secret/credbroker/daemon-table"), bad)

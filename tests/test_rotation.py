@@ -500,3 +500,63 @@ def test_signals_reach_the_bot_while_a_rotation_check_hangs(openbao: OpenBao, tm
             proc.kill()
             proc.wait()
         proxy.close()
+
+
+def test_a_failed_token_lookup_is_said_once_and_retried(openbao: OpenBao) -> None:
+    """Real OpenBao: a token that may not look itself up keeps the watcher going, warned once, never silently."""
+    import secrets as _secrets
+
+    path = "rot-lookup-" + _secrets.token_hex(4)
+    openbao.kv_put(path, api_secret="v1")
+    policy = f'path "secret/metadata/{path}" {{ capabilities = ["read"] }}\n'
+    openbao.cli("policy", "write", "no-lookup-" + path, "-", input=policy)
+    token = openbao.client().auth.token.create(policies=["no-lookup-" + path], no_default_policy=True,
+                                               ttl="1h")["auth"]["client_token"]
+    events: list[tuple[str, dict[str, object]]] = []
+    now = [0.0]
+    profile = Profile(name="p", source="vault", env={"S": "api_secret"}, options={"path": f"secret/{path}"})
+    w = Watcher(profile, {"VAULT_ADDR": openbao.addr, "VAULT_TOKEN": token}, lambda e, f: events.append((e, f)),
+                version=1, interval=10, clock=lambda: now[0])
+    assert w.poll() is None  # the version is still read
+    now[0] = 11.0
+    openbao.kv_put(path, api_secret="v2")
+    assert w.poll() == 2
+    failed = [f for e, f in events if e == "token_lookup_failed"]
+    assert len(failed) == 1 and "permission denied" in str(failed[0]["reason"]).lower()
+    assert not [e for e, _ in events if e == "rotation_check_failed"]
+    w.close()
+
+
+class _Client:
+    """An hvac-shaped client (pure logic: only its identity matters)."""
+
+    def __init__(self) -> None:
+        self.adapter = self
+        self.auth = self
+        self.token = self
+
+    def lookup_self(self) -> dict[str, object]:
+        return {"data": {"ttl": 3600, "renewable": True}}
+
+    def close(self) -> None:
+        pass
+
+
+def test_rotation_drops_its_client_by_error_type_not_by_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.errors import VaultAuthError, VaultPermissionDenied
+    from broker.sources import vault as vault_source
+
+    profile = Profile(name="p", source="vault", env={"S": "s"}, options={"path": "secret/p"})
+    w = Watcher(profile, {"VAULT_ADDR": "http://127.0.0.1:9", "VAULT_TOKEN": "t"}, lambda e, f: None,
+                version=1, interval=10, clock=lambda: 0.0)
+    client = _Client()
+    w._client = client
+    monkeypatch.setattr(vault_source, "current_version", lambda *a, **k: (_ for _ in ()).throw(
+        VaultPermissionDenied("permission denied: the token may not read secret/metadata/p", "grant it")))
+    w.poll()
+    assert w._client is client  # the message says "token", but a denial is not a bad token
+    w._next_try = 0.0
+    monkeypatch.setattr(vault_source, "current_version", lambda *a, **k: (_ for _ in ()).throw(
+        VaultAuthError("Vault at x rejected the credentials", "run `vault login`")))
+    w.poll()
+    assert w._client is None  # a rejected token: log in afresh at the next check

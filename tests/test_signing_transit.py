@@ -313,3 +313,32 @@ def test_transit_key_rotation_and_pinned_version(openbao: OpenBao, tmp_path: Pat
     assert pinned.public_key_pem() == v1_pem
     verify(v1_pem, pinned.sign("a=1"), b"a=1")
     assert pinned.key_version == 1  # type: ignore[attr-defined]
+
+
+def test_child_token_errors_by_status(openbao: OpenBao) -> None:
+    """Only a refusal (403/400) gets the policy remedy; an outage keeps its own message and remedy."""
+    from broker.signing.transit import child_token
+    from broker.vault.settings import VaultSettings
+
+    name = "status-" + secrets.token_hex(4)
+    assert transit_key(openbao, name).returncode == 0
+    weak = openbao.client().auth.token.create(policies=["default"], ttl="10m")["auth"]["client_token"]
+    settings = VaultSettings.from_env({"VAULT_ADDR": openbao.addr})
+    with pytest.raises(SigningError) as refused:
+        child_token(openbao.client(token=weak), settings, mount="transit", key=name, profile="p", ttl="60s")
+    assert "give the broker's token policy" in str(refused.value.remedy)
+
+    class Down:
+        """The policy write succeeds, then Vault goes away (a connection error on the token request)."""
+
+        def __init__(self, real: Any) -> None:
+            self.sys, self.adapter = real.sys, real.adapter
+            self.auth = self
+            self.token = self
+
+        def create(self, **_: Any) -> Any:
+            raise requests.exceptions.ConnectionError("connection refused")
+
+    with pytest.raises(VaultUnreachable) as down:
+        child_token(Down(openbao.client()), settings, mount="transit", key=name, profile="p", ttl="60s")
+    assert "policy" not in str(down.value.remedy)

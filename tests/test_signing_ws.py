@@ -221,7 +221,7 @@ class _Log:
 def _agent(signer: Any, policy: Any = None) -> tuple[Any, _Log]:
     import os
 
-    from broker.agent import Agent
+    from broker.agent.server import Agent
     from broker.signing_policy import SigningPolicy
 
     log = _Log()

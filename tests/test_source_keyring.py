@@ -158,3 +158,51 @@ def test_keyring_set_and_delete_are_recorded_and_fail_closed(secret_service: Sec
               stdin=SECRET + "\n")
     assert res.returncode == 125 and res.stderr.count("\n") == 1, res.stderr
     assert keyring.get_password("credbroker/rec-test", "api_secret") is None
+
+
+class _Backend:
+    """A keyring backend whose get_password raises ``exc`` (pure logic: which failure means what)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def get_password(self, service: str, name: str) -> str:
+        raise self.exc
+
+
+def _fetch_with(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    from broker.sources import keyring as source
+
+    monkeypatch.setattr(source, "backend_for", lambda profile=None: _Backend(exc))
+    source.fetch(profile("broken"), env={})
+
+
+def test_only_transport_failures_mean_the_keyring_did_not_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jeepney
+    import secretstorage.exceptions
+
+    for exc in (OSError(111, "refused"), ConnectionResetError(),
+                secretstorage.exceptions.SecretServiceNotAvailableException("gone"),
+                jeepney.DBusErrorResponse(jeepney.new_error(jeepney.new_method_call(
+                    jeepney.DBusAddress("/", bus_name="org.freedesktop.secrets"), "Get"), "org.x.Error"))):
+        with pytest.raises(KeyringUnavailable, match="did not answer") as info:
+            _fetch_with(monkeypatch, exc)
+        assert "D-Bus" in str(info.value.remedy)
+
+
+def test_a_bug_is_not_reported_as_a_keyring_outage(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A TypeError of ours (or of a backend) stays a TypeError: the CLI calls it an internal error, exit 125."""
+    from broker.cli import main
+    from broker.sources import keyring as source
+
+    with pytest.raises(TypeError):
+        _fetch_with(monkeypatch, TypeError("an argument of ours was wrong"))
+    monkeypatch.setattr(source, "backend_for", lambda profile=None: _Backend(TypeError("bug")))
+    monkeypatch.setenv("CREDBROKER_DAEMON", "0")
+    with pytest.raises(SystemExit) as code:
+        main(["run", "--keyring-service", "credbroker/x", "--env", "X=api_secret", "--", "true"])
+    err = capsys.readouterr().err
+    assert code.value.code == 125 and err.count("\n") == 1
+    assert err.startswith("credbroker: internal error (run with --debug for the traceback): TypeError")
+    assert "keyring" not in err and "D-Bus" not in err

@@ -316,3 +316,26 @@ def test_errors_name_where_the_address_came_from(tmp_path: Path) -> None:
     res = run(env, *RUN)
     assert res.returncode == 125 and f"fix [vault] addr in {cfg}" in res.stderr, res.stderr
     assert res.stderr.count("\n") == 1
+
+
+def test_token_check_answers_by_the_failure_type(openbao: Any) -> None:
+    """Real OpenBao: a valid token is valid, a revoked one is not; a bug of ours is raised, never "valid"."""
+    from broker.vault.session import token_check
+
+    token = openbao.client().auth.token.create(policies=["default"], ttl="10m")["auth"]["client_token"]
+    client = openbao.client(token=token)
+    assert token_check(client)() is True
+    openbao.client().auth.token.revoke(token)
+    assert token_check(client)() is False
+
+    class Broken:
+        """A client whose lookup hits a bug (a TypeError), not Vault."""
+
+        class auth:  # noqa: N801 - hvac's attribute names
+            class token:  # noqa: N801
+                @staticmethod
+                def lookup_self() -> None:
+                    raise TypeError("a bug, not an answer from Vault")
+
+    with pytest.raises(TypeError):
+        token_check(Broken())()

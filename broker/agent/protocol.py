@@ -21,8 +21,8 @@ A new op is a member of ``Op``, its request builder here, and one handler in
 the server's op table.
 
 Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": E}`` where ``E`` is
-``BrokerError.to_dict()`` (class name, message, remedy, and the class's
-``wire_fields`` such as a policy refusal's ``rule``), rebuilt in the bot by
+``BrokerError.to_dict()`` (class name, message, remedy, and the extra fields
+such as a policy refusal's ``rule``), rebuilt in the bot by
 ``broker.errors.from_dict`` as the same class.
 """
 
@@ -34,13 +34,14 @@ import socket
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
+from .. import childenv
 from ..errors import BrokerError, SigningError, from_dict
 from ..unixsock import HEADER, MAX_MESSAGE
 
 #: Version of this protocol, sent in ``hello`` and in refusals.
 PROTOCOL = 1
 #: The child's variable holding the socket's path.
-SOCKET_VAR = "CREDBROKER_AGENT_SOCKET"
+SOCKET_VAR = childenv.AGENT_SOCKET
 
 __all__ = ["HEADER", "MAX_MESSAGE", "PROTOCOL", "SOCKET_VAR", "Op", "decode", "encode", "error_reply",
            "hello_request", "raise_error", "recv_reply", "sign_request", "sign_ws_request"]

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import BrokerError
+from ..events import Recorder
 from ..signing_policy import SigningPolicy
 from .protocol import SOCKET_VAR
 from .server import AGENT_STARTED, AGENT_STOPPED, Agent, AuditSink, RecorderSink
@@ -35,7 +36,7 @@ class RunSigning:
         self._creds: Any = None
         self._audit_config: Any = None
         self.server: Agent | None = None
-        self._record: Callable[[str, dict[str, Any]], Any] | None = None
+        self._record: Recorder | None = None
 
     @classmethod
     def prepare(cls, profile: Any, *, agent: bool, preflight: Any, env: Mapping[str, str]) -> RunSigning:
@@ -66,7 +67,7 @@ class RunSigning:
                            where=self.profile.where("signer"), audit_config=self._audit_config,
                            record_failures=False)
 
-    def check_key(self, creds: Any, *, record: Callable[[str, dict[str, Any]], Any], audit_config: Any = None
+    def check_key(self, creds: Any, *, record: Recorder, audit_config: Any = None
                   ) -> None:
         """Build the broker's signer from ``creds`` and run the key preflight (raises to stop the run)."""
         self._audit_config = audit_config
@@ -95,7 +96,7 @@ class RunSigning:
         clean = {k: v for k, v in parent.items() if k not in profile.env and k != SOCKET_VAR}
         return clean, profile._replace(env=keep)
 
-    def start_agent(self, audit_log: Any, record: Callable[[str, dict[str, Any]], Any],
+    def start_agent(self, audit_log: Any, record: Recorder,
                     peer_uid: int | None = None) -> dict[str, str]:
         """Start the agent's thread; the variables the child needs (``CREDBROKER_AGENT_SOCKET``).
 

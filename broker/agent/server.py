@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import AgentRefused, AuditError, BrokerError, RunError, SigningError
+from ..events import Recorder
 from ..signing_policy import SigningPolicy
 from ..unixsock import listen_private, peer_credentials, private_dir
 from . import policy as policy_glue
@@ -97,7 +98,7 @@ class AuditSink(Protocol):
 class RecorderSink:
     """An ``AuditSink`` over a plain ``record(event, fields)`` callable: every record durable."""
 
-    def __init__(self, record: Callable[[str, dict[str, Any]], Any]) -> None:
+    def __init__(self, record: Recorder) -> None:
         self._record = record
 
     def record(self, event: str, fields: Mapping[str, Any], *, durable: bool = True) -> Any:

@@ -96,7 +96,9 @@ def open_log(
     # Cache on a digest of the key material, never the key itself.
     material = hashlib.sha256(b"credbroker/audit/cache\x00" + env_key.encode() + b"\x00" + (explicit or b"")).hexdigest()
     # The Vault address decides whether the head is anchored: part of the log's identity here.
-    cache_key = (settings, material, key is None, environ.get("VAULT_ADDR") or environ.get("BAO_ADDR") or "")
+    from ..vault.origins import value
+
+    cache_key = (settings, material, key is None, value(environ, "VAULT_ADDR", "BAO_ADDR") or "")
     with _CACHE_LOCK:
         log = _CACHE.get(cache_key)
         if log is None:

@@ -35,11 +35,12 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from ..events import Event
 from ..errors import BrokerError, VaultAuthError, VaultPermissionDenied
-from .chain import ANCHOR_LABEL, Hasher, digest_matches, labelled_mac
+from .chain import ANCHOR_LABEL, Hasher, digest_matches, labelled_mac, utc_timestamp
 from .settings import AuditSettings
 
-ANCHOR_FAILED = "anchor_failed"
+ANCHOR_FAILED = Event.ANCHOR_FAILED
 #: How many retained versions ``verify`` reads at most.
 MAX_VERSIONS_READ = 100
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9._-]")
@@ -89,8 +90,10 @@ def place_for(settings: AuditSettings, kid: str | None, host: str | None = None)
 
 
 def vault_configured(env: Mapping[str, str]) -> bool:
-    """True when a Vault address is set (environment, or ``[vault] addr`` carried in it)."""
-    return bool(env.get("VAULT_ADDR") or env.get("BAO_ADDR"))
+    """True when a Vault address is set (the environment, or ``[vault] addr`` carried beside it)."""
+    from ..vault.origins import value
+
+    return bool(value(env, "VAULT_ADDR", "BAO_ADDR"))
 
 
 def message(fields: Mapping[str, Any]) -> bytes:
@@ -206,8 +209,6 @@ class Anchorer:
             latest = self._latest
             if latest is None or latest == self._anchored:
                 return True
-            from .log import utc_timestamp
-
             payload = make_payload(latest[0], latest[1], self._kid, self._log, utc_timestamp(), self._mac)
             try:
                 self._client = write(self._env, self.place, payload, self._client)

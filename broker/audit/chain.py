@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -144,3 +145,20 @@ def parse_header(line: bytes) -> Header | None:
 def digest_matches(expected_hex: str, actual_hex: str) -> bool:
     """Constant-time comparison of two hex digests (STYLE.md: MACs via compare_digest)."""
     return hmac.compare_digest(expected_hex, actual_hex)
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def utc_timestamp(now: float | None = None) -> str:
+    """A record's ``ts``: ``2026-11-24T04:00:00.123456Z`` (UTC, microseconds; the formatted second is reused
+    within the second: no datetime per record)."""
+    global _second
+    if now is None:
+        now = time.time()
+    sec = int(now // 1)
+    micros = int((now - sec) * 1_000_000)
+    cached = _second
+    if cached[0] != sec:
+        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{cached[1]}.{micros:06d}Z"

@@ -31,7 +31,8 @@ from typing import NamedTuple
 
 from ..errors import AuditError, BrokerError, ConfigError
 from ..secret import Secret
-from .settings import ENV_KEY
+#: The audit key in the environment (hex), when ``[audit] key`` names none.
+ENV_KEY = "CREDBROKER_AUDIT_KEY"
 
 MIN_KEY_BYTES = 16
 _HEX = re.compile(rb"^(?:[0-9a-fA-F]{2}){16,}$")

@@ -59,6 +59,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..events import Event
 from ..errors import AuditError
 from ..secret import Secret
 from .chain import (
@@ -76,6 +77,7 @@ from .chain import (
     finish_line,
     labelled_mac,
     make_hasher,
+    utc_timestamp,
 )
 from .files import (
     Head,
@@ -98,40 +100,26 @@ BATCH_MAX_AGE = 1.0
 #: the other half is the fsync's own time before a writer would wait for the disk itself).
 SYNCER_DELAY = FSYNC_GROUP_WINDOW / 2
 
-#: Event names other modules write (issue 3). The schema stays open: any name
-#: matching ``[a-z][a-z0-9_]*`` is accepted.
-SECRET_FETCHED = "secret_fetched"
-SECRET_INJECTED = "secret_injected"
-CHILD_EXITED = "child_exited"
-REFUSED = "refused"
-SIGNATURE_FAILURE = "signature_failure"
-ROTATION_DETECTED = "rotation_detected"
+#: Event names (every one is in ``broker.events.Event``; these names stay importable from here).
+#: The schema stays open: any name matching ``[a-z][a-z0-9_]*`` is accepted.
+SECRET_FETCHED = Event.SECRET_FETCHED
+SECRET_INJECTED = Event.SECRET_INJECTED
+CHILD_EXITED = Event.CHILD_EXITED
+REFUSED = Event.REFUSED
+SIGNATURE_FAILURE = Event.SIGNATURE_FAILURE
+ROTATION_DETECTED = Event.ROTATION_DETECTED
 #: Written by the audit log itself.
-PARTIAL_TAIL = "partial_tail"
-PRUNED = "pruned"
-AUDIT_KEYED = "audit_keyed"
+PARTIAL_TAIL = Event.PARTIAL_TAIL
+PRUNED = Event.PRUNED
+AUDIT_KEYED = Event.AUDIT_KEYED
 #: Records were lost (the log is shorter than its head, the head or the active file is missing):
 #: written by the first writer that finds it, before anything else. A keyed log then takes no
 #: record but ``gap_acknowledged`` (``credbroker audit acknowledge-gap``).
-GAP = "gap"
-GAP_ACKNOWLEDGED = "gap_acknowledged"
-ANCHOR_FAILED = "anchor_failed"
+GAP = Event.GAP
+GAP_ACKNOWLEDGED = Event.GAP_ACKNOWLEDGED
+ANCHOR_FAILED = Event.ANCHOR_FAILED
 
 
-_second: tuple[int, str] = (-1, "")
-
-
-def utc_timestamp(now: float | None = None) -> str:
-    """``2026-11-24T04:00:00.123456Z`` (the formatted second is reused within the second)."""
-    global _second
-    if now is None:
-        now = time.time()
-    sec = int(now // 1)
-    micros = int((now - sec) * 1_000_000)
-    cached = _second
-    if cached[0] != sec:
-        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
-    return f"{cached[1]}.{micros:06d}Z"
 
 
 def _user() -> str:

@@ -45,6 +45,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from ..events import Event
 from ..errors import AuditError
 from .advice import advice_for
 from .findings import DEFAULT_BURST, FailureMark, RotationMark, find_all
@@ -57,8 +58,8 @@ LIST_CAP = 200  # per list in the report; counts stay exact
 #: Signature failures kept for the pattern checks (they are rare; a flood is counted, not kept).
 FAILURE_CAP = 20000
 DETAIL_EVENTS = frozenset(
-    {"secret_fetched", "secret_injected", "child_exited", "refused", "signature_failure", "rotation_detected",
-     "policy_refused"}
+    {Event.SECRET_FETCHED, Event.SECRET_INJECTED, Event.CHILD_EXITED, Event.REFUSED, Event.SIGNATURE_FAILURE,
+     Event.ROTATION_DETECTED, Event.POLICY_REFUSED}
 )
 #: What ``ReportBuilder.feed`` reads in records from before the period (baseline, versions, the
 #: Vault reads around it); a pass may leave out older records of other events (``fleet.py`` does).
@@ -69,9 +70,10 @@ MIN_BASELINE_FOR_HOURS = 20
 DEFAULT_ROTATE_DAYS = 90
 NOT_ENOUGH_HISTORY = "not enough history yet"
 #: The chart's series, bottom to top: (key in ``daily``, event).
-CHART_EVENTS = (("accesses", "secret_fetched"), ("injections", "secret_injected"), ("exits", "child_exited"),
-                ("refusals", "refused"), ("signature_failures", "signature_failure"),
-                ("rotations", "rotation_detected"), ("policy_refusals", "policy_refused"))
+CHART_EVENTS = (("accesses", Event.SECRET_FETCHED), ("injections", Event.SECRET_INJECTED),
+                ("exits", Event.CHILD_EXITED), ("refusals", Event.REFUSED),
+                ("signature_failures", Event.SIGNATURE_FAILURE), ("rotations", Event.ROTATION_DETECTED),
+                ("policy_refusals", Event.POLICY_REFUSED))
 
 
 def iso(dt: datetime) -> str:
@@ -217,7 +219,7 @@ class ReportBuilder:
         if self.first_record is None:
             self.first_record = ts
         if ts > self._until:
-            if event == "child_exited":  # a bot on an old key that stopped after the period
+            if event == Event.CHILD_EXITED:  # a bot on an old key that stopped after the period
                 self._after_period_exit(ts, line)
             return
         in_period = ts >= self._since
@@ -227,7 +229,7 @@ class ReportBuilder:
             bucket = self.daily.get(ts[:10])
             if bucket is not None:
                 bucket[event if event in DETAIL_EVENTS else "other"] += 1
-        if event == "secret_imported":  # import reads the stored copy back: a Vault read of ours
+        if event == Event.SECRET_IMPORTED:  # import reads the stored copy back: a Vault read of ours
             imported = _parse(line)
             if imported is not None:
                 self._vault_read(ts, imported["data"], _version(imported["data"].get("version")),

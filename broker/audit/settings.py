@@ -32,10 +32,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .. import units
 from ..errors import ConfigError
+from .keys import ENV_KEY as ENV_KEY  # where it is defined; importable from here too
+from .keys import parse_key_spec
 
 ENV_LOG = "CREDBROKER_AUDIT_LOG"
-ENV_KEY = "CREDBROKER_AUDIT_KEY"
 
 KNOWN_KEYS = frozenset({"path", "key", "rotate", "max_size", "keep", "work_hours", "anchor", "anchor_interval",
                         "fsync"})
@@ -51,13 +53,6 @@ FSYNC_GROUP_WINDOW = 0.05
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 DEFAULT_KEEP = timedelta(days=90)
 
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|K|M|G)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
-}
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _HOURS = re.compile(r"^\s*(\d{1,2})\s*-\s*(\d{1,2})\s*$")
 
 
@@ -83,30 +78,6 @@ def default_log_path(env: Mapping[str, str]) -> Path:
     """``$XDG_STATE_HOME/credbroker/audit.log`` (XDG base directory spec's state folder)."""
     base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local" / "state")
     return Path(base) / "credbroker" / "audit.log"
-
-
-def parse_duration(text: str, what: str = "duration") -> timedelta:
-    """``90d``, ``12h``, ``2w``, ``30m``, ``45s`` -> timedelta, or ConfigError."""
-    m = _DURATION.match(str(text))
-    if not m or int(m.group(1)) <= 0:
-        raise ConfigError(f"{what}: invalid duration {text!r}", "write a number and a unit, e.g. 7d, 12h, 2w, 90d")
-    return timedelta(seconds=int(m.group(1)) * _DURATION_UNITS[m.group(2)])
-
-
-def parse_size(value: object, what: str = "[audit] max_size") -> int:
-    """``64MiB`` / ``1000000`` -> bytes, or ConfigError."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a size, got a boolean", 'write e.g. max_size = "64MiB"')
-    if isinstance(value, int):
-        size = value
-    else:
-        m = _SIZE.match(str(value))
-        if not m:
-            raise ConfigError(f"{what}: invalid size {value!r}", 'write e.g. max_size = "64MiB"')
-        size = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
-    if size < 4096:
-        raise ConfigError(f"{what}: {size} bytes is too small", "use at least 4KiB")
-    return size
 
 
 def parse_hours(value: object, what: str = "[audit] work_hours") -> tuple[int, int]:
@@ -143,8 +114,6 @@ def load_settings(audit_config: Mapping[str, Any] | None, env: Mapping[str, str]
 
     key_spec = cfg.get("key")
     if key_spec is not None:
-        from .keys import parse_key_spec
-
         if not isinstance(key_spec, str):
             raise ConfigError("[audit] key: expected a string", 'write key = "vault:MOUNT/PATH#FIELD" or "keyring:SERVICE:FIELD"')
         parse_key_spec(key_spec)  # validate the reference now; fetch only when used
@@ -152,11 +121,12 @@ def load_settings(audit_config: Mapping[str, Any] | None, env: Mapping[str, str]
     rotate = cfg.get("rotate", "weekly")
     if rotate not in ROTATE_CHOICES:
         raise ConfigError(f"[audit] rotate: unknown value {rotate!r}", f"use one of: {', '.join(ROTATE_CHOICES)}")
-    max_size = parse_size(cfg["max_size"]) if "max_size" in cfg else DEFAULT_MAX_SIZE
-    keep = parse_duration(str(cfg["keep"]), "[audit] keep") if "keep" in cfg else DEFAULT_KEEP
+    max_size = (units.size(cfg["max_size"], "[audit] max_size", minimum=4096) if "max_size" in cfg
+                else DEFAULT_MAX_SIZE)
+    keep = units.duration(cfg["keep"], "[audit] keep") if "keep" in cfg else DEFAULT_KEEP
     hours = parse_hours(cfg["work_hours"]) if "work_hours" in cfg else None
     anchor = parse_anchor(cfg.get("anchor", DEFAULT_ANCHOR))
-    interval = (parse_duration(str(cfg["anchor_interval"]), "[audit] anchor_interval") if "anchor_interval" in cfg
+    interval = (units.duration(cfg["anchor_interval"], "[audit] anchor_interval") if "anchor_interval" in cfg
                 else DEFAULT_ANCHOR_INTERVAL)
     fsync = cfg.get("fsync", "every")
     if fsync not in FSYNC_CHOICES:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..events import Event
 from ..errors import AuditError
 from .chain import (
     ALG_HMAC,
@@ -254,7 +255,7 @@ class Verifier:
         # Anything else goes through _feed with the state written back first.
         fast_alg, fast_kid = (ALG_HMAC, self.key_id) if self._mac is not None else (ALG_SHA256, None)
         fast_hash = self._mac if self._mac is not None else self._sha
-        special = ("pruned", "audit_keyed", "partial_tail", "gap", "gap_acknowledged")
+        special = (Event.PRUNED, Event.AUDIT_KEYED, Event.PARTIAL_TAIL, Event.GAP, Event.GAP_ACKNOWLEDGED)
         # Records the slow path must see: the head's and every anchored one.
         watch = frozenset({self.head.seq if self.head is not None else -1, *self._anchor_want})
         compare = hmac.compare_digest
@@ -401,7 +402,7 @@ class Verifier:
         bad = self._bad
         assert bad is not None
         ok = False
-        if h.event == "partial_tail" and bad.file == name and bad.line == lineno - 1:
+        if h.event == Event.PARTIAL_TAIL and bad.file == name and bad.line == lineno - 1:
             try:
                 data = json.loads(line).get("data", {})
                 ok = (data.get("offset") == bad.offset and data.get("bytes") == bad.size
@@ -430,7 +431,7 @@ class Verifier:
                 self._problem("forged", name, lineno, "its MAC does not match its content: edited or forged", h.seq)
                 return
             if self._mac is not None and not self._keyed_seen and self._unkeyed_seen \
-                    and h.event not in ("audit_keyed", "partial_tail"):
+                    and h.event not in (Event.AUDIT_KEYED, Event.PARTIAL_TAIL):
                 self._problem("forged", name, lineno,
                               "keyed records follow unkeyed ones without an audit_keyed record", h.seq)
                 return
@@ -446,10 +447,10 @@ class Verifier:
                               h.seq)
                 return
         # 2. its place in the chain
-        if h.event == "gap":
+        if h.event == Event.GAP:
             self._check_gap_record(h, name, lineno)
             return
-        if h.event == "gap_acknowledged":
+        if h.event == Event.GAP_ACKNOWLEDGED:
             data = self._data(h)
             if isinstance(data.get("gap_seq"), int):
                 user = _record_field(h, "user")
@@ -539,7 +540,7 @@ class Verifier:
         self._last_seq = h.seq
         self._last_hash = h.digest
         self._last_line = (name, lineno)
-        if h.event == "pruned":
+        if h.event == Event.PRUNED:
             try:
                 data = json.loads(self._prefix_json(h)).get("data", {})
             except ValueError:

@@ -31,13 +31,15 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .. import childenv
 from ..errors import BrokerError, ConfigError
+from ..events import Event, Recorder
 
-URL_VAR = "CREDBROKER_PROXY_URL"
-SECRET_VAR = "CREDBROKER_PROXY_SECRET"
-KIND_VAR = "CREDBROKER_KEY_KIND"
+URL_VAR = childenv.PROXY_URL
+SECRET_VAR = childenv.PROXY_SECRET
+KIND_VAR = childenv.KEY_KIND
 #: The WebSocket API endpoint's base URL (``ws://127.0.0.1:PORT``), with ``credbroker[ws]`` installed.
-WS_URL_VAR = "CREDBROKER_PROXY_WS_URL"
+WS_URL_VAR = childenv.PROXY_WS_URL
 
 __all__ = ["KIND_VAR", "ProxyRun", "SECRET_VAR", "URL_VAR", "WS_URL_VAR", "check_profile", "start_for_run"]
 
@@ -58,7 +60,7 @@ class ProxyRun:
     """A started proxy for one run: ``child_env`` and ``child_profile`` for the child, ``stop()`` at the end."""
 
     def __init__(self, server: Any, child_env: dict[str, str], child_profile: Any,
-                 record: Callable[[str, dict[str, Any]], Any], ws: Any = None, follower: Any = None) -> None:
+                 record: Recorder, ws: Any = None, follower: Any = None) -> None:
         self.server = server
         self.ws = ws
         self.child_env = child_env
@@ -84,13 +86,13 @@ class ProxyRun:
         self.child_env.clear()
         totals = {"ws_forwarded": ws.forwarded, "ws_refused": ws.refused} if ws is not None else {}
         try:
-            self._record("proxy_stopped", {"profile": server.profile, "forwarded": server.forwarded,
-                                           "refused": server.refused, **totals})
+            self._record(Event.PROXY_STOPPED, {"profile": server.profile, "forwarded": server.forwarded,
+                                               "refused": server.refused, **totals})
         except BrokerError:
             pass  # the run's own exit matters more than this total
 
 
-def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[str, dict[str, Any]], Any],
+def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Recorder,
                   audit_log: Any = None, env: Mapping[str, str] | None = None, root_pid: int | None = None,
                   allow_root: bool = False) -> ProxyRun:
     """Start the proxy for ``credbroker run --proxy``; what the child gets and how to stop it.
@@ -109,7 +111,8 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
     from .clientkey import ClientKey
     from .server import SigningProxy
     from .settings import ProxySettings
-    from .upstream import UpstreamError, make_upstreams
+    from ..errors import UpstreamError
+    from .upstream import make_upstreams
 
     check_profile(profile)
     settings = SignerSettings.for_profile(profile)
@@ -164,19 +167,18 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Callable[[s
             child_env[var] = client_key.passphrase.reveal_str()
             replaced.add(field)
     # get_signer() in the child reads the full map; the proxy's values stand in for the key's.
-    import json
-
     env_map = dict(profile.env)
     if key_field is None or key_field not in env_map.values():  # e.g. transit: no variable holds a key
         env_map[SECRET_VAR] = "api_secret" if client_kind == "hmac" else "private_key"
-    child_env["CREDBROKER_ENV_MAP"] = json.dumps(env_map, separators=(",", ":"))
+    child_env[childenv.ENV_MAP] = childenv.encode_env_map(env_map)
     child_profile = profile._replace(env={v: f for v, f in profile.env.items()
                                           if f not in replaced and f != settings.passphrase_field})
-    record("proxy_started", {"profile": profile.name, "url": url, "kind": signer.kind, "client_kind": client_kind,
-                             "upstreams": {n: u.base_url for n, u in upstreams.items()},
-                             "clock_offset_ms": offsets, "policy": policy.describe(),
-                             "ws_url": ws.url if ws is not None else None,
-                             "rate_limits": {n: lim.limits() for n, lim in server.limiters.items()}})
+    record(Event.PROXY_STARTED, {"profile": profile.name, "url": url, "kind": signer.kind,
+                                 "client_kind": client_kind,
+                                 "upstreams": {n: u.base_url for n, u in upstreams.items()},
+                                 "clock_offset_ms": offsets, "policy": policy.describe(),
+                                 "ws_url": ws.url if ws is not None else None,
+                                 "rate_limits": {n: lim.limits() for n, lim in server.limiters.items()}})
     follower = _follow_rotation(server, profile, creds, settings, proxy_settings, env, make, record)
     return ProxyRun(server, child_env, child_profile, record, ws, follower)
 
@@ -215,7 +217,7 @@ def _ws_urls(profile: Any) -> dict[str, str] | None:
 
 def _follow_rotation(server: Any, profile: Any, creds: Any, settings: Any, proxy_settings: Any,
                      env: Mapping[str, str] | None, make: Callable[[Any], Any],
-                     record: Callable[[str, dict[str, Any]], Any]) -> Any:
+                     record: Recorder) -> Any:
     """Start following the Vault profile's versions (``follow``); None where there is nothing to follow."""
     origin = getattr(creds, "origin", None)
     version = getattr(origin, "version", None)

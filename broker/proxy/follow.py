@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import BrokerError
+from ..events import Event, Recorder
 
 DEFAULT_INTERVAL = 60.0
 
@@ -30,7 +31,7 @@ class KeyFollower:
     """A thread that polls the profile's version and swaps the proxy's signer on a new one."""
 
     def __init__(self, proxy: Any, profile: Any, env: Mapping[str, str], version: int | None, interval: float,
-                 make: Callable[[Any], Any], record: Callable[[str, dict[str, Any]], Any]) -> None:
+                 make: Callable[[Any], Any], record: Recorder) -> None:
         from ..rotation import Watcher
 
         self._proxy = proxy
@@ -71,21 +72,21 @@ class KeyFollower:
             creds = sources.fetch(self._profile, env=self._env, isolate=True)
         except BrokerError as exc:
             self._watcher.fetch_failed(exc)
-            self._record("proxy_rotation_failed", {"profile": self._profile.name, "version": version,
+            self._record(Event.PROXY_ROTATION_FAILED, {"profile": self._profile.name, "version": version,
                                                    "reason": exc.message})
             raise
         try:
-            self._record("secret_fetched", {"profile": self._profile.name, **creds.origin.to_dict(),
+            self._record(Event.SECRET_FETCHED, {"profile": self._profile.name, **creds.origin.to_dict(),
                                             "fields": list(self._profile.fields), "by": "proxy_rotation"})
             signer = self._make(creds)
         except BrokerError as exc:
-            self._record("proxy_rotation_failed", {"profile": self._profile.name, "version": version,
+            self._record(Event.PROXY_ROTATION_FAILED, {"profile": self._profile.name, "version": version,
                                                    "reason": exc.message})
             raise
         finally:
             creds.wipe()
         self._proxy.swap_signer(signer)
         self._watcher.version = version
-        self._record("proxy_key_rotated", {"profile": self._profile.name, "version": version,
+        self._record(Event.PROXY_KEY_ROTATED, {"profile": self._profile.name, "version": version,
                                            "kind": signer.kind})
         return version

@@ -27,8 +27,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import BrokerError
+from ..events import Recorder
 from ..signing.listenkey import PATH, ListenKeyKeeper, report_stream_error
-from .upstream import Answer, Upstream, UpstreamError
+from ..errors import UpstreamError
+from .upstream import Answer, Upstream
 
 STREAM_EVENT_PATH = "/credbroker/v1/streamEvent"
 _JSON = [("Content-Type", "application/json;charset=UTF-8")]
@@ -37,7 +39,7 @@ _JSON = [("Content-Type", "application/json;charset=UTF-8")]
 class ProxyListenKeys:
     """The proxy's one keeper (futures has one listenKey per API key), made on the bot's first create."""
 
-    def __init__(self, api_key: str, profile: str, record: Callable[[str, dict[str, Any]], Any],
+    def __init__(self, api_key: str, profile: str, record: Recorder,
                  *, interval: float | None = None) -> None:
         self._api_key = api_key
         self._profile = profile

@@ -53,8 +53,10 @@ from .listenkeys import STREAM_EVENT_PATH, ProxyListenKeys
 from .http11 import HttpServer, Request
 from .peer import peer_in_tree
 from .settings import ProxySettings
-from .upstream import Answer, Upstream, UpstreamError
+from ..errors import UpstreamError
+from .upstream import Answer, Upstream
 from .weight import Limiter, Ticket, Verdict, cost
+from ..events import Event
 
 FLUSH_INTERVAL = 0.2  # seconds: the longest a queued audit record waits for its fsync
 #: A path the exchange reads the same way we do: no "//", no dot segments, no percent-escapes.
@@ -66,11 +68,11 @@ _SIGNER_GRACE = 60.0  # seconds a replaced signer stays open: longer than any up
 _RESYNC_AFTER = 1.0  # seconds between two clock syncs triggered by -1021
 
 # Audit event names written here.
-PROXY_REQUEST = "proxy_request"
-PROXY_ANSWER = "proxy_answer"
-PROXY_REFUSED = "proxy_refused"
-POLICY_REFUSED = "policy_refused"
-SIGNATURE_FAILURE = "signature_failure"
+PROXY_REQUEST = Event.PROXY_REQUEST
+PROXY_ANSWER = Event.PROXY_ANSWER
+PROXY_REFUSED = Event.PROXY_REFUSED
+POLICY_REFUSED = Event.POLICY_REFUSED
+SIGNATURE_FAILURE = Event.SIGNATURE_FAILURE
 
 
 class Refusal(NamedTuple):
@@ -340,7 +342,7 @@ class SigningProxy:
         """Feed the answer's weight headers (and an exchangeInfo's rateLimits) to the upstream's limiter."""
         limiter.observe(ticket, answer.status, answer.headers)
         if answer.status == 200 and path.endswith("/exchangeInfo") and limiter.learn_exchange_info(answer.body):
-            self._record("proxy_rate_limits", {"profile": self.profile, "upstream": limiter.upstream,
+            self._record(Event.PROXY_RATE_LIMITS, {"profile": self.profile, "upstream": limiter.upstream,
                                                "limits": limiter.limits(), "from": "exchangeInfo"})
 
     def _check_target(self, method: str, path: str, headers: Mapping[str, str]) -> Refusal | None:
@@ -426,8 +428,8 @@ class SigningProxy:
             self._record(PROXY_ANSWER, {"profile": self.profile, "endpoint": upstream.time_path, "method": "GET",
                                         "status": 502, "error": exc.message})
             return
-        self._record("proxy_clock_synced", {"profile": self.profile, "upstream": upstream.name,
-                                            "offset_ms": offset, "reason": "-1021"})
+        self._record(Event.PROXY_CLOCK_SYNCED, {"profile": self.profile, "upstream": upstream.name,
+                                                "offset_ms": offset, "reason": "-1021"})
 
     # -- refusals and records ------------------------------------------------------------------
     def _refuse(self, refusal: Refusal, pid: int | None, summary: Mapping[str, Any]) -> Answer:

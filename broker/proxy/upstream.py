@@ -34,15 +34,11 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from ..errors import BrokerError
+from ..errors import UpstreamError
 
 #: Headers a response must not carry back through the proxy as they are (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "transfer-encoding", "upgrade", "content-length"})
-
-
-class UpstreamError(BrokerError):
-    """The exchange could not be reached (or answered something that is not HTTP)."""
 
 
 class Answer(NamedTuple):

@@ -54,10 +54,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import BrokerError, ConfigError, SigningError
+from ..errors import BrokerError, ConfigError, PolicyRefused, SigningError
 from ..signing import binance
 from ..signing.failures import classify
-from ..signing_policy import PolicyRefused, SigningPolicy, SignRequest
+from ..signing_policy import SigningPolicy, SignRequest
 
 #: The local paths, as Binance's: which upstream each one reaches.
 PATHS = {"/ws-api/v3": "spot", "/ws-fapi/v1": "futures"}

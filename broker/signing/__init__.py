@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import childenv
 from ..errors import BrokerError, ConfigError, SigningError
 from ..secret import Secret
 from .base import ApiKey, Signer
@@ -54,18 +55,18 @@ __all__ = [
 ]
 
 #: Set by ``credbroker run`` in its child (see broker.runner).
-RUN_VAR = "CREDBROKER_RUN"
-PROFILE_VAR = "CREDBROKER_PROFILE"
-ENV_MAP_VAR = "CREDBROKER_ENV_MAP"
+RUN_VAR = childenv.RUN
+PROFILE_VAR = childenv.PROFILE
+ENV_MAP_VAR = childenv.ENV_MAP
 #: Set by ``child_env``: the signer settings (JSON, no secret) and, for transit, the scoped token.
-SIGNER_VAR = "CREDBROKER_SIGNER"
-SIGNER_TOKEN_VAR = "CREDBROKER_SIGNER_TOKEN"
+SIGNER_VAR = childenv.SIGNER
+SIGNER_TOKEN_VAR = childenv.SIGNER_TOKEN
 #: Set by ``key_env``: the key's kind, and an encrypted key's passphrase that the profile maps to no variable.
-KEY_KIND_VAR = "CREDBROKER_KEY_KIND"
-KEY_PASSPHRASE_VAR = "CREDBROKER_KEY_PASSPHRASE"
+KEY_KIND_VAR = childenv.KEY_KIND
+KEY_PASSPHRASE_VAR = childenv.KEY_PASSPHRASE
 #: Set by ``credbroker run -p A -p B`` (several profiles): per profile, its own values of the variables above
 #: (JSON, no secret: a secret one is moved to a numbered variable that the entry names).
-PROFILES_VAR = "CREDBROKER_PROFILES"
+PROFILES_VAR = childenv.PROFILES
 #: The per-profile variables whose values are secret: never inside ``CREDBROKER_PROFILES``.
 SECRET_CHILD_VARS = (SIGNER_TOKEN_VAR, KEY_PASSPHRASE_VAR)
 
@@ -96,7 +97,7 @@ def get_signer(
     if environ.get(RUN_VAR) and environ.get(PROFILES_VAR) and (profile is None or isinstance(profile, str)):
         environ = _profile_view(environ, profile)  # `credbroker run -p A -p B`: one signer per profile
     if environ.get(RUN_VAR) and (profile is None or (isinstance(profile, str) and profile == environ.get(PROFILE_VAR))):
-        if environ.get("CREDBROKER_AGENT_SOCKET"):  # `credbroker run --agent`: the broker signs (issue 6)
+        if environ.get(childenv.AGENT_SOCKET):  # `credbroker run --agent`: the broker signs (issue 6)
             from .agent import from_environment
 
             return from_environment(environ, recv_window=recv_window, record_failures=record_failures)

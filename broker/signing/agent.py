@@ -19,7 +19,6 @@ the error tree: the bot never loads the broker's server, peer checks or policy.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -27,11 +26,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
+from .. import childenv
 from ..agent import protocol
-from ..agent.protocol import SOCKET_VAR
 from ..errors import AgentRefused, BrokerError, SigningError
 from . import binance
 from .base import Signer
+
+SOCKET_VAR = childenv.AGENT_SOCKET
 
 __all__ = ["SOCKET_VAR", "AgentSigner", "from_environment"]
 
@@ -179,17 +180,12 @@ def from_environment(environ: Mapping[str, str], *, recv_window: int | None = No
     path = environ.get(SOCKET_VAR)
     if not path:
         raise SigningError(f"{SOCKET_VAR} is not set", "start the bot with `credbroker run --agent`")
-    profile = environ.get("CREDBROKER_PROFILE") or None
+    profile = childenv.profile(environ)
     api_key: str | None = None
-    try:
-        env_map = json.loads(environ.get("CREDBROKER_ENV_MAP") or "{}")
-    except ValueError:
-        env_map = {}
-    if isinstance(env_map, dict):
-        for var in env_map:
-            if isinstance(var, str) and environ.get(var):
-                api_key = environ[var]
-                break
+    for var in childenv.env_map(environ):
+        if environ.get(var):
+            api_key = environ[var]
+            break
     audit_config = None
     kwargs: dict[str, Any] = {"profile": profile, "audit_config": audit_config, "record_failures": record_failures}
     if recv_window is not None:

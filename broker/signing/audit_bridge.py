@@ -17,10 +17,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from .. import childenv
 from ..errors import AuditError, BrokerError
 
 
-RELAY_FD_VAR = "CREDBROKER_AUDIT_FD"
+RELAY_FD_VAR = childenv.AUDIT_FD
 
 
 def _relay(fd: int, event: str, fields: Mapping[str, Any]) -> None:

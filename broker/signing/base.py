@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from urllib.parse import urljoin as requests_urljoin
 
 from ..errors import SigningError
+from ..events import Recorder
 from ..secret import Secret, mask_id
 from . import binance
 from .failures import SignatureFailure, report_response
@@ -338,7 +339,7 @@ class Signer(ABC):
             self.last_failure = failure
         return failure
 
-    def audit_recorder(self) -> Callable[[str, dict[str, Any]], None]:
+    def audit_recorder(self) -> Recorder:
         """``record(event, fields)`` into the audit log this signer reports to (the relay inside `run`)."""
         audit_config = self._audit_config
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ..events import Event
 from ..errors import BrokerError
 from ..secret import mask_id
 from . import binance
 
-EVENT = "signature_failure"
+EVENT = Event.SIGNATURE_FAILURE
 _MAX_MESSAGE = 200
 # Anything long enough to be a signature, key or token (hex, base64, url-encoded base64).
 _LONG_TOKEN = re.compile(r"[A-Za-z0-9+/=%_-]{40,}")

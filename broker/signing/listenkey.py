@@ -50,7 +50,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import BrokerError, ConfigError
+from ..errors import BrokerError, ConfigError, ListenKeyError
+from ..events import Recorder
 from ..secret import mask_id
 from . import binance
 from .failures import clean_message
@@ -77,11 +78,6 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 #: transport(method, path, headers) -> (HTTP status, body bytes); OSError when the exchange is unreachable.
 Transport = Callable[[str, str, Mapping[str, str]], tuple[int, bytes]]
-Recorder = Callable[[str, dict[str, Any]], Any]
-
-
-class ListenKeyError(BrokerError):
-    """The listenKey could not be created or kept alive."""
 
 
 def check_base_url(url: str) -> str:

@@ -32,12 +32,12 @@ from typing import Any
 from ..errors import BrokerError
 from .base import Signer
 from .failures import SignatureFailure
+from ..events import Event, Recorder
 
 #: build() -> (a new inner signer, the secret's version or None)
 Builder = Callable[[], tuple[Signer, int | None]]
 #: latest() -> the secret's current version, cheaply (None: the source has no versions)
 Latest = Callable[[], int | None]
-Recorder = Callable[[str, dict[str, Any]], Any]
 
 _REFRESH_ON = frozenset({-2015, -2014, -1022})
 
@@ -93,7 +93,7 @@ class RefreshingSigner(Signer):
     def close(self) -> None:
         self._inner.close()
 
-    def audit_recorder(self) -> Callable[[str, dict[str, Any]], None]:
+    def audit_recorder(self) -> Recorder:
         """The log ``get_signer(profile=...)`` opened (the one its fetches are recorded in)."""
 
         def record(event: str, fields: dict[str, Any]) -> None:
@@ -130,8 +130,8 @@ class RefreshingSigner(Signer):
             self._inner, self.version, self._api_key = inner, version, inner._api_key
             old.close()
             self._schedule()
-        self._rec("rotation_detected", {"profile": self.profile, "old_version": old_version,
-                                        "new_version": version, "action": "refresh", "by": "get_signer"})
+        self._rec(Event.ROTATION_DETECTED, {"profile": self.profile, "old_version": old_version,
+                                            "new_version": version, "action": "refresh", "by": "get_signer"})
         return True
 
     def _schedule(self) -> None:
@@ -144,8 +144,8 @@ class RefreshingSigner(Signer):
         except BrokerError as exc:
             self._schedule()  # keep signing with the key in hand; try again next interval
             try:
-                self._rec("rotation_check_failed", {"profile": self.profile, "error": type(exc).__name__,
-                                                    "reason": exc.message, "by": "get_signer"})
+                self._rec(Event.ROTATION_CHECK_FAILED, {"profile": self.profile, "error": type(exc).__name__,
+                                                        "reason": exc.message, "by": "get_signer"})
             except BrokerError:
                 pass
             print(f"credbroker: could not check for a rotated key, still signing with v{self.version}: {exc}",

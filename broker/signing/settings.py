@@ -24,18 +24,17 @@ needs only ``api_key``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..config import Profile
+from .. import units
 from ..errors import ConfigError
 from . import binance
 
 KINDS = ("auto", "hmac", "ed25519", "rsa", "transit")
 KEY_FIELDS = ("private_key", "api_secret")
-_TTL = re.compile(r"^[1-9][0-9]*[smh]?$")
 
 
 @dataclass(frozen=True)
@@ -81,21 +80,18 @@ class SignerSettings:
                 from ..vault.paths import PathKind, check  # these go into Vault request paths
 
                 check(value, PathKind.MOUNT if key == "transit_mount" else PathKind.NAME, f"{where}.{key}")
-        ttl = table.get("token_ttl", "1h")
-        if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl > 0:
-            ttl = f"{ttl}s"
-        if not isinstance(ttl, str) or not _TTL.match(ttl):
-            raise ConfigError(f"{where}.token_ttl: expected a duration like \"1h\", \"30m\" or 3600, got {ttl!r}",
+        ttl_seconds = units.seconds(table.get("token_ttl", "1h"), f"{where}.token_ttl")
+        if ttl_seconds != int(ttl_seconds):
+            raise ConfigError(f"{where}.token_ttl: expected whole seconds, got {table.get('token_ttl')!r}",
                               'e.g. token_ttl = "1h"')
+        ttl = f"{int(ttl_seconds)}s"  # Vault's own duration syntax
         version = table.get("transit_key_version")
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
             raise ConfigError(f"{where}.transit_key_version: expected a key version >= 1, got {version!r}",
                               "omit it to sign with the latest version")
         refresh = table.get("refresh_interval")
         if refresh is not None:
-            from ..rotation import parse_seconds
-
-            refresh = parse_seconds(refresh, f"{where}.refresh_interval")
+            refresh = units.seconds(refresh, f"{where}.refresh_interval")
         exchange_url = table.get("exchange_url")
         if exchange_url is not None and (not isinstance(exchange_url, str)
                                          or not exchange_url.startswith(("https://", "http://"))):
@@ -137,6 +133,4 @@ class SignerSettings:
 
     def ttl_seconds(self) -> int:
         """``token_ttl`` in seconds."""
-        unit = {"s": 1, "m": 60, "h": 3600}.get(self.token_ttl[-1], 1)
-        digits = self.token_ttl.rstrip("smh")
-        return int(digits) * unit
+        return int(units.seconds(self.token_ttl, "token_ttl"))

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import SigningError, VaultError, VaultPermissionDenied
+from ..errors import SigningError, VaultBadResponse, VaultPermissionDenied
 from ..secret import Secret
 from . import core
 from .base import Signer
@@ -213,7 +213,10 @@ def child_token(client: Any, settings: Any, *, mount: str, key: str, profile: st
                 meta={"profile": profile, "transit_key": f"{mount}/{key}"},
                 role_name=role,
             )
-    except VaultError as exc:  # the session maps every hvac/requests failure to one of these
+    except (VaultPermissionDenied, VaultBadResponse) as exc:
+        # 403 (the broker's token may not create tokens there) or 400 (the child's policy is not
+        # one the broker's token holds, or not in the role's allowed_policies): the policy remedy.
+        # Any other failure (Vault down, sealed, a bad token) keeps its own message and remedy.
         message = exc.message
         raise SigningError(
             f"cannot create a transit signing token for profile {profile!r}: {message}",

@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from typing import Protocol
 
+from .. import childenv
 from ..config import Profile
 from ..errors import ConfigError, SourceError
 from ..secret import Credentials, Secret, wipe_buffer
@@ -123,7 +124,7 @@ def _with_passphrase(profile: Profile, creds: Credentials, field: str, *, env: M
     options = dict(profile.options)
     if creds.origin.version is not None and profile.source == "vault":
         options["version"] = creds.origin.version  # the passphrase of this very key, not of a newer one
-    wider = profile._replace(env={**profile.env, "CREDBROKER_KEY_PASSPHRASE": field}, options=options)
+    wider = profile._replace(env={**profile.env, childenv.KEY_PASSPHRASE: field}, options=options)
     try:
         more = fetch(wider, env=env, use_daemon=use_daemon)
     except SourceError as exc:

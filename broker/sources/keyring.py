@@ -64,7 +64,30 @@ def backend_for(profile: Profile | None = None) -> Any:
     return backend
 
 
-def _call(what: str, service: str, fn: Any, *args: Any, field: str | None = None) -> Any:
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a backend raises when the keyring service does not answer: D-Bus errors of
+    secretstorage and jeepney (Secret Service), and OSError (a socket, a file, a timeout).
+
+    Anything else (a TypeError, a bug of ours or of a backend) is not "the keyring did not
+    answer" and is left to surface as an internal error."""
+    kinds: list[type[BaseException]] = [OSError]
+    try:
+        import secretstorage.exceptions
+
+        kinds.append(secretstorage.exceptions.SecretStorageException)
+    except ImportError:
+        pass
+    try:
+        import jeepney
+
+        kinds += [jeepney.DBusErrorResponse, jeepney.AuthenticationError, jeepney.SizeLimitError]
+    except (ImportError, AttributeError):
+        pass
+    return tuple(kinds)
+
+
+def call_backend(what: str, service: str, fn: Any, *args: Any, field: str | None = None) -> Any:
+    """``fn(*args)`` on a keyring backend, its failures as credbroker's keyring errors (what names the act)."""
     import keyring.errors
 
     try:
@@ -89,7 +112,7 @@ def _call(what: str, service: str, fn: Any, *args: Any, field: str | None = None
     except keyring.errors.KeyringError as exc:
         raise KeyringError(f"the OS keyring failed to {what} service {service!r}: {type(exc).__name__}",
                            "check the keyring daemon") from exc
-    except Exception as exc:  # D-Bus transport errors come from secretstorage/jeepney
+    except _transport_errors() as exc:
         raise KeyringUnavailable(
             f"the OS keyring did not answer while trying to {what} service {service!r} ({type(exc).__name__})",
             "check that the D-Bus session and the keyring daemon are running",
@@ -103,7 +126,7 @@ def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
     fields: dict[str, Secret] = {}
     try:
         for name in profile.fields:
-            value = _call("read", service, backend.get_password, service, name, field=name)
+            value = call_backend("read", service, backend.get_password, service, name, field=name)
             if value is None:
                 raise KeyringNotFound(
                     f"the OS keyring has no entry {name!r} for service {service!r}",
@@ -131,7 +154,7 @@ def store(profile: Profile, field: str, value: Secret) -> None:
     """Store one field's value in the keyring (used by `credbroker keyring set`)."""
     backend = backend_for(profile)
     service = service_for(profile)
-    _call("write to", service, backend.set_password, service, field, value.reveal_str())
+    call_backend("write to", service, backend.set_password, service, field, value.reveal_str())
 
 
 def delete(profile: Profile, field: str) -> None:
@@ -141,7 +164,7 @@ def delete(profile: Profile, field: str) -> None:
     backend = backend_for(profile)
     service = service_for(profile)
     try:
-        _call("delete from", service, backend.delete_password, service, field)
+        call_backend("delete from", service, backend.delete_password, service, field)
     except KeyringError as exc:
         if isinstance(exc.__cause__, keyring.errors.PasswordDeleteError):
             raise KeyringNotFound(f"the OS keyring has no entry {field!r} for service {service!r}",

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .. import units
 from ..errors import ConfigError, VaultAuthError
 from ..secret import Secret
-from .origins import CONFIG_ENV, FALSE_WORDS, TRUE_WORDS, describe
+from .origins import CONFIG_ENV, FALSE_WORDS, TRUE_WORDS, lookup
 from .paths import PathKind, check
 
 DEFAULT_ADDR = "https://127.0.0.1:8200"  # the Vault CLI's own default
@@ -165,9 +166,9 @@ class VaultSettings:
         origins: dict[str, str] = {}
 
         def pick(name: str, *names: str) -> str | None:
-            value, var = _first(env, *names)
-            if var is not None:
-                origins[name] = describe(env, var)
+            value, where = lookup(env, *names, key=name)
+            if where is not None:
+                origins[name] = where
             return value
 
         raw_addr = pick("addr", "VAULT_ADDR", "BAO_ADDR")
@@ -176,17 +177,12 @@ class VaultSettings:
             origins["addr"] = (f"VAULT_ADDR: it is unset, so the default {DEFAULT_ADDR} was tried; export "
                                "VAULT_ADDR or set [vault] addr")
         timeout_s = pick("timeout", "CREDBROKER_VAULT_TIMEOUT")
-        try:
-            timeout = float(timeout_s) if timeout_s else DEFAULT_TIMEOUT
-            if not timeout > 0 or timeout == float("inf"):
-                raise ValueError
-        except ValueError:
-            where = origins.get("timeout", "CREDBROKER_VAULT_TIMEOUT")
-            raise ConfigError(f"{where}={timeout_s!r} is not a number of seconds > 0",
-                              "e.g. CREDBROKER_VAULT_TIMEOUT=10") from None
-        auth = env.get("CREDBROKER_VAULT_AUTH") or "token"
+        timeout = (units.seconds(timeout_s, origins.get("timeout", "CREDBROKER_VAULT_TIMEOUT")) if timeout_s
+                   else DEFAULT_TIMEOUT)
+        auth = pick("auth", "CREDBROKER_VAULT_AUTH") or "token"
         if auth not in ("token", "approle"):
-            raise ConfigError(f"Vault auth method {auth!r} is not supported", 'use "token" or "approle"')
+            raise ConfigError(f"{origins.get('auth', 'CREDBROKER_VAULT_AUTH')}: Vault auth method {auth!r} is not "
+                              "supported", 'use "token" or "approle"')
 
         token: Secret | None = None
         token_source: str | None = None
@@ -199,10 +195,12 @@ class VaultSettings:
         secret_value, _ = _first(env, "VAULT_SECRET_ID", "BAO_SECRET_ID", "CREDBROKER_SECRET_ID")
         role_id = Secret(role_value) if role_value else None
         secret_id = Secret(secret_value) if secret_value else None
-        if role_id is None and env.get("CREDBROKER_ROLE_ID_FILE"):
-            role_id = _read_id_file(env["CREDBROKER_ROLE_ID_FILE"], "role_id", private=False)
-        if secret_id is None and env.get("CREDBROKER_SECRET_ID_FILE"):
-            secret_id = _read_id_file(env["CREDBROKER_SECRET_ID_FILE"], "secret_id", private=True)
+        role_id_file = pick("role_id_file", "CREDBROKER_ROLE_ID_FILE")
+        secret_id_file = pick("secret_id_file", "CREDBROKER_SECRET_ID_FILE")
+        if role_id is None and role_id_file:
+            role_id = _read_id_file(role_id_file, "role_id", private=False)
+        if secret_id is None and secret_id_file:
+            secret_id = _read_id_file(secret_id_file, "secret_id", private=True)
         if (role_id is None) != (secret_id is None) and (auth == "approle" or token is None):
             missing = "secret_id" if secret_id is None else "role_id"
             raise VaultAuthError(
@@ -244,8 +242,8 @@ class VaultSettings:
             namespace=pick("namespace", "VAULT_NAMESPACE", "BAO_NAMESPACE"),
             timeout=timeout,
             auth=auth,
-            approle_mount=check(env.get("CREDBROKER_APPROLE_MOUNT") or "approle", PathKind.MOUNT,
-                                describe(env, "CREDBROKER_APPROLE_MOUNT")),
+            approle_mount=check(pick("approle_mount", "CREDBROKER_APPROLE_MOUNT") or "approle", PathKind.MOUNT,
+                                origins.get("approle_mount", "CREDBROKER_APPROLE_MOUNT")),
             role_id=role_id,
             secret_id=secret_id,
             client_cert=client_cert,
