@@ -406,86 +406,54 @@ def _pause(seconds: float) -> int | None:
     return None
 
 
-#: Called as record(event, fields); broker.audit.AuditLog.record fits.
-Recorder = Callable[[str, dict[str, Any]], Any]
+from .run.options import RESTART_POLICIES, Recorder, RestartPolicy, RunOptions  # noqa: E402
 
-#: Restart policies for a child that exits by itself (like Docker's).
-RESTART_POLICIES = ("no", "on-failure")
+__all__ = ["RESTART_POLICIES", "Recorder", "RestartPolicy", "RunOptions", "run"]
+
 _MAX_RESTART_DELAY = 60.0
 _HEALTHY_AFTER = 60.0  # a child that ran this long resets the restart backoff
 
 
-def run(
-    profile: Profile | Sequence[Profile],
-    command: Sequence[str],
-    *,
-    config: Any = None,
-    environ: Mapping[str, str] | None = None,
-    record: Recorder | None = None,
-    verbose: bool = False,
-    rotation: Any = None,
-    restart: str = "no",
-    agent: bool = False,
-    preflight: Any = None,
-    mask: bool = False,
-    grace: float | None = None,
-    user: str | None = None,
-    group: str | None = None,
-    sandbox: bool = False,
-    unsafe_shared_credentials: bool = False,
-    proxy: bool = False,
-) -> int:
-    """Fetch the profile's secrets, run ``command`` with them, return its exit status.
+def run(options: RunOptions) -> int:
+    """Fetch the profiles' secrets, run the command with them, return its exit status.
 
-    ``profile`` may be several profiles (``-p spot -p um-futures``): all are
-    fetched or none (the bot never starts with a partial set), a variable two
-    of them would set is refused before anything is fetched, each fetch is an
-    audit record of its own, and ``rotation`` is then one policy per profile
-    (or None), a batch of rotations found in one check acting once.
-    ``rotation`` (a ``broker.rotation.RotationPolicy``) follows new versions of
-    a vault secret; ``restart="on-failure"`` restarts a child that fails by
+    Several profiles (``-p spot -p um-futures``) are fetched all or none (the
+    bot never starts with a partial set), a variable two of them would set is
+    refused before anything is fetched, each fetch is an audit record of its
+    own, and a batch of rotations found in one check acts once. A rotation
+    policy (``broker.rotation.RotationPolicy``) follows new versions of a
+    vault secret; ``restart="on-failure"`` restarts a child that fails by
     itself, with backoff, from the secret already held (no new Vault read).
-    ``agent=True`` (``--agent``): the signing key stays in the broker;
-    the child gets the public API key and ``CREDBROKER_AGENT_SOCKET`` only, and
+    ``agent`` (``--agent``): the signing key stays in the broker; the child
+    gets the public API key and ``CREDBROKER_AGENT_SOCKET`` only, and
     ``get_signer()`` there signs through ``broker.agent``. ``preflight`` (a
     ``broker.preflight.PreflightOptions``; ``auto`` by default in agent mode,
     off otherwise) checks the key's restrictions on the exchange first.
-    ``mask=True`` replaces every injected value in the child's stdout and
-    stderr with a marker (``broker.masking``; a pty when stdout is a terminal).
+    ``mask`` replaces every injected value in the child's stdout and stderr
+    with a marker (``broker.masking``; a pty when stdout is a terminal).
     ``grace``: when the bot's process group is stopped (the run ends, a
     restart, the broker's death), seconds between SIGTERM and SIGKILL.
     ``user``/``group`` run the bot as another user, ``sandbox`` under
     bubblewrap; with ``agent`` one of them must keep the broker's own
     credentials from the bot, unless ``unsafe_shared_credentials``
-    (``broker.separation``).
-    ``proxy=True`` (``--proxy``): the key stays in the broker's signing proxy
-    (``broker.proxy``); the child gets its URL and a per-run proxy secret.
+    (``broker.separation``). ``proxy`` (``--proxy``): the key stays in the
+    broker's signing proxy (``broker.proxy``); the child gets its URL and a
+    per-run proxy secret.
     """
     from . import sources
     from .config import with_config_defaults
     from .hardening import harden_process
 
-    profiles: list[Profile] = [profile] if isinstance(profile, Profile) else list(profile)
-    if not profiles:
-        raise RunError("no profile given", "name one with -p PROFILE")
-    many = len(profiles) > 1
-    # A list: one policy (or None) per profile. (A RotationPolicy is a NamedTuple, hence not "tuple" here.)
-    policies: list[Any] = list(rotation) if isinstance(rotation, list) else [rotation] * len(profiles)
-    if len(policies) != len(profiles):
-        raise RunError("one rotation policy per profile is needed", "this is a credbroker bug; please report it")
-    if many and proxy:
-        raise RunError(f"--proxy serves one profile per run, and this run names {len(profiles)}",
-                       "start one `credbroker run --proxy -p PROFILE` per profile, or use --agent "
-                       '(get_signer("PROFILE") signs for each profile of the run)')
-    watched = [p for p in policies if p is not None]
-    if grace is None:
-        grace = max((p.grace for p in watched), default=10.0)
-    if restart not in RESTART_POLICIES:
-        raise RunError(f"unknown restart policy {restart!r}", f"use one of: {', '.join(RESTART_POLICIES)}")
-    if mask and agent:  # the CLI refuses it too; library callers get the same one line
-        from .masking import check_not_agent
-
-        check_not_agent(mask, agent)
+    profiles: list[Profile] = list(options.profiles)
+    command = list(options.command)
+    config: Any = options.config
+    environ, record, verbose = options.environ, options.record, options.verbose
+    restart, agent, preflight, mask = options.restart, options.agent, options.preflight, options.mask
+    grace, user, group, sandbox = options.grace, options.user, options.group, options.sandbox
+    unsafe_shared_credentials, proxy = options.unsafe_shared_credentials, options.proxy
+    many = options.many
+    policies: list[Any] = list(options.rotation)
+    watched = options.watched
     env = dict(os.environ if environ is None else environ)
     check_not_nested(env)
     if not command:
@@ -592,7 +560,7 @@ def run(
         extra.update(per_profile[0])
 
     # Keep the secret (mlocked) only when the broker may need it again.
-    keep = agent or restart != "no" or any(p.action == "restart" for p in watched)
+    keep = agent or restart != RestartPolicy.NO or any(p.action == "restart" for p in watched)
     # In agent mode the child sees the API key variable only; the secret stays here.
     visible = profiles  # what the child sees of each profile: with --agent its API key variable only
     child_parent, child_profile = env, profile
@@ -802,7 +770,7 @@ def run(
                     notifier.status(f"bot restarted on key version {versions} (pid {child.pid})")
                 continue
             _stop(child, grace, watchdog, cgroup)  # what the bot left behind in its group
-            if restart == "on-failure" and status != 0 and not child.stopping:
+            if restart == RestartPolicy.ON_FAILURE and status != 0 and not child.stopping:
                 exited(child, status, "failed")
                 if time.monotonic() - child.started >= _HEALTHY_AFTER:
                     delay = 1.0

@@ -1,0 +1,1 @@
+"""`credbroker run` as a pipeline: the options value it is built from (``options``)."""
