@@ -330,14 +330,14 @@ def run_cmd(
         from .rotation import parse_seconds
 
         stop_grace = parse_seconds(grace, "--grace")
-    from . import runner
     from .run.options import RunOptions
+    from .run.pipeline import run
 
     options = RunOptions.build(profs, command, config=config, verbose=verbose, rotation=policies,
                                restart=restart_policy, agent=agent, preflight=preflight, mask=mask, grace=stop_grace,
                                user=as_user, group=as_group, sandbox=sandbox,
                                unsafe_shared_credentials=unsafe_shared_credentials, proxy=proxy)
-    status = runner.run(options)
+    status = run(options)
     global _RUN_ENDED
     _RUN_ENDED = True
     sys.exit(status)

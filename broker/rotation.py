@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from .config import Profile
 from .errors import BrokerError, ConfigError
-from .runner import say
+from .run.console import say
 from .secret import Credentials
 
 Recorder = Callable[[str, dict[str, Any]], Any]
