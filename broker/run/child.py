@@ -159,28 +159,7 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
     ``as_user`` (a ``broker.separation.UserSwitch``) runs it as another user.
     ``cgroup`` (a cgroup v2 folder) receives the child before it executes.
     """
-    parent = os.getpid()
-    from ..hardening import die_with_parent
-
-    procs = os.path.join(cgroup, "cgroup.procs") if cgroup else None
-
-    def setup() -> None:  # runs in the child between fork and exec
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED_SIGNALS)
-        if procs is not None:  # first, while we may still move ourselves; before exec, so no fork escapes it
-            try:
-                fd = os.open(procs, os.O_WRONLY)
-                try:
-                    os.write(fd, b"0")
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass  # the process group still holds the tree
-        if as_user is not None:
-            as_user.switch()
-        die_with_parent(parent, signal.SIGTERM)  # after the switch, which would clear it
-        if stdio is not None:
-            stdio.in_child()
-
+    setup = _child_setup(os.getpid(), stdio, as_user, cgroup)
     options: dict[str, Any] = dict(stdio.popen_args()) if stdio is not None else {}
     if not options.get("start_new_session"):
         # Its own group, so that its whole tree can be stopped (and the watchdog
@@ -202,24 +181,54 @@ def spawn(argv: Sequence[str], executable: str, env: Mapping[bytes, bytes], stdi
             preexec_fn=setup,  # noqa: PLW1509
             **options,
         )
-    except PermissionError as exc:
-        raise CommandNotExecutable(f"permission denied executing {argv[0]}", "check its permissions") from exc
-    except FileNotFoundError as exc:
-        raise CommandNotFound(
-            f"cannot execute {argv[0]}: it or its interpreter (#! line) was not found", "check the command"
-        ) from exc
     except OSError as exc:
-        if exc.errno == errno.E2BIG:
-            raise RunError(f"cannot start {argv[0]}: the command line and environment are too long for the kernel",
-                           "pass large data through a file or stdin") from exc
-        if exc.errno == errno.ENOEXEC:
-            raise CommandNotExecutable(f"cannot execute {argv[0]}: not a valid executable (exec format error)",
-                                       "add a #! line or run it through its interpreter") from exc
-        raise RunError(f"cannot start {argv[0]}: {exc.strerror}", "check the command") from exc
+        raise _start_error(argv[0], exc) from exc
     finally:
         if stdio is not None:
             stdio.spawned()  # close the child's ends here; the masking thread starts now
     return Child(proc=proc, argv=list(argv))
+
+def _child_setup(parent: int, stdio: Any, as_user: Any, cgroup: str | None) -> Callable[[], None]:
+    """What runs in the child between fork and exec (``preexec_fn``): C-level calls only (see ``spawn``)."""
+    from ..hardening import die_with_parent
+
+    procs = os.path.join(cgroup, "cgroup.procs") if cgroup else None
+
+    def setup() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED_SIGNALS)
+        if procs is not None:  # first, while we may still move ourselves; before exec, so no fork escapes it
+            try:
+                fd = os.open(procs, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # the process group still holds the tree
+        if as_user is not None:
+            as_user.switch()
+        die_with_parent(parent, signal.SIGTERM)  # after the switch, which would clear it
+        if stdio is not None:
+            stdio.in_child()
+
+    return setup
+
+
+def _start_error(name: str, exc: OSError) -> RunError:
+    """Why the kernel would not start ``name``, as ``env`` reports it (126 not executable, 127 not found)."""
+    if isinstance(exc, PermissionError):
+        return CommandNotExecutable(f"permission denied executing {name}", "check its permissions")
+    if isinstance(exc, FileNotFoundError):
+        return CommandNotFound(f"cannot execute {name}: it or its interpreter (#! line) was not found",
+                               "check the command")
+    if exc.errno == errno.E2BIG:
+        return RunError(f"cannot start {name}: the command line and environment are too long for the kernel",
+                        "pass large data through a file or stdin")
+    if exc.errno == errno.ENOEXEC:
+        return CommandNotExecutable(f"cannot execute {name}: not a valid executable (exec format error)",
+                                    "add a #! line or run it through its interpreter")
+    return RunError(f"cannot start {name}: {exc.strerror}", "check the command")
+
 
 #: Signals after which a child's exit is an intended stop, never restarted.
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
