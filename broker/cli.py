@@ -352,13 +352,14 @@ def run_cmd(
         from . import units
 
         stop_grace = units.seconds(grace, "--grace")
-    from . import runner
+    from .run.options import RunOptions
+    from .run.pipeline import run
 
-    status = runner.run(profs if len(profs) > 1 else prof, list(command), config=config, verbose=verbose,
-                        rotation=policies if len(profs) > 1 else policy,
-                        restart=restart_policy, agent=agent, preflight=preflight, mask=mask, grace=stop_grace,
-                        user=as_user, group=as_group, sandbox=sandbox,
-                        unsafe_shared_credentials=unsafe_shared_credentials, proxy=proxy)
+    options = RunOptions.build(profs, command, config=config, verbose=verbose, rotation=policies,
+                               restart=restart_policy, agent=agent, preflight=preflight, mask=mask, grace=stop_grace,
+                               user=as_user, group=as_group, sandbox=sandbox,
+                               unsafe_shared_credentials=unsafe_shared_credentials, proxy=proxy)
+    status = run(options)
     global _RUN_ENDED
     _RUN_ENDED = True
     sys.exit(status)

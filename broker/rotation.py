@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from . import units
 from .config import Profile
 from .errors import BrokerError, ConfigError, VaultAuthError
-from .runner import say
+from .run.console import say
 from .secret import Credentials
 from .events import Event, Recorder
 

@@ -116,7 +116,8 @@ def test_the_runner_records_the_fetch_on_disk_before_the_child_starts(openbao, t
                     options={{"path": "secret/{path}"}})
         log = open_log({{"path": {str(log_path)!r}}})
         # The child checks that the fetch record is already in the file when it starts.
-        sys.exit(runner.run(p, ["sh", "-c", 'grep -q secret_fetched "$0"', {str(log_path)!r}], record=log.record))
+        sys.exit(runner.run(runner.RunOptions.build(
+            p, ["sh", "-c", 'grep -q secret_fetched "$0"', {str(log_path)!r}], record=log.record)))
     """)
     res = subprocess.run([sys.executable, "-c", code], env=openbao.env(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

@@ -76,8 +76,8 @@ def test_an_argument_over_the_kernels_limit_starts_nothing(env: dict[str, str], 
     recorded: list[tuple[str, dict[str, object]]] = []
     profile = Profile.adhoc(env={"S": "api_secret"}, vault_path=PATH)
     with pytest.raises(RunError) as err:
-        runner.run(profile, ["sh", "-c", f"touch {marker}", "sh", "z" * MAX_ARG_STRLEN], environ=env,
-                   record=lambda event, fields: recorded.append((event, fields)))
+        runner.run(runner.RunOptions.build(profile, ["sh", "-c", f"touch {marker}", "sh", "z" * MAX_ARG_STRLEN],
+                                           environ=env, record=lambda event, fields: recorded.append((event, fields))))
     assert err.value.exit_code == 125 and "not started" in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists()
     assert [e for e, _ in recorded] == ["refused"]

@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("access", ("broker.access",)),
     ("signing", ("broker.signing", "broker.signing_policy", "broker.relay")),
     ("agent", ("broker.agent", "broker.proxy", "broker.separation", "broker.preflight")),
-    ("run", ("broker.runner", "broker.rotation", "broker.masking", "broker.cmdline", "broker.watchdog",
+    ("run", ("broker.run", "broker.runner", "broker.rotation", "broker.masking", "broker.cmdline", "broker.watchdog",
              "broker.sdnotify")),
     ("migrate", ("broker.migrate",)),
     ("cli", ("broker.cli", "broker.cli_", "broker.__main__")),
@@ -58,18 +58,7 @@ KNOWN_DEBT: frozenset[tuple[str, str]] = frozenset({
     ("broker.access", "broker.signing_policy"),
     # get_signer(profile=...) reads through access, which reaches signing back (the cycle).
     ("broker.signing", "broker.access"),
-    # rotation prints through the runner's say(); the runner drives rotation.
-    ("broker.rotation", "broker.runner"),
-    ("broker.runner", "broker.rotation"),
-    ("broker.runner", "broker.access"),
-    ("broker.runner", "broker.proxy"),
-    ("broker.runner", "broker.signing"),
-    # credbroker run's part of the agent (agent/run.py) builds the broker's signer; the proxy follows
-    # rotation with rotation's watcher.
-    ("broker.agent.run", "broker.signing"),
-    ("broker.runner", "broker.agent.run"),
-    ("broker.proxy", "broker.signing"),
-    ("broker.proxy", "broker.proxy.follow"),
+    # the proxy follows rotation with rotation's watcher (rotation sits in the run room, above the proxy).
     ("broker.proxy.follow", "broker.rotation"),
 })
 

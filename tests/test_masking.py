@@ -172,13 +172,13 @@ def test_mask_and_agent_are_refused_together() -> None:
 def test_run_refuses_mask_with_agent_before_fetching(tmp_path: Path) -> None:
     from broker.config import Profile
     from broker.errors import RunError
-    from broker.runner import run
+    from broker.runner import RunOptions, run
 
     records: list[tuple[str, dict[str, object]]] = []
     prof = Profile.adhoc(env={"S": "api_secret"}, vault_path="secret/never/read")
     with pytest.raises(RunError) as err:
-        run(prof, ["true"], environ={"PATH": os.defpath}, record=lambda e, f: records.append((e, f)),
-            agent=True, mask=True)
+        run(RunOptions.build(prof, ["true"], environ={"PATH": os.defpath},
+                             record=lambda e, f: records.append((e, f)), agent=True, mask=True))
     assert "--mask" in str(err.value) and "\n" not in str(err.value)
     assert records == []  # nothing fetched, nothing started
 
