@@ -16,7 +16,7 @@ Two layers:
   a prompt or a typed echo is never visibly held back, ``IDLE_FLUSH_PIPE``
   (1 s) on pipes, where nobody types. Without idle flushes the streamed
   result equals masking the whole output at once, for every way of cutting
-  it into reads (tests/test_masking.py checks every split point).
+  it into reads (tests/integration/test_masking.py checks every split point).
 
   Speed: where no two values can partly overlap in the piece at hand (the
   usual case: random keys), masking is C-speed ``split``/``join`` per value,

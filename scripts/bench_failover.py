@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark failover: from killing a 3-node OpenBao raft cluster's active node to the next bot start.
 
-Starts a real cluster on loopback (the test suite's fixture, tests/cluster.py),
+Starts a real cluster on loopback (the test suite's fixture, tests/helpers/cluster.py),
 stores one secret, and for each round: points VAULT_ADDR at the active node
 with `[vault] addrs` (CREDBROKER_VAULT_ADDRS) naming the others, kills the
 active node with SIGKILL, then starts `credbroker run --vault-path ... -- true`
@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.cluster import start_cluster  # noqa: E402
+from tests.helpers.cluster import start_cluster  # noqa: E402
 
 
 def main() -> int:

@@ -4,7 +4,7 @@
     python scripts/bench_proxy.py               # ~1 minute
     python scripts/bench_proxy.py --quick
 
-Three processes, as in a real run: the fake Binance of tests/fake_binance.py
+Three processes, as in a real run: the fake Binance of tests/helpers/fake_binance.py
 (its own process, HTTP/1.1 keep-alive), the proxy in this process (the
 broker's place: ``broker.proxy.server.SigningProxy`` with the real HMAC key,
 the peer check on, and its audit records group-committed to a real audit log
@@ -137,7 +137,7 @@ def main() -> None:
     from broker.signing_policy import SigningPolicy
 
     secret = secrets.token_hex(32)
-    exchange = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_binance.py")],
+    exchange = subprocess.Popen([sys.executable, str(REPO / "tests" / "helpers" / "fake_binance.py")],
                                 stdout=subprocess.PIPE, text=True, cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO), "FAKE_BINANCE_KEYS": f"{API_KEY}={secret}"})
     tmp = tempfile.TemporaryDirectory(prefix="bench-proxy-")

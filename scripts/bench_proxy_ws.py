@@ -5,7 +5,7 @@
     python scripts/bench_proxy_ws.py --quick
 
 Three processes, as in a real run: the fake WebSocket API of
-tests/fake_binance_ws.py (its own process; it verifies every HMAC signature),
+tests/helpers/fake_binance_ws.py (its own process; it verifies every HMAC signature),
 the proxy in this process (``broker.proxy.ws.WsProxy`` with the real key, the
 peer check on, its records group-committed to a real audit log through the
 REST proxy's queue, as ``credbroker run --proxy`` wires it), and the bot (a
@@ -121,7 +121,7 @@ def main() -> None:
     from broker.signing_policy import SigningPolicy
 
     secret = secrets.token_hex(32)
-    exchange = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_binance_ws.py"), f"{API_KEY}={secret}"],
+    exchange = subprocess.Popen([sys.executable, str(REPO / "tests" / "helpers" / "fake_binance_ws.py"), f"{API_KEY}={secret}"],
                                 stdout=subprocess.PIPE, text=True, cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
     tmp = tempfile.TemporaryDirectory(prefix="bench-proxy-ws-")

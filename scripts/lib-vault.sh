@@ -110,7 +110,7 @@ cb_vault_err() {
 }
 
 # cb_check_path KIND WHAT VALUE: refuse a Vault path a request would read differently from what it
-# names; the same rules as broker/vault/paths.py (tests/test_vault_paths.py runs both over one table):
+# names; the same rules as broker/vault/paths.py (tests/integration/test_vault_paths.py runs both over one table):
 # no empty segment (a leading, doubled or trailing /; a mount may end in one /), no "." or ".."
 # segment, no %, backslash, ? or #, whitespace or control character; KIND name: a single segment.
 # On success CB_PATH holds the value (a mount without its trailing /); else a usage error naming WHAT.

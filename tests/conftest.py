@@ -388,7 +388,7 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(home))  # no real ~/.vault-token or user config leaks in
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    # Never reach a `credbroker daemon` the developer happens to run (tests/test_daemon.py starts its own).
+    # Never reach a `credbroker daemon` the developer happens to run (tests/integration/test_daemon.py starts its own).
     monkeypatch.setenv("CREDBROKER_DAEMON_SOCKET", str(tmp_path / "no-daemon" / "daemon.sock"))
     monkeypatch.delenv("CREDBROKER_CONFIG", raising=False)
     monkeypatch.delenv("CREDBROKER_RUN", raising=False)

@@ -1,6 +1,6 @@
 """Pure signing functions of (key, payload): no I/O, no state, no Binance rules.
 
-These are what the published test vectors check (tests/test_signing_vectors.py):
+These are what the published test vectors check (tests/integration/test_signing_vectors.py):
 
 - HMAC-SHA256, hex digest: Binance's classic API key. The docs' rule: "Use your
   secretKey as the key and totalParams as the value for the HMAC operation";

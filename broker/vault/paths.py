@@ -11,7 +11,7 @@ So each of these is refused, never normalised:
   (they end the URL path), whitespace and control characters.
 
 ``scripts/lib-vault.sh`` (``cb_check_path``) applies the same rules to the admin scripts' arguments;
-tests/test_vault_paths.py runs both over one table of cases.
+tests/integration/test_vault_paths.py runs both over one table of cases.
 """
 
 from __future__ import annotations

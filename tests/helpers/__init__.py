@@ -1,0 +1,1 @@
+"""Helpers the tests share: fake exchanges, bots run by path, real-server harnesses (not tests)."""

@@ -1,0 +1,190 @@
+"""The proxy's own HTTP/1.1 on both sides: the lean keep-alive server and the upstream client.
+
+Raw sockets on loopback, so each rule of the wire is seen as bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from broker.proxy.upstream import Upstream, UpstreamError
+from tests.helpers.fake_binance import FakeBinance
+from tests.integration.test_proxy import Harness
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    fake = FakeBinance().start()
+    h = Harness(fake)
+    try:
+        yield h
+    finally:
+        h.close()
+        fake.stop()
+
+
+def _connect(h: Harness) -> socket.socket:
+    port = int(h.url.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _answer(sock: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """(status line, headers lower-cased, body) of the next answer (bytes past it stay for the next call)."""
+    buf = _PENDING.pop(sock.fileno(), b"")
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        assert data, f"closed before an answer: {buf!r}"
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers["content-length"])
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    _PENDING[sock.fileno()] = rest[length:]
+    return lines[0], headers, rest[:length]
+
+
+_PENDING: dict[int, bytes] = {}
+
+
+def test_one_kept_alive_connection_serves_many_requests_and_close_is_honoured(harness: Harness) -> None:
+    with _connect(harness) as sock:
+        for _ in range(3):
+            sock.sendall(b"GET /fapi/v1/time HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, body = _answer(sock)
+            assert status == "HTTP/1.1 200 OK" and b"serverTime" in body and "connection" not in headers
+        # Two requests in one write (pipelined): two answers, in order.
+        sock.sendall(b"GET /fapi/v1/time HTTP/1.1\r\n\r\nGET /api/v3/time HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert _answer(sock)[0] == "HTTP/1.1 200 OK"
+        status, headers, _ = _answer(sock)
+        assert status == "HTTP/1.1 200 OK" and headers["connection"] == "close"
+        assert sock.recv(1) == b""  # closed by the proxy
+
+
+def test_http_1_0_closes_after_one_answer(harness: Harness) -> None:
+    with _connect(harness) as sock:
+        sock.sendall(b"GET /fapi/v1/time HTTP/1.0\r\n\r\n")
+        status, headers, _ = _answer(sock)
+        assert status == "HTTP/1.1 200 OK" and headers["connection"] == "close"
+        assert sock.recv(1) == b""
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET /fapi/v1/time HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "411"),
+    (b"GET /fapi/v1/time\r\n\r\n", "400"),
+    (b"GET /fapi/v1/time HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", "400"),
+    (b"GET /fapi/v1/time HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "400"),
+    (b"GET /fapi/v1/time HTTP/1.1\r\n bad: folded\r\n\r\n", "400"),
+    (b"GET /fapi/v1/time HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", "431"),
+])
+def test_malformed_requests_get_an_error_and_the_connection_closes(harness: Harness, raw: bytes,
+                                                                    status: str) -> None:
+    with _connect(harness) as sock:
+        sock.sendall(raw)
+        line, headers, body = _answer(sock)
+        assert line.split(" ")[1] == status and headers["connection"] == "close"
+        assert b"credbroker proxy" in body
+    assert harness.proxy.forwarded == 0
+
+
+def test_expect_100_continue_gets_an_interim_answer(harness: Harness) -> None:
+    client = harness.client()
+    body = client.sign_params({"symbol": "BTCUSDT", "side": "BUY", "type": "MARKET", "quantity": "1"}).encode()
+    with _connect(harness) as sock:
+        sock.sendall(b"POST /fapi/v1/order HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"X-MBX-APIKEY: " + client.api_key.encode() + b"\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        status, _, answer = _answer(sock)
+        assert status == "HTTP/1.1 200 OK", answer
+
+
+class _RawExchange:
+    """A loopback server that answers each request with the next canned bytes, then maybe closes."""
+
+    def __init__(self, answers: list[bytes], close_after: bool = False) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.answers = answers
+        self.close_after = close_after
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while self.answers:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                while self.answers:
+                    buf = b""
+                    while b"\r\n\r\n" not in buf:
+                        data = conn.recv(65536)
+                        if not data:
+                            break
+                        buf += data
+                    if not buf:
+                        break
+                    conn.sendall(self.answers.pop(0))
+                    if self.close_after:
+                        break
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_the_upstream_client_reads_chunked_answers_and_keeps_the_connection() -> None:
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-MBX-USED-WEIGHT-1M: 7\r\n\r\n"
+               b"4\r\n{\"a\"\r\n3;ext=1\r\n:1}\r\n0\r\nTrailer: x\r\n\r\n")
+    plain = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}"
+    ex = _RawExchange([b"HTTP/1.1 100 Continue\r\n\r\n" + chunked, plain])
+    up = Upstream("futures", ex.url, "/fapi/v1/time")
+    try:
+        a = up.request("GET", "/fapi/v2/balance", None, {})
+        assert a.status == 200 and a.body == b'{"a":1}'
+        assert ("X-MBX-USED-WEIGHT-1M", "7") in a.headers and not any(k.lower() == "transfer-encoding"
+                                                                      for k, _ in a.headers)
+        b = up.request("GET", "/x", None, {})
+        assert b.status == 404 and b.body == b"{}"
+        assert ex.connections == 1
+    finally:
+        up.close()
+        ex.close()
+
+
+def test_a_connection_the_exchange_closed_is_not_reused_and_nothing_is_sent_twice() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    ex = _RawExchange([ok, ok], close_after=True)
+    up = Upstream("futures", ex.url, "/fapi/v1/time")
+    try:
+        assert up.request("POST", "/fapi/v1/order", b"a=1", {}).status == 200
+        import time
+
+        time.sleep(0.2)  # let the exchange's close arrive (no timing is asserted)
+        assert up.request("POST", "/fapi/v1/order", b"a=1", {}).status == 200
+        assert ex.connections == 2  # a fresh connection, not a retry on the dead one
+    finally:
+        up.close()
+        ex.close()
+    ex = _RawExchange([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"], close_after=True)
+    up = Upstream("futures", ex.url, "/fapi/v1/time")
+    try:
+        with pytest.raises(UpstreamError, match="cannot reach the exchange"):
+            up.request("GET", "/fapi/v2/balance", None, {})  # cut short: an error, no second attempt
+        assert ex.connections == 1
+    finally:
+        up.close()
+        ex.close()
