@@ -19,15 +19,15 @@ from typing import Any, NoReturn
 
 import click
 
-from .cli import json_flag
-from .errors import AuditError, ConfigError
+from . import json_flag
+from ..errors import AuditError, ConfigError
 
 
 def _context(ctx: click.Context) -> tuple[Any, Mapping[str, str], Any]:
     """(settings, env) from the config file the root command was given."""
-    from .audit.settings import load_settings
-    from .config import load
-    from .config import with_config_defaults
+    from ..audit.settings import load_settings
+    from ..config import load
+    from ..config import with_config_defaults
 
     root = ctx.find_root().obj or {}
     config = load(root.get("config_path"))
@@ -36,7 +36,7 @@ def _context(ctx: click.Context) -> tuple[Any, Mapping[str, str], Any]:
 
 
 def _key_bytes(settings: Any, env: Mapping[str, str]) -> bytes | None:
-    from .audit.keys import resolve_key
+    from ..audit.keys import resolve_key
 
     secret = resolve_key(settings.key_spec, env)
     if secret is None:
@@ -49,7 +49,7 @@ def _key_bytes(settings: Any, env: Mapping[str, str]) -> bytes | None:
 
 def _parse_since(text: str, now: datetime) -> datetime:
     """``7d`` / ``12h`` (ago) or an ISO date/time (UTC)."""
-    from . import units
+    from .. import units
 
     if text and text[-1] in units.DURATION_UNITS and text[:-1].strip().isdigit():
         return now - units.duration(text, "--since")
@@ -95,7 +95,7 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], host_logs: tuple[str
     note, not as tampering. With Vault anchors, records cut after the last
     anchor are caught even when every local file was rewritten.
     """
-    from .audit.verify import verify_files
+    from ..audit.verify import verify_files
 
     settings, env, _ = _context(ctx)
     key = _key_bytes(settings, env)
@@ -125,7 +125,7 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], host_logs: tuple[str
 def _verify_fleet(specs: tuple[str, ...], settings: Any, env: Mapping[str, str], key: bytes | None,
                   wanted: bool | None, as_json: bool) -> NoReturn:
     """``verify --host-logs``: one line per host; exit 1 when any host's chain (or its anchors) is not intact."""
-    from .audit.fleet import discover, host_anchors, make_jobs, run_jobs, verify_job
+    from ..audit.fleet import discover, host_anchors, make_jobs, run_jobs, verify_job
 
     hosts = discover(specs)
     now = datetime.now(timezone.utc)
@@ -158,7 +158,7 @@ def _verify_fleet(specs: tuple[str, ...], settings: Any, env: Mapping[str, str],
 def _never_written(active: Path) -> bool:
     """No log file and no head file: nothing was ever recorded here (a removed log leaves its head, which
     verify reports as a gap; a log removed with its head is caught by the Vault anchors, when kept)."""
-    from .audit.files import log_set
+    from ..audit.files import log_set
 
     return not log_set(active) and not Path(str(active) + ".head").exists()
 
@@ -174,10 +174,10 @@ def _nothing_recorded(active: Path, as_json: bool) -> NoReturn:
 def _read_anchors(settings: Any, env: Mapping[str, str], key: bytes | None, wanted: bool | None
                   ) -> tuple[list[Any] | None, str, str | None]:
     """(anchors or None when not checked, their place, why they could not be read)."""
-    from .audit.anchor import place_for, read_all, vault_configured
-    from .errors import BrokerError
+    from ..audit.anchor import place_for, read_all, vault_configured
+    from ..errors import BrokerError
 
-    from .audit.keys import key_id
+    from ..audit.keys import key_id
 
     if wanted is False:
         return None, "", None
@@ -209,7 +209,7 @@ def acknowledge_gap_cmd(ctx: click.Context, reason: str) -> None:
     every later record until this is run. `credbroker audit verify` keeps
     reporting the gap: the records it names are lost.
     """
-    from . import audit as audit_pkg
+    from .. import audit as audit_pkg
 
     _, env, config = _context(ctx)
     log = audit_pkg.open_log(config.audit or None, env=env)
@@ -222,7 +222,7 @@ def acknowledge_gap_cmd(ctx: click.Context, reason: str) -> None:
 
 def _fail_on(text: str | None) -> list[str]:
     """``--fail-on a,b`` -> names, each one the summary knows (``all``: every one)."""
-    from .audit.model import FAIL_ON_NAMES
+    from ..audit.model import FAIL_ON_NAMES
 
     if not text:
         return []
@@ -268,10 +268,10 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
     Exit status: 0 (whatever the report holds) unless --fail-on names a count
     that is not 0: then 1; 125 when the report cannot be made.
     """
-    from .audit.files import log_set
-    from .audit.report import build_report, render_text
-    from .audit.settings import parse_hours
-    from .errors import BrokerError
+    from ..audit.files import log_set
+    from ..audit.report import build_report, render_text
+    from ..audit.settings import parse_hours
+    from ..errors import BrokerError
 
     names = _fail_on(fail_on)
     if vault_audit is None and "unmatched-reads" in names:
@@ -299,7 +299,7 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
     token_hash = None
     vault_paths: list[str] = []
     if vault_audit is not None:
-        from .audit.vaultcheck import token_audit_hash
+        from ..audit.vaultcheck import token_audit_hash
 
         vault_paths = [str(p.options.get("path")) for p in config.profiles.values()
                        if p.source == "vault" and p.options.get("path")]
@@ -309,7 +309,7 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
             token_hash = None  # the report says reads are not attributed to a token
     key = _key_bytes(settings, env)
     if host_logs:
-        from .audit.fleet import discover, fleet_report, host_anchors
+        from ..audit.fleet import discover, fleet_report, host_anchors
 
         hosts = discover(host_logs)
         report = fleet_report(hosts, since=start, until=until, key=key, work_hours=hours, burst=burst,
@@ -321,7 +321,7 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
                               vault_token_hash=token_hash, burst=burst, rotate_days=rotate_days,
                               kv_versions=_kv_versions(config, env))
     if html_file is not None:
-        from .audit.html import render_html
+        from ..audit.html import render_html
 
         page = render_html(report).encode("utf-8")
         try:
@@ -348,10 +348,10 @@ def _kv_versions(config: Any, env: Mapping[str, str]) -> dict[str, tuple[int, st
     Only with a Vault address and token in the environment; one that does not
     answer is not asked again for the next profile (the report still comes).
     """
-    from .errors import BrokerError, VaultSealed, VaultUnreachable
-    from .sources.vault import current_version_created
+    from ..errors import BrokerError, VaultSealed, VaultUnreachable
+    from ..sources.vault import current_version_created
 
-    from .vault.origins import value
+    from ..vault.origins import value
 
     if not value(env, "VAULT_ADDR", "BAO_ADDR"):
         return {}
@@ -372,8 +372,8 @@ def _kv_versions(config: Any, env: Mapping[str, str]) -> dict[str, tuple[int, st
 
 def _record_filter(events: tuple[str, ...], profiles: tuple[str, ...], since: str | None, until_text: str | None,
                    seqs: tuple[int, ...]) -> Any:
-    from .audit.report import iso
-    from .audit.show import RecordFilter
+    from ..audit.report import iso
+    from ..audit.show import RecordFilter
 
     now = datetime.now(timezone.utc)
     until = _parse_since(until_text, now) if until_text else None
@@ -384,7 +384,7 @@ def _record_filter(events: tuple[str, ...], profiles: tuple[str, ...], since: st
 
 
 def _printer(as_json: bool) -> Any:
-    from .audit.show import format_record
+    from ..audit.show import format_record
 
     def emit(rec: dict[str, Any]) -> None:
         click.echo(json.dumps(rec, separators=(",", ":")) if as_json else format_record(rec))
@@ -424,8 +424,8 @@ def _active(ctx: click.Context, log_path: Path | None) -> Path:
 def show_cmd(ctx: click.Context, events: tuple[str, ...], profiles: tuple[str, ...], since: str | None,
              until_text: str | None, seqs: tuple[int, ...], as_json: bool, log_path: Path | None) -> None:
     """Print the log's records (all files, oldest first), filtered; no chain check (see verify)."""
-    from .audit.files import log_set
-    from .audit.show import records
+    from ..audit.files import log_set
+    from ..audit.show import records
 
     active = _active(ctx, log_path)
     files = log_set(active)
@@ -447,8 +447,8 @@ def tail_cmd(ctx: click.Context, events: tuple[str, ...], profiles: tuple[str, .
              until_text: str | None, seqs: tuple[int, ...], as_json: bool, log_path: Path | None, count: int,
              follow: bool) -> None:
     """The last records (like tail); --follow waits for new ones until interrupted."""
-    from .audit.show import follow as follow_log
-    from .audit.show import last
+    from ..audit.show import follow as follow_log
+    from ..audit.show import last
 
     active = _active(ctx, log_path)
     keep = _record_filter(events, profiles, since, until_text, seqs)
@@ -470,9 +470,9 @@ def tail_cmd(ctx: click.Context, events: tuple[str, ...], profiles: tuple[str, .
 @click.pass_context
 def prune_cmd(ctx: click.Context, keep_text: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove rotated log files older than --keep; what remains still verifies."""
-    from . import audit as audit_pkg
-    from .audit.prune import prune
-    from . import units
+    from .. import audit as audit_pkg
+    from ..audit.prune import prune
+    from .. import units
 
     settings, env, config = _context(ctx)
     keep: timedelta = units.duration(keep_text, "--keep") if keep_text else settings.keep
@@ -499,7 +499,7 @@ def enable_key_cmd(ctx: click.Context) -> None:
     the key must not get that history accepted by the next keyed writer. Run
     `credbroker audit verify` first.
     """
-    from . import audit as audit_pkg
+    from .. import audit as audit_pkg
 
     settings, env, config = _context(ctx)
     if settings.key_spec is None and not env.get("CREDBROKER_AUDIT_KEY"):
