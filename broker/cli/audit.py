@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from . import json_flag
+from ..audit.review import fail_on_names, parse_since
 from ..errors import AuditError, ConfigError
 
 
@@ -45,19 +46,6 @@ def _key_bytes(settings: Any, env: Mapping[str, str]) -> bytes | None:
         return secret.reveal()
     finally:
         secret.wipe()
-
-
-def _parse_since(text: str, now: datetime) -> datetime:
-    """``7d`` / ``12h`` (ago) or an ISO date/time (UTC)."""
-    from .. import units
-
-    if text and text[-1] in units.DURATION_UNITS and text[:-1].strip().isdigit():
-        return now - units.duration(text, "--since")
-    try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"--since {text!r}: not a duration or a date", "write e.g. 7d, 24h or 2026-11-17") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
 @click.group("audit")
@@ -220,21 +208,6 @@ def acknowledge_gap_cmd(ctx: click.Context, reason: str) -> None:
     click.echo(f"audit log {log.path}: gap at seq {acked['data']['gap_seq']} acknowledged (record seq {acked['seq']})")
 
 
-def _fail_on(text: str | None) -> list[str]:
-    """``--fail-on a,b`` -> names, each one the summary knows (``all``: every one)."""
-    from ..audit.model import FAIL_ON_NAMES
-
-    if not text:
-        return []
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if "all" in names:
-        return list(FAIL_ON_NAMES)
-    unknown = [n for n in names if n not in FAIL_ON_NAMES]
-    if unknown:
-        raise ConfigError(f"--fail-on: unknown name {unknown[0]!r}", f"use some of: all, {', '.join(FAIL_ON_NAMES)}")
-    return names
-
-
 @audit.command("report")
 @click.option("--since", default="7d", show_default=True, metavar="AGE|DATE",
               help="Start of the period: 7d, 24h, 2w ago, or an ISO date (UTC).")
@@ -270,10 +243,10 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
     """
     from ..audit.files import log_set
     from ..audit.report import build_report, render_text
+    from ..audit import review
     from ..audit.settings import parse_hours
-    from ..errors import BrokerError
 
-    names = _fail_on(fail_on)
+    names = fail_on_names(fail_on)
     if vault_audit is None and "unmatched-reads" in names:
         if fail_on and "all" in [n.strip() for n in fail_on.split(",")]:
             names.remove("unmatched-reads")  # "all" means every count this run can know
@@ -282,8 +255,8 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
                               "add --vault-audit with Vault's file audit device log")
     settings, env, config = _context(ctx)
     now = datetime.now(timezone.utc)
-    until = _parse_since(until_text, now) if until_text else now
-    start = _parse_since(since, until)
+    until = parse_since(until_text, now) if until_text else now
+    start = parse_since(since, until)
     if start >= until:
         raise ConfigError("--since is not before --until", "give an earlier --since")
     if host_logs and log_path:
@@ -297,16 +270,10 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
                          "treat it as tampering; `credbroker audit verify` says more")
     hours = parse_hours(work_hours, "--work-hours") if work_hours else settings.work_hours
     token_hash = None
-    vault_paths: list[str] = []
+    paths: list[str] = []
     if vault_audit is not None:
-        from ..audit.vaultcheck import token_audit_hash
-
-        vault_paths = [str(p.options.get("path")) for p in config.profiles.values()
-                       if p.source == "vault" and p.options.get("path")]
-        try:
-            token_hash = token_audit_hash(env, vault_audit_device)
-        except BrokerError:
-            token_hash = None  # the report says reads are not attributed to a token
+        paths = review.vault_paths(config)
+        token_hash = review.token_hash(env, vault_audit_device)  # None: reads are not attributed to a token
     key = _key_bytes(settings, env)
     if host_logs:
         from ..audit.fleet import discover, fleet_report, host_anchors
@@ -314,22 +281,14 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
         hosts = discover(host_logs)
         report = fleet_report(hosts, since=start, until=until, key=key, work_hours=hours, burst=burst,
                               rotate_days=rotate_days, anchors=host_anchors(settings, env, key, None, hosts),
-                              vault_audit=vault_audit, vault_paths=vault_paths, vault_token_hash=token_hash)
+                              vault_audit=vault_audit, vault_paths=paths, vault_token_hash=token_hash)
     else:
         report = build_report(files, since=start, until=until, key=key, active=active,
-                              work_hours=hours, vault_audit=vault_audit, vault_paths=vault_paths,
+                              work_hours=hours, vault_audit=vault_audit, vault_paths=paths,
                               vault_token_hash=token_hash, burst=burst, rotate_days=rotate_days,
-                              kv_versions=_kv_versions(config, env))
+                              kv_versions=review.kv_versions(config, env))
     if html_file is not None:
-        from ..audit.html import render_html
-
-        page = render_html(report).encode("utf-8")
-        try:
-            fd = os.open(html_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(page)
-        except OSError as exc:
-            raise AuditError(f"cannot write {html_file}: {exc.strerror or exc}", "check the --html path") from exc
+        review.write_html(report, html_file)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -342,42 +301,14 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
         sys.exit(1)
 
 
-def _kv_versions(config: Any, env: Mapping[str, str]) -> dict[str, tuple[int, str]]:
-    """(current version, created_time) of each configured Vault profile's secret, where metadata is readable.
-
-    Only with a Vault address and token in the environment; one that does not
-    answer is not asked again for the next profile (the report still comes).
-    """
-    from ..errors import BrokerError, VaultSealed, VaultUnreachable
-    from ..sources.vault import current_version_created
-
-    from ..vault.origins import value
-
-    if not value(env, "VAULT_ADDR", "BAO_ADDR"):
-        return {}
-    out: dict[str, tuple[int, str]] = {}
-    for profile in config.profiles.values():
-        if profile.source != "vault" or not profile.options.get("path"):
-            continue
-        try:
-            got = current_version_created(profile, env)
-        except BrokerError as exc:
-            if isinstance(exc, (VaultUnreachable, VaultSealed)):
-                break
-            continue
-        if got is not None:
-            out[got[0]] = (got[1], got[2])
-    return out
-
-
 def _record_filter(events: tuple[str, ...], profiles: tuple[str, ...], since: str | None, until_text: str | None,
                    seqs: tuple[int, ...]) -> Any:
     from ..audit.report import iso
     from ..audit.show import RecordFilter
 
     now = datetime.now(timezone.utc)
-    until = _parse_since(until_text, now) if until_text else None
-    start = _parse_since(since, until or now) if since else None
+    until = parse_since(until_text, now) if until_text else None
+    start = parse_since(since, until or now) if since else None
     return RecordFilter(events=frozenset(events), profiles=frozenset(profiles),
                         since=iso(start) if start else None, until=iso(until) if until else None,
                         seqs=frozenset(seqs))
