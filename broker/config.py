@@ -34,11 +34,11 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 from .vault.paths import PathKind, check
 from .vault.origins import CONFIG_ENV, SettingsEnv, VaultTable
 from .vault.origins import value as lookup_value
@@ -542,3 +542,21 @@ def parse_env_mapping(items: tuple[str, ...] | list[str]) -> dict[str, str]:
             raise ConfigError(f"--env {item!r}: expected VAR=FIELD", "e.g. --env BINANCE_API_SECRET=api_secret")
         env[var] = fld
     return env
+
+
+def check_profiles(profiles: Sequence[Profile]) -> None:
+    """Several profiles in one run: refused before anything is fetched when a profile is named twice or two
+    profiles would set the same variable (one would silently overwrite the other's secret)."""
+    seen: dict[str, str] = {}
+    names: set[str] = set()
+    for p in profiles:
+        if p.name in names:
+            raise RunError(f"profile {p.name!r} is named twice", "give each profile once")
+        names.add(p.name)
+        for var in p.env:
+            if var in seen:
+                raise RunError(
+                    f"profiles {seen[var]!r} and {p.name!r} both set {var}: one would overwrite the other's secret",
+                    f"map {var} in one profile only (rename it in the other's env table)",
+                )
+            seen[var] = p.name

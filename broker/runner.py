@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import childenv
-from .config import BROKER_CREDENTIAL_VARS, ENV_CONFIG, Profile
+from .config import BROKER_CREDENTIAL_VARS, ENV_CONFIG, Profile, check_profiles
 from .errors import BrokerError, CommandNotExecutable, CommandNotFound, NestedRunError, RunError
 from .secret import Credentials
 from .events import Event, Recorder
@@ -130,24 +130,6 @@ def child_environment(
             )
         env[var.encode()] = secret_bytes
     return env
-
-
-def check_profiles(profiles: Sequence[Profile]) -> None:
-    """Several profiles in one run: refused before anything is fetched when a profile is named twice or two
-    profiles would set the same variable (one would silently overwrite the other's secret)."""
-    seen: dict[str, str] = {}
-    names: set[str] = set()
-    for p in profiles:
-        if p.name in names:
-            raise RunError(f"profile {p.name!r} is named twice", "give each profile once")
-        names.add(p.name)
-        for var in p.env:
-            if var in seen:
-                raise RunError(
-                    f"profiles {seen[var]!r} and {p.name!r} both set {var}: one would overwrite the other's secret",
-                    f"map {var} in one profile only (rename it in the other's env table)",
-                )
-            seen[var] = p.name
 
 
 #: The separator of a combined profile's field names (``profile/field``): keys of the run's own view, never parsed back.

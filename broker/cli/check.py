@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from ..errors import BrokerError
 from . import EXIT_BROKER_FAILED, json_flag, load_config
 
 
@@ -28,28 +27,14 @@ def check_cmd(ctx: click.Context, profiles: tuple[str, ...], check_all: bool, as
     newline) do not change it. Several -p are checked as one run would
     take them: a variable two of them set is refused before any read.
     """
-    from ..access import check
+    from ..access import check_many
     from ..errors import ConfigError
 
     config = load_config(ctx)
     if check_all == bool(profiles):
         raise ConfigError("say what to check", "give -p PROFILE, or --all for every profile in the config")
-    names = sorted(config.profiles) if check_all else list(profiles)
-    if check_all and not names:
-        raise ConfigError(f"no profiles in {config.path or 'the config (none found)'}", "add [profiles.NAME]")
-    several = check_all or len(names) > 1
-    if len(profiles) > 1:  # the profiles of one run: a collision is refused as run refuses it, nothing read
-        from ..runner import check_profiles
-
-        check_profiles([config.profile(name) for name in names])
-    results: list[dict[str, Any]] = []
-    for name in names:
-        try:
-            results.append(dict(check(config.profile(name), config=config)))
-        except BrokerError as exc:
-            if not several:
-                raise
-            results.append({"profile": name, "ok": False, "problems": [str(exc)], "warnings": []})
+    several = check_all or len(profiles) > 1
+    results = [dict(info) for info in check_many(config, None if check_all else profiles)]
     if as_json:
         click.echo(json.dumps(results if several else results[0], indent=2))
     else:
