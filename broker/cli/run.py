@@ -173,31 +173,11 @@ def run_cmd(
     unsafe_shared_credentials: bool,
     command: tuple[str, ...],
 ) -> None:
-    from ..config import Profile, parse_env_mapping
+    from ..config import run_profiles
 
     config = load_config(ctx)
-    one_off = bool(env_items or vault_path or vault_version or transit_key or keyring_service)
-    if len(profiles) > 1:
-        from ..errors import ConfigError
-
-        if one_off:
-            raise ConfigError("the one-off flags (--env, --vault-path, --vault-version, --transit-key, "
-                              "--keyring-service) shape one profile, and this run names several",
-                              "put each profile's mapping in the config file, or run one profile with the flags")
-        profs = [config.profile(name) for name in profiles]
-    else:
-        base = config.profile(profiles[0]) if profiles else None
-        if base is not None and not one_off:
-            profs = [base]
-        else:
-            profs = [Profile.adhoc(
-                env=parse_env_mapping(env_items),
-                vault_path=vault_path,
-                vault_version=vault_version,
-                transit_key=transit_key,
-                keyring_service=keyring_service,
-                base=base,
-            )]
+    profs = run_profiles(config, profiles, env_items=env_items, vault_path=vault_path, vault_version=vault_version,
+                         transit_key=transit_key, keyring_service=keyring_service)
     prof = profs[0]
     if any(p.source == "vault" for p in profs):
         from ..daemon import prefork
@@ -219,11 +199,10 @@ def run_cmd(
             or unsafe_no_ip_restriction):
         from ..preflight import PreflightOptions
 
-        mode = "on" if preflight_flag else "off" if preflight_flag is False else ("auto" if agent else "off")
-        preflight = PreflightOptions.build(mode=mode, base_url=preflight_url,
-                                           unsafe_allow_withdrawals=unsafe_allow_withdrawals,
-                                           unsafe_no_ip_restriction=unsafe_no_ip_restriction,
-                                           unsafe_allow_margin=unsafe_allow_margin)
+        preflight = PreflightOptions.for_run(agent=agent, flag=preflight_flag, base_url=preflight_url,
+                                             unsafe_allow_withdrawals=unsafe_allow_withdrawals,
+                                             unsafe_no_ip_restriction=unsafe_no_ip_restriction,
+                                             unsafe_allow_margin=unsafe_allow_margin)
     if len(profs) > 1 and proxy:
         from ..errors import ConfigError
 
