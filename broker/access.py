@@ -13,7 +13,7 @@ that read to the broker and never lists it as a read from outside.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,34 @@ def check(profile: Profile, *, config: Config | None = None, env: Mapping[str, s
             problems.append(f"rotation cannot be followed: {exc}")
     result.update(problems=problems, ok=not problems)
     return result
+
+
+def check_many(config: Config, names: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
+               record: Recorder | None = None) -> list[CheckResult]:
+    """``check`` of several profiles: ``names`` as one run would take them (a profile named twice, or a
+    variable two of them set, is refused before any read), or every configured profile when None.
+
+    With one name, its read's error is raised; with several (or all), a profile whose read fails gets a
+    result of its own (``ok`` false, the error as its one problem) and the next one is checked."""
+    from .config import check_profiles
+    from .errors import ConfigError
+
+    every = names is None
+    wanted = sorted(config.profiles) if names is None else list(names)
+    if every and not wanted:
+        raise ConfigError(f"no profiles in {config.path or 'the config (none found)'}", "add [profiles.NAME]")
+    if len(wanted) > 1 and not every:
+        check_profiles([config.profile(name) for name in wanted])
+    several = every or len(wanted) > 1
+    results: list[CheckResult] = []
+    for name in wanted:
+        try:
+            results.append(check(config.profile(name), config=config, env=env, record=record))
+        except BrokerError as exc:
+            if not several:
+                raise
+            results.append(CheckResult(profile=name, ok=False, problems=[str(exc)], warnings=[]))
+    return results
 
 
 def _signer_type(profile: Profile) -> str | None:

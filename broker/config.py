@@ -34,11 +34,11 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 from .vault.paths import PathKind, check
 from .vault.origins import CONFIG_ENV, SettingsEnv, VaultTable
 from .vault.origins import value as lookup_value
@@ -542,3 +542,47 @@ def parse_env_mapping(items: tuple[str, ...] | list[str]) -> dict[str, str]:
             raise ConfigError(f"--env {item!r}: expected VAR=FIELD", "e.g. --env BINANCE_API_SECRET=api_secret")
         env[var] = fld
     return env
+
+
+def check_profiles(profiles: Sequence[Profile]) -> None:
+    """Several profiles in one run: refused before anything is fetched when a profile is named twice or two
+    profiles would set the same variable (one would silently overwrite the other's secret)."""
+    seen: dict[str, str] = {}
+    names: set[str] = set()
+    for p in profiles:
+        if p.name in names:
+            raise RunError(f"profile {p.name!r} is named twice", "give each profile once")
+        names.add(p.name)
+        for var in p.env:
+            if var in seen:
+                raise RunError(
+                    f"profiles {seen[var]!r} and {p.name!r} both set {var}: one would overwrite the other's secret",
+                    f"map {var} in one profile only (rename it in the other's env table)",
+                )
+            seen[var] = p.name
+
+
+def run_profiles(config: Config, names: Sequence[str] = (), *, env_items: Sequence[str] = (),
+                 vault_path: str | None = None, vault_version: int | None = None, transit_key: str | None = None,
+                 keyring_service: str | None = None) -> list[Profile]:
+    """The profiles a run takes: the configured ones named, or one one-off profile shaped by the one-off
+    options (``--env``, ``--vault-path``, ``--vault-version``, ``--transit-key``, ``--keyring-service``),
+    on top of the one profile named, if any. The one-off options with several names are refused."""
+    one_off = bool(env_items or vault_path or vault_version or transit_key or keyring_service)
+    if len(names) > 1:
+        if one_off:
+            raise ConfigError("the one-off flags (--env, --vault-path, --vault-version, --transit-key, "
+                              "--keyring-service) shape one profile, and this run names several",
+                              "put each profile's mapping in the config file, or run one profile with the flags")
+        return [config.profile(name) for name in names]
+    base = config.profile(names[0]) if names else None
+    if base is not None and not one_off:
+        return [base]
+    return [Profile.adhoc(
+        env=parse_env_mapping(tuple(env_items)),
+        vault_path=vault_path,
+        vault_version=vault_version,
+        transit_key=transit_key,
+        keyring_service=keyring_service,
+        base=base,
+    )]

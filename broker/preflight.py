@@ -76,6 +76,11 @@ _DAY_MS = 86_400_000
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
+def mode_for(*, agent: bool, flag: bool | None) -> str:
+    """The preflight mode of a run: "on" (--preflight), "off" (--no-preflight), else "auto" with --agent."""
+    return "on" if flag else "off" if flag is False else ("auto" if agent else "off")
+
+
 class PreflightOptions(NamedTuple):
     """How ``credbroker run`` checks the key before starting the bot."""
 
@@ -100,6 +105,16 @@ class PreflightOptions(NamedTuple):
         return cls(mode=mode, base_url=url, unsafe_allow_withdrawals=unsafe_allow_withdrawals,
                    unsafe_no_ip_restriction=unsafe_no_ip_restriction, timeout=timeout,
                    unsafe_allow_margin=unsafe_allow_margin)
+
+    @classmethod
+    def for_run(cls, *, agent: bool, flag: bool | None, base_url: str | None = None,
+                env: Mapping[str, str] | None = None, unsafe_allow_withdrawals: bool = False,
+                unsafe_no_ip_restriction: bool = False, unsafe_allow_margin: bool = False) -> PreflightOptions:
+        """``credbroker run``'s options: ``flag`` True (--preflight) requires the check, False (--no-preflight)
+        skips it, None leaves it to ``agent``: "auto" (on when the exchange is reachable) with --agent, else off."""
+        return cls.build(mode=mode_for(agent=agent, flag=flag), base_url=base_url, env=env,
+                         unsafe_allow_withdrawals=unsafe_allow_withdrawals,
+                         unsafe_no_ip_restriction=unsafe_no_ip_restriction, unsafe_allow_margin=unsafe_allow_margin)
 
     @property
     def overrides(self) -> list[str]:

@@ -21,7 +21,8 @@ from .run.child import (
 from .run.console import say
 from .run.options import RESTART_POLICIES, Recorder, RestartPolicy, RunOptions
 from .run.pipeline import Run, run
-from .run.profiles import check_profiles, combine, combined_profile
+from .config import check_profiles
+from .run.profiles import combine, combined_profile
 
 __all__ = ["BLOCKED_SIGNALS", "FORWARDED_SIGNALS", "JOB_SIGNALS", "NEST_VAR", "RESTART_POLICIES", "Child",
            "Recorder", "RestartPolicy", "Run", "RunError", "RunOptions", "check_not_nested", "check_profiles",

@@ -38,7 +38,8 @@ from .child import BLOCKED_SIGNALS, Child, check_not_nested, child_environment, 
     stop_tree, supervise
 from .console import say
 from .options import Recorder, RestartPolicy, RunOptions
-from .profiles import check_profiles, combine, combined_profile, fetch_all, profiles_env
+from ..config import check_profiles
+from .profiles import combine, combined_profile, fetch_all, profiles_env
 
 _MAX_RESTART_DELAY = 60.0
 

@@ -9,28 +9,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import Profile
-from ..errors import BrokerError, RunError
+from ..errors import BrokerError
 from ..secret import Credentials
 from .. import childenv
 from ..events import Event
 from .options import Recorder
-
-def check_profiles(profiles: Sequence[Profile]) -> None:
-    """Several profiles in one run: refused before anything is fetched when a profile is named twice or two
-    profiles would set the same variable (one would silently overwrite the other's secret)."""
-    seen: dict[str, str] = {}
-    names: set[str] = set()
-    for p in profiles:
-        if p.name in names:
-            raise RunError(f"profile {p.name!r} is named twice", "give each profile once")
-        names.add(p.name)
-        for var in p.env:
-            if var in seen:
-                raise RunError(
-                    f"profiles {seen[var]!r} and {p.name!r} both set {var}: one would overwrite the other's secret",
-                    f"map {var} in one profile only (rename it in the other's env table)",
-                )
-            seen[var] = p.name
 
 #: The separator of a combined profile's field names (``profile/field``): keys of the run's own view, never parsed back.
 _SEP = "/"

@@ -121,3 +121,31 @@ def test_check_says_when_the_token_cannot_follow_rotation(openbao: OpenBao, tmp_
     res = CliRunner().invoke(cli, ["--config", str(cfg), "check", "-p", "p"])
     assert res.exit_code == 125
     assert "problem: rotation cannot be followed" in res.output and "metadata" in res.output
+
+
+def test_check_many_is_the_librarys_check_of_several_profiles(openbao: OpenBao, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `credbroker check --all` / `-p A -p B` computes, callable without the CLI."""
+    from broker.access import check_many
+    from broker.config import load
+    from broker.errors import ConfigError, RunError
+
+    openbao.kv_put("credbroker/access-many", api_secret="s-many")
+    cfg = _config(tmp_path, openbao, "credbroker/access-many",
+                  '\n[profiles.q]\nsource = "vault"\npath = "secret/credbroker/access-many-none"\n'
+                  'env = { BINANCE_API_SECRET = "api_secret" }\n')
+    monkeypatch.setenv("VAULT_TOKEN", openbao.token)
+    config = load(str(cfg))
+    every = {r["profile"]: r for r in check_many(config)}
+    assert every["p"]["ok"] is True and every["p"]["fields"] == {"api_secret": {"bytes": 6}}
+    assert every["q"]["ok"] is False and every["q"]["problems"] and "source" not in every["q"]
+    with pytest.raises(BrokerError):  # one profile: its read's error is raised
+        check_many(config, ["q"])
+    reads = len([r for r in _records(tmp_path) if r["event"] == "secret_fetched"])
+    with pytest.raises(RunError, match="both set BINANCE_API_SECRET"):  # as a run takes them: nothing read
+        check_many(config, ["p", "q"])
+    assert len([r for r in _records(tmp_path) if r["event"] == "secret_fetched"]) == reads
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="no profiles"):
+        check_many(load(str(empty)))

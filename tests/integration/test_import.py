@@ -305,9 +305,9 @@ def test_import_refuses_to_overwrite_unless_forced(openbao: OpenBao, tmp_path: P
 @pytest.mark.vault
 def test_import_asks_before_deleting_at_a_terminal(openbao: OpenBao, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import broker.cli_import
+    import broker.cli.import_
 
-    monkeypatch.setattr(broker.cli_import, "_interactive", lambda: True)
+    monkeypatch.setattr(broker.cli.import_, "_interactive", lambda: True)
     f = tmp_path / "a.yml"
     f.write_text(CREDS_YML)
     res = _invoke(["import", str(f), "--vault-path", "secret/credbroker/imp4"], _vault_env(openbao), input="n\n")
@@ -487,7 +487,7 @@ def test_import_command_is_loaded_only_when_used() -> None:
     import sys
 
     code = ("import sys, broker, broker.cli; "
-            "print(sorted(m for m in ('broker.migrate', 'broker.cli_import', 'hvac', 'keyring') if m in sys.modules))")
+            "print(sorted(m for m in ('broker.migrate', 'broker.cli.import_', 'hvac', 'keyring') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

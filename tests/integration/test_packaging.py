@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from broker.cli import cli
-from broker.cli_policy import POLICIES, policy_text
+from broker.cli.policy import POLICIES, policy_text
 
 REPO = Path(__file__).resolve().parent.parent.parent
 

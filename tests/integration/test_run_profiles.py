@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import Profile
+from broker.config import Profile, check_profiles
 from broker.errors import RunError
 from broker.rotation import BatchCheck, Handover
-from broker.runner import check_profiles, combine
+from broker.runner import combine
 from broker.secret import Credentials, Origin, Secret
 
 from tests.conftest import OpenBao, credbroker_bin, start_openbao

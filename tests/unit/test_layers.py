@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("run", ("broker.run", "broker.runner", "broker.rotation", "broker.masking", "broker.cmdline", "broker.watchdog",
              "broker.sdnotify")),
     ("migrate", ("broker.migrate",)),
-    ("cli", ("broker.cli", "broker.cli_", "broker.__main__")),
+    ("cli", ("broker.cli", "broker.__main__")),
 )
 #: The package itself (``broker/__init__.py``): the public API, loaded lazily (its imports of the
 #: rooms are under TYPE_CHECKING), and ``__version__`` that any room may read.

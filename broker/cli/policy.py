@@ -13,7 +13,7 @@ from importlib import resources
 
 import click
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: short name -> what the policy is for (the file is credbroker-<name>.hcl).
 POLICIES = {

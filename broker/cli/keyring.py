@@ -18,16 +18,16 @@ from typing import Any
 
 import click
 
-from .config import Profile
-from .errors import ConfigError
-from .secret import Secret
-from .events import Event
+from ..config import Profile
+from ..errors import ConfigError
+from ..secret import Secret
+from ..events import Event
 
 
 def _audit(ctx: click.Context) -> Any:
     """The audit log's ``record``, checked writable first (fail closed)."""
-    from .audit import open_log
-    from .config import load, with_config_defaults
+    from ..audit import open_log
+    from ..config import load, with_config_defaults
 
     config = load(ctx.obj.get("config_path") if ctx.obj else None)
     log = open_log(config.audit or None, env=with_config_defaults(os.environ, config))
@@ -36,7 +36,7 @@ def _audit(ctx: click.Context) -> Any:
 
 
 def _profile(ctx: click.Context, name: str, service: str | None) -> Profile:
-    from .config import load
+    from ..config import load
 
     config = load(ctx.obj.get("config_path") if ctx.obj else None)
     if name in config.profiles:
@@ -89,7 +89,7 @@ def keyring_group() -> None:
 @click.pass_context
 def set_cmd(ctx: click.Context, profile: str, field: str, service: str | None) -> None:
     """Store FIELD of PROFILE, read from a no-echo prompt or stdin (never argv)."""
-    from .sources.keyring import service_for, store
+    from ..sources.keyring import service_for, store
 
     prof = _profile(ctx, profile, service)
     record = _audit(ctx)
@@ -110,7 +110,7 @@ def set_cmd(ctx: click.Context, profile: str, field: str, service: str | None) -
 @click.pass_context
 def delete_cmd(ctx: click.Context, profile: str, field: str, service: str | None) -> None:
     """Delete FIELD of PROFILE from the keyring."""
-    from .sources.keyring import delete, service_for
+    from ..sources.keyring import delete, service_for
 
     prof = _profile(ctx, profile, service)
     record = _audit(ctx)

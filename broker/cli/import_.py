@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from .cli import json_flag
-from .config import Profile
-from .errors import ConfigError
+from . import json_flag
+from ..config import Profile
+from ..errors import ConfigError
 
 IMPORT_HELP = """Move the API keys in a plaintext FILE (creds.yml or .env) into Vault or the OS keyring.
 
@@ -60,17 +60,17 @@ def _target(config: Any, profile_name: str | None, vault_path: str | None, keyri
     if profile_name is not None:
         prof = config.profile(profile_name)
         if prof.source == "vault":
-            from .sources.vault import split_path
+            from ..sources.vault import split_path
 
             mount, path = split_path(prof)
             return prof, "vault", mount, path
         if prof.source == "keyring":
-            from .sources.keyring import service_for
+            from ..sources.keyring import service_for
 
             return prof, "keyring", "", service_for(prof)
         raise ConfigError(f"profile {prof.name!r} uses source {prof.source}", "import into a vault or keyring profile")
     if vault_path is not None:
-        from .sources.vault import split_path
+        from ..sources.vault import split_path
 
         mount, path = split_path(Profile(name="import", source="vault", env={}, options={"path": vault_path}))
         return None, "vault", mount, path
@@ -111,10 +111,10 @@ def import_cmd(ctx: click.Context, file: str, profile_name: str | None, vault_pa
                delete: bool | None, yes: bool, as_json: bool) -> None:
     import os
 
-    from . import migrate
-    from .audit import open_log
-    from .config import load
-    from .config import with_config_defaults
+    from .. import migrate
+    from ..audit import open_log
+    from ..config import load
+    from ..config import with_config_defaults
 
     if yes and delete is False:
         raise ConfigError("--yes and --keep contradict each other", "give one of them")
@@ -159,7 +159,7 @@ def _interactive() -> bool:
 
 
 def _maybe_delete(result: Any, delete: bool | None, log: Callable[[str], None], record: Any) -> Any:
-    from . import migrate
+    from .. import migrate
 
     path = result.file
     if delete is False:

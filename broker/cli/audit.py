@@ -19,15 +19,16 @@ from typing import Any, NoReturn
 
 import click
 
-from .cli import json_flag
-from .errors import AuditError, ConfigError
+from . import json_flag
+from ..audit.review import fail_on_names, parse_since
+from ..errors import AuditError, ConfigError
 
 
 def _context(ctx: click.Context) -> tuple[Any, Mapping[str, str], Any]:
     """(settings, env) from the config file the root command was given."""
-    from .audit.settings import load_settings
-    from .config import load
-    from .config import with_config_defaults
+    from ..audit.settings import load_settings
+    from ..config import load
+    from ..config import with_config_defaults
 
     root = ctx.find_root().obj or {}
     config = load(root.get("config_path"))
@@ -36,7 +37,7 @@ def _context(ctx: click.Context) -> tuple[Any, Mapping[str, str], Any]:
 
 
 def _key_bytes(settings: Any, env: Mapping[str, str]) -> bytes | None:
-    from .audit.keys import resolve_key
+    from ..audit.keys import resolve_key
 
     secret = resolve_key(settings.key_spec, env)
     if secret is None:
@@ -45,19 +46,6 @@ def _key_bytes(settings: Any, env: Mapping[str, str]) -> bytes | None:
         return secret.reveal()
     finally:
         secret.wipe()
-
-
-def _parse_since(text: str, now: datetime) -> datetime:
-    """``7d`` / ``12h`` (ago) or an ISO date/time (UTC)."""
-    from . import units
-
-    if text and text[-1] in units.DURATION_UNITS and text[:-1].strip().isdigit():
-        return now - units.duration(text, "--since")
-    try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"--since {text!r}: not a duration or a date", "write e.g. 7d, 24h or 2026-11-17") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
 @click.group("audit")
@@ -95,7 +83,7 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], host_logs: tuple[str
     note, not as tampering. With Vault anchors, records cut after the last
     anchor are caught even when every local file was rewritten.
     """
-    from .audit.verify import verify_files
+    from ..audit.verify import verify_files
 
     settings, env, _ = _context(ctx)
     key = _key_bytes(settings, env)
@@ -125,7 +113,7 @@ def verify_cmd(ctx: click.Context, files: tuple[Path, ...], host_logs: tuple[str
 def _verify_fleet(specs: tuple[str, ...], settings: Any, env: Mapping[str, str], key: bytes | None,
                   wanted: bool | None, as_json: bool) -> NoReturn:
     """``verify --host-logs``: one line per host; exit 1 when any host's chain (or its anchors) is not intact."""
-    from .audit.fleet import discover, host_anchors, make_jobs, run_jobs, verify_job
+    from ..audit.fleet import discover, host_anchors, make_jobs, run_jobs, verify_job
 
     hosts = discover(specs)
     now = datetime.now(timezone.utc)
@@ -158,7 +146,7 @@ def _verify_fleet(specs: tuple[str, ...], settings: Any, env: Mapping[str, str],
 def _never_written(active: Path) -> bool:
     """No log file and no head file: nothing was ever recorded here (a removed log leaves its head, which
     verify reports as a gap; a log removed with its head is caught by the Vault anchors, when kept)."""
-    from .audit.files import log_set
+    from ..audit.files import log_set
 
     return not log_set(active) and not Path(str(active) + ".head").exists()
 
@@ -174,10 +162,10 @@ def _nothing_recorded(active: Path, as_json: bool) -> NoReturn:
 def _read_anchors(settings: Any, env: Mapping[str, str], key: bytes | None, wanted: bool | None
                   ) -> tuple[list[Any] | None, str, str | None]:
     """(anchors or None when not checked, their place, why they could not be read)."""
-    from .audit.anchor import place_for, read_all, vault_configured
-    from .errors import BrokerError
+    from ..audit.anchor import place_for, read_all, vault_configured
+    from ..errors import BrokerError
 
-    from .audit.keys import key_id
+    from ..audit.keys import key_id
 
     if wanted is False:
         return None, "", None
@@ -209,7 +197,7 @@ def acknowledge_gap_cmd(ctx: click.Context, reason: str) -> None:
     every later record until this is run. `credbroker audit verify` keeps
     reporting the gap: the records it names are lost.
     """
-    from . import audit as audit_pkg
+    from .. import audit as audit_pkg
 
     _, env, config = _context(ctx)
     log = audit_pkg.open_log(config.audit or None, env=env)
@@ -218,21 +206,6 @@ def acknowledge_gap_cmd(ctx: click.Context, reason: str) -> None:
         click.echo(f"audit log {log.path}: no unacknowledged gap; nothing to do")
         return
     click.echo(f"audit log {log.path}: gap at seq {acked['data']['gap_seq']} acknowledged (record seq {acked['seq']})")
-
-
-def _fail_on(text: str | None) -> list[str]:
-    """``--fail-on a,b`` -> names, each one the summary knows (``all``: every one)."""
-    from .audit.model import FAIL_ON_NAMES
-
-    if not text:
-        return []
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if "all" in names:
-        return list(FAIL_ON_NAMES)
-    unknown = [n for n in names if n not in FAIL_ON_NAMES]
-    if unknown:
-        raise ConfigError(f"--fail-on: unknown name {unknown[0]!r}", f"use some of: all, {', '.join(FAIL_ON_NAMES)}")
-    return names
 
 
 @audit.command("report")
@@ -268,12 +241,12 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
     Exit status: 0 (whatever the report holds) unless --fail-on names a count
     that is not 0: then 1; 125 when the report cannot be made.
     """
-    from .audit.files import log_set
-    from .audit.report import build_report, render_text
-    from .audit.settings import parse_hours
-    from .errors import BrokerError
+    from ..audit.files import log_set
+    from ..audit.report import build_report, render_text
+    from ..audit import review
+    from ..audit.settings import parse_hours
 
-    names = _fail_on(fail_on)
+    names = fail_on_names(fail_on)
     if vault_audit is None and "unmatched-reads" in names:
         if fail_on and "all" in [n.strip() for n in fail_on.split(",")]:
             names.remove("unmatched-reads")  # "all" means every count this run can know
@@ -282,8 +255,8 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
                               "add --vault-audit with Vault's file audit device log")
     settings, env, config = _context(ctx)
     now = datetime.now(timezone.utc)
-    until = _parse_since(until_text, now) if until_text else now
-    start = _parse_since(since, until)
+    until = parse_since(until_text, now) if until_text else now
+    start = parse_since(since, until)
     if start >= until:
         raise ConfigError("--since is not before --until", "give an earlier --since")
     if host_logs and log_path:
@@ -297,39 +270,25 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
                          "treat it as tampering; `credbroker audit verify` says more")
     hours = parse_hours(work_hours, "--work-hours") if work_hours else settings.work_hours
     token_hash = None
-    vault_paths: list[str] = []
+    paths: list[str] = []
     if vault_audit is not None:
-        from .audit.vaultcheck import token_audit_hash
-
-        vault_paths = [str(p.options.get("path")) for p in config.profiles.values()
-                       if p.source == "vault" and p.options.get("path")]
-        try:
-            token_hash = token_audit_hash(env, vault_audit_device)
-        except BrokerError:
-            token_hash = None  # the report says reads are not attributed to a token
+        paths = review.vault_paths(config)
+        token_hash = review.token_hash(env, vault_audit_device)  # None: reads are not attributed to a token
     key = _key_bytes(settings, env)
     if host_logs:
-        from .audit.fleet import discover, fleet_report, host_anchors
+        from ..audit.fleet import discover, fleet_report, host_anchors
 
         hosts = discover(host_logs)
         report = fleet_report(hosts, since=start, until=until, key=key, work_hours=hours, burst=burst,
                               rotate_days=rotate_days, anchors=host_anchors(settings, env, key, None, hosts),
-                              vault_audit=vault_audit, vault_paths=vault_paths, vault_token_hash=token_hash)
+                              vault_audit=vault_audit, vault_paths=paths, vault_token_hash=token_hash)
     else:
         report = build_report(files, since=start, until=until, key=key, active=active,
-                              work_hours=hours, vault_audit=vault_audit, vault_paths=vault_paths,
+                              work_hours=hours, vault_audit=vault_audit, vault_paths=paths,
                               vault_token_hash=token_hash, burst=burst, rotate_days=rotate_days,
-                              kv_versions=_kv_versions(config, env))
+                              kv_versions=review.kv_versions(config, env))
     if html_file is not None:
-        from .audit.html import render_html
-
-        page = render_html(report).encode("utf-8")
-        try:
-            fd = os.open(html_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(page)
-        except OSError as exc:
-            raise AuditError(f"cannot write {html_file}: {exc.strerror or exc}", "check the --html path") from exc
+        review.write_html(report, html_file)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -342,49 +301,21 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
         sys.exit(1)
 
 
-def _kv_versions(config: Any, env: Mapping[str, str]) -> dict[str, tuple[int, str]]:
-    """(current version, created_time) of each configured Vault profile's secret, where metadata is readable.
-
-    Only with a Vault address and token in the environment; one that does not
-    answer is not asked again for the next profile (the report still comes).
-    """
-    from .errors import BrokerError, VaultSealed, VaultUnreachable
-    from .sources.vault import current_version_created
-
-    from .vault.origins import value
-
-    if not value(env, "VAULT_ADDR", "BAO_ADDR"):
-        return {}
-    out: dict[str, tuple[int, str]] = {}
-    for profile in config.profiles.values():
-        if profile.source != "vault" or not profile.options.get("path"):
-            continue
-        try:
-            got = current_version_created(profile, env)
-        except BrokerError as exc:
-            if isinstance(exc, (VaultUnreachable, VaultSealed)):
-                break
-            continue
-        if got is not None:
-            out[got[0]] = (got[1], got[2])
-    return out
-
-
 def _record_filter(events: tuple[str, ...], profiles: tuple[str, ...], since: str | None, until_text: str | None,
                    seqs: tuple[int, ...]) -> Any:
-    from .audit.report import iso
-    from .audit.show import RecordFilter
+    from ..audit.report import iso
+    from ..audit.show import RecordFilter
 
     now = datetime.now(timezone.utc)
-    until = _parse_since(until_text, now) if until_text else None
-    start = _parse_since(since, until or now) if since else None
+    until = parse_since(until_text, now) if until_text else None
+    start = parse_since(since, until or now) if since else None
     return RecordFilter(events=frozenset(events), profiles=frozenset(profiles),
                         since=iso(start) if start else None, until=iso(until) if until else None,
                         seqs=frozenset(seqs))
 
 
 def _printer(as_json: bool) -> Any:
-    from .audit.show import format_record
+    from ..audit.show import format_record
 
     def emit(rec: dict[str, Any]) -> None:
         click.echo(json.dumps(rec, separators=(",", ":")) if as_json else format_record(rec))
@@ -424,8 +355,8 @@ def _active(ctx: click.Context, log_path: Path | None) -> Path:
 def show_cmd(ctx: click.Context, events: tuple[str, ...], profiles: tuple[str, ...], since: str | None,
              until_text: str | None, seqs: tuple[int, ...], as_json: bool, log_path: Path | None) -> None:
     """Print the log's records (all files, oldest first), filtered; no chain check (see verify)."""
-    from .audit.files import log_set
-    from .audit.show import records
+    from ..audit.files import log_set
+    from ..audit.show import records
 
     active = _active(ctx, log_path)
     files = log_set(active)
@@ -447,8 +378,8 @@ def tail_cmd(ctx: click.Context, events: tuple[str, ...], profiles: tuple[str, .
              until_text: str | None, seqs: tuple[int, ...], as_json: bool, log_path: Path | None, count: int,
              follow: bool) -> None:
     """The last records (like tail); --follow waits for new ones until interrupted."""
-    from .audit.show import follow as follow_log
-    from .audit.show import last
+    from ..audit.show import follow as follow_log
+    from ..audit.show import last
 
     active = _active(ctx, log_path)
     keep = _record_filter(events, profiles, since, until_text, seqs)
@@ -470,9 +401,9 @@ def tail_cmd(ctx: click.Context, events: tuple[str, ...], profiles: tuple[str, .
 @click.pass_context
 def prune_cmd(ctx: click.Context, keep_text: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove rotated log files older than --keep; what remains still verifies."""
-    from . import audit as audit_pkg
-    from .audit.prune import prune
-    from . import units
+    from .. import audit as audit_pkg
+    from ..audit.prune import prune
+    from .. import units
 
     settings, env, config = _context(ctx)
     keep: timedelta = units.duration(keep_text, "--keep") if keep_text else settings.keep
@@ -499,7 +430,7 @@ def enable_key_cmd(ctx: click.Context) -> None:
     the key must not get that history accepted by the next keyed writer. Run
     `credbroker audit verify` first.
     """
-    from . import audit as audit_pkg
+    from .. import audit as audit_pkg
 
     settings, env, config = _context(ctx)
     if settings.key_spec is None and not env.get("CREDBROKER_AUDIT_KEY"):
