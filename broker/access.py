@@ -13,7 +13,7 @@ that read to the broker and never lists it as a read from outside.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,21 +78,44 @@ def fetch(
     ``record`` defaults to the config's audit log. ``context`` adds fields to both records (the
     command, the pid)."""
     from .config import with_config_defaults
-    from .sources import fetch as source_fetch
 
     cfg = config_for(profile, config)
     source_env = with_config_defaults(os.environ if env is None else env, cfg)
     rec = record if record is not None else open_recorder(cfg, source_env)
+    return read(profile, env=source_env, record=rec, by=by, context=context, use_daemon=use_daemon)
+
+
+def read(
+    profile: Profile,
+    *,
+    env: Mapping[str, str],
+    record: Recorder,
+    by: str,
+    context: Mapping[str, Any] | None = None,
+    use_daemon: bool = True,
+    isolate: bool = False,
+    on_refused: Callable[[BrokerError], None] | None = None,
+) -> Credentials:
+    """The audited read itself, for a caller that has resolved its settings and holds the log: ``fetch``
+    above, ``credbroker run`` (``by="run"``, in a throwaway child: ``isolate``), a run's rotation check
+    (``"rotation"``) and the proxy's (``"proxy_rotation"``). Records ``secret_fetched`` with ``by``, or the
+    refusal in the one schema (``on_refused``: the caller's own refusal record, with its context); a read
+    that cannot be recorded is wiped, never handed out."""
+    from .sources import fetch as source_fetch
+
     extra = dict(context or {})
     try:
-        creds = source_fetch(profile, env=source_env, use_daemon=use_daemon)
+        creds = source_fetch(profile, env=env, use_daemon=use_daemon, isolate=isolate)
     except BrokerError as exc:
-        record_refusal(rec, profile, exc, by, **extra)
+        if on_refused is not None:
+            on_refused(exc)
+        else:
+            record_refusal(record, profile, exc, by, **extra)
         raise
     try:
-        rec(Event.SECRET_FETCHED, {"profile": profile.name, **creds.origin.to_dict(), "fields": list(profile.fields),
-                                   "by": by, **extra})
-    except BrokerError:
+        record(Event.SECRET_FETCHED, {"profile": profile.name, **creds.origin.to_dict(),
+                                      "fields": list(profile.fields), "by": by, **extra})
+    except BaseException:
         creds.wipe()  # not recorded, not handed out
         raise
     return creds

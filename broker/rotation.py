@@ -285,8 +285,10 @@ class RotationChecker:
     """
 
     def __init__(self, profile: Profile, policy: RotationPolicy, watcher: Watcher, record: Recorder, *,
-                 agent_fields: tuple[str, ...] | None, current: Callable[[], Credentials]) -> None:
+                 agent_fields: tuple[str, ...] | None, current: Callable[[], Credentials],
+                 read: Callable[..., Credentials]) -> None:
         self.profile = profile
+        self.read = read  # broker.access.read, the one audited read (handed in: access sits below rotation)
         self.policy = policy
         self.watcher = watcher
         self.record = record
@@ -301,15 +303,13 @@ class RotationChecker:
         swap_possible = self.agent_fields is not None and self.policy.action == "signal"
         if self.policy.action != "restart" and not swap_possible:
             return Handover(self.policy.action, old_version, new_version)
-        from .sources import fetch
-
         try:
-            new_creds = fetch(self.profile, env=self.watcher.env, isolate=True)
+            # The one audited read; a failure is the watcher's to say and retry (rotation_check_failed).
+            new_creds = self.read(self.profile, env=self.watcher.env, record=self.record, by="rotation",
+                             context={"reason": "rotation"}, isolate=True, on_refused=lambda exc: None)
         except BrokerError as exc:
             self.watcher.fetch_failed(exc)
             return None
-        self.record(Event.SECRET_FETCHED, {"profile": self.profile.name, **new_creds.origin.to_dict(),
-                                           "fields": list(self.profile.fields), "reason": "rotation"})
         if swap_possible:
             assert self.agent_fields is not None
             current = self.current()

@@ -62,22 +62,21 @@ class KeyFollower:
 
     def check(self) -> int | None:
         """One poll: the version swapped in, or None."""
-        from .. import sources
+        from ..access import read
 
         version = self._watcher.poll()
         if version is None:
             return None
         self._watcher.acted(version)
         try:
-            creds = sources.fetch(self._profile, env=self._env, isolate=True)
+            creds = read(self._profile, env=self._env, record=self._record, by="proxy_rotation", isolate=True,
+                         on_refused=lambda exc: None)  # recorded below as proxy_rotation_failed
         except BrokerError as exc:
             self._watcher.fetch_failed(exc)
             self._record(Event.PROXY_ROTATION_FAILED, {"profile": self._profile.name, "version": version,
                                                    "reason": exc.message})
             raise
         try:
-            self._record(Event.SECRET_FETCHED, {"profile": self._profile.name, **creds.origin.to_dict(),
-                                            "fields": list(self._profile.fields), "by": "proxy_rotation"})
             signer = self._make(creds)
         except BrokerError as exc:
             self._record(Event.PROXY_ROTATION_FAILED, {"profile": self._profile.name, "version": version,

@@ -214,10 +214,9 @@ class Run:
     # -- 2. fetch: all or nothing ----------------------------------------------------------------------
     def fetch(self, stack: ExitStack) -> None:
         """Every profile's secrets (wiped on the way out), their warnings, each key's check."""
-        from .. import sources
         from ..access import value_warnings
 
-        self.held = fetch_all(self.profiles, self.source_env, self.rec, self.refused, sources.fetch)
+        self.held = fetch_all(self.profiles, self.source_env, self.rec, self.refused)
         stack.callback(self._wipe)
         self.profile, self.creds = combine(self.profiles, self.held)
         self.child_profile = self.profile
@@ -296,6 +295,7 @@ class Run:
         watched = self.o.watched
         if not watched:
             return
+        from ..access import read
         from ..rotation import BatchCheck, RotationChecker, RotationWorker, Watcher
 
         checkers: list[tuple[int, Callable[[], Any]]] = []
@@ -305,7 +305,7 @@ class Run:
             self.watchers[i] = Watcher(p, self.source_env, self.rec, self.held[i].origin.version, pol.interval)
             agent_fields = tuple(self.visible[i].env.values()) if self.o.agent else None
             checkers.append((i, RotationChecker(p, pol, self.watchers[i], self.rec, current=self._running(i),
-                                                agent_fields=agent_fields)))
+                                                agent_fields=agent_fields, read=read)))
         self.worker = RotationWorker(BatchCheck(checkers), min(p.interval for p in watched), threading.get_ident())
         stack.callback(self._close_rotation)
 

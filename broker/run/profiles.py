@@ -37,40 +37,44 @@ def combined_profile(profiles: Sequence[Profile]) -> Profile:
     return Profile(name=",".join(p.name for p in profiles), source=source, env=env)
 
 def fetch_all(profiles: Sequence[Profile], env: Mapping[str, str], rec: Recorder,
-               refused: Callable[[BrokerError, Profile | None], None],
-               fetch: Callable[..., Credentials]) -> list[Credentials]:
+              refused: Callable[[BrokerError, Profile | None], None]) -> list[Credentials]:
     """Every profile's secrets, or none: on the first failure what was fetched is wiped (each read that
     happened is still recorded, so the review never lists it as a read from outside) and the error raised."""
     try:
-        return fetch_each(profiles, env, rec, refused, fetch)
+        return fetch_each(profiles, env, rec, refused)
     finally:
         daemon = sys.modules.get("broker.daemon")
         if daemon is not None:
             daemon.discard_prefork()  # an early fetch child no profile used (a keyring profile, a failure)
 
+
 def fetch_each(profiles: Sequence[Profile], env: Mapping[str, str], rec: Recorder,
-                refused: Callable[[BrokerError, Profile | None], None],
-                fetch: Callable[..., Credentials]) -> list[Credentials]:
+               refused: Callable[[BrokerError, Profile | None], None]) -> list[Credentials]:
+    """Each profile read through the one audited read (``access.read``, ``by="run"``), in a throwaway
+    child; the run's own refusal record (with the command) when a read fails."""
+    from ..access import read
+
     held: list[Credentials] = []
     for p in profiles:
+        def refuse(exc: BrokerError, p: Profile = p) -> None:
+            refused(exc, p)
+
         try:
-            c = fetch(p, env=env, isolate=True)
+            c = read(p, env=env, record=rec, by="run", isolate=True, on_refused=refuse)
         except BrokerError as exc:
             for done in held:
                 done.wipe()
-            refused(exc, p)
             if len(profiles) > 1 and f"{p.name!r}" not in exc.message:
                 exc.message = f"profile {p.name!r}: {exc.message}"  # which of the run's profiles failed
                 exc.args = (exc.message,)
             raise
-        held.append(c)
-        try:
-            rec(Event.SECRET_FETCHED, {"profile": p.name, **c.origin.to_dict(), "fields": list(p.fields)})
         except BaseException:
             for done in held:
                 done.wipe()
             raise
+        held.append(c)
     return held
+
 
 def profiles_env(profiles: Sequence[Profile], per_profile: Sequence[Mapping[str, str]]) -> dict[str, str]:
     """The child's map of a several-profile run: ``CREDBROKER_PROFILES`` (JSON, no secret) tells

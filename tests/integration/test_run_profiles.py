@@ -142,6 +142,7 @@ def test_both_profiles_reach_the_bot_and_each_fetch_is_recorded(audited: tuple[O
     fetched = [e["data"] for e in events if e["event"] == "secret_fetched"]
     assert sorted(d["profile"] for d in fetched) == ["multi-spot", "multi-um"]
     assert {d["path"] for d in fetched} == {"secret/credbroker/both-spot", "secret/credbroker/both-um"}
+    assert {d["by"] for d in fetched} == {"run"}  # the one audited read (access.read), the schema check's fields
     injected = {e["data"]["profile"]: e["data"]["variables"] for e in events if e["event"] == "secret_injected"}
     assert injected == {"multi-spot": ["SPOT_KEY", "SPOT_SECRET"], "multi-um": ["UM_KEY", "UM_SECRET"]}
     assert vault_reads(vault_log, "both-spot") >= 1 and vault_reads(vault_log, "both-um") >= 1
@@ -220,6 +221,7 @@ def test_rotating_one_of_two_profiles_restarts_the_bot_once(audited: tuple[OpenB
     refetched = [e["data"]["profile"] for e in events
                  if e["event"] == "secret_fetched" and e["data"].get("reason") == "rotation"]
     assert refetched == ["multi-spot"]
+    assert {e["data"]["by"] for e in events if e["event"] == "secret_fetched"} == {"run", "rotation"}
     assert version_checks(vault_log, "rot2-um") > 0
 
 
