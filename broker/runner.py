@@ -449,8 +449,8 @@ def run(
     ``agent=True`` (``--agent``): the signing key stays in the broker;
     the child gets the public API key and ``CREDBROKER_AGENT_SOCKET`` only, and
     ``get_signer()`` there signs through ``broker.agent``. ``preflight`` (a
-    ``broker.preflight.PreflightOptions``; ``auto`` by default in agent mode,
-    off otherwise) checks the key's restrictions on the exchange first.
+    ``broker.preflight.PreflightOptions``; ``auto`` by default in agent and
+    proxy mode, off otherwise) checks the key's restrictions on the exchange first.
     ``mask=True`` replaces every injected value in the child's stdout and
     stderr with a marker (``broker.masking``; a pty when stdout is a terminal).
     ``grace``: when the bot's process group is stopped (the run ends, a
@@ -504,10 +504,10 @@ def run(
         record = audit_log.record
     rec: Recorder = record
     signings: list[Any] = []  # one per profile: its key check, and with --agent its agent
-    if agent or (preflight is not None and preflight.mode != "off"):
+    if agent or proxy or (preflight is not None and preflight.mode != "off"):
         from .agent.run import RunSigning
 
-        signings = [RunSigning.prepare(p, agent=agent, preflight=preflight, env=env) for p in profiles]
+        signings = [RunSigning.prepare(p, agent=agent, preflight=preflight, env=env, proxy=proxy) for p in profiles]
     else:
         for p in profiles:
             if p.sections.get("policy") and not proxy:
