@@ -123,3 +123,19 @@ def test_the_proxy_spot_upstream_is_the_default_url_a_named_one_wins_and_auto_sk
     testnet = ProxySettings.from_mapping({"testnet": True}, "t")
     assert auto.for_proxy(testnet) is None  # no /sapi/ on Binance's testnets
     assert PreflightOptions.build(mode="on", env={}).for_proxy(testnet).base_url == TESTNET["spot"]
+
+
+def test_an_unsafe_switch_for_a_proxy_run_without_preflight_is_warned_about(capsys: Any) -> None:
+    from broker.agent.run import RunSigning
+    from broker.config import Profile
+
+    env = {"BINANCE_API_KEY": "api_key", "BINANCE_API_SECRET": "api_secret"}
+    testnet = Profile(name="p", source="vault", env=env, sections={"proxy": {"testnet": True}})
+    margin = PreflightOptions.build(mode="auto", env={}, unsafe_allow_margin=True)
+    signing = RunSigning.prepare(testnet, agent=False, preflight=margin, env={}, proxy=True)
+    assert signing.preflight is None
+    assert "WARNING: --unsafe-allow-margin is given but the key preflight does not run" in capsys.readouterr().err
+    # A production upstream: the check runs there, and nothing is said before it does.
+    prod = RunSigning.prepare(testnet._replace(sections={}), agent=False, preflight=margin, env={}, proxy=True)
+    assert prod.preflight is not None and prod.preflight.base_url == DEFAULT_BASE_URL and prod.preflight.sync_clock
+    assert capsys.readouterr().err == ""

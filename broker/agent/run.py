@@ -57,10 +57,18 @@ class RunSigning:
 
             if preflight is None:
                 preflight = PreflightOptions.build(mode="auto", env=env)
+            given = preflight
             if preflight.mode == "auto" and settings.type == "transit":
                 preflight = None  # the check signs with a local key; a transit key never leaves Vault
             elif preflight.mode != "off":
                 preflight = preflight.for_proxy(ProxySettings.for_profile(profile))
+            if preflight is None:
+                import sys
+
+                for flag in given.overrides:  # an unsafe switch must never pass unnoticed
+                    print(f"credbroker: WARNING: {flag} is given but the key preflight does not run for this "
+                          "profile (a transit key or a testnet upstream), so it has no effect",
+                          file=sys.stderr, flush=True)
         if agent:
             if settings.type == "transit":
                 raise ConfigError(f"{profile.where('signer')}: --agent does not apply to a transit signer",
