@@ -31,7 +31,7 @@ Modes:
 
 * ``on`` (``--preflight``): the check must succeed; anything else stops the
   run (exit 125).
-* ``auto`` (the default in agent mode): the check runs "when the exchange is
+* ``auto`` (the default with ``--agent`` and ``--proxy``): the check runs "when the exchange is
   reachable". Reachable means: the host name resolves and a TCP connection
   (and, for https, a verified TLS handshake) to the base URL succeeds within
   the timeout. Only a failure at that stage (no DNS, refused, connect timeout,
@@ -41,10 +41,11 @@ Modes:
   error such as -2015 (invalid key or IP), a read timeout, a redirect, a body
   that is not the documented object, a missing or non-boolean field
   (``enableWithdrawals``, ``enableMargin``, ``ipRestrict``).
-* ``off`` (``--no-preflight``, and the default outside agent mode).
+* ``off`` (``--no-preflight``, and the default without ``--agent`` or ``--proxy``).
 
 The base URL is ``https://api.binance.com`` unless ``--preflight-url`` or
-``$CREDBROKER_PREFLIGHT_URL`` names another one; plain ``http://`` is
+``$CREDBROKER_PREFLIGHT_URL`` names another one; under ``--proxy`` it is the
+profile's ``[proxy] spot`` upstream unless one of those names another; plain ``http://`` is
 accepted only for a loopback host (the tests' local server), so the API key
 never crosses a network in clear text.
 """
@@ -60,7 +61,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .errors import BrokerError, ConfigError
 # Error classes live in errors.py; these names stay importable from here too.
 from .errors import ExchangeUnreachable as ExchangeUnreachable
 from .errors import PreflightError as PreflightError
@@ -76,9 +77,10 @@ _DAY_MS = 86_400_000
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
-def mode_for(*, agent: bool, flag: bool | None) -> str:
-    """The preflight mode of a run: "on" (--preflight), "off" (--no-preflight), else "auto" with --agent."""
-    return "on" if flag else "off" if flag is False else ("auto" if agent else "off")
+def mode_for(*, agent: bool, flag: bool | None, proxy: bool = False) -> str:
+    """The preflight mode of a run: "on" (--preflight), "off" (--no-preflight), else "auto" with --agent or
+    --proxy (the bot holds no key then, but the key's rights matter as much)."""
+    return "on" if flag else "off" if flag is False else ("auto" if agent or proxy else "off")
 
 
 class PreflightOptions(NamedTuple):
@@ -91,6 +93,11 @@ class PreflightOptions(NamedTuple):
     timeout: float = 5.0
     recv_window: int = 5000
     unsafe_allow_margin: bool = False
+    #: The base URL was named (--preflight-url or $CREDBROKER_PREFLIGHT_URL), not the default.
+    url_given: bool = False
+    #: Learn the exchange's clock before signing (``--proxy``: the proxy signs with it, so the key never
+    #: meets a -1021 from this host's clock); otherwise only after a -1021.
+    sync_clock: bool = False
 
     @classmethod
     def build(cls, *, mode: str, base_url: str | None = None, env: Mapping[str, str] | None = None,
@@ -100,19 +107,37 @@ class PreflightOptions(NamedTuple):
         if mode not in MODES:
             raise ConfigError(f"unknown preflight mode {mode!r}", f"use one of: {', '.join(MODES)}")
         environ = os.environ if env is None else env
-        url = (base_url or environ.get(URL_VAR) or DEFAULT_BASE_URL).rstrip("/")
+        given = base_url or environ.get(URL_VAR)
+        url = (given or DEFAULT_BASE_URL).rstrip("/")
         check_base_url(url)
         return cls(mode=mode, base_url=url, unsafe_allow_withdrawals=unsafe_allow_withdrawals,
                    unsafe_no_ip_restriction=unsafe_no_ip_restriction, timeout=timeout,
-                   unsafe_allow_margin=unsafe_allow_margin)
+                   unsafe_allow_margin=unsafe_allow_margin, url_given=bool(given))
+
+    def for_proxy(self, settings: Any) -> PreflightOptions | None:
+        """These options for a ``--proxy`` run, ``settings`` its ``ProxySettings``; None: no preflight.
+
+        apiRestrictions is a ``/sapi/`` path, served by the spot API host: unless
+        a URL was named, the preflight asks the proxy's spot upstream (the
+        exchange the bot's requests go to). Binance's testnets have no ``/sapi/``
+        endpoints, so ``auto`` does not run against a testnet upstream.
+        """
+        if self.url_given:
+            return self._replace(sync_clock=True)
+        if self.mode == "auto" and settings.testnet:
+            return None
+        url = str(settings.spot).rstrip("/")
+        check_base_url(url)
+        return self._replace(base_url=url, sync_clock=True)
 
     @classmethod
-    def for_run(cls, *, agent: bool, flag: bool | None, base_url: str | None = None,
+    def for_run(cls, *, agent: bool, flag: bool | None, proxy: bool = False, base_url: str | None = None,
                 env: Mapping[str, str] | None = None, unsafe_allow_withdrawals: bool = False,
                 unsafe_no_ip_restriction: bool = False, unsafe_allow_margin: bool = False) -> PreflightOptions:
         """``credbroker run``'s options: ``flag`` True (--preflight) requires the check, False (--no-preflight)
-        skips it, None leaves it to ``agent``: "auto" (on when the exchange is reachable) with --agent, else off."""
-        return cls.build(mode=mode_for(agent=agent, flag=flag), base_url=base_url, env=env,
+        skips it, None leaves it to ``agent``/``proxy``: "auto" (on when the exchange is reachable) with --agent
+        or --proxy, else off."""
+        return cls.build(mode=mode_for(agent=agent, flag=flag, proxy=proxy), base_url=base_url, env=env,
                          unsafe_allow_withdrawals=unsafe_allow_withdrawals,
                          unsafe_no_ip_restriction=unsafe_no_ip_restriction, unsafe_allow_margin=unsafe_allow_margin)
 
@@ -149,12 +174,38 @@ def check_base_url(url: str) -> None:
         raise ConfigError(f"preflight URL {url!r} has a query or fragment", "give the base URL only")
 
 
+class _ClockRefused(Exception):
+    """The exchange answered -1021: the signed timestamp is outside recvWindow by its clock."""
+
+    def __init__(self, error: PreflightError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 def fetch_restrictions(signer: Any, options: PreflightOptions) -> dict[str, Any]:
     """GET apiRestrictions, signed by ``signer``; the decoded JSON object.
 
     Raises ``ExchangeUnreachable`` when no connection could be made and
-    ``PreflightError`` for everything after that (fail closed).
+    ``PreflightError`` for everything after that (fail closed). A -1021
+    (timestamp outside recvWindow: this host's clock is off) is asked once more
+    with the exchange's clock (``signer.sync_clock`` on the same base URL), as
+    the proxy and ``get_signer()`` sign with it; ``options.sync_clock`` learns
+    that clock first, once the exchange is reachable.
     """
+    try:
+        return _fetch_once(signer, options, sync=options.sync_clock)
+    except _ClockRefused as refused:
+        try:
+            signer.sync_clock(options.base_url, timeout=options.timeout)
+        except BrokerError:
+            raise refused.error from None
+    try:
+        return _fetch_once(signer, options)
+    except _ClockRefused as refused:
+        raise refused.error from None
+
+
+def _fetch_once(signer: Any, options: PreflightOptions, *, sync: bool = False) -> dict[str, Any]:
     import http.client
     import ssl
 
@@ -177,6 +228,11 @@ def fetch_restrictions(signer: Any, options: PreflightOptions) -> dict[str, Any]
         except (OSError, socket.timeout) as exc:
             raise ExchangeUnreachable(f"key preflight: cannot reach {where} ({_why(exc)})",
                                       "check the network, or pass --no-preflight") from None
+        if sync:
+            try:
+                signer.sync_clock(options.base_url, timeout=options.timeout)
+            except BrokerError:
+                pass  # this host's clock, then; a -1021 asks the clock once more
         query = signer.sign_params({}, recv_window=options.recv_window)
         target = (parts.path.rstrip("/") + PATH) + "?" + query
         try:
@@ -195,8 +251,11 @@ def fetch_restrictions(signer: Any, options: PreflightOptions) -> dict[str, Any]
 
         code, msg = parse_error(body)
         detail = f"{code} {msg}" if code is not None else (msg or response.reason or "")
-        raise PreflightError(f"key preflight: the exchange answered HTTP {response.status} {detail}".strip(),
-                             "check the API key and its IP allow-list on the exchange, or pass --no-preflight")
+        error = PreflightError(f"key preflight: the exchange answered HTTP {response.status} {detail}".strip(),
+                               "check the API key and its IP allow-list on the exchange, or pass --no-preflight")
+        if code == -1021:
+            raise _ClockRefused(error)
+        raise error
     try:
         data = json.loads(body)
     except ValueError:

@@ -134,14 +134,17 @@ def main() -> None:
         log = open_log(None, env={"XDG_STATE_HOME": tmp.name, "HOME": tmp.name})
         client_key = ClientKey("hmac")
         signer = HmacSigner(API_KEY, Secret(secret))
-        # The REST proxy only for what a real run shares with it: the audit queue and the peer check.
+        # The REST proxy only for what a real run shares with it: the audit queue, the peer check and the
+        # request-weight limiter (limits raised so that every order is counted but none refused).
+        high = {"weight_1m": 10**9, "orders_10s": 10**9, "orders_1d": 10**9, "orders_1m": 10**9}
         settings = ProxySettings.from_mapping({"spot": "http://127.0.0.1:9", "futures": "http://127.0.0.1:9",
-                                               "unsafe_plain_http_loopback": True}, "bench")
+                                               "unsafe_plain_http_loopback": True,
+                                               "rate_limits": {"spot": high}}, "bench")
         rest = SigningProxy(signer, client_key, settings, make_upstreams(settings), SigningPolicy(), log,
                             profile="bench", root_pid=os.getpid())
         rest.start()
         ws = WsProxy(signer, client_key, SigningPolicy(), {"spot": url + "/ws-api/v3", "futures": url + "/ws-fapi/v1"},
-                     profile="bench", record=rest._record, check_peer=rest.check_peer)
+                     profile="bench", record=rest._record, check_peer=rest.check_peer, limiters=rest.limiters)
         proxy_url = ws.start()
         n, seconds = (400, 4.0) if args.quick else (4000, 20.0)
         cpu0 = time.process_time()

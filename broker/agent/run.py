@@ -39,13 +39,36 @@ class RunSigning:
         self._record: Recorder | None = None
 
     @classmethod
-    def prepare(cls, profile: Any, *, agent: bool, preflight: Any, env: Mapping[str, str]) -> RunSigning:
-        """Validate what can be validated before any secret is fetched (ConfigError: one line)."""
+    def prepare(cls, profile: Any, *, agent: bool, preflight: Any, env: Mapping[str, str], proxy: bool = False
+                ) -> RunSigning:
+        """Validate what can be validated before any secret is fetched (ConfigError: one line).
+
+        ``proxy``: a ``--proxy`` run; the preflight is ``auto`` unless told
+        otherwise and asks the proxy's spot upstream (``PreflightOptions.for_proxy``).
+        """
         from ..errors import ConfigError
         from ..signing.settings import SignerSettings
 
         settings = SignerSettings.for_profile(profile)
         policy = None
+        if proxy:
+            from ..preflight import PreflightOptions
+            from ..proxy.settings import ProxySettings
+
+            if preflight is None:
+                preflight = PreflightOptions.build(mode="auto", env=env)
+            given = preflight
+            if preflight.mode == "auto" and settings.type == "transit":
+                preflight = None  # the check signs with a local key; a transit key never leaves Vault
+            elif preflight.mode != "off":
+                preflight = preflight.for_proxy(ProxySettings.for_profile(profile))
+            if preflight is None:
+                import sys
+
+                for flag in given.overrides:  # an unsafe switch must never pass unnoticed
+                    print(f"credbroker: WARNING: {flag} is given but the key preflight does not run for this "
+                          "profile (a transit key or a testnet upstream), so it has no effect",
+                          file=sys.stderr, flush=True)
         if agent:
             if settings.type == "transit":
                 raise ConfigError(f"{profile.where('signer')}: --agent does not apply to a transit signer",
@@ -72,6 +95,8 @@ class RunSigning:
         """Build the broker's signer from ``creds`` and run the key preflight (raises to stop the run)."""
         self._audit_config = audit_config
         self._record = record
+        if not self.agent and (self.preflight is None or self.preflight.mode == "off"):
+            return  # nothing to check, no signer to build (e.g. --proxy with a transit key)
         signer = self._make_signer(creds)
         try:
             if self.preflight is not None and self.preflight.mode != "off":

@@ -70,15 +70,16 @@ Behaviour:
     [policy] on the real method, path and parameters; then re-stamps the
     timestamp with the exchange's clock, signs with the real key and forwards
     to the exchange ([proxy] in the profile: spot, futures, testnet).
-  - Key preflight (on by default with --agent when the exchange is
-    reachable; --preflight requires it, --no-preflight skips it): Binance's
+  - Key preflight (on by default with --agent and --proxy when the exchange
+    is reachable; --preflight requires it, --no-preflight skips it): Binance's
     GET /sapi/v1/account/apiRestrictions must show enableWithdrawals and
     enableMargin false and ipRestrict true, or the bot is not started,
     unless --unsafe-allow-withdrawals / --unsafe-allow-margin /
     --unsafe-no-ip-restriction (warned at every start). A trading authority
     (tradingAuthorityExpirationTime) ending within 14 days is warned about
     at every start and recorded. Base URL: --preflight-url or
-    CREDBROKER_PREFLIGHT_URL.
+    CREDBROKER_PREFLIGHT_URL; under --proxy else the profile's [proxy] spot
+    upstream (not run by default against a testnet or with a transit key).
   - --mask replaces every injected secret value in the child's stdout and
     stderr with [credbroker:masked], also when a value is split across
     writes (a tail that may start a value is held until the next write, the
@@ -126,10 +127,10 @@ from VAULT_ROLE_ID/VAULT_SECRET_ID or role_id_file/secret_id_file.
 @click.option("--proxy", is_flag=True, help="Keep the signing key in credbroker's signing proxy: the bot's Binance "
               "client points at $CREDBROKER_PROXY_URL and signs with a per-run proxy secret.")
 @click.option("--preflight/--no-preflight", "preflight_flag", default=None,
-              help="Check the key's restrictions on the exchange before starting (default: on with --agent when "
-                   "the exchange is reachable, off otherwise).")
+              help="Check the key's restrictions on the exchange before starting (default: on with --agent or "
+                   "--proxy when the exchange is reachable, off otherwise).")
 @click.option("--preflight-url", metavar="URL", help="Exchange base URL for the preflight (default "
-              "$CREDBROKER_PREFLIGHT_URL, else https://api.binance.com).")
+              "$CREDBROKER_PREFLIGHT_URL, else with --proxy the [proxy] spot upstream, else https://api.binance.com).")
 @click.option("--unsafe-allow-withdrawals", is_flag=True,
               help="UNSAFE: start even though the key can withdraw funds (warned at every start).")
 @click.option("--unsafe-allow-margin", is_flag=True,
@@ -195,11 +196,11 @@ def run_cmd(
 
         raise ConfigError("--agent and --mask exclude each other",
                           "with --agent the bot holds no secret to mask; drop --mask")
-    if (agent or preflight_flag or preflight_url or unsafe_allow_withdrawals or unsafe_allow_margin
+    if (agent or proxy or preflight_flag or preflight_url or unsafe_allow_withdrawals or unsafe_allow_margin
             or unsafe_no_ip_restriction):
         from ..preflight import PreflightOptions
 
-        preflight = PreflightOptions.for_run(agent=agent, flag=preflight_flag, base_url=preflight_url,
+        preflight = PreflightOptions.for_run(agent=agent, flag=preflight_flag, proxy=proxy, base_url=preflight_url,
                                              unsafe_allow_withdrawals=unsafe_allow_withdrawals,
                                              unsafe_no_ip_restriction=unsafe_no_ip_restriction,
                                              unsafe_allow_margin=unsafe_allow_margin)

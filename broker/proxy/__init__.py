@@ -191,10 +191,11 @@ def _ws_endpoint(profile: Any, signer: Any, client_key: Any, policy: Any, server
     urls = _ws_urls(profile)
     if urls is None:
         return None
-    # Records go through the REST proxy's queue (one group commit for both); timestamps use its clocks.
+    # Records go through the REST proxy's queue (one group commit for both); timestamps use its clocks;
+    # request weight and order counts go into its limiters (Binance counts both APIs against the same limits).
     endpoint = ws.WsProxy(signer, client_key, policy, urls, profile=profile.name, record=server._record,
                           check_peer=server.check_peer, now_ms={n: u.now_ms for n, u in upstreams.items()},
-                          ca_file=proxy_settings.ca_file)
+                          ca_file=proxy_settings.ca_file, limiters=server.limiters)
     # A rotated key (follow.py swaps the REST proxy's signer) signs the WebSocket requests too.
     server.signer_followers.append(lambda new: setattr(endpoint, "signer", new))
     endpoint.start()

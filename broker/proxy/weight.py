@@ -308,6 +308,15 @@ class Limiter:
                 # The exchange's figure (other processes on this IP included) plus what was sent after it.
                 w.used = used + since
 
+    def rate_limits(self) -> list[dict[str, Any]]:
+        """The limits and what is counted in each, as Binance's WebSocket API ``rateLimits`` array writes them."""
+        names = {"s": "SECOND", "m": "MINUTE", "h": "HOUR", "d": "DAY"}
+        with self._lock:
+            return [{"rateLimitType": "REQUEST_WEIGHT" if kind == WEIGHT else "ORDERS",
+                     "interval": names[interval[-1]], "intervalNum": int(interval[:-1]), "limit": w.limit,
+                     "count": w.used}
+                    for (kind, interval), w in sorted(self._windows.items())]
+
     @staticmethod
     def _roll(key: tuple[str, str], w: _Window, now_ms: int) -> None:
         span = w.seconds * 1000
@@ -332,3 +341,18 @@ def cost(upstream: str, method: str, path: str, query: str, body: str) -> tuple[
     if path in _PARAM_PATHS:
         params = {**dict(parse_qsl(body, keep_blank_values=True)), **dict(parse_qsl(query, keep_blank_values=True))}
     return weight_of(upstream, method, path, params), orders_of(method, path, params)
+
+
+def headers_from_rate_limits(items: Any) -> list[tuple[str, str]]:
+    """A WebSocket API answer's ``rateLimits`` array as the REST headers ``Limiter.observe`` reads
+    (``X-MBX-USED-WEIGHT-1M``, ``X-MBX-ORDER-COUNT-10S``); anything malformed is left out."""
+    out: list[tuple[str, str]] = []
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        name = {"REQUEST_WEIGHT": "USED-WEIGHT", "ORDERS": "ORDER-COUNT"}.get(str(item.get("rateLimitType")))
+        unit = _INTERVALS.get(str(item.get("interval")))
+        num, count = item.get("intervalNum"), item.get("count")
+        if name and unit and isinstance(num, int) and isinstance(count, int) and num > 0 and count >= 0:
+            out.append((f"X-MBX-{name}-{num}{unit.upper()}", str(count)))
+    return out

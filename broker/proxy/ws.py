@@ -34,6 +34,20 @@ still checked against the policy. ``session.logout`` ends it. Spot user data
 ``userDataStream.subscribe.signature``) works through it: the events come back
 on the same connection.
 
+Request weight and order rate: every request the proxy would forward (public
+ones too) first takes its weight and order count from the REST proxy's limiter
+of the same upstream (``broker.proxy.weight``, ``SigningProxy.limiters``), as
+Binance counts WebSocket API requests against the same IP weight and account
+order limits as REST ("Rate limits" in the WebSocket API docs). The weight is
+the REST endpoint's the method stands for (``order.place`` as
+``POST /api/v3/order``), else ``WS_DEFAULT_WEIGHT``. Over a limit, or while the
+exchange's 429/418 ``Retry-After`` lasts, the bot gets Binance's WebSocket
+answer itself, never forwarded: ``status`` 429, ``error.code`` -1003 (weight)
+or -1015 (orders), ``error.data.retryAfter`` (epoch ms) and the ``rateLimits``
+array with the counts the proxy holds. The ``rateLimits`` of the exchange's
+own answers (its counts, other processes on the IP included) and its 429/418
+feed the same limiter.
+
 Refusals answer like Binance (``{"id", "status", "error": {"code", "msg"}}``)
 and are recorded (``proxy_refused``, ``policy_refused``); each forwarded
 request is recorded (``proxy_request`` with ``ws_method``); an exchange answer
@@ -68,6 +82,16 @@ PUBLIC_METHODS = frozenset({
     "session.status",
 })
 MAX_MESSAGE = 1 << 20
+#: The weight of a method with no REST endpoint in the limiter's table (session.*, userDataStream.subscribe...).
+WS_DEFAULT_WEIGHT = 2
+#: Public methods whose weight is their REST endpoint's (spot paths; the limiter's table knows them).
+_PUBLIC_ENDPOINTS = {"ping": "/api/v3/ping", "time": "/api/v3/time", "exchangeInfo": "/api/v3/exchangeInfo",
+                     "depth": "/api/v3/depth", "klines": "/api/v3/klines", "uiKlines": "/api/v3/klines",
+                     "avgPrice": "/api/v3/avgPrice", "ticker.price": "/api/v3/ticker/price",
+                     "ticker.book": "/api/v3/ticker/bookTicker", "ticker.24hr": "/api/v3/ticker/24hr"}
+#: The HTTP verb a method's last word stands for (the limiter's table is per verb and path).
+_VERBS = {"place": "POST", "test": "POST", "cancelReplace": "POST", "start": "POST", "modify": "PUT", "ping": "PUT",
+          "cancel": "DELETE", "cancelAll": "DELETE", "stop": "DELETE"}
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 # Audit event names (the REST proxy's, so the weekly review reads both the same way).
@@ -115,6 +139,8 @@ class Session:
     api: str
     pid: int | None
     logged_on: bool = False
+    #: request id -> the limiter's ticket, handed back with the exchange's answer (its rateLimits counts)
+    tickets: dict[Any, Any] = field(default_factory=dict)
     #: sends to the bot, from the relay thread and the request thread alike
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -122,9 +148,12 @@ class Session:
 class Reply(Exception):
     """A refusal answered to the bot in Binance's shape (never sent upstream)."""
 
-    def __init__(self, status: int, code: int, message: str, rule: str) -> None:
+    def __init__(self, status: int, code: int, message: str, rule: str, extra: Mapping[str, Any] | None = None
+                 ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.rule = status, code, message, rule
+        #: more of Binance's answer: ``data`` (in ``error``) and ``rateLimits`` for a rate-limit refusal
+        self.extra = dict(extra or {})
 
 
 class WsProxy:
@@ -143,6 +172,7 @@ class WsProxy:
         now_ms: Mapping[str, Callable[[], int]] | None = None,
         ca_file: str | None = None,
         open_timeout: float = 10.0,
+        limiters: Mapping[str, Any] | None = None,
     ) -> None:
         self.signer = signer
         self.client_key = client_key
@@ -154,6 +184,8 @@ class WsProxy:
         self._now_ms = dict(now_ms or {})
         self._ca_file = ca_file
         self._open_timeout = open_timeout
+        #: upstream name -> ``broker.proxy.weight.Limiter``: the REST proxy's own, shared (none: no limit)
+        self.limiters = dict(limiters or {})
         self._api_key = str(signer.api_key)
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -248,6 +280,8 @@ class WsProxy:
             for message in upstream:
                 if isinstance(message, str) and '"error"' in message:
                     self._after_error(message, session)
+                if isinstance(message, str) and '"rateLimits"' in message:
+                    self._observe(message, session)
                 self._send(conn, session, message)
         except WebSocketException:
             pass
@@ -297,14 +331,16 @@ class WsProxy:
                                                                        and base not in PUBLIC_METHODS)
             if not uses_key:
                 # Public data, or a request that carries no authority: the exchange reads it as anonymous.
+                self._admit(method, params, session, request_id)
                 return raw, None
             out = self._authorized(request, method, params, session, summary)
         except Reply as refusal:
             self.refused += 1
             event = POLICY_REFUSED if refusal.rule.startswith("policy:") else PROXY_REFUSED
             rule = refusal.rule.removeprefix("policy:")
+            more = {"retry_after": refusal.extra["retry_after"]} if "retry_after" in refusal.extra else {}
             self._record(event, {"profile": self.profile, "pid": session.pid, "rule": rule, "reason": refusal.message,
-                                 "by": "proxy", **summary})
+                                 "by": "proxy", **more, **summary})
             return None, _answer(request_id, refusal)
         return out, None
 
@@ -347,6 +383,7 @@ class WsProxy:
                 body = self.signer.sign_ws_params(body, method=method)
             except BrokerError as exc:
                 raise Reply(500, -1000, f"credbroker proxy: signing failed: {exc.message}", "signing") from None
+        self._admit(method, body, session, request.get("id"))
         if not self._record(PROXY_REQUEST, {"profile": self.profile, "pid": session.pid, "signed": signed,
                                             "upstream": f"ws:{session.api}", **summary}):
             raise Reply(500, -1000, "credbroker proxy: the audit log cannot be written; nothing is forwarded",
@@ -359,6 +396,51 @@ class WsProxy:
         out = dict(request)
         out["params"] = body
         return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
+    def _admit(self, method: str, params: Mapping[str, Any], session: Session, request_id: Any) -> None:
+        """Take the request's weight and orders from the upstream's limiter, or raise Binance's 429 Reply."""
+        limiter = self.limiters.get(session.api)
+        if limiter is None:
+            return
+        from .weight import Verdict
+
+        weight, orders = ws_cost(method, session.api, params)
+        now = self._now_ms.get(session.api)
+        now_ms = now() if now is not None else int(time.time() * 1000)
+        verdict = limiter.acquire(weight, orders, now_ms)
+        if isinstance(verdict, Verdict):
+            # Binance's WebSocket API answer to a request over a limit: error.data.retryAfter is when
+            # requests are accepted again (epoch ms), rateLimits the counts per limit.
+            raise Reply(verdict.status, verdict.code, verdict.message, verdict.rule,
+                        {"data": {"serverTime": now_ms, "retryAfter": now_ms + verdict.retry_after * 1000},
+                         "rateLimits": limiter.rate_limits(), "retry_after": verdict.retry_after})
+        if isinstance(request_id, (str, int)) and len(session.tickets) < 1024:  # bounded: ids a bot never reuses
+            session.tickets[request_id] = verdict
+
+    def _observe(self, message: str, session: Session) -> None:
+        """The exchange's ``rateLimits`` counts (and a 429/418 with its ``retryAfter``) into the limiter."""
+        limiter = self.limiters.get(session.api)
+        if limiter is None:
+            return
+        try:
+            data = json.loads(message)
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        from .weight import headers_from_rate_limits
+
+        headers = headers_from_rate_limits(data.get("rateLimits"))
+        status = data.get("status") if isinstance(data.get("status"), int) else 200
+        error = data.get("error")
+        extra = error.get("data") if isinstance(error, dict) else None
+        if status in (418, 429) and isinstance(extra, dict):
+            until, server_now = extra.get("retryAfter"), extra.get("serverTime")
+            if isinstance(until, int) and isinstance(server_now, int):
+                headers.append(("Retry-After", str(max(1, -(-(until - server_now) // 1000)))))
+        rid = data.get("id")
+        ticket = session.tickets.pop(rid, None) if isinstance(rid, (str, int)) else None
+        limiter.observe(ticket, status, headers)
 
     def _check_client_signature(self, params: Mapping[str, Any]) -> None:
         signature = params.get("signature")
@@ -412,7 +494,35 @@ def _urlencoded(params: Mapping[str, Any]) -> str:
                       if k != "signature" and v is not None])
 
 
+def ws_cost(method: str, api: str, params: Mapping[str, Any]) -> tuple[int, int]:
+    """(request weight, orders) of one WebSocket API request: its REST endpoint's, else ``WS_DEFAULT_WEIGHT``."""
+    from .weight import orders_of, weight_of
+
+    base = binance.ws_base_method(method)
+    try:
+        path = binance.ws_method_endpoint(method, api)
+    except SigningError:
+        path = None
+    if path is None and base in _PUBLIC_ENDPOINTS:
+        path = _PUBLIC_ENDPOINTS[base] if api == "spot" else _PUBLIC_ENDPOINTS[base].replace("/api/v3/", "/fapi/v1/")
+    if path is None or not path.startswith("/"):
+        return WS_DEFAULT_WEIGHT, 0
+    verb = _VERBS.get(base.rsplit(".", 1)[-1], "GET")
+    values: dict[str, str] = {}
+    for name, value in params.items():
+        try:
+            values[name] = binance.ws_value(name, value)
+        except SigningError:
+            continue  # a value no request could carry: it weighs nothing (the exchange refuses the request)
+    return weight_of(api, verb, path, values), orders_of(verb, path, values)
+
+
 def _answer(request_id: Any, refusal: Reply) -> str:
-    """A refusal in the shape of Binance's failed response."""
-    return json.dumps({"id": request_id, "status": refusal.status,
-                       "error": {"code": refusal.code, "msg": refusal.message}}, ensure_ascii=False)
+    """A refusal in the shape of Binance's failed response (with ``data`` and ``rateLimits`` when over a limit)."""
+    error: dict[str, Any] = {"code": refusal.code, "msg": refusal.message}
+    if "data" in refusal.extra:
+        error["data"] = refusal.extra["data"]
+    out: dict[str, Any] = {"id": request_id, "status": refusal.status, "error": error}
+    if "rateLimits" in refusal.extra:
+        out["rateLimits"] = refusal.extra["rateLimits"]
+    return json.dumps(out, ensure_ascii=False)

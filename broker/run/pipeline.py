@@ -165,10 +165,10 @@ class Run:
     def prepare_signing(self, stack: ExitStack) -> None:
         """Each profile's key check (and with --agent its agent), validated before any fetch."""
         o = self.o
-        if o.agent or (o.preflight is not None and o.preflight.mode != "off"):
+        if o.agent or o.proxy or (o.preflight is not None and o.preflight.mode != "off"):
             from ..agent.run import RunSigning
 
-            self.signings = [RunSigning.prepare(p, agent=o.agent, preflight=o.preflight, env=self.env)
+            self.signings = [RunSigning.prepare(p, agent=o.agent, preflight=o.preflight, env=self.env, proxy=o.proxy)
                              for p in self.profiles]
             stack.callback(self._stop_signings)
             return

@@ -30,6 +30,8 @@ from tests.helpers.signing_verifier import BinanceVerifier
 
 TIME_PATHS = ("/api/v3/time", "/fapi/v1/time")
 LISTEN_KEY_PATHS = ("/api/v3/userDataStream", "/fapi/v1/listenKey")
+#: The key preflight's endpoint (credbroker asks it before starting the bot, not the bot).
+RESTRICTIONS_PATH = "/sapi/v1/account/apiRestrictions"
 
 
 @dataclass
@@ -64,6 +66,11 @@ class FakeBinance:
     limited: tuple[int, str] | None = None
     #: exchangeInfo's rateLimits (GET /fapi/v1/exchangeInfo, /api/v3/exchangeInfo).
     rate_limits: list[dict[str, Any]] = field(default_factory=list)
+    #: GET /sapi/v1/account/apiRestrictions (signed): a safe trading key's rights unless a test changes them.
+    restrictions: dict[str, Any] = field(default_factory=lambda: {
+        "ipRestrict": True, "enableReading": True, "enableWithdrawals": False, "enableMargin": False,
+        "enableSpotAndMarginTrading": True, "enableFutures": True, "enableInternalTransfer": False,
+        "permitsUniversalTransfer": False})
 
     @property
     def clock_offset_ms(self) -> int:
@@ -88,7 +95,12 @@ class FakeBinance:
 
     def signed(self) -> list[Request]:
         """The requests that reached a signed endpoint."""
-        return [r for r in self.requests if r.path not in TIME_PATHS and r.path not in LISTEN_KEY_PATHS]
+        return [r for r in self.requests
+                if r.path not in TIME_PATHS and r.path not in LISTEN_KEY_PATHS and r.path != RESTRICTIONS_PATH]
+
+    def preflights(self) -> list[Request]:
+        """The key preflight's requests (GET apiRestrictions)."""
+        return [r for r in self.requests if r.path == RESTRICTIONS_PATH]
 
     # -- answers -----------------------------------------------------------------------------
     def answer(self, method: str, target: str, headers: Any, body: str) -> tuple[int, Any, dict[str, str]]:
@@ -113,6 +125,8 @@ class FakeBinance:
             return status, {"code": -1003, "msg": "Way too many requests; IP banned until later."}, \
                 {"Retry-After": retry}
         weight = dict(self.weight_headers)
+        if path == RESTRICTIONS_PATH and method == "GET":
+            return 200, dict(self.restrictions), weight
         if path.endswith("/batchOrders") and method == "POST":
             orders = json.loads(params["batchOrders"])
             return 200, [self._order(o) for o in orders], weight

@@ -52,6 +52,11 @@ class FakeBinanceWs:
     hmac_keys: dict[str, bytes] = field(default_factory=dict)
     public_keys: dict[str, Any] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
+    #: The REQUEST_WEIGHT count its answers report (the IP's weight used, other processes' included);
+    #: None: the number of requests seen.
+    used_weight: int | None = None
+    #: Seconds: while set, every request is answered 429 -1003 with error.data.retryAfter, as Binance does.
+    limited: int | None = None
     _server: Any = None
     _thread: threading.Thread | None = None
 
@@ -86,14 +91,21 @@ class FakeBinanceWs:
         for message in conn:
             request = json.loads(message)
             rid, method, params = request.get("id"), request["method"], request.get("params") or {}
-            status, body, extra = self.answer(method, params, session)
+            if self.limited is not None:
+                now = int(time.time() * 1000)
+                status, body, extra = 429, {"code": -1003, "msg": "Too much request weight used; current limit is "
+                                            "6000 request weight per 1 MINUTE.",
+                                            "data": {"serverTime": now, "retryAfter": now + self.limited * 1000}}, []
+            else:
+                status, body, extra = self.answer(method, params, session)
             code = body.get("code") if status != 200 else None
             self.seen.append(Seen(method, dict(params), status, code))
             out: dict[str, Any] = {"id": rid, "status": status}
             out["result" if status == 200 else "error"] = body
             # Binance adds the rate limits to every answer unless returnRateLimits=false.
             out["rateLimits"] = [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
-                                  "limit": 2400, "count": len(self.seen)}]
+                                  "limit": 2400,
+                                  "count": len(self.seen) if self.used_weight is None else self.used_weight}]
             conn.send(json.dumps(out))
             for event in extra:
                 conn.send(json.dumps(event))
