@@ -34,7 +34,8 @@ FORMAT_VERSION = 1
 GENESIS = "0" * 64
 ALG_SHA256 = "sha256"
 ALG_HMAC = "hmac-sha256"
-_LABELS = {ALG_SHA256: b"credbroker/audit/v1/sha256\x00", ALG_HMAC: b"credbroker/audit/v1/hmac\x00"}
+SHA256_LABEL = b"credbroker/audit/v1/sha256\x00"
+_LABELS = {ALG_SHA256: SHA256_LABEL, ALG_HMAC: b"credbroker/audit/v1/hmac\x00"}
 #: `,"hash":"` + 64 hex + `"}`
 HASH_SUFFIX_LEN = 9 + 64 + 2
 _HASH_KEY = b',"hash":"'
