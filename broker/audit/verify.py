@@ -62,7 +62,7 @@ from .keys import key_id
 REORDER_WINDOW = 16
 #: ``_walk`` reads files in blocks of this size and checks up to BATCH_LINES lines at once.
 BLOCK_BYTES = 1024 * 1024
-BATCH_LINES = 4096
+BATCH_LINES = 256
 #: ``_batcher``'s check: (lines, i, j, next seq, last hash) -> (k, hashes, time stamps, events)
 Batch = Callable[[list[bytes], int, int, int, str], tuple[int, list[bytes], list[bytes], list[bytes]]]
 
@@ -504,7 +504,7 @@ class Verifier:
                 return nothing
             # Each record links to the one before: its prev is the hash before it (the first: last_hash),
             # followed by the expected algorithm (and key id).
-            p = [x + len(prev_key) for x in at]
+            p = list(map(add, at, repeat(len(prev_key))))
             links = b"".join(map(getitem, part, map(slice, p, map(add, p, repeat(64 + alg_len)))))
             if not compare(links, alg_part.join([last_hash.encode("ascii"), *hashes[:-1]]) + alg_part):
                 return nothing
