@@ -1,7 +1,7 @@
 """Checking the chain: names the first edited, deleted, inserted, reordered or forged record.
 
-The verifier streams (one line in memory at a time, plus a few hashes), so
-the report can run it in the same pass over a 90-day log.
+The verifier streams (one 1 MB block of lines in memory at a time, plus a few
+hashes), so the report can run it in the same pass over a 90-day log.
 
 What it tells apart (issue 3, item 3):
 
