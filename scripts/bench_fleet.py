@@ -13,8 +13,9 @@ refusals, laid out as DIR/HOST/audit.log* like a collector's copy.
 Timed, each in a fresh process, same run:
 
 - the report (every host's chain verified on its own, then its report, one
-  process per CPU), wall time and peak RSS of the parent and of the largest
-  worker;
+  process per CPU), wall time, CPU time (parent and workers: what the wall
+  time would be on idle cores, as the machine is shared) and peak RSS of the
+  parent and of the largest worker;
 - references: ``cat`` of every file to /dev/null and ``wc -l`` of every file
   (the cost of only reading the bytes), and the ratios.
 
@@ -136,9 +137,11 @@ t = time.perf_counter()
 report = fleet_report(discover([sys.argv[1]]), since=until - timedelta(days=7), until=until)
 text = json.dumps(report.to_dict())
 wall = time.perf_counter() - t
-own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(json.dumps({"wall": wall, "rss": own, "worker_rss": workers, "ok": report.chain["ok"],
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+own = me.ru_maxrss / 1024
+workers = kids.ru_maxrss / 1024
+cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+print(json.dumps({"wall": wall, "rss": own, "worker_rss": workers, "cpu": cpu, "ok": report.chain["ok"],
                   "records": report.chain["records"], "in_period": report.records_in_period,
                   "hosts": len(report.sections["hosts"]), "json_bytes": len(text)}))
 """
@@ -174,6 +177,10 @@ def main() -> None:
     r = json.loads(out)
     print(f"report over the fleet: {r['wall']:.1f} s, {r['hosts']} hosts, {r['records']:,} records "
           f"({r['in_period']:,} in the 7-day period), chains {'intact' if r['ok'] else 'NOT intact'}")
+    # On a shared machine the wall time depends on what else runs; the CPU time (parent and workers) does not.
+    print(f"  CPU time (parent + workers): {r['cpu']:.1f} s, {r['cpu'] / (args.hosts * args.records) * 1e6:.2f} us "
+          f"per record; on {min(os.cpu_count() or 1, args.hosts)} idle core(s) about "
+          f"{r['cpu'] / min(os.cpu_count() or 1, args.hosts):.1f} s")
     print(f"  peak RSS: parent {r['rss']:.0f} MB, largest worker {r['worker_rss']:.0f} MB "
           f"(workers: {min(os.cpu_count() or 1, args.hosts)})")
     print(f"  references: cat of every file {cat:.1f} s (report/cat {r['wall'] / cat:.1f}x); "

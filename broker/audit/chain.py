@@ -35,10 +35,11 @@ FORMAT_VERSION = 1
 GENESIS = "0" * 64
 ALG_SHA256 = "sha256"
 ALG_HMAC = "hmac-sha256"
-_LABELS = {ALG_SHA256: b"credbroker/audit/v1/sha256\x00", ALG_HMAC: b"credbroker/audit/v1/hmac\x00"}
+SHA256_LABEL = b"credbroker/audit/v1/sha256\x00"
+_LABELS = {ALG_SHA256: SHA256_LABEL, ALG_HMAC: b"credbroker/audit/v1/hmac\x00"}
 #: `,"hash":"` + 64 hex + `"}`
 HASH_SUFFIX_LEN = 9 + 64 + 2
-_HASH_KEY = b',"hash":"'
+HASH_KEY = b',"hash":"'
 #: ``2026-11-24T04:00:00.123456Z``: the writer always writes microseconds.
 TS_LEN = 27
 #: A record longer than this is refused: the writer's tail scan and the verifier assume it.
@@ -107,7 +108,7 @@ def encode_rest(body: dict[str, Any]) -> str:
 
 def finish_line(prefix: bytes, digest: str) -> bytes:
     """prefix + the hash key, newline-terminated."""
-    return prefix + _HASH_KEY + digest.encode("ascii") + b'"}\n'
+    return prefix + HASH_KEY + digest.encode("ascii") + b'"}\n'
 
 
 class Header(NamedTuple):

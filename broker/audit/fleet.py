@@ -212,9 +212,26 @@ def run_jobs(jobs: Sequence[HostJob], workers: int | None = None,
         ctx = multiprocessing.get_context("fork")
     except ValueError:
         ctx = multiprocessing.get_context()
-    # Large hosts first would balance better; the order of the results stays the order given.
+    # The largest hosts first, so that no worker is left with a big host at the end while the others
+    # idle; the results come back in the order given.
+    order = sorted(range(len(jobs)), key=lambda n: -_log_size(jobs[n].log))
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        return list(pool.map(work, jobs, chunksize=1))
+        done = list(pool.map(work, [jobs[n] for n in order], chunksize=1))
+    results: list[HostResult | None] = [None] * len(jobs)
+    for n, r in zip(order, done):
+        results[n] = r
+    return [r for r in results if r is not None]
+
+
+def _log_size(log: HostLog) -> int:
+    """A host's bytes on disk (unreadable files count 0: the worker reports them)."""
+    total = 0
+    for p in log.files:
+        try:
+            total += p.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 #: Per host: (its Vault anchors, or None when not compared; their place; why they could not be read).

@@ -335,3 +335,19 @@ def test_vault_audit_cross_check_over_the_fleet(audited_openbao, tmp_path: Path)
     va = json.loads(res.output)["vault_audit"]
     assert va["vault_reads"] == 3 and va["matched"] == 2 and va["unmatched_total"] == 1, va
     assert va["unmatched"][0]["token"] == "another token"
+
+
+def test_hosts_balanced_by_size_come_back_in_the_order_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers take the largest host first; the report's rows stay in the hosts' order, each its own."""
+    root = tmp_path / "fleet"
+    host_log(root, "bot-a", monkeypatch)
+    host_log(root, "bot-b", monkeypatch)
+    host_log(root, "bot-c", monkeypatch, signs=200)  # the largest, last by name
+    hosts = discover([str(root)])
+    assert [h.host for h in hosts] == ["bot-a", "bot-b", "bot-c"]
+    parallel = fleet_report(hosts, since=SINCE, until=NOW, workers=2).to_dict()
+    alone = fleet_report(hosts, since=SINCE, until=NOW, workers=1).to_dict()
+    rows = parallel["hosts"]
+    assert [r["host"] for r in rows] == ["bot-a", "bot-b", "bot-c"]
+    assert rows[2]["records"] > rows[0]["records"] + 2000
+    assert parallel == alone

@@ -271,3 +271,113 @@ def test_cli_enable_key_continues_an_unkeyed_log(tmp_path: Path) -> None:
     assert code == 0 and "nothing to do" in out
     code, out = _cli(["audit", "verify"], env)
     assert code == 0 and "hmac-sha256" in out
+
+
+# -- the batch path: many ordinary records checked at once (``Verifier._batcher``) -------------------
+BIG = 12_000  # ~4 MB: several of the verifier's 1 MB blocks, batches of thousands of lines
+AT = 7_001  # the line tampered with: deep inside a block and a batch
+
+
+def _chain(events: list[tuple[str, dict[str, object], int]], key: bytes | None) -> list[bytes]:
+    """Lines in the writer's exact format, each (event, data, seq), chained and hashed (MAC'd when keyed)."""
+    from broker.audit.keys import key_id
+
+    alg, digest = make_hasher(key)
+    kid = key_id(key) if key is not None else None
+    prev, out = "0" * 64, []
+    start = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    for n, (event, data, seq) in enumerate(events):
+        ts = (start + timedelta(seconds=n)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        prefix = build_prefix(seq, ts, event, prev, alg, kid,
+                              encode_rest({"data": data, "host": "h", "pid": 7, "user": "u"}))
+        prev = digest(prefix)
+        out.append(finish_line(prefix, prev))
+    return out
+
+
+def _plain(n: int) -> list[tuple[str, dict[str, object], int]]:
+    return [("secret_fetched" if i % 100 == 0 else "sign", {"profile": "p", "i": i}, i + 1) for i in range(n)]
+
+
+def _per_line_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verifier without its batch path: every line through the per-line checks."""
+    from broker.audit.verify import Verifier
+
+    monkeypatch.setattr(Verifier, "_batcher", lambda self, *a: (lambda *b: (0, [], [], [])))
+
+
+def _gap_at(events: list[tuple[str, dict[str, object], int]]) -> list[tuple[str, dict[str, object], int]]:
+    # a writer's gap record: seq AT..AT+2 lost, the gap record is AT+3, the records after it follow on;
+    # 1000 records later (deep in a run of ordinary records, seq continuous) an operator acknowledges it
+    out = events[: AT - 1] + [("gap", {"missing": [AT, AT + 2], "reason": "test"}, AT + 3)]
+    after = [(e, d, s + 4) for e, d, s in events[AT - 1 :]]
+    after[1000] = ("gap_acknowledged", {"gap_seq": AT + 3, "reason": "disk full"}, after[1000][2])
+    return out + after
+
+
+BATCH_CASES: list[tuple[str, Callable[[bool], list[bytes]], str, str]] = [
+    ("an edited record", lambda keyed: [ln if i != AT - 1 else ln.replace(b'"i":7000', b'"i":7999')
+                                        for i, ln in enumerate(_chain(_plain(BIG), KEY if keyed else None))],
+     "edited", "forged"),
+    ("a wrong hash", lambda keyed: [ln if i != AT - 1 else ln[:-4] + (b"0" if ln[-4:-3] != b"0" else b"1") + ln[-3:]
+                                    for i, ln in enumerate(_chain(_plain(BIG), KEY if keyed else None))],
+     "edited", "forged"),
+    ("a seq that skips", lambda keyed: [ln for i, ln in enumerate(_chain(_plain(BIG), KEY if keyed else None))
+                                        if i != AT - 1], "deleted", "deleted"),
+    ("a special event (gap) in the batch", lambda keyed: _chain(_gap_at(_plain(BIG)), KEY if keyed else None),
+     "gap", "gap"),
+    ("a rechained record of another format version",
+     lambda keyed: _chain(_plain(BIG), KEY if keyed else None)[: AT - 1]
+     + [ln.replace(b'{"v":1,', b'{"v":2,', 1) for ln in _chain(_plain(BIG), KEY if keyed else None)[AT - 1 : AT]]
+     + _chain(_plain(BIG), KEY if keyed else None)[AT:], "inserted", "inserted"),
+]
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+@pytest.mark.parametrize("name, make, kind, keyed_kind", BATCH_CASES, ids=[c[0] for c in BATCH_CASES])
+def test_the_batch_path_names_the_same_problem_as_the_per_line_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, make: Callable[[bool], list[bytes]], kind: str,
+    keyed_kind: str, keyed: bool,
+) -> None:
+    """A bad record deep inside a big block is caught where it is, exactly as record by record."""
+    key = KEY if keyed else None
+    path = tmp_path / "audit.log"
+    path.write_bytes(b"".join(_chain(_plain(BIG), key)))
+    assert verify_files([path], active=path, key=key).ok
+    path.write_bytes(b"".join(make(keyed)))
+    batched = verify_files([path], active=path, key=key)
+    assert batched.problem is not None and not batched.ok, batched.summary()
+    assert batched.problem.kind == (keyed_kind if keyed else kind), batched.summary()
+    assert batched.problem.line == AT, batched.summary()
+    if kind == "gap":  # the acknowledgement inside a batch was seen
+        assert "acknowledged at" in batched.problem.message and "NOT" not in batched.problem.message
+    with monkeypatch.context() as m:
+        _per_line_only(m)
+        assert verify_files([path], active=path, key=key).to_dict() == batched.to_dict()
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+def test_the_batch_path_hands_the_report_the_same_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keyed: bool
+) -> None:
+    """walk_records: the period's records and the older ones the report keeps, the same with and without batches."""
+    from broker.audit.verify import Verifier
+
+    key = KEY if keyed else None
+    path = tmp_path / "audit.log"
+    path.write_bytes(b"".join(_chain(_plain(BIG), key)))
+    since = "2026-11-01T02:30:00.000000Z"  # 9000 s in: the boundary falls inside a batch
+
+    def walk() -> tuple[list[tuple[str, str, bytes]], dict[str, object]]:
+        v = Verifier(key=key)
+        got = [(ts, ev, line.rstrip(b"\n")) for ts, ev, line in
+               v.walk_records([path], since=since, keep=frozenset({"secret_fetched"}))]
+        return got, v.result().to_dict()
+
+    batched, result = walk()
+    assert result["status"] == "intact" and result["records"] == BIG
+    with monkeypatch.context() as m:
+        _per_line_only(m)
+        assert walk() == (batched, result)
+    assert len(batched) == 1 + (BIG - 9000) + 90 - 1  # the first record, the period, the older fetches
+    assert all(ts >= since or ev == "secret_fetched" for ts, ev, _ in batched[1:])

@@ -22,6 +22,7 @@ NOT_OURS = {
     # Control flow inside one module, never raised out of it: the answer to send back to the bot.
     ("broker/proxy/http11.py", "_BadRequest"),
     ("broker/proxy/ws.py", "Reply"),
+    ("broker/preflight.py", "_ClockRefused"),  # -1021: ask once more with the exchange's clock
 }
 
 
