@@ -243,7 +243,7 @@ def prefork(env: Mapping[str, str]) -> None:
             p = request["profile"]
             profile = Profile(name=str(p["name"]), source=str(p["source"]), env=dict(p["env"]),
                               options=dict(p["options"]), sections=dict(p["sections"]), origin=p["origin"])
-            child_env = {str(k): str(v) for k, v in dict(request["env"]).items()}
+            child_env = _settings_env(request)  # the environment and the caller's [vault] beside it
             del request
             theirs.sendall(_fetch_reply(profile, child_env, {"protocol": PROTOCOL, "code": p["code"]}))
             status = 0
@@ -280,6 +280,9 @@ def _ask_preforked(profile: Profile, env: Mapping[str, str], nonce: str) -> tupl
                            "options": dict(profile.options), "sections": dict(profile.sections),
                            "origin": profile.origin, "code": nonce},
                "env": dict(env)}
+    table = vault_table(env)
+    if table is not None:  # the caller's [vault], beside its environment, as the daemon gets it
+        request["vault"] = {"values": dict(table.values), "file": table.file}
     try:
         sock.sendall(frame(request))
     except (OSError, TypeError, ValueError):  # gone, or a profile table JSON cannot carry: fork anew

@@ -86,18 +86,19 @@ def test_an_argument_over_the_kernels_limit_starts_nothing(env: dict[str, str], 
 
 def test_a_command_line_over_the_total_starts_nothing(openbao: OpenBao, env: dict[str, str], tmp_path: Path) -> None:
     """The broker's own command line fits; the bot's, with the injected secret, does not."""
-    big = "s" * 120_000
-    openbao.kv_put("credbroker/cmdline-big", api_secret=big)
+    # Two fields of 60 KB (a source refuses one value over 64 KiB): the injected secrets take 120 KB.
+    big, big2 = "s" * 60_000, "t" * 60_000
+    openbao.kv_put("credbroker/cmdline-big", api_secret=big, api_key=big2)
     marker = tmp_path / "started"
     env_size = sum(len(k) + len(v) + 2 for k, v in env.items())
     room = exec_limit() - env_size - 60_000  # about 60 KB left for the broker; the secret takes 120 KB
     args = ["w" * 100_000] * (room // 100_008)
     res = subprocess.run([credbroker_bin(), "run", "--vault-path", "secret/credbroker/cmdline-big", "--env",
-                          "S=api_secret", "--", "sh", "-c", f"touch {marker}", "sh", *args],
+                          "S=api_secret", "--env", "K=api_key", "--", "sh", "-c", f"touch {marker}", "sh", *args],
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 125, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "not started" in res.stderr, res.stderr
-    assert big not in res.stderr
+    assert big not in res.stderr and big2 not in res.stderr
     assert not marker.exists()
     names = [r["event"] for r in events(tmp_path / "audit.log")]
     assert "secret_injected" not in names and "child_exited" not in names
