@@ -26,20 +26,17 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from . import units
 from .config import Profile
-from .errors import BrokerError, ConfigError, VaultAuthError
-from .run.console import say
+from .errors import BrokerError, ConfigError
 from .secret import Credentials
 from .events import Event, Recorder
+from .watch import Watcher
 
 
-#: Backoff between failed attempts: doubles from the interval up to this.
-MAX_BACKOFF = 300.0
 
 
 class RotationPolicy(NamedTuple):
@@ -99,165 +96,6 @@ def policy_from(profile: Profile, on_rotate: str | None, interval: str | None, g
                             "--grace" if grace else profile.where("rotation.grace")),
         what=spec_from,
     )
-
-
-class Watcher:
-    """Polls a vault profile's ``current_version``; renews or replaces its token."""
-
-    def __init__(self, profile: Profile, env: Mapping[str, str], record: Recorder, version: int | None,
-                 interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.profile = profile
-        self.env = env
-        self.record = record
-        self.version = version  # the version the running bot holds
-        self.interval = interval
-        self.clock = clock
-        self._client: Any = None
-        self._token_expires: float | None = None  # monotonic time; None = no expiry / unknown
-        self._renewable = False
-        self._acted: set[int] = set()
-        self._next_try = 0.0
-        self._backoff = interval
-        self._vault_down = False
-        self._settings: Any = None
-        self._lookup_warned = False
-        self._lookup_failed = False  # the token's lifetime is unknown: ask again at the next poll
-
-    # -- token lifecycle --------------------------------------------------------------
-    def _login(self) -> Any:
-        from .vault.session import open_client
-        from .vault.settings import VaultSettings
-
-        self._settings = VaultSettings.from_env(self.env)
-        client = open_client(self._settings)
-        self._learn_token(client)
-        return client
-
-    def _learn_token(self, client: Any) -> None:
-        from .vault.session import mapped
-
-        try:
-            with mapped(self._settings, "look up the broker's token at", "auth/token/lookup-self", client,
-                        check_token=False):
-                data = client.auth.token.lookup_self()["data"]
-            if not isinstance(data, dict):
-                raise TypeError(type(data).__name__)
-            ttl = float(data.get("ttl") or 0)
-            self._renewable = bool(data.get("renewable"))
-            self._lookup_failed = False
-        except (BrokerError, KeyError, TypeError, ValueError) as exc:
-            # Vault refused or answered something unusable: the token's lifetime is unknown, so it is
-            # not renewed. Say so once (the run goes on; rotation stops being followed if it expires).
-            ttl, self._renewable, self._lookup_failed = 0.0, False, True
-            if not self._lookup_warned:
-                self._lookup_warned = True
-                reason = exc.message if isinstance(exc, BrokerError) else f"unexpected answer ({type(exc).__name__})"
-                self.record(Event.TOKEN_LOOKUP_FAILED, {"profile": self.profile.name, "reason": reason})
-                say(f"cannot look up the Vault token's lifetime, so it will not be renewed: {reason}")
-        self._token_expires = self.clock() + ttl if ttl > 0 else None
-
-    def _keep_token_alive(self) -> None:
-        """Renew when less than two intervals (or half the TTL) remain; else log in again."""
-        if self._client is None:
-            self._client = self._login()
-            return
-        if self._token_expires is None:
-            if self._lookup_failed:
-                self._learn_token(self._client)
-            return
-        remaining = self._token_expires - self.clock()
-        if remaining > max(2 * self.interval, 5.0):
-            return
-        if self._renewable and remaining > 0:
-            from .vault.session import mapped
-
-            try:
-                with mapped(self._settings, "renew the broker's token at", "auth/token/renew-self", self._client):
-                    resp = self._client.auth.token.renew_self()
-                ttl = float(resp["auth"]["lease_duration"])
-                if ttl > remaining:  # at max TTL, Vault "renews" without extending it
-                    self._token_expires = self.clock() + ttl
-                    self.record(Event.TOKEN_RENEWED, {"profile": self.profile.name, "ttl_s": int(ttl)})
-                    return
-            except (BrokerError, KeyError, TypeError, ValueError):
-                pass  # not renewed: fall through to a fresh login
-        from .vault.origins import value, without
-
-        settings_has_approle = bool(value(self.env, "VAULT_ROLE_ID", "CREDBROKER_ROLE_ID", "BAO_ROLE_ID")
-                                    or value(self.env, "CREDBROKER_ROLE_ID_FILE"))
-        if not settings_has_approle:
-            if remaining <= 0:
-                self.record(Event.TOKEN_FAILED, {"profile": self.profile.name,
-                                                 "reason": "token expired and no AppRole credentials to log in again"})
-                say("the Vault token expired and cannot be renewed; rotation is no longer followed "
-                      "(configure AppRole for long runs)")
-                self._token_expires = None
-            return
-        self.env = without(self.env, "VAULT_TOKEN", "BAO_TOKEN")  # keeps [vault] (role_id_file...)
-        try:
-            self._client = self._login()
-        except BrokerError as exc:
-            self.record(Event.TOKEN_FAILED, {"profile": self.profile.name, "reason": exc.message})
-            say(f"AppRole login to keep following rotation failed: {exc}")
-            raise
-        self.record(Event.TOKEN_RELOGIN, {"profile": self.profile.name, "method": "approle"})
-
-    # -- polling ----------------------------------------------------------------------
-    def due(self) -> bool:
-        return self.clock() >= self._next_try
-
-    def _failed(self, what: str, exc: BrokerError) -> None:
-        delay = self._backoff
-        self._next_try = self.clock() + delay
-        self._backoff = min(delay * 2, MAX_BACKOFF)
-        if not self._vault_down:
-            self._vault_down = True
-            say(f"{what} failed, retrying with backoff; the bot keeps running: {exc}")
-        self.record(Event.ROTATION_CHECK_FAILED, {"profile": self.profile.name, "error": type(exc).__name__,
-                                                  "reason": exc.message, "retry_in_s": delay})
-
-    def poll(self) -> int | None:
-        """A version newer than the bot's, not yet acted on; None otherwise (never raises BrokerError)."""
-        if not self.due():
-            return None
-        from .sources.vault import current_version
-
-        try:
-            self._keep_token_alive()
-            latest = current_version(self.profile, self.env, client=self._client)
-        except BrokerError as exc:
-            if isinstance(exc, VaultAuthError):  # the token is no longer good: log in afresh next time
-                self._client = None
-            self._failed("checking for a rotated key", exc)
-            return None
-        self._next_try = self.clock() + self.interval
-        self._backoff = self.interval
-        if self._vault_down:
-            self._vault_down = False
-            say("Vault answers again; following rotation")
-        if latest is None or self.version is None or latest <= self.version or latest in self._acted:
-            return None
-        return latest
-
-    def acted(self, version: int) -> None:
-        """Remember that ``version`` was handled (restart done, signal sent, or ignored)."""
-        self._acted.add(version)
-
-    def fetch_failed(self, exc: BrokerError) -> None:
-        """The new version could not be read: back off, keep the old bot."""
-        self._failed("reading the rotated key", exc)
-
-    def close(self) -> None:
-        if self._client is not None:
-            from .vault.session import close
-
-            try:
-                close(self._client)
-            except OSError:
-                pass
-
-
-# -- off the supervising thread -------------------------------------------------------------
 
 
 class Handover(NamedTuple):

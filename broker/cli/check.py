@@ -27,7 +27,7 @@ def check_cmd(ctx: click.Context, profiles: tuple[str, ...], check_all: bool, as
     newline) do not change it. Several -p are checked as one run would
     take them: a variable two of them set is refused before any read.
     """
-    from ..access import check_many
+    from ..checks import check_many
     from ..errors import ConfigError
 
     config = load_config(ctx)

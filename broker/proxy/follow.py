@@ -32,7 +32,7 @@ class KeyFollower:
 
     def __init__(self, proxy: Any, profile: Any, env: Mapping[str, str], version: int | None, interval: float,
                  make: Callable[[Any], Any], record: Recorder) -> None:
-        from ..rotation import Watcher
+        from ..watch import Watcher
 
         self._proxy = proxy
         self._profile = profile

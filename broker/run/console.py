@@ -1,10 +1,7 @@
-"""The broker's own lines for the operator (stderr), never a secret value."""
+"""The broker's own lines for the operator: ``broker.console.say`` (a leaf every room may use)."""
 
 from __future__ import annotations
 
-import sys
+from ..console import say
 
-
-def say(message: str) -> None:
-    """One line for the operator on stderr, as credbroker (never a secret value)."""
-    print(f"credbroker: {message}", file=sys.stderr, flush=True)
+__all__ = ["say"]

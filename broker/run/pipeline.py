@@ -296,7 +296,8 @@ class Run:
         if not watched:
             return
         from ..access import read
-        from ..rotation import BatchCheck, RotationChecker, RotationWorker, Watcher
+        from ..rotation import BatchCheck, RotationChecker, RotationWorker
+        from ..watch import Watcher
 
         checkers: list[tuple[int, Callable[[], Any]]] = []
         for i, (p, pol) in enumerate(zip(self.profiles, self.policies)):

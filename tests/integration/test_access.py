@@ -126,7 +126,7 @@ def test_check_says_when_the_token_cannot_follow_rotation(openbao: OpenBao, tmp_
 def test_check_many_is_the_librarys_check_of_several_profiles(openbao: OpenBao, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """What `credbroker check --all` / `-p A -p B` computes, callable without the CLI."""
-    from broker.access import check_many
+    from broker.checks import check_many
     from broker.config import load
     from broker.errors import ConfigError, RunError
 

@@ -17,7 +17,8 @@ import pytest
 
 from broker.config import Profile
 from broker.errors import ConfigError
-from broker.rotation import RotationPolicy, Watcher, policy_from
+from broker.rotation import RotationPolicy, policy_from
+from broker.watch import Watcher
 
 from tests.conftest import REPO, OpenBao, credbroker_bin, start_openbao
 
