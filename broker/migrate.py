@@ -441,7 +441,8 @@ def store_vault(env: Mapping[str, str], mount: str, path: str, fields: Mapping[s
     """Write ``fields`` as a new KV v2 secret (check-and-set 0: only if none exists, unless ``force``)."""
     from .errors import VaultBadResponse
     from .vault.paths import PathKind, check
-    from .vault.session import mapped, open_client
+    from .vault import kv
+    from .vault.session import open_client
     from .vault.settings import VaultSettings
 
     check(mount, PathKind.MOUNT, "the Vault mount")
@@ -452,10 +453,7 @@ def store_vault(env: Mapping[str, str], mount: str, path: str, fields: Mapping[s
     data = {name: secret.reveal_str() for name, secret in fields.items()}
     try:
         try:
-            with mapped(settings, "write", f"{mount}/data/{path}", client, secrets=fields.values()):
-                resp = client.secrets.kv.v2.create_or_update_secret(
-                    path=path, secret=data, mount_point=mount, cas=None if force else 0
-                )
+            resp = kv.write(client, settings, mount, path, data, cas=None if force else 0, secrets=fields.values())
         except VaultBadResponse as exc:
             if "check-and-set" in exc.message:
                 raise ConfigError(

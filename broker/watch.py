@@ -53,12 +53,11 @@ class Watcher:
         return client
 
     def _learn_token(self, client: Any) -> None:
-        from .vault.session import mapped
+        from .vault import token
 
         try:
-            with mapped(self._settings, "look up the broker's token at", "auth/token/lookup-self", client,
-                        check_token=False):
-                data = client.auth.token.lookup_self()["data"]
+            data = token.lookup_self(client, self._settings, action="look up the broker's token at",
+                                     check_token=False)["data"]
             if not isinstance(data, dict):
                 raise TypeError(type(data).__name__)
             ttl = float(data.get("ttl") or 0)
@@ -88,11 +87,10 @@ class Watcher:
         if remaining > max(2 * self.interval, 5.0):
             return
         if self._renewable and remaining > 0:
-            from .vault.session import mapped
+            from .vault import token
 
             try:
-                with mapped(self._settings, "renew the broker's token at", "auth/token/renew-self", self._client):
-                    resp = self._client.auth.token.renew_self()
+                resp = token.renew_self(self._client, self._settings, action="renew the broker's token at")
                 ttl = float(resp["auth"]["lease_duration"])
                 if ttl > remaining:  # at max TTL, Vault "renews" without extending it
                     self._token_expires = self.clock() + ttl

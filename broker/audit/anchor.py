@@ -124,41 +124,34 @@ def parse(data: Any, version: int | None, key: bytes | None) -> Anchor | None:
 
 
 # -- the one place that talks to Vault -------------------------------------------------------
-def _vault_kv(env: Mapping[str, str]) -> tuple[Any, Callable[[str, str], Any]]:
-    """(KV v2 API of an authenticated client, mapper of its failures to VaultErrors).
-
-    Kept to one small function so that the client's construction can move
-    (TLS trust, deadlines) without touching the anchoring logic.
-    """
+def _vault_kv(env: Mapping[str, str]) -> tuple[Any, Any]:
+    """(an authenticated hvac client, its settings): the calls themselves are ``broker.vault.kv``'s."""
     from ..vault import session
     from ..vault.settings import VaultSettings
 
     settings = VaultSettings.from_env(env)
-    client = session.open_client(settings)
-
-    def mapped(action: str, path: str) -> Any:
-        return session.mapped(settings, action, path, client)
-
-    return client.secrets.kv.v2, mapped
+    return session.open_client(settings), settings
 
 
 def write(env: Mapping[str, str], place: AnchorPlace, payload: Mapping[str, Any],
-          client: tuple[Any, Callable[[str, str], Any]] | None = None) -> tuple[Any, Callable[[str, str], Any]]:
+          client: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
     """Store one anchor as a new version (raises a VaultError); returns the client for reuse."""
-    kv, mapped = client or _vault_kv(env)
-    with mapped("write the audit anchor to", f"{place.mount}/data/{place.path}"):
-        kv.create_or_update_secret(path=place.path, secret=dict(payload), mount_point=place.mount)
-    return kv, mapped
+    from ..vault import kv
+
+    hvac_client, settings = client or _vault_kv(env)
+    kv.write(hvac_client, settings, place.mount, place.path, dict(payload), action="write the audit anchor to")
+    return hvac_client, settings
 
 
 def read_all(env: Mapping[str, str], place: AnchorPlace, key: bytes | None) -> list[Anchor]:
     """Every retained anchor version, newest first ([] when none was ever written)."""
     from ..errors import VaultNotFound
 
-    kv, mapped = _vault_kv(env)
+    from ..vault import kv
+
+    client, settings = _vault_kv(env)
     try:
-        with mapped("read the audit anchors at", f"{place.mount}/metadata/{place.path}"):
-            meta = kv.read_secret_metadata(path=place.path, mount_point=place.mount)
+        meta = kv.read_metadata(client, settings, place.mount, place.path, action="read the audit anchors at")
     except VaultNotFound:
         return []
     versions = meta.get("data", {}).get("versions", {}) if isinstance(meta, dict) else {}
@@ -167,9 +160,8 @@ def read_all(env: Mapping[str, str], place: AnchorPlace, key: bytes | None) -> l
                       and not info.get("deletion_time")), reverse=True)[:MAX_VERSIONS_READ]
     out: list[Anchor] = []
     for number in numbers:
-        with mapped("read the audit anchor at", f"{place.mount}/data/{place.path} (version {number})"):
-            resp = kv.read_secret_version(path=place.path, version=number, mount_point=place.mount,
-                                          raise_on_deleted_version=False)
+        resp = kv.read_version(client, settings, place.mount, place.path, number, action="read the audit anchor at",
+                               shown=f"{place.mount}/data/{place.path} (version {number})", raise_on_deleted=False)
         data = resp.get("data", {}).get("data") if isinstance(resp, dict) else None
         anchor = parse(data, number, key)
         out.append(anchor if anchor is not None else Anchor(-1, "", None, None, number, False))
@@ -195,7 +187,7 @@ class Anchorer:
         self._failing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client: tuple[Any, Callable[[str, str], Any]] | None = None  # one login per process
+        self._client: tuple[Any, Any] | None = None  # one login per process
 
     def committed(self, seq: int, digest: str) -> None:
         """The writer committed up to (seq, digest); the interval thread starts on the first call."""
@@ -280,10 +272,11 @@ def read_host(env: Mapping[str, str], settings: AuditSettings, host: str, key: b
     kid = key_id(key)
     mount, _, prefix = settings.anchor.partition("/")
     folder = f"{prefix}/{_HOST_CHARS.sub('_', host)}"
-    kv, mapped = _vault_kv(env)
+    from ..vault import kv
+
+    client, vault_settings = _vault_kv(env)
     try:
-        with mapped("list the audit anchors at", f"{mount}/metadata/{folder}"):
-            listed = kv.list_secrets(path=folder, mount_point=mount)
+        listed = kv.list_keys(client, vault_settings, mount, folder, action="list the audit anchors at")
     except VaultNotFound:
         return [], f"{mount}/{folder}/{kid}-*"
     keys = listed.get("data", {}).get("keys", []) if isinstance(listed, dict) else []

@@ -54,7 +54,8 @@ def kv_logical_path(api_path: str) -> str | None:
 def audit_hash(env: Mapping[str, str], device: str, value: str) -> str:
     """``sys/audit-hash/<device>`` of ``value``: the form the audit device logs it in."""
     from ..vault.paths import PathKind, check
-    from ..vault.session import close, mapped, open_client
+    from ..vault import system
+    from ..vault.session import close, open_client
     from ..vault.settings import VaultSettings
 
     device = check(device.strip("/"), PathKind.MOUNT, "the audit device")
@@ -62,8 +63,7 @@ def audit_hash(env: Mapping[str, str], device: str, value: str) -> str:
     client = open_client(settings)
     path = f"sys/audit-hash/{device}"
     try:
-        with mapped(settings, "hash a value with", path, client, secrets=[value]):
-            resp = client.adapter.post(f"/v1/{path}", json={"input": value})
+        resp = system.audit_hash(client, settings, device, value)
         data = resp.json() if hasattr(resp, "json") else resp
         hashed = data["data"]["hash"] if isinstance(data, dict) and isinstance(data.get("data"), dict) else None
     except ValueError as exc:  # an answer that is not JSON

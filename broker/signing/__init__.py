@@ -450,9 +450,8 @@ def release_child_env(extra: Mapping[str, str], *, env: Mapping[str, str]) -> No
     try:
         vault = json.loads(raw).get("vault") or {}
         client, settings = _child_vault_client({SIGNER_TOKEN_VAR: token}, vault)
-        from ..vault.session import mapped
+        from ..vault import token as vault_token
 
-        with mapped(settings, "revoke the signing token at", "auth/token/revoke-self", client):
-            client.auth.token.revoke_self()
+        vault_token.revoke_self(client, settings, action="revoke the signing token at")
     except (ValueError, AttributeError, BrokerError):
         pass  # already expired or revoked, or Vault is gone: the TTL bounds it anyway

@@ -44,24 +44,17 @@ def policy_hcl(mount: str, key: str) -> str:
     )
 
 
-def _vault_mapped(settings: Any, action: str, path: str, client: Any) -> Any:
-    """The Vault session's mapping of hvac/requests errors to VaultErrors (one exception tree)."""
-    from ..vault.session import mapped
-
-    return mapped(settings, action, path, client)
-
-
 def describe_key(client: Any, settings: Any, *, mount: str, key: str, where: str = "signer.transit_key"
                  ) -> dict[str, Any]:
     """Vault's description of transit key ``mount``/``key``, checked: it exists, it is Ed25519 (Binance's
     self-generated key type), and its private half cannot leave Vault. ``where`` names the setting for
     errors. The broker calls this before any bot starts, so a typo in the key's name fails closed."""
     from ..errors import VaultNotFound
+    from ..vault import transit
 
     path = f"{mount}/keys/{key}"
     try:
-        with _vault_mapped(settings, "read the transit key", path, client):
-            resp = client.secrets.transit.read_key(name=key, mount_point=mount)
+        resp = transit.read_key(client, settings, mount, key)
     except VaultNotFound:
         raise SigningError(f"transit key {path} does not exist ({where})",
                            f"check the key's name in {where}, or create it: scripts/transit-key {key}") from None
@@ -128,11 +121,10 @@ class TransitSigner(Signer):
             self._describe_key()
 
     # -- Vault calls -------------------------------------------------------------------
-    def _call(self, action: str, path: str, fn: Callable[[], Any]) -> Any:
+    def _open(self) -> Any:
         if self._client is None:
             raise SigningError("this signer has been closed", "get a new one with get_signer()")
-        with _vault_mapped(self._settings, action, path, self._client):
-            return fn()
+        return self._client
 
     def _describe_key(self) -> dict[str, Any]:
         if self._client is None:
@@ -143,8 +135,9 @@ class TransitSigner(Signer):
         ttl = self._token_ttl
         if not ttl or self._monotonic() - self._issued < ttl / 2:
             return
-        resp = self._call("renew the signing token at", "auth/token/renew-self",
-                          lambda: self._client.auth.token.renew_self())
+        from ..vault import token
+
+        resp = token.renew_self(self._open(), self._settings, action="renew the signing token at")
         lease = resp.get("auth", {}).get("lease_duration") if isinstance(resp, dict) else None
         self._issued = self._monotonic()
         if isinstance(lease, int) and lease > 0:
@@ -154,8 +147,9 @@ class TransitSigner(Signer):
         self._maybe_renew()
         path = f"{self.mount}/sign/{self.key}"
         b64 = base64.b64encode(payload).decode("ascii")
-        resp = self._call("sign with", path, lambda: self._client.secrets.transit.sign_data(
-            name=self.key, hash_input=b64, key_version=self.pinned_version, mount_point=self.mount))
+        from ..vault import transit
+
+        resp = transit.sign(self._open(), self._settings, self.mount, self.key, b64, key_version=self.pinned_version)
         sig = resp.get("data", {}).get("signature") if isinstance(resp, dict) else None
         if not isinstance(sig, str):
             raise SigningError(f"Vault returned no signature from {path}", "check the transit mount and key")
@@ -196,23 +190,24 @@ def child_token(client: Any, settings: Any, *, mount: str, key: str, profile: st
     holds itself; with ``role`` (``signer.token_role``) the role's
     ``allowed_policies`` decide.
     """
+    from ..vault import token as vault_token
+
     name = policy_name(mount, key)
     try:
-        with _vault_mapped(settings, "write policy", f"sys/policies/acl/{name}", client):
-            client.sys.create_or_update_acl_policy(name=name, policy=policy_hcl(mount, key))
+        vault_token.write_policy(client, settings, name, policy_hcl(mount, key))
     except VaultPermissionDenied:
         pass  # the admin manages policies; the token request below says if it is missing
-    create_path = f"auth/token/create/{role}" if role else "auth/token/create"
     try:
-        with _vault_mapped(settings, "create a signing token at", create_path, client):
-            resp = client.auth.token.create(
-                policies=[name],
-                ttl=ttl,
-                renewable=True,
-                display_name=f"credbroker-signer-{profile}",
-                meta={"profile": profile, "transit_key": f"{mount}/{key}"},
-                role_name=role,
-            )
+        resp = vault_token.create(
+            client, settings,
+            policies=[name],
+            ttl=ttl,
+            renewable=True,
+            display_name=f"credbroker-signer-{profile}",
+            meta={"profile": profile, "transit_key": f"{mount}/{key}"},
+            role=role,
+            action="create a signing token at",
+        )
     except (VaultPermissionDenied, VaultBadResponse) as exc:
         # 403 (the broker's token may not create tokens there) or 400 (the child's policy is not
         # one the broker's token holds, or not in the role's allowed_policies): the policy remedy.

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from ..config import Profile
 from ..errors import ConfigError, VaultBadResponse, VaultError, VaultNotFound
 from ..secret import Credentials, Origin, Secret
+from ..vault import kv, transit
 from ..vault.paths import PathKind, check
-from ..vault.session import close, mapped, open_client
+from ..vault.session import close, open_client
 from ..vault.settings import VaultSettings
 from .values import value_problem
 
@@ -66,10 +67,7 @@ def read_kv(client: Any, settings: VaultSettings, mount: str, path: str, version
     api_path = f"{mount}/data/{path}"
     shown = api_path + (f" (version {version})" if version else "")
     try:
-        with mapped(settings, "read", shown, client):
-            resp = client.secrets.kv.v2.read_secret_version(
-                path=path, version=version, mount_point=mount, raise_on_deleted_version=True
-            )
+        resp = kv.read_version(client, settings, mount, path, version, shown=shown)
     except VaultNotFound:
         if version is None:
             raise
@@ -94,8 +92,7 @@ def read_kv(client: Any, settings: VaultSettings, mount: str, path: str, version
 def _latest_version(client: Any, settings: VaultSettings, mount: str, path: str) -> int | None:
     """``current_version`` from the metadata, for a message; None when it cannot be read."""
     try:
-        with mapped(settings, "read metadata of", f"{mount}/metadata/{path}", client):
-            resp = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount)
+        resp = kv.read_metadata(client, settings, mount, path)
     except VaultError:
         return None
     data = resp.get("data") if isinstance(resp, dict) else None
@@ -108,8 +105,7 @@ def current_version(profile: Profile, env: Mapping[str, str], *, client: Any = N
     settings = VaultSettings.from_env(env)
     mount, path = split_path(profile)
     client = client or client_for(profile, env, settings=settings)
-    with mapped(settings, "read metadata of", f"{mount}/metadata/{path}", client):
-        resp = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount)
+    resp = kv.read_metadata(client, settings, mount, path)
     value = _require(resp, "data", "current_version", what=f"{mount}/metadata/{path}")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -124,8 +120,7 @@ def current_version_created(profile: Profile, env: Mapping[str, str], *, client:
     settings = VaultSettings.from_env(env)
     mount, path = split_path(profile)
     client = client or client_for(profile, env, settings=settings)
-    with mapped(settings, "read metadata of", f"{mount}/metadata/{path}", client):
-        resp = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount)
+    resp = kv.read_metadata(client, settings, mount, path)
     data = resp.get("data") if isinstance(resp, dict) else None
     if not isinstance(data, dict):
         return None
@@ -151,8 +146,7 @@ def _decrypt(client: Any, settings: VaultSettings, profile: Profile, field: str,
         )
     key = check(key, PathKind.NAME, profile.where("transit_key"))
     mount = check(profile.options.get("transit_mount") or "transit", PathKind.MOUNT, profile.where("transit_mount"))
-    with mapped(settings, "decrypt with", f"{mount}/decrypt/{key}", client, secrets=held):
-        resp = client.secrets.transit.decrypt_data(name=key, ciphertext=ciphertext, mount_point=mount)
+    resp = transit.decrypt(client, settings, mount, key, ciphertext, secrets=held)
     plaintext_b64 = _require(resp, "data", "plaintext", what=f"{mount}/decrypt/{key}")
     if not isinstance(plaintext_b64, str):
         raise VaultBadResponse(f"transit decrypt of field {field} returned no plaintext", "check the transit key")

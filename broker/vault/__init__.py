@@ -4,6 +4,8 @@
 - ``session``: the hvac client every Vault call goes through (TLS trust, the redirect rule, a total
   deadline per request, Vault's answers mapped to credbroker's errors, server text scrubbed);
 - ``transport``: the requests machinery behind that session (imported only when a client is built);
+- ``kv``, ``transit``, ``token``, ``system``: every Vault call of the product, one hvac call each inside
+  ``session.mapped`` (nothing outside this package touches an hvac client's API);
 - ``paths``: the one check of every path segment a user gives (KV path, mount, transit key).
 
 Nothing here imports hvac or requests at module level: ``credbroker run`` with a keyring profile never
