@@ -140,10 +140,8 @@ def fetch(profile: Profile, env: Mapping[str, str]) -> Credentials | None:
             "profile": {"name": profile.name, "source": profile.source, "env": dict(profile.env),
                         "options": dict(profile.options)},
             "env": {k: v for k, v in env.items() if k.startswith(_ENV_PREFIXES) or k == "HOME"},
+            **_vault_field(env),
         }
-        table = vault_table(env)
-        if table is not None:  # the caller's [vault], beside its environment as in-process
-            request["vault"] = {"values": dict(table.values), "file": table.file}
         sock.sendall(frame(request))
         del request
         answer = recv_frame(sock)
@@ -279,10 +277,7 @@ def _ask_preforked(profile: Profile, env: Mapping[str, str], nonce: str) -> tupl
     request = {"profile": {"name": profile.name, "source": profile.source, "env": dict(profile.env),
                            "options": dict(profile.options), "sections": dict(profile.sections),
                            "origin": profile.origin, "code": nonce},
-               "env": dict(env)}
-    table = vault_table(env)
-    if table is not None:  # the caller's [vault], beside its environment, as the daemon gets it
-        request["vault"] = {"values": dict(table.values), "file": table.file}
+               "env": dict(env), **_vault_field(env)}
     try:
         sock.sendall(frame(request))
     except (OSError, TypeError, ValueError):  # gone, or a profile table JSON cannot carry: fork anew
@@ -440,6 +435,13 @@ def _handle(request: Any) -> bytearray:
         return _encode_reply({**base, "ok": False, "error": BrokerError(
             "malformed request", "use the same credbroker version as the daemon").to_dict()})
     return _fetch_reply(profile, env, base)
+
+
+def _vault_field(env: Mapping[str, str]) -> dict[str, Any]:
+    """The caller's ``[vault]`` table as a request carries it beside the environment (``_settings_env``
+    rebuilds it): the daemon and the early fetch child resolve settings as the caller would in-process."""
+    table = vault_table(env)
+    return {} if table is None else {"vault": {"values": dict(table.values), "file": table.file}}
 
 
 def _settings_env(request: Mapping[str, Any]) -> SettingsEnv:
