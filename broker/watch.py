@@ -125,8 +125,14 @@ class Watcher:
 
     def _failed(self, what: str, exc: BrokerError) -> None:
         delay = self._backoff
-        self._next_try = self.clock() + delay
         self._backoff = min(delay * 2, MAX_BACKOFF)
+        if self._token_expires is not None:
+            # A backoff never sleeps through the token's renewal (a leader election outlasting a short
+            # token's last renewal window): the next try comes while the token is still alive.
+            left = self._token_expires - self.clock()
+            if left > 0:
+                delay = min(delay, max(left / 2, 1.0))
+        self._next_try = self.clock() + delay
         if not self._vault_down:
             self._vault_down = True
             say(f"{what} failed, retrying with backoff; the bot keeps running: {exc}")
