@@ -48,10 +48,17 @@ def whole(cluster: Cluster) -> Iterator[Cluster]:
     yield cluster
 
 
+#: The per-request deadline these runs get. It bounds one request, failover and the wait for an election
+#: included; on a loaded 2-core CI machine an election took over 20 s (a KV write right after the kill ran
+#: out of a 20 s deadline waiting for the new active node), so the tests give it room: what they check is
+#: that the request reaches the next leader, not how fast the cluster elects one.
+DEADLINE = 60
+
+
 def _env(cluster: Cluster, addr: str, tmp: Path, others: list[Node] | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env.update(VAULT_ADDR=addr, VAULT_TOKEN=cluster.root_token, CREDBROKER_AUDIT_LOG=str(tmp / "audit.log"),
-               CREDBROKER_VAULT_TIMEOUT="20", **extra)
+               CREDBROKER_VAULT_TIMEOUT=str(DEADLINE), **extra)
     if others is not None:
         env["CREDBROKER_VAULT_ADDRS"] = " ".join(n.addr for n in others)
     return env
@@ -105,8 +112,8 @@ def test_no_node_answering_fails_closed_at_once(whole: Cluster, tmp_path: Path, 
     res = run_broker(RUN, env=env, timeout=120)
     assert res.returncode == 125 and res.stderr.count("\n") == 1 and "cannot reach Vault" in res.stderr
     assert "raft-secret" not in res.stdout
-    # Refused connections everywhere: no wait for the 20 s deadline (a generous bound, not a timing).
-    assert time.monotonic() - started < 20
+    # Refused connections everywhere: no wait for the deadline (a generous bound, not a timing).
+    assert time.monotonic() - started < DEADLINE
 
 
 def test_a_bot_following_rotation_survives_the_election_and_restarts_once(whole: Cluster, tmp_path: Path) -> None:
@@ -297,7 +304,7 @@ def test_a_transit_signer_keeps_signing_through_the_election(whole: Cluster, tmp
                       'env = { BINANCE_API_KEY = "api_key" }\n\n[profiles.raft-transit.signer]\n'
                       'type = "transit"\ntransit_key = "credbroker-raft"\n')
     others = [n for n in whole.nodes if n is not lead]
-    env = _env(whole, lead.addr, tmp_path, others)  # each request: a 20 s total deadline
+    env = _env(whole, lead.addr, tmp_path, others)  # each request: a DEADLINE s total deadline
     signer = get_signer(profile="raft-transit", config=config, env=env)
     pem = signer.public_key_pem()
     key = load_pem_public_key(pem.encode())
