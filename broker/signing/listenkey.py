@@ -179,11 +179,14 @@ class ListenKeyKeeper:
     # -- state ------------------------------------------------------------------------------
     @property
     def listen_key(self) -> str:
-        """The current listenKey (the stream's path: ``wss://fstream.binance.com/ws/<listenKey>``)."""
-        with self._lock:
-            if self._listen_key is None:
-                raise ListenKeyError("there is no listenKey yet", "call keeper.start() first")
-            return self._listen_key
+        """The current listenKey (the stream's path: ``wss://fstream.binance.com/ws/<listenKey>``).
+
+        Read without the lock: the lock serialises the exchange calls, and a bot reconnecting its stream must
+        not wait behind a keepalive in flight (up to the transport's timeout). One attribute read is atomic."""
+        key = self._listen_key
+        if key is None:
+            raise ListenKeyError("there is no listenKey yet", "call keeper.start() first")
+        return key
 
     def __repr__(self) -> str:
         key = mask_id(self._listen_key) if self._listen_key else None

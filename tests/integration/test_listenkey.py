@@ -138,6 +138,31 @@ def test_creates_and_keeps_alive_with_the_api_key_only_on_the_thread(fake: Futur
     assert key not in json.dumps(rec.items) and SECRET not in json.dumps(rec.items)
 
 
+def test_reading_the_key_does_not_wait_for_a_call_in_flight() -> None:
+    """A keepalive stuck on a slow exchange holds the keeper's lock; the bot asking for the current key (to
+    reconnect its stream) gets it at once, not after the transport's timeout."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(method: str, path: str, headers: Any) -> tuple[int, bytes]:
+        entered.set()
+        release.wait(30)
+        return 200, b'{"listenKey": "k1"}'
+
+    keeper = ListenKeyKeeper(API_KEY, "http://127.0.0.1:9", transport=slow, record=lambda e, f: None,
+                             listen_key="k1")
+    call = threading.Thread(target=keeper.keepalive, daemon=True)
+    call.start()
+    assert entered.wait(10)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(keeper.listen_key), daemon=True)
+    reader.start()
+    reader.join(10)  # a deadlock guard: with the lock taken, the read would wait until release
+    stuck = reader.is_alive()
+    release.set()
+    call.join(10)
+    assert not stuck and got == ["k1"]
+
+
 def test_jitter_stays_inside_the_interval() -> None:
     low = ListenKeyKeeper("k", "http://127.0.0.1:9", interval=1000, jitter=0.2, rand=lambda: 0.999)
     high = ListenKeyKeeper("k", "http://127.0.0.1:9", interval=1000, jitter=0.2, rand=lambda: 0.0)
