@@ -280,12 +280,17 @@ def check(restrictions: Mapping[str, Any], options: PreflightOptions) -> Preflig
                                  "(or pass --unsafe-allow-withdrawals, not recommended)")
         warnings.append("UNSAFE: this API key can withdraw funds (enableWithdrawals is true); "
                         "started anyway because of --unsafe-allow-withdrawals")
-    if restrictions["enableMargin"]:
+    # Portfolio margin is margin too (Binance documents the field for keys that have it; judged when given).
+    for field, what, switch in (("enableMargin", "trade on margin", "Enable Margin Loan, Repay & Transfer"),
+                                ("enablePortfolioMarginTrading", "trade on portfolio margin",
+                                 "Enable Portfolio Margin Trading")):
+        if restrictions.get(field) is not True:
+            continue
         if not options.unsafe_allow_margin:
-            raise PreflightError("key preflight: this API key can trade on margin (enableMargin is true)",
-                                 "turn off \"Enable Margin Loan, Repay & Transfer\" for the key on the exchange "
+            raise PreflightError(f"key preflight: this API key can {what} ({field} is true)",
+                                 f"turn off \"{switch}\" for the key on the exchange "
                                  "(or pass --unsafe-allow-margin, not recommended)")
-        warnings.append("UNSAFE: this API key can trade on margin (enableMargin is true); "
+        warnings.append(f"UNSAFE: this API key can {what} ({field} is true); "
                         "started anyway because of --unsafe-allow-margin")
     if not restrictions["ipRestrict"]:
         if not options.unsafe_no_ip_restriction:

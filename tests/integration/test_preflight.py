@@ -173,6 +173,23 @@ def test_margin_rights_are_refused_unless_overridden() -> None:
     assert check({**safe, "enableMargin": False}, PreflightOptions()).outcome == "passed"
 
 
+def test_portfolio_margin_rights_are_margin_rights() -> None:
+    """A key with "Enable Portfolio Margin Trading" can trade on margin: refused like enableMargin, under the
+    same override; the field is optional (older answers lack it) and judged when it is a boolean."""
+    safe = {"enableWithdrawals": False, "ipRestrict": True, "enableMargin": False}
+    with pytest.raises(PreflightError, match=r"portfolio margin \(enablePortfolioMarginTrading is true\)") as info:
+        check({**safe, "enablePortfolioMarginTrading": True}, PreflightOptions())
+    assert "--unsafe-allow-margin" in info.value.remedy and "Portfolio Margin" in info.value.remedy
+    with pytest.raises(PreflightError, match="enablePortfolioMarginTrading"):
+        check({**safe, "enablePortfolioMarginTrading": True}, PreflightOptions(unsafe_allow_withdrawals=True))
+    result = check({**safe, "enableMargin": True, "enablePortfolioMarginTrading": True},
+                   PreflightOptions(unsafe_allow_margin=True))
+    assert result.outcome == "overridden" and len(result.warnings) == 2
+    assert "enablePortfolioMarginTrading is true" in result.warnings[1]
+    assert check({**safe, "enablePortfolioMarginTrading": False}, PreflightOptions()).outcome == "passed"
+    assert check(safe, PreflightOptions()).outcome == "passed"
+
+
 def test_margin_key_against_the_exchange_refused_then_started_with_a_warning_each_time(exchange: Any) -> None:
     ex = exchange()
     ex.restrictions["enableMargin"] = True
