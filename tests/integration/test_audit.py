@@ -24,22 +24,8 @@ from broker.audit.verify import verify_files
 from broker.errors import AuditError, ConfigError
 from broker.secret import Credentials, Origin, Secret
 
-KEY_HEX = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
-KEY = bytes.fromhex(KEY_HEX)
-
-
-# -- helpers shared by the other test_audit_* files ---------------------------------------
-def make_log(path: Path, key: bytes | None = None, **kw: Any) -> AuditLog:
-    """A fresh writer (not the open_log cache) on ``path``."""
-    return AuditLog(AuditSettings(path=path, **kw), Secret(key) if key else None)
-
-
-def lines(path: Path) -> list[bytes]:
-    return path.read_bytes().splitlines(keepends=True)
-
-
-def records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in lines(path)]
+# Shared by the other test_audit_* files (tests/helpers/auditlog.py): re-exported for this file's tests.
+from tests.helpers.auditlog import KEY, KEY_HEX, lines, make_log, records  # noqa: E402,F401
 
 
 # -- location and permissions --------------------------------------------------------------

@@ -26,7 +26,7 @@ from tests.conftest import OpenBao
 
 from tests.integration.test_audit_gap import make_log as keyed_log
 from tests.integration.test_audit_vault import audited_openbao  # noqa: F401 - the fixture
-from tests.integration.test_audit_report import NOW, SINCE, Writer
+from tests.helpers.auditlog import NOW, SINCE, Writer
 
 KEY = bytes(range(32))
 
@@ -313,7 +313,7 @@ def test_vault_audit_cross_check_over_the_fleet(audited_openbao, tmp_path: Path)
     from broker.access import fetch
     from broker.config import Profile
 
-    from tests.integration.test_audit import make_log
+    from tests.helpers.auditlog import make_log
 
     server = audited_openbao
     server.kv_put("credbroker/binance/fleet", api_key="AK" + secrets.token_hex(8), api_secret="S" * 20)

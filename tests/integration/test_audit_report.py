@@ -19,35 +19,7 @@ from broker.audit.model import Report
 from broker.audit.report import build_report, render_text
 from broker.cli import cli
 
-from tests.integration.test_audit import make_log
-
-NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
-SINCE = NOW - timedelta(days=7)
-
-
-class Writer:
-    """Writes records with chosen timestamps and hosts, through the real writer."""
-
-    def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.log = make_log(path, rotate="size", max_size=10**9)
-        self.mp = monkeypatch
-
-    def at(self, when: datetime, event: str, writer_host: str = "bot-1", **data: Any) -> int:
-        """Record one event at ``when``; its sequence number."""
-        stamp = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        self.mp.setattr(logmod, "utc_timestamp", lambda now=None: stamp)
-        self.log._host = writer_host  # the writer's own host: each bot host writes its own records in real life
-        return int(self.log.record(event, data)["seq"])
-
-    def run(self, when: datetime, command: list[str], version: int, host: str = "bot-1", pid: int = 100,
-            profile: str = "um-futures", exit_after: timedelta | None = timedelta(minutes=30)) -> None:
-        self.at(when, "secret_fetched", host, profile=profile, source="vault",
-                path="secret/credbroker/binance/um-futures", version=version, fields=["api_key", "api_secret"])
-        self.at(when, "secret_injected", host, profile=profile, version=version, command=command, pid=pid,
-                user="trader", host=host, cwd="/srv/bot", variables=["BINANCE_API_KEY"])
-        if exit_after is not None:
-            self.at(when + exit_after, "child_exited", host, profile=profile, pid=pid, status=0, duration_s=1800.0)
-
+from tests.helpers.auditlog import NOW, SINCE, Writer, make_log
 
 def generate(path: Path, mp: pytest.MonkeyPatch) -> dict[str, Any]:
     """Three quiet weeks of history, then a week with one of each anomaly."""

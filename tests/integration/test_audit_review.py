@@ -21,7 +21,7 @@ from broker.cli import cli
 from broker.errors import ConfigError
 
 from tests.unit.test_audit_findings import ADDR, PATH, Week, report
-from tests.integration.test_audit_report import NOW, SINCE
+from tests.helpers.auditlog import NOW, SINCE
 
 ARGS = ["--since", SINCE.isoformat(), "--until", NOW.isoformat()]
 
@@ -145,7 +145,7 @@ def test_audit_show_filters_records(week: Week) -> None:
 
 
 def test_audit_tail_follow_prints_new_records_as_they_are_written(tmp_path: Path) -> None:
-    from tests.integration.test_audit import make_log
+    from tests.helpers.auditlog import make_log
 
     path = tmp_path / "audit.log"
     log = make_log(path)
@@ -173,7 +173,7 @@ def test_audit_tail_follow_prints_new_records_as_they_are_written(tmp_path: Path
 @pytest.mark.vault
 def test_keys_not_rotated_come_from_kv_metadata_where_readable(openbao: object, tmp_path: Path) -> None:
     from tests.conftest import OpenBao
-    from tests.integration.test_audit import make_log
+    from tests.helpers.auditlog import make_log
 
     assert isinstance(openbao, OpenBao)
     version = openbao.kv_put("credbroker/binance/unrotated", api_key="AK", api_secret="S")
@@ -247,7 +247,7 @@ def test_follow_goes_on_in_the_new_file_when_the_writer_rotates(tmp_path: Path) 
     from broker.audit.files import log_set
     from broker.audit.show import RecordFilter, follow
 
-    from tests.integration.test_audit import make_log
+    from tests.helpers.auditlog import make_log
 
     path = tmp_path / "audit.log"
     got: list[int] = []

@@ -22,7 +22,7 @@ from broker.config import Profile
 from broker.errors import AuditError
 from broker.sources import fetch
 
-from tests.integration.test_audit import KEY, KEY_HEX, records
+from tests.helpers.auditlog import KEY, KEY_HEX, records
 
 pytestmark = pytest.mark.vault
 

@@ -17,7 +17,7 @@ from broker.audit.verify import verify_files
 from broker.cli import cli
 from broker.errors import AuditError, ConfigError
 
-from tests.integration.test_audit import KEY, KEY_HEX, lines, make_log, records
+from tests.helpers.auditlog import KEY, KEY_HEX, lines, make_log, records
 
 N = 30
 

@@ -17,7 +17,7 @@ from broker.audit.model import FindingKind, Report
 from broker.audit.report import build_report, render_text
 from broker.cli import cli
 
-from tests.integration.test_audit_report import NOW, SINCE, Writer
+from tests.helpers.auditlog import NOW, SINCE, Writer
 
 PATH = "secret/credbroker/binance/um-futures"
 ADDR = "https://vault-a:8200"

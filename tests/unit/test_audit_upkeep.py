@@ -18,7 +18,7 @@ from broker.audit.report import render_text
 from broker.cli import cli
 
 from tests.unit.test_audit_findings import Week, report
-from tests.integration.test_audit_report import NOW, SINCE
+from tests.helpers.auditlog import NOW, SINCE
 
 DAY_MS = 86_400_000
 FAPI = "https://fapi.binance.com/fapi/v1/listenKey"
