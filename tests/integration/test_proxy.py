@@ -669,32 +669,10 @@ def test_the_exchange_is_reached_over_verified_tls_on_kept_alive_connections(tmp
 
 def test_a_transit_key_signs_inside_vault_for_a_binance_connector_bot(
         openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
-    from tests.integration.test_signing_transit import transit_key
+    from tests.helpers.transit_proxy import write_transit_proxy_profile
 
-    name = "proxy-" + secrets.token_hex(4)
-    made = transit_key(openbao, name)
-    assert made.returncode == 0, made.stderr
-    fake.add_public_key(API_KEY, made.stdout)
-    kv = "bots/" + name
-    openbao.kv_put(kv, api_key=API_KEY)
-    (tmp_path / "credbroker.toml").write_text(f"""
-[profiles.bot]
-source = "vault"
-path = "secret/{kv}"
-env = {{ BINANCE_API_KEY = "api_key" }}
-
-[profiles.bot.signer]
-type = "transit"
-transit_key = "{name}"
-
-[profiles.bot.proxy]
-spot = "{fake.url}"
-futures = "{fake.url}"
-unsafe_plain_http_loopback = true
-
-[profiles.bot.policy]
-symbols = ["BTCUSDT", "ETHUSDT"]
-""")
+    write_transit_proxy_profile(openbao, tmp_path, fake, API_KEY, rest_url=fake.url,
+                                tail='\n[profiles.bot.policy]\nsymbols = ["BTCUSDT", "ETHUSDT"]\n')
     state = tmp_path / "state-bot"
     state.mkdir()
     proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", sys.executable, str(BOT),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -145,30 +144,10 @@ def test_binance_sdk_spot_trades_through_the_proxy(openbao: OpenBao, tmp_path: P
 
 
 def _transit_profile(openbao: OpenBao, tmp: Path, fake: FakeBinance, client_key: str) -> None:
-    from tests.integration.test_signing_transit import transit_key
+    from tests.helpers.transit_proxy import write_transit_proxy_profile
 
-    name = "proxy-" + secrets.token_hex(4)
-    made = transit_key(openbao, name)
-    assert made.returncode == 0, made.stderr
-    fake.add_public_key(API_KEY, made.stdout)
-    kv = "bots/" + name
-    openbao.kv_put(kv, api_key=API_KEY)
-    (tmp / "credbroker.toml").write_text(f"""
-[profiles.bot]
-source = "vault"
-path = "secret/{kv}"
-env = {{ BINANCE_API_KEY = "api_key" }}
-
-[profiles.bot.signer]
-type = "transit"
-transit_key = "{name}"
-
-[profiles.bot.proxy]
-spot = "{fake.url}"
-futures = "{fake.url}"
-unsafe_plain_http_loopback = true
-client_key = "{client_key}"
-""")
+    write_transit_proxy_profile(openbao, tmp, fake, API_KEY, rest_url=fake.url,
+                                proxy_extra=f'client_key = "{client_key}"\n')
 
 
 #: client -> the stand-in it gets for a transit (Ed25519) key: "hmac" where the client cannot sign with

@@ -317,34 +317,11 @@ def test_a_transit_key_signs_ws_requests_and_logs_on_through_credbroker_run_prox
 
     from tests.conftest import credbroker_bin
     from tests.integration.test_agent import audit_records
-    from tests.integration.test_signing_transit import transit_key
+    from tests.helpers.transit_proxy import write_transit_proxy_profile
 
-    name = "ws-" + secrets.token_hex(4)
-    made = transit_key(openbao, name)
-    assert made.returncode == 0, made.stderr
-    fake.add_public_key(API_KEY, made.stdout)
-    kv = "bots/" + name
-    openbao.kv_put(kv, api_key=API_KEY)
-    (tmp_path / "credbroker.toml").write_text(f"""
-[profiles.bot]
-source = "vault"
-path = "secret/{kv}"
-env = {{ BINANCE_API_KEY = "api_key" }}
-
-[profiles.bot.signer]
-type = "transit"
-transit_key = "{name}"
-
-[profiles.bot.proxy]
-spot = "{fake_rest.url}"
-futures = "{fake_rest.url}"
-ws_spot = "{fake.url}/ws-api/v3"
-ws_futures = "{fake.url}/ws-fapi/v1"
-unsafe_plain_http_loopback = true
-
-[profiles.bot.policy]
-symbols = ["BTCUSDT"]
-""")
+    write_transit_proxy_profile(openbao, tmp_path, fake, API_KEY, rest_url=fake_rest.url, prefix="ws-",
+                                proxy_extra=f'ws_spot = "{fake.url}/ws-api/v3"\nws_futures = "{fake.url}/ws-fapi/v1"\n',
+                                tail='\n[profiles.bot.policy]\nsymbols = ["BTCUSDT"]\n')
     state = tmp_path / "state-ws"
     state.mkdir()
     bot = str(Path(__file__).resolve().parent.parent / "helpers" / "proxy_bot_ws.py")
