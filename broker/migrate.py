@@ -442,7 +442,7 @@ def store_vault(env: Mapping[str, str], mount: str, path: str, fields: Mapping[s
     from .errors import VaultBadResponse
     from .vault.paths import PathKind, check
     from .vault import kv
-    from .vault.session import open_client
+    from .vault.token import open_client
     from .vault.settings import VaultSettings
 
     check(mount, PathKind.MOUNT, "the Vault mount")
@@ -475,7 +475,7 @@ def verify_vault(env: Mapping[str, str], mount: str, path: str, stored: Stored, 
     """Read the written version back and compare every field in constant time; Vault's request id of
     that read (the audit record names it, so the weekly review knows the read was credbroker's)."""
     from .sources.vault import read_kv
-    from .vault.session import open_client
+    from .vault.token import open_client
     from .vault.settings import VaultSettings
 
     settings = VaultSettings.from_env(env)

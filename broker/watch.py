@@ -44,7 +44,7 @@ class Watcher:
 
     # -- token lifecycle --------------------------------------------------------------
     def _login(self) -> Any:
-        from .vault.session import open_client
+        from .vault.token import open_client
         from .vault.settings import VaultSettings
 
         self._settings = VaultSettings.from_env(self.env)

@@ -126,11 +126,11 @@ def parse(data: Any, version: int | None, key: bytes | None) -> Anchor | None:
 # -- the one place that talks to Vault -------------------------------------------------------
 def _vault_kv(env: Mapping[str, str]) -> tuple[Any, Any]:
     """(an authenticated hvac client, its settings): the calls themselves are ``broker.vault.kv``'s."""
-    from ..vault import session
+    from ..vault import token
     from ..vault.settings import VaultSettings
 
     settings = VaultSettings.from_env(env)
-    return session.open_client(settings), settings
+    return token.open_client(settings), settings
 
 
 def write(env: Mapping[str, str], place: AnchorPlace, payload: Mapping[str, Any],

@@ -55,7 +55,8 @@ def audit_hash(env: Mapping[str, str], device: str, value: str) -> str:
     """``sys/audit-hash/<device>`` of ``value``: the form the audit device logs it in."""
     from ..vault.paths import PathKind, check
     from ..vault import system
-    from ..vault.session import close, open_client
+    from ..vault.session import close
+    from ..vault.token import open_client
     from ..vault.settings import VaultSettings
 
     device = check(device.strip("/"), PathKind.MOUNT, "the audit device")
@@ -82,7 +83,8 @@ def audit_hash(env: Mapping[str, str], device: str, value: str) -> str:
 
 def token_audit_hash(env: Mapping[str, str], device: str) -> str:
     """The audit-device hash of the Vault token in ``env`` (never the token itself)."""
-    from ..vault.session import close, open_client
+    from ..vault.session import close
+    from ..vault.token import open_client
     from ..vault.settings import VaultSettings
 
     client = open_client(VaultSettings.from_env(env))

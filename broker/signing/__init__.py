@@ -133,7 +133,7 @@ def get_signer(
             client = None
             vault_settings = None
             if settings.type == "transit":
-                from ..vault.session import open_client
+                from ..vault.token import open_client
                 from ..vault.settings import VaultSettings
 
                 vault_settings = VaultSettings.from_env(source_env)
@@ -417,7 +417,7 @@ def child_env(profile: Profile, *, env: Mapping[str, str]) -> dict[str, str]:
         out["CREDBROKER_CONFIG"] = str(Path(profile.origin).expanduser().resolve())
     payload: dict[str, Any] = settings.to_dict()
     if settings.type == "transit":
-        from ..vault.session import open_client
+        from ..vault.token import open_client
         from ..vault.settings import VaultSettings
         from .transit import child_token, describe_key
 

@@ -19,7 +19,8 @@ from ..errors import ConfigError, VaultBadResponse, VaultError, VaultNotFound
 from ..secret import Credentials, Origin, Secret
 from ..vault import kv, transit
 from ..vault.paths import PathKind, check
-from ..vault.session import close, open_client
+from ..vault.session import close
+from ..vault.token import open_client
 from ..vault.settings import VaultSettings
 from .values import value_problem
 
