@@ -81,7 +81,7 @@ def fetch(
     ``env`` is the environment (``VAULT_ADDR``...); the config's ``[vault]`` fills what it does not set.
     ``record`` defaults to the config's audit log. ``context`` adds fields to both records (the
     command, the pid). ``settings``: the caller's Vault settings when it resolved them already (a
-    signer's refresh); else ``read`` resolves them, once."""
+    signer's refresh, check); else they are resolved once, where the read happens."""
     from .config import with_config_defaults
 
     cfg = config_for(profile, config)
@@ -110,17 +110,14 @@ def read(
     that cannot be recorded is wiped, never handed out.
 
     ``settings`` are the caller's Vault settings, resolved once at its edge (a run, an import, a
-    rotation's watcher); without them a vault profile's are resolved here from ``env``, once, and a
-    failure to resolve them is recorded as the refusal. ``env`` (``[vault]`` beside it) is what a
-    daemon or the early fetch child resolves its own from."""
+    rotation's watcher); without them a vault profile's are resolved from ``env`` once, where the read
+    happens (in this process, or in the daemon or the fetch child, from ``env`` with ``[vault]`` beside
+    it, so a run whose fetch goes there never loads them here), and a failure to resolve them is the
+    recorded refusal."""
     from .sources import fetch as source_fetch
 
     extra = dict(context or {})
     try:
-        if settings is None and profile.source == "vault":
-            from .vault.settings import VaultSettings
-
-            settings = VaultSettings.from_env(env)
         creds = source_fetch(profile, env=env, settings=settings, use_daemon=use_daemon, isolate=isolate)
     except BrokerError as exc:
         if on_refused is not None:

@@ -186,8 +186,9 @@ class Run:
 
     def vault_settings(self) -> VaultSettings:
         """The run's Vault settings: resolved once, on first need, from the environment and ``[vault]``;
-        every step after that (the fetch, the scoped signing token, rotation, the proxy) uses this value.
-        The rotation watcher re-resolves only at its own named moments (see ``broker.watch``)."""
+        every step that needs them (the scoped signing token, rotation, the proxy, a refusal's context)
+        uses this value. The fetch itself runs in a throwaway child that resolves its own from the same
+        environment. The rotation watcher re-resolves only at its own named moments (``broker.watch``)."""
         if self.vault is None:
             from ..vault.settings import VaultSettings
 
@@ -230,13 +231,9 @@ class Run:
         """Every profile's secrets (wiped on the way out), their warnings, each key's check."""
         from ..access import value_warnings
 
-        vault = None
-        if any(p.source == "vault" for p in self.profiles):
-            try:
-                vault = self.vault_settings()
-            except BrokerError:
-                pass  # each vault profile's read resolves them again, fails the same way, and records it
-        self.held = fetch_all(self.profiles, self.source_env, self.rec, self.refused, settings=vault)
+        # The fetch runs in a throwaway child, which resolves the settings from the environment and
+        # [vault] it is given; this process resolves them only when a later step needs them.
+        self.held = fetch_all(self.profiles, self.source_env, self.rec, self.refused, settings=self.vault)
         stack.callback(self._wipe)
         self.profile, self.creds = combine(self.profiles, self.held)
         self.child_profile = self.profile

@@ -60,7 +60,9 @@ def test_broker_fetch_resolves_the_settings_exactly_once(openbao: OpenBao, tmp_p
 
 def test_a_run_with_rotation_resolves_the_settings_exactly_once(openbao: OpenBao, tmp_path: Path,
                                                                 resolutions: list[Mapping[str, str]]) -> None:
-    """The fetch, the rotation watcher and the refusal context share the run's one resolution."""
+    """The run resolves its settings once, for the rotation watcher (and a refusal's context, the scoped
+    signing token, the proxy); the fetch itself runs in a throwaway child that resolves its own from the
+    environment and [vault] it is given, in its own process, so this count does not see it."""
     profile = _profile(openbao, "once-run")
     records: list[tuple[str, dict[str, Any]]] = []
     env = {**openbao.env(), "CREDBROKER_DAEMON": "0"}
