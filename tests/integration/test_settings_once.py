@@ -133,3 +133,33 @@ def test_reresolved_without_inputs_is_the_same_value() -> None:
     assert resolved.inputs is not None and "t-1" not in repr(resolved)
     dropped = resolved.reresolved(drop_token=True)
     assert dropped.token is None and dropped.inputs is not None and "VAULT_TOKEN" not in dropped.inputs
+
+
+def test_the_anchorer_rereads_the_token_file_only_after_vault_rejected_the_token(openbao: OpenBao,
+                                                                                  tmp_path: Path) -> None:
+    """The audit log's anchorer resolves its settings at the first anchor and keeps them; when Vault
+    rejects the token it re-resolves once (a `vault login` since then wrote a new ~/.vault-token)."""
+    from broker.audit.anchor import AnchorPlace, Anchorer, read_all
+    from broker.audit.chain import ANCHOR_LABEL, labelled_mac
+
+    key = b"k" * 32
+    home = tmp_path / "anchor-home"
+    home.mkdir()
+    first = openbao.client().auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
+    (home / ".vault-token").write_text(first)
+    failures: list[dict[str, Any]] = []
+    place = AnchorPlace("secret", "credbroker-audit/once/" + secrets.token_hex(4))
+    anchorer = Anchorer({"VAULT_ADDR": openbao.addr, "HOME": str(home)}, place, 0, labelled_mac(key, ANCHOR_LABEL),
+                        "kid", "/var/log/a.log", failures.append)
+    try:
+        anchorer.committed(1, "a" * 64)
+        assert anchorer.anchor_now()
+        second = openbao.client().auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
+        (home / ".vault-token").write_text(second)  # `vault login` since the first anchor
+        openbao.client().auth.token.revoke(first)
+        anchorer.committed(2, "b" * 64)
+        assert anchorer.anchor_now() and failures == []  # rejected, re-resolved, written with the new token
+        anchors = read_all(VaultSettings.from_env(openbao.env()), place, key)
+        assert [(a.seq, a.mac_ok) for a in anchors] == [(2, True), (1, True)]
+    finally:
+        anchorer.stop()
