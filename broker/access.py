@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, Profile
 from .errors import BrokerError, VaultError
 from .secret import Credentials
 from .events import Event, Recorder
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vault.settings import VaultSettings
 
 #: ``record(event, fields)``: what every audited reader writes through.
 
@@ -67,6 +70,7 @@ def fetch(
     *,
     config: Config | None = None,
     env: Mapping[str, str] | None = None,
+    settings: VaultSettings | None = None,
     record: Recorder | None = None,
     by: str = "library",
     context: Mapping[str, Any] | None = None,
@@ -76,19 +80,22 @@ def fetch(
 
     ``env`` is the environment (``VAULT_ADDR``...); the config's ``[vault]`` fills what it does not set.
     ``record`` defaults to the config's audit log. ``context`` adds fields to both records (the
-    command, the pid)."""
+    command, the pid). ``settings``: the caller's Vault settings when it resolved them already (a
+    signer's refresh, check); else they are resolved once, where the read happens."""
     from .config import with_config_defaults
 
     cfg = config_for(profile, config)
     source_env = with_config_defaults(os.environ if env is None else env, cfg)
     rec = record if record is not None else open_recorder(cfg, source_env)
-    return read(profile, env=source_env, record=rec, by=by, context=context, use_daemon=use_daemon)
+    return read(profile, env=source_env, settings=settings, record=rec, by=by, context=context,
+                use_daemon=use_daemon)
 
 
 def read(
     profile: Profile,
     *,
     env: Mapping[str, str],
+    settings: VaultSettings | None = None,
     record: Recorder,
     by: str,
     context: Mapping[str, Any] | None = None,
@@ -100,12 +107,18 @@ def read(
     above, ``credbroker run`` (``by="run"``, in a throwaway child: ``isolate``), a run's rotation check
     (``"rotation"``) and the proxy's (``"proxy_rotation"``). Records ``secret_fetched`` with ``by``, or the
     refusal in the one schema (``on_refused``: the caller's own refusal record, with its context); a read
-    that cannot be recorded is wiped, never handed out."""
+    that cannot be recorded is wiped, never handed out.
+
+    ``settings`` are the caller's Vault settings, resolved once at its edge (a run, an import, a
+    rotation's watcher); without them a vault profile's are resolved from ``env`` once, where the read
+    happens (in this process, or in the daemon or the fetch child, from ``env`` with ``[vault]`` beside
+    it, so a run whose fetch goes there never loads them here), and a failure to resolve them is the
+    recorded refusal."""
     from .sources import fetch as source_fetch
 
     extra = dict(context or {})
     try:
-        creds = source_fetch(profile, env=env, use_daemon=use_daemon, isolate=isolate)
+        creds = source_fetch(profile, env=env, settings=settings, use_daemon=use_daemon, isolate=isolate)
     except BrokerError as exc:
         if on_refused is not None:
             on_refused(exc)

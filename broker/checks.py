@@ -33,7 +33,19 @@ def check(profile: Profile, *, config: Config | None = None, env: Mapping[str, s
     cfg = config_for(profile, config)
     environ = os.environ if env is None else env
     problems: list[str] = []
-    creds = fetch(profile, config=cfg, env=environ, record=record, by="check")
+    transit = _signer_type(profile) == "transit"
+    vault = None
+    if profile.source == "vault" or transit:
+        from .vault.settings import VaultSettings
+
+        try:  # once, for the read, the transit key's check and the rotation check
+            vault = VaultSettings.from_env(with_config_defaults(environ, cfg))
+        except BrokerError as exc:
+            if profile.source == "vault":
+                vault = None  # the read below resolves them again, fails the same way, and records it
+            else:
+                problems.append(str(exc))
+    creds = fetch(profile, config=cfg, env=environ, settings=vault, record=record, by="check")
     try:
         result = CheckResult(
             profile=profile.name, **creds.origin.to_dict(),
@@ -47,20 +59,19 @@ def check(profile: Profile, *, config: Config | None = None, env: Mapping[str, s
             validate(profile)
         except BrokerError as exc:
             problems.append(str(exc))
-    if not problems and _signer_type(profile) == "transit":
+    if transit and not problems and vault is not None:
         # What run does before the bot starts: check the key and issue (then revoke) the scoped token.
         from .signing import child_env, release_child_env
 
-        source_env = with_config_defaults(environ, cfg)
         try:
-            release_child_env(child_env(profile, env=source_env), env=source_env)
+            release_child_env(child_env(profile, vault_settings=vault), env=environ)
         except BrokerError as exc:
             problems.append(str(exc))
-    if profile.source == "vault" and not profile.options.get("version"):
+    if profile.source == "vault" and not profile.options.get("version") and vault is not None:
         from .sources.vault import current_version
 
         try:
-            current_version(profile, with_config_defaults(environ, cfg))
+            current_version(profile, vault)
         except BrokerError as exc:
             problems.append(f"rotation cannot be followed: {exc}")
     result.update(problems=problems, ok=not problems)

@@ -460,9 +460,10 @@ def _fetch_reply(profile: Profile, env: Mapping[str, str], base: Mapping[str, An
     The vault source itself, not ``sources.fetch`` (whose client side asks this daemon): the caller's
     ``sources.fetch`` checks the fields and fetches a PEM key's passphrase as for an in-process read."""
     from .sources.vault import fetch as vault_fetch
+    from .vault.settings import VaultSettings
 
-    try:
-        creds = vault_fetch(profile, env=env)
+    try:  # this process's edge: the caller's environment and [vault], resolved once here
+        creds = vault_fetch(profile, settings=VaultSettings.from_env(env))
     except BrokerError as exc:
         return _encode_reply({**base, "ok": False, "error": exc.to_dict()})
     try:

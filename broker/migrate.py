@@ -9,15 +9,17 @@ The steps (issue 5, part 6), each a function a program can call:
    naming the file and line, never quoting it (the line may hold a secret).
 2. ``select_fields`` picks and renames what is stored (``--field`` or a
    profile's env mapping).
-3. ``store_vault`` / ``store_keyring`` write the values; ``verify_vault`` /
-   ``verify_keyring`` read the stored copy back and compare every byte in
-   constant time (``hmac.compare_digest``).
+3. ``store_vault`` / ``store_keyring`` write the values; ``verify_read_back``
+   reads the stored copy back through the one audited read (``access.read``,
+   ``by="import"``: a ``secret_fetched`` record with Vault's request id, or a
+   ``refused`` one) and compares every byte in constant time
+   (``hmac.compare_digest``).
 4. ``shred(path)`` overwrites the file in place, flushes it to the disk and
    unlinks it. That is all software can do: ``SHRED_WARNING`` says honestly
    what it cannot reach.
 
-``import_plaintext`` runs steps 1-3 and records a ``secret_imported`` audit
-event; ``delete_plaintext`` runs step 4 and records ``plaintext_deleted``.
+``import_plaintext`` runs steps 1-3 and records the read-back and a
+``secret_imported`` audit event; ``delete_plaintext`` runs step 4 and records ``plaintext_deleted``.
 Audit events name the file, the store, the version and the field names, never
 a value.
 """
@@ -31,7 +33,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Profile
 from .errors import ConfigError
@@ -41,6 +43,9 @@ from .errors import PlaintextFormatError as PlaintextFormatError
 from .errors import ShredError as ShredError
 from .secret import Secret
 from .events import Event, Recorder
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vault.settings import VaultSettings
 
 #: A key file bigger than this is not a key file.
 MAX_BYTES = 1 << 20
@@ -436,18 +441,16 @@ class Stored:
                 "version": self.version, "address": self.address}
 
 
-def store_vault(env: Mapping[str, str], mount: str, path: str, fields: Mapping[str, Secret], *,
+def store_vault(settings: VaultSettings, mount: str, path: str, fields: Mapping[str, Secret], *,
                 force: bool = False, client: Any = None) -> Stored:
     """Write ``fields`` as a new KV v2 secret (check-and-set 0: only if none exists, unless ``force``)."""
     from .errors import VaultBadResponse
     from .vault.paths import PathKind, check
     from .vault import kv
-    from .vault.session import open_client
-    from .vault.settings import VaultSettings
+    from .vault.token import open_client
 
     check(mount, PathKind.MOUNT, "the Vault mount")
     check(path, PathKind.KV_PATH, "the Vault path")
-    settings = VaultSettings.from_env(env)
     client = client or open_client(settings)
     shown = f"{mount}/{path}"
     data = {name: secret.reveal_str() for name, secret in fields.items()}
@@ -470,28 +473,49 @@ def store_vault(env: Mapping[str, str], mount: str, path: str, fields: Mapping[s
     return Stored("vault", shown, tuple(fields), version, settings.addr)
 
 
-def verify_vault(env: Mapping[str, str], mount: str, path: str, stored: Stored, fields: Mapping[str, Secret], *,
-                 client: Any = None) -> str | None:
-    """Read the written version back and compare every field in constant time; Vault's request id of
-    that read (the audit record names it, so the weekly review knows the read was credbroker's)."""
-    from .sources.vault import read_kv
-    from .vault.session import open_client
-    from .vault.settings import VaultSettings
+def read_back_profile(stored: Stored, *, mount: str = "", profile: Profile | None = None) -> Profile:
+    """The profile the read-back reads: exactly the stored fields, at the stored place (for Vault, the very
+    version just written); the configured profile's name (and file, keyring backend) when there is one,
+    else a one-off profile named as the printed snippet suggests."""
+    name = profile.name if profile is not None else (stored.location.rstrip("/").rsplit("/", 1)[-1] or "bot")
+    env = {f"CREDBROKER_IMPORT_{i}": fld for i, fld in enumerate(stored.fields)}  # each field once
+    origin = profile.origin if profile is not None else None
+    if stored.target == "vault":
+        options: dict[str, Any] = {"path": stored.location[len(mount) + 1:] if mount else stored.location,
+                                   "mount": mount, "version": stored.version}
+        return Profile(name=name, source="vault", env=env, options=options, origin=origin)
+    options = {"service": stored.location}
+    if profile is not None and profile.options.get("backend"):
+        options["backend"] = profile.options["backend"]
+    return Profile(name=name, source="keyring", env=env, options=options, origin=origin)
 
-    settings = VaultSettings.from_env(env)
-    client = client or open_client(settings)
-    data, version, request_id = read_kv(client, settings, mount, path, stored.version)
+
+def verify_read_back(stored: Stored, fields: Mapping[str, Secret], *, mount: str = "",
+                     profile: Profile | None = None, env: Mapping[str, str], settings: VaultSettings | None,
+                     record: Recorder) -> None:
+    """Read the stored copy back through the one audited read (``access.read``, ``by="import"``) and compare
+    every field in constant time. The read is recorded as ``secret_fetched`` (with Vault's request id, so
+    the weekly review's cross-check knows it was credbroker's) or as ``refused``; a copy that differs is
+    recorded as ``refused`` too, after the read that found it. The values read are wiped."""
+    from .access import read, record_refusal
+
+    back = read_back_profile(stored, mount=mount, profile=profile)
+    # use_daemon=False: the read-back uses the credentials the write used, never another process's.
+    creds = read(back, env=env, settings=settings, record=record, by="import", use_daemon=False)
     try:
-        _compare(stored, data, fields, version == stored.version)
+        _compare(stored, {name: creds[name] for name in creds}, fields,
+                 stored.version is None or creds.origin.version == stored.version)
+    except ImportVerifyError as exc:
+        context = {"request_id": creds.origin.request_id, "path": creds.origin.path} if creds.origin.request_id \
+            else {}
+        record_refusal(record, back, exc, "import", **context)
+        raise
     finally:
-        data.clear()
-    return request_id
+        creds.wipe()
 
 
 def _compare(stored: Stored, data: Mapping[str, Any], fields: Mapping[str, Secret], version_ok: bool) -> None:
-    bad = [name for name, secret in fields.items()
-           if not isinstance(data.get(name), str)
-           or not hmac.compare_digest(str(data[name]).encode("utf-8"), secret.reveal())]
+    bad = [name for name, secret in fields.items() if not _same(data.get(name), secret)]
     extra = sorted(set(data) - set(fields))
     if bad or extra or not version_ok:
         what = (f"fields {', '.join(bad)} differ" if bad else
@@ -519,18 +543,6 @@ def store_keyring(service: str, fields: Mapping[str, Secret], *, force: bool = F
     for name, secret in fields.items():
         call_backend("write to", service, backend.set_password, service, name, secret.reveal_str())
     return Stored("keyring", service, tuple(fields))
-
-
-def verify_keyring(stored: Stored, fields: Mapping[str, Secret], *, profile: Profile | None = None) -> None:
-    """Read every entry back and compare it in constant time."""
-    from .sources.keyring import backend_for, call_backend
-
-    backend = backend_for(profile)
-    data = {n: call_backend("read", stored.location, backend.get_password, stored.location, n) for n in fields}
-    try:
-        _compare(stored, data, fields, True)
-    finally:
-        data.clear()
 
 
 # -- deleting the plaintext --------------------------------------------------------------
@@ -630,17 +642,20 @@ def import_plaintext(
     if target not in ("vault", "keyring"):
         raise ConfigError(f"unknown import target {target!r}", 'use "vault" or "keyring"')
     plain = read_plaintext(path, fmt)
-    read_back: dict[str, Any] = {}
+    environ = os.environ if env is None else env
+    rec: Recorder = record if record is not None else _not_recorded
+    settings: VaultSettings | None = None
     try:
         sel = select_fields(plain, mapping, profile)
         if target == "vault":
-            environ = os.environ if env is None else env
-            stored = store_vault(environ, mount, location, sel.fields, force=force)
-            read_back = {"read_back_request_id": verify_vault(environ, mount, location, stored, sel.fields),
-                         "read_back_path": f"{mount}/{location}"}
+            from .vault.settings import VaultSettings
+
+            settings = VaultSettings.from_env(environ)  # once: the write and the read-back use them
+            stored = store_vault(settings, mount, location, sel.fields, force=force)
         else:
             stored = store_keyring(location, sel.fields, force=force, profile=profile)
-            verify_keyring(stored, sel.fields, profile=profile)
+        verify_read_back(stored, sel.fields, mount=mount, profile=profile, env=environ, settings=settings,
+                         record=rec)
     finally:
         plain.wipe()
     result = ImportResult(file=plain.path, stored=stored, sources=dict(sel.sources), left_out=sel.left_out)
@@ -648,9 +663,21 @@ def import_plaintext(
         record(Event.SECRET_IMPORTED, {
             "file": str(plain.path.resolve()), "target": stored.target, "location": stored.location,
             "version": stored.version, "address": stored.address, "fields": list(stored.fields),
-            "profile": profile.name if profile is not None else None, "forced": force, **read_back,
+            "profile": profile.name if profile is not None else None, "forced": force,
         })
     return result
+
+
+def _not_recorded(event: str, fields: Mapping[str, Any]) -> None:
+    """A library caller that passes no recorder: the import records nothing (``credbroker import`` always
+    passes its audit log's)."""
+
+
+def _same(value: object, secret: Secret) -> bool:
+    """``value`` (a Secret read back, or text) holds exactly ``secret``'s bytes; compared in constant time."""
+    if isinstance(value, Secret):
+        return hmac.compare_digest(value.reveal(), secret.reveal())
+    return isinstance(value, str) and hmac.compare_digest(value.encode("utf-8"), secret.reveal())
 
 
 def delete_plaintext(result: ImportResult, *, record: Recorder | None = None) -> Shredded:

@@ -143,8 +143,9 @@ class RotationChecker:
             return Handover(self.policy.action, old_version, new_version)
         try:
             # The one audited read; a failure is the watcher's to say and retry (rotation_check_failed).
-            new_creds = self.read(self.profile, env=self.watcher.env, record=self.record, by="rotation",
-                             context={"reason": "rotation"}, isolate=True, on_refused=lambda exc: None)
+            new_creds = self.read(self.profile, env=self.watcher.env, settings=self.watcher.settings,
+                                  record=self.record, by="rotation",
+                                  context={"reason": "rotation"}, isolate=True, on_refused=lambda exc: None)
         except BrokerError as exc:
             self.watcher.fetch_failed(exc)
             return None

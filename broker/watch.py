@@ -1,6 +1,11 @@
 """Following a vault profile's versions: ``Watcher`` polls its ``current_version`` and keeps the broker's
 token alive (renewal, AppRole re-login). Used by a run's rotation (``broker.rotation``) and by the signing
 proxy's own rotation (``broker.proxy.follow``); it sits below both.
+
+It is handed the run's Vault settings, resolved once. It resolves them again (``VaultSettings.reresolved``)
+at two named moments only, because a run outlives a token: after Vault rejected the token (a `vault login`
+during the run may have written a new ~/.vault-token), and for an AppRole re-login (without the dead
+token, reading the id files again: an admin may have issued a new secret_id).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from .config import Profile
 from .console import say
 from .errors import BrokerError, VaultAuthError
 from .events import Event, Recorder
+from .vault.settings import VaultSettings
 
 __all__ = ["MAX_BACKOFF", "Watcher"]
 
@@ -23,10 +29,10 @@ MAX_BACKOFF = 300.0
 class Watcher:
     """Polls a vault profile's ``current_version``; renews or replaces its token."""
 
-    def __init__(self, profile: Profile, env: Mapping[str, str], record: Recorder, version: int | None,
+    def __init__(self, profile: Profile, settings: VaultSettings, record: Recorder, version: int | None,
                  interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.profile = profile
-        self.env = env
+        self.settings = settings
         self.record = record
         self.version = version  # the version the running bot holds
         self.interval = interval
@@ -38,17 +44,24 @@ class Watcher:
         self._next_try = 0.0
         self._backoff = interval
         self._vault_down = False
-        self._settings: Any = None
+        self._token_rejected = False  # Vault said the token is no good: re-resolve before the next login
         self._lookup_warned = False
         self._lookup_failed = False  # the token's lifetime is unknown: ask again at the next poll
 
+    @property
+    def env(self) -> Mapping[str, str]:
+        """What the settings were resolved from: what a daemon or the early fetch child resolves its own
+        from when the rotation's read goes there (without the dead token after an AppRole re-login)."""
+        return self.settings.inputs if self.settings.inputs is not None else {}
+
     # -- token lifecycle --------------------------------------------------------------
     def _login(self) -> Any:
-        from .vault.session import open_client
-        from .vault.settings import VaultSettings
+        from .vault.token import open_client
 
-        self._settings = VaultSettings.from_env(self.env)
-        client = open_client(self._settings)
+        if self._token_rejected:  # the named re-resolve: a `vault login` may have written a new token file
+            self.settings = self.settings.reresolved()
+            self._token_rejected = False
+        client = open_client(self.settings)
         self._learn_token(client)
         return client
 
@@ -56,7 +69,7 @@ class Watcher:
         from .vault import token
 
         try:
-            data = token.lookup_self(client, self._settings, action="look up the broker's token at",
+            data = token.lookup_self(client, self.settings, action="look up the broker's token at",
                                      check_token=False)["data"]
             if not isinstance(data, dict):
                 raise TypeError(type(data).__name__)
@@ -90,7 +103,7 @@ class Watcher:
             from .vault import token
 
             try:
-                resp = token.renew_self(self._client, self._settings, action="renew the broker's token at")
+                resp = token.renew_self(self._client, self.settings, action="renew the broker's token at")
                 ttl = float(resp["auth"]["lease_duration"])
                 if ttl > remaining:  # at max TTL, Vault "renews" without extending it
                     self._token_expires = self.clock() + ttl
@@ -98,11 +111,7 @@ class Watcher:
                     return
             except (BrokerError, KeyError, TypeError, ValueError):
                 pass  # not renewed: fall through to a fresh login
-        from .vault.origins import value, without
-
-        settings_has_approle = bool(value(self.env, "VAULT_ROLE_ID", "CREDBROKER_ROLE_ID", "BAO_ROLE_ID")
-                                    or value(self.env, "CREDBROKER_ROLE_ID_FILE"))
-        if not settings_has_approle:
+        if self.settings.role_id is None:  # no AppRole configured: nothing to log in again with
             if remaining <= 0:
                 self.record(Event.TOKEN_FAILED, {"profile": self.profile.name,
                                                  "reason": "token expired and no AppRole credentials to log in again"})
@@ -110,9 +119,13 @@ class Watcher:
                       "(configure AppRole for long runs)")
                 self._token_expires = None
             return
-        self.env = without(self.env, "VAULT_TOKEN", "BAO_TOKEN")  # keeps [vault] (role_id_file...)
+        from .vault.token import relogin
+
         try:
-            self._client = self._login()
+            # The named re-resolve for a re-login: without the dead token, the id files read again.
+            self.settings = self.settings.reresolved(drop_token=True)
+            self._client = relogin(self.settings)
+            self._learn_token(self._client)
         except BrokerError as exc:
             self.record(Event.TOKEN_FAILED, {"profile": self.profile.name, "reason": exc.message})
             say(f"AppRole login to keep following rotation failed: {exc}")
@@ -147,10 +160,11 @@ class Watcher:
 
         try:
             self._keep_token_alive()
-            latest = current_version(self.profile, self.env, client=self._client)
+            latest = current_version(self.profile, self.settings, client=self._client)
         except BrokerError as exc:
             if isinstance(exc, VaultAuthError):  # the token is no longer good: log in afresh next time
                 self._client = None
+                self._token_rejected = True
             self._failed("checking for a rotated key", exc)
             return None
         self._next_try = self.clock() + self.interval

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from ..events import Event
+from ..vault.settings import VaultSettings
 from ..errors import BrokerError, VaultAuthError, VaultPermissionDenied
 from .chain import ANCHOR_LABEL, Hasher, digest_matches, labelled_mac, utc_timestamp
 from .settings import AuditSettings
@@ -124,32 +125,30 @@ def parse(data: Any, version: int | None, key: bytes | None) -> Anchor | None:
 
 
 # -- the one place that talks to Vault -------------------------------------------------------
-def _vault_kv(env: Mapping[str, str]) -> tuple[Any, Any]:
+def _vault_kv(settings: VaultSettings) -> tuple[Any, VaultSettings]:
     """(an authenticated hvac client, its settings): the calls themselves are ``broker.vault.kv``'s."""
-    from ..vault import session
-    from ..vault.settings import VaultSettings
+    from ..vault import token
 
-    settings = VaultSettings.from_env(env)
-    return session.open_client(settings), settings
+    return token.open_client(settings), settings
 
 
-def write(env: Mapping[str, str], place: AnchorPlace, payload: Mapping[str, Any],
+def write(vault: VaultSettings, place: AnchorPlace, payload: Mapping[str, Any],
           client: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
     """Store one anchor as a new version (raises a VaultError); returns the client for reuse."""
     from ..vault import kv
 
-    hvac_client, settings = client or _vault_kv(env)
+    hvac_client, settings = client or _vault_kv(vault)
     kv.write(hvac_client, settings, place.mount, place.path, dict(payload), action="write the audit anchor to")
     return hvac_client, settings
 
 
-def read_all(env: Mapping[str, str], place: AnchorPlace, key: bytes | None) -> list[Anchor]:
+def read_all(vault: VaultSettings, place: AnchorPlace, key: bytes | None) -> list[Anchor]:
     """Every retained anchor version, newest first ([] when none was ever written)."""
     from ..errors import VaultNotFound
 
     from ..vault import kv
 
-    client, settings = _vault_kv(env)
+    client, settings = _vault_kv(vault)
     try:
         meta = kv.read_metadata(client, settings, place.mount, place.path, action="read the audit anchors at")
     except VaultNotFound:
@@ -188,6 +187,7 @@ class Anchorer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: tuple[Any, Any] | None = None  # one login per process
+        self._vault: VaultSettings | None = None  # resolved once, at the first anchor
 
     def committed(self, seq: int, digest: str) -> None:
         """The writer committed up to (seq, digest); the interval thread starts on the first call."""
@@ -203,12 +203,17 @@ class Anchorer:
                 return True
             payload = make_payload(latest[0], latest[1], self._kid, self._log, utc_timestamp(), self._mac)
             try:
-                self._client = write(self._env, self.place, payload, self._client)
+                if self._vault is None:
+                    self._vault = VaultSettings.from_env(self._env)
+                self._client = write(self._vault, self.place, payload, self._client)
             except (VaultAuthError, VaultPermissionDenied):
-                # An expired token (long runs): log in once more, then give up.
+                # An expired token (long runs): log in once more, then give up. The named re-resolve: a
+                # `vault login` (or a new AppRole secret_id) since the first anchor is picked up here.
                 self._client = None
                 try:
-                    self._client = write(self._env, self.place, payload)
+                    assert self._vault is not None
+                    self._vault = self._vault.reresolved()
+                    self._client = write(self._vault, self.place, payload)
                 except BrokerError as exc:
                     self._failed(latest[0], exc)
                     return False
@@ -256,7 +261,7 @@ class Anchorer:
         self._latest = None
 
 
-def read_host(env: Mapping[str, str], settings: AuditSettings, host: str, key: bytes | None
+def read_host(vault: VaultSettings, settings: AuditSettings, host: str, key: bytes | None
               ) -> tuple[list[Anchor], str]:
     """The anchors one host's writer left (``PREFIX/<host>/<key id>-*``), for a fleet review; (anchors, place).
 
@@ -274,7 +279,7 @@ def read_host(env: Mapping[str, str], settings: AuditSettings, host: str, key: b
     folder = f"{prefix}/{_HOST_CHARS.sub('_', host)}"
     from ..vault import kv
 
-    client, vault_settings = _vault_kv(env)
+    client, vault_settings = _vault_kv(vault)
     try:
         listed = kv.list_keys(client, vault_settings, mount, folder, action="list the audit anchors at")
     except VaultNotFound:
@@ -287,4 +292,4 @@ def read_host(env: Mapping[str, str], settings: AuditSettings, host: str, key: b
     if not chains:
         return [], f"{mount}/{folder}/{kid}-*"
     place = AnchorPlace(mount, f"{folder}/{chains[0]}")
-    return read_all(env, place, key), str(place)
+    return read_all(vault, place, key), str(place)

@@ -256,10 +256,16 @@ def host_anchors(settings: Any, env: Mapping[str, str], key: bytes | None, wante
                           'set [audit] anchor = "secret/credbroker-audit" and an audit key')
     if not vault_configured(env):
         raise ConfigError("--vault-anchors: no Vault address", "set VAULT_ADDR, or [vault] addr in the config")
+    from ..vault.settings import VaultSettings
+
     out: dict[str, tuple[Sequence[Any] | None, str, str | None]] = {}
+    try:
+        vault = VaultSettings.from_env(env)  # once for every host
+    except BrokerError as exc:
+        return {h.host: (None, "", f"cannot read them: {exc}") for h in hosts}
     for h in hosts:
         try:
-            got, place = read_host(env, settings, h.host, key)
+            got, place = read_host(vault, settings, h.host, key)
             out[h.host] = (got, place, None)
         except BrokerError as exc:
             out[h.host] = (None, "", f"cannot read them: {exc}")

@@ -229,7 +229,9 @@ class ReportBuilder:
             bucket = self.daily.get(ts[:10])
             if bucket is not None:
                 bucket[event if event in DETAIL_EVENTS else "other"] += 1
-        if event == Event.SECRET_IMPORTED:  # import reads the stored copy back: a Vault read of ours
+        if event == Event.SECRET_IMPORTED:
+            # Older logs: import's read-back was not a record of its own but a request id on this one (a
+            # Vault read of ours). Today the read-back is a secret_fetched with by="import" (access.read).
             imported = _parse(line)
             if imported is not None:
                 self._vault_read(ts, imported["data"], _version(imported["data"].get("version")),

@@ -17,6 +17,7 @@ from ..errors import AuditError, BrokerError, ConfigError, VaultSealed, VaultUnr
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..vault.settings import VaultSettings
     from .model import Report
 
 #: The HTML page's mode: it names profiles, hosts and commands; its owner only.
@@ -57,34 +58,50 @@ def vault_paths(config: Config) -> list[str]:
             if p.source == "vault" and p.options.get("path")]
 
 
-def token_hash(env: Mapping[str, str], device: str) -> str | None:
-    """The broker's token as Vault's audit device ``device`` hashes it, or None when Vault cannot say (the
-    report then says reads are not attributed to a token)."""
-    from .vaultcheck import token_audit_hash
+def vault_settings(env: Mapping[str, str]) -> VaultSettings | None:
+    """The review's Vault settings, resolved once for the whole report; None without a Vault address in
+    the environment or ``[vault]`` (nothing is asked of Vault then), or when they do not resolve (the
+    report still comes, without what Vault would have said)."""
+    from ..vault.origins import value
+    from ..vault.settings import VaultSettings
 
+    if not value(env, "VAULT_ADDR", "BAO_ADDR"):
+        return None
     try:
-        return token_audit_hash(env, device)
+        return VaultSettings.from_env(env)
     except BrokerError:
         return None
 
 
-def kv_versions(config: Config, env: Mapping[str, str]) -> dict[str, tuple[int, str]]:
+def token_hash(vault: VaultSettings | None, device: str) -> str | None:
+    """The broker's token as Vault's audit device ``device`` hashes it, or None when Vault cannot say (the
+    report then says reads are not attributed to a token)."""
+    from .vaultcheck import token_audit_hash
+
+    if vault is None:
+        return None
+    try:
+        return token_audit_hash(vault, device)
+    except BrokerError:
+        return None
+
+
+def kv_versions(config: Config, vault: VaultSettings | None) -> dict[str, tuple[int, str]]:
     """(current version, created_time) of each configured Vault profile's secret, where metadata is readable.
 
-    Only with a Vault address in the environment; one that does not answer is not asked again for the
-    next profile (the report still comes).
+    Only with Vault settings (``vault_settings``: a Vault address is set); one that does not answer is not
+    asked again for the next profile (the report still comes).
     """
     from ..sources.vault import current_version_created
-    from ..vault.origins import value
 
-    if not value(env, "VAULT_ADDR", "BAO_ADDR"):
+    if vault is None:
         return {}
     out: dict[str, tuple[int, str]] = {}
     for profile in config.profiles.values():
         if profile.source != "vault" or not profile.options.get("path"):
             continue
         try:
-            got = current_version_created(profile, env)
+            got = current_version_created(profile, vault)
         except BrokerError as exc:
             if isinstance(exc, (VaultUnreachable, VaultSealed)):
                 break

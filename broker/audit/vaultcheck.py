@@ -25,9 +25,12 @@ import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AuditError, BrokerError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..vault.settings import VaultSettings
 
 TOLERANCE = 120.0
 LIST_CAP = 200
@@ -51,15 +54,14 @@ def kv_logical_path(api_path: str) -> str | None:
     return f"{mount}/{rest}"
 
 
-def audit_hash(env: Mapping[str, str], device: str, value: str) -> str:
+def audit_hash(settings: VaultSettings, device: str, value: str) -> str:
     """``sys/audit-hash/<device>`` of ``value``: the form the audit device logs it in."""
     from ..vault.paths import PathKind, check
     from ..vault import system
-    from ..vault.session import close, open_client
-    from ..vault.settings import VaultSettings
+    from ..vault.session import close
+    from ..vault.token import open_client
 
     device = check(device.strip("/"), PathKind.MOUNT, "the audit device")
-    settings = VaultSettings.from_env(env)
     client = open_client(settings)
     path = f"sys/audit-hash/{device}"
     try:
@@ -80,17 +82,17 @@ def audit_hash(env: Mapping[str, str], device: str, value: str) -> str:
     return hashed
 
 
-def token_audit_hash(env: Mapping[str, str], device: str) -> str:
-    """The audit-device hash of the Vault token in ``env`` (never the token itself)."""
-    from ..vault.session import close, open_client
-    from ..vault.settings import VaultSettings
+def token_audit_hash(settings: VaultSettings, device: str) -> str:
+    """The audit-device hash of the broker's Vault token (never the token itself)."""
+    from ..vault.session import close
+    from ..vault.token import open_client
 
-    client = open_client(VaultSettings.from_env(env))
+    client = open_client(settings)
     try:
         token = client.token
     finally:
         close(client)
-    return audit_hash(env, device, token)
+    return audit_hash(settings, device, token)
 
 
 def cross_check(

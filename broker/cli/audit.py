@@ -178,7 +178,9 @@ def _read_anchors(settings: Any, env: Mapping[str, str], key: bytes | None, want
     if not vault_configured(env):
         raise ConfigError("--vault-anchors: no Vault address", "set VAULT_ADDR, or [vault] addr in the config")
     try:
-        return read_all(env, place, key), str(place), None
+        from ..vault.settings import VaultSettings
+
+        return read_all(VaultSettings.from_env(env), place, key), str(place), None
     except BrokerError as exc:
         if wanted:
             raise AuditError(f"cannot read the audit anchors at {place}: {exc.message}",
@@ -271,9 +273,10 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
     hours = parse_hours(work_hours, "--work-hours") if work_hours else settings.work_hours
     token_hash = None
     paths: list[str] = []
+    vault = review.vault_settings(env) if vault_audit is not None or not host_logs else None  # once
     if vault_audit is not None:
         paths = review.vault_paths(config)
-        token_hash = review.token_hash(env, vault_audit_device)  # None: reads are not attributed to a token
+        token_hash = review.token_hash(vault, vault_audit_device)  # None: reads are not attributed to a token
     key = _key_bytes(settings, env)
     if host_logs:
         from ..audit.fleet import discover, fleet_report, host_anchors
@@ -286,7 +289,7 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
         report = build_report(files, since=start, until=until, key=key, active=active,
                               work_hours=hours, vault_audit=vault_audit, vault_paths=paths,
                               vault_token_hash=token_hash, burst=burst, rotate_days=rotate_days,
-                              kv_versions=review.kv_versions(config, env))
+                              kv_versions=review.kv_versions(config, vault))
     if html_file is not None:
         review.write_html(report, html_file)
     if as_json:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import childenv
 from ..errors import BrokerError, ConfigError
@@ -40,6 +40,9 @@ SECRET_VAR = childenv.PROXY_SECRET
 KIND_VAR = childenv.KEY_KIND
 #: The WebSocket API endpoint's base URL (``ws://127.0.0.1:PORT``), with ``credbroker[ws]`` installed.
 WS_URL_VAR = childenv.PROXY_WS_URL
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..vault.settings import VaultSettings
 
 __all__ = ["KIND_VAR", "ProxyRun", "SECRET_VAR", "URL_VAR", "WS_URL_VAR", "check_profile", "start_for_run"]
 
@@ -93,16 +96,18 @@ class ProxyRun:
 
 
 def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Recorder,
-                  audit_log: Any = None, env: Mapping[str, str] | None = None, root_pid: int | None = None,
+                  audit_log: Any = None, vault_settings: VaultSettings | None = None, root_pid: int | None = None,
                   allow_root: bool = False) -> ProxyRun:
     """Start the proxy for ``credbroker run --proxy``; what the child gets and how to stop it.
 
     ``creds`` are the fetched fields; the proxy builds its own signer from them
     (HMAC keys and PEM key objects are copies), so the runner may wipe ``creds``
     after the spawn as usual. Only processes below ``root_pid`` (default: this
-    process, whose only child is the bot) may connect. ``env`` holds the Vault
-    settings a transit profile's signer uses (the broker's own token: it never
-    reaches the child, which gets an Ed25519 stand-in).
+    process, whose only child is the bot) may connect. ``vault_settings`` are the
+    run's Vault settings (resolved once by the run; from the process environment
+    when a caller gives none): a transit profile's signer uses them (the broker's
+    own token: it never reaches the child, which gets an Ed25519 stand-in), and
+    so does the follower of a rotated key.
     """
     from ..agent.server import RecorderSink
     from ..signing import make_signer
@@ -119,13 +124,16 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Recorder,
     proxy_settings = ProxySettings.for_profile(profile)
     policy = SigningPolicy.for_profile(profile)
     client: Any = None
-    vault_settings: Any = None
+    from_vault = getattr(getattr(creds, "origin", None), "source", None) == "vault"
+    if vault_settings is None and (settings.type == "transit" or from_vault):
+        from ..vault.settings import VaultSettings
+
+        vault_settings = VaultSettings.from_env(os.environ)  # a caller without settings of its own
     if settings.type == "transit":
-        from ..sources.settings import VaultSettings
         from ..sources.vault import client_for
 
-        vault_settings = VaultSettings.from_env(env if env is not None else os.environ)
-        client = client_for(profile, env if env is not None else os.environ, settings=vault_settings)
+        assert vault_settings is not None
+        client = client_for(vault_settings)
 
     def make(fields: Mapping[str, Any]) -> Any:  # the real key's signer: at start, and after a rotation
         return make_signer(settings, dict(fields.items()), profile=profile.name, where=profile.where("signer"),
@@ -179,7 +187,7 @@ def start_for_run(profile: Any, creds: Mapping[str, Any], *, record: Recorder,
                                  "clock_offset_ms": offsets, "policy": policy.describe(),
                                  "ws_url": ws.url if ws is not None else None,
                                  "rate_limits": {n: lim.limits() for n, lim in server.limiters.items()}})
-    follower = _follow_rotation(server, profile, creds, settings, proxy_settings, env, make, record)
+    follower = _follow_rotation(server, profile, creds, settings, proxy_settings, vault_settings, make, record)
     return ProxyRun(server, child_env, child_profile, record, ws, follower)
 
 
@@ -217,16 +225,17 @@ def _ws_urls(profile: Any) -> dict[str, str] | None:
 
 
 def _follow_rotation(server: Any, profile: Any, creds: Any, settings: Any, proxy_settings: Any,
-                     env: Mapping[str, str] | None, make: Callable[[Any], Any],
+                     vault_settings: VaultSettings | None, make: Callable[[Any], Any],
                      record: Recorder) -> Any:
     """Start following the Vault profile's versions (``follow``); None where there is nothing to follow."""
     origin = getattr(creds, "origin", None)
     version = getattr(origin, "version", None)
-    if settings.type == "transit" or getattr(origin, "source", None) != "vault" or version is None:
+    if (settings.type == "transit" or getattr(origin, "source", None) != "vault" or version is None
+            or vault_settings is None):
         return None
     from .follow import KeyFollower
 
-    follower = KeyFollower(server, profile, env if env is not None else os.environ, version,
+    follower = KeyFollower(server, profile, vault_settings, version,
                            proxy_settings.rotation_interval, make, record)
     follower.start()
     return follower

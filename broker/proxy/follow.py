@@ -18,11 +18,14 @@ version): nothing to follow there.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BrokerError
 from ..events import Event, Recorder
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..vault.settings import VaultSettings
 
 DEFAULT_INTERVAL = 60.0
 
@@ -30,17 +33,18 @@ DEFAULT_INTERVAL = 60.0
 class KeyFollower:
     """A thread that polls the profile's version and swaps the proxy's signer on a new one."""
 
-    def __init__(self, proxy: Any, profile: Any, env: Mapping[str, str], version: int | None, interval: float,
+    def __init__(self, proxy: Any, profile: Any, settings: VaultSettings, version: int | None, interval: float,
                  make: Callable[[Any], Any], record: Recorder) -> None:
         from ..watch import Watcher
 
         self._proxy = proxy
         self._profile = profile
-        self._env = dict(env)
         self._make = make
         self._record = record
         self._interval = interval
-        self._watcher = Watcher(profile, self._env, record, version, interval)
+        # The run's settings; the watcher re-resolves them only at its named moments (a rejected token,
+        # an AppRole re-login), and the reads below follow what it holds.
+        self._watcher = Watcher(profile, settings, record, version, interval)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="credbroker-proxy-rotation", daemon=True)
 
@@ -69,7 +73,8 @@ class KeyFollower:
             return None
         self._watcher.acted(version)
         try:
-            creds = read(self._profile, env=self._env, record=self._record, by="proxy_rotation", isolate=True,
+            creds = read(self._profile, env=self._watcher.env, settings=self._watcher.settings, record=self._record,
+                         by="proxy_rotation", isolate=True,
                          on_refused=lambda exc: None)  # recorded below as proxy_rotation_failed
         except BrokerError as exc:
             self._watcher.fetch_failed(exc)

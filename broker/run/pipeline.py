@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, closing
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import ENV_CONFIG, Profile
 from ..errors import BrokerError, CommandNotFound
@@ -40,6 +40,9 @@ from .console import say
 from .options import Recorder, RestartPolicy, RunOptions
 from ..config import check_profiles
 from .profiles import combine, combined_profile, fetch_all, profiles_env
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..vault.settings import VaultSettings
 
 _MAX_RESTART_DELAY = 60.0
 
@@ -98,6 +101,7 @@ class Run:
         self.policies: list[Any] = list(options.rotation)
         self.env: dict[str, str] = dict(os.environ if options.environ is None else options.environ)
         self.source_env: Mapping[str, str] = self.env
+        self.vault: VaultSettings | None = None  # resolved once, on first need (``vault_settings``)
         self.audit_log: Any = None
         self.rec: Recorder = options.record or _no_record
         self.signings: list[Any] = []  # one per profile: its key check, and with --agent its agent
@@ -180,6 +184,17 @@ class Run:
                 # The bot holds the secret without --agent: nothing can enforce the policy. Say so every time.
                 say(f"WARNING: {p.where('policy')} is enforced only with --agent; this bot holds the secret")
 
+    def vault_settings(self) -> VaultSettings:
+        """The run's Vault settings: resolved once, on first need, from the environment and ``[vault]``;
+        every step that needs them (the scoped signing token, rotation, the proxy, a refusal's context)
+        uses this value. The fetch itself runs in a throwaway child that resolves its own from the same
+        environment. The rotation watcher re-resolves only at its own named moments (``broker.watch``)."""
+        if self.vault is None:
+            from ..vault.settings import VaultSettings
+
+            self.vault = VaultSettings.from_env(self.source_env)
+        return self.vault
+
     def refused(self, exc: BrokerError, only: Profile | None = None) -> None:
         """Record why the run stops (for ``only``, else for every profile); the original error still wins."""
         from ..access import refusal  # the one schema of a refusal (with Vault's request id when it answered)
@@ -187,7 +202,7 @@ class Run:
 
         for p in [only] if only is not None else self.profiles:
             try:
-                self.rec(Event.REFUSED, {**_refused_secret(p, self.source_env),
+                self.rec(Event.REFUSED, {**_refused_secret(p, self.vault_settings),
                                      **refusal(p, exc, "run", command=audit_fields(self.command)[0])})
             except BrokerError:
                 pass  # the original failure is what the operator must see
@@ -216,7 +231,9 @@ class Run:
         """Every profile's secrets (wiped on the way out), their warnings, each key's check."""
         from ..access import value_warnings
 
-        self.held = fetch_all(self.profiles, self.source_env, self.rec, self.refused)
+        # The fetch runs in a throwaway child, which resolves the settings from the environment and
+        # [vault] it is given; this process resolves them only when a later step needs them.
+        self.held = fetch_all(self.profiles, self.source_env, self.rec, self.refused, settings=self.vault)
         stack.callback(self._wipe)
         self.profile, self.creds = combine(self.profiles, self.held)
         self.child_profile = self.profile
@@ -256,7 +273,8 @@ class Run:
             from ..signing import child_env as signer_env
 
             try:
-                issued = signer_env(p, env=self.source_env)
+                transit = (p.sections.get("signer") or {}).get("type") == "transit"
+                issued = signer_env(p, vault_settings=self.vault_settings() if transit else None)
             except BrokerError as exc:
                 self.refused(exc, p if self.many else None)
                 raise
@@ -303,7 +321,8 @@ class Run:
         for i, (p, pol) in enumerate(zip(self.profiles, self.policies)):
             if pol is None:
                 continue
-            self.watchers[i] = Watcher(p, self.source_env, self.rec, self.held[i].origin.version, pol.interval)
+            self.watchers[i] = Watcher(p, self.vault_settings(), self.rec, self.held[i].origin.version,
+                                       pol.interval)
             agent_fields = tuple(self.visible[i].env.values()) if self.o.agent else None
             checkers.append((i, RotationChecker(p, pol, self.watchers[i], self.rec, current=self._running(i),
                                                 agent_fields=agent_fields, read=read)))
@@ -344,8 +363,9 @@ class Run:
 
         assert self.creds is not None
         try:
+            uses_vault = self.profile.source == "vault" or "signer" in self.profile.sections
             self.proxy_run = start_for_run(self.profile, self.creds, record=self.rec, audit_log=self.audit_log,
-                                           env=self.source_env)
+                                           vault_settings=self.vault_settings() if uses_vault else None)
         except BrokerError as exc:
             self.refused(exc)
             raise
@@ -600,16 +620,15 @@ def _release(issued: Mapping[str, str], env: Mapping[str, str]) -> None:
 
         release_child_env(issued, env=env)
 
-def _refused_secret(profile: Profile, env: Mapping[str, str]) -> dict[str, Any]:
+def _refused_secret(profile: Profile, resolve: Callable[[], VaultSettings]) -> dict[str, Any]:
     """Which Vault and path a refused run was for (as far as the settings say): the review files the
     refusal under that secret, not under whichever Vault the profile used last."""
     if profile.source != "vault" or not profile.options.get("path"):
         return {}
-    from ..sources.settings import VaultSettings
     from ..sources.vault import split_path
 
     try:
-        settings = VaultSettings.from_env(env)
+        settings = resolve()
         mount, path = split_path(profile)
     except BrokerError:
         return {}  # the settings are what was wrong: the reason says so

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Profile
 from ..errors import BrokerError
@@ -14,6 +14,9 @@ from ..secret import Credentials
 from .. import childenv
 from ..events import Event
 from .options import Recorder
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..vault.settings import VaultSettings
 
 #: The separator of a combined profile's field names (``profile/field``): keys of the run's own view, never parsed back.
 _SEP = "/"
@@ -37,11 +40,12 @@ def combined_profile(profiles: Sequence[Profile]) -> Profile:
     return Profile(name=",".join(p.name for p in profiles), source=source, env=env)
 
 def fetch_all(profiles: Sequence[Profile], env: Mapping[str, str], rec: Recorder,
-              refused: Callable[[BrokerError, Profile | None], None]) -> list[Credentials]:
+              refused: Callable[[BrokerError, Profile | None], None], *,
+              settings: VaultSettings | None = None) -> list[Credentials]:
     """Every profile's secrets, or none: on the first failure what was fetched is wiped (each read that
     happened is still recorded, so the review never lists it as a read from outside) and the error raised."""
     try:
-        return fetch_each(profiles, env, rec, refused)
+        return fetch_each(profiles, env, rec, refused, settings=settings)
     finally:
         daemon = sys.modules.get("broker.daemon")
         if daemon is not None:
@@ -49,7 +53,8 @@ def fetch_all(profiles: Sequence[Profile], env: Mapping[str, str], rec: Recorder
 
 
 def fetch_each(profiles: Sequence[Profile], env: Mapping[str, str], rec: Recorder,
-               refused: Callable[[BrokerError, Profile | None], None]) -> list[Credentials]:
+               refused: Callable[[BrokerError, Profile | None], None], *,
+               settings: VaultSettings | None = None) -> list[Credentials]:
     """Each profile read through the one audited read (``access.read``, ``by="run"``), in a throwaway
     child; the run's own refusal record (with the command) when a read fails."""
     from ..access import read
@@ -60,7 +65,7 @@ def fetch_each(profiles: Sequence[Profile], env: Mapping[str, str], rec: Recorde
             refused(exc, p)
 
         try:
-            c = read(p, env=env, record=rec, by="run", isolate=True, on_refused=refuse)
+            c = read(p, env=env, settings=settings, record=rec, by="run", isolate=True, on_refused=refuse)
         except BrokerError as exc:
             for done in held:
                 done.wipe()

@@ -39,6 +39,7 @@ from .settings import SignerSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config, Profile
+    from ..vault.settings import VaultSettings
 
 __all__ = [
     "ApiKey",
@@ -123,20 +124,33 @@ def get_signer(
     # As `credbroker run` does: a log that cannot be written stops us before any fetch (fail closed).
     log = open_audit(cfg.audit or None, source_env)
 
+    def record(event: str, fields: Mapping[str, Any]) -> None:
+        write(log, event, fields)
+
+    # The Vault settings, resolved once for this signer: its reads, its transit client, its version checks.
+    vault_settings = None
+    if prof.source == "vault" or settings.type == "transit":
+        from ..access import record_refusal
+        from ..vault.settings import VaultSettings
+
+        try:
+            vault_settings = VaultSettings.from_env(source_env)
+        except BrokerError as exc:
+            record_refusal(record, prof, exc, "get_signer", pid=os.getpid())
+            raise
+
     def build() -> tuple[Signer, int | None]:
         """Fetch (audited, the one way every reader does) and build the signer; the fetched copies are
         wiped once it holds its key."""
-        creds = fetch(prof, config=cfg, env=environ, by="get_signer", context={"pid": os.getpid()},
-                      record=lambda event, fields: write(log, event, fields))
+        creds = fetch(prof, config=cfg, env=environ, settings=vault_settings, by="get_signer",
+                      context={"pid": os.getpid()}, record=record)
         try:
             fields = {f: creds[f] for f in creds}
             client = None
-            vault_settings = None
             if settings.type == "transit":
-                from ..vault.session import open_client
-                from ..vault.settings import VaultSettings
+                from ..vault.token import open_client
 
-                vault_settings = VaultSettings.from_env(source_env)
+                assert vault_settings is not None
                 client = open_client(vault_settings)
             signer = make_signer(
                 settings,
@@ -161,7 +175,8 @@ def get_signer(
         from ..sources.vault import current_version
 
         def latest() -> int | None:
-            return current_version(prof, source_env)
+            assert vault_settings is not None
+            return current_version(prof, vault_settings)
 
     from .refresh import RefreshingSigner
 
@@ -397,7 +412,7 @@ def _child_vault_client(environ: Mapping[str, str], vault: Mapping[str, Any]) ->
     return new_client(settings, token), settings
 
 
-def child_env(profile: Profile, *, env: Mapping[str, str]) -> dict[str, str]:
+def child_env(profile: Profile, *, vault_settings: VaultSettings | None = None) -> dict[str, str]:
     """Variables the runner adds to the child's environment so ``get_signer()`` works there.
 
     - ``CREDBROKER_CONFIG``: the profile's config file (absolute), so signature
@@ -408,20 +423,23 @@ def child_env(profile: Profile, *, env: Mapping[str, str]) -> dict[str, str]:
       short-lived (``signer.token_ttl``) and renewed by the child while it
       runs. The broker's own token never reaches the child.
 
-    ``env`` is the broker's source environment (VAULT_ADDR, VAULT_TOKEN...).
-    Raises a BrokerError (fail closed) when the token cannot be issued.
+    ``vault_settings`` are the broker's Vault settings (resolved once by the run);
+    a transit profile needs them. Raises a BrokerError (fail closed) when the
+    token cannot be issued.
     """
+    vs = vault_settings
     settings = SignerSettings.for_profile(profile)
     out: dict[str, str] = {}
     if profile.origin:
         out["CREDBROKER_CONFIG"] = str(Path(profile.origin).expanduser().resolve())
     payload: dict[str, Any] = settings.to_dict()
     if settings.type == "transit":
-        from ..vault.session import open_client
-        from ..vault.settings import VaultSettings
+        from ..vault.token import open_client
         from .transit import child_token, describe_key
 
-        vs = VaultSettings.from_env(env)
+        if vs is None:
+            raise ConfigError(f"{profile.where('signer')}: a transit signer needs the broker's Vault settings",
+                              "pass child_env(profile, vault_settings=VaultSettings.from_env(...))")
         client = open_client(vs)
         assert settings.transit_key is not None
         # Before the bot starts: a mistyped key name fails here (125), not in the bot's get_signer().

@@ -2,12 +2,13 @@
 
 A source module exposes::
 
-    def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials
+    def fetch(profile: Profile, *, settings: VaultSettings | None) -> Credentials
 
 which returns every field ``profile.fields`` names, or raises a ``SourceError``
 subclass that says what failed and how to fix it (fail closed: never a partial
-result). ``env`` is the environment to read settings from (``VAULT_ADDR``...),
-passed explicitly so the library never depends on hidden global state.
+result). ``settings`` are the Vault settings the caller resolved once (a source
+that does not speak to Vault ignores them), passed explicitly so the library
+never depends on hidden global state.
 
 Adding a backend: a new module here, a line in ``_REGISTRY``, and its option
 names in ``config._SOURCE_KEYS``. Modules are imported only when a profile
@@ -19,12 +20,15 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .. import childenv
 from ..config import Profile
 from ..errors import ConfigError, SourceError
 from ..secret import Credentials, Secret, wipe_buffer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..vault.settings import VaultSettings
 
 _REGISTRY: dict[str, str] = {
     "vault": "broker.sources.vault",
@@ -35,7 +39,7 @@ _REGISTRY: dict[str, str] = {
 class SourceModule(Protocol):
     """What every source module provides."""
 
-    def fetch(self, profile: Profile, *, env: Mapping[str, str]) -> Credentials: ...
+    def fetch(self, profile: Profile, *, settings: VaultSettings | None) -> Credentials: ...
 
 
 def get(name: str) -> SourceModule:
@@ -48,14 +52,17 @@ def get(name: str) -> SourceModule:
     return module
 
 
-def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon: bool = True,
-          isolate: bool = False) -> Credentials:
+def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, settings: VaultSettings | None = None,
+          use_daemon: bool = True, isolate: bool = False) -> Credentials:
     """Fetch every field the profile names, or raise (fail closed).
 
     A vault profile goes through a running ``credbroker daemon`` when there is
     one (hvac already loaded there; see ``broker.daemon``), else in-process;
     with ``isolate`` (what ``credbroker run`` asks) in a forked child of this
-    process, so no stray copy of the secret stays in this one.
+    process, so no stray copy of the secret stays in this one. ``env`` (with
+    ``[vault]`` beside it) is what crosses to the daemon or the child, which
+    resolve their own settings from it; an in-process read uses ``settings``,
+    resolved from ``env`` here only when the caller brought none.
     """
     env = os.environ if env is None else env
     for name in profile.fields:  # a profile built in code skips the config file's checks
@@ -70,7 +77,11 @@ def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon:
         if creds is None and isolate:
             creds = daemon.fetch_isolated(profile, env)
     if creds is None:
-        creds = get(profile.source).fetch(profile, env=env)
+        if settings is None and profile.source == "vault":
+            from ..vault.settings import VaultSettings
+
+            settings = VaultSettings.from_env(env)
+        creds = get(profile.source).fetch(profile, settings=settings)
     missing = [f for f in profile.fields if f not in creds.fields]
     if missing:  # a source bug must never turn into a partially configured bot
         creds.wipe()
@@ -80,7 +91,7 @@ def fetch(profile: Profile, *, env: Mapping[str, str] | None = None, use_daemon:
         )
     field = passphrase_field(profile)
     if field not in creds and any(_encrypted(s) for s in creds.values()):
-        creds = _with_passphrase(profile, creds, field, env=env, use_daemon=use_daemon)
+        creds = _with_passphrase(profile, creds, field, env=env, settings=settings, use_daemon=use_daemon)
     return creds
 
 
@@ -115,7 +126,7 @@ def _encrypted(secret: Secret) -> bool:
 
 
 def _with_passphrase(profile: Profile, creds: Credentials, field: str, *, env: Mapping[str, str],
-                     use_daemon: bool) -> Credentials:
+                     settings: VaultSettings | None, use_daemon: bool) -> Credentials:
     """``creds`` plus the passphrase field, read from the same secret version (fail closed).
 
     A key stored encrypted is useless without its passphrase, so it is read
@@ -126,7 +137,7 @@ def _with_passphrase(profile: Profile, creds: Credentials, field: str, *, env: M
         options["version"] = creds.origin.version  # the passphrase of this very key, not of a newer one
     wider = profile._replace(env={**profile.env, childenv.KEY_PASSPHRASE: field}, options=options)
     try:
-        more = fetch(wider, env=env, use_daemon=use_daemon)
+        more = fetch(wider, env=env, settings=settings, use_daemon=use_daemon)
     except SourceError as exc:
         creds.wipe()
         raise SourceError(f"profile {profile.name!r}: the stored private key is encrypted and its passphrase "

@@ -11,13 +11,15 @@ error naming the service and field, never an empty value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Profile
 from ..errors import ConfigError, KeyringError, KeyringLocked, KeyringNotFound, KeyringUnavailable
 from ..secret import Credentials, Origin, Secret
 from .values import value_problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..vault.settings import VaultSettings
 
 
 def service_for(profile: Profile) -> str:
@@ -119,8 +121,8 @@ def call_backend(what: str, service: str, fn: Any, *args: Any, field: str | None
         ) from exc
 
 
-def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
-    """Read every field the profile names from the keyring (fail closed)."""
+def fetch(profile: Profile, *, settings: VaultSettings | None = None) -> Credentials:
+    """Read every field the profile names from the keyring (fail closed); ``settings`` (Vault's) unused."""
     service = service_for(profile)  # a refused name fails before the backend is asked
     backend = backend_for(profile)
     fields: dict[str, Secret] = {}

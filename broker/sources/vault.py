@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..config import Profile
@@ -19,7 +18,8 @@ from ..errors import ConfigError, VaultBadResponse, VaultError, VaultNotFound
 from ..secret import Credentials, Origin, Secret
 from ..vault import kv, transit
 from ..vault.paths import PathKind, check
-from ..vault.session import close, open_client
+from ..vault.session import close
+from ..vault.token import open_client
 from ..vault.settings import VaultSettings
 from .values import value_problem
 
@@ -44,10 +44,9 @@ def split_path(profile: Profile) -> tuple[str, str]:
     return mount, rest
 
 
-def client_for(profile: Profile | None, env: Mapping[str, str], *, settings: VaultSettings | None = None
-               ) -> hvac.Client:
-    """An authenticated hvac client for ``env``'s settings (built by ``broker.vault.session``)."""
-    return open_client(settings or VaultSettings.from_env(env))
+def client_for(settings: VaultSettings) -> hvac.Client:
+    """An authenticated hvac client for ``settings`` (logged in by ``broker.vault.token``)."""
+    return open_client(settings)
 
 
 def _require(obj: Any, *keys: str, what: str) -> Any:
@@ -100,26 +99,24 @@ def _latest_version(client: Any, settings: VaultSettings, mount: str, path: str)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def current_version(profile: Profile, env: Mapping[str, str], *, client: Any = None) -> int | None:
+def current_version(profile: Profile, settings: VaultSettings, *, client: Any = None) -> int | None:
     """The KV v2 ``current_version`` of a vault profile's secret (for rotation)."""
-    settings = VaultSettings.from_env(env)
     mount, path = split_path(profile)
-    client = client or client_for(profile, env, settings=settings)
+    client = client or client_for(settings)
     resp = kv.read_metadata(client, settings, mount, path)
     value = _require(resp, "data", "current_version", what=f"{mount}/metadata/{path}")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def current_version_created(profile: Profile, env: Mapping[str, str], *, client: Any = None
+def current_version_created(profile: Profile, settings: VaultSettings, *, client: Any = None
                             ) -> tuple[str, int, str] | None:
     """(secret label, current version, its created_time) from KV v2 metadata; None when the answer lacks them.
 
     For the weekly review's "keys not rotated in N days": metadata holds no
     secret value, so reading it is not an access to record.
     """
-    settings = VaultSettings.from_env(env)
     mount, path = split_path(profile)
-    client = client or client_for(profile, env, settings=settings)
+    client = client or client_for(settings)
     resp = kv.read_metadata(client, settings, mount, path)
     data = resp.get("data") if isinstance(resp, dict) else None
     if not isinstance(data, dict):
@@ -162,11 +159,14 @@ def _decrypt(client: Any, settings: VaultSettings, profile: Profile, field: str,
         raw[:] = bytes(len(raw))
 
 
-def fetch(profile: Profile, *, env: Mapping[str, str]) -> Credentials:
-    """Read every field the profile names from its KV v2 secret (fail closed)."""
-    settings = VaultSettings.from_env(env)
+def fetch(profile: Profile, *, settings: VaultSettings | None) -> Credentials:
+    """Read every field the profile names from its KV v2 secret (fail closed), with the caller's resolved
+    ``settings`` (``sources.fetch`` resolves them for a caller that has none)."""
+    if settings is None:
+        raise ConfigError(f"profile {profile.name!r}: no Vault settings were resolved for this read",
+                          "this is a credbroker bug; please report it")
     mount, path = split_path(profile)  # a bad path fails before any request
-    client = client_for(profile, env, settings=settings)
+    client = client_for(settings)
     pinned = profile.options.get("version")
     data, version, request_id = read_kv(client, settings, mount, path, pinned)
     fields: dict[str, Secret] = {}

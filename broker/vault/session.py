@@ -3,8 +3,7 @@
 - ``new_client(settings, token)``: an hvac client on a ``transport.VaultHTTPSession`` (the named CA
   as the only trust anchor, mutual TLS, the TLS server name, redirects only inside the configured
   cluster, a total deadline per request). Nothing else in credbroker builds an hvac client or a
-  requests session for Vault.
-- ``open_client(settings)``: the same, authenticated (the token, or an AppRole login).
+  requests session for Vault. Logging it in (the token, an AppRole login) is ``broker.vault.token``'s.
 - ``mapped(...)``: turns hvac's and requests' exceptions, by their real types, into credbroker's
   ``VaultError``s with a remedy that names where the setting came from.
 - ``server_text(...)``: the one function that makes text from the server printable: bounded, one
@@ -149,68 +148,11 @@ def new_client(settings: VaultSettings, token: str | None = None) -> hvac.Client
                        namespace=settings.namespace, session=session)
 
 
-def open_client(settings: VaultSettings) -> hvac.Client:
-    """An authenticated hvac client: the token, or an AppRole login. Raises a VaultError."""
-    from .transport import RedirectRefused
-
-    client = new_client(settings)
-    if settings.auth == "approle":
-        if settings.role_id is None or settings.secret_id is None:
-            raise VaultAuthError(
-                "Vault auth is approle but no role_id/secret_id is set",
-                "set VAULT_ROLE_ID and VAULT_SECRET_ID, or role_id_file/secret_id_file in [vault]",
-            )
-        login_path = f"auth/{settings.approle_mount}/login"
-        try:
-            with mapped(settings, "log in at", login_path, client, check_token=False):
-                resp = client.auth.approle.login(
-                    role_id=settings.role_id.reveal_str(),
-                    secret_id=settings.secret_id.reveal_str(),
-                    mount_point=settings.approle_mount,
-                    use_token=True,
-                )
-        except (VaultBadResponse, VaultPermissionDenied) as exc:
-            if isinstance(exc.__cause__, RedirectRefused):
-                raise  # its remedy (the cluster's addresses) is the right one, not the role_id's
-            raise VaultAuthError(
-                f"AppRole login at {settings.addr}/v1/{login_path} failed: {exc.message}",
-                "check the role_id, and issue a new secret_id (they expire and may be single-use)",
-            ) from exc
-        if not isinstance(resp, dict) or not isinstance(resp.get("auth"), dict):
-            raise VaultBadResponse(f"AppRole login at {login_path} returned no token", "check the server")
-    else:
-        if settings.token is None:
-            raise VaultAuthError(
-                f"no Vault token for {settings.addr}",
-                "set VAULT_TOKEN, run `vault login` (writes ~/.vault-token), or configure AppRole",
-            )
-        client.token = settings.token.reveal_str()
-    return client
-
-
 def close(client: Any) -> None:
     """Close the client's connections (safe on None)."""
     adapter = getattr(client, "adapter", None)
     if adapter is not None:
         adapter.close()
-
-
-def token_check(client: Any) -> Callable[[], bool]:
-    """A function telling whether the client's token is still valid (for a 403's remedy)."""
-
-    def check() -> bool:
-        import hvac.exceptions as hx
-        import requests
-
-        try:
-            client.auth.token.lookup_self()
-            return True
-        except (hx.Forbidden, hx.Unauthorized):
-            return False
-        except (hx.VaultError, requests.exceptions.RequestException, ValueError):
-            return True  # unknown: assume the token is fine and report the 403 as a policy denial
-
-    return check
 
 
 # -- the mapping ---------------------------------------------------------------------------------
@@ -222,12 +164,13 @@ def _timeout_hint(settings: VaultSettings) -> str:
 
 
 @contextmanager
-def mapped(settings: VaultSettings, action: str, path: str, client: Any = None, *, check_token: bool = True,
-           secrets: Iterable[Secretish] = ()) -> Iterator[None]:
+def mapped(settings: VaultSettings, action: str, path: str, client: Any = None, *,
+           token_valid: Callable[[], bool] | None = None, secrets: Iterable[Secretish] = ()) -> Iterator[None]:
     """Turn hvac/requests failures during ``action`` on ``path`` into VaultErrors with a remedy.
 
-    ``client`` (when given) has its token scrubbed from server text and, on a 403, is asked
-    whether that token is still valid; ``secrets`` are further values the caller holds.
+    ``client`` (when given) has its token scrubbed from server text; on a 403, ``token_valid`` (when
+    given: ``broker.vault.token.token_check(client)``) tells a dead token from a policy that denies;
+    ``secrets`` are further values the caller holds.
     """
     import hvac.exceptions as hx
     import requests.exceptions as rx
@@ -292,7 +235,7 @@ def mapped(settings: VaultSettings, action: str, path: str, client: Any = None, 
         _scrub_chained(exc, held)
         # Vault answers 403 both for a bad token and for a policy that denies
         # this path; ask about the token itself to tell the two apart.
-        if check_token and client is not None and not token_check(client)():
+        if token_valid is not None and not token_valid():
             source = settings.token_source or "the token"
             raise VaultAuthError(
                 f"Vault at {addr} rejected the token from {source} (invalid, expired or revoked)",

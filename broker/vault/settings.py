@@ -113,6 +113,23 @@ class VaultSettings:
     addrs: tuple[str, ...] = ()
     #: setting name ("addr", "cacert", "timeout"...) -> where its value came from, for messages
     origins: Mapping[str, str] = field(default_factory=dict)
+    #: What these settings were resolved from (the environment, with ``[vault]`` beside it): kept only
+    #: for ``reresolved()`` and for a process boundary (the daemon, the early fetch child), never read
+    #: for a setting. None for settings built in code.
+    inputs: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
+
+    def reresolved(self, *, drop_token: bool = False) -> VaultSettings:
+        """The settings resolved again from the same inputs: the one deliberate re-read of the token file
+        and the AppRole id files, for a long-running loop (a run's rotation watcher, the proxy's) whose
+        token died: a `vault login` during the run wrote a new ~/.vault-token, an admin issued a new
+        secret_id. ``drop_token``: without ``VAULT_TOKEN``/``BAO_TOKEN`` (the dead token), so an AppRole
+        login is made instead. Settings built in code (no inputs) are returned as they are."""
+        if self.inputs is None:
+            return self
+        from .origins import without
+
+        inputs = without(self.inputs, "VAULT_TOKEN", "BAO_TOKEN") if drop_token else self.inputs
+        return VaultSettings.from_env(inputs)
 
     def origin(self, name: str) -> str:
         """Where setting ``name`` came from ("VAULT_ADDR", "[vault] addr in FILE"); the variable by default."""
@@ -252,4 +269,5 @@ class VaultSettings:
             skip_verify=skip_raw in TRUE_WORDS,
             addrs=addrs,
             origins=origins,
+            inputs=env,
         )

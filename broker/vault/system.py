@@ -9,10 +9,11 @@ from typing import Any
 
 from .session import mapped
 from .settings import VaultSettings
+from .token import token_check
 
 
 def audit_hash(client: Any, settings: VaultSettings, device: str, value: str) -> Any:
     """The raw HTTP answer of ``sys/audit-hash/<device>`` for ``value`` (the caller reads its JSON)."""
     path = f"sys/audit-hash/{device}"
-    with mapped(settings, "hash a value with", path, client, secrets=[value]):
+    with mapped(settings, "hash a value with", path, client, token_valid=token_check(client), secrets=[value]):
         return client.adapter.post(f"/v1/{path}", json={"input": value})

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from broker.audit.anchor import make_payload, place_for, write
+from broker.vault.settings import VaultSettings
 from broker.audit.chain import ANCHOR_LABEL, labelled_mac
 from broker.audit.fleet import discover, fleet_report
 from broker.audit.settings import load_settings
@@ -222,7 +223,8 @@ def test_vault_anchors_are_compared_per_host(openbao: OpenBao, tmp_path: Path,
         settings = load_settings({"path": f"/home/trader/.local/state/{host}/audit.log", "anchor": prefix}, {})
         place = place_for(settings, w.log.key_id, host=host)
         assert place is not None
-        write(env, place, make_payload(last["seq"], last["hash"], w.log.key_id, str(settings.path), last["ts"], mac))
+        write(VaultSettings.from_env(env), place,
+              make_payload(last["seq"], last["hash"], w.log.key_id, str(settings.path), last["ts"], mac))
     for head in root.glob("*/*.head"):  # a collector gets the records, not the hosts' head files
         head.unlink()
     # bot-b's newest record is cut after it was anchored: only the anchor can tell.

@@ -29,6 +29,7 @@ from broker.audit.settings import load_settings
 from broker.audit.verify import verify_files
 from broker.errors import AuditError
 from broker.secret import Secret
+from broker.vault.settings import VaultSettings
 from tests.conftest import OpenBao, credbroker_bin
 
 KEY = bytes(range(32))
@@ -270,7 +271,7 @@ def test_issue_repro_rm_log_then_run_is_not_intact(openbao: OpenBao, tmp_path: P
 def anchors_of(server: OpenBao, log_path: Path) -> list[Any]:
     place = place_for(load_settings({"path": str(log_path)}, {}), make_log(log_path).key_id)
     assert place is not None
-    return read_all(server.env(), place, KEY)
+    return read_all(VaultSettings.from_env(server.env()), place, KEY)
 
 
 def test_run_end_anchors_the_head_in_vault(openbao: OpenBao, tmp_path: Path) -> None:

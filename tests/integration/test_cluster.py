@@ -92,7 +92,7 @@ def test_vault_addr_at_the_killed_leader_fails_over_to_the_configured_nodes(whol
     # Token calls (a lookup is a read, a renewal a write) and a KV write go through the new leader too.
     lib = subprocess.run([sys.executable, "-c", "\n".join([
         "from broker.vault.settings import VaultSettings",
-        "from broker.vault.session import open_client",
+        "from broker.vault.token import open_client",
         "import os",
         "c = open_client(VaultSettings.from_env(os.environ))",
         "c.auth.token.lookup_self()",

@@ -21,6 +21,7 @@ from broker.errors import BrokerError, ConfigError
 from broker.secret import Secret
 
 from tests.conftest import OpenBao, SecretService
+from tests.integration.test_audit_vault import audited_openbao  # noqa: F401 - the fixture
 
 SECRET = "Zq8vN2kP0sRr4tYw7xB1cD3eF5gH6jK9mL2nP4qR6sT8uV0wX2yZ4aB6cD8eF0gH"
 API_KEY = "vmPUZE6mv9SD5VNHk4HlWFsOr6aKE2zvsw0MuIgwCIPy6utIco14y7Ju91duEh8A"
@@ -411,7 +412,7 @@ def test_import_creds_yml_into_a_keyring_profile(secret_service: SecretService, 
 
     prof = Profile(name="spot", source="keyring", env={"BINANCE_API_SECRET": "api_secret"},
                    options={"service": "credbroker/imp-spot"})
-    creds = keyring_source.fetch(prof, env={})
+    creds = keyring_source.fetch(prof)
     assert creds["api_secret"] == SECRET.encode()
     creds.wipe()
 
@@ -452,12 +453,117 @@ def test_library_import_with_a_recorder(openbao: OpenBao, tmp_path: Path) -> Non
     )
     assert result.stored.version == 1 and result.left_out == ("BINANCE_API_KEY",)
     assert SECRET not in repr(result)
-    assert [e for e, _ in events] == ["secret_imported"]
+    # The read-back is the one audited read (access.read, by="import"): its record carries Vault's
+    # request id and the version just written; then the import itself.
+    assert [e for e, _ in events] == ["secret_fetched", "secret_imported"]
+    fetched = events[0][1]
+    assert fetched["by"] == "import" and fetched["source"] == "vault"
+    assert fetched["path"] == "secret/credbroker/imp11" and fetched["version"] == 1
+    assert isinstance(fetched["request_id"], str) and fetched["request_id"]
+    assert fetched["profile"] == "imp11" and fetched["fields"] == ["api_secret"]
+    assert "read_back_request_id" not in events[1][1]
+    assert SECRET not in json.dumps(events)
     with pytest.raises(ConfigError, match="also holds BINANCE_API_KEY"):
         migrate.delete_plaintext(result)
     assert f.exists()
     with pytest.raises(ConfigError, match="unknown import target"):
         migrate.import_plaintext(f, target="s3", location="x")
+
+
+@pytest.mark.vault
+def test_a_read_back_vault_refuses_is_recorded_as_the_imports_refusal(openbao: OpenBao, tmp_path: Path) -> None:
+    """A token that may write but not read: the write happens, the read-back is refused, and the one-schema
+    ``refused`` record (by="import") says so; no secret_imported is written for an unverified copy."""
+    name = "imp-wo-" + os.urandom(4).hex()
+    policy = f'path "secret/data/credbroker/{name}" {{ capabilities = ["create", "update"] }}\n'
+    openbao.cli("policy", "write", name, "-", input=policy)
+    token = openbao.client().auth.token.create(policies=[name], ttl="10m")["auth"]["client_token"]
+    f = tmp_path / "bot.env"
+    f.write_text(DOT_ENV)
+    events: list[tuple[str, dict[str, Any]]] = []
+    with pytest.raises(BrokerError) as err:
+        migrate.import_plaintext(f, target="vault", mount="secret", location=f"credbroker/{name}",
+                                 env=_vault_env(openbao, token), record=lambda e, d: events.append((e, dict(d))))
+    assert type(err.value).__name__ == "VaultPermissionDenied"
+    assert [e for e, _ in events] == ["refused"]
+    refused = events[0][1]
+    assert refused["by"] == "import" and refused["error"] == "VaultPermissionDenied"
+    assert refused["profile"] == name and refused["source"] == "vault"
+    assert _read(openbao, f"credbroker/{name}")["data"]["api_secret"] == SECRET  # the write itself happened
+    assert SECRET not in json.dumps(events) and f.exists()
+
+
+@pytest.mark.vault
+def test_a_read_back_that_differs_is_recorded_after_the_read_that_found_it(openbao: OpenBao, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy in Vault is not the file's (a store that changed a byte): the read is recorded with Vault's
+    request id, then the refusal, naming the same read; no value appears anywhere."""
+    real_store = migrate.store_vault
+
+    def altering_store(settings: Any, mount: str, path: str, fields: Any, **kwargs: Any) -> Any:
+        changed = {name: Secret(value.reveal_str()[::-1]) for name, value in fields.items()}
+        return real_store(settings, mount, path, changed, **kwargs)
+
+    monkeypatch.setattr(migrate, "store_vault", altering_store)
+    f = tmp_path / "creds.yml"
+    f.write_text(CREDS_YML)
+    events: list[tuple[str, dict[str, Any]]] = []
+    with pytest.raises(migrate.ImportVerifyError, match="fields api_key, api_secret differ") as err:
+        migrate.import_plaintext(f, target="vault", mount="secret", location="credbroker/imp-differs",
+                                 env=_vault_env(openbao), record=lambda e, d: events.append((e, dict(d))))
+    assert [e for e, _ in events] == ["secret_fetched", "refused"]
+    fetched, refused = events[0][1], events[1][1]
+    assert fetched["by"] == refused["by"] == "import" and refused["error"] == "ImportVerifyError"
+    assert refused["request_id"] == fetched["request_id"] and fetched["request_id"]
+    assert refused["path"] == fetched["path"] == "secret/credbroker/imp-differs"
+    assert SECRET not in json.dumps(events) and SECRET not in str(err.value) and SECRET[::-1] not in str(err.value)
+
+
+@pytest.mark.keyring
+def test_a_keyring_import_reads_back_through_the_audited_read(secret_service: SecretService, tmp_path: Path) -> None:
+    service = "credbroker/imp-rb-" + os.urandom(4).hex()
+    f = tmp_path / "creds.yml"
+    f.write_text(CREDS_YML)
+    events: list[tuple[str, dict[str, Any]]] = []
+    migrate.import_plaintext(f, target="keyring", location=service, record=lambda e, d: events.append((e, dict(d))))
+    assert [e for e, _ in events] == ["secret_fetched", "secret_imported"]
+    fetched = events[0][1]
+    assert fetched["by"] == "import" and fetched["source"] == "keyring" and fetched["path"] == service
+    assert fetched["fields"] == ["api_key", "api_secret"]
+    assert SECRET not in json.dumps(events)
+
+
+@pytest.mark.vault
+def test_the_weekly_cross_check_counts_the_imports_read_back_as_the_brokers(tmp_path: Path,
+                                                                            audited_openbao: OpenBao) -> None:
+    """Real OpenBao with a file audit device: a profile-less import's read-back (and an older log's
+    ``read_back_request_id`` on ``secret_imported``) is matched to the broker, never "read outside"."""
+    from broker.audit import open_log
+
+    server = audited_openbao
+    log_path = tmp_path / "audit.log"
+    log = open_log({"path": str(log_path)})
+    f = tmp_path / "creds.yml"
+    f.write_text(CREDS_YML)
+    migrate.import_plaintext(f, target="vault", mount="secret", location="credbroker/imp-week",
+                             env=_vault_env(server), record=log.record)
+    # What an older credbroker wrote: the read-back's request id on secret_imported itself.
+    server.kv_put("credbroker/imp-old", api_secret="old-" + os.urandom(4).hex())
+    old = server.client().secrets.kv.v2.read_secret_version(path="credbroker/imp-old", mount_point="secret",
+                                                             raise_on_deleted_version=True)
+    log.record("secret_imported", {"file": str(f), "target": "vault", "location": "secret/credbroker/imp-old",
+                                   "version": 1, "address": server.addr, "fields": ["api_secret"],
+                                   "profile": None, "forced": False, "read_back_request_id": old["request_id"],
+                                   "read_back_path": "secret/credbroker/imp-old"})
+    server.kv_put("credbroker/imp-other", x="y")
+    server.cli("kv", "get", "secret/credbroker/imp-other")  # the Vault log goes on past them
+    env = {**server.env(), "CREDBROKER_AUDIT_LOG": str(log_path)}
+    res = CliRunner().invoke(cli, ["audit", "report", "--json", "--vault-audit", str(server.extra["audit_log"])],
+                             env=env, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    va = json.loads(res.output)["vault_audit"]
+    assert va["unmatched_total"] == 0, va["unmatched"]
+    assert va["matched"] == 2 and va["broker_reads_without_vault_entry"] == 0
 
 
 @pytest.mark.vault

@@ -18,6 +18,7 @@ import pytest
 from broker.config import Profile
 from broker.errors import ConfigError
 from broker.rotation import RotationPolicy, policy_from
+from broker.vault.settings import VaultSettings
 from broker.watch import Watcher
 
 from tests.conftest import REPO, OpenBao, credbroker_bin, start_openbao
@@ -311,7 +312,8 @@ def test_watcher_backs_off_while_vault_is_down() -> None:
     now = [0.0]
     events: list[tuple[str, dict[str, object]]] = []
     profile = Profile(name="p", source="vault", env={"S": "s"}, options={"path": "secret/p"})
-    w = Watcher(profile, {"VAULT_ADDR": "http://127.0.0.1:9", "VAULT_TOKEN": "t", "CREDBROKER_VAULT_TIMEOUT": "1"},
+    w = Watcher(profile, VaultSettings.from_env({"VAULT_ADDR": "http://127.0.0.1:9", "VAULT_TOKEN": "t",
+                                                 "CREDBROKER_VAULT_TIMEOUT": "1"}),
                 lambda e, f: events.append((e, f)), version=1, interval=10, clock=lambda: now[0])
     assert w.poll() is None
     retry = [f["retry_in_s"] for e, f in events if e == "rotation_check_failed"]
@@ -516,7 +518,8 @@ def test_a_failed_token_lookup_is_said_once_and_retried(openbao: OpenBao) -> Non
     events: list[tuple[str, dict[str, object]]] = []
     now = [0.0]
     profile = Profile(name="p", source="vault", env={"S": "api_secret"}, options={"path": f"secret/{path}"})
-    w = Watcher(profile, {"VAULT_ADDR": openbao.addr, "VAULT_TOKEN": token}, lambda e, f: events.append((e, f)),
+    w = Watcher(profile, VaultSettings.from_env({"VAULT_ADDR": openbao.addr, "VAULT_TOKEN": token}),
+                lambda e, f: events.append((e, f)),
                 version=1, interval=10, clock=lambda: now[0])
     assert w.poll() is None  # the version is still read
     now[0] = 11.0
@@ -548,7 +551,8 @@ def test_rotation_drops_its_client_by_error_type_not_by_message(monkeypatch: pyt
     from broker.sources import vault as vault_source
 
     profile = Profile(name="p", source="vault", env={"S": "s"}, options={"path": "secret/p"})
-    w = Watcher(profile, {"VAULT_ADDR": "http://127.0.0.1:9", "VAULT_TOKEN": "t"}, lambda e, f: None,
+    w = Watcher(profile, VaultSettings.from_env({"VAULT_ADDR": "http://127.0.0.1:9", "VAULT_TOKEN": "t"}),
+                lambda e, f: None,
                 version=1, interval=10, clock=lambda: 0.0)
     client = _Client()
     w._client = client

@@ -382,7 +382,7 @@ def test_get_signer_in_child_bad_environment(env: dict[str, str], message: str) 
 
 def test_child_env_for_local_kinds_has_no_secret() -> None:
     prof = _profile('[profiles.p.signer]\ntype = "hmac"\nrecv_window = 3000')
-    out = child_env(prof, env={})
+    out = child_env(prof)
     assert json.loads(out["CREDBROKER_SIGNER"])["recv_window"] == 3000
     assert out["CREDBROKER_CONFIG"].endswith("cfg.toml")
     assert "CREDBROKER_SIGNER_TOKEN" not in out

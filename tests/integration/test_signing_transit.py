@@ -16,6 +16,7 @@ import requests
 from broker.errors import SigningError, VaultAuthError, VaultPermissionDenied, VaultSealed, VaultUnreachable
 from broker.signing import child_env, get_signer
 from broker.signing.transit import TransitSigner, policy_hcl, policy_name
+from broker.vault.settings import VaultSettings
 from tests.conftest import REPO, OpenBao
 from tests.helpers.signing_verifier import BinanceVerifier
 
@@ -157,7 +158,7 @@ def test_child_token_can_only_sign(openbao: OpenBao, tmp_path: Path, recorded: l
     from broker.config import load
 
     profile = load().profile("c")
-    out = child_env(profile, env=openbao.env())
+    out = child_env(profile, vault_settings=VaultSettings.from_env(openbao.env()))
     token = out["CREDBROKER_SIGNER_TOKEN"]
     assert token != openbao.token and openbao.token not in "".join(out.values())
     info = openbao.client(token=token).auth.token.lookup_self()["data"]
@@ -241,7 +242,8 @@ def test_child_env_fails_closed_without_vault(tmp_path: Path) -> None:
     from broker.errors import BrokerError
 
     with pytest.raises(BrokerError) as err:
-        child_env(load().profile("x"), env={"VAULT_ADDR": "http://127.0.0.1:9", "VAULT_TOKEN": "tok-" + "q" * 20})
+        child_env(load().profile("x"), vault_settings=VaultSettings.from_env(
+            {"VAULT_ADDR": "http://127.0.0.1:9", "VAULT_TOKEN": "tok-" + "q" * 20}))
     assert err.value.exit_code == 125 and "127.0.0.1:9" in str(err.value)
     assert "q" * 20 not in str(err.value)
 
@@ -253,7 +255,7 @@ def test_release_child_env_revokes_the_signing_token(openbao: OpenBao, tmp_path:
     name = "rel-" + secrets.token_hex(4)
     assert transit_key(openbao, name).returncode == 0
     write_profile(tmp_path, "r", name, "bots/" + name)
-    out = child_env(load().profile("r"), env=openbao.env())
+    out = child_env(load().profile("r"), vault_settings=VaultSettings.from_env(openbao.env()))
     token = out["CREDBROKER_SIGNER_TOKEN"]
     assert openbao.client(token=token).auth.token.lookup_self()["data"]["policies"]
     release_child_env(out, env=openbao.env())

@@ -174,7 +174,7 @@ def _fetch_with(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
     from broker.sources import keyring as source
 
     monkeypatch.setattr(source, "backend_for", lambda profile=None: _Backend(exc))
-    source.fetch(profile("broken"), env={})
+    source.fetch(profile("broken"))
 
 
 def test_only_transport_failures_mean_the_keyring_did_not_answer(monkeypatch: pytest.MonkeyPatch) -> None:

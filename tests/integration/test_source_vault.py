@@ -22,6 +22,7 @@ from broker.errors import (
     VaultUnreachable,
 )
 from broker.sources.vault import current_version
+from broker.vault.settings import VaultSettings
 
 from tests.conftest import OpenBao
 
@@ -50,7 +51,7 @@ def test_latest_and_pinned_versions(openbao: OpenBao) -> None:
     assert pinned["api_secret"].reveal_str() == SECRET + "-1"
     assert pinned.origin.version == v1
     assert SECRET not in repr(pinned)
-    assert current_version(profile("secret/credbroker/versions"), openbao.env()) == v2
+    assert current_version(profile("secret/credbroker/versions"), VaultSettings.from_env(openbao.env())) == v2
 
 
 def test_explicit_mount(openbao: OpenBao) -> None:

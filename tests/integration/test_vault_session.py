@@ -320,7 +320,7 @@ def test_errors_name_where_the_address_came_from(tmp_path: Path) -> None:
 
 def test_token_check_answers_by_the_failure_type(openbao: Any) -> None:
     """Real OpenBao: a valid token is valid, a revoked one is not; a bug of ours is raised, never "valid"."""
-    from broker.vault.session import token_check
+    from broker.vault.token import token_check
 
     token = openbao.client().auth.token.create(policies=["default"], ttl="10m")["auth"]["client_token"]
     client = openbao.client(token=token)

@@ -43,7 +43,8 @@ def test_vault_paths_are_the_vault_profiles_paths() -> None:
 
 def test_kv_versions_asks_nothing_without_a_vault_address() -> None:
     config = parse_dict({"profiles": {"a": {"source": "vault", "path": "secret/x/a", "env": {"K": "api_key"}}}})
-    assert review.kv_versions(config, {}) == {}
+    assert review.vault_settings({}) is None
+    assert review.kv_versions(config, review.vault_settings({})) == {}
 
 
 def test_write_html_is_the_owners_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -286,7 +286,7 @@ def test_teardown_runs_in_reverse_order_of_taking_when_the_start_fails(monkeypat
 
     monkeypatch.setattr("broker.hardening.harden_process", lambda: None)
     monkeypatch.setattr("broker.relay.AuditRelay", Relay)
-    monkeypatch.setattr(pipeline, "fetch_all", lambda *args: held)
+    monkeypatch.setattr(pipeline, "fetch_all", lambda *args, **kwargs: held)
     monkeypatch.setattr(Run, "_start_watchdog", start_watchdog)
     monkeypatch.setattr(pipeline, "launch", launch)
     mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -303,7 +303,7 @@ def test_teardown_runs_in_reverse_order_of_taking_when_the_start_fails(monkeypat
 def test_a_refused_fetch_starts_nothing_and_leaves_the_signal_mask_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[str] = []
 
-    def fetch_all(*args: Any) -> list[Credentials]:
+    def fetch_all(*args: Any, **kwargs: Any) -> list[Credentials]:
         raise BrokerError("cannot read secret/spot", "check the path")
 
     monkeypatch.setattr("broker.hardening.harden_process", lambda: None)
