@@ -439,8 +439,8 @@ class Verifier:
         the chain's state) and no head or anchored seq among them (the per-line path checks those).
         ``hashes`` are the last two lines' hashes (str), the time stamps and events those of the k lines.
 
-        The cost is per line, so every step here is one C call over the batch and as few of
-        them as make a Python object per line: the headers' fixed columns (the format version,
+        The cost is per line, so every step is one C call over the whole batch, and as few steps
+        as possible make a Python object per line: the headers' fixed columns (format version,
         seq, time stamp) are checked in one joined string (``seq`` by its digit columns, no int
         per line); the recorded hashes are never sliced out: the computed ones are joined into
         the exact tails the lines must end with, and into the exact links they must hold.
