@@ -39,11 +39,11 @@ import json
 import re
 import shlex
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..events import Event
 from ..errors import AuditError
@@ -614,11 +614,23 @@ class ReportBuilder:
             findings=findings, failures=groups, failure_total=self.sigfail_total, sections=sections)
 
 
+#: ``json.loads`` without its per-call set-up (encoding detection, two whitespace regexes, three
+#: Python frames): the report parses every detail record of 90 days, ~3 % of a busy log.
+_scan_once: Callable[[str, int], tuple[Any, int]] = cast(Any, json.JSONDecoder()).scan_once  # (not in the stubs)
+
+
 def _parse(line: bytes) -> dict[str, Any] | None:
-    """The record as a dict with a dict ``data``, or None (the verifier reports bad lines)."""
+    """The record as a dict with a dict ``data``, or None (the verifier reports bad lines).
+
+    What ``json.loads(line)`` returns for the lines the verifier hands out (each starts with the
+    header's ``{``, so no leading whitespace or byte-order mark), at a third of its fixed cost.
+    """
     try:
-        rec = json.loads(line)
-    except ValueError:
+        text = line.decode("utf-8", "surrogatepass")
+        rec, end = _scan_once(text, 0)
+    except (ValueError, StopIteration):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    if text[end:].strip(" \t\n\r"):  # json.loads: nothing but whitespace after the value
         return None
     if not isinstance(rec, dict) or not isinstance(rec.get("data"), dict):
         return None

@@ -64,26 +64,28 @@ REORDER_WINDOW = 16
 #: ``_walk`` reads files in blocks of this size and checks up to BATCH_LINES lines at once.
 BLOCK_BYTES = 1024 * 1024
 BATCH_LINES = 256
-#: ``_batcher``'s check: (lines, i, j, next seq, last hash) -> (k, hashes, time stamps, events)
-Batch = Callable[[list[bytes], int, int, int, str], tuple[int, list[bytes], list[bytes], list[bytes]]]
+#: ``_batcher``'s check: (lines, i, j, next seq, last hash) -> (k, the last two hashes, time stamps, events)
+Batch = Callable[[list[bytes], int, int, int, str], tuple[int, list[str], list[bytes], list[bytes]]]
 
 
-def _line_blocks(fh: BinaryIO, size: int = BLOCK_BYTES) -> Iterator[tuple[list[bytes], bytes]]:
+def _line_blocks(fh: BinaryIO, size: int = BLOCK_BYTES) -> Iterator[tuple[list[bytes], bytes, bool]]:
     """A file as lists of whole lines (without their newline), read ``size`` bytes at a time, each with
-    what follows its last newline: b"" except at the end of a file that ends in a partial line."""
+    what follows its last newline (b"" except at the end of a file that ends in a partial line) and
+    whether every byte of those lines is ASCII (one C call per block instead of one per line)."""
     tail = b""
     while True:
         data = fh.read(size)
         if not data:
             if tail:
-                yield [], tail
+                yield [], tail, tail.isascii()
             return
+        ascii_only = data.isascii() and tail.isascii()
         lines = data.split(b"\n")
         if tail:
             lines[0] = tail + lines[0]
         tail = lines.pop()
         if lines:
-            yield lines, b""
+            yield lines, b"", ascii_only
 
 
 @dataclass(frozen=True)
@@ -317,11 +319,11 @@ class Verifier:
                 clean = self._fast_ok(fast_kid)
                 partial = b""
                 window = BATCH_LINES
-                for lines, partial in _line_blocks(fh):
+                for lines, partial, ascii_only in _line_blocks(fh):
                     i = 0
                     n = len(lines)
                     while i < n:
-                        if batch is not None and clean and n - i >= 2:
+                        if batch is not None and clean and ascii_only and n - i >= 2:
                             # Many lines at once, checked in C (``_batch``); it stops before the first
                             # line it cannot vouch for, which then takes the per-line path below.
                             end = min(n, i + window)
@@ -332,8 +334,8 @@ class Verifier:
                             if k:
                                 fast += k
                                 last_seq += k  # type: ignore[operator]
-                                before_last = hashes[k - 2].decode("ascii") if k > 1 else last_hash
-                                last_hash = hashes[k - 1].decode("ascii")
+                                before_last = hashes[-2] if k > 1 else last_hash
+                                last_hash = hashes[-1]
                                 lineno += k
                                 offset += sum(map(len, lines[i : i + k])) + k
                                 if records:
@@ -435,53 +437,57 @@ class Verifier:
         syntax), of the expected algorithm (and key id), each linked to the one before (the first
         to ``last_hash``), each hash/MAC matching its bytes, with no special event (they change
         the chain's state) and no head or anchored seq among them (the per-line path checks those).
-        The hashes, time stamps and events are returned for those k lines.
+        ``hashes`` are the last two lines' hashes (str), the time stamps and events those of the k lines.
+
+        The cost is per line, so every step is one C call over the whole batch, and as few steps
+        as possible make a Python object per line: the headers' fixed columns (format version,
+        seq, time stamp) are checked in one joined string (``seq`` by its digit columns, no int
+        per line); the recorded hashes are never sliced out: the computed ones are joined into
+        the exact tails the lines must end with, and into the exact links they must hold.
         """
         compare = hmac.compare_digest
         getitem = cast("Callable[[bytes, slice], bytes]", operator.getitem)
         add = operator.add
         find = bytes.find
-        isascii = bytes.isascii
         prefix_of = operator.itemgetter(slice(None, -HASH_SUFFIX_LEN))
         tail_of = operator.itemgetter(slice(-HASH_SUFFIX_LEN, None))
-        hash_of = operator.itemgetter(slice(-HASH_SUFFIX_LEN + len(HASH_KEY), -2))
         event_key = b'","event":"'
         prev_key = b'","prev":"'
-        hash_join = b'"}' + HASH_KEY
         alg_len = len(alg_part)
-        # after the event: `","prev":"` + 64 hex + alg_part; then at least the hash suffix
-        need = len(prev_key) + 64 + alg_len + HASH_SUFFIX_LEN
+        link_len = len(prev_key) + 64 + alg_len
+        # The lines' exact tails and links: the computed hashes joined with these.
+        tail_join = '"}' + HASH_KEY.decode("ascii")
+        tail_start, tail_end = HASH_KEY.decode("ascii"), '"}'
+        link_join = alg_part.decode("ascii") + prev_key.decode("ascii")
+        link_start, link_end = prev_key.decode("ascii"), alg_part.decode("ascii")
         # Syntax checked by translating: every digit becomes "0" (then the header's start is one fixed
-        # template, stricter than parse_header's pattern), an event loses its [a-z0-9_], a hash its hex.
+        # template, stricter than parse_header's pattern), an event loses its [a-z0-9_].
         zeros = bytes.maketrans(b"123456789", b"000000000")
         event_chars = b"abcdefghijklmnopqrstuvwxyz0123456789_"
-        hex_chars = b"0123456789abcdef"
         if self._mac is not None:
             mac = self._mac
 
-            def digests(prefixes: Iterable[bytes]) -> bytes:
-                return "".join(map(mac, prefixes)).encode("ascii")
+            def digests(prefixes: Iterable[bytes]) -> list[str]:
+                return list(map(mac, prefixes))
         else:
             # SHA-256(label || prefix) as hex, without a Python frame per record.
             label_add = SHA256_LABEL.__add__
             hexdigest = type(hashlib.sha256()).hexdigest
             sha256 = hashlib.sha256
 
-            def digests(prefixes: Iterable[bytes]) -> bytes:
-                return "".join(map(hexdigest, map(sha256, map(label_add, prefixes)))).encode("ascii")
+            def digests(prefixes: Iterable[bytes]) -> list[str]:
+                return list(map(hexdigest, map(sha256, map(label_add, prefixes))))
 
-        nothing: tuple[int, list[bytes], list[bytes], list[bytes]] = (0, [], [], [])
+        nothing: tuple[int, list[str], list[bytes], list[bytes]] = (0, [], [], [])
 
         def batch(lines: list[bytes], i: int, j: int, nxt: int, last_hash: str
-                  ) -> tuple[int, list[bytes], list[bytes], list[bytes]]:
+                  ) -> tuple[int, list[str], list[bytes], list[bytes]]:
             digits = len(str(nxt))
             j = min(j, i + 10**digits - nxt)  # one width of seq: the columns below sit at fixed offsets
             k = j - i
             if k <= 0 or any(nxt <= s < nxt + k for s in watch):
                 return nothing
-            part = lines[i:j]
-            if not all(map(isascii, part)):
-                return nothing
+            part = lines[i:j]  # ASCII only: the caller checked the block
             t = 20 + digits  # where the time stamp starts
             e = t + TS_LEN + len(event_key)  # where the event starts
             template = b'{"v":0,"seq":' + b"0" * digits + b',"ts":"0000-00-00T00:00:00.000000Z' + event_key
@@ -489,30 +495,29 @@ class Verifier:
             # the template's only "{" is its first byte: k of these means every line starts so
             if heads.translate(zeros) != template * k or heads.count(b'{"v":1,"seq":') != k:
                 return nothing
-            if list(map(int, map(operator.itemgetter(slice(13, 13 + digits)), part))) != list(range(nxt, nxt + k)):
+            # seq: digit column c of every header (stride e) against column c of nxt, nxt+1, ...
+            want = "".join(map(str, range(nxt, nxt + k))).encode("ascii")
+            if any(heads[13 + c :: e] != want[c::digits] for c in range(digits)):
                 return nothing
             at = list(map(find, part, repeat(prev_key), repeat(e + 1)))  # the event's end
-            if -1 in at or max(at) > e + 64 or not all(map(operator.le, map(add, at, repeat(need)), map(len, part))):
+            # (a line too short for its link and tail fails the comparisons of both below)
+            if -1 in at or max(at) > e + 64:
                 return nothing
             events = list(map(getitem, part, map(slice, repeat(e), at)))
             if min(events) < b"a" or b"".join(events).translate(None, event_chars) or not special.isdisjoint(events):
                 return nothing
-            hashes = list(map(hash_of, part))
-            recorded = b"".join(hashes)
-            if recorded.translate(None, hex_chars) or len(recorded) != 64 * k:
-                return nothing
-            if b"".join(map(tail_of, part)) != HASH_KEY + hash_join.join(hashes) + b'"}':
+            # Each line ends with its own hash/MAC (computed here over its bytes): `,"hash":"<hex>"}`.
+            hashes = digests(map(prefix_of, part))
+            if not compare(b"".join(map(tail_of, part)), (tail_start + tail_join.join(hashes) + tail_end).encode("ascii")):
                 return nothing
             # Each record links to the one before: its prev is the hash before it (the first: last_hash),
             # followed by the expected algorithm (and key id).
-            p = list(map(add, at, repeat(len(prev_key))))
-            links = b"".join(map(getitem, part, map(slice, p, map(add, p, repeat(64 + alg_len)))))
-            if not compare(links, alg_part.join([last_hash.encode("ascii"), *hashes[:-1]]) + alg_part):
-                return nothing
-            if not compare(digests(map(prefix_of, part)), recorded):
+            links = b"".join(map(getitem, part, map(slice, at, map(add, at, repeat(link_len)))))
+            prevs = link_join.join([last_hash, *hashes[:-1]])
+            if not compare(links, (link_start + prevs + link_end).encode("ascii")):
                 return nothing
             stamps = list(map(operator.itemgetter(slice(t, t + TS_LEN)), part)) if records_wanted else []
-            return k, hashes, stamps, events
+            return k, hashes[-2:], stamps, events
 
         return batch
 

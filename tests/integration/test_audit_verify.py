@@ -326,6 +326,14 @@ BATCH_CASES: list[tuple[str, Callable[[bool], list[bytes]], str, str]] = [
                                         if i != AT - 1], "deleted", "deleted"),
     ("a special event (gap) in the batch", lambda keyed: _chain(_gap_at(_plain(BIG)), KEY if keyed else None),
      "gap", "gap"),
+    ("a non-ASCII byte in a record", lambda keyed: [
+        ln if i != AT - 1 else ln.replace(b'"profile":"p"', b'"profile":"\xc3\xa9"')
+        for i, ln in enumerate(_chain(_plain(BIG), KEY if keyed else None))], "inserted", "inserted"),
+    ("two records swapped", lambda keyed: (lambda lines: lines[: AT - 1] + [lines[AT], lines[AT - 1]] + lines[AT + 1 :])(
+        _chain(_plain(BIG), KEY if keyed else None)), "reordered", "reordered"),
+    ("a rechained seq one digit off (same width)",
+     lambda keyed: _chain([(e, d, s + 10 if s == AT else s) for e, d, s in _plain(BIG)], KEY if keyed else None),
+     "deleted", "deleted"),
     ("a rechained record of another format version",
      lambda keyed: _chain(_plain(BIG), KEY if keyed else None)[: AT - 1]
      + [ln.replace(b'{"v":1,', b'{"v":2,', 1) for ln in _chain(_plain(BIG), KEY if keyed else None)[AT - 1 : AT]]
