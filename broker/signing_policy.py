@@ -52,11 +52,12 @@ same one-line error.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 from typing import Any, NamedTuple
 
 from . import units
@@ -302,6 +303,11 @@ class SigningPolicy:
         # reading "Address" differently from "address".
         self._deny_params_folded = {name.lower(): name for name in params}
         self.deny_endpoints = tuple(endpoints)
+        # Compiled once, for every request: one regular expression that matches where any of
+        # the patterns does (fnmatchcase is re.match of fnmatch.translate); the first pattern
+        # that matches is looked up only for a refusal's rule name.
+        self._deny_endpoint_match = (re.compile("|".join(f"(?:{translate(p)})" for p in endpoints)).match
+                                     if endpoints else None)
         self._signatures = tuple(signatures)
         self.limiter: RateLimiter | None = None
         if rate is not None:
@@ -399,24 +405,27 @@ class SigningPolicy:
     def check(self, request: SignRequest) -> None:
         """Raise ``PolicyRefused`` when ``request`` breaks a rule; the rate limit is checked last."""
         names = [k for k, _ in request.params]
-        seen: set[str] = set()
-        for name in names:
-            if name in seen:
-                raise PolicyRefused("duplicate_param", f"parameter {name!r} appears more than once",
-                                    "send each parameter once (Binance refuses duplicates with -1101)")
-            seen.add(name)
-        if "signature" in seen:
+        values = dict(request.params)
+        if len(values) != len(names):
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    raise PolicyRefused("duplicate_param", f"parameter {name!r} appears more than once",
+                                        "send each parameter once (Binance refuses duplicates with -1101)")
+                seen.add(name)
+        if "signature" in values:
             raise PolicyRefused("already_signed", "the request already carries a signature",
                                 "do not pass signature= yourself")
         endpoint = request.endpoint
         if endpoint is None and self.require_endpoint:
             raise PolicyRefused("require_endpoint", "the request's URL path is unknown",
                                 "sign through the requests auth hook (auth=signer) or pass endpoint= to sign_params")
-        if endpoint is not None:
+        if endpoint is not None and self._deny_endpoint_match is not None:
             path = endpoint.split("?", 1)[0]
-            for pattern in self.deny_endpoints:
-                if fnmatchcase(path, pattern):
-                    raise PolicyRefused(self._rule_for_endpoint(pattern), f"{path} is a denied endpoint")
+            if self._deny_endpoint_match(path) is not None:
+                for pattern in self.deny_endpoints:
+                    if fnmatchcase(path, pattern):
+                        raise PolicyRefused(self._rule_for_endpoint(pattern), f"{path} is a denied endpoint")
         folded = {name.lower() for name in names}
         for kind, target, required in self._signatures:
             if required <= folded:
@@ -428,11 +437,11 @@ class SigningPolicy:
                     f"does not cover the URL path, so the {declared} cannot make it safe",
                     f"send the order without these parameters, or remove {kind!r} from the profile's "
                     "[policy] deny_kinds if this request is intended")
-        for name in names:
-            denied = self._deny_params_folded.get(name.lower())
-            if denied is not None:
-                raise PolicyRefused(self._rule_for_param(denied), f"parameter {name!r} is denied")
-        values = dict(request.params)
+        if not self._deny_params_folded.keys().isdisjoint(folded):
+            for name in names:
+                denied = self._deny_params_folded.get(name.lower())
+                if denied is not None:
+                    raise PolicyRefused(self._rule_for_param(denied), f"parameter {name!r} is denied")
         self._check_recv_window(values)
         orders: list[Mapping[str, Any]] = [values]
         if "batchOrders" in values:

@@ -173,6 +173,52 @@ def check_fields(value: Any, where: str = "fields") -> Any:
     )
 
 
+#: The json module's C string escaper with ``ensure_ascii`` (quotes included): what ``_encode_rest`` uses.
+_quote_ascii: Any = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.encoder.encode_basestring_ascii
+
+
+def _flat_scalar(value: Any) -> str | None:
+    """The JSON of a plain scalar exactly as ``_encode_rest`` writes it; None for anything else."""
+    kind = type(value)
+    if kind is str:
+        return str(_quote_ascii(value))
+    if kind is int:
+        return int.__repr__(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return None
+
+
+def _flat_record(fields: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """(a copy of ``fields``, its sorted compact ASCII JSON) for a flat record: string keys, values
+    of exactly str, int, bool or None, or lists of them; None for anything else (``check_fields``
+    and the general encoder take it, and refuse what must be refused: a ``Secret`` is never of
+    these types). The JSON is byte-identical to ``_encode_rest``'s (sorted keys, ``","`` and
+    ``":"``, ASCII escapes), which the chain's hashes and the verifier rely on."""
+    parts = []
+    try:
+        ordered = sorted(fields.items())
+    except TypeError:  # keys of several types
+        return None
+    for key, value in ordered:
+        if type(key) is not str:
+            return None
+        if type(value) is list:
+            items = [_flat_scalar(x) for x in value]
+            if None in items:
+                return None
+            encoded = "[" + ",".join(items) + "]"  # type: ignore[arg-type]
+        else:
+            scalar = _flat_scalar(value)
+            if scalar is None:
+                return None
+            encoded = scalar
+        parts.append(f"{_quote_ascii(key)}:{encoded}")
+    return {k: list(v) if type(v) is list else v for k, v in fields.items()}, "{" + ",".join(parts) + "}"
+
+
 # NamedTuples and a slotted class, not dataclasses: this module is on every
 # `credbroker run`, and each dataclass costs about a millisecond to create.
 class _Pending(NamedTuple):
@@ -247,6 +293,7 @@ class AuditLog:
                  env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.path: Path = settings.path
+        self._path_str = str(settings.path)
         raw_key = key.reveal() if key is not None else None
         self.key_id: str | None = key_id(raw_key) if raw_key is not None else None
         # The hmac objects keep their own copies of the key for the process lifetime.
@@ -270,6 +317,8 @@ class AuditLog:
         self._host = os.uname().nodename
         self._user = _user()
         self._pid = os.getpid()  # renewed in a forked child
+        #: (pid, the encoded ``"host":..,"pid":..,"user":..`` of a record's JSON): renewed with the pid
+        self._tail: tuple[int, str] = (-1, "")
         self._rotate_at: tuple[int, float] | None = None
         self._fd_ino = -1  # inode of self._fd
         self._fresh_stat: os.stat_result | None = None  # the active file's stat, taken this commit  # (ino, epoch when the time rule rotates it)
@@ -293,14 +342,24 @@ class AuditLog:
         """
         if not isinstance(event, str) or not EVENT_NAME.match(event):
             raise AuditError(f"invalid audit event name {event!r}", "use lower-case letters, digits and '_'")
-        data = check_fields(fields if fields is not None else {}, "fields")
-        if not isinstance(data, dict):
-            raise AuditError("audit fields must be a mapping", "pass a dict of field name -> value")
         pid = self._pid
-        try:
-            rest = _encode_rest({"data": data, "host": self._host, "pid": pid, "user": self._user})[1:-1]
-        except (TypeError, ValueError) as exc:
-            raise AuditError(f"audit fields cannot be written as JSON: {type(exc).__name__}", "pass plain data") from None
+        flat = _flat_record(fields) if type(fields) is dict else None
+        if flat is not None:
+            # The common flat record (every signature's): checked and encoded in one pass, the
+            # host/pid/user tail encoded once per process. Byte for byte what the encoder below writes.
+            data, encoded = flat
+            if self._tail[0] != pid:
+                self._tail = (pid, _encode_rest({"host": self._host, "pid": pid, "user": self._user})[1:-1])
+            rest = f'"data":{encoded},{self._tail[1]}'
+        else:
+            data = check_fields(fields if fields is not None else {}, "fields")
+            if not isinstance(data, dict):
+                raise AuditError("audit fields must be a mapping", "pass a dict of field name -> value")
+            try:
+                rest = _encode_rest({"data": data, "host": self._host, "pid": pid, "user": self._user})[1:-1]
+            except (TypeError, ValueError) as exc:
+                raise AuditError(f"audit fields cannot be written as JSON: {type(exc).__name__}",
+                                 "pass plain data") from None
         if len(rest) > MAX_LINE - 400:
             raise AuditError(f"audit record for {event} is too large ({len(rest)} bytes)", "record less detail")
         ts = utc_timestamp()
@@ -472,21 +531,27 @@ class AuditLog:
     # -- internals ----------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        if self._lock_fd is None:
-            ensure_private_folder(self.path.parent)
-            self._lock_fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                    0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        lock_fd = self._lock()
         try:
             yield
         finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+
+    def _lock(self) -> int:
+        """Take the file lock (``flock`` on ``audit.log.lock``); return its fd for the unlock."""
+        lock_fd = self._lock_fd
+        if lock_fd is None:
+            ensure_private_folder(self.path.parent)
+            lock_fd = self._lock_fd = os.open(lock_path(self.path),
+                                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        return lock_fd
 
     def _open_active(self) -> int:
         """The active file's fd, reopened if another writer rotated it away."""
         if self._fd is not None:
             try:
-                st = os.stat(self.path)
+                st = os.stat(self._path_str)
                 if st.st_ino == self._fd_ino:
                     self._fresh_stat = st  # the same file: _current_state needs no fstat of its own
                     return self._fd
@@ -692,45 +757,52 @@ class AuditLog:
         return target
 
     def _commit(self, pending: list[_Pending], *, durable: bool = True) -> bool:
-        with self._locked():
-            fd = self._open_active()
-            state, partial_offset, partial, gap = self._current_state(fd)
-            switch_to_keyed = self._check_key_continuity(state)  # raises before anything is written
-            if partial_offset is not None:
-                _write_all(fd, self._recovery_line(state, partial_offset, partial))
-                state.size = os.fstat(fd).st_size
-            keyed = self.alg == ALG_HMAC and not switch_to_keyed
-            if gap is not None:
-                # Never continue silently over a gap: say so in the chain itself, first.
-                self._write_locked(fd, state, [self._gap_line(state, gap)])
-                state.event = GAP
-            if self._ack_reason is not None:
-                if state.event != GAP:
-                    self._state = state
-                    return False
-                self._write_locked(fd, state, [self._ack_line(state, self._ack_reason)])
-                state.event = GAP_ACKNOWLEDGED
-                return True
-            if keyed and state.event == GAP:
+        # The lock by hand, not ``with self._locked()``: this runs once per signature batch.
+        lock_fd = self._lock()
+        try:
+            return self._commit_locked(pending, durable)
+        finally:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+
+    def _commit_locked(self, pending: list[_Pending], durable: bool) -> bool:
+        fd = self._open_active()
+        state, partial_offset, partial, gap = self._current_state(fd)
+        switch_to_keyed = self._check_key_continuity(state)  # raises before anything is written
+        if partial_offset is not None:
+            _write_all(fd, self._recovery_line(state, partial_offset, partial))
+            state.size = os.fstat(fd).st_size
+        keyed = self.alg == ALG_HMAC and not switch_to_keyed
+        if gap is not None:
+            # Never continue silently over a gap: say so in the chain itself, first.
+            self._write_locked(fd, state, [self._gap_line(state, gap)])
+            state.event = GAP
+        if self._ack_reason is not None:
+            if state.event != GAP:
                 self._state = state
-                raise self._refuse_after_gap(state)
-            chunks = [self._keyed_marker(state)] if switch_to_keyed else []
-            if not pending and not chunks:
-                self._state = state
-                return gap is not None
-            estimate = sum(len(p.rest) + 300 for p in pending)
-            if self._rotation_due(fd, state.size, estimate):
-                self._state = state
-                self._rotate_locked()
-                fd = self._open_active()
-                assert self._state is not None
-                state = self._state
-            for p in pending:
-                chunks.append(self._line(state, p.ts, p.event, p.rest, p.record))
-            if pending:
-                state.event = pending[-1].event
-            self._write_locked(fd, state, chunks, durable=durable)
+                return False
+            self._write_locked(fd, state, [self._ack_line(state, self._ack_reason)])
+            state.event = GAP_ACKNOWLEDGED
             return True
+        if keyed and state.event == GAP:
+            self._state = state
+            raise self._refuse_after_gap(state)
+        chunks = [self._keyed_marker(state)] if switch_to_keyed else []
+        if not pending and not chunks:
+            self._state = state
+            return gap is not None
+        estimate = sum([len(p.rest) for p in pending]) + 300 * len(pending)
+        if self._rotation_due(fd, state.size, estimate):
+            self._state = state
+            self._rotate_locked()
+            fd = self._open_active()
+            assert self._state is not None
+            state = self._state
+        for p in pending:
+            chunks.append(self._line(state, p.ts, p.event, p.rest, p.record))
+        if pending:
+            state.event = pending[-1].event
+        self._write_locked(fd, state, chunks, durable=durable)
+        return True
 
     def _write_locked(self, fd: int, state: _State, chunks: list[bytes], *, durable: bool = True) -> None:
         """Write, then fdatasync and update the head (and tell the anchorer), under the file lock.
@@ -738,8 +810,10 @@ class AuditLog:
         ``durable=False`` (group mode): written only; the syncer thread fsyncs it soon, and this
         writer fsyncs itself when the oldest unsynced commit is older than the window.
         """
-        data = b"".join(chunks)
-        _write_all(fd, data)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        written = os.write(fd, data)
+        if written != len(data):  # a short write (a full disk): write the rest, or raise
+            _write_all(fd, data[written:])
         # Under the file lock nobody else appends: the size follows without an fstat.
         state.size += len(data)
         state.ino = self._fd_ino

@@ -130,6 +130,54 @@ def test_unserialisable_values_are_refused(tmp_path: Path) -> None:
             log.record("sign", bad)  # type: ignore[arg-type]
 
 
+# Flat records (every signature's) take a lean encoder; every other record the general one.
+FLAT_RECORDS: list[dict[str, Any]] = [
+    {},
+    {"profile": "um", "pid": 4242, "endpoint": "/fapi/v1/order", "method": None, "params": "symbol,side",
+     "symbol": "BTCUSDT", "quantity": "0.01", "batch_orders": 3},
+    {"z": True, "a": False, "n": -7, "big": 10**40, "none": None, "empty": [], "list": ["a", 1, None, True]},
+    {"é-key": "non-ASCII ü €  and \u2028", "esc": 'quote " backslash \\ newline \n tab \t \x00 \x7f'},
+]
+
+
+@pytest.mark.parametrize("fields", FLAT_RECORDS)
+def test_flat_records_are_encoded_byte_for_byte_as_the_general_encoder_does(fields: dict[str, Any]) -> None:
+    from broker.audit.log import _encode_rest, _flat_record
+
+    flat = _flat_record(fields)
+    assert flat is not None
+    assert flat[1] == _encode_rest(fields)
+    assert flat[0] == fields and flat[0] is not fields
+
+
+@pytest.mark.parametrize("fields", [{"x": 1.5}, {"x": {"y": 1}}, {"x": [1.5]}, {"x": [[1]]}, {1: "int key"},
+                                    {"x": Secret(b"s")}, {"x": [Secret(b"s")]}, {"x": b"raw"}, {"x": (1, 2)}])
+def test_anything_but_a_flat_record_takes_the_general_path(fields: dict[Any, Any]) -> None:
+    from broker.audit.log import _flat_record
+
+    assert _flat_record(fields) is None
+
+
+def test_flat_records_on_disk_are_what_the_chain_functions_build(tmp_path: Path) -> None:
+    """Every line, rebuilt from its parsed JSON with the chain's own functions, is the same bytes:
+    the lean path changes nothing the verifier or an existing log depends on."""
+    from broker.audit.chain import build_prefix, encode_rest, finish_line, make_hasher
+
+    for key in (None, KEY):
+        path = tmp_path / f"{'keyed' if key else 'plain'}.log"
+        log = make_log(path, key)
+        for fields in FLAT_RECORDS + [{"x": 1.5, "nested": {"a": [1, 2]}}]:
+            log.record("signed", fields, durable=False)
+        log.flush()
+        alg, hasher = make_hasher(key)
+        for line in lines(path):
+            rec = json.loads(line)
+            rest = encode_rest({k: rec[k] for k in ("data", "host", "pid", "user")})
+            prefix = build_prefix(rec["seq"], rec["ts"], rec["event"], rec["prev"], alg, rec.get("kid"), rest)
+            assert finish_line(prefix, hasher(prefix)) == line
+        assert verify_files(None, active=path, key=key).ok
+
+
 def test_open_log_returns_one_shared_writer_per_log() -> None:
     assert open_log() is open_log()
     assert open_log({"rotate": "daily"}) is not open_log()
