@@ -195,6 +195,7 @@ class SignRequest(NamedTuple):
         for part in (query, body):
             if not part:
                 continue
+            encoded = "%" in part or "+" in part  # most requests: nothing to decode anywhere
             for item in part.split("&"):
                 # Strict, unlike parse_qsl: each parameter is exactly NAME=VALUE with a non-empty name.
                 # A raw sign(query + body) glues the last query value to the first body item; a value
@@ -205,7 +206,7 @@ class SignRequest(NamedTuple):
                     raise PolicyRefused("malformed", f"the parameter {item[:40]!r} is not NAME=VALUE",
                                         "percent-encode values, and sign query and body through sign_params "
                                         "or the requests auth hook")
-                if "%" in item or "+" in item:  # most Binance parameters need no decoding
+                if encoded and ("%" in item or "+" in item):  # most Binance parameters need no decoding
                     name, value = unquote(name.replace("+", " ")), unquote(value.replace("+", " "))
                 params.append((name, value))
         return cls(params=params, endpoint=endpoint or None, method=(method or "").upper() or None)
@@ -213,8 +214,8 @@ class SignRequest(NamedTuple):
     def summary(self) -> dict[str, Any]:
         """What the audit record keeps: parameter names and the order's public fields, never timestamps."""
         # Parameter names as one comma-separated string: one field for the audit writer to check, not a list.
-        out: dict[str, Any] = {"endpoint": self.endpoint, "method": self.method,
-                               "params": ",".join(k for k, _ in self.params if k not in ("timestamp", "signature"))}
+        names = ",".join([k for k, _ in self.params if k != "timestamp" and k != "signature"])
+        out: dict[str, Any] = {"endpoint": self.endpoint, "method": self.method, "params": names}
         values = dict(self.params)
         for key in ("symbol", "side", "type", "quantity", "price", "quoteOrderQty"):
             if key in values:

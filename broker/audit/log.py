@@ -173,22 +173,29 @@ def check_fields(value: Any, where: str = "fields") -> Any:
     )
 
 
+#: Event names (plain str) already checked against ``EVENT_NAME``: a few dozen in practice.
+_VALID_EVENTS: set[str] = set()
+
 #: The json module's C string escaper with ``ensure_ascii`` (quotes included): what ``_encode_rest`` uses.
 _quote_ascii: Any = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.encoder.encode_basestring_ascii
 
 
-def _flat_scalar(value: Any) -> str | None:
-    """The JSON of a plain scalar exactly as ``_encode_rest`` writes it; None for anything else."""
-    kind = type(value)
-    if kind is str:
-        return str(_quote_ascii(value))
-    if kind is int:
-        return int.__repr__(value)
-    if kind is bool:
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    return None
+def _flat_list(values: list[Any]) -> str | None:
+    """The JSON of a list of plain scalars exactly as ``_encode_rest`` writes it; None for anything else."""
+    parts = []
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            parts.append(_quote_ascii(value))
+        elif value is None:
+            parts.append("null")
+        elif kind is int:
+            parts.append(int.__repr__(value))
+        elif kind is bool:
+            parts.append("true" if value else "false")
+        else:
+            return None
+    return "[" + ",".join(parts) + "]"
 
 
 def _flat_record(fields: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
@@ -197,26 +204,35 @@ def _flat_record(fields: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     and the general encoder take it, and refuse what must be refused: a ``Secret`` is never of
     these types). The JSON is byte-identical to ``_encode_rest``'s (sorted keys, ``","`` and
     ``":"``, ASCII escapes), which the chain's hashes and the verifier rely on."""
-    parts = []
     try:
         ordered = sorted(fields.items())
     except TypeError:  # keys of several types
         return None
+    quote = _quote_ascii
+    parts = []
+    lists = False
     for key, value in ordered:
         if type(key) is not str:
             return None
-        if type(value) is list:
-            items = [_flat_scalar(x) for x in value]
-            if None in items:
+        kind = type(value)  # the scalars inline: this runs for every field of every signature
+        if kind is str:
+            encoded = quote(value)
+        elif value is None:
+            encoded = "null"
+        elif kind is int:
+            encoded = int.__repr__(value)
+        elif kind is bool:
+            encoded = "true" if value else "false"
+        elif kind is list:
+            lists = True
+            encoded = _flat_list(value)
+            if encoded is None:
                 return None
-            encoded = "[" + ",".join(items) + "]"  # type: ignore[arg-type]
         else:
-            scalar = _flat_scalar(value)
-            if scalar is None:
-                return None
-            encoded = scalar
-        parts.append(f"{_quote_ascii(key)}:{encoded}")
-    return {k: list(v) if type(v) is list else v for k, v in fields.items()}, "{" + ",".join(parts) + "}"
+            return None
+        parts.append(f"{quote(key)}:{encoded}")
+    copy = {k: list(v) if type(v) is list else v for k, v in fields.items()} if lists else dict(fields)
+    return copy, "{" + ",".join(parts) + "}"
 
 
 # NamedTuples and a slotted class, not dataclasses: this module is on every
@@ -340,8 +356,11 @@ class AuditLog:
         ``durable=True``: written and fsync'ed before this returns. ``durable=False``:
         queued for a group commit (``flush()``, ``batch()``, or automatically).
         """
-        if not isinstance(event, str) or not EVENT_NAME.match(event):
-            raise AuditError(f"invalid audit event name {event!r}", "use lower-case letters, digits and '_'")
+        if type(event) is not str or event not in _VALID_EVENTS:
+            if not isinstance(event, str) or not EVENT_NAME.match(event):
+                raise AuditError(f"invalid audit event name {event!r}", "use lower-case letters, digits and '_'")
+            if type(event) is str and len(_VALID_EVENTS) < 1024:
+                _VALID_EVENTS.add(event)  # a plain str that matched: no regex for it again
         pid = self._pid
         flat = _flat_record(fields) if type(fields) is dict else None
         if flat is not None:
