@@ -213,10 +213,12 @@ class SignRequest(NamedTuple):
 
     def summary(self) -> dict[str, Any]:
         """What the audit record keeps: parameter names and the order's public fields, never timestamps."""
+        return self._summary([k for k, _ in self.params], dict(self.params))
+
+    def _summary(self, names: list[str], values: dict[str, str]) -> dict[str, Any]:
         # Parameter names as one comma-separated string: one field for the audit writer to check, not a list.
-        names = ",".join([k for k, _ in self.params if k != "timestamp" and k != "signature"])
-        out: dict[str, Any] = {"endpoint": self.endpoint, "method": self.method, "params": names}
-        values = dict(self.params)
+        listed = ",".join([k for k in names if k != "timestamp" and k != "signature"])
+        out: dict[str, Any] = {"endpoint": self.endpoint, "method": self.method, "params": listed}
         for key in ("symbol", "side", "type", "quantity", "price", "quoteOrderQty"):
             if key in values:
                 out[key] = values[key][:64]
@@ -310,6 +312,7 @@ class SigningPolicy:
         self._deny_endpoint_match = (re.compile("|".join(f"(?:{translate(p)})" for p in endpoints)).match
                                      if endpoints else None)
         self._signatures = tuple(signatures)
+        self._orders_unbounded = symbols is None and not max_quantity.set and not max_notional.set
         self.limiter: RateLimiter | None = None
         if rate is not None:
             count, per = rate
@@ -403,10 +406,23 @@ class SigningPolicy:
         }
 
     # -- checking ---------------------------------------------------------------------------
-    def check(self, request: SignRequest) -> None:
-        """Raise ``PolicyRefused`` when ``request`` breaks a rule; the rate limit is checked last."""
+    def review(self, request: SignRequest) -> tuple[dict[str, Any], PolicyRefused | None]:
+        """``(request.summary(), the refusal or None)``: ``check`` and the summary from one pass over the
+        parameters (the signing agent's path: both for every signature)."""
         names = [k for k, _ in request.params]
         values = dict(request.params)
+        summary = request._summary(names, values)
+        try:
+            self._check(request, names, values)
+        except PolicyRefused as exc:
+            return summary, exc
+        return summary, None
+
+    def check(self, request: SignRequest) -> None:
+        """Raise ``PolicyRefused`` when ``request`` breaks a rule; the rate limit is checked last."""
+        self._check(request, [k for k, _ in request.params], dict(request.params))
+
+    def _check(self, request: SignRequest, names: list[str], values: dict[str, str]) -> None:
         if len(values) != len(names):
             seen: set[str] = set()
             for name in names:
@@ -443,7 +459,8 @@ class SigningPolicy:
                 denied = self._deny_params_folded.get(name.lower())
                 if denied is not None:
                     raise PolicyRefused(self._rule_for_param(denied), f"parameter {name!r} is denied")
-        self._check_recv_window(values)
+        if self.max_recv_window is not None:
+            self._check_recv_window(values)
         orders: list[Mapping[str, Any]] = [values]
         if "batchOrders" in values:
             batch = _batch_orders(values["batchOrders"])
@@ -460,8 +477,14 @@ class SigningPolicy:
                 raise PolicyRefused("symbols", "the symbols parameter is not a JSON list of symbols")
             for sym in listed:
                 self._check_symbol(sym)
-        for order in orders:
-            self._check_order(order)
+        if self._orders_unbounded:
+            # No symbols, no caps: of the order rules only the quantity's form applies (what
+            # _check_order comes down to then).
+            for order in orders:
+                _decimal(order, "quantity")
+        else:
+            for order in orders:
+                self._check_order(order)
         if self.limiter is not None and not self.limiter.take():
             assert self.rate is not None
             raise PolicyRefused("rate_limit", f"more than {self.rate[0]} signatures per {_per(self.rate[1])}",

@@ -35,14 +35,12 @@ def check_sign(request: dict[str, Any], policy: SigningPolicy) -> Checked:
             or endpoint is not None and (type(endpoint) is not str or len(endpoint) > _MAX_NAME)
             or method is not None and (type(method) is not str or len(method) > _MAX_NAME)):
         raise SigningError("the signing agent got a malformed sign request")
-    summary: dict[str, Any] = {"endpoint": endpoint, "method": method}
     try:
         req = SignRequest.from_parts(query, body, endpoint, method)
-        summary = req.summary()
-        policy.check(req)
-    except PolicyRefused as exc:
-        return Checked(query, body, summary, exc)
-    return Checked(query, body, summary, None)
+    except PolicyRefused as exc:  # not NAME=VALUE: nothing parsed to summarise
+        return Checked(query, body, {"endpoint": endpoint, "method": method}, exc)
+    summary, refusal = policy.review(req)
+    return Checked(query, body, summary, refusal)
 
 
 class CheckedWs(NamedTuple):
