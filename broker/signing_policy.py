@@ -209,7 +209,7 @@ class SignRequest(NamedTuple):
                 if encoded and ("%" in item or "+" in item):  # most Binance parameters need no decoding
                     name, value = unquote(name.replace("+", " ")), unquote(value.replace("+", " "))
                 params.append((name, value))
-        return cls(params=params, endpoint=endpoint or None, method=(method or "").upper() or None)
+        return cls(params, endpoint or None, (method or "").upper() or None)
 
     def summary(self) -> dict[str, Any]:
         """What the audit record keeps: parameter names and the order's public fields, never timestamps."""
