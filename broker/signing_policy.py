@@ -178,6 +178,12 @@ _KNOWN = frozenset({"rate_limit", "burst", "symbols", "max_quantity", "max_notio
                     "deny_kinds", "deny_params", "deny_endpoints", "require_endpoint"})
 
 
+#: A query string or form body whose every '&'-separated item is NAME=VALUE with a non-empty NAME and
+#: no other '=': exactly what ``SignRequest.from_parts`` accepts item by item.
+_plain_pairs = re.compile(r"[^&=]+=[^&=]*(?:&[^&=]+=[^&=]*)*").fullmatch
+_pair = re.compile(r"([^&=]+)=([^&=]*)")
+
+
 class SignRequest(NamedTuple):
     """What the agent is asked to sign: the parameters of totalParams, and where they go."""
 
@@ -196,6 +202,11 @@ class SignRequest(NamedTuple):
             if not part:
                 continue
             encoded = "%" in part or "+" in part  # most requests: nothing to decode anywhere
+            if not encoded and _plain_pairs(part):
+                # Every item is NAME=VALUE (one '=', a non-empty name) and nothing is encoded: the
+                # pairs as they are, found in one pass (what the loop below would append).
+                params.extend(_pair.findall(part))
+                continue
             for item in part.split("&"):
                 # Strict, unlike parse_qsl: each parameter is exactly NAME=VALUE with a non-empty name.
                 # A raw sign(query + body) glues the last query value to the first body item; a value

@@ -176,63 +176,7 @@ def check_fields(value: Any, where: str = "fields") -> Any:
 #: Event names (plain str) already checked against ``EVENT_NAME``: a few dozen in practice.
 _VALID_EVENTS: set[str] = set()
 
-#: The json module's C string escaper with ``ensure_ascii`` (quotes included): what ``_encode_rest`` uses.
-_quote_ascii: Any = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.encoder.encode_basestring_ascii
-
-
-def _flat_list(values: list[Any]) -> str | None:
-    """The JSON of a list of plain scalars exactly as ``_encode_rest`` writes it; None for anything else."""
-    parts = []
-    for value in values:
-        kind = type(value)
-        if kind is str:
-            parts.append(_quote_ascii(value))
-        elif value is None:
-            parts.append("null")
-        elif kind is int:
-            parts.append(int.__repr__(value))
-        elif kind is bool:
-            parts.append("true" if value else "false")
-        else:
-            return None
-    return "[" + ",".join(parts) + "]"
-
-
-def _flat_record(fields: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-    """(a copy of ``fields``, its sorted compact ASCII JSON) for a flat record: string keys, values
-    of exactly str, int, bool or None, or lists of them; None for anything else (``check_fields``
-    and the general encoder take it, and refuse what must be refused: a ``Secret`` is never of
-    these types). The JSON is byte-identical to ``_encode_rest``'s (sorted keys, ``","`` and
-    ``":"``, ASCII escapes), which the chain's hashes and the verifier rely on."""
-    try:
-        ordered = sorted(fields.items())
-    except TypeError:  # keys of several types
-        return None
-    quote = _quote_ascii
-    parts = []
-    lists = False
-    for key, value in ordered:
-        if type(key) is not str:
-            return None
-        kind = type(value)  # the scalars inline: this runs for every field of every signature
-        if kind is str:
-            encoded = quote(value)
-        elif value is None:
-            encoded = "null"
-        elif kind is int:
-            encoded = int.__repr__(value)
-        elif kind is bool:
-            encoded = "true" if value else "false"
-        elif kind is list:
-            lists = True
-            encoded = _flat_list(value)
-            if encoded is None:
-                return None
-        else:
-            return None
-        parts.append(f"{quote(key)}:{encoded}")
-    copy = {k: list(v) if type(v) is list else v for k, v in fields.items()} if lists else dict(fields)
-    return copy, "{" + ",".join(parts) + "}"
+_STR_KEYS = frozenset({str})
 
 
 # NamedTuples and a slotted class, not dataclasses: this module is on every
@@ -333,8 +277,6 @@ class AuditLog:
         self._host = os.uname().nodename
         self._user = _user()
         self._pid = os.getpid()  # renewed in a forked child
-        #: (pid, the encoded ``"host":..,"pid":..,"user":..`` of a record's JSON): renewed with the pid
-        self._tail: tuple[int, str] = (-1, "")
         self._rotate_at: tuple[int, float] | None = None
         self._fd_ino = -1  # inode of self._fd
         self._fresh_stat: os.stat_result | None = None  # the active file's stat, taken this commit  # (ino, epoch when the time rule rotates it)
@@ -362,23 +304,19 @@ class AuditLog:
             if type(event) is str and len(_VALID_EVENTS) < 1024:
                 _VALID_EVENTS.add(event)  # a plain str that matched: no regex for it again
         pid = self._pid
-        flat = _flat_record(fields) if type(fields) is dict else None
-        if flat is not None:
-            # The common flat record (every signature's): checked and encoded in one pass, the
-            # host/pid/user tail encoded once per process. Byte for byte what the encoder below writes.
-            data, encoded = flat
-            if self._tail[0] != pid:
-                self._tail = (pid, _encode_rest({"host": self._host, "pid": pid, "user": self._user})[1:-1])
-            rest = f'"data":{encoded},{self._tail[1]}'
+        if (type(fields) is dict and set(map(type, fields.values())) <= _SCALARS
+                and set(map(type, fields)) <= _STR_KEYS):
+            # The common flat record (every signature's): checked by type in C, no walk through
+            # check_fields; encoded by the same encoder as every other record.
+            data: Any = dict(fields)
         else:
             data = check_fields(fields if fields is not None else {}, "fields")
             if not isinstance(data, dict):
                 raise AuditError("audit fields must be a mapping", "pass a dict of field name -> value")
-            try:
-                rest = _encode_rest({"data": data, "host": self._host, "pid": pid, "user": self._user})[1:-1]
-            except (TypeError, ValueError) as exc:
-                raise AuditError(f"audit fields cannot be written as JSON: {type(exc).__name__}",
-                                 "pass plain data") from None
+        try:
+            rest = _encode_rest({"data": data, "host": self._host, "pid": pid, "user": self._user})[1:-1]
+        except (TypeError, ValueError) as exc:
+            raise AuditError(f"audit fields cannot be written as JSON: {type(exc).__name__}", "pass plain data") from None
         if len(rest) > MAX_LINE - 400:
             raise AuditError(f"audit record for {event} is too large ({len(rest)} bytes)", "record less detail")
         ts = utc_timestamp()

@@ -243,3 +243,39 @@ def test_compiled_endpoint_rules_decide_as_each_fnmatch_pattern_does() -> None:
         else:
             err = refused(p, req("symbol=BTCUSDT&timestamp=1", endpoint=path))
             assert err.rule == p._rule_for_endpoint(first) and "is a denied endpoint" in err.message
+
+
+def test_the_one_pass_parse_accepts_and_refuses_what_the_item_rule_does() -> None:
+    """Random query strings and bodies over the characters that matter: the parse gives the pairs, or
+    the refusal naming the first bad item, that the documented item-by-item rule gives."""
+    import random
+    from urllib.parse import unquote
+
+    def item_by_item(query: str, body: str) -> list[tuple[str, str]]:
+        params = []
+        for part in (query, body):
+            for item in part.split("&") if part else []:
+                name, sep, value = item.partition("=")
+                if not sep or not name or "=" in value:
+                    raise PolicyRefused("malformed", f"the parameter {item[:40]!r} is not NAME=VALUE")
+                if "%" in item or "+" in item:
+                    name, value = unquote(name.replace("+", " ")), unquote(value.replace("+", " "))
+                params.append((name, value))
+        return params
+
+    rng = random.Random(13)
+    accepted = 0
+    for _ in range(20000):
+        query = "".join(rng.choice("ab=&%+2 \n") for _ in range(rng.randint(0, 12)))
+        body = "".join(rng.choice("ab=&%+2 \n") for _ in range(rng.randint(0, 6)))
+        try:
+            expected: Any = item_by_item(query, body)
+        except PolicyRefused as exc:
+            expected = exc.message
+        try:
+            got: Any = list(SignRequest.from_parts(query, body).params)
+        except PolicyRefused as exc:
+            got = exc.message
+        assert got == expected, (query, body)
+        accepted += isinstance(expected, list)
+    assert accepted > 500  # both branches were exercised
