@@ -314,7 +314,7 @@ class AuditLog:
             if not isinstance(data, dict):
                 raise AuditError("audit fields must be a mapping", "pass a dict of field name -> value")
         try:
-            rest = _encode_rest({"data": data, "host": self._host, "pid": pid, "user": self._user})[1:-1]
+            rest = _encode_record({"data": data, "host": self._host, "pid": pid, "user": self._user})[1:-1]
         except (TypeError, ValueError) as exc:
             raise AuditError(f"audit fields cannot be written as JSON: {type(exc).__name__}", "pass plain data") from None
         if len(rest) > MAX_LINE - 400:
@@ -881,7 +881,39 @@ class AuditLog:
         self._head_seq = state.seq
 
 
-_encode_rest = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+_encode_rest = _encoder.encode
+
+
+def _reused_encoder() -> Any:
+    """``_encode_rest`` without building the json module's C encoder anew for every record (what
+    ``JSONEncoder.encode`` does): the C encoder made once with the same settings, used only if it
+    writes a sample exactly as ``_encode_rest`` does and refuses NaN as it does; else ``_encode_rest``.
+    (No circular-reference markers: a record's fields are a fresh tree from ``check_fields``.)"""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _encode_rest
+    try:
+        iterencode = make(None, _encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",", True,
+                          False, False)
+
+        def encode(body: dict[str, Any]) -> str:
+            return "".join(iterencode(body, 0))
+
+        sample = {"data": {"s": "é \u2028 \"\\\n", "i": -7, "b": True, "n": None, "f": 1.5, "l": [1, "x", [2.5e-9]],
+                           "d": {"z": 1, "a": 2}}, "host": "h", "pid": 1, "user": "ü"}
+        if encode(sample) != _encode_rest(sample):
+            return _encode_rest
+        try:
+            encode({"x": float("nan")})
+        except ValueError:
+            return encode
+        return _encode_rest
+    except (TypeError, ValueError):  # another Python's C encoder: the general one is always right
+        return _encode_rest
+
+
+_encode_record = _reused_encoder()
 
 
 def _write_all(fd: int, data: bytes) -> None:

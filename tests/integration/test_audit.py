@@ -151,6 +151,16 @@ def test_a_flat_record_is_a_copy_and_anything_else_is_still_checked(tmp_path: Pa
             log.record("signed", bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("fields", FLAT_RECORDS + [{"f": 2.5e-9, "nested": {"b": [1, {"a": None}]}}])
+def test_the_reused_record_encoder_writes_what_the_general_one_does(fields: dict[str, Any]) -> None:
+    from broker.audit.log import _encode_record, _encode_rest
+
+    body = {"data": fields, "host": "host-ü", "pid": 42, "user": "trader"}
+    assert _encode_record(body) == _encode_rest(body)
+    with pytest.raises(ValueError):
+        _encode_record({"data": {"x": float("inf")}})
+
+
 def test_flat_records_on_disk_are_what_the_chain_functions_build(tmp_path: Path) -> None:
     """Every line, rebuilt from its parsed JSON with the chain's own functions, is the same bytes:
     the lean path changes nothing the verifier or an existing log depends on."""
