@@ -178,12 +178,6 @@ _KNOWN = frozenset({"rate_limit", "burst", "symbols", "max_quantity", "max_notio
                     "deny_kinds", "deny_params", "deny_endpoints", "require_endpoint"})
 
 
-#: A query string or form body whose every '&'-separated item is NAME=VALUE with a non-empty NAME and
-#: no other '=': exactly what ``SignRequest.from_parts`` accepts item by item.
-_plain_pairs = re.compile(r"[^&=]+=[^&=]*(?:&[^&=]+=[^&=]*)*").fullmatch
-_pair = re.compile(r"([^&=]+)=([^&=]*)")
-
-
 class SignRequest(NamedTuple):
     """What the agent is asked to sign: the parameters of totalParams, and where they go."""
 
@@ -195,18 +189,11 @@ class SignRequest(NamedTuple):
     def from_parts(cls, query: str, body: str = "", endpoint: str | None = None,
                    method: str | None = None) -> SignRequest:
         """Parse the query string and the form body (percent-decoded, order kept)."""
-        from urllib.parse import unquote
-
         params: list[tuple[str, str]] = []
         for part in (query, body):
             if not part:
                 continue
             encoded = "%" in part or "+" in part  # most requests: nothing to decode anywhere
-            if not encoded and _plain_pairs(part):
-                # Every item is NAME=VALUE (one '=', a non-empty name) and nothing is encoded: the
-                # pairs as they are, found in one pass (what the loop below would append).
-                params.extend(_pair.findall(part))
-                continue
             for item in part.split("&"):
                 # Strict, unlike parse_qsl: each parameter is exactly NAME=VALUE with a non-empty name.
                 # A raw sign(query + body) glues the last query value to the first body item; a value
@@ -218,6 +205,10 @@ class SignRequest(NamedTuple):
                                         "percent-encode values, and sign query and body through sign_params "
                                         "or the requests auth hook")
                 if encoded and ("%" in item or "+" in item):  # most Binance parameters need no decoding
+                    # Imported here, not at the top of the call: a function-level import costs as much
+                    # as the rest of this parse, on every signature.
+                    from urllib.parse import unquote
+
                     name, value = unquote(name.replace("+", " ")), unquote(value.replace("+", " "))
                 params.append((name, value))
         return cls(params, endpoint or None, (method or "").upper() or None)

@@ -8,9 +8,11 @@ or any secret).
 
 from __future__ import annotations
 
+import hmac
 from typing import Any, NamedTuple
 
 from ..errors import PolicyRefused, SigningError
+from ..signing import binance
 from ..signing_policy import SigningPolicy, SignRequest
 from .protocol import BODY, ENDPOINT, METHOD, QUERY, WS_API, WS_METHOD, WS_PARAMS
 
@@ -60,10 +62,6 @@ def check_sign_ws(request: dict[str, Any], policy: SigningPolicy, api_key: objec
     sees them with the REST endpoint the method stands for
     (``binance.ws_method_endpoint``). ``apiKey`` must be the profile's own key.
     """
-    import hmac
-
-    from ..signing import binance
-
     params, ws_method, api = request.get(WS_PARAMS), request.get(WS_METHOD), request.get(WS_API) or "spot"
     if (not isinstance(params, dict)
             or not (ws_method is None or (isinstance(ws_method, str) and len(ws_method) <= 128))

@@ -68,6 +68,7 @@ from typing import Any, Protocol
 
 from ..errors import AgentRefused, AuditError, BrokerError, RunError, SigningError
 from ..events import Recorder
+from ..signing import binance
 from ..signing_policy import SigningPolicy
 from ..unixsock import listen_private, peer_credentials, private_dir
 from . import policy as policy_glue
@@ -506,8 +507,6 @@ class Agent:
     def _sign_ws(self, request: dict[str, Any], pid: int) -> dict[str, Any] | bytes:
         """A WebSocket API request given as an object (``policy.check_sign_ws``): the agent builds the
         payload itself (``binance.ws_payload``), so values holding '=' or '&' are signed as they are."""
-        from ..signing import binance
-
         profile, signer, policy = self._served(pid)
         try:
             checked = policy_glue.check_sign_ws(request, policy, getattr(signer, "_api_key", None))

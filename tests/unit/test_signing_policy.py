@@ -245,7 +245,7 @@ def test_compiled_endpoint_rules_decide_as_each_fnmatch_pattern_does() -> None:
             assert err.rule == p._rule_for_endpoint(first) and "is a denied endpoint" in err.message
 
 
-def test_the_one_pass_parse_accepts_and_refuses_what_the_item_rule_does() -> None:
+def test_the_parse_accepts_and_refuses_what_the_item_rule_does() -> None:
     """Random query strings and bodies over the characters that matter: the parse gives the pairs, or
     the refusal naming the first bad item, that the documented item-by-item rule gives."""
     import random
