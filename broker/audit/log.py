@@ -729,8 +729,11 @@ class AuditLog:
             # (same inode and size: nobody rotated, appended or cut it), the same algorithm and
             # key id, no gap to refuse over, no rotation due. What the general path below does
             # then, without its checks' calls; anything else takes the general path.
-            st = os.stat(self._path_str)
-            if (st.st_ino == self._fd_ino == state.ino and st.st_size == state.size
+            try:
+                st: os.stat_result | None = os.stat(self._path_str)
+            except FileNotFoundError:
+                st = None  # removed or renamed away: the general path reopens it and records the gap
+            if (st is not None and st.st_ino == self._fd_ino == state.ino and st.st_size == state.size
                     and state.alg == self.alg and state.kid == self.key_id
                     and not (state.event == GAP and self.alg == ALG_HMAC)
                     and not self._rotation_due(fd, state.size, sum([len(p.rest) for p in pending])

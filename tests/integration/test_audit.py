@@ -414,3 +414,19 @@ def test_an_unwritable_log_fails_closed_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(AuditError, match="cannot write the audit log"):
         make_log(tmp_path / "logs" / "audit.log").record("secret_fetched", {"profile": "p"})
     assert target.read_text() == ""
+
+
+@pytest.mark.parametrize("fsync", ["every", "group"])
+def test_an_active_file_removed_between_two_batches_is_recorded_as_a_gap(tmp_path: Path, fsync: str) -> None:
+    """The writer's steady-state commit (same file as it left it) must not hide a removed file: the
+    next batch reopens it and writes the gap record first, as any other writer would."""
+    path = tmp_path / "audit.log"
+    log = make_log(path, fsync=fsync)
+    for n in (1, 2):
+        log.record("signed", {"n": n}, durable=False)
+        log.flush()
+    path.unlink()
+    log.record("signed", {"n": 3}, durable=False)
+    log.flush()
+    assert [r["event"] for r in records(path)] == ["gap", "signed"]
+    assert records(path)[1]["data"] == {"n": 3}
