@@ -52,11 +52,12 @@ same one-line error.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 from typing import Any, NamedTuple
 
 from . import units
@@ -188,12 +189,11 @@ class SignRequest(NamedTuple):
     def from_parts(cls, query: str, body: str = "", endpoint: str | None = None,
                    method: str | None = None) -> SignRequest:
         """Parse the query string and the form body (percent-decoded, order kept)."""
-        from urllib.parse import unquote
-
         params: list[tuple[str, str]] = []
         for part in (query, body):
             if not part:
                 continue
+            encoded = "%" in part or "+" in part  # most requests: nothing to decode anywhere
             for item in part.split("&"):
                 # Strict, unlike parse_qsl: each parameter is exactly NAME=VALUE with a non-empty name.
                 # A raw sign(query + body) glues the last query value to the first body item; a value
@@ -204,17 +204,23 @@ class SignRequest(NamedTuple):
                     raise PolicyRefused("malformed", f"the parameter {item[:40]!r} is not NAME=VALUE",
                                         "percent-encode values, and sign query and body through sign_params "
                                         "or the requests auth hook")
-                if "%" in item or "+" in item:  # most Binance parameters need no decoding
+                if encoded and ("%" in item or "+" in item):  # most Binance parameters need no decoding
+                    # Imported here, not at the top of the call: a function-level import costs as much
+                    # as the rest of this parse, on every signature.
+                    from urllib.parse import unquote
+
                     name, value = unquote(name.replace("+", " ")), unquote(value.replace("+", " "))
                 params.append((name, value))
-        return cls(params=params, endpoint=endpoint or None, method=(method or "").upper() or None)
+        return cls(params, endpoint or None, (method or "").upper() or None)
 
     def summary(self) -> dict[str, Any]:
         """What the audit record keeps: parameter names and the order's public fields, never timestamps."""
+        return self._summary([k for k, _ in self.params], dict(self.params))
+
+    def _summary(self, names: list[str], values: dict[str, str]) -> dict[str, Any]:
         # Parameter names as one comma-separated string: one field for the audit writer to check, not a list.
-        out: dict[str, Any] = {"endpoint": self.endpoint, "method": self.method,
-                               "params": ",".join(k for k, _ in self.params if k not in ("timestamp", "signature"))}
-        values = dict(self.params)
+        listed = ",".join([k for k in names if k != "timestamp" and k != "signature"])
+        out: dict[str, Any] = {"endpoint": self.endpoint, "method": self.method, "params": listed}
         for key in ("symbol", "side", "type", "quantity", "price", "quoteOrderQty"):
             if key in values:
                 out[key] = values[key][:64]
@@ -302,7 +308,13 @@ class SigningPolicy:
         # reading "Address" differently from "address".
         self._deny_params_folded = {name.lower(): name for name in params}
         self.deny_endpoints = tuple(endpoints)
+        # Compiled once, for every request: one regular expression that matches where any of
+        # the patterns does (fnmatchcase is re.match of fnmatch.translate); the first pattern
+        # that matches is looked up only for a refusal's rule name.
+        self._deny_endpoint_match = (re.compile("|".join(f"(?:{translate(p)})" for p in endpoints)).match
+                                     if endpoints else None)
         self._signatures = tuple(signatures)
+        self._orders_unbounded = symbols is None and not max_quantity.set and not max_notional.set
         self.limiter: RateLimiter | None = None
         if rate is not None:
             count, per = rate
@@ -396,27 +408,43 @@ class SigningPolicy:
         }
 
     # -- checking ---------------------------------------------------------------------------
+    def review(self, request: SignRequest) -> tuple[dict[str, Any], PolicyRefused | None]:
+        """``(request.summary(), the refusal or None)``: ``check`` and the summary from one pass over the
+        parameters (the signing agent's path: both for every signature)."""
+        names = [k for k, _ in request.params]
+        values = dict(request.params)
+        summary = request._summary(names, values)
+        try:
+            self._check(request, names, values)
+        except PolicyRefused as exc:
+            return summary, exc
+        return summary, None
+
     def check(self, request: SignRequest) -> None:
         """Raise ``PolicyRefused`` when ``request`` breaks a rule; the rate limit is checked last."""
-        names = [k for k, _ in request.params]
-        seen: set[str] = set()
-        for name in names:
-            if name in seen:
-                raise PolicyRefused("duplicate_param", f"parameter {name!r} appears more than once",
-                                    "send each parameter once (Binance refuses duplicates with -1101)")
-            seen.add(name)
-        if "signature" in seen:
+        self._check(request, [k for k, _ in request.params], dict(request.params))
+
+    def _check(self, request: SignRequest, names: list[str], values: dict[str, str]) -> None:
+        if len(values) != len(names):
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    raise PolicyRefused("duplicate_param", f"parameter {name!r} appears more than once",
+                                        "send each parameter once (Binance refuses duplicates with -1101)")
+                seen.add(name)
+        if "signature" in values:
             raise PolicyRefused("already_signed", "the request already carries a signature",
                                 "do not pass signature= yourself")
         endpoint = request.endpoint
         if endpoint is None and self.require_endpoint:
             raise PolicyRefused("require_endpoint", "the request's URL path is unknown",
                                 "sign through the requests auth hook (auth=signer) or pass endpoint= to sign_params")
-        if endpoint is not None:
+        if endpoint is not None and self._deny_endpoint_match is not None:
             path = endpoint.split("?", 1)[0]
-            for pattern in self.deny_endpoints:
-                if fnmatchcase(path, pattern):
-                    raise PolicyRefused(self._rule_for_endpoint(pattern), f"{path} is a denied endpoint")
+            if self._deny_endpoint_match(path) is not None:
+                for pattern in self.deny_endpoints:
+                    if fnmatchcase(path, pattern):
+                        raise PolicyRefused(self._rule_for_endpoint(pattern), f"{path} is a denied endpoint")
         folded = {name.lower() for name in names}
         for kind, target, required in self._signatures:
             if required <= folded:
@@ -428,12 +456,13 @@ class SigningPolicy:
                     f"does not cover the URL path, so the {declared} cannot make it safe",
                     f"send the order without these parameters, or remove {kind!r} from the profile's "
                     "[policy] deny_kinds if this request is intended")
-        for name in names:
-            denied = self._deny_params_folded.get(name.lower())
-            if denied is not None:
-                raise PolicyRefused(self._rule_for_param(denied), f"parameter {name!r} is denied")
-        values = dict(request.params)
-        self._check_recv_window(values)
+        if not self._deny_params_folded.keys().isdisjoint(folded):
+            for name in names:
+                denied = self._deny_params_folded.get(name.lower())
+                if denied is not None:
+                    raise PolicyRefused(self._rule_for_param(denied), f"parameter {name!r} is denied")
+        if self.max_recv_window is not None:
+            self._check_recv_window(values)
         orders: list[Mapping[str, Any]] = [values]
         if "batchOrders" in values:
             batch = _batch_orders(values["batchOrders"])
@@ -450,8 +479,14 @@ class SigningPolicy:
                 raise PolicyRefused("symbols", "the symbols parameter is not a JSON list of symbols")
             for sym in listed:
                 self._check_symbol(sym)
-        for order in orders:
-            self._check_order(order)
+        if self._orders_unbounded:
+            # No symbols, no caps: of the order rules only the quantity's form applies (what
+            # _check_order comes down to then).
+            for order in orders:
+                _decimal(order, "quantity")
+        else:
+            for order in orders:
+                self._check_order(order)
         if self.limiter is not None and not self.limiter.take():
             assert self.rate is not None
             raise PolicyRefused("rate_limit", f"more than {self.rate[0]} signatures per {_per(self.rate[1])}",

@@ -4,6 +4,7 @@
     python scripts/bench_agent.py                 # ~1 minute
     python scripts/bench_agent.py --quick
     python scripts/bench_agent.py --flood         # the bot's latency while strangers flood the socket
+    python scripts/bench_agent.py --quick --against HEAD~3   # this code and an older one, alternated
 
 Starts a throwaway OpenBao dev server (the secret's source), then runs a bench
 bot under ``credbroker run --agent --no-preflight --unsafe-shared-credentials``
@@ -32,6 +33,16 @@ Inside each bot, measured in the same process and run:
   agent Nt     N threads of the bot signing at once (one connection each)
   agent Np     N processes (the bot's children) signing at once
 
+For the one-thread case the bot also reads the broker's CPU time (all its
+threads, from /proc/PPID/task/*/schedstat) before and after: "broker CPU" is
+the broker's work per signature, which a loaded machine inflates much less
+than the latency (the latency adds the bot's own work and every wake-up).
+
+--against REV measures the broker package of git revision REV too (``git
+archive`` into a temporary folder, first on PYTHONPATH for the broker and the
+bot), alternated with this code --rounds times in the same run, so that the
+machine's drifting load hits both alike.
+
 --flood measures something else: one bot thread signing (audit on disk)
 idle, then while FLOODERS processes outside the bot's tree (children of this
 script, same user) connect to the agent's socket as fast as they can and are
@@ -55,6 +66,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from benchlib import bao_binary, start_dev_server, stop
 
@@ -112,7 +124,22 @@ for _ in range(300):
 res = {"remote_kind": signer.remote_kind}
 res["echo"] = echo_reference(SEQ)
 res["local"] = latencies(lambda: local.sign_params(PARAMS), max(SEQ, 20000))
+def broker_cpu():
+    """CPU seconds the broker (our parent) has run so far, all its threads: the first field of each
+    /proc/PPID/task/TID/schedstat (nanoseconds; the clock-tick counters of /proc/PPID/stat are too coarse)."""
+    total = 0
+    base = f"/proc/{os.getppid()}/task"
+    for tid in os.listdir(base):
+        try:
+            with open(f"{base}/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+cpu0 = broker_cpu()
 res["agent 1"] = latencies(lambda: signer.sign_params(PARAMS, endpoint=EP), SEQ)
+res["agent 1"]["broker_cpu_us"] = (broker_cpu() - cpu0) / SEQ * 1e6
 res["echo again"] = echo_reference(SEQ)  # the machine's load may have changed meanwhile
 
 def threads(n):
@@ -160,6 +187,28 @@ for n in WORKERS:
 for n in WORKERS:
     res[f"agent {n}p"] = processes(n)
 print("RESULT " + json.dumps(res))
+'''
+
+
+NO_AUDIT = r'''
+# An Agent whose audit records are dropped, serving the bench bot (argv: bot, then the bot's own arguments).
+import os, secrets, subprocess, sys
+from broker.agent.server import Agent, RecorderSink
+from broker.secret import Secret
+from broker.signing.hmac_sha256 import HmacSigner
+from broker.signing_policy import SigningPolicy
+
+agent = Agent(HmacSigner("BENCHKEY", Secret(secrets.token_bytes(32))), profile="bench",
+              policy=SigningPolicy.from_mapping(None, "bench"), audit=RecorderSink(lambda e, f: None))
+path = agent.start()
+bot_env = {**os.environ, "CREDBROKER_RUN": str(os.getpid()), "CREDBROKER_PROFILE": "bench",
+           "CREDBROKER_ENV_MAP": '{"BINANCE_API_KEY":"api_key"}', "BINANCE_API_KEY": "BENCHKEY",
+           "CREDBROKER_AGENT_SOCKET": str(path)}
+proc = subprocess.Popen([sys.executable] + sys.argv[1:], env=bot_env)
+agent.set_child(proc.pid)
+proc.wait()
+agent.stop()
+sys.exit(proc.returncode)
 '''
 
 
@@ -307,6 +356,10 @@ def main() -> None:
     parser.add_argument("--flooders", type=int, default=2, help="flooding processes (--flood)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="connections per second of the whole flood; 0: as fast as they can (--flood)")
+    parser.add_argument("--against", metavar="REV",
+                        help="also measure the broker package of git revision REV (e.g. HEAD~3), alternated with "
+                             "this code in the same run")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations with --against (default 2)")
     args = parser.parse_args()
     seq, conc, workers = (500, 4000, "4") if args.quick else (2000, 20000, "2,8,32")
 
@@ -346,40 +399,41 @@ def main() -> None:
             return
         bot = work / "bench_bot.py"
         bot.write_text(BOT)
-        results = {}
-        for name, log, fsync in places:
-            run_env = {**env, "CREDBROKER_AUDIT_LOG": str(log), "CREDBROKER_CONFIG": str(configs[fsync])}
-            out = subprocess.run([credbroker, "run", "--agent", "--no-preflight", "--unsafe-shared-credentials", "--profile", "bench", "--",
-                                  sys.executable, str(bot), str(seq), str(conc), workers],
-                                 env=run_env, capture_output=True, text=True, timeout=1800)
-            if out.returncode != 0:
-                sys.exit(f"bench_agent: the bench bot failed ({name}):\n{out.stdout}\n{out.stderr}")
-            line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-            results[name] = json.loads(line[len("RESULT "):])
-            results[name]["records"] = count_signed(log)
-
-        # The agent alone: an Agent in this process whose audit records are dropped (NOT a mode
-        # credbroker offers; it shows what the audit commit costs), serving the same bot.
-        from broker.agent.server import Agent, RecorderSink
-        from broker.secret import Secret
-        from broker.signing.hmac_sha256 import HmacSigner
-        from broker.signing_policy import SigningPolicy
-
-        agent = Agent(HmacSigner("BENCHKEY", Secret(secrets.token_bytes(32))), profile="bench",
-                      policy=SigningPolicy.from_mapping(None, "bench"), audit=RecorderSink(lambda e, f: None))
-        path = agent.start()
-        bot_env = {**env, "CREDBROKER_RUN": str(os.getpid()), "CREDBROKER_PROFILE": "bench",
-                   "CREDBROKER_ENV_MAP": '{"BINANCE_API_KEY":"api_key"}', "BINANCE_API_KEY": "BENCHKEY",
-                   "CREDBROKER_AGENT_SOCKET": str(path), "CREDBROKER_AUDIT_LOG": str(work / "unused.log")}
-        proc = subprocess.Popen([sys.executable, str(bot), str(seq), str(conc), workers], env=bot_env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        agent.set_child(proc.pid)
-        stdout, stderr = proc.communicate(timeout=1800)
-        agent.stop()
-        if proc.returncode != 0:
-            sys.exit(f"bench_agent: the bench bot failed (no audit):\n{stdout}\n{stderr}")
-        line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
-        results["no-audit"] = {**json.loads(line[len("RESULT "):]), "records": 0}
+        codes = [("", REPO)]
+        if args.against:
+            old = work / "against"
+            old.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.against, "broker"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+            codes.append((f" @{args.against}", old))
+        rounds = max(1, args.rounds) if args.against else 1
+        results: dict[str, dict[str, Any]] = {}
+        for n in range(rounds):
+            for tag, code in codes:  # alternated: the machine's load drifts between runs
+                suffix = tag + (f" #{n + 1}" if rounds > 1 else "")
+                code_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
+                for name, log, fsync in places:
+                    log = log.with_name(f"{log.name}-{len(results)}")
+                    run_env = {**code_env, "CREDBROKER_AUDIT_LOG": str(log), "CREDBROKER_CONFIG": str(configs[fsync])}
+                    out = subprocess.run([credbroker, "run", "--agent", "--no-preflight", "--unsafe-shared-credentials",
+                                          "--profile", "bench", "--",
+                                          sys.executable, str(bot), str(seq), str(conc), workers],
+                                         env=run_env, capture_output=True, text=True, timeout=1800)
+                    if out.returncode != 0:
+                        sys.exit(f"bench_agent: the bench bot failed ({name}{suffix}):\n{out.stdout}\n{out.stderr}")
+                    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+                    results[name + suffix] = {**json.loads(line[len("RESULT "):]), "records": count_signed(log)}
+                # The agent alone: an Agent whose audit records are dropped (NOT a mode credbroker
+                # offers; it shows what the audit commit costs), serving the same bot, in a process
+                # of its own so that it runs the code under test.
+                out = subprocess.run([sys.executable, "-c", NO_AUDIT, str(bot), str(seq), str(conc), workers],
+                                     env={**code_env, "CREDBROKER_AUDIT_LOG": str(work / "unused.log")},
+                                     capture_output=True, text=True, timeout=1800)
+                if out.returncode != 0:
+                    sys.exit(f"bench_agent: the bench bot failed (no audit{suffix}):\n{out.stdout}\n{out.stderr}")
+                line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+                results["no-audit" + suffix] = {**json.loads(line[len("RESULT "):]), "records": 0}
 
         load = os.getloadavg()
         print(f"signing agent round trip from a bot (HMAC, {os.cpu_count()} cores, load average "
@@ -391,7 +445,7 @@ def main() -> None:
             what = {"every": 'fsync = "every" on disk (each answer waits for its fsync)',
                     "group": 'fsync = "group" on disk (written before the answer, fsynced within 50 ms)',
                     "tmpfs": 'fsync = "every" on tmpfs (fsync is free)',
-                    "no-audit": "records dropped (not a credbroker mode: the agent's own cost)"}[name]
+                    "no-audit": "records dropped (not a credbroker mode: the agent's own cost)"}[name.split()[0]]
             print(f"\n[{name}] audit log: {what}; {res['records']} 'signed' records written")
             for ref in ("echo", "echo again"):
                 e = res[ref]
@@ -401,8 +455,9 @@ def main() -> None:
                   f"{local['per_s']:>9,.0f} sig/s   (reference)")
             echo = min(res["echo"]["p50_us"], res["echo again"]["p50_us"])
             one = res["agent 1"]
-            summary.append(f"  {name:<9} p50 {one['p50_us']:7.1f} us  p99 {one['p99_us']:8.1f} us  "
-                           f"echo p50 {echo:6.1f} us  agent/echo {one['p50_us'] / echo:5.1f}x")
+            summary.append(f"  {name:<22} p50 {one['p50_us']:7.1f} us  p99 {one['p99_us']:8.1f} us  "
+                           f"echo p50 {echo:6.1f} us  agent/echo {one['p50_us'] / echo:5.1f}x  "
+                           f"broker CPU {one['broker_cpu_us']:6.1f} us/signature")
             for key, r in res.items():
                 if not key.startswith("agent"):
                     continue

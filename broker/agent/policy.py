@@ -8,9 +8,11 @@ or any secret).
 
 from __future__ import annotations
 
+import hmac
 from typing import Any, NamedTuple
 
 from ..errors import PolicyRefused, SigningError
+from ..signing import binance
 from ..signing_policy import SigningPolicy, SignRequest
 from .protocol import BODY, ENDPOINT, METHOD, QUERY, WS_API, WS_METHOD, WS_PARAMS
 
@@ -35,14 +37,12 @@ def check_sign(request: dict[str, Any], policy: SigningPolicy) -> Checked:
             or endpoint is not None and (type(endpoint) is not str or len(endpoint) > _MAX_NAME)
             or method is not None and (type(method) is not str or len(method) > _MAX_NAME)):
         raise SigningError("the signing agent got a malformed sign request")
-    summary: dict[str, Any] = {"endpoint": endpoint, "method": method}
     try:
         req = SignRequest.from_parts(query, body, endpoint, method)
-        summary = req.summary()
-        policy.check(req)
-    except PolicyRefused as exc:
-        return Checked(query, body, summary, exc)
-    return Checked(query, body, summary, None)
+    except PolicyRefused as exc:  # not NAME=VALUE: nothing parsed to summarise
+        return Checked(query, body, {"endpoint": endpoint, "method": method}, exc)
+    summary, refusal = policy.review(req)
+    return Checked(query, body, summary, refusal)
 
 
 class CheckedWs(NamedTuple):
@@ -62,10 +62,6 @@ def check_sign_ws(request: dict[str, Any], policy: SigningPolicy, api_key: objec
     sees them with the REST endpoint the method stands for
     (``binance.ws_method_endpoint``). ``apiKey`` must be the profile's own key.
     """
-    import hmac
-
-    from ..signing import binance
-
     params, ws_method, api = request.get(WS_PARAMS), request.get(WS_METHOD), request.get(WS_API) or "spot"
     if (not isinstance(params, dict)
             or not (ws_method is None or (isinstance(ws_method, str) and len(ws_method) <= 128))

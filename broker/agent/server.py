@@ -68,6 +68,7 @@ from typing import Any, Protocol
 
 from ..errors import AgentRefused, AuditError, BrokerError, RunError, SigningError
 from ..events import Recorder
+from ..signing import binance
 from ..signing_policy import SigningPolicy
 from ..unixsock import listen_private, peer_credentials, private_dir
 from . import policy as policy_glue
@@ -112,10 +113,11 @@ class RecorderSink:
 
 
 class _Conn:
-    __slots__ = ("sock", "pid", "inbuf", "outbuf", "writing")
+    __slots__ = ("sock", "fd", "pid", "inbuf", "outbuf", "writing")
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
+        self.fd = sock.fileno()  # the key in the serving loop's table (-1 once dropped)
         self.pid = pid
         self.inbuf = bytearray()
         self.outbuf = bytearray()
@@ -291,11 +293,11 @@ class Agent:
                         if mask & selectors.EVENT_READ and not self._read(conn):
                             self._drop(sel, conns, conn)
                             continue
-                        touched[conn.sock.fileno()] = conn
+                        touched[conn.fd] = conn
                 # The requests already waiting come first: sign, commit, answer ...
                 self._commit()
                 for conn in touched.values():
-                    if conn.sock.fileno() in conns and not self._write(sel, conn):
+                    if conn.fd in conns and not self._write(sel, conn):
                         self._drop(sel, conns, conn)
                 # ... then at most one batch of newcomers (a flood waits in the backlog, not the bot).
                 if incoming:
@@ -334,7 +336,7 @@ class Agent:
                 continue
             sock.setblocking(False)
             conn = _Conn(sock, pid)
-            conns[sock.fileno()] = conn
+            conns[conn.fd] = conn
             sel.register(sock, selectors.EVENT_READ, conn)
 
     def _refusal(self, pid: int, uid: int) -> str | None:
@@ -424,28 +426,33 @@ class Agent:
             conn.outbuf += reply if isinstance(reply, bytes) else encode(reply)
 
     def _write(self, sel: selectors.BaseSelector, conn: _Conn) -> bool:
-        if conn.outbuf:
+        out = conn.outbuf
+        if out:
             try:
-                n = conn.sock.send(conn.outbuf)
-                del conn.outbuf[:n]
+                n = conn.sock.send(out)  # one send for all of this connection's answers of the round
+                if n == len(out):
+                    out.clear()
+                else:
+                    del out[:n]
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
                 return False
-        want = bool(conn.outbuf)
+        want = bool(out)
         if want != conn.writing:  # one epoll_ctl only when the interest changes, not per answer
             sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0), conn)
             conn.writing = want
         return True
 
     def _drop(self, sel: selectors.BaseSelector, conns: dict[int, _Conn], conn: _Conn) -> None:
-        fd = conn.sock.fileno()
+        fd = conn.fd
         if fd >= 0:
             try:
                 sel.unregister(conn.sock)
             except (KeyError, ValueError):
                 pass
             conns.pop(fd, None)
+            conn.fd = -1
         conn.sock.close()
 
     # -- requests ----------------------------------------------------------------------
@@ -500,8 +507,6 @@ class Agent:
     def _sign_ws(self, request: dict[str, Any], pid: int) -> dict[str, Any] | bytes:
         """A WebSocket API request given as an object (``policy.check_sign_ws``): the agent builds the
         payload itself (``binance.ws_payload``), so values holding '=' or '&' are signed as they are."""
-        from ..signing import binance
-
         profile, signer, policy = self._served(pid)
         try:
             checked = policy_glue.check_sign_ws(request, policy, getattr(signer, "_api_key", None))

@@ -173,6 +173,12 @@ def check_fields(value: Any, where: str = "fields") -> Any:
     )
 
 
+#: Event names (plain str) already checked against ``EVENT_NAME``: a few dozen in practice.
+_VALID_EVENTS: set[str] = set()
+
+_STR_KEYS = frozenset({str})
+
+
 # NamedTuples and a slotted class, not dataclasses: this module is on every
 # `credbroker run`, and each dataclass costs about a millisecond to create.
 class _Pending(NamedTuple):
@@ -247,6 +253,7 @@ class AuditLog:
                  env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.path: Path = settings.path
+        self._path_str = str(settings.path)
         raw_key = key.reveal() if key is not None else None
         self.key_id: str | None = key_id(raw_key) if raw_key is not None else None
         # The hmac objects keep their own copies of the key for the process lifetime.
@@ -291,14 +298,23 @@ class AuditLog:
         ``durable=True``: written and fsync'ed before this returns. ``durable=False``:
         queued for a group commit (``flush()``, ``batch()``, or automatically).
         """
-        if not isinstance(event, str) or not EVENT_NAME.match(event):
-            raise AuditError(f"invalid audit event name {event!r}", "use lower-case letters, digits and '_'")
-        data = check_fields(fields if fields is not None else {}, "fields")
-        if not isinstance(data, dict):
-            raise AuditError("audit fields must be a mapping", "pass a dict of field name -> value")
+        if type(event) is not str or event not in _VALID_EVENTS:
+            if not isinstance(event, str) or not EVENT_NAME.match(event):
+                raise AuditError(f"invalid audit event name {event!r}", "use lower-case letters, digits and '_'")
+            if type(event) is str and len(_VALID_EVENTS) < 1024:
+                _VALID_EVENTS.add(event)  # a plain str that matched: no regex for it again
         pid = self._pid
+        if (type(fields) is dict and set(map(type, fields.values())) <= _SCALARS
+                and set(map(type, fields)) <= _STR_KEYS):
+            # The common flat record (every signature's): checked by type in C, no walk through
+            # check_fields; encoded by the same encoder as every other record.
+            data: Any = dict(fields)
+        else:
+            data = check_fields(fields if fields is not None else {}, "fields")
+            if not isinstance(data, dict):
+                raise AuditError("audit fields must be a mapping", "pass a dict of field name -> value")
         try:
-            rest = _encode_rest({"data": data, "host": self._host, "pid": pid, "user": self._user})[1:-1]
+            rest = _encode_record({"data": data, "host": self._host, "pid": pid, "user": self._user})[1:-1]
         except (TypeError, ValueError) as exc:
             raise AuditError(f"audit fields cannot be written as JSON: {type(exc).__name__}", "pass plain data") from None
         if len(rest) > MAX_LINE - 400:
@@ -472,21 +488,27 @@ class AuditLog:
     # -- internals ----------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        if self._lock_fd is None:
-            ensure_private_folder(self.path.parent)
-            self._lock_fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                    0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        lock_fd = self._lock()
         try:
             yield
         finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+
+    def _lock(self) -> int:
+        """Take the file lock (``flock`` on ``audit.log.lock``); return its fd for the unlock."""
+        lock_fd = self._lock_fd
+        if lock_fd is None:
+            ensure_private_folder(self.path.parent)
+            lock_fd = self._lock_fd = os.open(lock_path(self.path),
+                                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        return lock_fd
 
     def _open_active(self) -> int:
         """The active file's fd, reopened if another writer rotated it away."""
         if self._fd is not None:
             try:
-                st = os.stat(self.path)
+                st = os.stat(self._path_str)
                 if st.st_ino == self._fd_ino:
                     self._fresh_stat = st  # the same file: _current_state needs no fstat of its own
                     return self._fd
@@ -692,45 +714,73 @@ class AuditLog:
         return target
 
     def _commit(self, pending: list[_Pending], *, durable: bool = True) -> bool:
-        with self._locked():
-            fd = self._open_active()
-            state, partial_offset, partial, gap = self._current_state(fd)
-            switch_to_keyed = self._check_key_continuity(state)  # raises before anything is written
-            if partial_offset is not None:
-                _write_all(fd, self._recovery_line(state, partial_offset, partial))
-                state.size = os.fstat(fd).st_size
-            keyed = self.alg == ALG_HMAC and not switch_to_keyed
-            if gap is not None:
-                # Never continue silently over a gap: say so in the chain itself, first.
-                self._write_locked(fd, state, [self._gap_line(state, gap)])
-                state.event = GAP
-            if self._ack_reason is not None:
-                if state.event != GAP:
-                    self._state = state
-                    return False
-                self._write_locked(fd, state, [self._ack_line(state, self._ack_reason)])
-                state.event = GAP_ACKNOWLEDGED
-                return True
-            if keyed and state.event == GAP:
-                self._state = state
-                raise self._refuse_after_gap(state)
-            chunks = [self._keyed_marker(state)] if switch_to_keyed else []
-            if not pending and not chunks:
-                self._state = state
-                return gap is not None
-            estimate = sum(len(p.rest) + 300 for p in pending)
-            if self._rotation_due(fd, state.size, estimate):
-                self._state = state
-                self._rotate_locked()
-                fd = self._open_active()
-                assert self._state is not None
-                state = self._state
-            for p in pending:
-                chunks.append(self._line(state, p.ts, p.event, p.rest, p.record))
-            if pending:
+        # The lock by hand, not ``with self._locked()``: this runs once per signature batch.
+        lock_fd = self._lock()
+        try:
+            return self._commit_locked(pending, durable)
+        finally:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+
+    def _commit_locked(self, pending: list[_Pending], durable: bool) -> bool:
+        state = self._state
+        fd = self._fd
+        if pending and state is not None and fd is not None and self._ack_reason is None:
+            # The steady state (every signature batch): the same file, as this writer left it
+            # (same inode and size: nobody rotated, appended or cut it), the same algorithm and
+            # key id, no gap to refuse over, no rotation due. What the general path below does
+            # then, without its checks' calls; anything else takes the general path.
+            try:
+                st: os.stat_result | None = os.stat(self._path_str)
+            except FileNotFoundError:
+                st = None  # removed or renamed away: the general path reopens it and records the gap
+            if (st is not None and st.st_ino == self._fd_ino == state.ino and st.st_size == state.size
+                    and state.alg == self.alg and state.kid == self.key_id
+                    and not (state.event == GAP and self.alg == ALG_HMAC)
+                    and not self._rotation_due(fd, state.size, sum([len(p.rest) for p in pending])
+                                               + 300 * len(pending))):
+                line = self._line
+                chunks = [line(state, p.ts, p.event, p.rest, p.record) for p in pending]
                 state.event = pending[-1].event
-            self._write_locked(fd, state, chunks, durable=durable)
+                self._write_locked(fd, state, chunks, durable=durable)
+                return True
+        fd = self._open_active()
+        state, partial_offset, partial, gap = self._current_state(fd)
+        switch_to_keyed = self._check_key_continuity(state)  # raises before anything is written
+        if partial_offset is not None:
+            _write_all(fd, self._recovery_line(state, partial_offset, partial))
+            state.size = os.fstat(fd).st_size
+        keyed = self.alg == ALG_HMAC and not switch_to_keyed
+        if gap is not None:
+            # Never continue silently over a gap: say so in the chain itself, first.
+            self._write_locked(fd, state, [self._gap_line(state, gap)])
+            state.event = GAP
+        if self._ack_reason is not None:
+            if state.event != GAP:
+                self._state = state
+                return False
+            self._write_locked(fd, state, [self._ack_line(state, self._ack_reason)])
+            state.event = GAP_ACKNOWLEDGED
             return True
+        if keyed and state.event == GAP:
+            self._state = state
+            raise self._refuse_after_gap(state)
+        chunks = [self._keyed_marker(state)] if switch_to_keyed else []
+        if not pending and not chunks:
+            self._state = state
+            return gap is not None
+        estimate = sum([len(p.rest) for p in pending]) + 300 * len(pending)
+        if self._rotation_due(fd, state.size, estimate):
+            self._state = state
+            self._rotate_locked()
+            fd = self._open_active()
+            assert self._state is not None
+            state = self._state
+        for p in pending:
+            chunks.append(self._line(state, p.ts, p.event, p.rest, p.record))
+        if pending:
+            state.event = pending[-1].event
+        self._write_locked(fd, state, chunks, durable=durable)
+        return True
 
     def _write_locked(self, fd: int, state: _State, chunks: list[bytes], *, durable: bool = True) -> None:
         """Write, then fdatasync and update the head (and tell the anchorer), under the file lock.
@@ -738,8 +788,10 @@ class AuditLog:
         ``durable=False`` (group mode): written only; the syncer thread fsyncs it soon, and this
         writer fsyncs itself when the oldest unsynced commit is older than the window.
         """
-        data = b"".join(chunks)
-        _write_all(fd, data)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        written = os.write(fd, data)
+        if written != len(data):  # a short write (a full disk): write the rest, or raise
+            _write_all(fd, data[written:])
         # Under the file lock nobody else appends: the size follows without an fstat.
         state.size += len(data)
         state.ino = self._fd_ino
@@ -832,7 +884,39 @@ class AuditLog:
         self._head_seq = state.seq
 
 
-_encode_rest = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+_encode_rest = _encoder.encode
+
+
+def _reused_encoder() -> Any:
+    """``_encode_rest`` without building the json module's C encoder anew for every record (what
+    ``JSONEncoder.encode`` does): the C encoder made once with the same settings, used only if it
+    writes a sample exactly as ``_encode_rest`` does and refuses NaN as it does; else ``_encode_rest``.
+    (No circular-reference markers: a record's fields are a fresh tree from ``check_fields``.)"""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _encode_rest
+    try:
+        iterencode = make(None, _encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",", True,
+                          False, False)
+
+        def encode(body: dict[str, Any]) -> str:
+            return "".join(iterencode(body, 0))
+
+        sample = {"data": {"s": "é \u2028 \"\\\n", "i": -7, "b": True, "n": None, "f": 1.5, "l": [1, "x", [2.5e-9]],
+                           "d": {"z": 1, "a": 2}}, "host": "h", "pid": 1, "user": "ü"}
+        if encode(sample) != _encode_rest(sample):
+            return _encode_rest
+        try:
+            encode({"x": float("nan")})
+        except ValueError:
+            return encode
+        return _encode_rest
+    except (TypeError, ValueError):  # another Python's C encoder: the general one is always right
+        return _encode_rest
+
+
+_encode_record = _reused_encoder()
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -26,7 +26,10 @@ class HmacSigner(Signer):
                 raise SigningError("the HMAC secret is empty", "store the secret key Binance gave you in api_secret")
             # Keyed once: the HMAC state (OpenSSL's) is copied per signature, which is
             # cheaper than re-keying and keeps ``sign`` near bare ``hmac.new`` speed.
-            self._mac: Any = hmac.new(key, digestmod=hashlib.sha256)
+            mac = hmac.new(key, digestmod=hashlib.sha256)
+            # OpenSSL's HMAC object itself when the hmac module wraps one: its copy/update/hexdigest
+            # are C calls, without the module's Python wrapper around each (the agent's hot path).
+            self._mac: Any = getattr(mac, "_hmac", None) or mac
         finally:
             wipe_buffer(key)
 

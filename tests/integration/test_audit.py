@@ -116,6 +116,57 @@ def test_unserialisable_values_are_refused(tmp_path: Path) -> None:
             log.record("sign", bad)  # type: ignore[arg-type]
 
 
+# Flat records (every signature's: str keys, str/int/bool/None values) skip check_fields' walk.
+FLAT_RECORDS: list[dict[str, Any]] = [
+    {},
+    {"profile": "um", "pid": 4242, "endpoint": "/fapi/v1/order", "method": None, "params": "symbol,side",
+     "symbol": "BTCUSDT", "quantity": "0.01", "batch_orders": 3},
+    {"z": True, "a": False, "n": -7, "big": 10**40, "none": None, "list": ["a", 1, None, True]},
+    {"é-key": "non-ASCII ü €  and \u2028", "esc": 'quote " backslash \\ newline \n tab \t \x00 \x7f'},
+]
+
+
+def test_a_flat_record_is_a_copy_and_anything_else_is_still_checked(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "audit.log")
+    fields: dict[str, Any] = {"profile": "um", "pid": 1}
+    rec = log.record("signed", fields, durable=False)
+    fields["pid"] = 2
+    assert rec["data"] == {"profile": "um", "pid": 1}
+    for bad in ({"x": Secret(b"s")}, {"x": [Secret(b"s")]}, {"x": b"raw"}, {1: "int key"}, {"x": float("inf")}):
+        with pytest.raises(AuditError):
+            log.record("signed", bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields", FLAT_RECORDS + [{"f": 2.5e-9, "nested": {"b": [1, {"a": None}]}}])
+def test_the_reused_record_encoder_writes_what_the_general_one_does(fields: dict[str, Any]) -> None:
+    from broker.audit.log import _encode_record, _encode_rest
+
+    body = {"data": fields, "host": "host-ü", "pid": 42, "user": "trader"}
+    assert _encode_record(body) == _encode_rest(body)
+    with pytest.raises(ValueError):
+        _encode_record({"data": {"x": float("inf")}})
+
+
+def test_flat_records_on_disk_are_what_the_chain_functions_build(tmp_path: Path) -> None:
+    """Every line, rebuilt from its parsed JSON with the chain's own functions, is the same bytes:
+    the lean path changes nothing the verifier or an existing log depends on."""
+    from broker.audit.chain import build_prefix, encode_rest, finish_line, make_hasher
+
+    for key in (None, KEY):
+        path = tmp_path / f"{'keyed' if key else 'plain'}.log"
+        log = make_log(path, key)
+        for fields in FLAT_RECORDS + [{"x": 1.5, "nested": {"a": [1, 2]}}]:
+            log.record("signed", fields, durable=False)
+        log.flush()
+        alg, hasher = make_hasher(key)
+        for line in lines(path):
+            rec = json.loads(line)
+            rest = encode_rest({k: rec[k] for k in ("data", "host", "pid", "user")})
+            prefix = build_prefix(rec["seq"], rec["ts"], rec["event"], rec["prev"], alg, rec.get("kid"), rest)
+            assert finish_line(prefix, hasher(prefix)) == line
+        assert verify_files(None, active=path, key=key).ok
+
+
 def test_open_log_returns_one_shared_writer_per_log() -> None:
     assert open_log() is open_log()
     assert open_log({"rotate": "daily"}) is not open_log()
@@ -349,3 +400,19 @@ def test_an_unwritable_log_fails_closed_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(AuditError, match="cannot write the audit log"):
         make_log(tmp_path / "logs" / "audit.log").record("secret_fetched", {"profile": "p"})
     assert target.read_text() == ""
+
+
+@pytest.mark.parametrize("fsync", ["every", "group"])
+def test_an_active_file_removed_between_two_batches_is_recorded_as_a_gap(tmp_path: Path, fsync: str) -> None:
+    """The writer's steady-state commit (same file as it left it) must not hide a removed file: the
+    next batch reopens it and writes the gap record first, as any other writer would."""
+    path = tmp_path / "audit.log"
+    log = make_log(path, fsync=fsync)
+    for n in (1, 2):
+        log.record("signed", {"n": n}, durable=False)
+        log.flush()
+    path.unlink()
+    log.record("signed", {"n": 3}, durable=False)
+    log.flush()
+    assert [r["event"] for r in records(path)] == ["gap", "signed"]
+    assert records(path)[1]["data"] == {"n": 3}

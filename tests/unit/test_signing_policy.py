@@ -222,3 +222,60 @@ def test_from_wire_keeps_the_brokers_message() -> None:
     exc = PolicyRefused.from_wire("symbols", "signing policy refused the request (symbols): nope", "fix it")
     assert exc.rule == "symbols" and exc.message == "signing policy refused the request (symbols): nope"
     assert str(exc) == "signing policy refused the request (symbols): nope; fix: fix it"
+
+
+def test_compiled_endpoint_rules_decide_as_each_fnmatch_pattern_does() -> None:
+    """The deny_endpoints patterns are matched with one compiled expression; the verdict and the
+    rule named are those of trying each pattern in order with fnmatchcase."""
+    from fnmatch import fnmatchcase
+
+    from broker.signing_policy import KINDS
+
+    p = policy({"deny_kinds": list(KINDS), "deny_endpoints": ["/sapi/v1/sub-account/*", "/x/[ab]?/y*"]})
+    paths = ["/fapi/v1/order", "/sapi/v1/capital/withdraw/apply", "/wapi/v3/withdraw.html", "/sapi/v1/asset/dust",
+             "/sapi/v1/sub-account/list", "/sapi/v2/sub-account/subAccountApi/ipRestriction", "/x/a1/yz",
+             "/x/c1/y", "/sapi/v1/margin/apiKeyList", "/SAPI/v1/capital/withdraw/apply", "/sapi/v1/convert/x\n",
+             "/sapi/v1/pay/transactions", "/api/v3/order", ""]
+    for path in paths:
+        first = next((pat for pat in p.deny_endpoints if fnmatchcase(path, pat)), None)
+        if first is None:
+            p.check(req("symbol=BTCUSDT&timestamp=1", endpoint=path or None))
+        else:
+            err = refused(p, req("symbol=BTCUSDT&timestamp=1", endpoint=path))
+            assert err.rule == p._rule_for_endpoint(first) and "is a denied endpoint" in err.message
+
+
+def test_the_parse_accepts_and_refuses_what_the_item_rule_does() -> None:
+    """Random query strings and bodies over the characters that matter: the parse gives the pairs, or
+    the refusal naming the first bad item, that the documented item-by-item rule gives."""
+    import random
+    from urllib.parse import unquote
+
+    def item_by_item(query: str, body: str) -> list[tuple[str, str]]:
+        params = []
+        for part in (query, body):
+            for item in part.split("&") if part else []:
+                name, sep, value = item.partition("=")
+                if not sep or not name or "=" in value:
+                    raise PolicyRefused("malformed", f"the parameter {item[:40]!r} is not NAME=VALUE")
+                if "%" in item or "+" in item:
+                    name, value = unquote(name.replace("+", " ")), unquote(value.replace("+", " "))
+                params.append((name, value))
+        return params
+
+    rng = random.Random(13)
+    accepted = 0
+    for _ in range(20000):
+        query = "".join(rng.choice("ab=&%+2 \n") for _ in range(rng.randint(0, 12)))
+        body = "".join(rng.choice("ab=&%+2 \n") for _ in range(rng.randint(0, 6)))
+        try:
+            expected: Any = item_by_item(query, body)
+        except PolicyRefused as exc:
+            expected = exc.message
+        try:
+            got: Any = list(SignRequest.from_parts(query, body).params)
+        except PolicyRefused as exc:
+            got = exc.message
+        assert got == expected, (query, body)
+        accepted += isinstance(expected, list)
+    assert accepted > 500  # both branches were exercised
