@@ -31,6 +31,7 @@ from broker.signing.hmac_sha256 import HmacSigner
 from broker.signing_policy import PolicyRefused, SigningPolicy
 from tests.conftest import REPO, OpenBao, credbroker_bin
 from tests.helpers.signing_verifier import BinanceVerifier
+from tests.helpers.fakelog import FakeLog
 
 BOT = Path(__file__).resolve().parent.parent / "helpers" / "agent_bot.py"
 
@@ -254,31 +255,6 @@ def test_bad_policy_table_is_one_line_naming_file_and_key(openbao: OpenBao, tmp_
 
 
 # -- the agent in-process: peer checks, group commit, fail closed -----------------------------------
-
-
-class FakeLog:
-    """An AuditSink that remembers what was committed, and can be made to fail."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[str, dict[str, Any]]] = []
-        self.committed: list[tuple[str, dict[str, Any]]] = []
-        self.flushes = 0
-        self.fail = False
-
-    def record(self, event: str, fields: Any, *, durable: bool = True) -> None:
-        self.pending.append((event, dict(fields)))
-        if durable:
-            self.flush()
-
-    def flush(self) -> None:
-        from broker.errors import AuditError
-
-        if self.fail:
-            self.pending.clear()
-            raise AuditError("cannot write the audit log /x: No space left on device", "free some space")
-        self.flushes += 1
-        self.committed += self.pending
-        self.pending = []
 
 
 def make_agent(log: Any, policy: SigningPolicy | None = None) -> tuple[Agent, HmacSigner]:

@@ -19,7 +19,7 @@ from broker.secret import Secret
 from broker.signing.agent import AgentSigner
 from broker.signing.hmac_sha256 import HmacSigner
 from broker.signing_policy import KINDS, PolicyRefused, SigningPolicy, SignRequest
-from tests.integration.test_agent import FakeLog
+from tests.helpers.fakelog import FakeLog
 
 INNOCENT = "/fapi/v1/order"
 
