@@ -88,7 +88,7 @@ class Watcher:
         self._token_expires = self.clock() + ttl if ttl > 0 else None
 
     def _keep_token_alive(self) -> None:
-        """Renew when less than two intervals (or half the TTL) remain; else log in again."""
+        """Renew when less than two intervals (at least 5 s) of the token remain; else log in again."""
         if self._client is None:
             self._client = self._login()
             return

@@ -187,11 +187,13 @@ def _read_policy(cluster: Cluster) -> None:
     assert status in (200, 204), body
 
 
-def _following_bot(env: dict[str, str], marker: Path) -> subprocess.Popen[str]:
-    """A bot that restarts on rotation and checks every 10 s: its token is due for renewal (or a new login)
-    at the first check after the first, i.e. while the cluster elects a new leader in these tests."""
+def _following_bot(env: dict[str, str], marker: Path, interval: int = 10) -> subprocess.Popen[str]:
+    """A bot that restarts on rotation and checks every ``interval`` seconds; the watcher renews (or logs in
+    again) when less than two intervals of the token are left, so a token of at most three intervals is
+    renewed or replaced at every check, i.e. while the cluster elects a new leader in these tests."""
     return subprocess.Popen([credbroker_bin(), "run", "--vault-path", "secret/credbroker/raft-bot", "-e",
-                             "S=api_secret", "--on-rotate", "restart", "--rotate-interval", "10s", "--grace", "2s",
+                             "S=api_secret", "--on-rotate", "restart", "--rotate-interval", f"{interval}s",
+                             "--grace", "2s",
                              "--", "sh", "-c", f'echo "$S" >> {marker}; exec sleep 300'],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -200,9 +202,9 @@ def _rotate_and_restore(cluster: Cluster, bot: subprocess.Popen[str], marker: Pa
                         each_check: str) -> None:
     """Rotate the secret: the bot (on its renewed or new token) restarts once with it; then put it back.
 
-    ``each_check``: the audit event the bot's token makes at every rotation check in these tests (its 25 s
-    token is renewed, or replaced, at each one): two more of them after the restart are two more checks
-    that found nothing new to act on."""
+    ``each_check``: the audit event the bot's token makes at every rotation check in these tests (its token,
+    of at most three check intervals, is renewed, or replaced, at each one): two more of them after the
+    restart are two more checks that found nothing new to act on."""
     try:
         status, body = cluster.api(cluster.leader(), "POST", "secret/data/credbroker/raft-bot",
                                    {"data": {"api_key": "AK", "api_secret": "raft-secret-2"}})
@@ -226,11 +228,16 @@ def _rotate_and_restore(cluster: Cluster, bot: subprocess.Popen[str], marker: Pa
 
 
 def test_token_renewal_during_the_election_keeps_the_bot_following(whole: Cluster, tmp_path: Path) -> None:
-    """The bot's token (25 s, renewable) is due for renewal while the active node is dead: the renewal goes
-    through the new leader, the token outlives its first expiry, the bot keeps running and follows rotation."""
+    """The bot's token (60 s, renewable, renewed at every 20 s check) is due for renewal while the active node
+    is dead: the renewal goes through the new leader, the token outlives its first expiry, the bot keeps
+    running and follows rotation.
+
+    The token must outlive the election: a renewal is a write, which only the new active node serves. An
+    election here took 8-22 s on an idle machine and longer in CI, where a 25 s token (15-25 s left at the
+    kill) expired first. At the kill this one has 40-60 s left."""
     _read_policy(whole)
     status, body = whole.api(whole.leader(), "POST", "auth/token/create",
-                             {"policies": ["raft-bot-read"], "ttl": "25s", "renewable": True, "no_parent": True})
+                             {"policies": ["raft-bot-read"], "ttl": "60s", "renewable": True, "no_parent": True})
     assert status == 200, body
     token = body["auth"]["client_token"]
     first_expiry = whole.api(whole.leader(), "GET", "auth/token/lookup-self", token=token)[1]["data"]["expire_time"]
@@ -239,7 +246,7 @@ def test_token_renewal_during_the_election_keeps_the_bot_following(whole: Cluste
     env = _env(whole, leader.addr, tmp_path, others, CREDBROKER_DAEMON="0")
     env["VAULT_TOKEN"] = token
     marker, log = tmp_path / "starts", tmp_path / "audit.log"
-    bot = _following_bot(env, marker)
+    bot = _following_bot(env, marker, interval=20)
     _wait(lambda: marker.exists(), bot)
     renewed = len(_records(log, "token_renewed"))
     leader.kill()
