@@ -40,6 +40,8 @@ class Watcher:
         self._client: Any = None
         self._token_expires: float | None = None  # monotonic time; None = no expiry / unknown
         self._renewable = False
+        self._token_ttl = 0.0  # the lifetime the token was given at its last login or renewal
+        self._renewal_extends = True  # False once Vault "renewed" without extending (the max TTL reached)
         self._acted: set[int] = set()
         self._next_try = 0.0
         self._backoff = interval
@@ -76,6 +78,7 @@ class Watcher:
             ttl = float(data.get("ttl") or 0)
             self._renewable = bool(data.get("renewable"))
             self._lookup_failed = False
+            self._token_ttl, self._renewal_extends = ttl, True
         except (BrokerError, KeyError, TypeError, ValueError) as exc:
             # Vault refused or answered something unusable: the token's lifetime is unknown, so it is
             # not renewed. Say so once (the run goes on; rotation stops being followed if it expires).
@@ -88,7 +91,10 @@ class Watcher:
         self._token_expires = self.clock() + ttl if ttl > 0 else None
 
     def _keep_token_alive(self) -> None:
-        """Renew when less than two intervals (at least 5 s) of the token remain; else log in again."""
+        """Renew once half the token's lifetime is used up (or less than two intervals, at least 5 s, remain),
+        so that a Vault outage or a leader election shorter than half the TTL never lets it expire (Vault's
+        own lifetime watcher renews at about two thirds); else log in again. After a renewal that did not
+        extend the token (its max TTL), only the last two intervals are tried again."""
         if self._client is None:
             self._client = self._login()
             return
@@ -97,7 +103,8 @@ class Watcher:
                 self._learn_token(self._client)
             return
         remaining = self._token_expires - self.clock()
-        if remaining > max(2 * self.interval, 5.0):
+        half_life = self._token_ttl / 2 if self._renewal_extends else 0.0
+        if remaining > max(2 * self.interval, 5.0, half_life):
             return
         if self._renewable and remaining > 0:
             from .vault import token
@@ -107,10 +114,14 @@ class Watcher:
                 ttl = float(resp["auth"]["lease_duration"])
                 if ttl > remaining:  # at max TTL, Vault "renews" without extending it
                     self._token_expires = self.clock() + ttl
+                    self._token_ttl = ttl
                     self.record(Event.TOKEN_RENEWED, {"profile": self.profile.name, "ttl_s": int(ttl)})
                     return
+                self._renewal_extends = False
             except (BrokerError, KeyError, TypeError, ValueError):
-                pass  # not renewed: fall through to a fresh login
+                pass  # not renewed: tried again at the next check; a fresh login in the last two intervals
+        if remaining > max(2 * self.interval, 5.0):
+            return  # an early renewal that did not take: no AppRole login yet (a secret_id may count its uses)
         if self.settings.role_id is None:  # no AppRole configured: nothing to log in again with
             if remaining <= 0:
                 self.record(Event.TOKEN_FAILED, {"profile": self.profile.name,
