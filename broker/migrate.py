@@ -481,8 +481,11 @@ def read_back_profile(stored: Stored, *, mount: str = "", profile: Profile | Non
     env = {f"CREDBROKER_IMPORT_{i}": fld for i, fld in enumerate(stored.fields)}  # each field once
     origin = profile.origin if profile is not None else None
     if stored.target == "vault":
+        from .sources.vault import AS_STORED
+
+        # As stored: a value that looks like transit ciphertext was written as it is and is compared so.
         options: dict[str, Any] = {"path": stored.location[len(mount) + 1:] if mount else stored.location,
-                                   "mount": mount, "version": stored.version}
+                                   "mount": mount, "version": stored.version, AS_STORED: True}
         return Profile(name=name, source="vault", env=env, options=options, origin=origin)
     options = {"service": stored.location}
     if profile is not None and profile.options.get("backend"):

@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import hvac
 
 TRANSIT_PREFIX = "vault:v"
+#: An option only code sets (a config file cannot: its keys are checked): read the values as stored,
+#: transit ciphertext not decrypted. The import's read-back compares what it wrote byte for byte.
+AS_STORED = "as_stored"
 
 
 def split_path(profile: Profile) -> tuple[str, str]:
@@ -189,7 +192,7 @@ def fetch(profile: Profile, *, settings: VaultSettings | None) -> Credentials:
                 raise VaultNotFound(f"field {name!r} in {mount}/{path} is empty",
                                     f"store a value in it with `vault kv patch -mount={mount} {path} {name}=-` "
                                     "(value on stdin)")
-            if text.startswith(TRANSIT_PREFIX):
+            if text.startswith(TRANSIT_PREFIX) and not profile.options.get(AS_STORED):
                 held = [*fields.values(), *(v for v in data.values() if isinstance(v, str))]
                 fields[name] = _decrypt(client, settings, profile, name, text, held)
             else:

@@ -272,6 +272,26 @@ def test_import_creds_yml_into_vault_and_keep(openbao: OpenBao, tmp_path: Path) 
 
 
 @pytest.mark.vault
+@pytest.mark.parametrize("transit_key", [None, "bot-key"])
+def test_a_value_that_looks_like_transit_ciphertext_is_imported_and_read_back_as_stored(
+        openbao: OpenBao, tmp_path: Path, transit_key: str | None) -> None:
+    # The read-back compares what was written; it must not try to decrypt it (with no transit_key that
+    # failed with "no transit_key is set"; with one, the plaintext would never match the file).
+    ciphertext = "vault:v1:8SDd3WHDOjf7mq69CyCqYjBXAiQQAVZRkFM13ok481zoCmHnSeDX9vyf7w=="
+    profile = '[profiles.tk]\nsource = "vault"\npath = "secret/credbroker/imp-transit"\n' \
+              'env = { BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret" }\n'
+    if transit_key:
+        profile += f'transit_key = "{transit_key}"\n'
+    (tmp_path / "credbroker.toml").write_text(profile)
+    f = tmp_path / "creds.yml"
+    f.write_text(f"api_key: {API_KEY}\napi_secret: '{ciphertext}'\n")
+    res = _invoke(["import", str(f), "--profile", "tk", "--force", "--json"], _vault_env(openbao))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["verified"] is True
+    assert _read(openbao, "credbroker/imp-transit")["data"] == {"api_key": API_KEY, "api_secret": ciphertext}
+
+
+@pytest.mark.vault
 def test_import_dotenv_by_profile_and_delete(openbao: OpenBao, tmp_path: Path) -> None:
     (tmp_path / "credbroker.toml").write_text(
         '[profiles.um]\nsource = "vault"\npath = "secret/credbroker/imp2"\n'
