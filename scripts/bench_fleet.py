@@ -228,6 +228,11 @@ def main() -> None:
               f"{'the same report' if same else 'the reports DIFFER'}")
     print(f"  {r['records'] / r['wall']:,.0f} records/s; target <= 30 s: "
           f"{'met' if r['wall'] <= 30 else 'NOT met'}")
+    # The report keeps both cores busy: other work on them lengthens it in proportion (and, on a virtual
+    # machine, makes each CPU second do less), so a figure means something only with the load beside it.
+    load = os.getloadavg()[0]
+    print(f"  load average at the end: {load:.1f}" + ("" if load < 2.5 else
+          " (other work shared the cores: rerun on an idle machine for the figure)"))
 
 
 if __name__ == "__main__":
