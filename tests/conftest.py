@@ -248,6 +248,26 @@ def fresh_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]
         server.stop()
 
 
+@pytest.fixture
+def audited_openbao(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A dev server with a file audit device, declared in its config file.
+
+    OpenBao 2.4+ refuses `bao audit enable` through the API (CVE-2025-54997:
+    "use declarative, config-based audit device management"), so the device is
+    declared with an ``audit "file" "file" {...}`` stanza, which also works for
+    Vault. Falls back to the API call for servers that still allow it.
+    """
+    vault_log = tmp_path / "vault-audit.log"
+    server = start_openbao(tmp_path, f'audit "file" "file" {{\n  options {{\n    file_path = "{vault_log}"\n  }}\n}}\n')
+    server.extra["audit_log"] = vault_log
+    try:
+        if "file/" not in server.cli("audit", "list"):
+            server.cli("audit", "enable", "file", f"file_path={vault_log}")
+        yield server
+    finally:
+        server.stop()
+
+
 @dataclass
 class SecretService:
     """A private D-Bus session with gnome-keyring's Secret Service, unlocked."""

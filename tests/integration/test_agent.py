@@ -30,6 +30,7 @@ from broker.signing.agent import AgentSigner
 from broker.signing.hmac_sha256 import HmacSigner
 from broker.signing_policy import PolicyRefused, SigningPolicy
 from tests.conftest import REPO, OpenBao, credbroker_bin
+from tests.helpers.auditlog import audit_records
 from tests.helpers.signing_verifier import BinanceVerifier
 from tests.helpers.fakelog import FakeLog
 
@@ -64,18 +65,6 @@ def broker_env(server: OpenBao, **extra: str) -> dict[str, str]:
     env = server.env()
     env.update(extra)
     return env
-
-
-def audit_records() -> list[dict[str, Any]]:
-    from broker.audit import open_log
-
-    path = Path(open_log(None).path)
-    out = []
-    for p in sorted(path.parent.glob(path.name + "*")):
-        if p.suffix in (".lock", ".head"):
-            continue
-        out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    return out
 
 
 def memory_holds(pid: int, needle: bytes) -> tuple[bool, int]:

@@ -25,11 +25,7 @@ from broker.cli import cli
 from broker.errors import AuditError
 from tests.conftest import OpenBao
 
-from tests.integration.test_audit_gap import make_log as keyed_log
-from tests.integration.test_audit_vault import audited_openbao  # noqa: F401 - the fixture
-from tests.helpers.auditlog import NOW, SINCE, Writer
-
-KEY = bytes(range(32))
+from tests.helpers.auditlog import KEYED_LOG_KEY as KEY, NOW, SINCE, Writer, keyed_log
 
 
 def host_log(folder: Path, host: str, mp: pytest.MonkeyPatch, failures: int = 0, signs: int = 0) -> Path:
@@ -256,7 +252,7 @@ def test_one_host_in_the_fleet_reports_what_its_own_report_says(tmp_path: Path,
     from broker.audit.files import log_set
     from broker.audit.report import build_report
 
-    from tests.integration.test_audit_report import generate
+    from tests.helpers.auditlog import generate
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):

@@ -28,23 +28,17 @@ from broker.audit.log import AuditLog
 from broker.audit.settings import load_settings
 from broker.audit.verify import verify_files
 from broker.errors import AuditError
-from broker.secret import Secret
 from broker.vault.settings import VaultSettings
 from tests.conftest import OpenBao, credbroker_bin
+from tests.helpers.auditlog import KEYED_LOG_KEY, keyed_log
 
-KEY = bytes(range(32))
+KEY = KEYED_LOG_KEY
 KEY_HEX = KEY.hex()
-
-
-def make_log(path: Path, key: bytes | None = KEY, env: dict[str, str] | None = None, **audit: Any) -> AuditLog:
-    """A fresh writer, as a new `credbroker run` process would open it."""
-    settings = load_settings({"path": str(path), **audit}, {})
-    return AuditLog(settings, Secret(key) if key is not None else None, env=env)
 
 
 def runs(path: Path, n: int = 3, per_run: int = 3, key: bytes | None = KEY) -> None:
     for r in range(n):
-        log = make_log(path, key)
+        log = keyed_log(path, key)
         for i in range(per_run):
             log.record("secret_fetched", {"profile": "bot", "run": r, "i": i})
         log.close()
@@ -80,32 +74,32 @@ def test_cut_records_then_a_run_keyed_records_a_gap_and_refuses_until_acknowledg
     runs(log_path)
     cut(log_path, 3)
     assert verify_files(None, active=log_path, key=KEY).problem.kind == "truncated"  # type: ignore[union-attr]
-    writer = make_log(log_path)
+    writer = keyed_log(log_path)
     assert_refused(writer)
     gap = events(log_path)[-1]
     assert gap["event"] == "gap" and gap["data"]["missing"] == [7, 9] and gap["seq"] == 10
     # Every later record is refused too, by this writer and by a new one.
     with pytest.raises(AuditError, match="acknowledge-gap"):
         writer.record("secret_fetched", {"profile": "bot"})
-    assert_refused(make_log(log_path))
+    assert_refused(keyed_log(log_path))
     result = verify_files(None, active=log_path, key=KEY)
     assert not result.ok and result.status == "gap" and "seq 7..9 lost" in result.summary()
     assert "NOT acknowledged" in result.summary()
     # The operator's acknowledgment is itself a record; then the log takes records again.
-    acked = make_log(log_path).acknowledge_gap("cut by the test; checked by ops")
+    acked = keyed_log(log_path).acknowledge_gap("cut by the test; checked by ops")
     assert acked is not None and acked["data"]["gap_seq"] == 10
-    make_log(log_path).record("secret_fetched", {"profile": "bot"})
+    keyed_log(log_path).record("secret_fetched", {"profile": "bot"})
     after = verify_files(None, active=log_path, key=KEY)
     assert not after.ok and after.status == "gap" and "acknowledged at" in after.gaps[0].message
     assert [e["event"] for e in events(log_path)[-3:]] == ["gap", "gap_acknowledged", "secret_fetched"]
-    assert make_log(log_path).acknowledge_gap("again") is None  # nothing left to acknowledge
+    assert keyed_log(log_path).acknowledge_gap("again") is None  # nothing left to acknowledge
 
 
 def test_unkeyed_log_records_the_gap_and_goes_on(tmp_path: Path) -> None:
     log_path = tmp_path / "audit.log"
     runs(log_path, key=None)
     cut(log_path, 3)
-    make_log(log_path, key=None).record("secret_fetched", {"profile": "bot"})
+    keyed_log(log_path, key=None).record("secret_fetched", {"profile": "bot"})
     assert [e["event"] for e in events(log_path)[-2:]] == ["gap", "secret_fetched"]
     result = verify_files(None, active=log_path)
     assert not result.ok and result.gaps and "seq 7..9 lost" in result.gaps[0].message
@@ -117,7 +111,7 @@ def test_removed_log_is_a_gap(tmp_path: Path) -> None:
     log_path.unlink()  # `rm $L`: the head stays
     alone = verify_files(None, active=log_path, key=KEY)  # before any writer ran
     assert not alone.ok and alone.problem is not None and alone.problem.kind == "truncated"
-    assert_refused(make_log(log_path))
+    assert_refused(keyed_log(log_path))
     first = events(log_path)[0]
     assert first["event"] == "gap" and first["data"]["missing"] == [1, 9] and first["seq"] == 10
     result = verify_files(None, active=log_path, key=KEY)
@@ -128,7 +122,7 @@ def test_removed_log_is_a_gap(tmp_path: Path) -> None:
 def test_removed_active_file_after_a_rotation_is_a_gap(tmp_path: Path, remove_head: bool) -> None:
     log_path = tmp_path / "audit.log"
     runs(log_path)
-    assert make_log(log_path).rotate() is not None
+    assert keyed_log(log_path).rotate() is not None
     runs(log_path)  # records 10..18 in the new active file
     log_path.unlink()
     if remove_head:
@@ -136,7 +130,7 @@ def test_removed_active_file_after_a_rotation_is_a_gap(tmp_path: Path, remove_he
     # verify alone: the active file is missing (before any writer ran)
     alone = verify_files(None, active=log_path, key=KEY)
     assert not alone.ok and alone.problem is not None and "active file is missing" in alone.problem.message
-    assert_refused(make_log(log_path))
+    assert_refused(keyed_log(log_path))
     gap = events(log_path)[0]
     assert gap["event"] == "gap" and gap["prev"] == events(next(tmp_path.glob("audit.log.2*")))[-1]["hash"]
     if not remove_head:
@@ -152,7 +146,7 @@ def test_removed_head_plus_cut_records(tmp_path: Path) -> None:
     cut(log_path, 2)
     alone = verify_files(None, active=log_path, key=KEY)  # no writer ran yet
     assert not alone.ok and alone.problem is not None and "head file is missing" in alone.problem.message
-    assert_refused(make_log(log_path))
+    assert_refused(keyed_log(log_path))
     assert events(log_path)[-1]["event"] == "gap"
     assert verify_files(None, active=log_path, key=KEY).status == "gap"
 
@@ -167,7 +161,7 @@ def test_head_rewritten_to_fit_a_cut_log_is_caught_in_a_keyed_log(tmp_path: Path
                                                "file": "audit.log"}) + "\n")
     alone = verify_files(None, active=log_path, key=KEY)
     assert not alone.ok and alone.problem is not None and alone.problem.kind == "forged"
-    assert_refused(make_log(log_path))
+    assert_refused(keyed_log(log_path))
     assert "not authenticated" in events(log_path)[-1]["data"]["reason"]
 
 
@@ -176,14 +170,14 @@ def test_the_keyed_head_carries_a_mac_and_an_intact_log_still_verifies(tmp_path:
     runs(log_path)
     head = json.loads(head_file(log_path).read_text())
     assert len(head["mac"]) == 64 and head["seq"] == 9
-    make_log(log_path).check_writable()  # no gap: nothing is written
+    keyed_log(log_path).check_writable()  # no gap: nothing is written
     result = verify_files(None, active=log_path, key=KEY)
     assert result.ok and result.records == 9 and not result.gaps
 
 
 def test_writers_of_one_host_agree_and_a_crash_before_the_head_update_is_no_gap(tmp_path: Path) -> None:
     log_path = tmp_path / "audit.log"
-    a, b = make_log(log_path), make_log(log_path)
+    a, b = keyed_log(log_path), keyed_log(log_path)
     for i in range(5):
         a.record("secret_fetched", {"i": i})
         b.record("secret_fetched", {"i": i})
@@ -191,7 +185,7 @@ def test_writers_of_one_host_agree_and_a_crash_before_the_head_update_is_no_gap(
     old_head = head_file(log_path).read_bytes()
     a.record("secret_fetched", {"i": "last"})
     head_file(log_path).write_bytes(old_head)
-    make_log(log_path).record("secret_fetched", {"i": "next"})
+    keyed_log(log_path).record("secret_fetched", {"i": "next"})
     assert "gap" not in [e["event"] for e in events(log_path)]
     assert verify_files(None, active=log_path, key=KEY).ok
 
@@ -205,7 +199,7 @@ def test_report_shows_the_gap(tmp_path: Path) -> None:
     runs(log_path)
     cut(log_path, 3)
     with pytest.raises(AuditError):
-        make_log(log_path).check_writable()
+        keyed_log(log_path).check_writable()
     now = datetime.now(timezone.utc)
     report = build_report([log_path], since=now - timedelta(days=7), until=now + timedelta(minutes=1), key=KEY,
                           active=log_path)
@@ -269,7 +263,7 @@ def test_issue_repro_rm_log_then_run_is_not_intact(openbao: OpenBao, tmp_path: P
 
 # -- the Vault witness ---------------------------------------------------------------------------
 def anchors_of(server: OpenBao, log_path: Path) -> list[Any]:
-    place = place_for(load_settings({"path": str(log_path)}, {}), make_log(log_path).key_id)
+    place = place_for(load_settings({"path": str(log_path)}, {}), keyed_log(log_path).key_id)
     assert place is not None
     return read_all(VaultSettings.from_env(server.env()), place, KEY)
 
@@ -293,7 +287,7 @@ def test_anchor_catches_records_cut_after_it_when_every_local_file_was_rewritten
                                                                                   tmp_path: Path) -> None:
     log_path = tmp_path / "audit.log"
     env = openbao.env()
-    log = make_log(log_path, env=env)
+    log = keyed_log(log_path, env=env)
     for i in range(3):
         log.record("secret_fetched", {"i": i})
     saved = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("audit.log")}
@@ -311,7 +305,7 @@ def test_anchor_catches_records_cut_after_it_when_every_local_file_was_rewritten
     # An untouched log matches its anchors.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    other = make_log(fresh / "audit.log", env=env)
+    other = keyed_log(fresh / "audit.log", env=env)
     other.record("secret_fetched", {"i": 0})
     assert other.anchor_now()
     good = verify_files(None, active=fresh / "audit.log", key=KEY, anchors=anchors_of(openbao, fresh / "audit.log"))
@@ -322,7 +316,7 @@ def test_verify_cli_uses_the_anchors_by_default_and_flags_a_forged_one(openbao: 
     log_path = tmp_path / "audit.log"
     env = openbao.env()
     env.update(CREDBROKER_AUDIT_KEY=KEY_HEX, CREDBROKER_AUDIT_LOG=str(log_path))
-    log = make_log(log_path, env=env)
+    log = keyed_log(log_path, env=env)
     log.record("secret_fetched", {"i": 0})
     assert log.anchor_now()
     exe = credbroker_bin()
@@ -343,7 +337,7 @@ def test_verify_cli_uses_the_anchors_by_default_and_flags_a_forged_one(openbao: 
 
 def test_anchoring_during_a_long_run_at_the_interval(openbao: OpenBao, tmp_path: Path) -> None:
     log_path = tmp_path / "audit.log"
-    log = make_log(log_path, env=openbao.env(), anchor_interval="1s")
+    log = keyed_log(log_path, env=openbao.env(), anchor_interval="1s")
     log.record("secret_fetched", {"i": 0})
     deadline = time.monotonic() + 60
     while True:  # the interval thread anchors without anyone asking
@@ -383,10 +377,10 @@ def test_anchoring_failure_is_recorded_and_warned_and_the_bot_runs_on(openbao: O
 
 
 def test_no_anchoring_without_vault_or_key_or_when_off(tmp_path: Path) -> None:
-    assert make_log(tmp_path / "a.log", env={}).anchorer is None  # no Vault address
-    assert make_log(tmp_path / "b.log", key=None, env={"VAULT_ADDR": "http://127.0.0.1:1"}).anchorer is None
-    assert make_log(tmp_path / "c.log", env={"VAULT_ADDR": "http://127.0.0.1:1"}, anchor="off").anchorer is None
-    assert make_log(tmp_path / "d.log", env={"VAULT_ADDR": "http://127.0.0.1:1"}).anchorer is not None
+    assert keyed_log(tmp_path / "a.log", env={}).anchorer is None  # no Vault address
+    assert keyed_log(tmp_path / "b.log", key=None, env={"VAULT_ADDR": "http://127.0.0.1:1"}).anchorer is None
+    assert keyed_log(tmp_path / "c.log", env={"VAULT_ADDR": "http://127.0.0.1:1"}, anchor="off").anchorer is None
+    assert keyed_log(tmp_path / "d.log", env={"VAULT_ADDR": "http://127.0.0.1:1"}).anchorer is not None
 
 
 @pytest.mark.parametrize("value", ["secret", "secret/../x", "secret//x", "secret/%2e%2e", 5])
@@ -421,7 +415,7 @@ def test_the_bots_child_environment_holds_no_anchor_powers() -> None:
 
 def test_removing_every_local_file_is_still_seen_by_verify_with_anchors(openbao: OpenBao, tmp_path: Path) -> None:
     log_path = tmp_path / "audit.log"
-    log = make_log(log_path, env=openbao.env())
+    log = keyed_log(log_path, env=openbao.env())
     log.record("secret_fetched", {"i": 0})
     assert log.anchor_now()
     anchors = anchors_of(openbao, log_path)
@@ -436,7 +430,7 @@ def test_removing_every_local_file_is_still_seen_by_verify_with_anchors(openbao:
 def test_the_interval_thread_never_takes_the_supervisors_signals(tmp_path: Path) -> None:
     import signal
 
-    log = make_log(tmp_path / "audit.log", env={"VAULT_ADDR": "http://127.0.0.1:1"}, anchor_interval="1h")
+    log = keyed_log(tmp_path / "audit.log", env={"VAULT_ADDR": "http://127.0.0.1:1"}, anchor_interval="1h")
     log.record("secret_fetched", {"i": 0})
     anchorer = log.anchorer
     assert anchorer is not None and anchorer._thread is not None and anchorer._thread.native_id is not None

@@ -128,28 +128,6 @@ def test_the_runner_records_the_fetch_on_disk_before_the_child_starts(openbao, t
     assert verify_files(None, active=log_path).ok
 
 
-@pytest.fixture
-def audited_openbao(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A dev server with a file audit device, declared in its config file.
-
-    OpenBao 2.4+ refuses `bao audit enable` through the API (CVE-2025-54997:
-    "use declarative, config-based audit device management"), so the device is
-    declared with an ``audit "file" "file" {...}`` stanza, which also works for
-    Vault. Falls back to the API call for servers that still allow it.
-    """
-    from tests.conftest import start_openbao
-
-    vault_log = tmp_path / "vault-audit.log"
-    server = start_openbao(tmp_path, f'audit "file" "file" {{\n  options {{\n    file_path = "{vault_log}"\n  }}\n}}\n')
-    server.extra["audit_log"] = vault_log
-    try:
-        if "file/" not in server.cli("audit", "list"):
-            server.cli("audit", "enable", "file", f"file_path={vault_log}")
-        yield server
-    finally:
-        server.stop()
-
-
 def test_vault_audit_cross_check_finds_a_read_made_outside_the_broker(audited_openbao, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = audited_openbao
     vault_log = server.extra["audit_log"]

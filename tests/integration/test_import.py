@@ -21,7 +21,6 @@ from broker.errors import BrokerError, ConfigError
 from broker.secret import Secret
 
 from tests.conftest import OpenBao, SecretService
-from tests.integration.test_audit_vault import audited_openbao  # noqa: F401 - the fixture
 
 SECRET = "Zq8vN2kP0sRr4tYw7xB1cD3eF5gH6jK9mL2nP4qR6sT8uV0wX2yZ4aB6cD8eF0gH"
 API_KEY = "vmPUZE6mv9SD5VNHk4HlWFsOr6aKE2zvsw0MuIgwCIPy6utIco14y7Ju91duEh8A"

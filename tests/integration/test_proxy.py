@@ -21,92 +21,27 @@ from typing import Any
 import pytest
 import requests
 
-from broker.agent.server import RecorderSink
 from broker.errors import ConfigError
 from broker.proxy.clientkey import ClientKey
-from broker.proxy.server import SigningProxy
 from broker.proxy.settings import ProxySettings
-from broker.proxy.upstream import make_upstreams
 from broker.secret import Secret
 from broker.signing import core
-from broker.signing.ed25519 import Ed25519Signer
 from broker.signing.hmac_sha256 import HmacSigner
-from broker.signing.rsa import RsaSigner
 from broker.signing_policy import SigningPolicy
 from tests.conftest import OpenBao, credbroker_bin
+from tests.helpers.auditlog import audit_records
 from tests.helpers.fake_binance import FakeBinance
-from tests.integration.test_agent import audit_records
+from tests.helpers.proxy import (  # noqa: F401 - fake is a fixture
+    API_KEY,
+    BINANCE_SDK,
+    Harness,
+    fake,
+    proxy_profile,
+    python_binance,
+    real_signer,
+)
 
 BOT = Path(__file__).resolve().parent.parent / "helpers" / "proxy_bot.py"
-API_KEY = "K" + "a1" * 32
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeBinance]:
-    f = FakeBinance().start()
-    try:
-        yield f
-    finally:
-        f.stop()
-
-
-def gen_pem(kind: str, passphrase: str | None = None) -> tuple[str, str]:
-    """(private PEM, public PEM) of a fresh key, encrypted with ``passphrase`` when given."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
-    key: Any = ed25519.Ed25519PrivateKey.generate() if kind == "ed25519" else \
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    encryption: Any = serialization.BestAvailableEncryption(passphrase.encode()) if passphrase else \
-        serialization.NoEncryption()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption).decode()
-    return private, core.public_key_pem(key)
-
-
-def real_signer(fake: FakeBinance, kind: str) -> Any:
-    if kind == "hmac":
-        secret = secrets.token_hex(32)
-        fake.add_hmac(API_KEY, secret)
-        return HmacSigner(API_KEY, Secret(secret))
-    private, public = gen_pem(kind)
-    fake.add_public_key(API_KEY, public)
-    _, key = core.load_private_key(private.encode())
-    return (Ed25519Signer if kind == "ed25519" else RsaSigner)(API_KEY, key)
-
-
-class Harness:
-    def __init__(self, fake: FakeBinance, kind: str = "hmac", policy: SigningPolicy | None = None,
-                 root_pid: int | None = None, allow_root: bool = True, ca_file: str | None = None,
-                 sync: bool = True, table: dict[str, Any] | None = None) -> None:
-        self.records: list[tuple[str, dict[str, Any]]] = []
-        self.signer = real_signer(fake, kind)
-        self.client_key = ClientKey(kind)
-        settings = ProxySettings.from_mapping({"spot": fake.url, "futures": fake.url,
-                                               "unsafe_plain_http_loopback": True,
-                                               **({"ca_file": ca_file} if ca_file else {}), **(table or {})}, "test")
-        upstreams = make_upstreams(settings)
-        for u in upstreams.values():
-            if sync:
-                u.sync_clock()
-        self.proxy = SigningProxy(self.signer, self.client_key, settings, upstreams, policy or SigningPolicy(),
-                                  RecorderSink(lambda e, f: self.records.append((e, f))), profile="p",
-                                  root_pid=os.getpid() if root_pid is None else root_pid, allow_root=allow_root)
-        self.url = self.proxy.start()
-        self.session = requests.Session()
-
-    def client(self) -> Any:
-        """A bot's signer holding the proxy secret (what `credbroker run --proxy` injects)."""
-        if self.client_key.kind == "hmac":
-            return HmacSigner(API_KEY, Secret(self.client_key.secret.reveal()))
-        _, key = core.load_private_key(self.client_key.secret.reveal())
-        return (Ed25519Signer if self.client_key.kind == "ed25519" else RsaSigner)(API_KEY, key)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        self.proxy.drain()  # the proxy's flusher writes queued records within 0.2 s; now, here
-        return [f for e, f in self.records if e == name]
-
-    def close(self) -> None:
-        self.proxy.stop()
 
 
 @pytest.fixture
@@ -333,40 +268,6 @@ def test_client_keys_verify_only_their_own_signatures() -> None:
 # -- end to end: binance-connector under `credbroker run --proxy`, the key in OpenBao ------------------
 
 
-def _profile(server: OpenBao, tmp: Path, fake: FakeBinance, kind: str, passphrase: str | None = None,
-             map_passphrase: bool = False) -> str:
-    kv = f"credbroker/binance/proxy-{secrets.token_hex(3)}"
-    if kind == "hmac":
-        secret = secrets.token_hex(32)
-        fake.add_hmac(API_KEY, secret)
-        server.kv_put(kv, api_key=API_KEY, api_secret=secret)
-        env = 'BINANCE_API_KEY = "api_key", BINANCE_API_SECRET = "api_secret"'
-    else:
-        private, public = gen_pem(kind, passphrase)
-        fake.add_public_key(API_KEY, public)
-        server.kv_put(kv, api_key=API_KEY, private_key=private,
-                      **({"private_key_passphrase": passphrase} if passphrase else {}))
-        secret = private
-        env = 'BINANCE_API_KEY = "api_key", BINANCE_PRIVATE_KEY = "private_key"'
-        if map_passphrase:
-            env += ', BINANCE_PRIVATE_KEY_PASSPHRASE = "private_key_passphrase"'
-    (tmp / "credbroker.toml").write_text(f"""
-[profiles.bot]
-source = "vault"
-path = "secret/{kv}"
-env = {{ {env} }}
-
-[profiles.bot.proxy]
-spot = "{fake.url}"
-futures = "{fake.url}"
-unsafe_plain_http_loopback = true
-
-[profiles.bot.policy]
-symbols = ["BTCUSDT", "ETHUSDT"]
-""")
-    return secret
-
-
 @pytest.mark.parametrize("kind, passphrase, mapped", [
     ("hmac", None, False), ("ed25519", None, False), ("rsa", None, False),
     ("ed25519", "encrypted", False),  # passphrase unmapped: the broker reads it anyway
@@ -377,7 +278,7 @@ def test_binance_connector_bot_trades_through_the_proxy_without_the_secret(
         mapped: bool) -> None:
     if passphrase:
         passphrase = "pp " + secrets.token_hex(8)
-    secret = _profile(openbao, tmp_path, fake, kind, passphrase, mapped)
+    secret = proxy_profile(openbao, tmp_path, fake, kind, passphrase, mapped)
     fake.clock_offset_ms = 8_000  # this host's clock is 8 s behind the exchange's
     state = tmp_path / "state-bot"
     state.mkdir()
@@ -428,7 +329,7 @@ def test_binance_connector_bot_trades_through_the_proxy_without_the_secret(
 
 def test_proxy_refuses_agent_and_a_bad_proxy_table_before_any_fetch(openbao: OpenBao, tmp_path: Path,
                                                                    fake: FakeBinance) -> None:
-    _profile(openbao, tmp_path, fake, "hmac")
+    proxy_profile(openbao, tmp_path, fake, "hmac")
     proc = subprocess.run([credbroker_bin(), "run", "--proxy", "--agent", "-p", "bot", "--", "true"],
                           env=openbao.env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 125 and "--proxy and --agent exclude each other" in proc.stderr
@@ -459,7 +360,7 @@ print(json.dumps({"kind": os.environ.get("CREDBROKER_KEY_KIND"), "signer": signe
 @pytest.mark.parametrize("kind", ["ed25519", "rsa"])
 def test_an_encrypted_key_works_in_env_mode_although_its_passphrase_is_not_mapped(
         openbao: OpenBao, tmp_path: Path, fake: FakeBinance, kind: str) -> None:
-    _profile(openbao, tmp_path, fake, kind, passphrase="s3cret pass")
+    proxy_profile(openbao, tmp_path, fake, kind, passphrase="s3cret pass")
     proc = subprocess.run([credbroker_bin(), "run", "-p", "bot", "--", sys.executable, "-c", ENV_BOT, fake.url],
                           env=openbao.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -476,7 +377,7 @@ def test_an_encrypted_key_works_in_env_mode_although_its_passphrase_is_not_mappe
 
 
 def test_the_child_learns_the_key_kind_of_an_hmac_key(openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
-    _profile(openbao, tmp_path, fake, "hmac")
+    proxy_profile(openbao, tmp_path, fake, "hmac")
     proc = subprocess.run([credbroker_bin(), "run", "-p", "bot", "--", sys.executable, "-c", ENV_BOT, fake.url],
                           env=openbao.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -485,7 +386,7 @@ def test_the_child_learns_the_key_kind_of_an_hmac_key(openbao: OpenBao, tmp_path
 
 def test_an_encrypted_key_without_a_stored_passphrase_stops_the_run_with_one_line(
         openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
-    _profile(openbao, tmp_path, fake, "ed25519", passphrase="s3cret pass")
+    proxy_profile(openbao, tmp_path, fake, "ed25519", passphrase="s3cret pass")
     text = (tmp_path / "credbroker.toml").read_text()
     kv = text.split('path = "secret/', 1)[1].split('"', 1)[0]
     data = openbao.client().secrets.kv.v2.read_secret_version(path=kv, mount_point="secret", raise_on_deleted_version=True)["data"]["data"]
@@ -520,7 +421,7 @@ def test_a_signer_learns_the_exchange_clock_after_a_1021(fake: FakeBinance) -> N
 
 
 def test_get_signer_learns_the_exchange_clock_at_start(openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
-    _profile(openbao, tmp_path, fake, "ed25519")
+    proxy_profile(openbao, tmp_path, fake, "ed25519")
     with (tmp_path / "credbroker.toml").open("a") as f:
         f.write(f'\n[profiles.bot.signer]\nexchange_url = "{fake.url}"\n')
     fake.clock_offset_ms = -30_000  # this host's clock is 30 s ahead of the exchange's
@@ -541,31 +442,15 @@ def test_get_signer_learns_the_exchange_clock_at_start(openbao: OpenBao, tmp_pat
 
 
 # -- python-binance, from its own venv: its encoding bug disappears through the proxy ----------------
-
-#: python-binance installs a `binance/` folder that would overwrite binance-connector's in the test venv,
-#: so it lives in its own venv, made before the tests (no network during them) by .ci/run:
-#:   python3 -m venv .venv-clients/python-binance && .venv-clients/python-binance/bin/pip install python-binance==1.0.37
-#: (and the same for binance-futures-connector==4.2.0, ccxt==4.5.90 and, in .venv-clients/binance-sdk,
-#: binance-sdk-derivatives-trading-usds-futures==18.1.0, and in .venv-clients/binance-sdk-spot binance-sdk-spot==13.3.0)
-PYTHON_BINANCE = Path(__file__).resolve().parent.parent.parent / ".venv-clients" / "python-binance" / "bin" / "python"
-
-
-def _python_binance() -> str:
-    if not PYTHON_BINANCE.exists():
-        reason = f"python-binance's venv {PYTHON_BINANCE.parent.parent} is missing (.ci/run makes it)"
-        if os.environ.get("CREDBROKER_REQUIRE_SERVICES"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return str(PYTHON_BINANCE)
-
+# (the client libraries' venvs, .venv-clients/, are described in tests/helpers/proxy.py)
 
 @pytest.mark.parametrize("kind, client_key", [("hmac", "same"), ("ed25519", "same"), ("ed25519", "hmac"),
                                               ("rsa", "same")])
 def test_python_binance_encoding_bug_disappears_through_the_proxy(
         openbao: OpenBao, tmp_path: Path, fake: FakeBinance, kind: str, client_key: str) -> None:
-    python = _python_binance()
+    python = python_binance()
     bot = str(Path(__file__).resolve().parent.parent / "helpers" / "proxy_bot_python_binance.py")
-    secret = _profile(openbao, tmp_path, fake, kind)
+    secret = proxy_profile(openbao, tmp_path, fake, kind)
     text = (tmp_path / "credbroker.toml").read_text()
     (tmp_path / "credbroker.toml").write_text(text.replace("[profiles.bot.proxy]\n",
                                                            f'[profiles.bot.proxy]\nclient_key = "{client_key}"\n'))
@@ -601,13 +486,12 @@ def test_python_binance_encoding_bug_disappears_through_the_proxy(
 @pytest.mark.parametrize("kind", ["hmac", "rsa"])
 def test_get_signer_in_a_proxy_child_signs_with_the_stand_in(openbao: OpenBao, tmp_path: Path, fake: FakeBinance,
                                                              kind: str) -> None:
-    _profile(openbao, tmp_path, fake, kind)
+    proxy_profile(openbao, tmp_path, fake, kind)
     proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", sys.executable, "-c", ENV_BOT,
                            "proxy"], env=openbao.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout) == {"kind": kind, "signer": kind, "status": 200}
     assert [r.path for r in fake.signed()] == ["/fapi/v2/balance"] and fake.signed()[0].status == 200
-
 
 
 def _tls_context(tmp: Path) -> tuple[Any, str]:
@@ -706,7 +590,7 @@ def test_a_signed_body_that_is_not_a_form_is_refused(harness: Harness, fake: Fak
 
 
 def test_check_reports_a_bad_proxy_table(openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
-    _profile(openbao, tmp_path, fake, "hmac")
+    proxy_profile(openbao, tmp_path, fake, "hmac")
     text = (tmp_path / "credbroker.toml").read_text().replace(f'futures = "{fake.url}"', 'futures = "http://x.test"')
     (tmp_path / "credbroker.toml").write_text(text)
     proc = subprocess.run([credbroker_bin(), "check", "-p", "bot", "--json"], env=openbao.env(),
@@ -731,7 +615,7 @@ def test_binance_futures_connector_trades_through_the_proxy(openbao: OpenBao, tm
             pytest.fail(reason)
         pytest.skip(reason)
     bot = str(Path(__file__).resolve().parent.parent / "helpers" / "proxy_bot_futures_connector.py")
-    secret = _profile(openbao, tmp_path, fake, kind)
+    secret = proxy_profile(openbao, tmp_path, fake, kind)
     text = (tmp_path / "credbroker.toml").read_text()
     (tmp_path / "credbroker.toml").write_text(text.replace("[profiles.bot.proxy]\n",
                                                            f'[profiles.bot.proxy]\nclient_key = "{client_key}"\n'))
@@ -765,7 +649,7 @@ def test_ccxt_trades_through_the_proxy(openbao: OpenBao, tmp_path: Path, fake: F
             pytest.fail(reason)
         pytest.skip(reason)
     bot = str(Path(__file__).resolve().parent.parent / "helpers" / "proxy_bot_ccxt.py")
-    secret = _profile(openbao, tmp_path, fake, kind)
+    secret = proxy_profile(openbao, tmp_path, fake, kind)
     state = tmp_path / "state-ccxt"
     state.mkdir()
     proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", str(CCXT), bot, str(state)],
@@ -788,9 +672,6 @@ def test_ccxt_trades_through_the_proxy(openbao: OpenBao, tmp_path: Path, fake: F
 
 # -- Binance's modular SDK (USDⓈ-M futures), from its own venv -----------------------------------------
 
-BINANCE_SDK = Path(__file__).resolve().parent.parent.parent / ".venv-clients" / "binance-sdk" / "bin" / "python"
-
-
 @pytest.mark.parametrize("kind", ["hmac", "ed25519", "rsa"])
 def test_binance_modular_sdk_trades_through_the_proxy(openbao: OpenBao, tmp_path: Path, fake: FakeBinance,
                                                       kind: str) -> None:
@@ -800,7 +681,7 @@ def test_binance_modular_sdk_trades_through_the_proxy(openbao: OpenBao, tmp_path
             pytest.fail(reason)
         pytest.skip(reason)
     bot = str(Path(__file__).resolve().parent.parent / "helpers" / "proxy_bot_binance_sdk.py")
-    secret = _profile(openbao, tmp_path, fake, kind)
+    secret = proxy_profile(openbao, tmp_path, fake, kind)
     state = tmp_path / "state-sdk"
     state.mkdir()
     proc = subprocess.run([credbroker_bin(), "run", "--proxy", "-p", "bot", "--", str(BINANCE_SDK), bot, str(state)],
@@ -851,7 +732,7 @@ def _wait_for(check: Any, what: str, timeout: float = 60.0) -> None:
 
 def test_a_rotated_secret_is_picked_up_by_the_proxy_without_restarting_the_bot(
         openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:
-    old = _profile(openbao, tmp_path, fake, "hmac")
+    old = proxy_profile(openbao, tmp_path, fake, "hmac")
     text = (tmp_path / "credbroker.toml").read_text()
     (tmp_path / "credbroker.toml").write_text(text.replace("[profiles.bot.proxy]\n",
                                                            '[profiles.bot.proxy]\nrotation_interval = "1s"\n'))

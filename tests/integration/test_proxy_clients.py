@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import OpenBao, credbroker_bin
 from tests.helpers.fake_binance import FakeBinance
-from tests.integration.test_proxy import API_KEY, _profile, fake  # noqa: F401 - fake is a fixture
+from tests.helpers.proxy import API_KEY, fake, proxy_profile  # noqa: F401 - fake is a fixture
 
 HERE = Path(__file__).resolve().parent.parent / "helpers"
 VENVS = HERE.parent.parent / ".venv-clients"
@@ -119,7 +119,7 @@ ENV_CELLS = [
 
 @pytest.mark.parametrize("client, kind", ENV_CELLS)
 def test_client_in_env_mode(openbao: OpenBao, tmp_path: Path, fake: FakeBinance, client: str, kind: str) -> None:
-    secret = _profile(openbao, tmp_path, fake, kind)
+    secret = proxy_profile(openbao, tmp_path, fake, kind)
     out = _run(openbao, tmp_path, client, "env", fake.url)
     _check(client, out["results"])
     assert out["environ"]["CREDBROKER_KEY_KIND"] == kind
@@ -134,7 +134,7 @@ def test_client_in_env_mode(openbao: OpenBao, tmp_path: Path, fake: FakeBinance,
 @pytest.mark.parametrize("kind", ["hmac", "ed25519", "rsa"])
 def test_binance_sdk_spot_trades_through_the_proxy(openbao: OpenBao, tmp_path: Path, fake: FakeBinance,
                                                    kind: str) -> None:
-    secret = _profile(openbao, tmp_path, fake, kind)
+    secret = proxy_profile(openbao, tmp_path, fake, kind)
     out = _run(openbao, tmp_path, "binance-sdk-spot", "proxy", fake.url)
     _check("binance-sdk-spot", out["results"])
     needle = secret if kind == "hmac" else secret.strip().splitlines()[1]

@@ -13,7 +13,7 @@ import pytest
 
 from broker.proxy.upstream import Upstream, UpstreamError
 from tests.helpers.fake_binance import FakeBinance
-from tests.integration.test_proxy import Harness
+from tests.helpers.proxy import Harness
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from broker.signing.listenkey import CREATED, FAILED, KEPT_ALIVE, PATH, RECREATED
-from tests.integration.test_listenkey import FuturesListenKeys
-from tests.integration.test_proxy import API_KEY, Harness
+from tests.helpers.listenkey import FuturesListenKeys
+from tests.helpers.proxy import API_KEY, Harness
 
 STREAM = "/credbroker/v1/streamEvent"
 

@@ -17,8 +17,8 @@ from broker.preflight import DEFAULT_BASE_URL, PATH, PreflightOptions
 from broker.proxy.settings import TESTNET, ProxySettings
 from tests.conftest import OpenBao, credbroker_bin, free_port
 from tests.helpers.fake_binance import FakeBinance
-from tests.integration.test_agent import audit_records
-from tests.integration.test_proxy import _profile, fake  # noqa: F401  (fake: the fixture)
+from tests.helpers.auditlog import audit_records
+from tests.helpers.proxy import fake, proxy_profile  # noqa: F401  (fake: the fixture)
 
 BOT = "import sys; open(sys.argv[1], 'w').write('started')"
 
@@ -36,7 +36,7 @@ def run_proxy(openbao: OpenBao, tmp_path: Path, *flags: str) -> tuple[subprocess
 
 def test_a_margin_key_is_refused_under_proxy_and_starts_with_unsafe_allow_margin(
         openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:  # noqa: F811
-    _profile(openbao, tmp_path, fake, "hmac")
+    proxy_profile(openbao, tmp_path, fake, "hmac")
     fake.restrictions["enableMargin"] = True
     proc, marker = run_proxy(openbao, tmp_path)
     assert proc.returncode == 125, proc.stderr
@@ -62,7 +62,7 @@ def test_a_margin_key_is_refused_under_proxy_and_starts_with_unsafe_allow_margin
 
 def test_a_safe_key_passes_quietly_and_no_preflight_skips_it(openbao: OpenBao, tmp_path: Path,
                                                              fake: FakeBinance) -> None:  # noqa: F811
-    _profile(openbao, tmp_path, fake, "ed25519")
+    proxy_profile(openbao, tmp_path, fake, "ed25519")
     fake.clock_offset_ms = 8_000  # this host's clock is 8 s behind the exchange's: more than recvWindow
     proc, marker = run_proxy(openbao, tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -77,7 +77,7 @@ def test_a_safe_key_passes_quietly_and_no_preflight_skips_it(openbao: OpenBao, t
 
 def test_an_unreachable_spot_upstream_is_a_warning_in_auto_and_a_refusal_with_preflight(
         openbao: OpenBao, tmp_path: Path, fake: FakeBinance) -> None:  # noqa: F811
-    _profile(openbao, tmp_path, fake, "hmac")
+    proxy_profile(openbao, tmp_path, fake, "hmac")
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     config = tmp_path / "credbroker.toml"
     config.write_text(config.read_text().replace(f'spot = "{fake.url}"', f'spot = "{closed}"'))

@@ -16,7 +16,7 @@ from broker.errors import ConfigError
 from broker.proxy.settings import ProxySettings
 from broker.proxy.weight import DEFAULT_WEIGHT, Limiter, Ticket, Verdict, cost, parse_limits
 from tests.helpers.fake_binance import FakeBinance
-from tests.integration.test_proxy import Harness
+from tests.helpers.proxy import Harness
 
 ORDER = {"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.01",
          "price": "100"}

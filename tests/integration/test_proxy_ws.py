@@ -35,41 +35,7 @@ from broker.signing.hmac_sha256 import HmacSigner  # noqa: E402
 from broker.signing.rsa import RsaSigner  # noqa: E402
 from broker.signing_policy import SigningPolicy  # noqa: E402
 from tests.helpers.fake_binance_ws import FakeBinanceWs  # noqa: E402
-
-API_KEY = "K" + "w1" * 32
-ORDER = {"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.01",
-         "price": "100", "newClientOrderId": "a b+c/=d&e"}
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeBinanceWs]:
-    f = FakeBinanceWs().start()
-    try:
-        yield f
-    finally:
-        f.stop()
-
-
-def _pem_pair(kind: str) -> tuple[bytes, str]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
-    key: Any = ed25519.Ed25519PrivateKey.generate() if kind == "ed25519" else \
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return private, core.public_key_pem(key)
-
-
-def real_signer(fake: FakeBinanceWs, kind: str) -> Any:
-    if kind == "hmac":
-        secret = secrets.token_hex(32)
-        fake.add_hmac(API_KEY, secret)
-        return HmacSigner(API_KEY, Secret(secret))
-    private, public = _pem_pair(kind)
-    fake.add_public_key(API_KEY, public)
-    _, key = core.load_private_key(private)
-    return (Ed25519Signer if kind == "ed25519" else RsaSigner)(API_KEY, key)
+from tests.helpers.proxy_ws import API_KEY, ORDER, fake, fake_rest, real_signer, ws_call  # noqa: E402,F401
 
 
 class Harness:
@@ -103,12 +69,6 @@ def harnesses() -> Iterator[list[Harness]]:
         h.proxy.stop()
 
 
-def _call(ws: Any, request: dict[str, Any]) -> dict[str, Any]:
-    ws.send(json.dumps(request))
-    answer: dict[str, Any] = json.loads(ws.recv(timeout=10))
-    return answer
-
-
 @pytest.mark.parametrize("kind", ["hmac", "ed25519", "rsa"])
 def test_order_place_is_re_signed_with_the_real_key(fake: FakeBinanceWs, harnesses: list[Harness],
                                                     kind: str) -> None:
@@ -117,7 +77,7 @@ def test_order_place_is_re_signed_with_the_real_key(fake: FakeBinanceWs, harness
     bot = h.client()
     with connect(h.url + "/ws-api/v3") as ws:
         params = bot.sign_ws_params(ORDER, method="order.place")
-        answer = _call(ws, {"id": "o-1", "method": "order.place", "params": params})
+        answer = ws_call(ws, {"id": "o-1", "method": "order.place", "params": params})
     assert answer["id"] == "o-1" and answer["status"] == 200, answer
     assert answer["result"]["clientOrderId"] == "a b+c/=d&e"
     seen = fake.seen[-1]
@@ -138,21 +98,21 @@ def test_session_logon_and_spot_user_data_through_the_proxy(fake: FakeBinanceWs,
     harnesses.append(h)
     bot = h.client()
     with connect(h.url + "/ws-api/v3") as ws:
-        logon = _call(ws, bot.ws_logon(request_id="l-1"))
+        logon = ws_call(ws, bot.ws_logon(request_id="l-1"))
         assert logon["status"] == 200 and logon["result"]["apiKey"] == API_KEY, logon
         assert fake.seen[-1].method == "session.logon" and fake.seen[-1].status == 200
         # In the session: no apiKey, no signature; the policy still reads each request.
-        sub = _call(ws, {"id": "s-1", "method": "userDataStream.subscribe"})
+        sub = ws_call(ws, {"id": "s-1", "method": "userDataStream.subscribe"})
         assert sub["id"] == "s-1" and sub["status"] == 200 and sub["result"] == {"subscriptionId": 0}
         event = json.loads(ws.recv(timeout=10))  # relayed unchanged
         assert event["subscriptionId"] == 0 and event["event"]["e"] == "outboundAccountPosition"
-        order = _call(ws, {"id": "o-1", "method": "order.place", "params": {**ORDER, "timestamp": 1}})
+        order = ws_call(ws, {"id": "o-1", "method": "order.place", "params": {**ORDER, "timestamp": 1}})
         assert order["status"] == 200, order  # re-stamped: the bot's stale timestamp became the exchange's now
-        refused = _call(ws, {"id": "o-2", "method": "order.place",
+        refused = ws_call(ws, {"id": "o-2", "method": "order.place",
                              "params": {**ORDER, "symbol": "XRPUSDT", "timestamp": 1}})
         assert refused["status"] == 403 and refused["error"]["code"] == -1002
         assert "XRPUSDT" in refused["error"]["msg"]
-        status = _call(ws, {"id": "st", "method": "session.status"})
+        status = ws_call(ws, {"id": "st", "method": "session.status"})
         assert status["result"]["apiKey"] == API_KEY
     assert [s.method for s in fake.seen] == ["session.logon", "userDataStream.subscribe", "order.place",
                                              "session.status"]
@@ -167,7 +127,7 @@ def test_session_logon_needs_a_real_ed25519_key(fake: FakeBinanceWs, harnesses: 
     h = Harness(fake, real_signer(fake, kind), "ed25519")  # even with an Ed25519 stand-in for the bot
     harnesses.append(h)
     with connect(h.url + "/ws-api/v3") as ws:
-        answer = _call(ws, h.client().ws_logon(request_id=7))
+        answer = ws_call(ws, h.client().ws_logon(request_id=7))
     assert answer["id"] == 7 and answer["status"] == 400
     assert f"session.logon needs an Ed25519 key; this profile's key is {kind}" in answer["error"]["msg"]
     assert fake.seen == []
@@ -184,7 +144,7 @@ def test_a_policy_refusal_is_answered_and_never_forwarded(fake: FakeBinanceWs, h
         for rid, method, params in (("1", "order.place", {**ORDER, "symbol": "ETHUSDT"}),
                                     ("2", "order.place", {**ORDER, "quantity": "5"}),
                                     ("3", "myTrades", {"symbol": "BTCUSDT"})):
-            answer = _call(ws, {"id": rid, "method": method, "params": bot.sign_ws_params(params, method=method)})
+            answer = ws_call(ws, {"id": rid, "method": method, "params": bot.sign_ws_params(params, method=method)})
             assert answer["id"] == rid and answer["status"] == 403 and answer["error"]["code"] == -1002, answer
     assert fake.seen == []
     assert [f["rule"] for f in h.events("policy_refused")] == ["symbols", "max_quantity", "deny_endpoints"]
@@ -196,14 +156,14 @@ def test_a_bad_client_signature_is_refused(fake: FakeBinanceWs, harnesses: list[
     harnesses.append(h)
     stranger = HmacSigner(API_KEY, Secret(secrets.token_hex(32)))  # not the proxy secret
     with connect(h.url + "/ws-api/v3") as ws:
-        answer = _call(ws, {"id": 1, "method": "order.place", "params": stranger.sign_ws_params(ORDER)})
+        answer = ws_call(ws, {"id": 1, "method": "order.place", "params": stranger.sign_ws_params(ORDER)})
         assert answer["status"] == 400 and answer["error"]["code"] == -1022
         # The real API key is required too, and a stale timestamp is refused like Binance does.
         other = HmacSigner("B" * 64, Secret(h.client_key.secret.reveal())).sign_ws_params(ORDER)
-        assert _call(ws, {"id": 2, "method": "order.place", "params": other})["error"]["code"] == -2015
+        assert ws_call(ws, {"id": 2, "method": "order.place", "params": other})["error"]["code"] == -2015
         stale = h.client().sign_ws_params(ORDER, timestamp=1)
-        assert _call(ws, {"id": 3, "method": "order.place", "params": stale})["error"]["code"] == -1021
-        assert _call(ws, {"id": 4, "method": "ping"})["status"] == 200  # public: forwarded as it is
+        assert ws_call(ws, {"id": 3, "method": "order.place", "params": stale})["error"]["code"] == -1021
+        assert ws_call(ws, {"id": 4, "method": "ping"})["status"] == 200  # public: forwarded as it is
     assert [s.method for s in fake.seen] == ["ping"]
     assert [f["rule"] for f in h.events("proxy_refused")] == ["client_signature", "api_key", "timestamp"]
 
@@ -213,7 +173,7 @@ def test_futures_path_reaches_the_futures_upstream_and_others_are_refused(fake: 
     h = Harness(fake, real_signer(fake, "hmac"), "hmac")
     harnesses.append(h)
     with connect(h.url + "/ws-fapi/v1") as ws:
-        answer = _call(ws, {"id": 1, "method": "order.place",
+        answer = ws_call(ws, {"id": 1, "method": "order.place",
                             "params": h.client().sign_ws_params(ORDER, method="order.place", api="futures")})
         assert answer["status"] == 200, answer
     assert h.events("proxy_request")[0]["endpoint"] == "/fapi/v1/order"
@@ -248,19 +208,8 @@ def test_upstream_urls_default_to_binance_and_refuse_plain_ws_off_loopback() -> 
 # -- end to end: `credbroker run --proxy`, the key in OpenBao ---------------------------------------
 
 
-@pytest.fixture
-def fake_rest() -> Iterator[Any]:
-    from tests.helpers.fake_binance import FakeBinance
-
-    f = FakeBinance().start()
-    try:
-        yield f
-    finally:
-        f.stop()
-
-
 def _ws_profile(tmp: Path, ws_url: str) -> None:
-    """Point the profile tests.test_proxy._profile wrote at the fake WebSocket API too."""
+    """Point the profile tests.helpers.proxy.proxy_profile wrote at the fake WebSocket API too."""
     path = tmp / "credbroker.toml"
     path.write_text(path.read_text().replace("[profiles.bot.proxy]\n",
                                              f'[profiles.bot.proxy]\nws_spot = "{ws_url}/ws-api/v3"\n'
@@ -282,10 +231,10 @@ def test_python_binance_ws_api_client_through_credbroker_run_proxy(
         openbao: Any, tmp_path: Path, fake: FakeBinanceWs, fake_rest: Any, kind: str) -> None:
     """A real client library: python-binance's WebSocket API (``ws_create_order``), in its own venv."""
     from tests.conftest import credbroker_bin
-    from tests.integration.test_proxy import _profile, _python_binance
+    from tests.helpers.proxy import proxy_profile, python_binance
 
-    python = _python_binance()
-    secret = _profile(openbao, tmp_path, fake_rest, kind)
+    python = python_binance()
+    secret = proxy_profile(openbao, tmp_path, fake_rest, kind)
     _register(fake, fake_rest)
     _ws_profile(tmp_path, fake.url)
     state = tmp_path / "state-ws"
@@ -316,7 +265,7 @@ def test_a_transit_key_signs_ws_requests_and_logs_on_through_credbroker_run_prox
     import sys
 
     from tests.conftest import credbroker_bin
-    from tests.integration.test_agent import audit_records
+    from tests.helpers.auditlog import audit_records
     from tests.helpers.transit_proxy import write_transit_proxy_profile
 
     write_transit_proxy_profile(openbao, tmp_path, fake, API_KEY, rest_url=fake_rest.url, prefix="ws-",
@@ -393,14 +342,14 @@ def test_binance_modular_sdk_ws_api_client_through_credbroker_run_proxy(
     through the proxy, which re-signs by the docs' rule, it goes through.
     """
     from tests.conftest import credbroker_bin
-    from tests.integration.test_proxy import BINANCE_SDK, _profile
+    from tests.helpers.proxy import BINANCE_SDK, proxy_profile
 
     if not BINANCE_SDK.exists():
         reason = f"the Binance SDK's venv {BINANCE_SDK.parent.parent} is missing (.ci/run makes it)"
         if os.environ.get("CREDBROKER_REQUIRE_SERVICES"):
             pytest.fail(reason)
         pytest.skip(reason)
-    _profile(openbao, tmp_path, fake_rest, "hmac")
+    proxy_profile(openbao, tmp_path, fake_rest, "hmac")
     _register(fake, fake_rest)
     _ws_profile(tmp_path, fake.url)
     state = tmp_path / "state-sdk-ws"

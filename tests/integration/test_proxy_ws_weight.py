@@ -31,7 +31,7 @@ from broker.proxy.weight import ORDERS, WEIGHT, Limiter  # noqa: E402
 from broker.proxy.ws import WsProxy, ws_cost  # noqa: E402
 from broker.signing_policy import SigningPolicy  # noqa: E402
 from tests.helpers.fake_binance_ws import FakeBinanceWs  # noqa: E402
-from tests.integration.test_proxy_ws import API_KEY, ORDER, _call, fake, fake_rest, real_signer  # noqa: E402,F401
+from tests.helpers.proxy_ws import API_KEY, ORDER, fake, fake_rest, real_signer, ws_call  # noqa: E402,F401
 
 
 class Endpoint:
@@ -76,7 +76,7 @@ def test_an_order_over_the_order_rate_gets_binances_429_and_is_never_forwarded(
     endpoints.append(e)
     bot = e.bot()
     with connect(e.url + "/ws-api/v3") as ws:
-        answers = [_call(ws, _order(bot, f"o-{i}")) for i in range(3)]
+        answers = [ws_call(ws, _order(bot, f"o-{i}")) for i in range(3)]
     assert [a["status"] for a in answers[:2]] == [200, 200], answers
     over = answers[2]
     assert over["id"] == "o-2" and over["status"] == 429
@@ -99,10 +99,10 @@ def test_the_exchanges_used_weight_counts_and_public_requests_are_limited_too(
     endpoints.append(e)
     fake.used_weight = 5990  # other processes on this IP used nearly all of it
     with connect(e.url + "/ws-api/v3") as ws:
-        first = _call(ws, {"id": 1, "method": "time"})  # weight 1; its answer tells the exchange's count
+        first = ws_call(ws, {"id": 1, "method": "time"})  # weight 1; its answer tells the exchange's count
         assert first["status"] == 200, first
-        heavy = _call(ws, {"id": 2, "method": "exchangeInfo"})  # weight 20: 5990 + 20 > 6000
-        light = _call(ws, {"id": 3, "method": "ping"})  # weight 1 still fits
+        heavy = ws_call(ws, {"id": 2, "method": "exchangeInfo"})  # weight 20: 5990 + 20 > 6000
+        light = ws_call(ws, {"id": 3, "method": "ping"})  # weight 1 still fits
     assert heavy["status"] == 429 and heavy["error"]["code"] == -1003, heavy
     assert "current limit is 6000 request weight per 1 MINUTE" in heavy["error"]["msg"]
     weight = next(r for r in heavy["rateLimits"] if r["rateLimitType"] == "REQUEST_WEIGHT")
@@ -119,10 +119,10 @@ def test_after_the_exchange_answers_429_requests_are_refused_locally_until_retry
     bot = e.bot()
     fake.limited = 30
     with connect(e.url + "/ws-api/v3") as ws:
-        theirs = _call(ws, _order(bot, "a"))
+        theirs = ws_call(ws, _order(bot, "a"))
         fake.limited = None
-        ours = _call(ws, _order(bot, "b"))
-        public = _call(ws, {"id": "c", "method": "time"})
+        ours = ws_call(ws, _order(bot, "b"))
+        public = ws_call(ws, {"id": "c", "method": "time"})
     assert theirs["status"] == 429 and theirs["error"]["code"] == -1003  # the exchange's, passed on unchanged
     assert ours["status"] == 429 and ours["error"]["code"] == -1003, ours
     assert "the exchange answered 429" in ours["error"]["msg"]
@@ -165,7 +165,7 @@ print(json.dumps(out))
 def test_rest_and_ws_orders_count_against_one_limit_under_credbroker_run_proxy(
         openbao: Any, tmp_path: Path, fake: FakeBinanceWs, fake_rest: Any) -> None:  # noqa: F811
     from tests.conftest import credbroker_bin
-    from tests.integration.test_agent import audit_records
+    from tests.helpers.auditlog import audit_records
 
     secret = secrets.token_hex(32)
     fake.add_hmac(API_KEY, secret)

@@ -25,8 +25,8 @@ from broker.runner import combine
 from broker.secret import Credentials, Origin, Secret
 
 from tests.conftest import OpenBao, credbroker_bin, start_openbao
-from tests.integration.test_rotation import audit_events as _audit_events
-from tests.integration.test_rotation import rotate, version_checks, wait_for, wait_for_more_checks
+from tests.helpers.rotation import audit_events as _audit_events
+from tests.helpers.rotation import rotate, version_checks, wait_for, wait_for_more_checks
 
 pytestmark = pytest.mark.vault
 

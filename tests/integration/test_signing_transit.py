@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ from broker.errors import SigningError, VaultAuthError, VaultPermissionDenied, V
 from broker.signing import child_env, get_signer
 from broker.signing.transit import TransitSigner, policy_hcl, policy_name
 from broker.vault.settings import VaultSettings
-from tests.conftest import REPO, OpenBao
+from tests.conftest import OpenBao
 from tests.helpers.signing_verifier import BinanceVerifier
+from tests.helpers.transit_proxy import transit_key
 
 pytestmark = pytest.mark.vault
-SCRIPT = REPO / "scripts" / "transit-key"
 
 
 @pytest.fixture
@@ -30,19 +29,6 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]
     monkeypatch.setattr("broker.signing.audit_bridge.record_event",
                         lambda event, fields, **kw: events.append((event, dict(fields))))
     return events
-
-
-def transit_key(server: OpenBao, name: str | None = None, *args: str, path_dirs: str | None = None,
-                python: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess[str]:
-    """Run scripts/transit-key with only `bao` on PATH (no `vault`), as an admin would."""
-    name = name or "bot-" + secrets.token_hex(4)
-    env = server.env()
-    bindir = Path(server.binary).parent
-    env["PATH"] = path_dirs if path_dirs is not None else f"{bindir}:/usr/bin:/bin"
-    if not (bindir / "bao").exists():  # a `vault` binary: expose it under its own name
-        env["CREDBROKER_VAULT_CLI"] = server.binary
-    return subprocess.run([*python, str(SCRIPT), *args, name], env=env, capture_output=True, text=True,
-                          timeout=60)
 
 
 def write_profile(tmp: Path, name: str, key: str, kv_path: str, extra: str = "") -> None:
