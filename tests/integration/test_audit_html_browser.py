@@ -16,7 +16,7 @@ from broker.cli import cli
 
 from tests.helpers.browser import HEIGHT, WIDTH, chromium_binary, visit
 from tests.conftest import service_missing
-from tests.unit.test_audit_findings import Week
+from tests.helpers.week import Week
 from tests.helpers.auditlog import NOW, SINCE, generate
 
 EXPRESSIONS = {

@@ -20,7 +20,7 @@ from broker.audit.report import render_text
 from broker.cli import cli
 from broker.errors import ConfigError
 
-from tests.unit.test_audit_findings import ADDR, PATH, Week, report
+from tests.helpers.week import ADDR, PATH, Week, report
 from tests.helpers.auditlog import NOW, SINCE
 
 ARGS = ["--since", SINCE.isoformat(), "--until", NOW.isoformat()]

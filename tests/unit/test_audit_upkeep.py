@@ -17,7 +17,7 @@ from broker.audit.model import FindingKind
 from broker.audit.report import render_text
 from broker.cli import cli
 
-from tests.unit.test_audit_findings import Week, report
+from tests.helpers.week import Week, report
 from tests.helpers.auditlog import NOW, SINCE
 
 DAY_MS = 86_400_000
