@@ -239,10 +239,11 @@ AnchorsByHost = Mapping[str, tuple[Sequence[Any] | None, str, str | None]]
 
 
 def host_anchors(settings: Any, env: Mapping[str, str], key: bytes | None, wanted: bool | None,
-                 hosts: Sequence[HostLog]) -> AnchorsByHost:
+                 hosts: Sequence[HostLog], vault: Any = None) -> AnchorsByHost:
     """Each host's anchors (``anchor.read_host``), when asked (``wanted``) or by default for a keyed log
     with ``[audit] anchor`` on and a Vault address. A host whose anchors cannot be read is reported
-    as such; the other hosts are still compared."""
+    as such; the other hosts are still compared. ``vault``: the command's Vault settings when it has
+    resolved them already (the report's Vault cross-check); else they are resolved here, once."""
     from ..errors import BrokerError, ConfigError
     from .anchor import read_host, vault_configured
 
@@ -259,10 +260,11 @@ def host_anchors(settings: Any, env: Mapping[str, str], key: bytes | None, wante
     from ..vault.settings import VaultSettings
 
     out: dict[str, tuple[Sequence[Any] | None, str, str | None]] = {}
-    try:
-        vault = VaultSettings.from_env(env)  # once for every host
-    except BrokerError as exc:
-        return {h.host: (None, "", f"cannot read them: {exc}") for h in hosts}
+    if vault is None:
+        try:
+            vault = VaultSettings.from_env(env)  # once for every host
+        except BrokerError as exc:
+            return {h.host: (None, "", f"cannot read them: {exc}") for h in hosts}
     for h in hosts:
         try:
             got, place = read_host(vault, settings, h.host, key)

@@ -283,7 +283,7 @@ def report_cmd(ctx: click.Context, since: str, until_text: str | None, as_json: 
 
         hosts = discover(host_logs)
         report = fleet_report(hosts, since=start, until=until, key=key, work_hours=hours, burst=burst,
-                              rotate_days=rotate_days, anchors=host_anchors(settings, env, key, None, hosts),
+                              rotate_days=rotate_days, anchors=host_anchors(settings, env, key, None, hosts, vault),
                               vault_audit=vault_audit, vault_paths=paths, vault_token_hash=token_hash)
     else:
         report = build_report(files, since=start, until=until, key=key, active=active,

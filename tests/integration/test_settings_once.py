@@ -163,3 +163,34 @@ def test_the_anchorer_rereads_the_token_file_only_after_vault_rejected_the_token
         assert [(a.seq, a.mac_ok) for a in anchors] == [(2, True), (1, True)]
     finally:
         anchorer.stop()
+
+
+def test_a_fleet_report_with_anchors_and_the_vault_cross_check_resolves_the_settings_once(
+        audited_openbao: OpenBao, tmp_path: Path, resolutions: list[Mapping[str, str]]) -> None:
+    """``audit report --host-logs --vault-audit`` over keyed logs with ``[audit] anchor`` on: the Vault
+    cross-check and every host's anchors are read with one resolution (they were two)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from broker.cli import cli
+    from tests.helpers.auditlog import KEYED_LOG_KEY, keyed_log
+
+    root = tmp_path / "fleet"
+    for host in ("bot-a", "bot-b"):
+        log = keyed_log(root / host / "audit.log", anchor="off")  # the hosts' own writers do not anchor here
+        log.record("secret_fetched", {"profile": "p"})
+        log.close()
+    config = tmp_path / "credbroker.toml"
+    config.write_text(f'[audit]\nanchor = "secret/credbroker-audit-{secrets.token_hex(3)}"\n')
+    config.chmod(0o600)
+    env = {**audited_openbao.env(), "CREDBROKER_AUDIT_KEY": KEYED_LOG_KEY.hex()}
+    res = CliRunner().invoke(cli, ["--config", str(config), "audit", "report", "--json", "--host-logs", str(root),
+                                   "--vault-audit", str(audited_openbao.extra["audit_log"])], env=env)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    # Both reads of Vault happened: each host's anchors were read (none written: 0 compared, no error) ...
+    assert [(h["host"], h["anchors_checked"], h["anchors_error"]) for h in out["hosts"]] == [
+        ("bot-a", 0, None), ("bot-b", 0, None)]
+    assert "vault_audit" in out  # ... and the cross-check ran
+    assert len(resolutions) == 1
