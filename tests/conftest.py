@@ -28,6 +28,9 @@ from pathlib import Path
 
 import pytest
 
+# The helpers' asserts explain a failure the way a test file's do (before any of them is imported).
+pytest.register_assert_rewrite("tests.helpers")
+
 REQUIRE_SERVICES = os.environ.get("CREDBROKER_REQUIRE_SERVICES") == "1"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -248,21 +251,32 @@ def fresh_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]
         server.stop()
 
 
-@pytest.fixture
-def audited_openbao(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A dev server with a file audit device, declared in its config file.
+def start_audited_openbao(folder: Path) -> OpenBao:
+    """A dev server with a file audit device, declared in its config file; the device's log is
+    ``server.extra["audit_log"]`` (every request the server answered is a line there).
 
     OpenBao 2.4+ refuses `bao audit enable` through the API (CVE-2025-54997:
     "use declarative, config-based audit device management"), so the device is
     declared with an ``audit "file" "file" {...}`` stanza, which also works for
     Vault. Falls back to the API call for servers that still allow it.
     """
-    vault_log = tmp_path / "vault-audit.log"
-    server = start_openbao(tmp_path, f'audit "file" "file" {{\n  options {{\n    file_path = "{vault_log}"\n  }}\n}}\n')
+    vault_log = folder / "vault-audit.log"
+    server = start_openbao(folder, f'audit "file" "file" {{\n  options {{\n    file_path = "{vault_log}"\n  }}\n}}\n')
     server.extra["audit_log"] = vault_log
     try:
         if "file/" not in server.cli("audit", "list"):
             server.cli("audit", "enable", "file", f"file_path={vault_log}")
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture
+def audited_openbao(tmp_path: Path) -> Iterator[OpenBao]:
+    """``start_audited_openbao`` for one test."""
+    server = start_audited_openbao(tmp_path)
+    try:
         yield server
     finally:
         server.stop()

@@ -20,11 +20,9 @@ pytestmark = pytest.mark.vault
 
 @pytest.fixture
 def audited(tmp_path: Path) -> Iterator[OpenBao]:
-    from tests.conftest import start_openbao
+    from tests.conftest import start_audited_openbao
 
-    vault_log = tmp_path / "vault-audit.log"
-    server = start_openbao(tmp_path, f'audit "file" "file" {{\n  options {{\n    file_path = "{vault_log}"\n  }}\n}}\n')
-    server.extra["audit_log"] = vault_log
+    server = start_audited_openbao(tmp_path)
     try:
         server.cli("secrets", "enable", "transit")
         yield server

@@ -19,7 +19,7 @@ from broker.rotation import RotationPolicy, policy_from
 from broker.vault.settings import VaultSettings
 from broker.watch import Watcher
 
-from tests.conftest import OpenBao, credbroker_bin, start_openbao
+from tests.conftest import OpenBao, credbroker_bin, start_audited_openbao
 from tests.helpers.rotation import audit_events, rotate, wait_for, wait_for_more_checks, wait_until
 
 pytestmark = pytest.mark.vault
@@ -47,11 +47,9 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpenBao,
     "No second restart" is only shown once the broker has checked again; those
     checks are counted there instead of guessed from the time that passed.
     """
-    tmp = tmp_path_factory.mktemp("openbao-rotation")
-    vault_log = tmp / "vault-audit.log"
-    server = start_openbao(tmp, f'audit "file" "file" {{\n  options {{\n    file_path = "{vault_log}"\n  }}\n}}\n')
+    server = start_audited_openbao(tmp_path_factory.mktemp("openbao-rotation"))
     try:
-        yield server, vault_log
+        yield server, server.extra["audit_log"]
     finally:
         server.stop()
 

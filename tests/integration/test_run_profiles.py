@@ -24,7 +24,7 @@ from broker.rotation import BatchCheck, Handover
 from broker.runner import combine
 from broker.secret import Credentials, Origin, Secret
 
-from tests.conftest import OpenBao, credbroker_bin, start_openbao
+from tests.conftest import OpenBao, credbroker_bin, start_audited_openbao
 from tests.helpers.rotation import audit_events as _audit_events
 from tests.helpers.rotation import rotate, version_checks, wait_for, wait_for_more_checks
 
@@ -65,11 +65,9 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpenBao, Path]]:
     """A server with a file audit device: every read the broker makes is a line in its log."""
-    tmp = tmp_path_factory.mktemp("openbao-profiles")
-    vault_log = tmp / "vault-audit.log"
-    server = start_openbao(tmp, f'audit "file" "file" {{\n  options {{\n    file_path = "{vault_log}"\n  }}\n}}\n')
+    server = start_audited_openbao(tmp_path_factory.mktemp("openbao-profiles"))
     try:
-        yield server, vault_log
+        yield server, server.extra["audit_log"]
     finally:
         server.stop()
 
