@@ -44,11 +44,12 @@ Accept = Callable[[tuple[str, int], tuple[str, int]], object]
 Serve = Callable[[object, Request], tuple[Answer, bool]]
 
 
+#: Reason phrases by status (an enum lookup per answer cost more than the rest of the status line).
+_PHRASES = {int(s): s.phrase for s in HTTPStatus}
+
+
 def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
+    return _PHRASES.get(status, "")
 
 
 def encode_answer(answer: Answer, close: bool) -> bytes:
