@@ -17,6 +17,7 @@ answer unless they ask for keep-alive.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -140,7 +141,13 @@ class HttpServer:
 
     def _connection(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         try:
-            conn.settimeout(_IDLE_TIMEOUT)
+            # Blocking, with the idle timeout kept by the kernel (SO_RCVTIMEO/SO_SNDTIMEO): a Python-level
+            # timeout polls before every send and receive, one more GIL release (a hand-off to another
+            # connection's thread) per call. A timed-out call raises OSError (EAGAIN): the connection ends.
+            conn.setblocking(True)
+            idle = struct.pack("ll", int(_IDLE_TIMEOUT), 0)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, idle)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, idle)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             state = self._accept((str(addr[0]), int(addr[1])), ("127.0.0.1", self.port))
             buf = bytearray()

@@ -188,3 +188,23 @@ def test_a_connection_the_exchange_closed_is_not_reused_and_nothing_is_sent_twic
     finally:
         up.close()
         ex.close()
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /fapi/v1/time HTTP/1.1\r\nHost: x\r\n"])
+def test_an_idle_connection_is_closed_after_the_idle_timeout(harness: Harness, monkeypatch: pytest.MonkeyPatch,
+                                                             sent: bytes) -> None:
+    """The idle timeout is the kernel's (SO_RCVTIMEO), not a poll before each call: a bot that goes quiet,
+    before a request or in the middle of its headers, has its connection closed, and the proxy goes on."""
+    import time
+
+    from broker.proxy import http11
+
+    monkeypatch.setattr(http11, "_IDLE_TIMEOUT", 1.0)
+    with _connect(harness) as sock:
+        sock.sendall(sent)
+        start = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the proxy, nothing answered
+        assert 0.5 < time.monotonic() - start < 8
+    with _connect(harness) as sock:  # the proxy still serves
+        sock.sendall(b"GET /fapi/v1/time HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _answer(sock)[0] == "HTTP/1.1 200 OK"
