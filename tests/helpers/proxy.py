@@ -66,6 +66,15 @@ def real_signer(fake: FakeBinance, kind: str) -> Any:
     return (Ed25519Signer if kind == "ed25519" else RsaSigner)(API_KEY, key)
 
 
+def bot_signer(client_key: ClientKey, api_key: str) -> Any:
+    """The bot's signer with a run's proxy secret (HMAC, or the Ed25519/RSA PEM), as `credbroker run --proxy`
+    hands it to the bot: for the REST and the WebSocket proxy harnesses alike."""
+    if client_key.kind == "hmac":
+        return HmacSigner(api_key, Secret(client_key.secret.reveal()))
+    _, key = core.load_private_key(client_key.secret.reveal())
+    return (Ed25519Signer if client_key.kind == "ed25519" else RsaSigner)(api_key, key)
+
+
 class Harness:
     def __init__(self, fake: FakeBinance, kind: str = "hmac", policy: SigningPolicy | None = None,
                  root_pid: int | None = None, allow_root: bool = True, ca_file: str | None = None,
@@ -88,10 +97,7 @@ class Harness:
 
     def client(self) -> Any:
         """A bot's signer holding the proxy secret (what `credbroker run --proxy` injects)."""
-        if self.client_key.kind == "hmac":
-            return HmacSigner(API_KEY, Secret(self.client_key.secret.reveal()))
-        _, key = core.load_private_key(self.client_key.secret.reveal())
-        return (Ed25519Signer if self.client_key.kind == "ed25519" else RsaSigner)(API_KEY, key)
+        return bot_signer(self.client_key, API_KEY)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         self.proxy.drain()  # the proxy's flusher writes queued records within 0.2 s; now, here
@@ -145,14 +151,19 @@ symbols = ["BTCUSDT", "ETHUSDT"]
 PYTHON_BINANCE = Path(__file__).resolve().parent.parent.parent / ".venv-clients" / "python-binance" / "bin" / "python"
 
 
-def python_binance() -> str:
-    """The python-binance venv's interpreter; skips (fails under CREDBROKER_REQUIRE_SERVICES) without it."""
-    if not PYTHON_BINANCE.exists():
-        reason = f"python-binance's venv {PYTHON_BINANCE.parent.parent} is missing (.ci/run makes it)"
+def client_python(python: Path, client: str) -> str:
+    """A client library's venv interpreter; skips (fails under CREDBROKER_REQUIRE_SERVICES) without it."""
+    if not python.exists():
+        reason = f"{client}'s venv {python.parent.parent} is missing (.ci/run makes it)"
         if os.environ.get("CREDBROKER_REQUIRE_SERVICES"):
             pytest.fail(reason)
         pytest.skip(reason)
-    return str(PYTHON_BINANCE)
+    return str(python)
+
+
+def python_binance() -> str:
+    """The python-binance venv's interpreter (``client_python``)."""
+    return client_python(PYTHON_BINANCE, "python-binance")
 
 
 BINANCE_SDK = Path(__file__).resolve().parent.parent.parent / ".venv-clients" / "binance-sdk" / "bin" / "python"

@@ -13,7 +13,6 @@ binance-futures-connector, ccxt and the USDⓈ-M SDK in proxy mode.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 from tests.conftest import OpenBao, credbroker_bin
 from tests.helpers.fake_binance import FakeBinance
-from tests.helpers.proxy import API_KEY, fake, proxy_profile  # noqa: F401 - fake is a fixture
+from tests.helpers.proxy import API_KEY, client_python, fake, proxy_profile  # noqa: F401 - fake is a fixture
 
 HERE = Path(__file__).resolve().parent.parent / "helpers"
 VENVS = HERE.parent.parent / ".venv-clients"
@@ -40,19 +39,9 @@ CLIENTS = {
 }
 
 
-def _python(client: str) -> str:
-    python = CLIENTS[client][0]
-    if not python.exists():
-        reason = f"{client}'s venv {python.parent.parent} is missing (.ci/run makes it)"
-        if os.environ.get("CREDBROKER_REQUIRE_SERVICES"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return str(python)
-
-
 def _run(openbao: OpenBao, tmp: Path, client: str, mode: str, exchange_url: str) -> dict[str, Any]:
     """Run ``client``'s bot under ``credbroker run`` (``--proxy`` in proxy mode); its results."""
-    python = _python(client)
+    python = client_python(CLIENTS[client][0], client)
     bot = str(HERE / CLIENTS[client][1])
     state = tmp / f"state-{client}-{mode}"
     state.mkdir()

@@ -29,12 +29,10 @@ from broker.proxy.clientkey import ClientKey  # noqa: E402
 from broker.proxy.peer import peer_in_tree  # noqa: E402
 from broker.proxy.ws import WsProxy, upstream_urls  # noqa: E402
 from broker.secret import Secret  # noqa: E402
-from broker.signing import core  # noqa: E402
-from broker.signing.ed25519 import Ed25519Signer  # noqa: E402
 from broker.signing.hmac_sha256 import HmacSigner  # noqa: E402
-from broker.signing.rsa import RsaSigner  # noqa: E402
 from broker.signing_policy import SigningPolicy  # noqa: E402
 from tests.helpers.fake_binance_ws import FakeBinanceWs  # noqa: E402
+from tests.helpers.proxy import bot_signer  # noqa: E402
 from tests.helpers.proxy_ws import API_KEY, ORDER, fake, fake_rest, real_signer, ws_call  # noqa: E402,F401
 
 
@@ -52,10 +50,7 @@ class Harness:
 
     def client(self) -> Any:
         """The bot's signer: the proxy secret, as `credbroker run --proxy` hands it to the bot."""
-        if self.client_key.kind == "hmac":
-            return HmacSigner(API_KEY, Secret(self.client_key.secret.reveal()))
-        _, key = core.load_private_key(self.client_key.secret.reveal())
-        return (Ed25519Signer if self.client_key.kind == "ed25519" else RsaSigner)(API_KEY, key)
+        return bot_signer(self.client_key, API_KEY)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [f for e, f in self.records if e == name]
