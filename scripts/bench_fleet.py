@@ -231,9 +231,8 @@ def main() -> None:
     # The report keeps both cores busy: other work on them lengthens it in proportion (and, on a virtual
     # machine, makes each CPU second do less), so a figure means something only with the load beside it.
     load = os.getloadavg()[0]
-    workers_n = min(os.cpu_count() or 1, args.hosts)
-    print(f"  load average at the end: {load:.1f} (the report's own {workers_n} workers count for about "
-          f"{workers_n} of it; much more means other work shared the cores)")
+    print(f"  load average at the end: {load:.1f} (the report's own {workers} workers count for about "
+          f"{workers} of it; much more means other work shared the cores)")
 
 
 if __name__ == "__main__":

@@ -188,10 +188,11 @@ def capacity(args: argparse.Namespace) -> None:
     from broker.signing.hmac_sha256 import HmacSigner
     from broker.signing_policy import SigningPolicy
 
-    missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin") is None]
+    tools = {tool: shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin") for tool in ("wrk", "nginx")}
+    missing = [tool for tool, found in tools.items() if found is None]
     if missing:
         sys.exit(f"bench_proxy --capacity: needs {' and '.join(missing)} (apt-get install wrk nginx-light)")
-    nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
+    nginx = tools["nginx"]
     tmp = tempfile.TemporaryDirectory(prefix="bench-proxy-capacity-")
     folder = Path(tmp.name)
     port = free_port()
