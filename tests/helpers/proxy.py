@@ -55,15 +55,16 @@ def gen_pem(kind: str, passphrase: str | None = None) -> tuple[str, str]:
     return private, core.public_key_pem(key)
 
 
-def real_signer(fake: FakeBinance, kind: str) -> Any:
+def real_signer(fake: Any, kind: str, api_key: str = API_KEY) -> Any:
+    """A signer with a fresh real key of ``kind`` that ``fake`` (a REST or WebSocket fake exchange) knows."""
     if kind == "hmac":
         secret = secrets.token_hex(32)
-        fake.add_hmac(API_KEY, secret)
-        return HmacSigner(API_KEY, Secret(secret))
+        fake.add_hmac(api_key, secret)
+        return HmacSigner(api_key, Secret(secret))
     private, public = gen_pem(kind)
-    fake.add_public_key(API_KEY, public)
+    fake.add_public_key(api_key, public)
     _, key = core.load_private_key(private.encode())
-    return (Ed25519Signer if kind == "ed25519" else RsaSigner)(API_KEY, key)
+    return (Ed25519Signer if kind == "ed25519" else RsaSigner)(api_key, key)
 
 
 def bot_signer(client_key: ClientKey, api_key: str) -> Any:
