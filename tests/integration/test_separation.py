@@ -208,7 +208,15 @@ def test_user_bot_signs_through_the_agent(setup: tuple[dict[str, str], Path]) ->
            "import os\ns = AgentSigner(None, os.environ['CREDBROKER_AGENT_SOCKET'])\nq = s.sign_params({'symbol': 'BTCUSDT'}, endpoint='/fapi/v1/openOrders')\n"
            "open(sys.argv[1], 'w').write('signed ' + str('signature=' in q))\n")
     try:
-        res = run({**env, "PYTHONPATH": str(REPO)}, "--user", "nobody", "--", python, "-c", bot,
+        # The bot imports the agent's client from a copy the other user can read: the clone may sit in a
+        # folder closed to it (`git clone . "$(mktemp -d)/c"` makes a 0700 parent).
+        library = shared / "lib"
+        shutil.copytree(REPO / "broker", library / "broker", ignore=shutil.ignore_patterns("__pycache__"))
+        for folder, _, files in os.walk(library):
+            os.chmod(folder, 0o755)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o644)
+        res = run({**env, "PYTHONPATH": str(library)}, "--user", "nobody", "--", python, "-c", bot,
                   str(shared / "out"))
         assert res.returncode == 0, res.stderr
         assert (shared / "out").read_text() == "signed True"
