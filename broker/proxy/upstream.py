@@ -53,55 +53,158 @@ MAX_HEAD = 64 * 1024  # bytes of status line and headers an answer may have
 MAX_ANSWER = 64 * 1024 * 1024  # bytes of body (exchangeInfo is a few MB)
 
 
-class _Conn:
-    """One kept-alive connection and what was read past the last answer."""
+class AnswerReader:
+    """Reads one HTTP/1.1 answer from bytes as they arrive (``feed``), for the blocking pool and the
+    proxy's event loop alike: status line and headers (1xx interim answers skipped), then a
+    ``Content-Length`` body, a chunked one, or (neither) everything up to the end of the stream."""
 
-    __slots__ = ("sock", "buf")
+    __slots__ = ("method", "buf", "_pos", "_status", "_headers", "_length", "_chunked", "_close", "_parts",
+                 "_total", "_chunk")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.buf = bytearray()
+        self._pos = 0  # bytes of buf consumed by the head and the chunks read so far
+        self._status = 0  # 0 until the head is read
+        self._headers: list[tuple[str, str]] = []
+        self._length: int | None = None
+        self._chunked = self._close = False
+        self._parts: list[bytes] = []
+        self._total = 0
+        self._chunk = -1  # chunked: size of the chunk being read; -1 = its size line next; -2 = trailers
+
+    def feed(self, data: bytes) -> tuple[Answer, bool] | None:
+        """Add ``data`` (``b""`` = the stream ended); the answer and whether the connection may be
+        reused, once the whole answer is there; None while more is needed. Raises ValueError for an
+        answer that is not HTTP/1.x or too long, ConnectionError for a stream that ended too soon."""
+        if data:
+            self.buf += data
+            return self._advance()
+        done = self._advance()
+        if done is not None:
+            return done
+        if self._status and self._length is None and not self._chunked:
+            # No length given: the body is everything up to the end of the stream.
+            return Answer(self._status, self._headers, bytes(self.buf[self._pos:])), False
+        raise ConnectionError("the exchange closed the connection")
+
+    def _bodyless(self) -> bool:
+        return self.method == "HEAD" or self._status in (204, 304)
+
+    def _advance(self) -> tuple[Answer, bool] | None:
+        buf = self.buf
+        while not self._status:
+            end = buf.find(b"\r\n\r\n", self._pos, self._pos + MAX_HEAD + 4)
+            if end < 0:
+                if len(buf) - self._pos > MAX_HEAD:
+                    raise ValueError("an answer's head is too long")
+                return None
+            head = bytes(buf[self._pos:end]).decode("latin-1")
+            self._pos = end + 4
+            self._read_head(head)
+        if self._bodyless():
+            return self._done(b"")
+        if self._chunked:
+            return self._read_chunks()
+        if self._length is not None:
+            if len(buf) - self._pos < self._length:
+                return None
+            body = bytes(buf[self._pos:self._pos + self._length])
+            self._pos += self._length
+            return self._done(body)
+        if len(buf) - self._pos > MAX_ANSWER:
+            raise ValueError("the answer is too long")
+        return None  # read to the end of the stream (feed(b""))
+
+    def _read_head(self, head: str) -> None:
+        status_line, _, rest = head.partition("\r\n")
+        version, _, tail = status_line.partition(" ")
+        if not version.startswith("HTTP/1."):
+            raise ValueError("the answer is not HTTP/1.x")
+        status = int(tail[:3])
+        if status < 200 and status != 101:
+            return  # 1xx interim answers (100 Continue) are skipped
+        raw_headers: list[tuple[str, str]] = []
+        length: int | None = None
+        for line in rest.split("\r\n") if rest else []:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ValueError("a malformed header line")
+            value = value.strip()
+            lower = name.strip().lower()
+            if lower == "content-length":
+                if length is not None and length != int(value):
+                    raise ValueError("conflicting Content-Length headers")
+                length = int(value)
+                if not 0 <= length <= MAX_ANSWER:
+                    raise ValueError("a bad Content-Length")
+            elif lower == "transfer-encoding":
+                self._chunked = "chunked" in value.lower()
+            elif lower == "connection":
+                self._close = "close" in value.lower()
+            if lower not in HOP_BY_HOP:
+                raw_headers.append((name.strip(), value))
+        if version == "HTTP/1.0":
+            self._close = True
+        self._status, self._headers, self._length = status, raw_headers, length
+
+    def _read_chunks(self) -> tuple[Answer, bool] | None:
+        buf = self.buf
+        while True:
+            if self._chunk == -1:  # the next chunk's size line
+                end = buf.find(b"\r\n", self._pos, self._pos + 1024)
+                if end < 0:
+                    if len(buf) - self._pos > 1024:
+                        raise ValueError("a chunk's size line is too long")
+                    return None
+                size = int(bytes(buf[self._pos:end]).split(b";", 1)[0].strip(), 16)
+                if size < 0:
+                    raise ValueError("a bad chunk size")
+                self._pos = end + 2
+                self._total += size
+                if self._total > MAX_ANSWER:
+                    raise ValueError("the answer is too long")
+                self._chunk = size if size else -2
+            elif self._chunk == -2:  # trailers, up to the empty line
+                end = buf.find(b"\r\n", self._pos, self._pos + MAX_HEAD)
+                if end < 0:
+                    if len(buf) - self._pos > MAX_HEAD:
+                        raise ValueError("an answer's trailers are too long")
+                    return None
+                empty = end == self._pos
+                self._pos = end + 2
+                if empty:
+                    return self._done(b"".join(self._parts))
+            else:
+                if len(buf) - self._pos < self._chunk + 2:
+                    return None
+                self._parts.append(bytes(buf[self._pos:self._pos + self._chunk]))
+                self._pos += self._chunk + 2
+                self._chunk = -1
+
+    def _done(self, body: bytes) -> tuple[Answer, bool]:
+        # Bytes past the answer were not asked for: the connection is not reused.
+        reuse = not self._close and self._pos == len(self.buf)
+        return Answer(self._status, self._headers, body), reuse
+
+
+class _Conn:
+    """One kept-alive (blocking) connection of the pool."""
+
+    __slots__ = ("sock",)
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = bytearray()
 
-    def fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("the exchange closed the connection")
-        self.buf += data
-
-    def read_until(self, mark: bytes, limit: int) -> bytes:
+    def read_answer(self, method: str) -> tuple[Answer, bool]:
+        reader = AnswerReader(method)
         while True:
-            i = self.buf.find(mark, 0, limit + len(mark))
-            if i >= 0:
-                out = bytes(self.buf[:i])
-                del self.buf[:i + len(mark)]
-                return out
-            if len(self.buf) > limit:
-                raise ValueError("an answer's head is too long")
-            self.fill()
-
-    def read_exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self.fill()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def read_to_end(self) -> bytes:
-        while True:
-            data = self.sock.recv(65536)
-            if not data:
-                break
-            self.buf += data
-            if len(self.buf) > MAX_ANSWER:
-                raise ValueError("the answer is too long")
-        out = bytes(self.buf)
-        self.buf.clear()
-        return out
+            done = reader.feed(self.sock.recv(65536))
+            if done is not None:
+                return done
 
     def dropped(self) -> bool:
         """True when an idle connection was closed by the other end (or has unexpected bytes)."""
-        if self.buf:
-            return True
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True
         try:
@@ -157,6 +260,10 @@ class Upstream:
                 if not conn.dropped():
                     return conn
                 conn.close()
+        return _Conn(self.connect())
+
+    def connect(self) -> socket.socket:
+        """A new connection to the exchange (TLS established), with the read timeout set. Blocking."""
         sock = socket.create_connection((self._host, self._port), timeout=self._connect_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -166,7 +273,11 @@ class Upstream:
         except (OSError, ssl.SSLError):
             sock.close()
             raise
-        return _Conn(sock)
+        return sock
+
+    @property
+    def read_timeout(self) -> float:
+        return self._read_timeout
 
     def _put_back(self, conn: _Conn) -> None:
         with self._lock:
@@ -175,91 +286,44 @@ class Upstream:
                 return
         conn.close()
 
+    def encode_request(self, method: str, target: str, body: bytes | None, headers: Mapping[str, str]) -> bytes:
+        """The request as written on the wire: one buffer, one send."""
+        lines = [f"{method} {target} HTTP/1.1".encode("latin-1"), b"Host: " + self._host_header]
+        for name, value in headers.items():
+            lines.append(f"{name}: {value}".encode("latin-1"))
+        if body is None and method in ("POST", "PUT"):
+            lines.append(b"Content-Length: 0")
+        if "Accept-Encoding" not in headers:
+            lines.append(b"Accept-Encoding: identity")
+        return b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
+
+    def failure(self, exc: BaseException) -> UpstreamError:
+        """What the bot is told when the exchange cannot be reached or answers garbage (no detail of
+        the request: the message names the base URL and the kind of error)."""
+        kind = "SSLError" if isinstance(exc, ssl.SSLError) else type(exc).__name__
+        return UpstreamError(f"cannot reach the exchange at {self.base_url}: {kind}",
+                             "check the network and the profile's [proxy] base URLs")
+
     def request(self, method: str, target: str, body: bytes | None, headers: Mapping[str, str]) -> Answer:
         """Send one request (``target`` = path?query) and read the whole answer, not decoded."""
+        return self.request_raw(method, self.encode_request(method, target, body, headers))
+
+    def request_raw(self, method: str, data: bytes) -> Answer:
+        """Send a request already encoded (``encode_request``) and read the whole answer. Blocking."""
         conn: _Conn | None = None
         try:
             conn = self._connection()
-            lines = [f"{method} {target} HTTP/1.1".encode("latin-1"), b"Host: " + self._host_header]
-            for name, value in headers.items():
-                lines.append(f"{name}: {value}".encode("latin-1"))
-            if body is None and method in ("POST", "PUT"):
-                lines.append(b"Content-Length: 0")
-            if "Accept-Encoding" not in headers:
-                lines.append(b"Accept-Encoding: identity")
-            conn.sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + (body or b""))
-            answer, reuse = self._read_answer(conn, method)
+            conn.sock.sendall(data)
+            answer, reuse = conn.read_answer(method)
         except (OSError, ValueError, ssl.SSLError) as exc:
             if conn is not None:
                 conn.close()
-            kind = "SSLError" if isinstance(exc, ssl.SSLError) else type(exc).__name__
-            raise UpstreamError(f"cannot reach the exchange at {self.base_url}: {kind}",
-                                "check the network and the profile's [proxy] base URLs") from None
+            raise self.failure(exc) from None
         if reuse:
             self._put_back(conn)
         else:
             conn.close()
         return answer
-
-    @staticmethod
-    def _read_answer(conn: _Conn, method: str) -> tuple[Answer, bool]:
-        while True:
-            head = conn.read_until(b"\r\n\r\n", MAX_HEAD).decode("latin-1")
-            status_line, _, rest = head.partition("\r\n")
-            version, _, tail = status_line.partition(" ")
-            if not version.startswith("HTTP/1."):
-                raise ValueError("the answer is not HTTP/1.x")
-            status = int(tail[:3])
-            if status >= 200 or status == 101:
-                break  # 1xx interim answers (100 Continue) are skipped
-        raw_headers: list[tuple[str, str]] = []
-        length: int | None = None
-        chunked = close = False
-        for line in rest.split("\r\n") if rest else []:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise ValueError("a malformed header line")
-            value = value.strip()
-            lower = name.strip().lower()
-            if lower == "content-length":
-                if length is not None and length != int(value):
-                    raise ValueError("conflicting Content-Length headers")
-                length = int(value)
-            elif lower == "transfer-encoding":
-                chunked = "chunked" in value.lower()
-            elif lower == "connection":
-                close = "close" in value.lower()
-            if lower not in HOP_BY_HOP:
-                raw_headers.append((name.strip(), value))
-        if version == "HTTP/1.0":
-            close = True
-        if method == "HEAD" or status in (204, 304):
-            data = b""
-        elif chunked:
-            data = Upstream._read_chunked(conn)
-        elif length is not None:
-            if not 0 <= length <= MAX_ANSWER:
-                raise ValueError("a bad Content-Length")
-            data = conn.read_exactly(length)
-        else:
-            data, close = conn.read_to_end(), True
-        return Answer(status, raw_headers, data), not close
-
-    @staticmethod
-    def _read_chunked(conn: _Conn) -> bytes:
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            size = int(conn.read_until(b"\r\n", 1024).split(b";", 1)[0].strip(), 16)
-            if size == 0:
-                while conn.read_until(b"\r\n", MAX_HEAD):  # trailers, up to the empty line
-                    pass
-                return b"".join(parts)
-            total += size
-            if total > MAX_ANSWER:
-                raise ValueError("the answer is too long")
-            parts.append(conn.read_exactly(size))
-            conn.read_exactly(2)
 
     def now_ms(self) -> int:
         """The exchange's time as this host best knows it (ms)."""
