@@ -4,6 +4,9 @@ Both ends of every credbroker socket check the other: the folder holding a
 socket must be the user's own with mode 0700 (so nobody else can plant or
 reach it), the socket is created 0600, and the peer's credentials come from
 the kernel (``SO_PEERCRED``), never from anything the peer says.
+
+``send_some`` is the non-blocking send of both event loops (the agent's and
+the signing proxy's).
 """
 
 from __future__ import annotations
@@ -46,6 +49,19 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 def peer_is_me(sock: socket.socket) -> bool:
     """True when the other end runs as this process's user."""
     return peer_credentials(sock)[1] == os.getuid()
+
+
+def send_some(sock: socket.socket, out: bytearray) -> bool:
+    """Send what the non-blocking ``sock`` takes of ``out`` now, and drop that from ``out``; False when
+    the peer is gone."""
+    try:
+        n = sock.send(out)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    del out[:n]
+    return True
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -70,7 +70,7 @@ from ..errors import AgentRefused, AuditError, BrokerError, RunError, SigningErr
 from ..events import Recorder
 from ..signing import binance
 from ..signing_policy import SigningPolicy
-from ..unixsock import listen_private, peer_credentials, private_dir
+from ..unixsock import listen_private, peer_credentials, private_dir, send_some
 from . import policy as policy_glue
 from .peer import PeerCheck, RefusalTally
 from .protocol import HEADER, MAX_MESSAGE, PROTOCOL, Op, decode, encode, encode_signature, error_reply
@@ -427,17 +427,9 @@ class Agent:
 
     def _write(self, sel: selectors.BaseSelector, conn: _Conn) -> bool:
         out = conn.outbuf
-        if out:
-            try:
-                n = conn.sock.send(out)  # one send for all of this connection's answers of the round
-                if n == len(out):
-                    out.clear()
-                else:
-                    del out[:n]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                return False
+        # One send for all of this connection's answers of the round.
+        if out and not send_some(conn.sock, out):
+            return False
         want = bool(out)
         if want != conn.writing:  # one epoll_ctl only when the interest changes, not per answer
             sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0), conn)
