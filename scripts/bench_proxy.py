@@ -273,7 +273,7 @@ def capacity(args: argparse.Namespace) -> None:
         print(f"  {conns:<12}{d_rate:>12,.0f} r/s{p_rate:>20,.0f} r/s{cpu_us:>17,.0f} us{wrk_us:>15,.0f} / {ngx_us:.0f} us")
     print(f"  best proxied rate {best:,.0f} req/s; target >= 5,000 req/s with several bot connections: "
           f"{'met' if min(sum(r[0] for r in got[(c, 'proxy')]) / rounds for c in connections if c > 1) >= 5000 else 'NOT met'}"
-          " (the proxy is one Python process: a thread per connection, so more connections add GIL hand-offs)")
+          " (the proxy is one Python process: one event-loop thread serves every connection)")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

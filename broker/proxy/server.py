@@ -50,7 +50,9 @@ from ..signing.failures import classify
 from ..signing_policy import KINDS, SigningPolicy, SignRequest
 from .clientkey import ClientKey
 from .listenkeys import STREAM_EVENT_PATH, ProxyListenKeys
-from .http11 import HttpServer, Request
+from ..signing.listenkey import PATH as LISTEN_KEY_PATH
+from .http11 import Request
+from .loop import Forward, LoopServer
 from .peer import peer_in_tree
 from .settings import ProxySettings
 from ..errors import UpstreamError
@@ -66,6 +68,8 @@ _FORWARDED_HEADERS = ("Content-Type", "Accept", "Accept-Encoding", "User-Agent")
 _WANTED = tuple((name, name.lower()) for name in (*_FORWARDED_HEADERS, binance.API_KEY_HEADER))
 _SIGNER_GRACE = 60.0  # seconds a replaced signer stays open: longer than any upstream request's timeout
 _RESYNC_AFTER = 1.0  # seconds between two clock syncs triggered by -1021
+#: Signers whose key is in this process: signing never waits (the event loop may call them).
+_LOCAL_KINDS = frozenset({"hmac", "ed25519", "rsa"})
 
 # Audit event names written here.
 PROXY_REQUEST = Event.PROXY_REQUEST
@@ -148,7 +152,7 @@ class SigningProxy:
         self._old_signers: list[tuple[float, Any]] = []  # (monotonic time replaced, signer)
         #: Called with the new signer at every swap (the WebSocket API endpoint follows the REST proxy's key).
         self.signer_followers: list[Callable[[Any], None]] = []
-        self._httpd: HttpServer | None = None
+        self._httpd: LoopServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._audit_failed: BrokerError | None = None
@@ -175,8 +179,8 @@ class SigningProxy:
         return f"http://127.0.0.1:{self._httpd.port}"
 
     def start(self) -> str:
-        """Listen on 127.0.0.1 (a free port), serve in threads; returns the base URL."""
-        self._httpd = HttpServer(self.check_peer, self._serve_http)
+        """Listen on 127.0.0.1 (a free port), serve in an event loop; returns the base URL."""
+        self._httpd = LoopServer(self.check_peer, self._step_http, self._serve_http)
         self._httpd.start()
         flusher = threading.Thread(target=self._flush_loop, name="credbroker-proxy-audit", daemon=True)
         self._threads = [flusher]
@@ -251,7 +255,15 @@ class SigningProxy:
 
     # -- requests ---------------------------------------------------------------------------
     def _serve_http(self, peer: object, request: Request) -> tuple[Answer, bool]:
-        """One request from the HTTP loop: (answer, close the connection after it)."""
+        """One request, the blocking way (on a worker thread): (answer, close the connection after it)."""
+        step = self._step_http(peer, request, blocking=True)
+        assert step is not None and not isinstance(step, Forward)
+        return step
+
+    def _step_http(self, peer: object, request: Request, *, blocking: bool = False
+                   ) -> tuple[Answer, bool] | Forward | None:
+        """One request from the event loop: (answer, close after it), where to forward it, or None when
+        it must be served on a worker thread (``blocking``: it is on one)."""
         pid, reason = cast("tuple[int | None, str | None]", peer)  # what check_peer returned for this connection
         if reason is not None:
             return _json_answer(403, -1002, f"credbroker proxy: this process may not use the proxy: {reason}; "
@@ -260,17 +272,41 @@ class SigningProxy:
         # Header names are case-insensitive: the loop lower-cased them; handle() reads these names.
         lookup = request.headers
         wanted = {name: lookup[low] for name, low in _WANTED if low in lookup}
-        return self.handle(request.method, request.target, wanted, request.body, pid), False
+        if blocking:
+            return self.handle(request.method, request.target, wanted, request.body, pid), False
+        step = self.prepare(request.method, request.target, wanted, request.body, pid)
+        return step if step is None or isinstance(step, Forward) else (step, False)
 
     def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes, pid: int | None
                ) -> Answer:
-        """Check, re-sign and forward one request; the answer to give the bot."""
+        """Check, re-sign and forward one request; the answer to give the bot (blocking)."""
+        step = self.prepare(method, target, headers, body, pid, blocking=True)
+        if not isinstance(step, Forward):
+            assert step is not None
+            return step
+        try:
+            answer: Answer | UpstreamError = step.upstream.request_raw(step.method, step.data)
+        except UpstreamError as exc:
+            answer = exc
+        return step.done(answer)
+
+    def prepare(self, method: str, target: str, headers: Mapping[str, str], body: bytes, pid: int | None,
+                *, blocking: bool = False) -> Answer | Forward | None:
+        """Check and re-sign one request: the answer (a refusal), or the request to send on and what
+        turns the exchange's answer into the bot's. None (only when not ``blocking``): this request
+        needs calls that block (Vault's transit engine signs; the listenKey keeper), so ask again on a
+        worker thread with ``blocking=True``."""
         if self._audit_failed is not None:
             return _json_answer(500, -1000, f"credbroker proxy: the audit log cannot be written "
                                             f"({self._audit_failed.message}); nothing is forwarded")
         path, _, query = target.partition("?")
         if path == STREAM_EVENT_PATH:  # the bot reports a user-data-stream error (listenkeys.py)
+            if not blocking:
+                return None
             return self.listen_keys.stream_event(method, body)
+        signer = self.signer
+        if not blocking and getattr(signer, "kind", None) not in _LOCAL_KINDS:
+            return None  # the key is elsewhere (Vault): signing waits on the network
         summary: dict[str, Any] = {"endpoint": path[:200], "method": method}
         refusal = self._check_target(method, path, headers)
         if refusal is not None:
@@ -307,7 +343,7 @@ class SigningProxy:
             except PolicyRefused as exc:
                 return self._policy_refused(exc, pid, summary)
             try:
-                out_query, out_body = self._resign(q_rest, b_rest, upstream)
+                out_query, out_body = self._resign(q_rest, b_rest, upstream, signer)
             except BrokerError as exc:
                 return self._refuse(Refusal(500, -1000, f"signing failed: {exc.message}", "signing"), pid, summary)
         limiter = self.limiters[upstream.name]
@@ -325,18 +361,26 @@ class SigningProxy:
         payload = out_body.encode("utf-8") if out_body else None
         if payload is not None:
             out_headers["Content-Length"] = str(len(payload))
-        try:
-            answer = upstream.request(method, target_out, payload, out_headers)
-        except UpstreamError as exc:
-            self._record(PROXY_ANSWER, {"profile": self.profile, "pid": pid, "endpoint": path[:200],
-                                        "method": method, "status": 502, "error": exc.message})
-            return _json_answer(502, -1000, f"credbroker proxy: {exc.message}")
-        self.forwarded += 1
-        self._observe(limiter, ticket, answer, path)
-        if answer.status >= 400:
-            self._after_error(answer, upstream, path, method, pid)
-        self.listen_keys.after_answer(method, path, answer, upstream)
-        return answer
+
+        def done(answer: Answer | UpstreamError) -> Answer:
+            if isinstance(answer, UpstreamError):
+                self._record(PROXY_ANSWER, {"profile": self.profile, "pid": pid, "endpoint": path[:200],
+                                            "method": method, "status": 502, "error": answer.message})
+                return _json_answer(502, -1000, f"credbroker proxy: {answer.message}")
+            self.forwarded += 1
+            self._observe(limiter, ticket, answer, path)
+            if answer.status >= 400:
+                self._after_error(answer, upstream, path, method, pid)
+            self.listen_keys.after_answer(method, path, answer, upstream)
+            return answer
+
+        def quick(answer: Answer) -> bool:
+            # What may block: a -1021 makes the proxy ask the exchange's clock; a listenKey answer starts
+            # the keeper; an exchangeInfo is megabytes of JSON to read for its rate limits.
+            return answer.status < 400 and path != LISTEN_KEY_PATH and not path.endswith("/exchangeInfo")
+
+        return Forward(upstream, method, upstream.encode_request(method, target_out, payload, out_headers),
+                       done, quick)
 
     def _observe(self, limiter: Limiter, ticket: Ticket, answer: Answer, path: str) -> None:
         """Feed the answer's weight headers (and an exchangeInfo's rateLimits) to the upstream's limiter."""
@@ -394,12 +438,12 @@ class SigningProxy:
             return Refusal(400, -1021, "Timestamp for this request is outside of the recvWindow.", "timestamp")
         return None
 
-    def _resign(self, query: str, body: str, upstream: Upstream) -> tuple[str, str]:
+    def _resign(self, query: str, body: str, upstream: Upstream, signer: Any) -> tuple[str, str]:
         stamp = str(upstream.now_ms())
         query, in_query = _restamp(query, stamp)
         body, in_body = _restamp(body, stamp)
         total = binance.total_params(query, body)
-        signature = binance.quote_signature(self.signer.sign(total))
+        signature = binance.quote_signature(signer.sign(total))
         # Binance reads the signature from the query or the body; last, after every signed parameter.
         if body:
             return query, f"{body}&signature={signature}"

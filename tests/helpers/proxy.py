@@ -81,6 +81,7 @@ class Harness:
                  root_pid: int | None = None, allow_root: bool = True, ca_file: str | None = None,
                  sync: bool = True, table: dict[str, Any] | None = None) -> None:
         self.records: list[tuple[str, dict[str, Any]]] = []
+        self.fake = fake
         self.signer = real_signer(fake, kind)
         self.client_key = ClientKey(kind)
         settings = ProxySettings.from_mapping({"spot": fake.url, "futures": fake.url,

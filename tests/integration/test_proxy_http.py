@@ -193,13 +193,13 @@ def test_a_connection_the_exchange_closed_is_not_reused_and_nothing_is_sent_twic
 @pytest.mark.parametrize("sent", [b"", b"GET /fapi/v1/time HTTP/1.1\r\nHost: x\r\n"])
 def test_an_idle_connection_is_closed_after_the_idle_timeout(harness: Harness, monkeypatch: pytest.MonkeyPatch,
                                                              sent: bytes) -> None:
-    """The idle timeout is the kernel's (SO_RCVTIMEO), not a poll before each call: a bot that goes quiet,
-    before a request or in the middle of its headers, has its connection closed, and the proxy goes on."""
+    """A bot that goes quiet, before a request or in the middle of its headers, has its connection closed
+    by the event loop's deadline, and the proxy goes on."""
     import time
 
-    from broker.proxy import http11
+    from broker.proxy import loop
 
-    monkeypatch.setattr(http11, "_IDLE_TIMEOUT", 1.0)
+    monkeypatch.setattr(loop, "IDLE_TIMEOUT", 1.0)
     with _connect(harness) as sock:
         sock.sendall(sent)
         start = time.monotonic()
@@ -208,3 +208,203 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout(harness: Harness, m
     with _connect(harness) as sock:  # the proxy still serves
         sock.sendall(b"GET /fapi/v1/time HTTP/1.1\r\nHost: x\r\n\r\n")
         assert _answer(sock)[0] == "HTTP/1.1 200 OK"
+
+
+# -- the event loop: every connection in one thread, none waiting for another ----------------------
+
+def _echo_exchange(fake: FakeBinance, slow: threading.Event | None = None) -> None:
+    """``/fapi/v1/echo?...`` answers its own query (``slow`` set: ``/fapi/v1/slow`` waits for it), saying
+    each used a weight of 1 (so that the proxy's limiter, which believes the exchange, never refuses)."""
+    answer = fake.answer
+
+    def echo(method: str, target: str, headers: object, body: str) -> tuple[int, object, dict[str, str]]:
+        path, _, query = target.partition("?")
+        if path == "/fapi/v1/echo":
+            return 200, {"query": query}, {"X-MBX-USED-WEIGHT-1M": "1"}
+        if path == "/fapi/v1/slow" and slow is not None:
+            assert slow.wait(20), "the test never let the slow answer go"
+            return 200, {"slow": True}, {}
+        return answer(method, target, headers, body)
+
+    fake.answer = echo  # type: ignore[method-assign]
+
+
+def _get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+def test_a_slow_answer_on_one_connection_does_not_hold_up_the_others(harness: Harness) -> None:
+    """While the exchange sits on one bot connection's request, the others are answered: the loop waits for
+    no single socket (a worker-less, one-request-at-a-time loop would hang here until the socket timeout)."""
+    import json
+
+    slow = threading.Event()
+    _echo_exchange(harness.fake, slow)
+    with _connect(harness) as waiting, _connect(harness) as other:
+        waiting.sendall(_get("/fapi/v1/slow"))
+        for n in range(5):
+            other.sendall(_get(f"/fapi/v1/echo?n={n}"))
+            status, _, body = _answer(other)
+            assert status == "HTTP/1.1 200 OK" and json.loads(body) == {"query": f"n={n}"}
+        assert not slow.is_set()  # all five came back while the slow one was still at the exchange
+        slow.set()
+        status, _, body = _answer(waiting)
+        assert status == "HTTP/1.1 200 OK" and json.loads(body) == {"slow": True}
+
+
+def test_many_connections_at_once_each_get_their_own_answers_in_order(harness: Harness) -> None:
+    import json
+
+    _echo_exchange(harness.fake)
+    errors: list[str] = []
+
+    def bot(i: int) -> None:
+        try:
+            with _connect(harness) as sock:
+                for n in range(15):
+                    sock.sendall(_get(f"/fapi/v1/echo?bot={i}&n={n}"))
+                    status, _, body = _answer(sock)
+                    if status != "HTTP/1.1 200 OK" or json.loads(body) != {"query": f"bot={i}&n={n}"}:
+                        errors.append(f"bot {i} request {n}: {status} {body!r}")
+        except (OSError, AssertionError) as exc:
+            errors.append(f"bot {i}: {exc!r}")
+
+    threads = [threading.Thread(target=bot, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:5]
+    assert len([r for r in harness.fake.requests if r.path == "/fapi/v1/echo"]) == 24 * 15
+
+
+def test_pipelined_requests_are_answered_in_the_order_sent(harness: Harness) -> None:
+    import json
+
+    _echo_exchange(harness.fake)
+    with _connect(harness) as sock:
+        sock.sendall(b"".join(_get(f"/fapi/v1/echo?n={n}") for n in range(4)) + _get("/nowhere"))
+        for n in range(4):
+            status, _, body = _answer(sock)
+            assert status == "HTTP/1.1 200 OK" and json.loads(body) == {"query": f"n={n}"}
+        assert _answer(sock)[0] == "HTTP/1.1 404 Not Found"  # refused by the proxy, still in its turn
+
+
+def test_a_bot_that_leaves_mid_request_costs_the_others_nothing(harness: Harness) -> None:
+    slow = threading.Event()
+    _echo_exchange(harness.fake, slow)
+    gone = _connect(harness)
+    gone.sendall(_get("/fapi/v1/slow"))
+    half = _connect(harness)
+    half.sendall(b"GET /fapi/v1/echo?n=1 HTTP/1.1\r\nHo")
+    gone.close()
+    half.close()
+    slow.set()  # the exchange's answer now goes to a connection that is gone
+    with _connect(harness) as sock:
+        sock.sendall(_get("/fapi/v1/echo?n=2"))
+        assert _answer(sock)[0] == "HTTP/1.1 200 OK"
+
+
+def _raw_harness(fake: FakeBinance, raw: _RawExchange) -> Harness:
+    """A proxy whose futures exchange is ``raw`` (spot stays ``fake``, which signs nothing here)."""
+    return Harness(fake, sync=False, table={"futures": raw.url})
+
+
+def test_the_loop_reads_chunked_answers_and_does_not_reuse_a_connection_the_exchange_closed() -> None:
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"4\r\n{\"a\"\r\n3;ext=1\r\n:1}\r\n0\r\n\r\n")
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    fake = FakeBinance().start()
+    raw = _RawExchange([b"HTTP/1.1 100 Continue\r\n\r\n" + chunked, ok], close_after=True)
+    h = _raw_harness(fake, raw)
+    try:
+        with _connect(h) as sock:
+            sock.sendall(_get("/fapi/v1/time"))
+            status, headers, body = _answer(sock)
+            assert status == "HTTP/1.1 200 OK" and body == b'{"a":1}' and "transfer-encoding" not in headers
+            import time
+
+            time.sleep(0.2)  # let the exchange's close arrive (no timing is asserted)
+            sock.sendall(_get("/fapi/v1/time"))
+            status, _, body = _answer(sock)
+            assert status == "HTTP/1.1 200 OK" and body == b"{}"
+        assert raw.connections == 2  # a fresh connection for the second request, not the closed one
+    finally:
+        h.close()
+        raw.close()
+        fake.stop()
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", b"garbage\r\n\r\n", b""])
+def test_an_answer_cut_short_or_malformed_is_a_502_and_nothing_is_sent_twice(answer: bytes) -> None:
+    fake = FakeBinance().start()
+    raw = _RawExchange([answer], close_after=True)
+    h = _raw_harness(fake, raw)
+    try:
+        with _connect(h) as sock:
+            sock.sendall(_get("/fapi/v1/time"))
+            status, _, body = _answer(sock)
+            assert status == "HTTP/1.1 502 Bad Gateway" and b"cannot reach the exchange" in body
+        assert raw.connections == 1
+        assert h.events("proxy_answer")[-1]["status"] == 502
+    finally:
+        h.close()
+        raw.close()
+        fake.stop()
+
+
+def test_an_exchange_that_never_answers_fails_that_request_at_the_read_timeout() -> None:
+    fake = FakeBinance().start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (the kernel does), never answers
+    h = Harness(fake, sync=False, table={"futures": f"http://127.0.0.1:{silent.getsockname()[1]}"})
+    try:
+        h.proxy.upstreams["futures"]._read_timeout = 0.5
+        with _connect(h) as sock:
+            sock.sendall(_get("/fapi/v1/time"))
+            status, _, body = _answer(sock)
+            assert status == "HTTP/1.1 502 Bad Gateway" and b"TimeoutError" in body
+            sock.sendall(_get("/api/v3/time"))  # spot, the fake: the loop goes on
+            assert _answer(sock)[0] == "HTTP/1.1 200 OK"
+    finally:
+        h.close()
+        silent.close()
+        fake.stop()
+
+
+def test_new_connections_past_the_peer_check_bound_wait_in_the_backlog(harness: Harness,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of new connections is checked at most MAX_CHECKING at a time (the rest wait in the kernel's
+    listen backlog, not in the proxy's memory), and every one is served in the end."""
+    import time
+
+    from broker.proxy import loop
+
+    monkeypatch.setattr(loop, "MAX_CHECKING", 2)
+    check = harness.proxy.check_peer
+    lock = threading.Lock()
+    running = [0, 0]  # now, most at once
+
+    def slow_check(client: tuple[str, int], server: tuple[str, int]) -> tuple[int | None, str | None]:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        time.sleep(0.1)
+        try:
+            return check(client, server)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    harness.proxy._httpd._accept_fn = slow_check  # type: ignore[union-attr]
+    socks = [_connect(harness) for _ in range(8)]
+    try:
+        for sock in socks:
+            sock.sendall(_get("/fapi/v1/time"))
+        for sock in socks:
+            assert _answer(sock)[0] == "HTTP/1.1 200 OK"
+    finally:
+        for sock in socks:
+            sock.close()
+    assert running[1] == 2

@@ -19,8 +19,9 @@ BROKER = Path(broker.__file__).parent
 #: handling, and turns into a VaultBadResponse at its boundary.
 NOT_OURS = {
     ("broker/vault/transport.py", "RedirectRefused"),
-    # Control flow inside one module, never raised out of it: the answer to send back to the bot.
-    ("broker/proxy/http11.py", "_BadRequest"),
+    # Control flow between the proxy's HTTP parser and its event loop, never raised out of them: the
+    # answer to send back to the bot.
+    ("broker/proxy/http11.py", "BadRequest"),
     ("broker/proxy/ws.py", "Reply"),
     ("broker/preflight.py", "_ClockRefused"),  # -1021: ask once more with the exchange's clock
 }
