@@ -33,6 +33,7 @@ fails that request.
 from __future__ import annotations
 
 import os
+import queue
 import select
 import socket
 import ssl
@@ -40,7 +41,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -115,6 +115,48 @@ class _Up:
         self.closed = False
 
 
+class _Workers:
+    """Up to ``n`` daemon threads, started as work comes. (Not ``concurrent.futures``: its threads are
+    joined at interpreter exit, so a connect or a Vault call still in flight would hold up the broker's
+    exit; these die with the process.)"""
+
+    def __init__(self, n: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._max = n
+        self._name = name
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._closed = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            if self._idle == 0 and self._threads < self._max:
+                self._threads += 1
+                threading.Thread(target=self._run, name=f"{self._name}-{self._threads}", daemon=True).start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+            if job is None:
+                return
+            job()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            threads = self._threads
+        for _ in range(threads):
+            self._jobs.put(None)
+
+
 class LoopServer:
     """Listen on 127.0.0.1 (a free port); ``start()`` returns the port, ``stop()`` closes everything."""
 
@@ -131,7 +173,7 @@ class LoopServer:
         self._bots: set[_Bot] = set()
         self._busy_ups: set[_Up] = set()
         self._idle: dict[str, list[_Up]] = {}
-        self._workers: ThreadPoolExecutor | None = None
+        self._workers: _Workers | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._next_sweep = float("inf")
@@ -154,7 +196,7 @@ class LoopServer:
         self._objs[listener.fileno()] = _LISTENER
         self._sel.register(self._wake_r, _IN)
         self._objs[self._wake_r] = _WAKE
-        self._workers = ThreadPoolExecutor(WORKERS, thread_name_prefix=f"{self._name}-work")
+        self._workers = _Workers(WORKERS, f"{self._name}-work")
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
         return self.port
@@ -168,7 +210,7 @@ class LoopServer:
             thread.join(timeout=5.0)
         workers, self._workers = self._workers, None
         if workers is not None:
-            workers.shutdown(wait=False, cancel_futures=True)
+            workers.close()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -198,12 +240,8 @@ class LoopServer:
             self._post(lambda: self._then(bot, then, result, error))
 
         workers = self._workers
-        if workers is None or self._stopping:
-            return
-        try:
+        if workers is not None and not self._stopping:
             workers.submit(run)
-        except RuntimeError:
-            pass  # shut down meanwhile: stop() closes the connection
 
     def _then(self, bot: _Bot, then: Callable[[Any, BaseException | None], None], result: Any,
               error: BaseException | None) -> None:
