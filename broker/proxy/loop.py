@@ -46,13 +46,16 @@ from typing import Any, NamedTuple
 
 from ..errors import UpstreamError
 from ..unixsock import send_some
-from .http11 import Incomplete, Request, BadRequest, encode_answer, error_answer, parse_request
+from .http11 import MAX_BODY, MAX_HEAD, Incomplete, Request, BadRequest, encode_answer, error_answer, parse_request
 from .upstream import Answer, AnswerReader, Upstream
 
 IDLE_TIMEOUT = 600.0  # seconds a kept-alive bot connection may wait for its next request (or take an answer)
 WORKERS = 16  # threads for what blocks: peer checks, new exchange connections, Vault signing
 POOL_SIZE = 16  # idle kept-alive connections per exchange
 _ACCEPT_BATCH = 64
+#: Bytes of a bot's requests read ahead while one of its requests is answered (or its answers wait to be
+#: sent): past this the connection is not read until the bot catches up (the kernel's buffers push back).
+_READ_AHEAD = MAX_HEAD + MAX_BODY
 #: New connections whose peer check has not come back: past this many, the rest wait in the listen
 #: backlog (a flood of connections from outside the bot's tree queues in the kernel, not in memory).
 MAX_CHECKING = 64
@@ -82,7 +85,7 @@ Serve = Callable[[Any, Request], "tuple[Answer, bool]"]
 
 class _Bot:
     __slots__ = ("sock", "state", "inbuf", "outbuf", "busy", "keep", "closing", "continued", "deadline",
-                 "writing", "closed", "reading")
+                 "writing", "closed", "reading", "events")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -94,7 +97,8 @@ class _Bot:
         self.closing = False  # close once the answers are sent
         self.continued = False  # "100 Continue" sent for the request being read
         self.deadline = 0.0
-        self.writing = False
+        self.writing = False  # answers wait to be sent (the client does not read them yet)
+        self.events = 0  # what epoll watches for it
         self.closed = False
         self.reading = False  # _process is running for it (an answer given inside it does not call it again)
 
@@ -387,6 +391,7 @@ class LoopServer:
         assert self._sel is not None
         fd = bot.sock.fileno()
         self._sel.register(fd, _IN)
+        bot.events = _IN
         self._objs[fd] = bot
 
     def _bot_event(self, bot: _Bot, mask: int) -> None:
@@ -408,6 +413,16 @@ class LoopServer:
             return
         bot.inbuf += data
         self._process(bot)
+        if not bot.closed and len(bot.inbuf) >= _READ_AHEAD:
+            self._watch(bot)  # enough read ahead: not read again until the bot's requests are answered
+
+    def _watch(self, bot: _Bot) -> None:
+        """Tell epoll what to wait for on ``bot``: its answers' sending, and more requests unless enough
+        are read ahead."""
+        events = (_IN if len(bot.inbuf) < _READ_AHEAD else 0) | (_OUT if bot.writing else 0)
+        if events != bot.events and self._sel is not None and bot.state is not None:
+            self._sel.modify(bot.sock.fileno(), events)
+            bot.events = events
 
     def _bot_ended(self, bot: _Bot) -> None:
         """The client closed its side: an unfinished request gets a 400 (as far as it can be sent)."""
@@ -430,7 +445,8 @@ class LoopServer:
             bot.reading = False
 
     def _next_requests(self, bot: _Bot) -> None:
-        while not bot.busy and not bot.closing and not bot.closed and bot.inbuf:
+        # Not while answers wait to be sent: a bot that sends and never reads gets no more answers made.
+        while not bot.busy and not bot.writing and not bot.closing and not bot.closed and bot.inbuf:
             try:
                 parsed = parse_request(bot.inbuf)
             except BadRequest as exc:
@@ -476,6 +492,8 @@ class LoopServer:
         if not bot.closed:
             bot.deadline = self._deadline(IDLE_TIMEOUT)
             self._process(bot)
+            if not bot.closed:
+                self._watch(bot)
 
     def _flush_bot(self, bot: _Bot) -> None:
         out = bot.outbuf
@@ -490,8 +508,11 @@ class LoopServer:
             bot.writing = want
             if want:
                 bot.deadline = self._deadline(IDLE_TIMEOUT)
-            if self._sel is not None and bot.state is not None:
-                self._sel.modify(bot.sock.fileno(), _IN | (_OUT if want else 0))
+            self._watch(bot)
+            if not want:
+                self._process(bot)  # the requests read meanwhile
+                if not bot.closed:
+                    self._watch(bot)
 
     def _close_bot(self, bot: _Bot) -> None:
         if bot.closed:

@@ -408,3 +408,22 @@ def test_new_connections_past_the_peer_check_bound_wait_in_the_backlog(harness: 
         for sock in socks:
             sock.close()
     assert running[1] == 2
+
+
+def test_a_bot_that_sends_without_reading_is_pushed_back_not_buffered(harness: Harness) -> None:
+    """Requests read ahead are bounded (about a megabyte) and no answer is made while earlier ones wait to be
+    sent: a client that writes and never reads fills the kernel's buffers and blocks, as on any server,
+    instead of growing the proxy's memory."""
+    _echo_exchange(harness.fake)
+    request = _get("/fapi/v1/echo?n=1")
+    with _connect(harness) as sock:
+        sock.settimeout(2)
+        sent = 0
+        with pytest.raises(TimeoutError):
+            for _ in range(2_000_000):  # 80 MB, far past what the kernel buffers on loopback
+                sock.sendall(request)
+                sent += 1
+        forwarded = len([r for r in harness.fake.requests if r.path == "/fapi/v1/echo"])
+        assert forwarded < sent
+        sock.settimeout(10)
+        assert _answer(sock)[0] == "HTTP/1.1 200 OK"  # and the connection still works
