@@ -59,6 +59,8 @@ _READ_AHEAD = MAX_HEAD + MAX_BODY
 #: New connections whose peer check has not come back: past this many, the rest wait in the listen
 #: backlog (a flood of connections from outside the bot's tree queues in the kernel, not in memory).
 MAX_CHECKING = 64
+REFUSED_TIMEOUT = 5.0  # seconds a connection from outside the bot's tree is kept for its one answer (the 403)
+_ACCEPT_RETRY = 0.1  # seconds without accepting after accept() failed (out of file descriptors)
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _LISTENER, _WAKE = object(), object()
@@ -164,8 +166,12 @@ class _Workers:
 class LoopServer:
     """Listen on 127.0.0.1 (a free port); ``start()`` returns the port, ``stop()`` closes everything."""
 
-    def __init__(self, accept: Accept, step: Step, serve: Serve, *, name: str = "credbroker-proxy") -> None:
+    def __init__(self, accept: Accept, step: Step, serve: Serve, *, refused: Callable[[Any], bool] | None = None,
+                 name: str = "credbroker-proxy") -> None:
+        """``refused(state)``: the peer check refused this connection; it is kept only ``REFUSED_TIMEOUT``
+        seconds, time for its request and the 403, not ``IDLE_TIMEOUT``."""
         self._accept_fn = accept
+        self._refused = refused
         self._step = step
         self._serve = serve
         self._name = name
@@ -183,6 +189,7 @@ class LoopServer:
         self._next_sweep = float("inf")
         self._checking = 0  # connections waiting for their peer check
         self._accepting = True
+        self._accept_again = 0.0  # accept() failed: not before this time
         self.port = 0
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -335,6 +342,12 @@ class LoopServer:
                 self._close_bot(bot)
             else:
                 nearest = min(nearest, bot.deadline)
+        if self._accept_again and self._accept_again <= now:
+            self._accept_again = 0.0
+            if self._checking < MAX_CHECKING:
+                self._listen(True)
+        elif self._accept_again:
+            nearest = min(nearest, self._accept_again)
         self._next_sweep = nearest
 
     def _deadline(self, seconds: float) -> float:
@@ -357,6 +370,10 @@ class LoopServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
+                # Out of file descriptors (or another passing trouble): the listener stays readable, so
+                # stop watching it for a moment instead of spinning on it.
+                self._listen(False)
+                self._accept_again = self._deadline(_ACCEPT_RETRY)
                 return
             sock.setblocking(False)
             try:
@@ -380,7 +397,7 @@ class LoopServer:
 
     def _admit(self, bot: _Bot, state: Any, error: BaseException | None) -> None:
         self._checking -= 1
-        if not self._accepting and self._checking < MAX_CHECKING // 2:
+        if not self._accepting and not self._accept_again and self._checking < MAX_CHECKING // 2:
             self._listen(True)
         if bot.closed:
             return
@@ -388,6 +405,8 @@ class LoopServer:
             self._close_bot(bot)
             return
         bot.state = state
+        if self._refused is not None and self._refused(state):
+            bot.deadline = self._deadline(REFUSED_TIMEOUT)
         assert self._sel is not None
         fd = bot.sock.fileno()
         self._sel.register(fd, _IN)

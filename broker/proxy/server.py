@@ -180,7 +180,8 @@ class SigningProxy:
 
     def start(self) -> str:
         """Listen on 127.0.0.1 (a free port), serve in an event loop; returns the base URL."""
-        self._httpd = LoopServer(self.check_peer, self._step_http, self._serve_http)
+        self._httpd = LoopServer(self.check_peer, self._step_http, self._serve_http,
+                                 refused=lambda peer: peer[1] is not None)
         self._httpd.start()
         flusher = threading.Thread(target=self._flush_loop, name="credbroker-proxy-audit", daemon=True)
         self._threads = [flusher]

@@ -13,7 +13,7 @@ import pytest
 
 from broker.proxy.upstream import Upstream, UpstreamError
 from tests.helpers.fake_binance import FakeBinance
-from tests.helpers.proxy import Harness
+from tests.helpers.proxy import Harness, fake  # noqa: F401 - fake is a fixture
 
 
 @pytest.fixture
@@ -427,3 +427,64 @@ def test_a_bot_that_sends_without_reading_is_pushed_back_not_buffered(harness: H
         assert forwarded < sent
         sock.settimeout(10)
         assert _answer(sock)[0] == "HTTP/1.1 200 OK"  # and the connection still works
+
+
+def test_a_refused_connection_is_kept_only_for_its_403(fake: FakeBinance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process outside the bot's tree gets its one answer (403) and is closed; one that sends nothing is
+    closed after REFUSED_TIMEOUT, not kept for the bot's idle timeout (a flood of silent outsiders would
+    hold file descriptors for ten minutes)."""
+    import time
+
+    from broker.proxy import loop
+
+    monkeypatch.setattr(loop, "REFUSED_TIMEOUT", 0.5)
+    h = Harness(fake, allow_root=False)  # this test process is the broker's place: refused
+    try:
+        with _connect(h) as sock:
+            sock.sendall(_get("/fapi/v1/time"))
+            status, headers, _ = _answer(sock)
+            assert status == "HTTP/1.1 403 Forbidden" and headers.get("connection") == "close"
+            assert sock.recv(1) == b""
+        with _connect(h) as silent:
+            start = time.monotonic()
+            assert silent.recv(1) == b""  # closed by the proxy, nothing answered
+            assert time.monotonic() - start < 8
+    finally:
+        h.close()
+
+
+def test_accept_failing_for_want_of_file_descriptors_pauses_instead_of_spinning(harness: Harness) -> None:
+    import errno
+    import time
+
+    httpd = harness.proxy._httpd
+    assert httpd is not None
+
+    class Flaky:
+        """The listener, whose accept() fails with EMFILE for 0.3 s from its first call."""
+
+        def __init__(self, real: socket.socket) -> None:
+            self.real, self.until, self.calls, self.failures = real, 0.0, 0, 0
+
+        def accept(self) -> tuple[socket.socket, object]:
+            self.calls += 1
+            now = time.monotonic()
+            if not self.until:
+                self.until = now + 0.3
+            if now < self.until:
+                self.failures += 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return self.real.accept()
+
+        def fileno(self) -> int:
+            return self.real.fileno()
+
+        def close(self) -> None:
+            self.real.close()
+
+    flaky = Flaky(httpd._listener)  # type: ignore[arg-type]
+    httpd._listener = flaky  # type: ignore[assignment]
+    with _connect(harness) as sock:
+        sock.sendall(_get("/fapi/v1/time"))
+        assert _answer(sock)[0] == "HTTP/1.1 200 OK"  # accepted once the failures passed
+    assert 1 <= flaky.failures < 20  # a try every 0.1 s while it failed, not a busy loop
