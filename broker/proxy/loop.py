@@ -179,6 +179,7 @@ class LoopServer:
         self._sel: select.epoll | None = None
         self._objs: dict[int, object] = {}  # fd -> its _Bot, _Up, _LISTENER or _WAKE
         self._wake_r = self._wake_w = -1
+        self._wake_lock = threading.Lock()
         self._posted: deque[Callable[[], None]] = deque()
         self._bots: set[_Bot] = set()
         self._busy_ups: set[_Up] = set()
@@ -222,16 +223,20 @@ class LoopServer:
         workers, self._workers = self._workers, None
         if workers is not None:
             workers.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        with self._wake_lock:  # a worker finishing late must not write to a closed (reused) fd number
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up already waiting (or stopped)
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # a wake-up already waiting (the pipe is full)
 
     def _post(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` in the loop's thread (from a worker)."""
