@@ -33,7 +33,7 @@ from . import units
 from .config import Profile
 from .errors import BrokerError, ConfigError
 from .secret import Credentials
-from .events import Event, Recorder
+from .events import Recorder
 from .watch import Watcher
 
 

@@ -61,7 +61,7 @@ from fnmatch import fnmatchcase, translate
 from typing import Any, NamedTuple
 
 from . import units
-from .errors import ConfigError, SigningError
+from .errors import ConfigError
 # Error classes live in errors.py; these names stay importable from here too.
 from .errors import PolicyRefused as PolicyRefused
 
@@ -597,7 +597,7 @@ def _limit(table: Mapping[str, Any], key: str, where: str) -> Limit:
             else:
                 per[str(sym).strip().upper()] = number
         if not per and default is None:
-            raise ConfigError(f"{where}.{key}: empty table", f"give a number, or {{ BTCUSDT = 0.01 }}")
+            raise ConfigError(f"{where}.{key}: empty table", "give a number, or { BTCUSDT = 0.01 }")
         return Limit(default, per)
     return Limit(_positive(raw, f"{where}.{key}"), {})
 

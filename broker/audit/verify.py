@@ -33,7 +33,6 @@ import hashlib
 import hmac
 import json
 import operator
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat

@@ -11,7 +11,6 @@ a second time.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import stat

@@ -12,7 +12,6 @@ from ..config import Profile
 from ..errors import BrokerError
 from ..secret import Credentials
 from .. import childenv
-from ..events import Event
 from .options import Recorder
 
 if TYPE_CHECKING:  # pragma: no cover
