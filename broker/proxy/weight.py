@@ -206,6 +206,9 @@ class Limiter:
         self._fixed = dict(fixed or {})  # the profile's: never replaced by exchangeInfo
         self._windows: dict[tuple[str, str], _Window] = {}
         self._reserved: dict[tuple[str, str], int] = {}
+        #: Per window: (its start, the reservation mark of the newest request whose answer was seen, the
+        #: highest figure an answer gave). Answers that come back out of order are judged against these.
+        self._seen: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._blocked_until = 0.0  # monotonic
         self._blocked_status = 429
         self.set_limits({**dict(limits if limits is not None else DEFAULT_LIMITS.get(upstream, {})), **self._fixed})
@@ -304,9 +307,21 @@ class Limiter:
                 start, reserved_then = ticket.marks.get(key, (None, 0)) if ticket is not None else (w.start, 0)
                 if start != w.start:
                     continue  # the answer belongs to a window that has passed
-                since = self._reserved.get(key, 0) - reserved_then if ticket is not None else 0
-                # The exchange's figure (other processes on this IP included) plus what was sent after it.
-                w.used = used + since
+                if ticket is None:
+                    w.used = used
+                    continue
+                # The exchange's figure (other processes on this IP included) plus what was sent after the
+                # request it answers. An answer that comes back after the answer to a later request is
+                # stale: what was sent after *it* includes requests the later answer's figure already
+                # counts, so the later request's mark is kept, with the higher of the two figures
+                # (the request processed last counted every one answered before it).
+                last = self._seen.get(key)
+                if last is not None and last[0] == w.start:
+                    used = max(used, last[2])
+                    if last[1] > reserved_then:
+                        reserved_then = last[1]
+                self._seen[key] = (w.start, reserved_then, used)
+                w.used = used + self._reserved.get(key, 0) - reserved_then
 
     def rate_limits(self) -> list[dict[str, Any]]:
         """The limits and what is counted in each, as Binance's WebSocket API ``rateLimits`` array writes them."""

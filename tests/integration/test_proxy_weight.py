@@ -185,6 +185,25 @@ def test_a_header_counts_what_was_sent_after_its_request() -> None:
     assert isinstance(lim.acquire(50, 0, now + 60_000), Ticket)
 
 
+def test_an_answer_that_comes_back_late_does_not_count_later_requests_twice() -> None:
+    """Ten requests of weight 10 reserved at once (100, the limit); the exchange counts 1 per request and
+    answers requests 2-10 first. The first request's answer, arriving last, says 1: adding everything sent
+    after it (90) would refuse the next request although the exchange has counted 10."""
+    lim = Limiter("futures", {("weight", "1m"): 100})
+    now = 1_000_000 * 60_000 + 1000
+    tickets = [lim.acquire(10, 0, now) for _ in range(10)]
+    assert all(isinstance(t, Ticket) for t in tickets)
+    assert isinstance(lim.acquire(10, 0, now), Verdict)  # 100 reserved: the limit
+    for n, ticket in enumerate(tickets[1:], start=2):
+        lim.observe(ticket, 200, [("X-MBX-USED-WEIGHT-1M", str(n))])  # type: ignore[arg-type]
+    lim.observe(tickets[0], 200, [("X-MBX-USED-WEIGHT-1M", "1")])  # type: ignore[arg-type]
+    assert lim.rate_limits()[-1]["count"] == 10
+    later = lim.acquire(10, 0, now)
+    assert isinstance(later, Ticket)
+    # Still conservative: what was sent after the newest answer counts on top of its figure.
+    assert lim.rate_limits()[-1]["count"] == 20
+
+
 def test_rotation_interval_is_validated() -> None:
     assert ProxySettings.from_mapping({}, "p").rotation_interval == 60.0
     assert ProxySettings.from_mapping({"rotation_interval": "5m"}, "p").rotation_interval == 300.0
