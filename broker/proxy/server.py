@@ -24,7 +24,8 @@ and an audit record):
 Audit: ``proxy_request`` before a request leaves (method, endpoint, parameter
 names, the order's public fields), ``proxy_answer`` for an answer that is not
 2xx, ``signature_failure`` (with Binance's code) for key trouble,
-``policy_refused`` / ``proxy_refused`` for refusals. Records are queued in
+``policy_refused`` / ``proxy_refused`` for refusals (peer refusals counted: one
+record per reason per 10 s window, with its ``count``). Records are queued in
 memory (request threads never wait for the log's lock, which a group commit
 holds across its fsync) and written and fsynced by a thread at most
 ``FLUSH_INTERVAL`` seconds later, and at stop; a log that cannot be written
@@ -43,6 +44,7 @@ from collections.abc import Callable, Mapping
 from fnmatch import fnmatchcase, translate
 from typing import Any, NamedTuple, cast
 
+from ..agent.peer import RefusalTally
 from ..agent.server import AuditSink
 from ..errors import BrokerError, PolicyRefused
 from ..signing import binance
@@ -160,6 +162,8 @@ class SigningProxy:
         # audit log's lock, which its group commit holds across an fsync. The flusher thread writes them.
         self._queue: deque[tuple[str, dict[str, Any]]] = deque()
         self._drain_lock = threading.Lock()
+        self._refusals = RefusalTally()
+        self._refusals_lock = threading.Lock()
         self._last_sync: dict[str, float] = {}
         self._sync_lock = threading.Lock()
         self.forwarded = 0
@@ -231,12 +235,14 @@ class SigningProxy:
     def _flush_loop(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
             try:
-                self.drain()
+                self.drain(refusals=False)
             except BrokerError as exc:
                 self._audit_failed = exc
 
-    def drain(self) -> None:
-        """Write every queued record and commit them (one fsync). Raises the log's BrokerError."""
+    def drain(self, *, refusals: bool = True) -> None:
+        """Write every queued record and commit them (one fsync); ``refusals``: the peer refusals counted
+        so far too, before their window ends. Raises the log's BrokerError."""
+        self._queue_refusals(now=refusals)
         with self._drain_lock:
             queue = self._queue
             while queue:
@@ -246,13 +252,25 @@ class SigningProxy:
 
     # -- peers ------------------------------------------------------------------------------
     def check_peer(self, client: tuple[str, int], server: tuple[str, int]) -> tuple[int | None, str | None]:
-        """(pid, None) for a connection from the bot's tree, else (None, reason) (recorded)."""
+        """(pid, None) for a connection from the bot's tree, else (None, reason) (counted: one
+        ``proxy_refused`` record per reason per window, as the agent records its refusals, so a flood of
+        connections from outside the tree writes a few records, not one each)."""
         pid, reason = peer_in_tree(client, server, self.root_pid, allow_root=self.allow_root)
         if reason is not None:
-            self.refused += 1
-            self._record(PROXY_REFUSED, {"profile": self.profile, "reason": reason, "rule": "peer",
-                                         "client_port": client[1]})
+            with self._refusals_lock:
+                self.refused += 1
+                self._refusals.add(None, None, reason, time.monotonic())
         return pid, reason
+
+    def _queue_refusals(self, *, now: bool) -> None:
+        """The window's peer refusals as records (``now``: whether or not the window is over)."""
+        with self._refusals_lock:
+            at = time.monotonic()
+            if not (now or self._refusals.due(at)) or self._refusals.started is None:
+                return
+            records = self._refusals.drain(self.profile, at)
+        for fields in records:
+            self._record(PROXY_REFUSED, {**fields, "rule": "peer"})
 
     # -- requests ---------------------------------------------------------------------------
     def _serve_http(self, peer: object, request: Request) -> tuple[Answer, bool]:

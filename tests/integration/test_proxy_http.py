@@ -497,3 +497,20 @@ def test_accept_failing_for_want_of_file_descriptors_pauses_instead_of_spinning(
         sock.sendall(_get("/fapi/v1/time"))
         assert _answer(sock)[0] == "HTTP/1.1 200 OK"  # accepted once the failures passed
     assert 1 <= flaky.failures < 20  # a try every 0.1 s while it failed, not a busy loop
+
+
+def test_a_flood_of_refused_connections_writes_one_record_per_reason_per_window(fake: FakeBinance) -> None:
+    """Refused connections are counted, as the agent counts them: 30 of them are one proxy_refused record with
+    count 30 (a record each would let any local process fill the audit log)."""
+    h = Harness(fake, allow_root=False)  # this test process is the broker's place: refused
+    try:
+        for _ in range(30):
+            with _connect(h) as sock:
+                sock.sendall(_get("/fapi/v1/time"))
+                assert _answer(sock)[0] == "HTTP/1.1 403 Forbidden"
+        refused = [r for r in h.events("proxy_refused") if r["rule"] == "peer"]
+        assert len(refused) == 1 and refused[0]["count"] == 30, refused
+        assert refused[0]["reason"].startswith("no process of the bot's tree") and refused[0]["pid"] is None
+        assert h.proxy.refused == 30
+    finally:
+        h.close()
