@@ -5,8 +5,9 @@ busy at once, each of their system calls (a receive, a send, a poll) let
 another thread take the GIL: hand-offs that cost the proxy more CPU per request
 than the request itself (``scripts/bench_proxy.py --capacity``: 172 us with one
 connection, 278 us with eight). Here one thread waits on every socket at once
-(``select.epoll``: the proxy is Linux-only, as its peer check reads ``/proc``), so a request costs the same whatever the
-number of connections, and a bot with many connections costs no thread each.
+(``select.epoll``: the proxy is Linux-only, as its peer check reads ``/proc``),
+so a request costs the same whatever the number of connections, and a bot with
+many connections costs no thread each.
 
 A request's path through the loop:
 
@@ -488,7 +489,7 @@ class LoopServer:
             try:
                 step = self._step(bot.state, request)
             except Exception:  # a bug must not stop the loop: this request fails, the others go on
-                self._answer(bot, error_answer(500, "internal error"), True)
+                self._internal_error(bot)
                 return
             if step is None:
                 self._work(bot, partial(self._serve, bot.state, request), partial(self._served, bot))
@@ -499,10 +500,14 @@ class LoopServer:
                 self._answer(bot, answer, close)
 
     def _served(self, bot: _Bot, result: tuple[Answer, bool] | None, error: BaseException | None) -> None:
+        """A worker's (answer, close) for ``bot``, or the 500 of a job that raised."""
         if error is not None or result is None:
-            self._answer(bot, error_answer(500, "internal error"), True)
+            self._internal_error(bot)
         else:
             self._answer(bot, result[0], result[1])
+
+    def _internal_error(self, bot: _Bot) -> None:
+        self._answer(bot, error_answer(500, "internal error"), True)
 
     def _answer(self, bot: _Bot, answer: Answer, close: bool) -> None:
         bot.busy = False
@@ -643,12 +648,11 @@ class LoopServer:
         """An idle pooled connection became readable: closed by the exchange, or bytes nobody asked for
         (a TLS session ticket is neither: nothing to read comes of it)."""
         try:
-            data = up.sock.recv(65536)
+            up.sock.recv(65536)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except _EXCEPTIONS:
-            data = b""
-        del data
+            pass  # closed with an error: closed all the same
         ups = self._idle.get(up.upstream.name, [])
         if up in ups:
             ups.remove(up)
@@ -690,10 +694,8 @@ class LoopServer:
             try:
                 answer = fwd.done(result)
             except Exception:
-                self._answer(bot, error_answer(500, "internal error"), True)
+                self._internal_error(bot)
                 return
             self._answer(bot, answer, False)
             return
-        self._work(bot, lambda: fwd.done(result), lambda answer, error: (
-            self._answer(bot, error_answer(500, "internal error"), True) if error is not None or answer is None
-            else self._answer(bot, answer, False)))
+        self._work(bot, lambda: (fwd.done(result), False), partial(self._served, bot))

@@ -317,9 +317,7 @@ class Limiter:
                 # (the request processed last counted every one answered before it).
                 last = self._seen.get(key)
                 if last is not None and last[0] == w.start:
-                    used = max(used, last[2])
-                    if last[1] > reserved_then:
-                        reserved_then = last[1]
+                    used, reserved_then = max(used, last[2]), max(reserved_then, last[1])
                 self._seen[key] = (w.start, reserved_then, used)
                 w.used = used + self._reserved.get(key, 0) - reserved_then
 
