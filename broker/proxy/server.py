@@ -64,7 +64,7 @@ from ..events import Event
 
 FLUSH_INTERVAL = 0.2  # seconds: the longest a queued audit record waits for its fsync
 #: A path the exchange reads the same way we do: no "//", no dot segments, no percent-escapes.
-_CANONICAL = re.compile(r"^(/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)+/?$")
+_CANONICAL = re.compile(r"^(/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)+/?\Z")
 #: Request headers passed on to the exchange; every other one stays here.
 _FORWARDED_HEADERS = ("Content-Type", "Accept", "Accept-Encoding", "User-Agent")
 _WANTED = tuple((name, name.lower()) for name in (*_FORWARDED_HEADERS, binance.API_KEY_HEADER))
