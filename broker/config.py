@@ -46,8 +46,8 @@ from .vault.origins import value as lookup_value
 ENV_CONFIG = "CREDBROKER_CONFIG"
 LOCAL_NAME = "credbroker.toml"
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 #: Variables that hold the broker's own powers. They are removed from the child's
 #: environment, so a profile may not inject into them either.
@@ -332,7 +332,7 @@ def parse_dict(raw: Mapping[str, Any], *, origin: str = "<config>", path: Path |
     for name, table in profiles_raw.items():
         if not _PROFILE_NAME.match(name):
             raise ConfigError(
-                f"{origin}: profiles.{name}: invalid profile name",
+                f"{origin}: profiles.{name!r}: invalid profile name",
                 "use letters, digits, '.', '_' or '-' (at most 64)",
             )
         if not isinstance(table, dict):

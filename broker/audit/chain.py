@@ -51,7 +51,7 @@ _HEADER = re.compile(
     r'(?:"kid":"([0-9a-f]{16})",)?'
 )
 _TAIL = re.compile(r',"hash":"([0-9a-f]{64})"\}')
-EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 
 Hasher = Callable[[bytes], str]
 

@@ -29,7 +29,7 @@ HEAD_SIZE = 512
 
 
 def rotated_pattern(active: Path) -> re.Pattern[str]:
-    return re.compile(re.escape(active.name) + r"\.(\d{8}T\d{6}Z(?:-\d+)?)$")
+    return re.compile(re.escape(active.name) + r"\.(\d{8}T\d{6}Z(?:-\d+)?)\Z")
 
 
 def rotated_files(active: Path) -> list[Path]:

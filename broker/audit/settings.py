@@ -135,7 +135,7 @@ def load_settings(audit_config: Mapping[str, Any] | None, env: Mapping[str, str]
                          work_hours=hours, anchor=anchor, anchor_interval=interval, fsync=str(fsync))
 
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
 
 
 def parse_anchor(value: object) -> str | None:

@@ -25,8 +25,8 @@ POLICIES = {
 #: Template policy -> (the placeholder --name fills in, the rule a name must meet, what it names). The same
 #: rules as scripts/setup-vault: a name can never widen a path (no "/", "*", "+").
 TEMPLATES = {
-    "bot": ("__BOT__", re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"), "bot"),
-    "audit-anchor": ("__HOST__", re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"), "host"),
+    "bot": ("__BOT__", re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z"), "bot"),
+    "audit-anchor": ("__HOST__", re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z"), "host"),
 }
 
 

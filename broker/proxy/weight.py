@@ -47,8 +47,8 @@ ORDERS = "orders"
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: exchangeInfo's rateLimits ``interval`` -> unit letter.
 _INTERVALS = {"SECOND": "s", "MINUTE": "m", "HOUR": "h", "DAY": "d"}
-_HEADER = re.compile(r"^x-mbx-(used-weight|order-count)-(\d+)([smhd])$", re.IGNORECASE)
-_KEY = re.compile(r"^(weight|orders)_(\d+)([smhd])$")
+_HEADER = re.compile(r"^x-mbx-(used-weight|order-count)-(\d+)([smhd])\Z", re.IGNORECASE)
+_KEY = re.compile(r"^(weight|orders)_(\d+)([smhd])\Z")
 
 #: Binance's published limits (exchangeInfo ``rateLimits``, 2025): used until an exchangeInfo answer is seen.
 DEFAULT_LIMITS: dict[str, dict[tuple[str, str], int]] = {

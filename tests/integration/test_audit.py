@@ -103,7 +103,7 @@ def test_a_secret_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     assert not (tmp_path / "audit.log").exists() or value not in (tmp_path / "audit.log").read_bytes()
 
 
-@pytest.mark.parametrize("event", ["", "Secret", "has space", "x" * 65, "1abc"])
+@pytest.mark.parametrize("event", ["", "Secret", "has space", "x" * 65, "1abc", "signed\n"])
 def test_bad_event_names(tmp_path: Path, event: str) -> None:
     with pytest.raises(AuditError):
         make_log(tmp_path / "audit.log").record(event, {})

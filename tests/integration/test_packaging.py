@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from broker.cli import cli
 from broker.cli.policy import POLICIES, policy_text
+from broker.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -48,6 +49,15 @@ def test_policy_show_refuses_what_could_widen_or_mislead(args: list[str]) -> Non
     result = CliRunner().invoke(cli, ["policy", "show", *args])
     assert result.exit_code != 0
     assert "path " not in result.output  # no HCL printed on a mistake
+
+
+@pytest.mark.parametrize("policy, name", [("bot", "alpha\n"), ("bot", "a/b"), ("audit-anchor", "host\n")])
+def test_a_template_name_that_could_widen_or_break_the_policy_is_refused(policy: str, name: str) -> None:
+    # A line break at the end: "$" in the name's pattern matches before it, so it once passed.
+    with pytest.raises(ConfigError, match="invalid"):
+        policy_text(policy, name)
+    valid = name.strip().replace("/", "")
+    assert valid in policy_text(policy, valid)
 
 
 def test_policy_text_is_the_file_for_fixed_policies() -> None:

@@ -87,6 +87,9 @@ def test_named_file_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ('[vault]\naddress = "x"\n', "vault.address: unknown key"),
         ('profiles = 3\n', "profiles: expected a table"),
         ('[profiles."a b"]\nsource = "keyring"\nenv = { A = "a" }\n', "invalid profile name"),
+        # A line break at the end of a name: "$" in a pattern matches before it, so it once passed.
+        ('[profiles."a\\n"]\nsource = "keyring"\nenv = { A = "a" }\n', "invalid profile name"),
+        ('[profiles.a]\nsource = "vault"\npath = "secret/x"\nenv = { "A\\n" = "a" }\n', "not a valid environment"),
     ],
 )
 def test_bad_config_is_one_line_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
