@@ -20,9 +20,17 @@ bot under ``credbroker run --agent --no-preflight --unsafe-shared-credentials``
   tmpfs   "every", with the audit log on /dev/shm, where fsync costs nothing:
           what the agent costs without the disk, i.e. what the disk adds
 
-and once more against an Agent in this script whose audit records are
-dropped ("no-audit"; not something credbroker offers), to show what the
-audit log's commit path costs per signature.
+and twice more against an Agent in this script, neither a mode credbroker
+offers:
+
+  no-audit  the audit records are dropped: what the agent costs without its
+            audit log, i.e. what the log's commit path costs per signature
+  floor     the records go to a minimal hash-chained writer (the log's line
+            format: the record's JSON, SHA-256 chained to the previous line,
+            one flock'ed write(2) per round before the answer; no fsync, no
+            rotation, tail, gap or head checks): the least any writer of this
+            log format does before the answer, so the lowest p50 this Python
+            agent can reach with the record written first
 
 Inside each bot, measured in the same process and run:
 
@@ -191,15 +199,49 @@ print("RESULT " + json.dumps(res))
 
 
 NO_AUDIT = r'''
-# An Agent whose audit records are dropped, serving the bench bot (argv: bot, then the bot's own arguments).
-import os, secrets, subprocess, sys
+# An Agent whose audit records are dropped (argv[1] "drop") or written by the minimal chain writer
+# (argv[1] a log path), serving the bench bot (then: bot, and the bot's own arguments).
+import fcntl, hashlib, os, secrets, subprocess, sys
 from broker.agent.server import Agent, RecorderSink
+from broker.audit.chain import GENESIS, build_prefix, finish_line, make_hasher, utc_timestamp
+from broker.audit.log import _encode_record
 from broker.secret import Secret
 from broker.signing.hmac_sha256 import HmacSigner
 from broker.signing_policy import SigningPolicy
 
+
+class FloorChain:
+    """The least a writer of the log's format does per record before the answer (see the docstring)."""
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.alg, self.hash = make_hasher(None)
+        self.seq, self.prev, self.pending = 0, GENESIS, []
+        self.tail = ',' + _encode_record({"host": "bench", "pid": os.getpid(), "user": "bench"})[1:-1]
+
+    def record(self, event, fields, *, durable=True):
+        self.pending.append((utc_timestamp(), event, '"data":' + _encode_record(dict(fields)) + self.tail))
+
+    def flush(self):
+        pending, self.pending = self.pending, []
+        lines = []
+        for ts, event, rest in pending:
+            self.seq += 1
+            prefix = build_prefix(self.seq, ts, event, self.prev, self.alg, None, rest)
+            self.prev = self.hash(prefix)
+            lines.append(finish_line(prefix, self.prev))
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        try:
+            os.write(self.fd, b"".join(lines))
+        finally:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+
+
+sink = RecorderSink(lambda e, f: None) if sys.argv[1] == "drop" else FloorChain(sys.argv[1])
+del sys.argv[1]
 agent = Agent(HmacSigner("BENCHKEY", Secret(secrets.token_bytes(32))), profile="bench",
-              policy=SigningPolicy.from_mapping(None, "bench"), audit=RecorderSink(lambda e, f: None))
+              policy=SigningPolicy.from_mapping(None, "bench"), audit=sink)
 path = agent.start()
 bot_env = {**os.environ, "CREDBROKER_RUN": str(os.getpid()), "CREDBROKER_PROFILE": "bench",
            "CREDBROKER_ENV_MAP": '{"BINANCE_API_KEY":"api_key"}', "BINANCE_API_KEY": "BENCHKEY",
@@ -427,13 +469,17 @@ def main() -> None:
                 # The agent alone: an Agent whose audit records are dropped (NOT a mode credbroker
                 # offers; it shows what the audit commit costs), serving the same bot, in a process
                 # of its own so that it runs the code under test.
-                out = subprocess.run([sys.executable, "-c", NO_AUDIT, str(bot), str(seq), str(conc), workers],
-                                     env={**code_env, "CREDBROKER_AUDIT_LOG": str(work / "unused.log")},
-                                     capture_output=True, text=True, timeout=1800)
-                if out.returncode != 0:
-                    sys.exit(f"bench_agent: the bench bot failed (no audit{suffix}):\n{out.stdout}\n{out.stderr}")
-                line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-                results["no-audit" + suffix] = {**json.loads(line[len("RESULT "):]), "records": 0}
+                # And the floor: the same Agent with the minimal chain writer, its log on the disk.
+                for name, sink in (("no-audit", "drop"), ("floor", str(disk / f"floor.log-{len(results)}"))):
+                    out = subprocess.run([sys.executable, "-c", NO_AUDIT, sink, str(bot), str(seq), str(conc),
+                                          workers],
+                                         env={**code_env, "CREDBROKER_AUDIT_LOG": str(work / "unused.log")},
+                                         capture_output=True, text=True, timeout=1800)
+                    if out.returncode != 0:
+                        sys.exit(f"bench_agent: the bench bot failed ({name}{suffix}):\n{out.stdout}\n{out.stderr}")
+                    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+                    records = 0 if sink == "drop" else count_signed(Path(sink))
+                    results[name + suffix] = {**json.loads(line[len("RESULT "):]), "records": records}
 
         load = os.getloadavg()
         print(f"signing agent round trip from a bot (HMAC, {os.cpu_count()} cores, load average "
@@ -445,7 +491,9 @@ def main() -> None:
             what = {"every": 'fsync = "every" on disk (each answer waits for its fsync)',
                     "group": 'fsync = "group" on disk (written before the answer, fsynced within 50 ms)',
                     "tmpfs": 'fsync = "every" on tmpfs (fsync is free)',
-                    "no-audit": "records dropped (not a credbroker mode: the agent's own cost)"}[name.split()[0]]
+                    "no-audit": "records dropped (not a credbroker mode: the agent's own cost)",
+                    "floor": "minimal chain writer on disk (not a credbroker mode: the format's least work "
+                             "before the answer)"}[name.split()[0]]
             print(f"\n[{name}] audit log: {what}; {res['records']} 'signed' records written")
             for ref in ("echo", "echo again"):
                 e = res[ref]
