@@ -441,7 +441,7 @@ def _check_profile(profile: Profile) -> None:
                     f'drop "{inner}/": write "{first}/{tail}" (credbroker adds data/ itself, as `vault kv get` does)',
                 )
         version = opts.get("version")
-        if isinstance(version, str) and version.strip().isdigit():
+        if isinstance(version, str) and version.strip().isascii() and version.strip().isdigit():
             raise ConfigError(
                 f"{profile.where('version')}: expected a number, got the string {version!r}",
                 f"write version = {version.strip()}, without quotes",

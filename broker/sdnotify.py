@@ -29,7 +29,7 @@ class Notifier:
         usec = environ.get("WATCHDOG_USEC", "")
         owner = environ.get("WATCHDOG_PID", "")
         me = os.getpid() if pid is None else pid
-        if self.address is not None and usec.isdigit() and int(usec) > 0 and (not owner or owner == str(me)):
+        if self.address is not None and usec.isascii() and usec.isdigit() and int(usec) > 0 and (not owner or owner == str(me)):
             # sd_watchdog_enabled(3) advises notifying at half the timeout.
             self.watchdog_interval = int(usec) / 2_000_000
 

@@ -88,8 +88,8 @@ def resolve_user(user: str | None, group: str | None) -> UserSwitch | None:
     import pwd
 
     try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
+        entry = pwd.getpwuid(int(user)) if user.isascii() and user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError, OverflowError):  # ValueError: a NUL in the name; OverflowError: no uid
         raise ConfigError(f"--user {user}: no such user", "create the user, or check the name (getent passwd)"
                           ) from None
     if entry.pw_uid == 0 or entry.pw_uid == os.geteuid():
@@ -98,8 +98,8 @@ def resolve_user(user: str | None, group: str | None) -> UserSwitch | None:
     gid = entry.pw_gid
     if group is not None:
         try:
-            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
-        except KeyError:
+            gid = grp.getgrgid(int(group)).gr_gid if group.isascii() and group.isdigit() else grp.getgrnam(group).gr_gid
+        except (KeyError, ValueError, OverflowError):
             raise ConfigError(f"--group {group}: no such group", "check the name (getent group)") from None
     if not can_switch_users():
         raise RunError(f"--user {user}: credbroker cannot switch users (it is neither root nor holds CAP_SETUID "

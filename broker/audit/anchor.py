@@ -155,7 +155,7 @@ def read_all(vault: VaultSettings, place: AnchorPlace, key: bytes | None) -> lis
         return []
     versions = meta.get("data", {}).get("versions", {}) if isinstance(meta, dict) else {}
     numbers = sorted((int(v) for v, info in versions.items()
-                      if str(v).isdigit() and isinstance(info, dict) and not info.get("destroyed")
+                      if str(v).isascii() and str(v).isdigit() and isinstance(info, dict) and not info.get("destroyed")
                       and not info.get("deletion_time")), reverse=True)[:MAX_VERSIONS_READ]
     out: list[Anchor] = []
     for number in numbers:

@@ -28,7 +28,7 @@ def parse_since(text: str, now: datetime, option: str = "--since") -> datetime:
     """``7d`` / ``12h`` (before ``now``) or an ISO date/time (UTC when it names no zone)."""
     from .. import units
 
-    if text and text[-1] in units.DURATION_UNITS and text[:-1].strip().isdigit():
+    if text and text[-1] in units.DURATION_UNITS and text[:-1].strip().isascii() and text[:-1].strip().isdigit():
         return now - units.duration(text, option)
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -41,7 +41,7 @@ def _epoch(ts: str) -> float | None:
     try:
         head, _, frac = ts.rstrip("Z").partition(".")
         dt = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
-        return dt.timestamp() + (float("0." + frac) if frac.isdigit() else 0.0)
+        return dt.timestamp() + (float("0." + frac) if frac.isascii() and frac.isdigit() else 0.0)
     except ValueError:
         return None
 

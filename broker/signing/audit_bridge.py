@@ -84,7 +84,7 @@ def record_event(event: str, fields: Mapping[str, Any], *, audit_config: Mapping
     environ = os.environ if env is None else env
     relay = environ.get(RELAY_FD_VAR)
     if relay:
-        _relay(int(relay) if relay.isdigit() else -1, event, fields)
+        _relay(int(relay) if relay.isascii() and relay.isdigit() else -1, event, fields)
         return
     if audit_config is None:
         audit_config = audit_config_from_env(environ)

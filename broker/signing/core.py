@@ -132,6 +132,6 @@ def ed25519_raw_public_to_pem(raw_b64: str) -> str:
 def strip_transit_prefix(signature: str) -> tuple[int, str]:
     """``vault:v3:BASE64`` -> (3, "BASE64"): Vault prefixes transit signatures with the key version."""
     parts = signature.split(":", 2)
-    if len(parts) != 3 or parts[0] != "vault" or not parts[1].startswith("v") or not parts[1][1:].isdigit():
+    if len(parts) != 3 or parts[0] != "vault" or not parts[1].startswith("v") or not (parts[1][1:].isascii() and parts[1][1:].isdigit()):
         raise SigningError("Vault returned a signature in an unexpected format", "check the transit mount and key")
     return int(parts[1][1:]), parts[2]

@@ -45,6 +45,8 @@ def test_watchdog_at_half_the_interval_only_for_this_pid(listener: tuple[socket.
     assert n.watchdog() and sock.recv(4096) == b"WATCHDOG=1"
     other = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"})
     assert other.watchdog_interval is None and not other.watchdog()
+    for usec in ("\u00b2", "-5", "0", "1e6"):  # not a whole number of microseconds: no watchdog, no crash
+        assert Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": usec}).watchdog_interval is None
 
 
 def test_abstract_socket_address() -> None:

@@ -247,7 +247,10 @@ def test_user_who_can_read_the_token_is_refused(setup: tuple[dict[str, str], Pat
 def test_user_errors_are_one_line(setup: tuple[dict[str, str], Path]) -> None:
     env, _ = setup
     for args, needle in ((["--user", "no-such-user-xyz"], "no such user"), (["--group", "root"], "--group needs --user"),
-                         (["--user", "root"], "another user")):
+                         (["--user", "root"], "another user"),
+                         # A digit to str.isdigit that int() refuses; a gid past what getgrgid takes.
+                         (["--user", "\u00b2"], "no such user"),
+                         (["--user", "nobody", "--group", "99999999999999999999"], "no such group")):
         res = run(env, *args, "--", "true")
         assert res.returncode == 125 and needle in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1

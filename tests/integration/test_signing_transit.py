@@ -330,3 +330,14 @@ def test_child_token_errors_by_status(openbao: OpenBao) -> None:
     with pytest.raises(VaultUnreachable) as down:
         child_token(Down(openbao.client()), settings, mount="transit", key=name, profile="p", ttl="60s")
     assert "policy" not in str(down.value.remedy)
+
+
+@pytest.mark.parametrize("answer", ["vault:v\u00b2:c2ln", "vault:v:c2ln", "vault:1:c2ln", "sig", "vault:v-1:c2ln"])
+def test_a_transit_signature_in_another_shape_is_a_signing_error(answer: str) -> None:
+    """What Vault's transit answer must look like (``vault:vN:BASE64``); anything else is one clear error
+    ('\\u00b2' is a digit to str.isdigit but not to int(): it once escaped as a ValueError)."""
+    from broker.signing.core import strip_transit_prefix
+
+    assert strip_transit_prefix("vault:v12:c2ln") == (12, "c2ln")
+    with pytest.raises(SigningError, match="unexpected format"):
+        strip_transit_prefix(answer)

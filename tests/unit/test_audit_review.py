@@ -23,6 +23,8 @@ def test_parse_since_takes_an_age_or_a_date() -> None:
     assert review.parse_since("2026-11-17T08:00:00Z", NOW) == datetime(2026, 11, 17, 8, tzinfo=timezone.utc)
     with pytest.raises(ConfigError, match="--since 'soon': not a duration or a date"):
         review.parse_since("soon", NOW)
+    with pytest.raises(ConfigError, match="--since"):
+        review.parse_since("\u00b2d", NOW)  # a digit to str.isdigit, not to int()
 
 
 def test_fail_on_names() -> None:
