@@ -95,16 +95,29 @@ def _json_answer(status: int, code: int, message: str, extra: tuple[tuple[str, s
     return Answer(status, [("Content-Type", "application/json;charset=UTF-8"), *extra], body)
 
 
+def _is_param(part: str, name: str) -> bool:
+    """Is ``part`` (NAME=VALUE as sent) the parameter ``name``, as the exchange reads names: percent-
+    decoded, so that ``%73ignature=`` is a signature here too and never goes on unnoticed."""
+    if part.startswith(name + "="):
+        return True
+    raw_name = part.partition("=")[0]
+    if "%" not in raw_name and "+" not in raw_name:
+        return False
+    from urllib.parse import unquote_plus
+
+    return unquote_plus(raw_name) == name
+
+
 def _strip_signature(raw: str) -> tuple[str, str | None, int]:
     """(raw without its signature items, the last signature, how many there were), other bytes as sent."""
     kept: list[str] = []
     signature: str | None = None
     count = 0
     for part in raw.split("&") if raw else []:
-        if part.startswith("signature="):
+        if _is_param(part, "signature"):
             from urllib.parse import unquote
 
-            signature = unquote(part[len("signature="):])
+            signature = unquote(part.partition("=")[2])
             count += 1
         else:
             kept.append(part)
@@ -116,7 +129,7 @@ def _restamp(raw: str, stamp: str) -> tuple[str, bool]:
     parts = raw.split("&") if raw else []
     found = False
     for i, part in enumerate(parts):
-        if part.startswith("timestamp="):
+        if _is_param(part, "timestamp"):
             parts[i] = f"timestamp={stamp}"
             found = True
     return "&".join(parts), found

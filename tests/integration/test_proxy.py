@@ -154,6 +154,31 @@ def test_the_policy_binds_the_real_endpoint(fake: FakeBinance) -> None:
         h.close()
 
 
+def test_a_percent_encoded_signature_or_timestamp_name_is_read_as_the_exchange_reads_it(fake: FakeBinance) -> None:
+    """The exchange decodes parameter names: '%73ignature' is its signature. Read as another parameter, it
+    made the request look unsigned, and an unsigned request goes on without the policy."""
+    policy = SigningPolicy.from_mapping({"symbols": ["BTCUSDT"]}, "test.policy")
+    h = Harness(fake, policy=policy)
+    try:
+        client = h.client()
+        headers = {**client.headers(), "Content-Type": "application/x-www-form-urlencoded"}
+        other = client.sign_params({**ORDER, "symbol": "ETHUSDT"})
+        r = h.session.post(h.url + "/fapi/v1/order", data=other.replace("&signature=", "&%73ignature="),
+                           headers=headers)
+        assert r.status_code == 403 and "ETHUSDT" in r.json()["msg"]
+        assert not [q for q in fake.requests if q.params.get("symbol") == "ETHUSDT"]
+        # (Signed before the name is encoded: the proxy also takes the decoded form, as python-binance signs.)
+        plain = {k: v for k, v in ORDER.items() if k != "newClientOrderId"}
+        allowed = client.sign_params(plain).replace("&signature=", "&%73ignature=").replace(
+            "timestamp=", "%74imestamp=")
+        r = h.session.post(h.url + "/fapi/v1/order", data=allowed, headers=headers)
+        assert r.status_code == 200, r.text
+        sent = fake.signed()[-1]
+        assert sent.status == 200 and "%73ignature" not in sent.raw_body and "%74imestamp" not in sent.raw_body
+    finally:
+        h.close()
+
+
 def _raw(base: str, path: str, signer: Any) -> requests.PreparedRequest:
     req = requests.Request("POST", base + "/fapi/v1/order", data={"coin": "BTC"}, auth=signer).prepare()
     req.url = base + path
