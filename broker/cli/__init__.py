@@ -218,11 +218,22 @@ def main(argv: list[str] | None = None) -> None:
         if (isinstance(exc, click.NoSuchOption) and ctx is not None and ctx.command is _run_command()
                 and "--" not in args):
             hint = " (the bot's command goes after --: credbroker run -p PROFILE -- python -u bot.py)"
-        click.echo(f"credbroker: {exc.format_message()}{hint}", err=True)
+        # click's own messages may span lines (a Choice lists its values one per line): one line here.
+        click.echo(f"credbroker: {' '.join(exc.format_message().split())}{hint}", err=True)
         sys.exit(EXIT_BROKER_FAILED)
     except KeyboardInterrupt:
         click.echo("credbroker: interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        # A path the system refused (too long, a loop, not a folder, ...) that no BrokerError named:
+        # the environment's error, not a bug, said in one line.
+        if debug:
+            raise
+        name = "" if exc.filename is None else str(exc.filename)
+        where = f" ({name if len(name) <= 120 else name[:60] + '...' + name[-40:]!r})" if name else ""
+        click.echo(f"credbroker: {exc.strerror or type(exc).__name__}{where}: check the path and its permissions",
+                   err=True)
+        sys.exit(EXIT_BROKER_FAILED)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no tracebacks for users
         if debug:
             raise

@@ -119,3 +119,21 @@ def test_audit_verify_and_report_before_anything_was_recorded(tmp_path: Any) -> 
     assert res.exit_code == 1 and "nothing recorded" not in res.output
     res = CliRunner().invoke(cli, ["audit", "report"])
     assert res.exit_code != 0 and "nothing recorded" not in res.output
+
+
+@pytest.mark.parametrize("args", [
+    ["audit", "show", "--log", "a" * 5000],  # ENAMETOOLONG from a stat no BrokerError named
+    ["audit", "verify", "--host-logs", "b" * 5000],
+    ["audit", "report", "--log", "c" * 5000],
+])
+def test_a_path_the_system_refuses_is_one_line_not_an_internal_error(args: list[str],
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _main(args, capsys)
+    assert code == 125 and err.startswith("credbroker: ") and len(err.strip().splitlines()) == 1, err
+    assert "internal error" not in err and len(err) < 400
+
+
+def test_a_usage_error_listing_choices_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _main(["policy", "show", "--name", "x"], capsys)
+    assert code == 125 and len(err.strip().splitlines()) == 1, err
+    assert "admin, audit-anchor, auditor, bot" in err
