@@ -169,7 +169,7 @@ class VaultSettings:
             cacert=text("cacert"),
             capath=text("capath"),
             namespace=text("namespace"),
-            timeout=float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else DEFAULT_TIMEOUT,
+            timeout=float(timeout) if isinstance(timeout, (int, float)) and 0 < timeout <= units.MAX_SECONDS else DEFAULT_TIMEOUT,
             client_cert=text("client_cert"),
             client_key=text("client_key"),
             tls_server_name=text("tls_server_name"),

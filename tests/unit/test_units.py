@@ -30,6 +30,22 @@ def test_bad_duration_is_one_line_naming_the_setting(value: object) -> None:
     assert err.value.remedy and "e.g." in err.value.remedy
 
 
+@pytest.mark.parametrize("value", [99999999999999999999999, 1e20, "9999999999999w", "400000000", "9" * 5000 + "s"])
+def test_a_duration_past_ten_years_or_of_endless_digits_is_refused(value: object) -> None:
+    """Timers and socket timeouts overflow far before a float does ([vault] timeout = 1e23 was an
+    OverflowError in a thread); int() refuses 4,300 digits and more with a ValueError of its own."""
+    with pytest.raises(ConfigError) as err:
+        units.seconds(value, "[vault] timeout")
+    assert str(err.value).startswith("[vault] timeout: ") and len(str(err.value)) < 200
+    assert units.seconds(f"{10 * 52}w", "x") == 520 * 7 * 86400  # ten years still is a duration
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "9" * 5000 + "MiB", "\u00b2"])
+def test_a_size_of_endless_or_unicode_digits_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^\[audit\] max_size: invalid size"):
+        units.size(value, "[audit] max_size")
+
+
 @pytest.mark.parametrize("value", [0, "0", "0s", -3])
 def test_a_duration_is_positive(value: object) -> None:
     with pytest.raises(ConfigError, match=r"^--grace: expected a duration > 0"):
@@ -76,7 +92,7 @@ def test_rate(value: str, expected: tuple[int, float]) -> None:
     assert units.rate(value, "x.rate_limit") == expected
 
 
-@pytest.mark.parametrize("value", ["0/s", "20/day", "20", 20, "/s", None])
+@pytest.mark.parametrize("value", ["0/s", "20/day", "20", 20, "/s", None, "9" * 5000 + "/s"])
 def test_bad_rate_names_the_setting(value: object) -> None:
     with pytest.raises(ConfigError, match=r"^cfg\.toml: profiles\.p\.policy\.rate_limit: expected \"COUNT/s\""):
         units.rate(value, "cfg.toml: profiles.p.policy.rate_limit")
