@@ -61,6 +61,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from . import units
 from .errors import BrokerError, ConfigError
 # Error classes live in errors.py; these names stay importable from here too.
 from .errors import ExchangeUnreachable as ExchangeUnreachable
@@ -164,9 +165,9 @@ class PreflightResult(NamedTuple):
 
 def check_base_url(url: str) -> None:
     """https anywhere; http only to a loopback host. Raises ConfigError."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(f"preflight URL {url!r} is not an http(s) URL", "e.g. https://api.binance.com")
+    parts = units.split_url(url)
+    if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"preflight URL {url[:80]!r} is not an http(s) URL", "e.g. https://api.binance.com")
     if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
         raise ConfigError(f"preflight URL {url!r} would send the API key unencrypted",
                           "use https (plain http is accepted for a loopback test server only)")

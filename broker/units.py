@@ -11,8 +11,12 @@ from __future__ import annotations
 import math
 import re
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from urllib.parse import SplitResult
 
 __all__ = ["DURATION_UNITS", "duration", "rate", "seconds", "size"]
 
@@ -94,6 +98,19 @@ def rate(value: object, what: str) -> tuple[int, float]:
         raise ConfigError(f"{what}: expected \"COUNT/s\", \"COUNT/m\" or \"COUNT/h\", got {_shown(value)}",
                           'e.g. rate_limit = "20/s"')
     return int(m.group(1)), RATE_UNITS[m.group(2)]
+
+
+def split_url(value: str) -> SplitResult | None:
+    """``urlsplit(value)``, or None when it cannot be read: an unclosed IPv6 bracket, a port that is not a
+    number or not in 0-65535 (``urlsplit`` and ``.port`` raise ValueError for those, not a ConfigError)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - read for its check
+    except ValueError:
+        return None
+    return parts
 
 
 def _shown(value: object) -> str:

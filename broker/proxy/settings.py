@@ -34,8 +34,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
+from .. import units
 from ..errors import ConfigError
 
 #: Binance's production and testnet REST base URLs (spot and USDⓈ-M futures API docs, "General Info").
@@ -165,8 +165,9 @@ def check_base_url(raw: object, where: str, *, allow_plain_loopback: bool) -> st
     if not isinstance(raw, str) or not raw.strip():
         raise ConfigError(f"{where}: expected a base URL, got {raw!r}", 'e.g. "https://fapi.binance.com"')
     url = raw.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.path or parts.query or parts.username:
+    parts = units.split_url(url)
+    if (parts is None or parts.scheme not in ("https", "http") or not parts.hostname or parts.path or parts.query
+            or parts.username):
         raise ConfigError(f"{where}: {url!r} is not a base URL (scheme://host[:port], no path)",
                           'e.g. "https://fapi.binance.com"')
     if parts.scheme == "http":

@@ -66,8 +66,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
+from .. import units
 from ..errors import BrokerError, ConfigError, PolicyRefused, SigningError
 from ..signing import binance
 from ..signing.failures import classify
@@ -121,7 +121,7 @@ def upstream_urls(table: Mapping[str, Any] | None, where: str) -> dict[str, str]
     urls: dict[str, str] = {}
     for name in ("spot", "futures"):
         raw = table.get(f"ws_{name}", defaults[name])
-        parts = urlsplit(raw) if isinstance(raw, str) else None
+        parts = units.split_url(raw) if isinstance(raw, str) else None
         if parts is None or parts.scheme not in ("wss", "ws") or not parts.hostname or parts.query:
             raise ConfigError(f"{where}.ws_{name}: expected a wss:// URL, got {raw!r}",
                               f'e.g. ws_{name} = "{binance.WS_API_URLS[name]}"')

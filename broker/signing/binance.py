@@ -154,10 +154,12 @@ TIME_PATHS = {"spot": "/api/v3/time", "futures": "/fapi/v1/time"}
 
 def time_url(url: str) -> str:
     """The time endpoint of the exchange ``url`` belongs to: futures paths ask /fapi/v1/time, others /api/v3/time."""
-    from urllib.parse import urlsplit, urlunsplit
+    from urllib.parse import urlunsplit
 
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    from .. import units
+
+    parts = units.split_url(url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise SigningError(f"{url[:80]!r} is not an exchange URL", 'e.g. "https://fapi.binance.com"')
     path = TIME_PATHS["futures" if parts.path.startswith("/fapi/") or "fapi" in parts.netloc else "spot"]
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))

@@ -50,6 +50,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from .. import units
 from ..errors import BrokerError, ConfigError, ListenKeyError
 from ..events import Recorder
 from ..secret import mask_id
@@ -82,8 +83,8 @@ Transport = Callable[[str, str, Mapping[str, str]], tuple[int, bytes]]
 
 def check_base_url(url: str) -> str:
     """The base URL without a trailing slash; https anywhere, http only to a loopback host (ConfigError)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    parts = units.split_url(url)
+    if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError(f"listenKey base URL {url[:80]!r} is not an http(s) URL", "e.g. https://fapi.binance.com")
     if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
         raise ConfigError(f"listenKey base URL {url[:80]!r} would send the API key unencrypted",

@@ -63,9 +63,10 @@ def origin_of(url: str) -> str:
 
 def _parse_addr(value: str, where: str) -> str:
     addr = value.strip().rstrip("/")
-    parts = urlsplit(addr)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"Vault address {addr!r} (from {where}) has no http:// or https:// and host",
+    parts = units.split_url(addr)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"Vault address {addr[:120]!r} (from {where}) is not an http:// or https:// URL with a "
+                          "host (and a port from 1 to 65535, if any)",
                           f"fix {where}")
     return addr
 

@@ -200,6 +200,9 @@ def test_options_are_checked() -> None:
         ListenKeyKeeper("k", "http://fapi.binance.com")
     with pytest.raises(ConfigError, match="base URL only"):
         ListenKeyKeeper("k", "https://fapi.binance.com/fapi/v1")
+    for bad in ("https://[::1", "https://fapi.binance.com:99999"):  # ValueErrors of urlsplit and .port, once
+        with pytest.raises(ConfigError, match="not an http"):
+            ListenKeyKeeper("k", bad)
     with pytest.raises(ListenKeyError, match="no listenKey yet"):
         ListenKeyKeeper("k", "https://fapi.binance.com").listen_key
     assert "L" * 20 not in repr(ListenKeyKeeper("k", "https://fapi.binance.com", listen_key="L" * 60))

@@ -325,6 +325,9 @@ def test_base_url_rules() -> None:
         PreflightOptions.build(mode="on", base_url="http://api.binance.com", env={})
     with pytest.raises(ConfigError, match="not an http"):
         PreflightOptions.build(mode="on", base_url="ftp://x", env={})
+    for bad in ("http://[::1", "http://127.0.0.1:99999", "https://api.binance.com:port"):  # once a ValueError
+        with pytest.raises(ConfigError, match="not an http"):
+            PreflightOptions.build(mode="auto", env={"CREDBROKER_PREFLIGHT_URL": bad})
     with pytest.raises(ConfigError, match="unknown preflight mode"):
         PreflightOptions.build(mode="maybe", env={})
 

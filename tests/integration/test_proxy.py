@@ -276,6 +276,10 @@ def test_proxy_settings_refuse_plain_http_except_loopback_by_the_unsafe_switch()
         ProxySettings.from_mapping({"futurs": "https://x"}, "t")
     assert ProxySettings.from_mapping({"testnet": True}, "t").futures == "https://testnet.binancefuture.com"
     assert ProxySettings.from_mapping(None, "t").spot == "https://api.binance.com"
+    # urlsplit raises ValueError for an unclosed IPv6 bracket, .port for a port that is none: once internal errors.
+    for bad in ("https://[::1", "https://fapi.binance.com:99999", "https://fapi.binance.com:port"):
+        with pytest.raises(ConfigError, match="is not a base URL"):
+            ProxySettings.from_mapping({"futures": bad}, "t")
 
 
 def test_client_keys_verify_only_their_own_signatures() -> None:
@@ -448,6 +452,8 @@ def test_a_signer_learns_the_exchange_clock_after_a_1021(fake: FakeBinance) -> N
     assert requests.get(fake.url + "/api/v3/account", auth=signer).status_code == 200
     assert binance.time_url("https://api.binance.com/api/v3/order?x=1") == "https://api.binance.com/api/v3/time"
     assert binance.time_url("https://fapi.binance.com") == "https://fapi.binance.com/fapi/v1/time"
+    with pytest.raises(SigningError, match="not an exchange URL"):
+        binance.time_url("https://[::1/fapi/v1/order")  # urlsplit's ValueError, once
     with pytest.raises(SigningError, match="recvWindow"):
         signer.sign_params({"symbol": "BTCUSDT"}, recv_window=60001)
 

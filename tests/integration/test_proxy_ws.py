@@ -198,6 +198,9 @@ def test_upstream_urls_default_to_binance_and_refuse_plain_ws_off_loopback() -> 
                          "x")["spot"] == "ws://127.0.0.1:1/ws-api/v3"
     with pytest.raises(ConfigError, match="expected a wss:// URL"):
         upstream_urls({"ws_futures": "https://fapi.binance.com"}, "x")
+    for bad in ("wss://[::1/ws-fapi/v1", "wss://ws-fapi.binance.com:70000/ws-fapi/v1"):
+        with pytest.raises(ConfigError, match="expected a wss:// URL"):
+            upstream_urls({"ws_futures": bad}, "x")
 
 
 # -- end to end: `credbroker run --proxy`, the key in OpenBao ---------------------------------------

@@ -339,3 +339,14 @@ def test_token_check_answers_by_the_failure_type(openbao: Any) -> None:
 
     with pytest.raises(TypeError):
         token_check(Broken())()
+
+
+@pytest.mark.parametrize("bad", ["http://[::1", "http://127.0.0.1:99999", "http://127.0.0.1:port"])
+@pytest.mark.parametrize("var", ["VAULT_ADDR", "CREDBROKER_VAULT_ADDRS"])
+def test_an_unreadable_url_is_one_line_naming_its_variable(tmp_path: Path, var: str, bad: str) -> None:
+    """urlsplit raises ValueError for an unclosed IPv6 bracket, and .port for a port that is no port:
+    these were internal errors (found with odd values in every variable credbroker reads)."""
+    env = broker_env("http://127.0.0.1:1", tmp_path, VAULT_TOKEN="t", **{var: bad})
+    res = run(env, *RUN)
+    assert res.returncode == 125 and res.stderr.count("\n") == 1, res.stderr
+    assert "internal error" not in res.stderr and repr(bad) in res.stderr and f"fix {var}" in res.stderr
