@@ -95,6 +95,8 @@ from .keys import key_id
 from .settings import FSYNC_GROUP_WINDOW, AuditSettings, ensure_private_folder
 
 BATCH_MAX = 1000
+#: How every record line, and so every audit log file, begins (``chain.build_prefix``).
+_RECORD_START = f'{{"v":{FORMAT_VERSION},"seq":'.encode()
 BATCH_MAX_AGE = 1.0
 #: Group mode: the syncer fsyncs once the oldest unsynced commit is this old (half the window:
 #: the other half is the fsync's own time before a writer would wait for the disk itself).
@@ -525,6 +527,14 @@ class AuditLog:
         existed = self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         st = os.fstat(fd)
+        if st.st_size and not _RECORD_START.startswith(os.pread(fd, len(_RECORD_START), 0)[:st.st_size]):
+            # Another file (a path mistyped, or CREDBROKER_AUDIT_LOG=/etc/passwd under root): neither
+            # appended to nor made 0600 (which would lock every other user out of /etc/passwd).
+            os.close(fd)
+            raise AuditError(f"{self.path} is not a credbroker audit log (its first line is not an audit record); "
+                             "nothing was written to it",
+                             "point [audit] path or CREDBROKER_AUDIT_LOG at credbroker's own log, or at a file "
+                             "that does not exist yet")
         if st.st_mode & 0o077 and st.st_uid == os.getuid():
             os.fchmod(fd, 0o600)  # 0600, whatever the umask or an earlier tool did
         if not existed:

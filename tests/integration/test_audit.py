@@ -416,3 +416,23 @@ def test_an_active_file_removed_between_two_batches_is_recorded_as_a_gap(tmp_pat
     log.flush()
     assert [r["event"] for r in records(path)] == ["gap", "signed"]
     assert records(path)[1]["data"] == {"n": 3}
+
+
+def test_a_file_that_is_not_an_audit_log_is_neither_written_nor_made_private(tmp_path: Path) -> None:
+    """CREDBROKER_AUDIT_LOG=/etc/passwd under root once made /etc/passwd 0600 (the writer tightens a
+    permissive log before it reads it) and then refused it as damaged: every other user lost their
+    lookups. A file whose first line is not a record is now refused before anything is done to it."""
+    other = tmp_path / "passwd"
+    content = b"root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/nonexistent:/usr/sbin/nologin\n"
+    other.write_bytes(content)
+    other.chmod(0o644)
+    with pytest.raises(AuditError, match="is not a credbroker audit log") as err:
+        make_log(other).record("secret_fetched", {"profile": "p"})
+    assert "\n" not in str(err.value) and "CREDBROKER_AUDIT_LOG" in str(err.value.remedy)
+    assert other.read_bytes() == content and other.stat().st_mode & 0o777 == 0o644
+    assert not Path(f"{other}.head").exists()
+    # The first bytes of a record, cut short by a crash: still a log (its partial line is recovered).
+    cut = tmp_path / "cut.log"
+    cut.write_bytes(b'{"v":1,"se')
+    make_log(cut).record("secret_fetched", {"profile": "p"})
+    assert b'"event":"partial_tail"' in cut.read_bytes()
