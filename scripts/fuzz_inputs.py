@@ -19,6 +19,14 @@ characters, an unclosed IPv6 bracket, a port past 65535, wrong TOML types.
 Not a test (minutes, not seconds; what it finds becomes a test of the module
 at fault): a tool for finding the neighbours of a bug. Exit status 1 when it
 found something.
+
+Every value that names a place stays in the run's temporary folder: each run
+starts in a folder two levels down in it (so "../../escape" lands in it too),
+no value is an absolute path, and the variables that say where credbroker
+writes (HOME, XDG_*, CREDBROKER_AUDIT_LOG, ...) are never set empty (empty
+falls back to the real user's home). A first version passed "/etc/passwd"
+and "/" as values: run as root, `audit report --out ../../etc/passwd` and
+CREDBROKER_AUDIT_LOG=/etc/passwd did what they were told to that machine.
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: Option and variable values.
 VALUES = ["", "\u00b2", "\u0663", "-1", "0", "99999999999999999999999", "1e400", "nan", " 5 ", "x\ny", "a" * 3000,
-          "/", "../../etc/passwd", "http://[::1", "http://127.0.0.1:99999", "://"]
+          "../../escape", "no/such/folder/x", "http://[::1", "http://127.0.0.1:99999", "://"]
+#: Variables that say where credbroker reads or writes its files: never empty here (see the docstring).
+PLACES = {"HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR", "CREDBROKER_AUDIT_LOG", "CREDBROKER_DAEMON_SOCKET",
+          "CREDBROKER_CONFIG", "CREDBROKER_ROLE_ID_FILE", "CREDBROKER_SECRET_ID_FILE"}
 #: Config values (TOML).
 TOML_VALUES = ["-1", "0", "99999999999999999999999", "1.5", "nan", "inf", '""', '"\u00b2"', '"x\\ny"', "[]", "{}",
                "true", '"' + "a" * 3000 + '"', '["a", 1]', "{ a = 1 }", '"-5"', '"1e3"', '"../../x"',
@@ -75,6 +86,8 @@ class Fuzz:
     def __init__(self, credbroker: str) -> None:
         self.credbroker = credbroker
         self.home = Path(tempfile.mkdtemp(prefix="credbroker-fuzz-"))
+        self.cwd = self.home / "w" / "x"  # "../../escape" from here is still in the temporary folder
+        self.cwd.mkdir(parents=True)
         self.config = self.home / "credbroker.toml"
         self.config.write_text(BASE_CONFIG_TEXT)
         self.env = {"HOME": str(self.home), "PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": str(self.home),
@@ -87,7 +100,7 @@ class Fuzz:
         self.runs += 1
         try:
             res = subprocess.run([self.credbroker, *args], env=env or self.env, capture_output=True, text=True,
-                                 timeout=30, stdin=subprocess.DEVNULL)
+                                 timeout=30, stdin=subprocess.DEVNULL, cwd=self.cwd)
         except subprocess.TimeoutExpired:
             self.found.setdefault(what, "did not end within 30 s")
             return
@@ -128,6 +141,8 @@ class Fuzz:
                     ["profiles"]]
         for var in VARIABLES:
             for value in VALUES:
+                if var in PLACES and not value:
+                    continue
                 for args in commands:
                     self.run(args, (var, value[:20], args[0]), {**self.env, var: value})
 
