@@ -154,6 +154,22 @@ def test_the_policy_binds_the_real_endpoint(fake: FakeBinance) -> None:
         h.close()
 
 
+def test_an_exact_denied_endpoint_with_a_line_break_at_its_end_is_refused(fake: FakeBinance) -> None:
+    """'$' in the canonical-path regex matched before a final newline, and an exact deny_endpoints entry
+    (fnmatch) does not match '/fapi/v1/order<LF>': it was re-signed and sent (a 502 here, from the fake
+    exchange that could not read the request line). Patterns ending in '*' (the deny_kinds ones) did match."""
+    h = Harness(fake, policy=SigningPolicy.from_mapping({"deny_endpoints": ["/fapi/v1/order"]}, "test.policy"))
+    try:
+        body = h.client().sign_params(ORDER).encode()
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        assert h.proxy.handle("POST", "/fapi/v1/order", form, body, None).status == 403
+        answer = h.proxy.handle("POST", "/fapi/v1/order\n", form, body, None)
+        assert answer.status == 400 and b"canonical" in answer.body
+        assert fake.signed() == []
+    finally:
+        h.close()
+
+
 def test_a_percent_encoded_signature_or_timestamp_name_is_read_as_the_exchange_reads_it(fake: FakeBinance) -> None:
     """The exchange decodes parameter names: '%73ignature' is its signature. Read as another parameter, it
     made the request look unsigned, and an unsigned request goes on without the policy."""
